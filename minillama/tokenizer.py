@@ -1,0 +1,133 @@
+"""Tokenizers of Hugging Face checkpoints: ``tokenizer.json`` through the `tokenizers` library, or a
+SentencePiece ``tokenizer.model`` when that is all a checkpoint ships.
+
+``encode`` treats its text as plain text: a string such as ``<|eot_id|>`` or ``<s>`` inside it is
+spelled out as ordinary tokens, never turned into a special id. Special ids are inserted only by
+code that means to (BOS here, turn markers in the chat encoder).
+"""
+import json
+from pathlib import Path
+from typing import List, Optional
+
+
+def _token_content(value) -> Optional[str]:
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Common interface. Subclasses implement _encode_plain, decode, token_to_id, vocab_size."""
+
+    def __init__(self, tokenizer_config: dict, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool):
+        self.tokenizer_config = tokenizer_config
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.add_bos = add_bos  # what the checkpoint's tokenizer does by default
+        self.chat_template = tokenizer_config.get("chat_template")
+
+    def encode(self, text: str, bos: bool = True) -> List[int]:
+        """Token ids of ``text`` as plain text, with the BOS id first when ``bos`` and the tokenizer has one."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        ids = self._encode_plain(text)
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def _encode_plain(self, text: str) -> List[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: List[int]) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dir(cls, folder) -> "Tokenizer":
+        folder = Path(folder)
+        config_path = folder / "tokenizer_config.json"
+        config = {}
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        if (folder / "tokenizer.json").exists():
+            return HFTokenizer(folder / "tokenizer.json", config)
+        if (folder / "tokenizer.model").exists():
+            return SentencePieceTokenizer(folder / "tokenizer.model", config)
+        raise FileNotFoundError(
+            f"no tokenizer.json or tokenizer.model in {folder}: the checkpoint must ship its tokenizer"
+        )
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, path: Path, tokenizer_config: dict):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        try:
+            self._tok = RustTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for bad files
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+        self._tok.encode_special_tokens = True  # text is text: "<|eot_id|>" in a message is not a marker
+        bos = _token_content(tokenizer_config.get("bos_token"))
+        eos = _token_content(tokenizer_config.get("eos_token"))
+        bos_id = self._tok.token_to_id(bos) if bos else None
+        eos_id = self._tok.token_to_id(eos) if eos else None
+        add_bos = tokenizer_config.get("add_bos_token")
+        if add_bos is None:  # Llama 3 style: the post-processor decides
+            with_special = self._tok.encode("a", add_special_tokens=True).ids
+            plain = self._tok.encode("a", add_special_tokens=False).ids
+            add_bos = len(with_special) > len(plain) and with_special[0] != plain[0]
+            if add_bos and bos_id is None:
+                bos_id = with_special[0]
+        super().__init__(tokenizer_config, bos_id, eos_id, bool(add_bos))
+
+    def _encode_plain(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: List[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: Path, tokenizer_config: dict):
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
+        bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        add_bos = tokenizer_config.get("add_bos_token", True)
+        super().__init__(tokenizer_config, bos_id, eos_id, bool(add_bos))
+
+    def _encode_plain(self, text: str) -> List[int]:
+        return self._sp.EncodeAsIds(text)
+
+    def decode(self, ids: List[int]) -> str:
+        return self._sp.DecodeIds(list(ids))
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        i = self._sp.PieceToId(token)
+        return None if i == self._sp.unk_id() and token != self._sp.IdToPiece(i) else i
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.GetPieceSize()

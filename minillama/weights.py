@@ -1,0 +1,168 @@
+"""Loading and saving Hugging Face LLaMA safetensors checkpoints.
+
+The model is built on the meta device and each tensor goes straight from its (memory-mapped) file
+to the target device and dtype, one tensor at a time: host memory never holds the whole model in
+full precision. Loading is strict: every tensor the model needs must be there with the right shape,
+and nothing else may be. All files and headers are checked before any tensor is read.
+"""
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from minillama.config import LlamaConfig
+from minillama.model import Transformer, rope_inv_freq
+
+# The one table from checkpoint names (HF) to ours; "{i}" is the layer index.
+LAYER_NAMES = {
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+}
+ATTENTION_BIAS_NAMES = {
+    f"model.layers.{{i}}.self_attn.{p}_proj.bias": f"layers.{{i}}.attention.w{p}.bias" for p in "qkvo"
+}
+MLP_BIAS_NAMES = {
+    "model.layers.{i}.mlp.gate_proj.bias": "layers.{i}.feed_forward.w1.bias",
+    "model.layers.{i}.mlp.up_proj.bias": "layers.{i}.feed_forward.w3.bias",
+    "model.layers.{i}.mlp.down_proj.bias": "layers.{i}.feed_forward.w2.bias",
+}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def checkpoint_names(config: LlamaConfig) -> Dict[str, str]:
+    """Checkpoint tensor name -> model parameter name, for exactly the tensors a checkpoint must hold."""
+    per_layer = dict(LAYER_NAMES)
+    if config.attention_bias:
+        per_layer.update(ATTENTION_BIAS_NAMES)
+    if config.mlp_bias:
+        per_layer.update(MLP_BIAS_NAMES)
+    names = dict(TOP_NAMES)
+    if config.tie_word_embeddings:
+        del names["lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        names.update({hf.format(i=i): ours.format(i=i) for hf, ours in per_layer.items()})
+    return names
+
+
+def safetensors_files(folder: Path) -> List[Path]:
+    """The checkpoint's safetensors files: model.safetensors, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{index.name} names shard(s) {missing} that are not in {folder}; download the complete checkpoint"
+            )
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    hint = f" (found {others} but no model.safetensors.index.json naming them)" if others else ""
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pth")):
+        hint += "; only PyTorch .bin/.pth weights were found: convert them to safetensors"
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}{hint}")
+
+
+def read_headers(files: List[Path]) -> Dict[str, Tuple[Path, tuple]]:
+    """tensor name -> (file, shape), reading only the headers. Corrupt or truncated files fail here."""
+    found: Dict[str, Tuple[Path, tuple]] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    tensor_slice = f.get_slice(name)
+                    if name in found:
+                        raise ValueError(f"tensor {name} appears in both {found[name][0].name} and {path.name}")
+                    found[name] = (path, tuple(tensor_slice.get_shape()))
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return found
+
+
+def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """Build the model on the meta device and fill it from the folder's safetensors, strictly."""
+    folder = Path(folder)
+    files = safetensors_files(folder)
+    found = read_headers(files)
+    names = checkpoint_names(config)
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(
+            f"checkpoint in {folder} lacks {len(missing)} tensor(s) the config requires, e.g. {missing[:3]}"
+        )
+    extra = [n for n in found if n not in names]
+    tied_head = config.tie_word_embeddings and "lm_head.weight" in found
+    if tied_head:
+        extra.remove("lm_head.weight")  # some tied checkpoints also store the (equal) head: checked below
+    extra = [n for n in extra if not n.endswith("rotary_emb.inv_freq")]  # old HF saves; recomputed here
+    if extra:
+        path = found[extra[0]][0].name
+        raise ValueError(f"unexpected tensor(s) {extra[:3]} in {path}: they do not belong to this config's model")
+    for hf_name, ours in names.items():
+        path, shape = found[hf_name]
+        expected = shapes[ours]
+        if shape != expected:
+            raise ValueError(f"tensor {hf_name} in {path.name} has shape {shape}, the config expects {expected}")
+
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(config).to(device)
+    params = dict(model.named_parameters(remove_duplicate=False))  # to_empty made new parameters
+    by_file: Dict[Path, List[str]] = {}
+    for hf_name in names:
+        by_file.setdefault(found[hf_name][0], []).append(hf_name)
+    with torch.no_grad():
+        for path, tensor_names in by_file.items():
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for hf_name in tensor_names:
+                    params[names[hf_name]].copy_(f.get_tensor(hf_name))
+        if tied_head:
+            with safe_open(found["lm_head.weight"][0], framework="pt", device="cpu") as f:
+                head = f.get_tensor("lm_head.weight").to(device=device, dtype=dtype)
+            if not torch.equal(head, model.tok_embeddings.weight):
+                raise ValueError(
+                    "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
+                    "set tie_word_embeddings to false"
+                )
+    return model.eval()
+
+
+def save_checkpoint(model: Transformer, config: LlamaConfig, folder, dtype: torch.dtype = None) -> None:
+    """Write config.json and model.safetensors with Hugging Face names (the loader's table reversed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {}
+    for hf_name, ours in checkpoint_names(config).items():
+        t = state[ours].detach()
+        tensors[hf_name] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
