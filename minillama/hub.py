@@ -15,6 +15,8 @@ CHECKPOINT_FILES = [
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
+# The small trained model that ships inside the package: what runs when no model is named.
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
