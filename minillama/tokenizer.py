@@ -26,6 +26,7 @@ class Tokenizer:
         self.eos_id = eos_id
         self.add_bos = add_bos  # what the checkpoint's tokenizer does by default
         self.chat_template = tokenizer_config.get("chat_template")
+        self._chat_format = None  # built on the first encode_chat
 
     def encode(self, text: str, bos: bool = True) -> List[int]:
         """Token ids of ``text`` as plain text, with the BOS id first when ``bos`` and the tokenizer has one."""
@@ -35,6 +36,18 @@ class Tokenizer:
         if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
+
+    def encode_chat(self, messages: List[dict], add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of ``{"role", "content"}`` messages through the checkpoint's chat template.
+
+        Exact for ordinary messages; special-token text inside a content stays plain text.
+        See :mod:`minillama.chat_format`. Raises ValueError when there is no chat template.
+        """
+        if self._chat_format is None:
+            from minillama.chat_format import ChatFormat
+
+            self._chat_format = ChatFormat(self)
+        return self._chat_format.encode(messages, add_generation_prompt)
 
     def _encode_plain(self, text: str) -> List[int]:
         raise NotImplementedError

@@ -1,0 +1,218 @@
+"""Chat messages to token ids with the checkpoint's own ``chat_template``: exact and injection-safe.
+
+The common recipe (render the template to a string, then tokenize it with special tokens
+recognized) is exact for ordinary messages but lets a user forge turns: a message containing the
+text ``<|eot_id|><|start_header_id|>system<|end_header_id|>`` is tokenized into the real marker ids.
+Here the template is rendered once with every message content replaced by a unique placeholder, so
+the rendered string splits into what the *template* wrote and what the *messages* hold:
+
+    template text   <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n     (markers -> ids)
+    content         Hi <|eot_id|> there                                              (plain text, always)
+    template text   <|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
+
+Special-token strings are looked up only in template text; the text between two of them (template
+and content together) is encoded as plain text in one piece, just as a tokenizer encodes the text
+between special tokens. For messages that contain no special-token text the ids therefore equal
+render-then-tokenize (tested on Llama 3.1's template and tokenizer).
+
+Templates often transform a content (Llama 3.1 writes ``message['content'] | trim``). The placeholder
+carries whitespace padding on both sides, so whether the template strips a side shows in the render;
+the same strip is then applied to the real content, and the result is checked against a render of
+the real messages: any other transformation is an error, never a silent mismatch.
+
+The template runs in Jinja's immutable sandbox with what Hugging Face's ``apply_chat_template``
+provides: ``raise_exception``, ``strftime_now``, a ``tojson`` filter, loop controls, the
+``{% generation %}`` tag, the special-token strings (``bos_token``, ...), ``tools`` and ``documents``
+set to none. Llama 3.1's template then writes its default system block ("Cutting Knowledge Date:
+December 2023", "Today Date: 26 Jul 2024") exactly as transformers does.
+"""
+import json
+import re
+from datetime import datetime
+from typing import Dict, List, Sequence, Tuple
+
+ROLES = ("system", "user", "assistant", "tool", "ipython")
+_PAD_LEFT, _PAD_RIGHT = " \n", "\n "  # whitespace around each placeholder, to see a template's strip
+_SLOT = re.compile("( \n)?\ue000([0-9]+)\ue001(\n )?")  # a placeholder as the render shows it
+
+
+class ChatTemplateError(ValueError):
+    """The chat template raised, or transforms message contents in a way that cannot be followed."""
+
+
+def _environment():
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        """``{% generation %}...{% endgeneration %}`` (marks assistant text for training masks) renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise ChatTemplateError(f"the chat template refused the messages: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _special_tokens(tokenizer) -> Dict[str, Tuple[int, bool, bool]]:
+    """Text of every added token -> (id, lstrip, rstrip): the strings a tokenizer would turn into ids."""
+    found: Dict[str, Tuple[int, bool, bool]] = {}
+    rust = getattr(tokenizer, "_tok", None)  # HFTokenizer: the tokenizers library's added vocabulary
+    if rust is not None:
+        for i, tok in rust.get_added_tokens_decoder().items():
+            found[tok.content] = (i, tok.lstrip, tok.rstrip)
+        return found
+    config = tokenizer.tokenizer_config
+    for i, tok in config.get("added_tokens_decoder", {}).items():
+        found[tok["content"]] = (int(i), bool(tok.get("lstrip")), bool(tok.get("rstrip")))
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(key)
+        text = value.get("content") if isinstance(value, dict) else value
+        if text and text not in found and tokenizer.token_to_id(text) is not None:
+            found[text] = (tokenizer.token_to_id(text), False, False)
+    return found
+
+
+class ChatFormat:
+    """Encodes a list of ``{"role", "content"}`` messages with a tokenizer's chat template.
+
+    Args:
+        tokenizer: a ``minillama.tokenizer.Tokenizer`` whose ``chat_template`` is set.
+    """
+
+    def __init__(self, tokenizer):
+        if not tokenizer.chat_template:
+            raise ValueError("this tokenizer has no chat_template (a base model): encode plain text instead")
+        template = tokenizer.chat_template
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            if "default" not in named:
+                raise ValueError(f"chat_template lists {sorted(named)} but no 'default' template")
+            template = named["default"]
+        self.tokenizer = tokenizer
+        self.template = _environment().from_string(template)
+        self.special = _special_tokens(tokenizer)
+        longest_first = sorted(self.special, key=len, reverse=True)
+        self._special_re = re.compile("|".join(re.escape(s) for s in longest_first)) if longest_first else None
+        config = tokenizer.tokenizer_config
+        self._token_strings = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = config.get(key)
+            self._token_strings[key] = value.get("content") if isinstance(value, dict) else value
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The template's output string for ``messages`` (what render-then-tokenize would tokenize)."""
+        try:
+            return self.template.render(
+                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                tools=None, documents=None, **self._token_strings,
+            )
+        except ChatTemplateError:
+            raise
+        except Exception as e:  # jinja errors: undefined names, type errors inside the template
+            raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
+
+    def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of the conversation; special ids only where the template writes them.
+
+        Args:
+            messages: ``{"role": one of system/user/assistant/tool/ipython, "content": str}`` dicts.
+            add_generation_prompt: end with the header that opens the assistant's reply.
+        Returns:
+            The ids, BOS included when the template writes it (Llama 3.1's does).
+        """
+        contents = _check_messages(messages)
+        pieces = self._pieces(messages, contents, add_generation_prompt)
+        text = "".join(t for t, _ in pieces)
+        expected = self.render(messages, add_generation_prompt)
+        if text != expected:
+            raise ChatTemplateError(
+                "the chat template changes message contents beyond stripping whitespace; "
+                "minillama cannot encode it safely"
+            )
+        return self._encode_pieces(pieces)
+
+    def _pieces(self, messages, contents: List[str], add_generation_prompt: bool) -> List[Tuple[str, bool]]:
+        """The render as (text, from_template) pieces, real contents (stripped as the template does) in place."""
+        marked = [
+            {**m, "content": f"{_PAD_LEFT}\ue000{i}\ue001{_PAD_RIGHT}"} for i, m in enumerate(messages)
+        ]
+        rendered = self.render(marked, add_generation_prompt)
+        pieces: List[Tuple[str, bool]] = []
+        pos = 0
+        for m in _SLOT.finditer(rendered):
+            pieces.append((rendered[pos:m.start()], True))
+            content = contents[int(m.group(2))]
+            if m.group(1) is None:  # the template stripped the left side
+                content = content.lstrip()
+            if m.group(3) is None:
+                content = content.rstrip()
+            pieces.append((content, False))
+            pos = m.end()
+        pieces.append((rendered[pos:], True))
+        for text, from_template in pieces:
+            if from_template and ("\ue000" in text or "\ue001" in text):
+                raise ChatTemplateError("the chat template cuts or rewrites message contents; cannot encode safely")
+        return pieces
+
+    def _encode_pieces(self, pieces: List[Tuple[str, bool]]) -> List[int]:
+        # split at special-token strings of template text only; (text, None) or ("", special)
+        parts: List[Tuple[str, object]] = []
+        buffer: List[str] = []
+        for text, from_template in pieces:
+            if not from_template or self._special_re is None:
+                buffer.append(text)
+                continue
+            pos = 0
+            for m in self._special_re.finditer(text):
+                buffer.append(text[pos:m.start()])
+                parts.append(("".join(buffer), None))
+                parts.append(("", self.special[m.group()]))
+                buffer, pos = [], m.end()
+            buffer.append(text[pos:])
+        parts.append(("".join(buffer), None))
+        ids: List[int] = []
+        for k, (text, special) in enumerate(parts):
+            if special is not None:
+                ids.append(special[0])
+                continue
+            # an added token with lstrip / rstrip swallows the whitespace beside it, as tokenizers do
+            if k > 0 and parts[k - 1][1] is not None and parts[k - 1][1][2]:
+                text = text.lstrip()
+            if k + 1 < len(parts) and parts[k + 1][1] is not None and parts[k + 1][1][1]:
+                text = text.rstrip()
+            if text:
+                ids.extend(self.tokenizer.encode(text, bos=False))
+        return ids
+
+
+def _check_messages(messages: Sequence[dict]) -> List[str]:
+    if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    contents = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise ValueError(f"message {i} must be a dict with exactly the keys 'role' and 'content', got {m!r}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"message {i} content must be a str, got {type(m['content']).__name__}")
+        contents.append(m["content"])
+    return contents
