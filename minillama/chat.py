@@ -1,0 +1,183 @@
+"""Chat with a LLaMA checkpoint in the terminal: ``python -m minillama.chat --model PATH_OR_REPO_ID``.
+
+The conversation keeps its KV cache between turns (each turn prefills only its new tokens), and
+the reply streams as it is generated. Time to first token and decode speed go to stderr after each
+reply. In the terminal: Ctrl-C stops the current reply (what was said so far stays in the history),
+Ctrl-D or /exit quits; /reset, /system TEXT, /save FILE, /load FILE, /help.
+
+When standard input is not a terminal, each line is a user message and standard output receives
+only the replies, one per line; notices and statistics go to stderr.
+"""
+import argparse
+import signal
+import sys
+import time
+
+COMMANDS = """\
+/reset         forget the conversation (the system prompt stays)
+/system TEXT   set the system prompt (no TEXT: remove it)
+/save FILE     write the conversation to FILE as JSON
+/load FILE     continue a conversation saved with /save
+/exit          quit (Ctrl-D too); Ctrl-C stops a reply"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from minillama.hub import DEMO_MODEL_DIR
+
+    p = argparse.ArgumentParser(prog="python -m minillama.chat", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMANDS)
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR),
+                   help="local checkpoint folder or hub repo id (default: the bundled demo model)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens (default 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 turns it off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 turns it off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 turns it off")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="most tokens the conversation may hold (default: the model's context)")
+    p.add_argument("--on-overflow", choices=("drop", "error"), default="drop",
+                   help="when a turn does not fit: drop the oldest turns (default) or stop with an error")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="default: the checkpoint's on the GPU, float32 on the CPU")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return args
+
+
+class Interrupt:
+    """While active, Ctrl-C sets ``requested`` instead of raising, so a reply stops between two tokens."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def command(conv, line: str) -> bool:
+    """Run a /command; False when the chat should end."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name == "/exit":
+        return False
+    if name == "/reset":
+        conv.reset()
+        note("(conversation cleared)")
+    elif name == "/system":
+        conv.set_system(arg or None)
+        note(f"(system prompt {'set' if arg else 'removed'})")
+    elif name in ("/save", "/load"):
+        if not arg:
+            note(f"error: {name} needs a file name")
+        else:
+            try:
+                conv.save(arg) if name == "/save" else conv.load(arg)
+                note(f"(saved to {arg})" if name == "/save" else f"(loaded {len(conv.messages)} messages from {arg})")
+            except (OSError, ValueError) as e:
+                note(f"error: {e}")
+    elif name == "/help":
+        note(COMMANDS)
+    return True
+
+
+def reply(conv, text: str, args, sampling, interactive: bool) -> None:
+    from minillama.conversation import ContextOverflowError
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    try:
+        with Interrupt() as interrupt:
+            stats = conv.send(text, args.max_new_tokens, sampling, on_text=show,
+                              should_stop=lambda: interrupt.requested)
+    except ContextOverflowError as e:
+        if args.on_overflow == "error":
+            note(f"error: {e}")
+            sys.exit(1)
+        note(f"error: {e}")  # too long even without history: the conversation is unchanged
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats.dropped_turns:
+        note(f"(context full: dropped the {stats.dropped_turns} oldest turn(s) and re-read the rest)")
+    if stats.finish_reason == "interrupted":
+        note("(stopped; the partial reply is kept)")
+    elif stats.finish_reason == "length" and interactive:
+        note(f"(reply cut at --max-new-tokens {args.max_new_tokens})")
+    note(f"[{stats.prefill_tokens} prompt tokens ({stats.reused_tokens} cached), "
+         f"first token {stats.ttft_s * 1000:.0f} ms, {stats.new_tokens} tokens at {stats.tokens_per_s:.1f} tok/s]")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from minillama import Llama
+    from minillama.conversation import Conversation
+    from minillama.hub import DEMO_MODEL_DIR, ModelNotFoundError
+    from minillama.sampling import SamplingParams
+
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  min_p=args.min_p, seed=args.seed)
+        if args.model == str(DEMO_MODEL_DIR) and not DEMO_MODEL_DIR.exists():
+            raise ModelNotFoundError(f"the bundled demo model is missing ({DEMO_MODEL_DIR}); pass --model PATH_OR_REPO_ID")
+        start = time.perf_counter()
+        llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
+    except (ModelNotFoundError, ValueError, NotImplementedError, FileNotFoundError) as e:
+        note(f"error: {e}")
+        return 2
+    interactive = sys.stdin.isatty()
+    note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s)")
+    if not conv.chat:
+        note("(this model has no chat template: plain continuation mode, each message continues the text)")
+    if interactive:
+        note("(Ctrl-C stops a reply, Ctrl-D or /exit quits, /help lists commands)")
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        except EOFError:
+            break
+        if not interactive:
+            if line == "":
+                break
+            line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.split(" ", 1)[0] in ("/exit", "/reset", "/system", "/save", "/load", "/help"):
+            if not command(conv, line):
+                break
+            continue
+        reply(conv, line, args, sampling, interactive)
+    if interactive:
+        print(file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
