@@ -1,6 +1,8 @@
 """Finding a checkpoint: a local folder, or a Hugging Face hub repo id fetched with huggingface_hub."""
+import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 # Only what minillama reads: never the .bin / .pth / original/ copies of the weights.
@@ -42,30 +44,57 @@ def resolve_checkpoint(path_or_repo_id) -> Path:
 
 
 def _download(repo_id: str) -> Path:
+    """Snapshot of the repo's needed files in the HF cache (config.json first: no weights for a non-LLaMA)."""
     import huggingface_hub
-    from huggingface_hub import errors
+
+    with _hub_errors(repo_id):
+        config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json"))
+    _check_llama(config, repo_id)
+    with _hub_errors(repo_id):
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
+    if not any(folder.glob("*.safetensors")):
+        raise ModelNotFoundError(
+            f"{repo_id} has no .safetensors weights; minillama reads only safetensors (convert the checkpoint first)"
+        )
+    return folder
+
+
+def _check_llama(config: Path, repo_id: str) -> None:
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelNotFoundError(f"{repo_id}'s config.json is not a JSON object: not a Hugging Face model repo") from None
+    if model_type != "llama":
+        raise ModelNotFoundError(
+            f"{repo_id} is a {model_type!r} model, not a LLaMA checkpoint; minillama runs model_type 'llama' "
+            f"(e.g. meta-llama/Llama-3.1-8B-Instruct)"
+        )
+
+
+@contextmanager
+def _hub_errors(repo_id: str):
+    """huggingface_hub's exceptions as one-line ModelNotFoundErrors that say what to do."""
+    from huggingface_hub import constants, errors
 
     try:
-        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES)
+        yield
     except errors.GatedRepoError:
         raise ModelNotFoundError(
-            f"{repo_id} is gated: accept its license on huggingface.co, then log in with `hf auth login` "
-            f"or set HF_TOKEN"
+            f"{repo_id} is gated: accept its license on huggingface.co/{repo_id}, then log in with "
+            f"`hf auth login` or set HF_TOKEN"
         ) from None
     except errors.RepositoryNotFoundError:
         raise ModelNotFoundError(
-            f"{repo_id} was not found on the hub (or is private: set HF_TOKEN); check the spelling"
+            f"{repo_id} was not found on the hub (if it is private, set HF_TOKEN); check the spelling"
         ) from None
     except errors.LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise ModelNotFoundError(
-            f"{repo_id} is not in the local Hugging Face cache and {why}; connect to the network once "
-            f"(or pass a local folder)"
+            f"{repo_id} is not in the local Hugging Face cache and {why}; download it once with network "
+            f"access (unset HF_HUB_OFFLINE), or pass a local folder"
         ) from None
+    except errors.EntryNotFoundError:
+        raise ModelNotFoundError(f"{repo_id} has no config.json: it is not a Hugging Face model repo") from None
     except errors.HfHubHTTPError as e:
-        raise ModelNotFoundError(f"downloading {repo_id} failed: {e}") from None
-    folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise ModelNotFoundError(f"{repo_id} has no config.json: it is not a Hugging Face model repo")
-    return folder
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelNotFoundError(f"downloading {repo_id} failed: {first_line}") from None
