@@ -115,11 +115,11 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     out = torch.empty_like(q)
     key_pos = torch.arange(seq_len)
     for start in range(0, seq_len, _QUERY_CHUNK):
-        stop = min(start + _QUERY_CHUNK, seq_len)
-        scores = q[:, start:stop] @ k.transpose(1, 2) / math.sqrt(head_dim)  # (H, chunk, S)
-        future = key_pos[None, :] > torch.arange(start, stop)[:, None]  # (chunk, S)
+        stop = min(start + _QUERY_CHUNK, seq_len)  # queries start..stop-1 see keys 0..stop-1 at most
+        scores = q[:, start:stop] @ k[:, :stop].transpose(1, 2) / math.sqrt(head_dim)  # (H, chunk, stop)
+        future = key_pos[None, :stop] > torch.arange(start, stop)[:, None]  # (chunk, stop)
         scores = scores.masked_fill(future[None], float("-inf"))
-        out[:, start:stop] = torch.softmax(scores, dim=-1) @ v  # (H, chunk, D)
+        out[:, start:stop] = torch.softmax(scores, dim=-1) @ v[:, :stop]  # (H, chunk, D)
     return out
 
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import reference_llama as ref
-from checkpoints import llama3_rope_scaling, make_config, random_state_dict
+from tests import reference_llama as ref
+from tests.checkpoints import llama3_rope_scaling, make_config, random_state_dict
 
 LLAMA31_8B_ROPE = {  # the RoPE part of meta-llama/Llama-3.1-8B's config
     "hidden_size": 4096,
