@@ -122,6 +122,23 @@ def test_llama31_rope_past_original_context(checkpoint_factory):
     assert err < FP32_BOUND
 
 
+def test_decode_steps_cross_original_context(checkpoint_factory):
+    """Greedy decode from position 8185 to 8200 (through the cache, one position per step) picks
+    the argmax of a full forward over the final sequence at every step."""
+    folder, config = checkpoint_factory(
+        tokenizer="sentencepiece", n_layers=1, hidden_size=32, n_heads=2, n_kv_heads=1, head_dim=16,
+        intermediate_size=32, rope_scaling="llama3", max_position_embeddings=131072)
+    prompt = _random_ids(8185, config["vocab_size"], seed=5)
+    llm = Llama.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    result = llm.generate([prompt], max_new_tokens=15, temperature=0.0)[0]
+    assert result.finish_reason == "length"  # this prompt never meets </s> (id 2)
+    new = result.token_ids
+    logits = llm.logits(prompt + new)[len(prompt) - 1 : -1]  # the row that chose each new token
+    top2 = logits.topk(2, dim=-1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-4  # no near-ties: argmax is well defined
+    assert logits.argmax(-1).tolist() == new
+
+
 # -- greedy goldens -----------------------------------------------------------------------------
 
 
