@@ -29,7 +29,7 @@ December 2023", "Today Date: 26 Jul 2024") exactly as transformers does.
 import json
 import re
 from datetime import datetime
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 ROLES = ("system", "user", "assistant", "tool", "ipython")
 _PAD_LEFT, _PAD_RIGHT = " \n", "\n "  # whitespace around each placeholder, to see a template's strip
@@ -71,25 +71,6 @@ def _environment():
     return env
 
 
-def _special_tokens(tokenizer) -> Dict[str, Tuple[int, bool, bool]]:
-    """Text of every added token -> (id, lstrip, rstrip): the strings a tokenizer would turn into ids."""
-    found: Dict[str, Tuple[int, bool, bool]] = {}
-    rust = getattr(tokenizer, "_tok", None)  # HFTokenizer: the tokenizers library's added vocabulary
-    if rust is not None:
-        for i, tok in rust.get_added_tokens_decoder().items():
-            found[tok.content] = (i, tok.lstrip, tok.rstrip)
-        return found
-    config = tokenizer.tokenizer_config
-    for i, tok in config.get("added_tokens_decoder", {}).items():
-        found[tok["content"]] = (int(i), bool(tok.get("lstrip")), bool(tok.get("rstrip")))
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(key)
-        text = value.get("content") if isinstance(value, dict) else value
-        if text and text not in found and tokenizer.token_to_id(text) is not None:
-            found[text] = (tokenizer.token_to_id(text), False, False)
-    return found
-
-
 class ChatFormat:
     """Encodes a list of ``{"role", "content"}`` messages with a tokenizer's chat template.
 
@@ -108,7 +89,7 @@ class ChatFormat:
             template = named["default"]
         self.tokenizer = tokenizer
         self.template = _environment().from_string(template)
-        self.special = _special_tokens(tokenizer)
+        self.special = tokenizer.added_tokens()
         longest_first = sorted(self.special, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(s) for s in longest_first)) if longest_first else None
         config = tokenizer.tokenizer_config

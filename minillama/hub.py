@@ -15,6 +15,7 @@ CHECKPOINT_FILES = [
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "special_tokens_map.json",
 ]
 # The small trained model that ships inside the package: what runs when no model is named.

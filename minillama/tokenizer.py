@@ -7,7 +7,7 @@ code that means to (BOS here, turn markers in the chat encoder).
 """
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 def _token_content(value) -> Optional[str]:
@@ -58,6 +58,18 @@ class Tokenizer:
     def token_to_id(self, token: str) -> Optional[int]:
         raise NotImplementedError
 
+    def added_tokens(self) -> Dict[str, Tuple[int, bool, bool]]:
+        """Text of every special/added token -> (id, lstrip, rstrip), from tokenizer_config.json."""
+        config = self.tokenizer_config
+        found: Dict[str, Tuple[int, bool, bool]] = {}
+        for i, tok in config.get("added_tokens_decoder", {}).items():
+            found[tok["content"]] = (int(i), bool(tok.get("lstrip")), bool(tok.get("rstrip")))
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            text = _token_content(config.get(key))
+            if text and text not in found and self.token_to_id(text) is not None:
+                found[text] = (self.token_to_id(text), False, False)
+        return found
+
     @property
     def vocab_size(self) -> int:
         raise NotImplementedError
@@ -72,6 +84,9 @@ class Tokenizer:
                 config = json.loads(config_path.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        template_path = folder / "chat_template.jinja"  # newer checkpoints keep the template apart
+        if "chat_template" not in config and template_path.exists():
+            config["chat_template"] = template_path.read_text()
         if (folder / "tokenizer.json").exists():
             return HFTokenizer(folder / "tokenizer.json", config)
         if (folder / "tokenizer.model").exists():
@@ -111,6 +126,9 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
+
+    def added_tokens(self) -> Dict[str, Tuple[int, bool, bool]]:
+        return {t.content: (i, t.lstrip, t.rstrip) for i, t in self._tok.get_added_tokens_decoder().items()}
 
     @property
     def vocab_size(self) -> int:

@@ -12,7 +12,6 @@ peak is the model plus about one shard, never two copies of the model.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile

@@ -1,6 +1,5 @@
 """Bad checkpoints and bad requests: each is a clear error, raised before any work is done."""
 import json
-import shutil
 
 import pytest
 import torch
