@@ -1,0 +1,474 @@
+"""Triton kernels for :func:`flashcore.attention_with_kv_cache`: append + attend in one launch.
+
+Two paths, one contract (read the public docstring in ``flashcore/__init__.py``):
+
+* Prefill (many new queries): ``_attn_fwd_prefill``, FlashAttention-2 style. One program per
+  (block of BLOCK_M queries, row, query head) walks the keys in BLOCK_N tiles with an online
+  softmax. Heaviest causal blocks are launched first.
+* Decode (S_q * group <= DECODE_MAX_ROWS): flash-decoding. One program per (kv split, row, kv head)
+  packs the GQA group's query heads and the S_q new queries into the M dimension, so each K/V tile
+  is loaded once per group; ``_attn_fwd_decode_reduce`` combines the partial (out, lse). The
+  number of splits depends on shapes only (B, H_kv, S_max): one CUDA-graph capture serves every
+  decode step, and splits past a row's fill do no work.
+
+Race-free append in the same launch: positions ``< seq_lens[b]`` are read from the cache, positions
+``seq_lens[b] + n`` (the new tokens) are read from ``k``/``v`` directly, and exactly one program per
+(row, kv head, block of new tokens) copies its new rows into the cache. No program reads a cache
+row that another program writes, so no ordering between programs is needed.
+
+Numerics: scores are scaled by ``softmax_scale * log2(e)`` so the softmax uses exp2; the running
+max ``m_i``, sum ``l_i`` and partial log-sum-exps are kept in that log2 domain, in float32. P is
+cast to the input dtype for the second matmul (as FlashAttention does); accumulation is float32.
+float32 inputs use IEEE float32 matmuls (no TF32). Masked keys are loaded as zeros (so garbage,
+even inf/nan, in unfilled cache slots never reaches a product) and their scores are set to -inf.
+Every query row sees at least key 0, so no row's maximum stays -inf.
+"""
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
+DECODE_MAX_ROWS = 64  # S_q * group up to this many rows runs the split-KV decode kernel
+
+
+class KernelConfig(NamedTuple):
+    block_m: int  # prefill: queries per program; decode: ignored (rows = S_q * group, padded)
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def _load_rows(ptrs, row_mask, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    # Rows outside row_mask and the head-dim padding load as 0.
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    if UPCAST:  # Triton's interpreter computes bfloat16 wrongly: work in float32 there
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                    lo, hi, n_end, offs_i, offs_n, offs_d, qk_scale,
+                    BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """Online softmax over key tiles [lo, hi) of one source (cache or new k/v).
+
+    BOUNDS masks keys at or past n_end; CAUSAL masks key n for query rows with offs_i < n (both in
+    the new tokens' numbering). Tiles without either flag are loaded unmasked.
+    """
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_kv = start_n + offs_n
+        kv_mask = offs_kv < n_end
+        # -- compute qk --
+        k = _load_rows(k_base + offs_kv[:, None] * stride_kn + offs_d[None, :], kv_mask, offs_d,
+                       BOUNDS, HEAD_DIM, BLOCK_D, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if BOUNDS:
+            qk = tl.where(kv_mask[None, :], qk, float("-inf"))
+        if CAUSAL:
+            qk = tl.where(offs_kv[None, :] <= offs_i[:, None], qk, float("-inf"))
+        # -- update m_i and l_i (log2 domain) --
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- update output accumulator --
+        v = _load_rows(v_base + offs_kv[:, None] * stride_vn + offs_d[None, :], kv_mask, offs_d,
+                       BOUNDS, HEAD_DIM, BLOCK_D, UPCAST)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_prefill(
+    Q, K, V, K_cache, V_cache, Seq_lens, Out, qk_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    stride_ob, stride_os, stride_oh,
+    S_q, H_q,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the causal diagonal band starts on a tile boundary
+    # Reverse order: under causal masking the last query blocks do the most work, launch them first.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_q
+    h = pid_bh % H_q
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    seq_len = tl.load(Seq_lens + b)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # query index among the new tokens
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < S_q
+    k_new = K + b64 * stride_kb + hk * stride_kh
+    v_new = V + b64 * stride_vb + hk * stride_vh
+    k_old = K_cache + b64 * stride_kcb + hk * stride_kch
+    v_old = V_cache + b64 * stride_vcb + hk * stride_vch
+
+    # -- append: the group's first query head copies this block's new k/v rows into the cache --
+    append_end = tl.where(h % GROUP == 0, S_q, 0)
+    append_mask = offs_m < append_end
+    k_rows = _load_rows(k_new + offs_m[:, None] * stride_ks + offs_d[None, :], append_mask, offs_d,
+                        True, HEAD_DIM, BLOCK_D, False)
+    tl.store(k_old + (seq_len + offs_m)[:, None] * stride_kcs + offs_d[None, :], k_rows,
+             mask=append_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+    v_rows = _load_rows(v_new + offs_m[:, None] * stride_vs + offs_d[None, :], append_mask, offs_d,
+                        True, HEAD_DIM, BLOCK_D, False)
+    tl.store(v_old + (seq_len + offs_m)[:, None] * stride_vcs + offs_d[None, :], v_rows,
+             mask=append_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+    q = _load_rows(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                   row_mask, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # -- cached keys [0, seq_len): every new query sees all of them --
+    cache_full = (seq_len // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_old, v_old, stride_kcs, stride_vcs,
+                                    0, cache_full, seq_len, offs_m, offs_n, offs_d, qk_scale,
+                                    False, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_old, v_old, stride_kcs, stride_vcs,
+                                    cache_full, seq_len, seq_len, offs_m, offs_n, offs_d, qk_scale,
+                                    True, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+    # -- new keys n in [0, S_q) at cache position seq_len + n, read from k/v --
+    if CAUSAL:
+        # bottom-right alignment: query i sees new key n iff n <= i. Tiles left of the block's
+        # diagonal band are fully visible; the band itself is masked.
+        band_end = tl.minimum(start_m + BLOCK_M, S_q)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_new, v_new, stride_ks, stride_vs,
+                                        0, start_m, S_q, offs_m, offs_n, offs_d, qk_scale,
+                                        False, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_new, v_new, stride_ks, stride_vs,
+                                        start_m, band_end, S_q, offs_m, offs_n, offs_d, qk_scale,
+                                        True, True, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+    else:
+        new_full = (S_q // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_new, v_new, stride_ks, stride_vs,
+                                        0, new_full, S_q, offs_m, offs_n, offs_d, qk_scale,
+                                        False, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_new, v_new, stride_ks, stride_vs,
+                                        new_full, S_q, S_q, offs_m, offs_n, offs_d, qk_scale,
+                                        True, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+
+    # -- epilogue --
+    acc = acc / l_i[:, None]
+    out_ptrs = Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _attn_fwd_decode_split(
+    Q, K, V, K_cache, V_cache, Seq_lens, O_part, Lse_part, Counter, Out, qk_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    stride_ob, stride_os, stride_oh,
+    S_q, H_kv,
+    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, CAUSAL: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # Programs 0 .. NUM_SPLITS-1 each take an even share of the cached tiles [0, seq_len);
+    # program NUM_SPLITS takes the S_q new keys and appends them to the cache.
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_kv
+    hk = pid_bh % H_kv
+    b64 = b.to(tl.int64)
+    seq_len = tl.load(Seq_lens + b)
+
+    # Row r of the M dimension is query i = r // GROUP of the new tokens, head hk * GROUP + r % GROUP.
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_i = offs_r // GROUP
+    offs_h = hk * GROUP + offs_r % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    num_rows = S_q * GROUP
+    row_mask = offs_r < num_rows
+    k_new = K + b64 * stride_kb + hk * stride_kh
+    v_new = V + b64 * stride_vb + hk * stride_vh
+    k_old = K_cache + b64 * stride_kcb + hk * stride_kch
+    v_old = V_cache + b64 * stride_vcb + hk * stride_vch
+
+    q = _load_rows(Q + b64 * stride_qb + offs_i[:, None] * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :],
+                   row_mask, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # -- cached keys: this split's tiles; ranges are empty for the new-key program --
+    is_new = split == NUM_SPLITS
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    lo = split * tiles_per_split * BLOCK_N
+    hi = tl.where(is_new, 0, tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len))
+    full_hi = tl.maximum(lo, tl.minimum(hi, (seq_len // BLOCK_N) * BLOCK_N))
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_old, v_old, stride_kcs, stride_vcs,
+                                    lo, full_hi, seq_len, offs_i, offs_n, offs_d, qk_scale,
+                                    False, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_old, v_old, stride_kcs, stride_vcs,
+                                    full_hi, hi, seq_len, offs_i, offs_n, offs_d, qk_scale,
+                                    True, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+
+    # -- new keys n in [0, S_q), cache position seq_len + n: append, then attend --
+    new_hi = tl.where(is_new, S_q, 0)
+    for start_n in tl.range(0, new_hi, BLOCK_N):
+        offs_kv = start_n + offs_n
+        append_mask = offs_kv < S_q
+        d_mask = offs_d[None, :] < HEAD_DIM
+        k_rows = _load_rows(k_new + offs_kv[:, None] * stride_ks + offs_d[None, :], append_mask, offs_d,
+                            True, HEAD_DIM, BLOCK_D, False)
+        tl.store(k_old + (seq_len + offs_kv)[:, None] * stride_kcs + offs_d[None, :], k_rows,
+                 mask=append_mask[:, None] & d_mask)
+        v_rows = _load_rows(v_new + offs_kv[:, None] * stride_vs + offs_d[None, :], append_mask, offs_d,
+                            True, HEAD_DIM, BLOCK_D, False)
+        tl.store(v_old + (seq_len + offs_kv)[:, None] * stride_vcs + offs_d[None, :], v_rows,
+                 mask=append_mask[:, None] & d_mask)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_new, v_new, stride_ks, stride_vs,
+                                    0, new_hi, S_q, offs_i, offs_n, offs_d, qk_scale,
+                                    True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+
+    # -- epilogue: normalized partial output and its log2-sum-exp; an empty split gives (0, -inf) --
+    has_keys = l_i > 0
+    acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    part = pid_bh * (NUM_SPLITS + 1) + split  # O_part: (B * H_kv, NUM_SPLITS + 1, S_q * GROUP, HEAD_DIM)
+    tl.store(Lse_part + part * num_rows + offs_r, lse, mask=row_mask)
+    tl.store(O_part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
+             mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+    if FUSED_COMBINE:
+        # -- the last of this (row, kv head)'s NUM_SPLITS + 1 programs to finish combines them --
+        # The barrier orders every thread's partial stores before the counter's release; the
+        # counter's acquire orders the other programs' partials before the combine's loads,
+        # which bypass L1 (.cg) and read the coherent L2.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Counter + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS:
+            _combine_splits(O_part, Lse_part, Out, pid_bh * (NUM_SPLITS + 1) * num_rows, num_rows, b64, hk,
+                            stride_ob, stride_os, stride_oh, offs_r, offs_d,
+                            GROUP, NUM_SPLITS + 1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_J)
+
+
+@triton.jit
+def _combine_splits(O_part, Lse_part, Out, base, num_rows, b64, hk, stride_ob, stride_os, stride_oh,
+                    offs_r, offs_d, GROUP: tl.constexpr, NUM_PARTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[r] = sum_s w[s, r] o[s, r] / sum_s w[s, r] with w = exp2(lse[s, r] - max_s lse[s, r]).
+
+    The partials of one (row, kv head) form a contiguous (NUM_PARTS * num_rows, HEAD_DIM) matrix
+    with j = s * num_rows + r; each chunk of BLOCK_J of its rows is combined by one matmul
+    W[r, j] @ O[j, :], W zero where j's row is not r. The new-key part always holds key 0, so
+    each row's max is finite.
+    """
+    offs_j = tl.arange(0, BLOCK_J)
+    total = NUM_PARTS * num_rows
+    # -- per-row max of the partial lse --
+    lse_max = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    for j0 in range(0, total, BLOCK_J):
+        j = j0 + offs_j
+        lse = tl.load(Lse_part + base + j, mask=j < total, other=float("-inf"), cache_modifier=".cg")
+        same_row = (j % num_rows)[None, :] == offs_r[:, None]  # (BLOCK_M, BLOCK_J)
+        lse_max = tl.maximum(lse_max, tl.max(tl.where(same_row, lse[None, :], float("-inf")), 1))
+    # -- weighted sum --
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j0 in range(0, total, BLOCK_J):
+        j = j0 + offs_j
+        j_mask = j < total
+        lse = tl.load(Lse_part + base + j, mask=j_mask, other=float("-inf"), cache_modifier=".cg")
+        same_row = (j % num_rows)[None, :] == offs_r[:, None]
+        row_max = tl.where(offs_r < num_rows, lse_max, 0.0)  # padded rows: avoid -inf - -inf
+        w = tl.where(same_row, tl.math.exp2(lse[None, :] - row_max[:, None]), 0.0)
+        o = tl.load(O_part + (base + j)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=j_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0, cache_modifier=".cg")
+        acc = tl.dot(w, o, acc, input_precision="ieee")
+        w_sum += tl.sum(w, 1)
+    out = acc / tl.where(w_sum > 0, w_sum, 1.0)[:, None]  # padded rows r >= num_rows have no weight
+    out_ptrs = (Out + b64 * stride_ob + (offs_r // GROUP)[:, None] * stride_os
+                + (hk * GROUP + offs_r % GROUP)[:, None] * stride_oh + offs_d[None, :])
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_r < num_rows)[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _attn_fwd_decode_reduce(
+    O_part, Lse_part, Out,
+    stride_ob, stride_os, stride_oh,
+    S_q, H_kv,
+    GROUP: tl.constexpr, NUM_PARTS: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (row, kv head, packed query row r): out = sum_s w_s o_s / sum_s w_s with
+    # w_s = exp2(lse_s - max lse). The new-key part always holds key 0, so max lse is finite.
+    num_rows = S_q * GROUP
+    pid = tl.program_id(0)
+    r = pid % num_rows
+    pid_bh = pid // num_rows
+    b = pid_bh // H_kv
+    h = (pid_bh % H_kv) * GROUP + r % GROUP
+    offs_p = tl.arange(0, BLOCK_PARTS)
+    offs_d = tl.arange(0, BLOCK_D)
+    p_mask = offs_p < NUM_PARTS
+    d_mask = offs_d < HEAD_DIM
+    parts = pid_bh * NUM_PARTS + offs_p
+    lse = tl.load(Lse_part + parts * num_rows + r, mask=p_mask, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))
+    o = tl.load(O_part + (parts * num_rows + r)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    out_ptrs = Out + b.to(tl.int64) * stride_ob + (r // GROUP) * stride_os + h * stride_oh + offs_d
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
+
+
+def _interpreting(device: torch.device) -> bool:
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
+    if interpret:  # the interpreter pays per loop iteration, not per element: few, large tiles
+        return KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    # Keep q, the accumulator and the pipelined K/V tiles within registers and shared memory.
+    if dtype == torch.float32 and head_dim > 128:
+        return KernelConfig(block_m=32, block_n=32, num_warps=8, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return KernelConfig(block_m=64, block_n=32, num_warps=8 if head_dim > 128 else 4, num_stages=2)
+    return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
+    if interpret:
+        return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=2)
+    return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=3)
+
+
+_SM_COUNTS = {}
+
+
+def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, device: torch.device) -> int:
+    """KV splits per (row, kv head): about two programs per SM, at least 4 tiles per split when full.
+
+    Depends on shapes only, never on seq_lens, so a captured CUDA graph stays valid.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNTS:
+            _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        num_sms = _SM_COUNTS[index]
+    else:
+        num_sms = 2
+    by_occupancy = (2 * num_sms) // batch_kv_heads
+    by_length = triton.cdiv(s_max, 4 * block_n)
+    return max(1, min(by_occupancy, by_length))
+
+
+def _strides3(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
+                    config: KernelConfig) -> torch.Tensor:
+    B, S_q, H_q, D = q.shape
+    H_kv = k.shape[2]
+    interpret = _interpreting(q.device)
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(S_q, config.block_m), B * H_q)
+    _attn_fwd_prefill[grid](
+        q, k, v, k_cache, v_cache, seq_lens, out, softmax_scale * LOG2E,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out),
+        S_q, H_q,
+        GROUP=H_q // H_kv, HEAD_DIM=D, BLOCK_D=_block_d(D),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
+        UPCAST=interpret and q.dtype == torch.bfloat16,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
+                   config: KernelConfig, num_splits: Optional[int] = None, fused_combine: bool = True) -> torch.Tensor:
+    B, S_q, H_q, D = q.shape
+    S_max, H_kv = k_cache.shape[1], k_cache.shape[2]
+    group = H_q // H_kv
+    interpret = _interpreting(q.device)
+    if num_splits is None:
+        num_splits = _num_splits(B * H_kv, S_max, config.block_n, q.device)
+    num_rows = S_q * group
+    o_part = torch.empty((B * H_kv, num_splits + 1, num_rows, D), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((B * H_kv, num_splits + 1, num_rows), device=q.device, dtype=torch.float32)
+    counter = torch.zeros(B * H_kv, device=q.device, dtype=torch.int32)
+    out = torch.empty_like(q)
+    block_d = _block_d(D)
+    _attn_fwd_decode_split[(num_splits + 1, B * H_kv)](
+        q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, counter, out, softmax_scale * LOG2E,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out),
+        S_q, H_kv,
+        GROUP=group, NUM_SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n,
+        BLOCK_J=max(16, min(64, 8192 // block_d)), CAUSAL=causal, FUSED_COMBINE=fused_combine,
+        UPCAST=interpret and q.dtype == torch.bfloat16,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if fused_combine:
+        return out
+    _attn_fwd_decode_reduce[(B * H_kv * num_rows,)](
+        o_part, lse_part, out, *_strides3(out), S_q, H_kv,
+        GROUP=group, NUM_PARTS=num_splits + 1, BLOCK_PARTS=triton.next_power_of_2(num_splits + 1),
+        HEAD_DIM=D, BLOCK_D=_block_d(D),
+        num_warps=4 if D >= 128 else 1,
+    )
+    return out
+
+
+def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: Optional[float],
+                                   causal: bool) -> torch.Tensor:
+    """Kernel entry; inputs already validated by ``flashcore.checks``. No host sync."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)}): it is written in place")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    D = q.shape[-1]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    group = q.shape[2] // k.shape[2]
+    interpret = _interpreting(q.device)
+    if q.shape[1] * group <= DECODE_MAX_ROWS:
+        return _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal,
+                              _decode_config(D, q.dtype, interpret))
+    return _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal,
+                           _prefill_config(D, q.dtype, interpret))

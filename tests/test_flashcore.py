@@ -1,0 +1,232 @@
+"""flashcore on the CPU: the reference and the Triton kernel (interpreted) against an fp64 oracle.
+
+Kernel tests are marked ``triton``; conftest sets TRITON_INTERPRET=1 when there is no CUDA device.
+Shapes are tiny because the interpreter pays ~5 ms per loop iteration; the interpreter's tiles are
+32 x 32, so the shapes below still cover several key tiles, partial tiles, ragged rows and splits.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+import flashcore
+from flashcore import reference
+
+# The kernel tests run CPU tensors through Triton's interpreter; on a CUDA machine use test_flashcore_gpu.py.
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+# Interpreted float32 dots are exact; float16 rounds P and the output to half precision.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def naive_attention_fp64(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal):
+    """The contract spelled out one row and head at a time, in float64, from the cache *before* the call."""
+    B, S_q, H_q, D = q.shape
+    group = H_q // k.shape[2]
+    out = torch.zeros(B, S_q, H_q, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(seq_lens[b])
+        keys = torch.cat([k_cache[b, :n], k[b]]).double()  # (n + S_q, H_kv, D): positions 0 .. n + S_q - 1
+        values = torch.cat([v_cache[b, :n], v[b]]).double()
+        pos = torch.arange(n + S_q)
+        if causal:
+            visible = pos[None, :] <= (n + torch.arange(S_q))[:, None]  # (S_q, n + S_q), bottom-right
+        else:
+            visible = torch.ones(S_q, n + S_q, dtype=torch.bool)
+        for h in range(H_q):
+            scores = q[b, :, h].double() @ keys[:, h // group].T * softmax_scale
+            scores = scores.masked_fill(~visible, float("-inf"))
+            out[b, :, h] = torch.softmax(scores, dim=-1) @ values[:, h // group]
+    return out
+
+
+def make_inputs(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype, seed=0):
+    """Random q/k/v and caches whose slots past each row's fill hold noise, inf and nan."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q, k, v = randn(B, S_q, H_q, D), randn(B, S_q, H_kv, D), randn(B, S_q, H_kv, D)
+    caches = []
+    for _ in range(2):
+        cache = randn(B, S_max, H_kv, D)
+        for b, n in enumerate(seq_lens):
+            garbage = randn(S_max - n, H_kv, D) * 100
+            garbage.view(-1)[:: 7] = float("nan")
+            garbage.view(-1)[3:: 11] = float("inf")
+            cache[b, n:] = garbage
+        caches.append(cache)
+    return q, k, v, caches[0], caches[1], torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def expected_cache(cache, new, seq_lens):
+    want = cache.clone()
+    for b, n in enumerate(seq_lens.tolist()):
+        want[b, n:n + new.shape[1]] = new[b]
+    return want
+
+
+def run_and_check(fn, B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype=torch.float32, causal=True,
+                  softmax_scale=None, seed=0):
+    q, k, v, k_cache, v_cache, lens = make_inputs(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype, seed)
+    want_k, want_v = expected_cache(k_cache, k, lens), expected_cache(v_cache, v, lens)
+    lens_before = lens.clone()
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    want = naive_attention_fp64(q, k, v, k_cache, v_cache, lens, scale, causal)
+
+    out = fn(q, k, v, k_cache, v_cache, lens, softmax_scale, causal)
+
+    assert out.shape == (B, S_q, H_q, D) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    err = (out.double() - want).abs().max().item()
+    assert err <= TOLERANCE[dtype], f"max abs error {err:.3g} > {TOLERANCE[dtype]}"
+    # The append wrote exactly rows [seq_lens[b], seq_lens[b] + S_q); all else (garbage too) is bit-identical.
+    assert torch.equal(bits(k_cache), bits(want_k))
+    assert torch.equal(bits(v_cache), bits(want_v))
+    assert torch.equal(lens, lens_before)
+
+
+def public(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
+    return flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, softmax_scale=softmax_scale, causal=causal)
+
+
+def plain_reference(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
+    return reference.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, softmax_scale=softmax_scale, causal=causal)
+
+
+def prefill_kernel(config):
+    from flashcore.triton_attention import _launch_prefill
+
+    def fn(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+        return _launch_prefill(q, k, v, k_cache, v_cache, lens, scale, causal, config)
+    return fn
+
+
+def decode_kernel(num_splits):
+    from flashcore.triton_attention import KernelConfig, _launch_decode
+
+    def fn(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+        return _launch_decode(q, k, v, k_cache, v_cache, lens, scale, causal,
+                              KernelConfig(0, 32, 4, 1), num_splits=num_splits)
+    return fn
+
+
+# (B, S_q, H_q, H_kv, D, seq_lens, S_max, causal)
+REFERENCE_CASES = [
+    (1, 1, 4, 4, 16, [40], 48, True),  # decode
+    (3, 3, 8, 2, 8, [0, 17, 60], 70, True),  # (3, kv_len), ragged, GQA 4
+    (2, 9, 4, 1, 32, [0, 0], 12, True),  # (N, N), MQA
+    (2, 5, 6, 3, 24, [4, 11], 20, False),  # not causal
+]
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_reference_matches_fp64_oracle(case):
+    B, S_q, H_q, H_kv, D, seq_lens, S_max, causal = case
+    run_and_check(plain_reference, B, S_q, H_q, H_kv, D, seq_lens, S_max, causal=causal)
+
+
+def test_reference_fp64_inputs_are_exact():
+    q, k, v, k_cache, v_cache, lens = make_inputs(2, 3, 4, 2, 16, [5, 0], 9, torch.float64)
+    want = naive_attention_fp64(q, k, v, k_cache, v_cache, lens, 0.3, True)
+    out = reference.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, softmax_scale=0.3)
+    assert (out - want).abs().max().item() < 1e-12
+
+
+# -- the kernel through the public API: dispatch picks decode (S_q * group <= 64) or prefill --
+# (B, S_q, H_q, H_kv, D, seq_lens, S_max, causal)
+KERNEL_CASES = [
+    pytest.param(2, 1, 8, 2, 64, [150, 37], 160, True, id="decode-1xN-gqa4-d64"),
+    pytest.param(1, 3, 8, 1, 16, [196], 200, True, id="decode-3x199-mqa-d16"),
+    pytest.param(3, 2, 4, 4, 8, [0, 33, 64], 66, True, id="decode-ragged-with-0-mha-d8"),
+    pytest.param(2, 4, 8, 1, 16, [0, 45], 50, False, id="decode-noncausal-mqa"),
+    pytest.param(1, 70, 2, 2, 16, [0], 70, True, id="prefill-NxN-mha"),
+    pytest.param(1, 40, 4, 2, 64, [0], 40, False, id="prefill-NxN-gqa2-noncausal"),
+    pytest.param(2, 20, 8, 1, 8, [0, 23], 48, True, id="prefill-chunk-mqa-d8"),
+    pytest.param(2, 12, 8, 1, 32, [31, 5], 45, False, id="prefill-chunk-gqa8-noncausal"),
+    pytest.param(1, 33, 4, 2, 128, [9], 42, True, id="prefill-chunk-gqa2-d128"),
+]
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("B,S_q,H_q,H_kv,D,seq_lens,S_max,causal", KERNEL_CASES)
+def test_kernel_matches_fp64_oracle(B, S_q, H_q, H_kv, D, seq_lens, S_max, causal):
+    run_and_check(public, B, S_q, H_q, H_kv, D, seq_lens, S_max, causal=causal)
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("S_q", [1, 40])
+def test_kernel_half_precision(dtype, S_q):
+    run_and_check(public, 2, S_q, 4, 2, 32, [0, 29], 72, dtype=dtype)
+
+
+@pytest.mark.triton
+@interpreted
+def test_kernel_softmax_scale():
+    run_and_check(public, 1, 2, 4, 2, 16, [20], 24, softmax_scale=0.05)
+    run_and_check(public, 1, 40, 2, 2, 16, [3], 44, softmax_scale=0.7)
+
+
+# -- each kernel outside its dispatch range: decode with many splits and queries, prefill with few --
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_kernel_splits(num_splits, causal):
+    # Rows of 0, 1 and 130 cached tokens: with 7 splits most programs of the short rows are empty.
+    run_and_check(decode_kernel(num_splits), 3, 5, 4, 2, 16, [0, 1, 130], 140, causal=causal)
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("S_q,seq_lens", [(1, [0, 70]), (3, [35, 64]), (64, [0, 1])])
+def test_decode_kernel_many_rows(S_q, seq_lens):
+    # S_q = 64 with group 1 fills all 64 packed rows: two tiles of new keys under the causal mask.
+    run_and_check(decode_kernel(2), 2, S_q, 2, 2, 16, seq_lens, 130)
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("block_m,block_n", [(32, 32), (64, 32)])
+@pytest.mark.parametrize("S_q,seq_lens", [(1, [0, 70]), (3, [35, 64]), (65, [0, 31])])
+def test_prefill_kernel_blocks(block_m, block_n, S_q, seq_lens):
+    from flashcore.triton_attention import KernelConfig
+
+    config = KernelConfig(block_m, block_n, 4, 1)
+    run_and_check(prefill_kernel(config), 2, S_q, 4, 1, 16, seq_lens, 100)
+
+
+# -- boundary --
+@pytest.mark.triton
+@interpreted
+def test_capacity_error_names_both_numbers():
+    q, k, v, k_cache, v_cache, lens = make_inputs(2, 3, 4, 2, 16, [5, 8], 10, torch.float32)
+    with pytest.raises(ValueError, match=r"8 cached \+ 3 new tokens = 11 exceeds the cache capacity S_max=10"):
+        flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
+    ok = torch.tensor([5, 7], dtype=torch.int32)  # the host copy wins over the tensor when given
+    with pytest.raises(ValueError, match="S_max=10"):
+        flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, ok, seq_lens_cpu=[5, 9])
+
+
+@pytest.mark.triton
+@interpreted
+def test_kernel_runs_in_the_interpreter(monkeypatch):
+    """Under TRITON_INTERPRET=1 the public API must run the kernel, not the reference."""
+    import flashcore.triton_attention as ta
+
+    calls = []
+    real = ta.triton_attention_with_kv_cache
+    monkeypatch.setattr(ta, "triton_attention_with_kv_cache", lambda *a: calls.append(1) or real(*a))
+    run_and_check(public, 1, 1, 2, 1, 16, [3], 8)
+    assert calls == [1]

@@ -1,0 +1,167 @@
+"""flashcore's Triton kernel on a CUDA device (run on the lent GPU): Llama shapes, long caches, CUDA graphs.
+
+Error budget (as flash-attn's tests): against attention computed in float32 from the same inputs,
+flashcore's max error is at most 2x that of PyTorch doing the same attention in the input dtype
+(bf16/fp16 matmuls and softmax output, as ``attention_ref(upcast=False)`` in flash-attn).
+"""
+import math
+
+import pytest
+import torch
+
+import flashcore
+
+pytestmark = pytest.mark.gpu
+
+LLAMA = dict(H_q=32, H_kv=8, D=128)
+
+
+def make_inputs(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype, seed=0):
+    """Random q/k/v and caches whose slots past each row's fill hold noise, inf and nan."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+    q, k, v = randn(B, S_q, H_q, D), randn(B, S_q, H_kv, D), randn(B, S_q, H_kv, D)
+    caches = []
+    for _ in range(2):
+        cache = randn(B, S_max, H_kv, D)
+        for b, n in enumerate(seq_lens):
+            cache[b, n:] = float("nan")
+            cache[b, n + 1::3] = float("inf")
+        caches.append(cache)
+    return q, k, v, caches[0], caches[1], torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+
+
+def attention_in(dtype, q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal):
+    """Attention over the cache *before* the append, one row at a time, every op in ``dtype``."""
+    B, S_q, H_q, D = q.shape
+    group = H_q // k.shape[2]
+    out = torch.empty(B, S_q, H_q, D, device=q.device, dtype=dtype)
+    for b, n in enumerate(seq_lens.tolist()):
+        keys = torch.cat([k_cache[b, :n], k[b]]).to(dtype).repeat_interleave(group, dim=1)  # (n + S_q, H_q, D)
+        values = torch.cat([v_cache[b, :n], v[b]]).to(dtype).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[b].to(dtype), keys) * softmax_scale  # (H_q, S_q, n + S_q)
+        if causal:
+            visible = torch.arange(n + S_q, device=q.device)[None, :] <= (n + torch.arange(S_q, device=q.device))[:, None]
+            scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(dtype)
+        out[b] = torch.einsum("hqk,khd->qhd", probs, values)
+    return out
+
+
+def check_against_torch(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype=torch.bfloat16, causal=True, seed=0):
+    q, k, v, k_cache, v_cache, lens = make_inputs(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype, seed)
+    scale = 1.0 / math.sqrt(D)
+    ref = attention_in(torch.float32 if dtype != torch.float32 else torch.float64,
+                       q, k, v, k_cache, v_cache, lens, scale, causal)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(seq_lens):
+        want_k[b, n:n + S_q], want_v[b, n:n + S_q] = k[b], v[b]
+    lens_before = lens.clone()
+
+    out = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, causal=causal)
+    torch.cuda.synchronize()
+
+    assert torch.isfinite(out).all()
+    err = (out.to(ref.dtype) - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err < 1e-5, f"float32 max error {err:.3g} vs float64"
+    else:
+        torch_err = (attention_in(dtype, q, k, v, k_cache, v_cache, lens, scale, causal).to(ref.dtype) - ref).abs().max().item()
+        assert err <= 2 * torch_err + 1e-5, f"max error {err:.3g} > 2x PyTorch's own {dtype} error {torch_err:.3g}"
+    assert torch.equal(k_cache.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want_k.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(v_cache.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want_v.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(lens, lens_before)
+
+
+@pytest.mark.parametrize("B,S_q,seq_lens,S_max", [
+    pytest.param(2, 1, [131071, 70000], 131072, id="decode-cache-131072"),
+    pytest.param(4, 1, [0, 1, 4000, 8191], 8192, id="decode-ragged-with-0"),
+    pytest.param(2, 4, [100, 32760], 32768, id="decode-4-new-tokens"),
+    pytest.param(1, 2048, [0], 2048, id="prefill-2048"),
+    pytest.param(2, 777, [3000, 0], 4096, id="prefill-chunk-ragged"),
+    pytest.param(1, 16, [100000], 131072, id="chunk-16-after-100000"),
+])
+def test_llama_shapes_bf16(B, S_q, seq_lens, S_max):
+    check_against_torch(B, S_q, **LLAMA, seq_lens=seq_lens, S_max=S_max)
+
+
+@pytest.mark.parametrize("S_q", [1, 300])
+def test_llama_shapes_bf16_not_causal(S_q):
+    check_against_torch(2, S_q, **LLAMA, seq_lens=[500, 17], S_max=1024, causal=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("S_q", [1, 200])
+def test_other_dtypes(dtype, S_q):
+    check_against_torch(2, S_q, 8, 2, 64, [333, 0], 600, dtype=dtype)
+
+
+@pytest.mark.parametrize("D", [8, 16, 80, 256])
+@pytest.mark.parametrize("S_q", [1, 150])
+def test_head_dims(D, S_q):
+    check_against_torch(2, S_q, 8, 1, D, [90, 1000], 1200)
+
+
+@pytest.mark.parametrize("S_q", [1, 150])
+def test_float32_head_dim_256(S_q):
+    check_against_torch(2, S_q, 4, 2, 256, [90, 1000], 1200, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("H_q,H_kv", [(8, 8), (8, 4), (16, 2), (8, 1)])
+def test_gqa_ratios(H_q, H_kv):
+    check_against_torch(2, 3, H_q, H_kv, 128, [799 - 3, 40], 1000)
+    check_against_torch(1, 200, H_q, H_kv, 128, [150], 400)
+
+
+def test_layer_view_of_stacked_cache():
+    """Per-layer views of one (n_layers, B, S_max, H_kv, D) tensor: only the chosen layer changes."""
+    B, S_max, H_q, H_kv, D = 2, 256, 8, 2, 64
+    stacked_k = torch.randn(3, B, S_max, H_kv, D, device="cuda", dtype=torch.bfloat16)
+    stacked_v = torch.randn_like(stacked_k)
+    before_k, before_v = stacked_k.clone(), stacked_v.clone()
+    q = torch.randn(B, 5, H_q, D, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, B, 5, H_kv, D, device="cuda", dtype=torch.bfloat16).unbind(0)
+    lens = torch.tensor([10, 200], dtype=torch.int32, device="cuda")
+    flashcore.attention_with_kv_cache(q, k, v, stacked_k[1], stacked_v[1], lens)
+    assert torch.equal(stacked_k[0], before_k[0]) and torch.equal(stacked_k[2], before_k[2])
+    assert torch.equal(stacked_v[0], before_v[0]) and torch.equal(stacked_v[2], before_v[2])
+    assert torch.equal(stacked_k[1, 0, 10:15], k[0]) and torch.equal(stacked_v[1, 1, 200:205], v[1])
+
+
+def test_cuda_graph_decode_replay():
+    """One captured decode call serves every step: replay after changing seq_lens on the device."""
+    B, S_max = 2, 4096
+    H_q, H_kv, D = LLAMA["H_q"], LLAMA["H_kv"], LLAMA["D"]
+    q, k, v, k_cache, v_cache, lens = make_inputs(B, 1, H_q, H_kv, D, [7, 100], S_max, torch.bfloat16)
+    k_cache.normal_(), v_cache.normal_()  # every slot may be filled at some step below
+    flashcore.attention_with_kv_cache(q, k, v, k_cache.clone(), v_cache.clone(), lens)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
+    scale = 1.0 / math.sqrt(D)
+    for step, new_lens in enumerate([[7, 100], [0, 4095], [2048, 1], [4000, 3333]]):
+        g = torch.Generator(device="cuda").manual_seed(step)
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, generator=g, device="cuda").to(t.dtype))
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        want = attention_in(torch.float32, q, k, v, k_cache, v_cache, lens, scale, True)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert (out.float() - want).abs().max().item() < 2e-2
+        for b, n in enumerate(new_lens):
+            assert torch.equal(k_cache[b, n], k[b, 0]) and torch.equal(v_cache[b, n], v[b, 0])
+
+
+def test_decode_is_deterministic():
+    """The last split to finish combines all partials: whichever it is, the result must not move."""
+    B, S_max = 1, 8192
+    q, k, v, k_cache, v_cache, lens = make_inputs(B, 1, **LLAMA, seq_lens=[8191], S_max=S_max, dtype=torch.bfloat16)
+    first = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
+    for _ in range(50):
+        assert torch.equal(flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens), first)
