@@ -1,30 +1,19 @@
 """The public entry point: ``Llama.from_pretrained(path_or_repo_id)`` and what it returns."""
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from minillama.config import DTYPES, GenerationConfig, LlamaConfig
-from minillama.generate import TokenLoop
+from minillama.generate import GenerationResult, TextGeneration, TextStream, TokenLoop
 from minillama.hub import resolve_checkpoint
 from minillama.model import Transformer
 from minillama.sampling import SamplingParams
+from minillama.streaming import StopStrings
 from minillama.tokenizer import Tokenizer
 from minillama.weights import load_model
 
 Prompt = Union[str, Sequence[int]]
-
-
-@dataclass
-class GenerationResult:
-    token_ids: List[int]  # new tokens only; a stop token is not included
-    text: str  # decoded new tokens
-    finish_reason: str  # "stop" or "length"
-    stop: Union[int, str, None] = None  # the stop id (or stop string) that ended the row
-    prompt_ids: List[int] = field(default_factory=list)
-    prefill_s: float = 0.0  # time to the first token, for the whole batch
-    decode_s: float = 0.0  # time of the decode steps, for the whole batch
 
 
 def _resolve_device(device) -> torch.device:
@@ -121,34 +110,110 @@ class Llama:
         top_p: float = 1.0,
         min_p: float = 0.0,
         seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        stop_ids: Sequence[int] = (),
+        truncate_prompt: Optional[str] = None,
     ) -> List[GenerationResult]:
-        """Generate for a batch of prompts (str, or lists of token ids) of any lengths, as one batch.
+        """Generate for a batch of prompts of any lengths, run as one batch.
 
-        Greedy at temperature 0. Each row stops on the checkpoint's stop ids or after
-        ``max_new_tokens``; the loop ends when every row is done.
+        Args:
+            prompts: strings (encoded with the tokenizer's BOS setting) or lists of token ids.
+            max_new_tokens: new tokens per prompt at most.
+            temperature: 0 is greedy; otherwise logits are divided by it before sampling.
+            top_k: sample among the k most likely tokens (0: off).
+            top_p: sample among the most likely tokens that hold this much probability (1: off).
+            min_p: drop tokens less likely than min_p times the most likely one (0: off).
+            seed: makes sampling reproducible for the same batch on the same device.
+            stop: stop string(s); the text is cut before the first one found.
+            stop_ids: token ids that end a row, besides the checkpoint's (``self.stop_ids``).
+            truncate_prompt: None (a prompt that does not fit is an error) or "left" (drop the
+                oldest prompt tokens, after a leading BOS, until prompt + max_new_tokens fits).
+        Returns:
+            One :class:`GenerationResult` per prompt, in order: ``token_ids`` (new tokens),
+            ``text``, ``finish_reason`` ("stop" or "length"), ``stop`` (the id or string).
+
+        Each row's tokens equal running its prompt alone; the loop ends when every row is done.
+        Raises ValueError (naming the value) for bad arguments and for prompts that do not fit
+        the model's context, before any work.
         """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise TypeError("prompts must be a list of strings or of token-id lists; wrap one prompt in a list")
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        generation = self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed,
+                                 stop, stop_ids, truncate_prompt)
+        for _ in generation:
+            pass
+        return generation.results()
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        stop_ids: Sequence[int] = (),
+        truncate_prompt: Optional[str] = None,
+    ) -> TextStream:
+        """Generate for one prompt, yielding text as it is decided; arguments as :meth:`generate`.
+
+        Returns a :class:`~minillama.generate.TextStream`: iterate it for text deltas (never half a
+        character, never the start of a stop string that might still match); once it is
+        exhausted, its ``result`` is the :class:`GenerationResult`, whose ``text`` equals the
+        concatenated deltas::
+
+            stream = llm.stream("Once upon a time", max_new_tokens=64)
+            for delta in stream:
+                print(delta, end="", flush=True)
+            print(stream.result.finish_reason)
+
+        Arguments are checked here, before the first token; the model runs while iterating.
+        """
+        if not isinstance(prompt, (str, Sequence)) or (
+                not isinstance(prompt, str) and any(isinstance(t, (str, bytes, Sequence)) for t in prompt)):
+            raise TypeError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
+        generation = self._start([prompt], max_new_tokens, temperature, top_k, top_p, min_p, seed,
+                                 stop, stop_ids, truncate_prompt)
+        return TextStream(generation)
+
+    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_ids,
+               truncate_prompt) -> TextGeneration:
+        """Check every argument, encode the prompts and set up the loop (nothing runs yet)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if truncate_prompt not in (None, "left"):
+            raise ValueError(f"truncate_prompt must be None or 'left', got {truncate_prompt!r}")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        StopStrings(stops)  # checks them
+        extra = list(stop_ids or [])
+        bad = [t for t in extra if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"stop_ids {bad[:5]} are not token ids in [0, {self.config.vocab_size})")
         ids = [self._prompt_ids(p) for p in prompts]
+        if truncate_prompt == "left":
+            ids = [self._truncate_left(p, max_new_tokens) for p in ids]
         for p in ids:
             self._check_length(len(p), max_new_tokens)
-        loop = TokenLoop(self.model, ids, max_new_tokens, sampling, self.stop_ids)
-        for _ in loop:
-            pass
-        return [
-            GenerationResult(
-                token_ids=loop.new_tokens[b],
-                text=self.tokenizer.decode(loop.new_tokens[b]),
-                finish_reason=loop.finish_reason[b],
-                stop=loop.stop_token[b],
-                prompt_ids=ids[b],
-                prefill_s=loop.times.prefill_s,
-                decode_s=loop.times.decode_s,
+        all_stop_ids = self.stop_ids + [t for t in extra if t not in self.stop_ids]
+        loop = TokenLoop(self.model, ids, max_new_tokens, sampling, all_stop_ids)
+        return TextGeneration(loop, self.tokenizer, stops)
+
+    def _truncate_left(self, ids: List[int], max_new_tokens: int) -> List[int]:
+        """The newest tokens of ``ids`` that leave room for max_new_tokens (a leading BOS stays)."""
+        room = self.config.max_position_embeddings - max_new_tokens
+        if len(ids) <= room:
+            return ids
+        keep_bos = bool(ids) and ids[0] == self.tokenizer.bos_id
+        if room < 1 + keep_bos:
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                f"of {self.config.max_position_embeddings}"
             )
-            for b in range(len(ids))
-        ]
+        if keep_bos:
+            return ids[:1] + ids[len(ids) - room + 1:]
+        return ids[len(ids) - room:]

@@ -4,23 +4,34 @@ Rows of a batch may have prompts of different lengths. Prefill runs them as one 
 afterwards each row's fill (``seq_lens``) is set to its own prompt length, so pad positions lie past
 the fill: never attended to, and overwritten by the row's next tokens. Positions come from
 ``seq_lens``, so no padding ever shifts a row's positions.
+
+A row reads only its own cache, so its tokens depend only on its own prompt: greedy in fp32 on
+the CPU, a row of a batch gets the same tokens as that prompt run alone (tested). The batch changes
+only the shapes of the matmuls; on a GPU another shape may pick another kernel, whose rounding can
+flip a near-tie in bf16. Rows that are done keep running until the whole batch is done (their
+tokens are ignored), so a finished row changes nothing for the others.
+
+:class:`TokenLoop` works in token ids; :class:`TextGeneration` adds text on top of it (incremental
+detokenizing and stop strings, from :mod:`minillama.streaming`) and builds the results.
 """
 import time
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from minillama.kv_cache import KVCache
 from minillama.model import Transformer
 from minillama.sampling import SamplingParams, sample
+from minillama.streaming import IncrementalDecoder, StopStrings
 
 
 @dataclass
 class StepTimes:
-    prefill_s: float = 0.0  # wall time from the call to the first tokens on the host
+    prefill_s: float = 0.0  # wall time from the start to the first tokens on the host
     decode_s: float = 0.0  # wall time of the decode steps after that
     decode_steps: int = 0
+    step_s: List[float] = field(default_factory=list)  # when each step's tokens were on the host
 
 
 class TokenLoop:
@@ -29,6 +40,20 @@ class TokenLoop:
     A row is done when it samples one of ``stop_ids`` (that token is not yielded; it is kept in
     ``stop_token[row]``), when it has ``max_new_tokens`` tokens, or when the caller calls
     :meth:`finish` (e.g. a stop string matched). The loop ends as soon as every row is done.
+
+    Args:
+        model: the model; its config, device and dtype size the cache.
+        prompts: token ids per row, of any lengths (at least 1 each).
+        max_new_tokens: new tokens per row at most (a stop id counts as the row's last step).
+        sampling: how the next token is chosen; its seed makes the loop reproducible.
+        stop_ids: ids that end a row.
+        cache: an existing cache to continue (e.g. a conversation): each row's prompt is appended
+            at that row's fill. None: a cache just large enough for the request is allocated.
+        forward: a callable with the model's forward signature ``forward(tokens, k, v, seq_lens,
+            seq_lens_cpu=..., logits_at=...)``, e.g. a CUDA-graph wrapper of the same model.
+    After the loop: ``new_tokens[row]``, ``finish_reason[row]`` ("stop" or "length"),
+    ``stop_token[row]``, ``finish_step[row]`` (the step that ended the row; 0 is the prefill's) and
+    ``times``.
     """
 
     def __init__(
@@ -50,21 +75,39 @@ class TokenLoop:
         device = model.tok_embeddings.weight.device
         self.device = device
         batch = len(self.prompts)
+        if batch == 0 or min(len(p) for p in self.prompts) == 0:
+            raise ValueError("TokenLoop needs at least one prompt, each of at least one token")
+        width = max(len(p) for p in self.prompts)
         if cache is None:
-            need = max(len(p) for p in self.prompts) + max_new_tokens
-            cache = KVCache.allocate(model.config, batch, need, device, model.tok_embeddings.weight.dtype)
+            cache = KVCache.allocate(model.config, batch, width + max_new_tokens, device,
+                                     model.tok_embeddings.weight.dtype)
+        elif cache.batch != batch:
+            raise ValueError(f"the cache holds {cache.batch} rows but {batch} prompts were given")
+        else:
+            # prefill writes `width` slots in every row, then one slot per decode step
+            for b, (fill, p) in enumerate(zip(cache.lengths, self.prompts)):
+                need = fill + max(width, len(p) + max_new_tokens - 1)
+                if need > cache.max_len:
+                    raise ValueError(
+                        f"row {b}: {fill} cached + {len(p)} prompt tokens + {max_new_tokens} new tokens "
+                        f"need {need} cache slots, the cache has {cache.max_len}"
+                    )
         self.cache = cache
         self.generator = sampling.generator(device)
         self.done = [max_new_tokens == 0] * batch
         self.finish_reason: List[Optional[str]] = ["length" if d else None for d in self.done]
         self.stop_token: List[Optional[int]] = [None] * batch
         self.new_tokens: List[List[int]] = [[] for _ in range(batch)]
+        self.finish_step: List[int] = [0] * batch
         self.times = StepTimes()
+        self._step = 0  # the step whose tokens were yielded last
 
     def finish(self, row: int, reason: str = "stop") -> None:
+        """End ``row`` now (at the current step); a row already done keeps its first reason."""
         if not self.done[row]:
             self.done[row] = True
             self.finish_reason[row] = reason
+            self.finish_step[row] = self._step
 
     def _prefill(self) -> torch.Tensor:
         lengths = [len(p) for p in self.prompts]
@@ -98,9 +141,10 @@ class TokenLoop:
         step = 0
         while True:
             ids = next_ids.tolist()  # the one host sync per step: the chosen ids
+            self.times.step_s.append(time.perf_counter() - start)
             if step == 0:
-                self.times.prefill_s = time.perf_counter() - start
-                start = time.perf_counter()
+                self.times.prefill_s = self.times.step_s[0]
+            self._step = step
             step += 1
             out: List[Optional[int]] = []
             for b, t in enumerate(ids):
@@ -120,5 +164,116 @@ class TokenLoop:
                 break
             with torch.inference_mode():
                 next_ids = sample(self._decode(next_ids), self.sampling, self.generator)
-        self.times.decode_s = time.perf_counter() - start
+        self.times.decode_s = self.times.step_s[-1] - self.times.step_s[0]
         self.times.decode_steps = step - 1
+
+
+@dataclass
+class GenerationResult:
+    """One row's outcome.
+
+    ``text`` is exactly what the new tokens add to the decoded prompt (a continuation keeps its
+    leading space), cut before the stop string when one ended the row. ``token_ids`` are all new
+    tokens, up to and including the one that completed a stop string; a stop id is not included.
+    """
+
+    token_ids: List[int]  # new tokens only
+    text: str  # the text of the new tokens
+    finish_reason: str  # "stop" or "length"
+    stop: Union[int, str, None] = None  # the stop id or stop string that ended the row
+    prompt_ids: List[int] = field(default_factory=list)
+    prefill_s: float = 0.0  # time to the first token (the whole batch's prefill)
+    decode_s: float = 0.0  # time from the first token to this row's last step
+    decode_steps: int = 0  # decode forwards until this row was done (a sampled stop id counts)
+
+
+class TextGeneration:
+    """A :class:`TokenLoop` with text: iterate for ``(row, text)`` deltas, then call :meth:`results`.
+
+    Each row has an :class:`~minillama.streaming.IncrementalDecoder` (whole characters only) and a
+    :class:`~minillama.streaming.StopStrings` (text that may begin a stop string waits until it is
+    decided). A matched stop string finishes the row in the loop. A row's held-back text is
+    released as soon as the row is done, so the deltas of a row concatenate to its result's text.
+    """
+
+    def __init__(self, loop: TokenLoop, tokenizer, stop: Sequence[str] = ()):
+        self.loop = loop
+        batch = len(loop.prompts)
+        self._decoders = [IncrementalDecoder(tokenizer, p) for p in loop.prompts]
+        self._stops = [StopStrings(stop) for _ in range(batch)]
+        self._texts: List[List[str]] = [[] for _ in range(batch)]
+        self._released = [False] * batch
+
+    def __iter__(self) -> Iterator[Tuple[int, str]]:
+        loop = self.loop
+        for ids in loop:
+            for b, t in enumerate(ids):
+                if t is None:
+                    continue
+                text, matched = self._stops[b].push(self._decoders[b].push(t))
+                if matched is not None:
+                    loop.finish(b, "stop")
+                if text:
+                    self._texts[b].append(text)
+                    yield b, text
+            for b in range(len(ids)):
+                if loop.done[b] and not self._released[b]:
+                    text = self._release(b)
+                    if text:
+                        yield b, text
+        for b in range(len(loop.prompts)):  # rows done before the first step (max_new_tokens 0)
+            if not self._released[b]:
+                self._release(b)
+
+    def _release(self, b: int) -> str:
+        """The text row b held back, now that no more tokens come."""
+        self._released[b] = True
+        stops = self._stops[b]
+        text, matched = stops.push(self._decoders[b].flush())
+        text += stops.flush()
+        if text:
+            self._texts[b].append(text)
+        return text
+
+    def results(self) -> List[GenerationResult]:
+        loop = self.loop
+        step_s = loop.times.step_s
+        out = []
+        for b in range(len(loop.prompts)):
+            matched = self._stops[b].matched
+            last = step_s[loop.finish_step[b]] if step_s else 0.0
+            out.append(GenerationResult(
+                token_ids=list(loop.new_tokens[b]),
+                text="".join(self._texts[b]),
+                finish_reason="stop" if matched is not None else loop.finish_reason[b],
+                stop=matched if matched is not None else loop.stop_token[b],
+                prompt_ids=list(loop.prompts[b]),
+                prefill_s=loop.times.prefill_s,
+                decode_s=last - loop.times.prefill_s if step_s else 0.0,
+                decode_steps=loop.finish_step[b],
+            ))
+        return out
+
+
+class TextStream:
+    """What ``Llama.stream`` returns: iterate for the text deltas of one prompt.
+
+    The deltas concatenate to ``result.text``. ``result`` (a :class:`GenerationResult`) is set once
+    the iteration has ended, and is None before that.
+    """
+
+    def __init__(self, generation: TextGeneration):
+        self._generation = generation
+        self._events = iter(generation)
+        self.result: Optional[GenerationResult] = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._events)[1]
+        except StopIteration:
+            if self.result is None:
+                self.result = self._generation.results()[0]
+            raise

@@ -1,8 +1,12 @@
 """Choosing the next token on the device: greedy, temperature, top-k, top-p (nucleus), min-p.
 
-Sampling draws with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which picks index i
-with probability p_i, needs no host sync and samples every row independently.
+The filters apply in this order: temperature, top-k, min-p, top-p (each on what the previous one
+kept; min-p compares with the most likely token, top-p with the mass that is left). Sampling draws
+with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which picks index i with
+probability p_i, needs no host sync and samples every row independently. A seed fixes the draws
+of a whole batch, so the same batch on the same device gives the same tokens.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,9 +22,15 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not (self.temperature >= 0.0):
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
@@ -61,4 +71,5 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
         return logits.argmax(dim=-1)
     probs = filtered_probs(logits, params)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race.clamp_min_(torch.finfo(race.dtype).tiny)  # a draw of exactly 0 would make 0 / 0 = nan win
     return (probs / race).argmax(dim=-1)

@@ -1,0 +1,326 @@
+"""Generation users rely on: ragged batches equal solo runs, stop ids and stop strings, streaming
+text that is exact to the character, and context limits checked before any work.
+
+Two kinds of model are used: tiny random-weight checkpoints (real forward passes, for the batch
+and cache behaviour) and the same checkpoint with a scripted forward that emits a chosen token
+sequence (for text: emoji and CJK spelled with byte-fallback tokens, stop strings across tokens).
+"""
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from minillama import Llama
+from minillama.streaming import IncrementalDecoder, StopStrings
+from tests.checkpoints import EOM, EOT, END_OF_TEXT, write_checkpoint
+
+BOS_SP = 1  # <s> of the SentencePiece test tokenizer
+EOS_SP = 2  # </s>
+TEXT = "Lily said: 😀 猫 and 日本, ok 🦙!"  # 4-byte emoji, 3-byte CJK, none in the test vocabularies
+
+
+@pytest.fixture(scope="module")
+def sp_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sp")
+    write_checkpoint(folder, tokenizer="sentencepiece", n_heads=4, n_kv_heads=2, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sp(sp_folder):
+    return Llama.from_pretrained(sp_folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama3")
+    write_checkpoint(folder, tokenizer="llama3", n_heads=4, n_kv_heads=1, seed=2)
+    return Llama.from_pretrained(folder, device="cpu")
+
+
+def script_forward(monkeypatch, llm, script):
+    """Make the model emit ``script`` (the same ids in every row), one id per forward; each
+    generation (its prefill passes ``logits_at``) starts the script again."""
+    calls = []
+
+    def forward(tokens, k_cache=None, v_cache=None, seq_lens=None, *, seq_lens_cpu=None, logits_at=None):
+        if logits_at is not None:
+            calls.clear()
+        step = len(calls)
+        calls.append(tuple(tokens.shape))
+        logits = torch.zeros(tokens.shape[0], 1, llm.config.vocab_size)
+        logits[:, 0, script[min(step, len(script) - 1)]] = 1.0
+        return logits
+
+    monkeypatch.setattr(llm.model, "forward", forward)
+    return calls
+
+
+def continuation(tok, prompt_text, full_text):
+    """Prompt ids and the ids that continue them into ``full_text`` (the prompt's ids are a prefix)."""
+    prompt = tok.encode(prompt_text, bos=True)
+    full = tok.encode(full_text, bos=True)
+    assert full[: len(prompt)] == prompt, "test texts must tokenize with the prompt as a prefix"
+    return prompt, full[len(prompt):]
+
+
+def outcome(result):
+    return result.token_ids, result.text, result.finish_reason, result.stop
+
+
+# -- ragged batches --------------------------------------------------------------------------
+
+
+def random_prompts(llm, lengths, seed=0):
+    rng = random.Random(seed)
+    return [[BOS_SP] + [rng.randrange(3, llm.config.vocab_size) for _ in range(n - 1)] for n in lengths]
+
+
+def test_ragged_batch_equals_each_prompt_alone(sp):
+    prompts = random_prompts(sp, (1, 7, 30, 100, 12))
+    batch = sp.generate(prompts, max_new_tokens=20)
+    for prompt, row in zip(prompts, batch):
+        (alone,) = sp.generate([prompt], max_new_tokens=20)
+        assert row.token_ids == alone.token_ids
+        assert outcome(row) == outcome(alone)
+        assert row.prompt_ids == prompt
+
+
+def test_finished_row_changes_nothing_and_loop_stops_when_all_done(sp):
+    prompts = random_prompts(sp, (1, 7, 30, 100), seed=1)
+    solo = [sp.generate([p], max_new_tokens=12)[0].token_ids for p in prompts]
+    stop = solo[1][2]  # row 1 stops at its third token; others stop there too if they produce it
+    batch = sp.generate(prompts, max_new_tokens=12, stop_ids=[stop])
+    for ids, row in zip(solo, batch):
+        expected = ids[: ids.index(stop)] if stop in ids else ids
+        assert row.token_ids == expected
+        assert row.finish_reason == ("stop" if stop in ids else "length")
+    assert batch[1].decode_steps == 2
+
+    # every row stops on its first token: one forward (the prefill), no decode step
+    firsts = [ids[0] for ids in solo]
+    done = sp.generate(prompts, max_new_tokens=12, stop_ids=firsts)
+    assert [r.token_ids for r in done] == [[]] * 4
+    assert [r.decode_steps for r in done] == [0] * 4
+
+
+def test_sampling_in_a_batch_is_seeded(sp):
+    prompts = random_prompts(sp, (3, 9))
+    kwargs = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5)
+    a = sp.generate(prompts, **kwargs)
+    b = sp.generate(prompts, **kwargs)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert a[0].token_ids != sp.generate(prompts, **{**kwargs, "seed": 6})[0].token_ids
+
+
+# -- stop ids --------------------------------------------------------------------------------
+
+
+def test_stop_ids_come_from_generation_config_and_tokenizer(llama3, sp):
+    assert llama3.stop_ids == [END_OF_TEXT, EOM, EOT]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+    assert sp.stop_ids == [EOS_SP]
+
+
+@pytest.mark.parametrize("stop_id", [END_OF_TEXT, EOM, EOT])
+def test_each_llama3_eos_stops(monkeypatch, llama3, stop_id):
+    prompt, ids = continuation(llama3.tokenizer, "Lily", "Lily and Tom")
+    script_forward(monkeypatch, llama3, ids + [stop_id, 500, 501])
+    (r,) = llama3.generate(["Lily"], max_new_tokens=20)
+    assert (r.token_ids, r.text, r.finish_reason, r.stop) == (ids, " and Tom", "stop", stop_id)
+
+
+def test_stop_id_of_the_checkpoint_ends_generation(sp_folder, sp, tmp_path):
+    """A stop id written in generation_config.json stops the real model where it samples it."""
+    prompt = random_prompts(sp, (5,))[0]
+    (free,) = sp.generate([prompt], max_new_tokens=10)
+    stop = free.token_ids[4]
+    folder = tmp_path / "ckpt"
+    shutil.copytree(sp_folder, folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen["eos_token_id"] = [EOS_SP, stop]
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    llm = Llama.from_pretrained(folder, device="cpu")
+    (r,) = llm.generate([prompt], max_new_tokens=10)
+    cut = free.token_ids.index(stop)
+    assert r.token_ids == free.token_ids[:cut]
+    assert (r.finish_reason, r.stop) == ("stop", stop)
+
+
+def test_length_finish(monkeypatch, sp):
+    prompt, ids = continuation(sp.tokenizer, "Lily", "Lily and Tom")
+    script_forward(monkeypatch, sp, ids + ids)
+    (r,) = sp.generate(["Lily"], max_new_tokens=len(ids))
+    assert (r.token_ids, r.text, r.finish_reason, r.stop) == (ids, " and Tom", "length", None)
+    (r,) = sp.generate(["Lily"], max_new_tokens=0)
+    assert (r.token_ids, r.text, r.finish_reason) == ([], "", "length")
+
+
+# -- text and streaming ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["sp", "llama3"])
+def test_continuation_keeps_its_leading_space(request, monkeypatch, model):
+    llm = request.getfixturevalue(model)
+    prompt, ids = continuation(llm.tokenizer, "Lily", "Lily and Tom")
+    script_forward(monkeypatch, llm, ids + [llm.stop_ids[0]])
+    (r,) = llm.generate(["Lily"], max_new_tokens=20)
+    assert r.text == " and Tom"
+    (r,) = llm.generate([prompt[:1]], max_new_tokens=20)  # a bare BOS: the text starts here
+    assert r.text.lstrip() == "and Tom" and not r.text.startswith("<")
+
+
+@pytest.mark.parametrize("model", ["sp", "llama3"])
+def test_stream_is_exact_for_multibyte_characters(request, monkeypatch, model):
+    llm = request.getfixturevalue(model)
+    prompt, ids = continuation(llm.tokenizer, "Lily said:", TEXT)
+    assert len(ids) > len(TEXT[len("Lily said:"):]), "the emoji and CJK must be spelled in bytes"
+    script_forward(monkeypatch, llm, ids + [llm.stop_ids[0]])
+    stream = llm.stream("Lily said:", max_new_tokens=100)
+    assert stream.result is None
+    deltas = list(stream)
+    expected = " 😀 猫 and 日本, ok 🦙!"
+    assert "".join(deltas) == expected == stream.result.text
+    assert all("\ufffd" not in d for d in deltas)
+    assert "😀" in deltas or any(d.endswith("😀") for d in deltas)  # the emoji comes out whole
+    assert len(deltas) < len(ids)  # byte tokens of a character were held back, not emitted empty
+    assert (stream.result.token_ids, stream.result.finish_reason) == (ids, "stop")
+    (r,) = llm.generate(["Lily said:"], max_new_tokens=100)
+    assert (r.text, r.token_ids) == (expected, ids)
+
+
+@pytest.mark.parametrize("model", ["sp", "llama3"])
+def test_decoder_deltas_equal_full_decode(request, model):
+    """Any split of a text into prompt and continuation: deltas join to decode(all) - decode(prompt)."""
+    tok = request.getfixturevalue(model).tokenizer
+    rng = random.Random(0)
+    alphabet = list("ab z.,\n") + ["😀", "猫", "é", "日本", "🦙", "Lily", " Tom"]
+    for _ in range(200):
+        ids = tok.encode("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 25))), bos=True)
+        k = rng.randrange(1, len(ids) + 1)
+        context = ids[1:k]  # the decoder leaves a leading BOS out
+        before = tok.decode(context)
+        if before.endswith("\ufffd"):  # a prompt of ids that ends inside a character
+            continue
+        decoder = IncrementalDecoder(tok, ids[:k])
+        deltas = [decoder.push(t) for t in ids[k:]] + [decoder.flush()]
+        assert "".join(deltas) == tok.decode(context + ids[k:])[len(before):] == decoder.text
+
+
+def test_decoder_flushes_an_unfinished_character(sp):
+    tok = sp.tokenizer
+    emoji = tok.encode("😀", bos=False)[-4:]  # <0xF0> <0x9F> <0x98> <0x80>
+    decoder = IncrementalDecoder(tok, tok.encode("Lily", bos=True))
+    assert [decoder.push(t) for t in emoji[:2]] == ["", ""]
+    assert "\ufffd" in decoder.flush()  # the bytes never formed a character
+    # random ids (invalid byte runs included) still give deltas that join to .text
+    rng = random.Random(1)
+    decoder = IncrementalDecoder(tok, [BOS_SP, 300])
+    deltas = [decoder.push(rng.randrange(3, 512)) for _ in range(300)] + [decoder.flush()]
+    assert "".join(deltas) == decoder.text
+
+
+def test_stop_strings_unit():
+    s = StopStrings(["Tom", "\n\n"])
+    assert s.push("Lily and T") == ("Lily and ", None)  # "T" may start "Tom": held back
+    assert s.push("o") == ("", None)
+    assert s.push("m went") == ("", "Tom")
+    assert s.push("more") == ("", "Tom") and s.flush() == ""
+    s = StopStrings(["Tom"])
+    assert s.push("a T") == ("a ", None)
+    assert s.push("im") == ("Tim", None)
+    assert s.push(" T") == (" ", None) and s.flush() == "T"
+    s = StopStrings(["abcd", "bc"])  # the stop that completes first wins, however the text is split
+    assert s.push("xabc") == ("xa", "bc")
+    s = StopStrings(["abcd", "bc"])
+    assert s.push("xab") == ("x", None) and s.push("cd") == ("a", "bc")
+    for bad in ("", None, 3):
+        with pytest.raises(ValueError, match="stop strings"):
+            StopStrings([bad])
+
+
+@pytest.mark.parametrize("model", ["sp", "llama3"])
+def test_stop_string_spanning_tokens(request, monkeypatch, model):
+    llm = request.getfixturevalue(model)
+    prompt, ids = continuation(llm.tokenizer, "Lily", "Lily and Tom went to the park.")
+    script_forward(monkeypatch, llm, ids + [llm.stop_ids[0]])
+    stops = ["om we", "park"]  # "om we" spans the tokens of " Tom" and " went"
+    (r,) = llm.generate(["Lily"], max_new_tokens=50, stop=stops)
+    assert (r.text, r.finish_reason, r.stop) == (" and T", "stop", "om we")
+    # token_ids run up to and including the token that completed the stop string
+    assert "om we" in llm.tokenizer.decode(r.token_ids) and "om we" not in llm.tokenizer.decode(r.token_ids[:-1])
+    stream = llm.stream("Lily", max_new_tokens=50, stop=stops)
+    deltas = list(stream)
+    assert "".join(deltas) == " and T"
+    assert outcome(stream.result) == outcome(r)
+    (r,) = llm.generate(["Lily"], max_new_tokens=50, stop="nowhere")
+    assert (r.text, r.finish_reason, r.stop) == (" and Tom went to the park.", "stop", llm.stop_ids[0])
+
+
+def test_stop_strings_per_row_of_a_batch(monkeypatch, sp):
+    prompt, ids = continuation(sp.tokenizer, "Lily", "Lily and Tom went home")
+    script_forward(monkeypatch, sp, ids + [EOS_SP])
+    rows = sp.generate(["Lily", [BOS_SP, 300, 301]], max_new_tokens=50, stop=["went"])
+    assert [r.stop for r in rows] == ["went", "went"]
+    assert rows[0].text == " and Tom "
+
+
+# -- context limits and argument errors ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("short")
+    write_checkpoint(folder, tokenizer="sentencepiece", max_position_embeddings=64, seed=4)
+    return Llama.from_pretrained(folder, device="cpu")
+
+
+def no_work(monkeypatch, llm):
+    def forward(*args, **kwargs):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(llm.model, "forward", forward)
+
+
+def test_context_errors_name_the_numbers_before_any_work(monkeypatch, short):
+    no_work(monkeypatch, short)
+    long_prompt = [BOS_SP] + [300] * 69  # 70 tokens
+    with pytest.raises(ValueError, match=r"70 tokens.*context of 64"):
+        short.generate([long_prompt], max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"40 tokens \+ max_new_tokens 30 = 70 exceeds.*64.*at most 24"):
+        short.generate([[BOS_SP] * 40], max_new_tokens=30)
+    with pytest.raises(ValueError, match="70 tokens"):
+        short.stream(long_prompt, max_new_tokens=1)
+    with pytest.raises(ValueError, match="max_new_tokens 64 leaves no room"):
+        short.generate(["Lily"], max_new_tokens=64, truncate_prompt="left")
+
+
+def test_truncate_left_keeps_bos_and_the_newest_tokens(monkeypatch, short):
+    calls = script_forward(monkeypatch, short, [300] * 20)
+    long_prompt = [BOS_SP] + list(range(3, 72))  # 70 tokens
+    (r,) = short.generate([long_prompt], max_new_tokens=10, truncate_prompt="left")
+    assert r.prompt_ids == [BOS_SP] + long_prompt[-53:]  # 54 + 10 = 64
+    assert calls[0] == (1, 54) and len(r.token_ids) == 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=1.5), "1.5"),
+        (dict(top_k=-2), "-2"),
+        (dict(min_p=2.0), "2.0"),
+        (dict(max_new_tokens=-1), "-1"),
+        (dict(stop=[""]), "stop strings"),
+        (dict(stop_ids=[10**9]), "1000000000"),
+        (dict(truncate_prompt="right"), "'right'"),
+        (dict(seed=1.5), "1.5"),
+    ],
+)
+def test_bad_arguments_raise_before_any_work(monkeypatch, short, kwargs, named):
+    no_work(monkeypatch, short)
+    for call in (lambda: short.generate(["Lily"], **kwargs), lambda: short.stream("Lily", **kwargs)):
+        with pytest.raises(ValueError, match=named.replace("(", r"\(")) as err:
+            call()
+        assert named in str(err.value)
