@@ -3,10 +3,13 @@ import os
 import torch
 
 # Triton decides at decoration time whether a kernel is interpreted: set this before anything
-# imports triton, so CPU runs execute the real kernel code in Triton's interpreter. flashcore's
-# dispatch reads the variable per call.
+# imports triton, so CPU runs execute the real kernel code in Triton's interpreter.
+# Model tests on the CPU use flashcore's plain-PyTorch path (the interpreter is too slow for whole
+# generations); tests marked `triton` or `gpu` run the kernel. flashcore reads both per call, and
+# subprocesses started by tests inherit them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FLASHCORE_FORCE_REFERENCE", "1")
 
 import pytest  # noqa: E402
 
@@ -19,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _reference_attention_unless_kernel_test(request, monkeypatch):
-    """CPU model tests use the plain-PyTorch attention; tests marked triton or gpu run the kernel."""
-    if "triton" not in request.keywords and "gpu" not in request.keywords:
-        monkeypatch.setenv("FLASHCORE_FORCE_REFERENCE", "1")
+def _kernel_for_kernel_tests(request, monkeypatch):
+    """Tests marked triton or gpu run flashcore's Triton kernel, not the reference."""
+    if "triton" in request.keywords or "gpu" in request.keywords:
+        monkeypatch.delenv("FLASHCORE_FORCE_REFERENCE", raising=False)
