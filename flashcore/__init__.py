@@ -42,7 +42,8 @@ def attention_with_kv_cache(
         k, v: (B, S_q, H_kv, D), the new tokens' keys and values (RoPE already applied to k).
         k_cache, v_cache: (B, S_max, H_kv, D), same dtype and device as q. Rows
             ``[seq_lens[b], seq_lens[b] + S_q)`` are written in place with k/v; nothing else is
-            written. Per-layer views of one (n_layers, B, S_max, H_kv, D) tensor work.
+            written. Per-layer views of one (n_layers, B, S_max, H_kv, D) tensor work; the last
+            dimension must be contiguous (stride 1), as it is in such views.
         seq_lens: (B,) int32 on q's device: tokens already cached in each row before this call.
             Read, never modified: the caller advances it once per forward, after all layers.
         softmax_scale: defaults to 1 / sqrt(D).

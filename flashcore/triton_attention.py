@@ -185,17 +185,16 @@ def _attn_fwd_prefill(
 
 @triton.jit
 def _attn_fwd_decode_split(
-    Q, K, V, K_cache, V_cache, Seq_lens, O_part, Lse_part, Counter, Out, qk_scale,
+    Q, K, V, K_cache, V_cache, Seq_lens, O_part, Lse_part, qk_scale,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
-    stride_ob, stride_os, stride_oh,
     S_q, H_kv,
     GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, CAUSAL: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # Programs 0 .. NUM_SPLITS-1 each take an even share of the cached tiles [0, seq_len);
     # program NUM_SPLITS takes the S_q new keys and appends them to the cache.
@@ -265,57 +264,6 @@ def _attn_fwd_decode_split(
     tl.store(O_part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
              mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
 
-    if FUSED_COMBINE:
-        # -- the last of this (row, kv head)'s NUM_SPLITS + 1 programs to finish combines them --
-        # The barrier orders every thread's partial stores before the counter's release; the
-        # counter's acquire orders the other programs' partials before the combine's loads,
-        # which bypass L1 (.cg) and read the coherent L2.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(Counter + pid_bh, 1, sem="acq_rel", scope="gpu")
-        if arrived == NUM_SPLITS:
-            _combine_splits(O_part, Lse_part, Out, pid_bh * (NUM_SPLITS + 1) * num_rows, num_rows, b64, hk,
-                            stride_ob, stride_os, stride_oh, offs_r, offs_d,
-                            GROUP, NUM_SPLITS + 1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_J)
-
-
-@triton.jit
-def _combine_splits(O_part, Lse_part, Out, base, num_rows, b64, hk, stride_ob, stride_os, stride_oh,
-                    offs_r, offs_d, GROUP: tl.constexpr, NUM_PARTS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
-    """out[r] = sum_s w[s, r] o[s, r] / sum_s w[s, r] with w = exp2(lse[s, r] - max_s lse[s, r]).
-
-    The partials of one (row, kv head) form a contiguous (NUM_PARTS * num_rows, HEAD_DIM) matrix
-    with j = s * num_rows + r; each chunk of BLOCK_J of its rows is combined by one matmul
-    W[r, j] @ O[j, :], W zero where j's row is not r. The new-key part always holds key 0, so
-    each row's max is finite.
-    """
-    offs_j = tl.arange(0, BLOCK_J)
-    total = NUM_PARTS * num_rows
-    # -- per-row max of the partial lse --
-    lse_max = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    for j0 in range(0, total, BLOCK_J):
-        j = j0 + offs_j
-        lse = tl.load(Lse_part + base + j, mask=j < total, other=float("-inf"), cache_modifier=".cg")
-        same_row = (j % num_rows)[None, :] == offs_r[:, None]  # (BLOCK_M, BLOCK_J)
-        lse_max = tl.maximum(lse_max, tl.max(tl.where(same_row, lse[None, :], float("-inf")), 1))
-    # -- weighted sum --
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(0, total, BLOCK_J):
-        j = j0 + offs_j
-        j_mask = j < total
-        lse = tl.load(Lse_part + base + j, mask=j_mask, other=float("-inf"), cache_modifier=".cg")
-        same_row = (j % num_rows)[None, :] == offs_r[:, None]
-        row_max = tl.where(offs_r < num_rows, lse_max, 0.0)  # padded rows: avoid -inf - -inf
-        w = tl.where(same_row, tl.math.exp2(lse[None, :] - row_max[:, None]), 0.0)
-        o = tl.load(O_part + (base + j)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=j_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0, cache_modifier=".cg")
-        acc = tl.dot(w, o, acc, input_precision="ieee")
-        w_sum += tl.sum(w, 1)
-    out = acc / tl.where(w_sum > 0, w_sum, 1.0)[:, None]  # padded rows r >= num_rows have no weight
-    out_ptrs = (Out + b64 * stride_ob + (offs_r // GROUP)[:, None] * stride_os
-                + (hk * GROUP + offs_r % GROUP)[:, None] * stride_oh + offs_d[None, :])
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_r < num_rows)[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -420,7 +368,7 @@ def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, c
 
 
 def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
-                   config: KernelConfig, num_splits: Optional[int] = None, fused_combine: bool = True) -> torch.Tensor:
+                   config: KernelConfig, num_splits: Optional[int] = None) -> torch.Tensor:
     B, S_q, H_q, D = q.shape
     S_max, H_kv = k_cache.shape[1], k_cache.shape[2]
     group = H_q // H_kv
@@ -430,26 +378,22 @@ def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, ca
     num_rows = S_q * group
     o_part = torch.empty((B * H_kv, num_splits + 1, num_rows, D), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((B * H_kv, num_splits + 1, num_rows), device=q.device, dtype=torch.float32)
-    counter = torch.zeros(B * H_kv, device=q.device, dtype=torch.int32)
     out = torch.empty_like(q)
     block_d = _block_d(D)
     _attn_fwd_decode_split[(num_splits + 1, B * H_kv)](
-        q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, counter, out, softmax_scale * LOG2E,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out),
+        q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, softmax_scale * LOG2E,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache),
         S_q, H_kv,
         GROUP=group, NUM_SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n,
-        BLOCK_J=max(16, min(64, 8192 // block_d)), CAUSAL=causal, FUSED_COMBINE=fused_combine,
+        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n, CAUSAL=causal,
         UPCAST=interpret and q.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if fused_combine:
-        return out
     _attn_fwd_decode_reduce[(B * H_kv * num_rows,)](
         o_part, lse_part, out, *_strides3(out), S_q, H_kv,
         GROUP=group, NUM_PARTS=num_splits + 1, BLOCK_PARTS=triton.next_power_of_2(num_splits + 1),
-        HEAD_DIM=D, BLOCK_D=_block_d(D),
+        HEAD_DIM=D, BLOCK_D=block_d,
         num_warps=4 if D >= 128 else 1,
     )
     return out
