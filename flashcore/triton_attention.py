@@ -315,29 +315,38 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> Kerne
     return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
+def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_heads: int,
+                   s_max: int, num_sms: int) -> KernelConfig:
+    """Tiles by shape only (never seq_lens). Many (row, kv head) pairs: 128-key tiles, few splits.
+    Few pairs and long splits: 64-key tiles pipelined 4 deep. (Measured on H100: scripts/bench_attention.py --sweep.)"""
     if interpret:
         return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=2)
-    return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=3)
+    if 2 * batch_kv_heads >= num_sms:
+        return KernelConfig(block_m=0, block_n=128, num_warps=4, num_stages=3)
+    splits = _num_splits(batch_kv_heads, s_max, 64, num_sms)
+    tiles_per_split = triton.cdiv(triton.cdiv(s_max, 64), splits)
+    return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=4 if tiles_per_split >= 8 else 3)
 
 
 _SM_COUNTS = {}
 
 
-def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, device: torch.device) -> int:
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, num_sms: int) -> int:
     """KV splits per (row, kv head): about two programs per SM, at least 4 tiles per split when full.
 
     Depends on shapes only, never on seq_lens, so a captured CUDA graph stays valid.
     """
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _SM_COUNTS:
-            _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        num_sms = _SM_COUNTS[index]
-    else:
-        num_sms = 2
     by_occupancy = (2 * num_sms) // batch_kv_heads
     by_length = triton.cdiv(s_max, 4 * block_n)
     return max(1, min(by_occupancy, by_length))
@@ -374,7 +383,7 @@ def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, ca
     group = H_q // H_kv
     interpret = _interpreting(q.device)
     if num_splits is None:
-        num_splits = _num_splits(B * H_kv, S_max, config.block_n, q.device)
+        num_splits = _num_splits(B * H_kv, S_max, config.block_n, _num_sms(q.device))
     num_rows = S_q * group
     o_part = torch.empty((B * H_kv, num_splits + 1, num_rows, D), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((B * H_kv, num_splits + 1, num_rows), device=q.device, dtype=torch.float32)
@@ -412,7 +421,8 @@ def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_
     group = q.shape[2] // k.shape[2]
     interpret = _interpreting(q.device)
     if q.shape[1] * group <= DECODE_MAX_ROWS:
-        return _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal,
-                              _decode_config(D, q.dtype, interpret))
+        config = _decode_config(D, q.dtype, interpret, q.shape[0] * k.shape[2], k_cache.shape[1],
+                                _num_sms(q.device))
+        return _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal, config)
     return _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal,
                            _prefill_config(D, q.dtype, interpret))

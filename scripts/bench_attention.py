@@ -119,6 +119,15 @@ def prefill_cases(S, sweep_configs):
     return rows
 
 
+def num_sms():
+    return ta._num_sms(torch.device("cuda"))
+
+
+def decode_config(B, L):
+    """The config flashcore picks for this decode shape."""
+    return ta._decode_config(D, DTYPE, False, B * H_KV, L, num_sms())
+
+
 def decode_cases(B, L, sweep_configs):
     kv_bytes = 2 * B * L * H_KV * D * DTYPE.itemsize
     copies = max(1, math.ceil(L2_ROTATE_BYTES / kv_bytes))
@@ -161,7 +170,8 @@ def decode_cases(B, L, sweep_configs):
                          gbps=kv_bytes / ms / 1e6 if ms else None,
                          eager_gbps=kv_bytes / eager_ms / 1e6 if eager_ms else None,
                          max_diff_vs_sdpa_flash=err, error=error,
-                         num_splits=ta._num_splits(B * H_KV, L, ta._decode_config(D, DTYPE, False).block_n, q.device)))
+                         config=decode_config(B, L)._asdict(),
+                         num_splits=ta._num_splits(B * H_KV, L, decode_config(B, L).block_n, num_sms())))
     return rows
 
 
@@ -198,7 +208,7 @@ def main():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
                 prefill_config=ta._prefill_config(D, DTYPE, False)._asdict(),
-                decode_config=ta._decode_config(D, DTYPE, False)._asdict())
+                decode_config={f"B={B} L={L}": decode_config(B, L)._asdict() for B, L in DECODE})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=1)
