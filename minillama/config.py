@@ -11,6 +11,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+def read_json(path) -> dict:
+    """A checkpoint's JSON file; invalid JSON is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 @dataclass
 class LlamaConfig:
     hidden_size: int
@@ -111,12 +120,7 @@ class LlamaConfig:
 
     @classmethod
     def from_file(cls, path) -> "LlamaConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict:
         """The HF config.json contents for this model."""
@@ -134,11 +138,7 @@ class GenerationConfig:
 
     @classmethod
     def from_file(cls, path) -> "GenerationConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        d = read_json(path)
         eos = d.get("eos_token_id")
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         return cls(eos_token_ids=eos, bos_token_id=d.get("bos_token_id"))

@@ -5,9 +5,10 @@ SentencePiece ``tokenizer.model`` when that is all a checkpoint ships.
 spelled out as ordinary tokens, never turned into a special id. Special ids are inserted only by
 code that means to (BOS here, turn markers in the chat encoder).
 """
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from minillama.config import read_json
 
 
 def _token_content(value) -> Optional[str]:
@@ -78,12 +79,7 @@ class Tokenizer:
     def from_dir(cls, folder) -> "Tokenizer":
         folder = Path(folder)
         config_path = folder / "tokenizer_config.json"
-        config = {}
-        if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        config = read_json(config_path) if config_path.exists() else {}
         template_path = folder / "chat_template.jinja"  # newer checkpoints keep the template apart
         if "chat_template" not in config and template_path.exists():
             config["chat_template"] = template_path.read_text()
