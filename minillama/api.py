@@ -41,8 +41,11 @@ class Llama:
     """A loaded checkpoint: model, tokenizer and the stop ids the checkpoint declares."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: LlamaConfig,
-                 generation_config: GenerationConfig, folder: Path):
+                 generation_config: GenerationConfig, folder: Path, forward=None):
         self.model = model
+        # What the generate loop runs: the model itself, or a faster wrapper computing the same
+        # function (on CUDA: fused weights and CUDA-graph decode, minillama.fused).
+        self.forward = forward or model
         self.tokenizer = tokenizer
         self.config = config
         self.generation_config = generation_config
@@ -55,12 +58,16 @@ class Llama:
         self.stop_ids: List[int] = stops
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None) -> "Llama":
+    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, fast=None) -> "Llama":
         """Load a Hugging Face LLaMA checkpoint (local folder or hub repo id).
 
         Args:
             device: None picks "cuda" when available, else "cpu".
             dtype: None keeps the checkpoint's dtype on the GPU and uses float32 on the CPU.
+            fast: the GPU fast path for generation (fused projections, Triton GEMV, CUDA-graph
+                decode). None: on wherever it is supported (CUDA); True: required (ValueError
+                naming why it cannot run); False: the plain model. ``logits`` always runs the
+                plain model.
         """
         folder = resolve_checkpoint(path_or_repo_id)
         config = LlamaConfig.from_file(folder / "config.json")
@@ -69,8 +76,15 @@ class Llama:
         tokenizer = Tokenizer.from_dir(folder)
         device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, config, device)
+        if fast and device.type != "cuda":
+            raise ValueError(f"fast=True needs a CUDA device, got {device}; pass fast=None or False")
         model = load_model(folder, config, device, dtype)
-        return cls(model, tokenizer, config, generation_config, folder)
+        forward = None
+        if device.type == "cuda" and fast is not False:
+            from minillama.fused import fast_forward  # Triton: imported only where it runs
+
+            forward = fast_forward(model, fast)
+        return cls(model, tokenizer, config, generation_config, folder, forward=forward)
 
     def _prompt_ids(self, prompt: Prompt) -> List[int]:
         if isinstance(prompt, str):
@@ -200,7 +214,7 @@ class Llama:
         for p in ids:
             self._check_length(len(p), max_new_tokens)
         all_stop_ids = self.stop_ids + [t for t in extra if t not in self.stop_ids]
-        loop = TokenLoop(self.model, ids, max_new_tokens, sampling, all_stop_ids)
+        loop = TokenLoop(self.model, ids, max_new_tokens, sampling, all_stop_ids, forward=self.forward)
         return TextGeneration(loop, self.tokenizer, stops)
 
     def _truncate_left(self, ids: List[int], max_new_tokens: int) -> List[int]:

@@ -163,7 +163,8 @@ class Conversation:
         self._cut(keep)
         self._reserve(len(target) + max_new_tokens)
 
-        loop = TokenLoop(self.llm.model, [target[keep:]], max_new_tokens, sampling, self.llm.stop_ids, cache=self.cache)
+        loop = TokenLoop(self.llm.model, [target[keep:]], max_new_tokens, sampling, self.llm.stop_ids,
+                         cache=self.cache, forward=self.llm.forward)
         decoder = IncrementalDecoder(self.llm.tokenizer, target)
         start = time.perf_counter()
         first = None

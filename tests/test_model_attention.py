@@ -1,0 +1,64 @@
+"""Every layer of the model calls flashcore's Triton kernel where it runs (CUDA, or the CPU under
+TRITON_INTERPRET=1), and FLASHCORE_FORCE_REFERENCE=1 switches the model to the plain-PyTorch path."""
+import pytest
+import torch
+
+import flashcore
+import flashcore.triton_attention as triton_attention
+from flashcore import reference
+from minillama.kv_cache import KVCache
+from tests.test_fast_path import tiny_model
+
+
+def count_calls(monkeypatch):
+    """Wrap the kernel entry and the reference; return their call counters."""
+    calls = {"triton": 0, "reference": 0}
+    kernel, ref = triton_attention.triton_attention_with_kv_cache, reference.attention_with_kv_cache
+
+    def counted_kernel(*args, **kwargs):
+        calls["triton"] += 1
+        return kernel(*args, **kwargs)
+
+    def counted_reference(*args, **kwargs):
+        calls["reference"] += 1
+        return ref(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "triton_attention_with_kv_cache", counted_kernel)
+    monkeypatch.setattr(flashcore.reference, "attention_with_kv_cache", counted_reference)
+    return calls
+
+
+def prefill_and_decode(model, device):
+    """Logits of a 5-token prefill and one decode step, through a cache."""
+    cache = KVCache.allocate(model.config, 2, 8, device, model.tok_embeddings.weight.dtype)
+    tokens = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], device=device)
+    with torch.inference_mode():
+        first = model(tokens, cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)
+        cache.advance(5)
+        second = model(tokens[:, :1], cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)
+        cache.advance(1)
+    return torch.cat([first, second], dim=1).float()
+
+
+def check_dispatch(monkeypatch, device):
+    model = tiny_model(seed=0, layers=3, head_dim=16, device=device)
+    calls = count_calls(monkeypatch)
+    kernel_logits = prefill_and_decode(model, device)
+    assert calls == {"triton": 2 * 3, "reference": 0}  # 2 forwards x 3 layers
+
+    monkeypatch.setenv("FLASHCORE_FORCE_REFERENCE", "1")
+    reference_logits = prefill_and_decode(model, device)
+    assert calls == {"triton": 6, "reference": 6}
+    torch.testing.assert_close(kernel_logits, reference_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.triton
+def test_model_calls_the_kernel_in_every_layer_on_cpu_interpreter(monkeypatch):
+    if not flashcore._use_triton(torch.device("cpu")):
+        pytest.skip("TRITON_INTERPRET=1 is not set")
+    check_dispatch(monkeypatch, "cpu")
+
+
+@pytest.mark.gpu
+def test_model_calls_the_kernel_in_every_layer_on_cuda(monkeypatch):
+    check_dispatch(monkeypatch, "cuda")
