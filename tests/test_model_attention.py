@@ -62,3 +62,21 @@ def test_model_calls_the_kernel_in_every_layer_on_cpu_interpreter(monkeypatch):
 @pytest.mark.gpu
 def test_model_calls_the_kernel_in_every_layer_on_cuda(monkeypatch):
     check_dispatch(monkeypatch, "cuda")
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_uses_the_fast_path_and_matches_plain(tmp_path):
+    from minillama import Llama
+    from minillama.cuda_graphs import DecodeGraphs
+    from tests.checkpoints import write_checkpoint
+
+    write_checkpoint(tmp_path, hidden_size=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256,
+                     tokenizer="sentencepiece", rope_scaling="llama3")
+    prompts = ["the quick brown fox", "a"]
+    fast = Llama.from_pretrained(tmp_path, device="cuda", dtype="float32")
+    assert isinstance(fast.forward, DecodeGraphs)
+    plain = Llama.from_pretrained(tmp_path, device="cuda", dtype="float32", fast=False)
+    assert plain.forward is plain.model
+    got = [r.token_ids for r in fast.generate(prompts, max_new_tokens=24)]
+    want = [r.token_ids for r in plain.generate(prompts, max_new_tokens=24)]
+    assert got == want
