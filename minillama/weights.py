@@ -1,23 +1,18 @@
 """Loading and saving Hugging Face LLaMA safetensors checkpoints.
 
-The model is built on the meta device and each tensor goes straight from its memory-mapped file
-to the target device and dtype, one tensor at a time: each tensor is a zero-copy view of the file's
-pages, copied once into its parameter, and a shard's mapping is closed before the next is opened.
-Host memory thus holds at most one shard's pages beside the model's own parameters (none on a GPU).
-The safetensors library's own readers copy every tensor into fresh host memory first, which the
-allocator does not hand back; hence the small reader here (format: an 8-byte little-endian header
-length, a JSON header of name -> dtype, shape, data_offsets, then the data).
-
-Loading is strict: every tensor the model needs must be there with the right shape, and nothing else
-may be. All files and headers are checked (against the file sizes too) before any tensor is read.
+The model is built on the meta device and each tensor goes straight from its memory-mapped shard
+to the target device and dtype, one tensor at a time, one shard open at a time: host memory never
+holds a second copy of the model (measured: loading to the CPU adds the model plus one shard;
+scripts/bench_load.py, tests/test_load_memory.py). Loading is strict: every tensor the model needs
+must be there with the right shape, and nothing else may be. All files and headers are read and
+checked before any tensor is.
 """
 import json
-import mmap
-import struct
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minillama.config import LlamaConfig
@@ -90,72 +85,26 @@ def safetensors_files(folder: Path) -> List[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}{hint}")
 
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def read_safetensors_header(path: Path) -> Tuple[Dict[str, dict], int]:
-    """(name -> {dtype, shape, data_offsets}, offset of the data) for one file, checked against its size."""
-    size = path.stat().st_size
-
-    def corrupt(why: str) -> ValueError:
-        return ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise corrupt(f"only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise corrupt(f"header of {n} bytes does not fit in {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise corrupt(f"header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start, data_size = 8 + n, size - 8 - n
-    for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            numel = torch.Size(entry["shape"]).numel()
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"bad header entry for {name}: {entry}") from None
-        if end > data_size:
-            raise corrupt(f"tensor {name} ends at byte {end} of the data but the file holds only {data_size}")
-        if end - begin != numel * dtype.itemsize:
-            raise corrupt(f"tensor {name} has {end - begin} bytes for shape {entry['shape']} {entry['dtype']}")
-    return header, data_start
-
-
 def read_headers(files: List[Path]) -> Dict[str, Tuple[Path, tuple]]:
     """tensor name -> (file, shape), reading only the headers. Corrupt or truncated files fail here."""
     found: Dict[str, Tuple[Path, tuple]] = {}
     for path in files:
-        header, _ = read_safetensors_header(path)
-        for name, entry in header.items():
-            if name in found:
-                raise ValueError(f"tensor {name} appears in both {found[name][0].name} and {path.name}")
-            found[name] = (path, tuple(entry["shape"]))
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    if name in found:
+                        raise ValueError(f"tensor {name} appears in both {found[name][0].name} and {path.name}")
+                    found[name] = (path, tuple(f.get_slice(name).get_shape()))
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     return found
 
 
 def copy_tensors_from_file(path: Path, targets: Dict[str, torch.Tensor]) -> None:
-    """Copy each named tensor of the file into its target (any device and dtype), zero-copy on the host."""
-    header, data_start = read_safetensors_header(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:  # private: views are writable, never copied
+    """Copy each named tensor of one file into its target (any device and dtype)."""
+    with safe_open(path, framework="pt", device="cpu") as f:
         for name, target in targets.items():
-            entry = header[name]
-            begin, end = entry["data_offsets"]
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
-            target.copy_(raw.view(dtype).view(entry["shape"]))
-            del raw  # the mapping can only close once no tensor views it
+            target.copy_(f.get_tensor(name))
 
 
 def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
