@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=str(DEMO_MODEL_DIR),
                    help="local checkpoint folder or hub repo id (default: the bundled demo model)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens (default 512)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply, in tokens (default: 512, or half the context if that is less)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 turns it off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 turns it off")
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return args
 
@@ -141,6 +142,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype)
         conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
+        if args.max_new_tokens is None:
+            args.max_new_tokens = min(512, conv.max_context // 2)
     except (ModelNotFoundError, ValueError, NotImplementedError, FileNotFoundError) as e:
         note(f"error: {e}")
         return 2
