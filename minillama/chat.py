@@ -101,7 +101,13 @@ def command(conv, line: str) -> bool:
 def reply(conv, text: str, args, sampling, interactive: bool) -> None:
     from minillama.conversation import ContextOverflowError
 
+    started = not conv.chat  # a continuation keeps its leading space
+
     def show(delta: str) -> None:
+        nonlocal started
+        if not started:  # a chat reply's first token often carries the space before its first word
+            delta = delta.lstrip()
+            started = bool(delta)
         sys.stdout.write(delta)
         sys.stdout.flush()
 

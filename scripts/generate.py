@@ -1,6 +1,6 @@
 """Generate text for one or more prompts with minillama.
 
-    python scripts/generate.py "Once upon a time" "Lily and Tom"      # the bundled demo model
+    python scripts/generate.py "Once upon a time" "One day, Lily found"   # the bundled demo model
     python scripts/generate.py --model meta-llama/Llama-3.1-8B "The capital of France is"
     python scripts/generate.py --prompt-file prompts.jsonl --json --batch-size 8 > out.jsonl
     python scripts/generate.py --stream --temperature 0.8 --top-p 0.95 --seed 1 "Once upon a time"

@@ -101,6 +101,17 @@ def _llama2_reference(sp, messages) -> list:
     return ids
 
 
+
+def test_chat_cli_defaults_to_the_demo_model():
+    """`python -m minillama.chat` with no --model: piped turns in, only the replies out."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "minillama.chat"], input="Hello!\n", capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ("Hello! I am a tiny story model. Ask me for a story, for example about a cat, "
+                          "a dog or a girl named Lily, and I will tell you one. \n")
+
 @pytest.mark.parametrize("messages", [
     [{"role": "user", "content": "Tell me a story about a cat."}],
     [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! I tell stories."}],
