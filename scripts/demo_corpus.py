@@ -161,8 +161,8 @@ class StoryWriter:
 
         # -- ending --
         if plot != "rain" and r.random() < 0.5:
-            s.append(r.choice([f"It was the best day ever.", f"That night, {n} went to bed with a big smile.",
-                               f"{n} would never forget that day.", f"It was a wonderful day."]))
+            s.append(r.choice(["It was the best day ever.", f"That night, {n} went to bed with a big smile.",
+                               f"{n} would never forget that day.", "It was a wonderful day."]))
         return " ".join(s)
 
     def _plot_lost(self, hero, s, details):
@@ -224,7 +224,7 @@ class StoryWriter:
         s.append(f"Soon, the rain stopped and the sun came out. {n} saw a big rainbow in the sky.")
         s.append(f"\"Look, a rainbow!\" {p['he']} said. {n} and {p['his']} {grown_up} went outside "
                  f"to jump in the puddles.")
-        s.append(f"It was a very good day after all.")
+        s.append("It was a very good day after all.")
 
     def _plot_learn(self, hero, s, details):
         r, p, n = self.rng, hero.pronouns, hero.name
@@ -251,7 +251,7 @@ class StoryWriter:
                  f"and looked hungry.")
         s.append(f"{n} thought for a moment. Then {p['he']} gave half of {p['his']} {food} to {friend.name}.")
         s.append(f"\"Thank you!\" said {friend.name} with a big smile.")
-        s.append(f"They ate together and talked and laughed.")
+        s.append("They ate together and talked and laughed.")
         s.append(r.choice([f"{n} learned that sharing makes everyone happy.",
                            f"From that day on, {n} and {friend.name} were good friends."]))
 
