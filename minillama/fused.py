@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import nn
 
 import flashcore
+from minillama.kv_cache import KVCache
 from minillama.model import Transformer, rope_cos_sin
 
 
@@ -364,12 +365,8 @@ class FusedTransformer:
         model, cfg = self.model, self.config
         B, S = tokens.shape
         if k_cache is None:
-            shape = (cfg.num_hidden_layers, B, S, cfg.num_key_value_heads, cfg.head_dim)
-            dtype = model.tok_embeddings.weight.dtype
-            k_cache = torch.empty(shape, dtype=dtype, device=tokens.device)
-            v_cache = torch.empty(shape, dtype=dtype, device=tokens.device)
-            seq_lens = torch.zeros(B, dtype=torch.int32, device=tokens.device)
-            seq_lens_cpu = [0] * B
+            cache = KVCache.allocate(cfg, B, S, tokens.device, model.tok_embeddings.weight.dtype)
+            k_cache, v_cache, seq_lens, seq_lens_cpu = cache.k, cache.v, cache.seq_lens, cache.lengths
         positions = seq_lens[:, None].long() + torch.arange(S, device=tokens.device)  # (B, S)
         h = F.embedding(tokens, model.tok_embeddings.weight)  # (B, S, hidden)
         cos, sin = rope_cos_sin(positions, model.inv_freq, h.dtype)  # (B, S, 1, D)

@@ -16,6 +16,7 @@ from torch import nn
 
 import flashcore
 from minillama.config import LlamaConfig
+from minillama.kv_cache import KVCache
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -150,13 +151,8 @@ class Transformer(nn.Module):
         """
         B, S = tokens.shape
         if k_cache is None:
-            cfg = self.config
-            shape = (cfg.num_hidden_layers, B, S, cfg.num_key_value_heads, cfg.head_dim)
-            dtype = self.tok_embeddings.weight.dtype
-            k_cache = torch.empty(shape, dtype=dtype, device=tokens.device)
-            v_cache = torch.empty(shape, dtype=dtype, device=tokens.device)
-            seq_lens = torch.zeros(B, dtype=torch.int32, device=tokens.device)
-            seq_lens_cpu = [0] * B
+            cache = KVCache.allocate(self.config, B, S, tokens.device, self.tok_embeddings.weight.dtype)
+            k_cache, v_cache, seq_lens, seq_lens_cpu = cache.k, cache.v, cache.seq_lens, cache.lengths
         positions = seq_lens[:, None].long() + torch.arange(S, device=tokens.device)  # (B, S)
         h = self.tok_embeddings(tokens)  # (B, S, hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, h.dtype)
