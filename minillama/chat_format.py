@@ -22,18 +22,28 @@ the real messages: any other transformation is an error, never a silent mismatch
 
 The template runs in Jinja's immutable sandbox with what Hugging Face's ``apply_chat_template``
 provides: ``raise_exception``, ``strftime_now``, a ``tojson`` filter, loop controls, the
-``{% generation %}`` tag, the special-token strings (``bos_token``, ...), ``tools`` and ``documents``
-set to none. Llama 3.1's template then writes its default system block ("Cutting Knowledge Date:
-December 2023", "Today Date: 26 Jul 2024") exactly as transformers does.
+``{% generation %}`` tag, the special-token strings (``bos_token``, ...), ``tools`` (none unless
+given) and ``documents`` (none). Llama 3.1's template then writes its default system block ("Cutting
+Knowledge Date: December 2023", "Today Date: 26 Jul 2024") exactly as transformers does.
+
+Tool calling goes through the template's own tools branch: ``tools`` (OpenAI's
+``[{"type": "function", "function": {...}}]``), assistant messages with ``tool_calls`` (arguments as
+a dict or as OpenAI's JSON string; the template gets a dict) and ``tool`` / ``ipython`` messages.
+Every string a caller supplies there (tool descriptions, argument values, a tool call's name) is a
+placeholder too, so it stays plain text; where the template writes one through ``tojson`` the
+placeholder shows JSON-quoted and the real string is JSON-quoted in its place. Dict keys cannot be
+placeholders (templates read them), so a key holding special-token text is an error.
 """
 import json
 import re
 from datetime import datetime
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 ROLES = ("system", "user", "assistant", "tool", "ipython")
 _PAD_LEFT, _PAD_RIGHT = " \n", "\n "  # whitespace around each placeholder, to see a template's strip
-_SLOT = re.compile("( \n)?\ue000([0-9]+)\ue001(\n )?")  # a placeholder as the render shows it
+# a placeholder as the render shows it: written through tojson (groups 1-3), or as it is (groups 4-6)
+_SLOT = re.compile('"( \\\\n)?\ue000([0-9]+)\ue001(\\\\n )?"|( \n)?\ue000([0-9]+)\ue001(\n )?')
+_EXTRA_KEYS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id", "name"}, "ipython": {"tool_call_id", "name"}}
 
 
 class ChatTemplateError(ValueError):
@@ -98,54 +108,83 @@ class ChatFormat:
             value = config.get(key)
             self._token_strings[key] = value.get("content") if isinstance(value, dict) else value
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, tools=None) -> str:
         """The template's output string for ``messages`` (what render-then-tokenize would tokenize)."""
         try:
             return self.template.render(
                 messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                tools=None, documents=None, **self._token_strings,
+                tools=tools, documents=None, **self._token_strings,
             )
         except ChatTemplateError:
             raise
         except Exception as e:  # jinja errors: undefined names, type errors inside the template
             raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
-    def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
+    def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+               tools: Optional[Sequence[dict]] = None) -> List[int]:
         """Token ids of the conversation; special ids only where the template writes them.
 
         Args:
-            messages: ``{"role": one of system/user/assistant/tool/ipython, "content": str}`` dicts.
+            messages: ``{"role": one of system/user/assistant/tool/ipython, "content": str}`` dicts;
+                an assistant message may carry ``tool_calls`` (``[{"function": {"name": str,
+                "arguments": dict or JSON str}}]``, content then None or ""), a tool message
+                ``tool_call_id`` and ``name``.
             add_generation_prompt: end with the header that opens the assistant's reply.
+            tools: OpenAI-style tool definitions for the template's tools branch (None: no tools).
+                ValueError when the template does not use them.
         Returns:
             The ids, BOS included when the template writes it (Llama 3.1's does).
         """
-        contents = _check_messages(messages)
-        pieces = self._pieces(messages, contents, add_generation_prompt)
+        messages = _check_messages(messages)
+        if tools is not None:
+            tools = _check_tools(tools)
+        slots: List[str] = []
+        marked_messages = [self._mark(m, slots) for m in messages]
+        marked_tools = None if tools is None else [self._mark(t, slots) for t in tools]
+        pieces = self._pieces(marked_messages, marked_tools, slots, add_generation_prompt)
         text = "".join(t for t, _ in pieces)
-        expected = self.render(messages, add_generation_prompt)
+        expected = self.render(messages, add_generation_prompt, tools)
         if text != expected:
             raise ChatTemplateError(
                 "the chat template changes message contents beyond stripping whitespace; "
                 "minillama cannot encode it safely"
             )
+        if tools and expected == self.render(messages, add_generation_prompt):
+            raise ValueError("this checkpoint's chat template does not render tools: it has no tools branch")
         return self._encode_pieces(pieces)
 
-    def _pieces(self, messages, contents: List[str], add_generation_prompt: bool) -> List[Tuple[str, bool]]:
-        """The render as (text, from_template) pieces, real contents (stripped as the template does) in place."""
-        marked = [
-            {**m, "content": f"{_PAD_LEFT}\ue000{i}\ue001{_PAD_RIGHT}"} for i, m in enumerate(messages)
-        ]
-        rendered = self.render(marked, add_generation_prompt)
+    def _mark(self, value, slots: List[str]):
+        """``value`` with every string in it (not dict keys) replaced by a numbered placeholder."""
+        if isinstance(value, str):
+            slots.append(value)
+            return f"{_PAD_LEFT}\ue000{len(slots) - 1}\ue001{_PAD_RIGHT}"
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if self._special_re is not None and self._special_re.search(key):
+                    raise ValueError(f"the key {key!r} holds special-token text; rename it")
+                # the template reads a message's role and a tool's type, so those stay as they are
+                out[key] = item if key in ("role", "type") else self._mark(item, slots)
+            return out
+        if isinstance(value, list):
+            return [self._mark(item, slots) for item in value]
+        return value
+
+    def _pieces(self, messages, tools, slots: List[str], add_generation_prompt: bool) -> List[Tuple[str, bool]]:
+        """The render as (text, from_template) pieces, the real strings (stripped as the template does) in place."""
+        rendered = self.render(messages, add_generation_prompt, tools)
         pieces: List[Tuple[str, bool]] = []
         pos = 0
         for m in _SLOT.finditer(rendered):
             pieces.append((rendered[pos:m.start()], True))
-            content = contents[int(m.group(2))]
-            if m.group(1) is None:  # the template stripped the left side
+            as_json = m.group(2) is not None
+            left, index, right = m.group(1, 2, 3) if as_json else m.group(4, 5, 6)
+            content = slots[int(index)]
+            if left is None:  # the template stripped the left side
                 content = content.lstrip()
-            if m.group(3) is None:
+            if right is None:
                 content = content.rstrip()
-            pieces.append((content, False))
+            pieces.append((json.dumps(content, ensure_ascii=False) if as_json else content, False))
             pos = m.end()
         pieces.append((rendered[pos:], True))
         for text, from_template in pieces:
@@ -184,16 +223,66 @@ class ChatFormat:
         return ids
 
 
-def _check_messages(messages: Sequence[dict]) -> List[str]:
+def _check_messages(messages: Sequence[dict]) -> List[dict]:
+    """Checked copies of the messages; tool-call arguments given as JSON text become dicts."""
     if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence):
         raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
-    contents = []
+    checked = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise ValueError(f"message {i} must be a dict with exactly the keys 'role' and 'content', got {m!r}")
         if m["role"] not in ROLES:
             raise ValueError(f"message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
+        extra = set(m) - {"role", "content"} - _EXTRA_KEYS.get(m["role"], set())
+        if extra:
+            raise ValueError(
+                f"message {i} must be a dict with exactly the keys 'role' and 'content' (an assistant may add "
+                f"'tool_calls', a tool 'tool_call_id' and 'name'), got the extra key(s) {sorted(extra)}"
+            )
+        m = dict(m)
+        if "tool_calls" in m:
+            if m.get("content") is None:
+                m["content"] = ""
+            m["tool_calls"] = [_check_tool_call(i, j, c) for j, c in enumerate(m["tool_calls"] or [])]
+            if not m["tool_calls"]:
+                del m["tool_calls"]
         if not isinstance(m["content"], str):
             raise ValueError(f"message {i} content must be a str, got {type(m['content']).__name__}")
-        contents.append(m["content"])
-    return contents
+        for key in ("tool_call_id", "name"):
+            if key in m and not isinstance(m[key], str):
+                raise ValueError(f"message {i} {key} must be a str, got {type(m[key]).__name__}")
+        checked.append(m)
+    return checked
+
+
+def _check_tool_call(i: int, j: int, call) -> dict:
+    where = f"message {i} tool_calls[{j}]"
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ValueError(f"{where} must be {{'type': 'function', 'function': {{'name': str, 'arguments': ...}}}}")
+    if call.get("type", "function") != "function":
+        raise ValueError(f"{where} has type {call['type']!r}; only 'function' tool calls exist")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} arguments are not valid JSON: {e}") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where} arguments must be a JSON object (a dict), got {type(arguments).__name__}")
+    out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    if "id" in call:
+        if not isinstance(call["id"], str):
+            raise ValueError(f"{where} id must be a str, got {type(call['id']).__name__}")
+        out["id"] = call["id"]
+    return out
+
+
+def _check_tools(tools) -> List[dict]:
+    if isinstance(tools, (str, dict)) or not isinstance(tools, Sequence):
+        raise TypeError("tools must be a list of {'type': 'function', 'function': {...}} dicts")
+    for i, t in enumerate(tools):
+        function = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or t.get("type") != "function":
+            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': str, ...}}}}, got {t!r}")
+    return [dict(t) for t in tools]

@@ -38,17 +38,20 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
-    def encode_chat(self, messages: List[dict], add_generation_prompt: bool = True) -> List[int]:
+    def encode_chat(self, messages: List[dict], add_generation_prompt: bool = True,
+                    tools: Optional[List[dict]] = None) -> List[int]:
         """Token ids of ``{"role", "content"}`` messages through the checkpoint's chat template.
 
         Exact for ordinary messages; special-token text inside a content stays plain text.
-        See :mod:`minillama.chat_format`. Raises ValueError when there is no chat template.
+        ``tools`` (OpenAI-style definitions) go through the template's tools branch; assistant
+        ``tool_calls`` and ``tool`` messages too. See :mod:`minillama.chat_format`. Raises
+        ValueError when there is no chat template.
         """
         if self._chat_format is None:
             from minillama.chat_format import ChatFormat
 
             self._chat_format = ChatFormat(self)
-        return self._chat_format.encode(messages, add_generation_prompt)
+        return self._chat_format.encode(messages, add_generation_prompt, tools)
 
     def _encode_plain(self, text: str) -> List[int]:
         raise NotImplementedError

@@ -1,0 +1,49 @@
+"""Llama 3.1 tool calls in a reply: the model's JSON back to OpenAI's ``tool_calls``.
+
+Given tools through its chat template, Llama 3.1 answers a call with one JSON object,
+``{"name": "get_weather", "parameters": {"city": "Paris"}}``, sometimes after ``<|python_tag|>``,
+and ends the turn with ``<|eom_id|>`` or ``<|eot_id|>`` (stop ids: not part of the reply text). A
+few replies hold several objects separated by ``;``. Anything else (prose, prose around JSON, JSON
+without a name) is an ordinary reply.
+"""
+import json
+from dataclasses import dataclass
+from typing import List, Optional
+
+PYTHON_TAG = "<|python_tag|>"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict  # the model's "parameters" (or "arguments")
+
+
+def could_be_tool_call(text: str) -> bool:
+    """False once the start of a reply shows it is not a tool call (for streaming: stop holding text)."""
+    head = text.lstrip()
+    return head == "" or head.startswith("{") or PYTHON_TAG.startswith(head[:len(PYTHON_TAG)])
+
+
+def parse_tool_calls(text: str) -> Optional[List[ToolCall]]:
+    """The tool calls that make up the whole reply ``text``, or None when it is not (only) tool calls."""
+    rest = text.strip()
+    if rest.startswith(PYTHON_TAG):
+        rest = rest[len(PYTHON_TAG):].lstrip()
+    decoder = json.JSONDecoder()
+    calls: List[ToolCall] = []
+    while rest:
+        if not rest.startswith("{"):
+            return None
+        try:
+            obj, end = decoder.raw_decode(rest)
+        except json.JSONDecodeError:
+            return None
+        arguments = obj.get("parameters", obj.get("arguments", {}))
+        if not isinstance(obj.get("name"), str) or not obj["name"] or not isinstance(arguments, dict):
+            return None
+        calls.append(ToolCall(obj["name"], arguments))
+        rest = rest[end:].lstrip()
+        if rest.startswith(";"):
+            rest = rest[1:].lstrip()
+    return calls or None
