@@ -1,0 +1,399 @@
+"""Continuous batching: many requests share one fixed pool of KV-cache rows.
+
+A request takes a free row of the pool. Its prompt is prefilled in chunks of at most
+``prefill_chunk`` tokens per scheduler iteration, so a long prompt delays the running decodes by a
+bounded time. Each iteration then runs one decode step that advances every decoding row at once;
+a row that finishes (stop id, stop string, ``max_tokens``, cancel) is free for the queue at the next
+iteration while the others keep decoding. The cache's per-row fill (``seq_lens``) is what makes
+this work: a row is reset and refilled without touching the others.
+
+Exactness: a row reads only its own cache, so a request's tokens equal its solo
+``Llama.generate`` run (greedy, or sampled with its ``seed``): each request samples with its own
+generator, seeded as the solo run seeds its one, drawing once per token as it does. As in any
+batch, only the shapes of the matmuls change; on a GPU another shape may round a bf16 near-tie the
+other way.
+
+Prefix reuse: a free row keeps the ids whose keys and values it holds. A new request takes the
+free row holding the longest prefix of its prompt (chat clients resend the whole conversation),
+cuts the row back to that prefix and prefills only the rest; :meth:`Scheduler.stats` reports
+the hit rate. Otherwise it takes the least recently used free row.
+
+The scheduler runs in one background thread. :meth:`Scheduler.submit` is thread-safe and returns
+at once; the request's events (:class:`Token`, then :class:`Finished` or :class:`Failed`) go to a
+callback, called from the scheduler thread.
+"""
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from minillama.kv_cache import KVCache
+from minillama.sampling import SamplingParams, sample
+from minillama.streaming import IncrementalDecoder, StopStrings
+
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
+
+
+class QueueFull(Exception):
+    """The waiting queue holds ``max_queue`` requests; try again later."""
+
+
+@dataclass
+class Request:
+    """What to generate. The prompt must leave room for ``max_tokens`` in a cache row."""
+
+    prompt_ids: List[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()  # stop strings: the text is cut before the first one
+    stop_ids: Sequence[int] = ()  # ids that end the request, besides the checkpoint's
+    logprobs: Optional[int] = None  # None: off; k: the chosen token's log-probability and the k best
+
+
+@dataclass
+class Token:
+    """One new token: ``text`` is what it releases ("" while text is held back)."""
+
+    id: int
+    text: str
+    logprob: Optional[float] = None  # log-softmax of the model's raw logits (temperature 1, unfiltered)
+    top_logprobs: List[Tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # "stop", "length" or "cancelled"
+    stop: Union[int, str, None]  # the stop id or string that ended the request
+    text: str  # held-back text released at the end (part of the reply)
+    prompt_tokens: int
+    completion_tokens: int  # new tokens, including one that completed a stop string; a stop id not
+    cached_tokens: int  # prompt tokens whose cache entries came from an earlier request
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Union[Token, Finished, Failed]
+
+
+class _Sequence:
+    """A request in flight: its row, prefill position, sampled tokens and text state."""
+
+    def __init__(self, rid: int, request: Request, on_event: Callable[[Event], None], stop_ids, tokenizer, device):
+        self.rid = rid
+        self.request = request
+        self.prompt = list(request.prompt_ids)
+        self.on_event = on_event
+        self.stop_ids = set(stop_ids) | set(request.stop_ids)
+        self.generator = request.sampling.generator(device)
+        self.decoder = IncrementalDecoder(tokenizer, self.prompt)
+        self.stops = StopStrings(request.stop)
+        self.row: Optional[int] = None
+        self.pos = 0  # prompt tokens in the cache
+        self.cached = 0  # of those, reused from an earlier request
+        self.tokens: List[int] = []
+        self.next_id: Optional[int] = None  # sampled, not yet fed to the model
+        self.cancelled = False
+
+
+@dataclass
+class _Row:
+    seq: Optional[_Sequence] = None
+    ids: List[int] = field(default_factory=list)  # what the cache row holds while free
+    last_used: int = 0
+
+
+class Scheduler:
+    """Continuous batching over a pool of ``max_batch`` cache rows of ``max_seq_len`` tokens.
+
+    Args:
+        llm: a loaded ``minillama.Llama``.
+        max_batch: cache rows, i.e. requests decoding at once.
+        max_seq_len: tokens per row (prompt + max_tokens of one request at most); None: the
+            model's context.
+        max_queue: requests waiting for a row at most; :meth:`submit` raises :class:`QueueFull` beyond.
+        prefill_chunk: prompt tokens prefilled per iteration at most (bounds the decode stall).
+    """
+
+    def __init__(self, llm, max_batch: int = 8, max_seq_len: Optional[int] = None, max_queue: int = 64,
+                 prefill_chunk: int = 256):
+        context = llm.config.max_position_embeddings
+        max_seq_len = context if max_seq_len is None else max_seq_len
+        for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),
+                                 ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if max_seq_len > context:
+            raise ValueError(f"max_seq_len {max_seq_len} is more than the model's context of {context}")
+        self.llm = llm
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.cache = KVCache.allocate(llm.config, max_batch, max_seq_len, llm.device, llm.dtype)
+        self.rows = [_Row() for _ in range(max_batch)]
+        self._waiting: Deque[_Sequence] = deque()
+        self._by_id: Dict[int, _Sequence] = {}
+        self._next_id = 0
+        self._clock = 0  # orders row use, for least-recently-used reuse
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
+                              prefix_hits=0, generated_tokens=0, decode_steps=0, prefill_chunks=0)
+        self._thread = threading.Thread(target=self._run, name="minillama-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (any thread) ---------------------------------------------------------
+
+    def submit(self, request: Request, on_event: Callable[[Event], None]) -> int:
+        """Queue ``request``; returns its id. Raises ValueError (bad request) or QueueFull."""
+        self.check(request)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.max_queue})")
+            rid = self._next_id
+            self._next_id += 1
+            seq = _Sequence(rid, request, on_event, self.llm.stop_ids, self.llm.tokenizer, self.llm.device)
+            self._waiting.append(seq)
+            self._by_id[rid] = seq
+            self._counters["requests"] += 1
+            self._wake.notify()
+        return rid
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError, naming the numbers, when ``request`` cannot run here."""
+        n, m = len(request.prompt_ids), request.max_tokens
+        vocab = self.llm.config.vocab_size
+        if n == 0:
+            raise ValueError("the prompt is empty: give it at least one token")
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {m!r}")
+        if n + m > self.max_seq_len:
+            raise ValueError(
+                f"the prompt has {n} tokens and max_tokens is {m}: {n + m} tokens, more than the {self.max_seq_len} "
+                f"a request may hold here; shorten the prompt or ask for at most {max(self.max_seq_len - n, 0)} tokens"
+            )
+        bad = [t for t in list(request.prompt_ids) + list(request.stop_ids) if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
+        StopStrings(request.stop)  # checks them
+
+    def cancel(self, rid: int) -> None:
+        """End request ``rid`` (finish_reason "cancelled"); its row is free at the next iteration."""
+        with self._lock:
+            seq = self._by_id.get(rid)
+            if seq is not None:
+                seq.cancelled = True
+                self._wake.notify()
+
+    def stats(self) -> dict:
+        """Counters since the start, the queue, and the prefix-cache hit rate (cached / prompt tokens)."""
+        with self._lock:
+            out = dict(self._counters)
+            out["waiting"] = len(self._waiting)
+            out["running"] = sum(r.seq is not None for r in self.rows)
+        out["prefix_hit_rate"] = out["cached_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
+        return out
+
+    def close(self) -> None:
+        """Stop the thread; requests still waiting or running are cancelled."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the scheduler thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and all(r.seq is None for r in self.rows):
+                    self._wake.wait()
+                if self._closed:
+                    for seq in list(self._waiting) + [r.seq for r in self.rows if r.seq is not None]:
+                        seq.cancelled = True
+                for seq in [s for s in self._waiting if s.cancelled]:
+                    self._waiting.remove(seq)
+                    self._finish(seq, "cancelled", None)
+                for row in self.rows:
+                    if row.seq is not None and row.seq.cancelled:
+                        self._finish(row.seq, "cancelled", None)
+                if self._closed:
+                    return
+                self._admit()
+            try:
+                self._prefill()
+                self._decode()
+            except Exception as e:  # the server never dies on a request: fail the rows in flight
+                message = f"{type(e).__name__}: {e}"
+                with self._lock:
+                    for row in self.rows:
+                        if row.seq is not None:
+                            self._emit(row.seq, Failed(message))
+                            self._release(row.seq, failed=True)
+
+    def _admit(self) -> None:
+        """Give free rows to waiting requests: the longest cached prefix of the prompt, else LRU."""
+        free = [i for i, r in enumerate(self.rows) if r.seq is None]
+        while self._waiting and free:
+            seq = self._waiting.popleft()
+            best, keep = None, 0
+            for i in free:
+                n = _common_prefix(self.rows[i].ids, seq.prompt, limit=len(seq.prompt) - 1)  # >= 1 token to prefill
+                if best is None or n > keep or (n == keep and self.rows[i].last_used < self.rows[best].last_used):
+                    best, keep = i, n
+            free.remove(best)
+            row = self.rows[best]
+            row.seq, row.ids = seq, []
+            seq.row, seq.pos, seq.cached = best, keep, keep
+            self._set_length(best, keep)
+            c = self._counters
+            c["prompt_tokens"] += len(seq.prompt)
+            c["cached_tokens"] += keep
+            c["prefix_hits"] += keep > 0
+
+    def _set_length(self, row: int, n: int) -> None:
+        lengths = list(self.cache.lengths)
+        lengths[row] = n
+        self.cache.reset(lengths)
+
+    def _forward(self, tokens: torch.Tensor, rows: slice, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (rows, V) after running ``tokens`` (rows, S) on the cache rows ``rows``."""
+        cache = self.cache
+        with torch.inference_mode():
+            logits = self.llm.forward(
+                tokens.to(self.llm.device), cache.k[:, rows], cache.v[:, rows], cache.seq_lens[rows],
+                seq_lens_cpu=cache.lengths[rows], logits_at=logits_at,
+            )
+        return logits[:, -1]
+
+    def _prefill(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt tokens, oldest request first; sample first tokens."""
+        budget = self.prefill_chunk
+        pending = sorted((r.seq for r in self.rows if r.seq is not None and r.seq.pos < len(r.seq.prompt)),
+                         key=lambda s: s.rid)
+        for seq in pending:
+            if budget == 0:
+                break
+            chunk = seq.prompt[seq.pos: seq.pos + budget]
+            budget -= len(chunk)
+            r = seq.row
+            logits = self._forward(torch.tensor([chunk]), slice(r, r + 1),
+                                   logits_at=torch.tensor([len(chunk) - 1], device=self.llm.device))
+            counts = [0] * self.max_batch
+            counts[r] = len(chunk)
+            self.cache.advance(counts)
+            seq.pos += len(chunk)
+            self._counters["prefill_chunks"] += 1
+            if seq.pos == len(seq.prompt):
+                self._accept([seq], logits)
+
+    def _decode(self) -> None:
+        """One decode step over the rows up to the last decoding one (the others' results unused)."""
+        decoding = [r.seq for r in self.rows if r.seq is not None and r.seq.next_id is not None]
+        if not decoding:
+            return
+        span = max(s.row for s in decoding) + 1
+        tokens = torch.zeros(span, 1, dtype=torch.long)
+        counts = [0] * self.max_batch
+        for s in decoding:
+            tokens[s.row, 0] = s.next_id
+            counts[s.row] = 1
+        logits = self._forward(tokens, slice(0, span))
+        self.cache.advance(counts)
+        self._counters["decode_steps"] += 1
+        self._accept(decoding, logits[[s.row for s in decoding]])
+
+    def _accept(self, seqs: List[_Sequence], logits: torch.Tensor) -> None:
+        """Sample each sequence's next token from its logits row; emit events; finish what is done."""
+        ids = _sample_rows(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        with_lp = [i for i, s in enumerate(seqs) if s.request.logprobs is not None]
+        lp_info: Dict[int, tuple] = {}
+        if with_lp:
+            lp = torch.log_softmax(logits[with_lp].float(), dim=-1)  # (n, V)
+            chosen = lp.gather(1, ids[with_lp][:, None])[:, 0].tolist()
+            k = max(seqs[i].request.logprobs for i in with_lp)
+            top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            for j, i in enumerate(with_lp):
+                n = seqs[i].request.logprobs
+                lp_info[i] = (chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+        ids = ids.tolist()  # the host sync of the step
+        with self._lock:
+            for i, (seq, t) in enumerate(zip(seqs, ids)):
+                if seq.cancelled:
+                    self._finish(seq, "cancelled", None)
+                    continue
+                if t in seq.stop_ids:
+                    self._finish(seq, "stop", t)
+                    continue
+                seq.tokens.append(t)
+                self._counters["generated_tokens"] += 1
+                text, matched = seq.stops.push(seq.decoder.push(t))
+                logprob, top = lp_info.get(i, (None, []))
+                self._emit(seq, Token(t, text, logprob, top))
+                if matched is not None:
+                    self._finish(seq, "stop", matched)
+                elif len(seq.tokens) >= seq.request.max_tokens:
+                    self._finish(seq, "length", None)
+                else:
+                    seq.next_id = t
+
+    @staticmethod
+    def _emit(seq: _Sequence, event: Event) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # a receiver that is gone (e.g. its event loop closed) cancels its request
+            seq.cancelled = True
+
+    def _finish(self, seq: _Sequence, reason: str, stop) -> None:
+        """(lock held) Release the held-back text, report the end, free the row."""
+        text, _ = seq.stops.push(seq.decoder.flush())
+        text += seq.stops.flush()
+        self._emit(seq, Finished(reason, stop, text, len(seq.prompt), len(seq.tokens), seq.cached))
+        self._counters["cancelled" if reason == "cancelled" else "finished"] += 1
+        self._release(seq)
+
+    def _release(self, seq: _Sequence, failed: bool = False) -> None:
+        self._by_id.pop(seq.rid, None)
+        seq.next_id = None
+        if seq.row is None:
+            return
+        row = self.rows[seq.row]
+        row.seq = None
+        self._clock += 1
+        row.last_used = self._clock
+        if failed:  # what the row holds is unknown: forget it
+            self._counters["failed"] += 1
+            row.ids = []
+            self._set_length(seq.row, 0)
+        else:
+            row.ids = (seq.prompt + seq.tokens)[: self.cache.lengths[seq.row]]
+        seq.row = None
+
+
+def _common_prefix(a: List[int], b: List[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a[:limit], b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _sample_rows(logits: torch.Tensor, params: List[SamplingParams], generators) -> torch.Tensor:
+    """Next ids (n,) for logits (n, V): greedy rows in one argmax, sampled rows each with its generator."""
+    ids = logits.argmax(dim=-1)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            ids[i] = sample(logits[i: i + 1], p, g)[0]
+    return ids
