@@ -62,6 +62,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> Optional[int]:
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for inside a text (its leading space included; a byte-fallback
+        token is its one byte, maybe part of a character), e.g. for reporting log-probabilities."""
+        raise NotImplementedError
+
     def added_tokens(self) -> Dict[str, Tuple[int, bool, bool]]:
         """Text of every special/added token -> (id, lstrip, rstrip), from tokenizer_config.json."""
         config = self.tokenizer_config
@@ -129,6 +134,17 @@ class HFTokenizer(Tokenizer):
     def added_tokens(self) -> Dict[str, Tuple[int, bool, bool]]:
         return {t.content: (i, t.lstrip, t.rstrip) for i, t in self._tok.get_added_tokens_decoder().items()}
 
+    def token_bytes(self, token_id: int) -> bytes:
+        from tokenizers import decoders
+
+        piece = self._tok.id_to_token(int(token_id)) or ""
+        if int(token_id) in self._tok.get_added_tokens_decoder():
+            return piece.encode()
+        if isinstance(self._tok.decoder, decoders.ByteLevel):  # GPT-2 style: one character per byte
+            table = _byte_level_decoder()
+            return bytes(table[c] for c in piece) if all(c in table for c in piece) else piece.encode()
+        return _piece_bytes(piece)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -154,6 +170,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: List[int]) -> str:
         return self._sp.DecodeIds(list(ids))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return _piece_bytes(self._sp.IdToPiece(int(token_id)))
+
     def token_to_id(self, token: str) -> Optional[int]:
         i = self._sp.PieceToId(token)
         return None if i == self._sp.unk_id() and token != self._sp.IdToPiece(i) else i
@@ -161,3 +180,27 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """SentencePiece-style piece: "<0x0A>" is one byte, "\u2581" a space."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return piece.replace("\u2581", " ").encode()
+
+
+def _byte_level_decoder() -> Dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: the character a byte-level piece uses -> the byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table

@@ -1,0 +1,398 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching scheduler.
+
+    python -m minillama.serve                       # the bundled demo model, on the CPU too
+    python -m minillama.serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch 64 --port 8000
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /health`` (status plus the scheduler's counters, the prefix-cache hit rate among them).
+Requests are checked by :mod:`minillama.openai_protocol`; errors answer in OpenAI's error JSON
+(400 naming the field, 404 unknown model, 413 body too large, 429 queue full, 504 timeout). Each
+choice of a request is one scheduler request; a client that disconnects cancels them. Streaming
+is server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``).
+
+With ``tools`` (and ``tool_choice`` "auto"), messages go through the chat template's tools branch
+and a reply that is a Llama 3.1 tool call (JSON, maybe after ``<|python_tag|>``, ended by a stop
+id) comes back as ``tool_calls`` with finish_reason "tool_calls". When streaming, text that may
+still become a tool call is held back until it is decided.
+
+Needs the ``serve`` extra: ``pip install -e '.[serve]'`` (FastAPI and uvicorn).
+"""
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from functools import partial
+from typing import AsyncIterator, List, Optional, Tuple
+
+from minillama import openai_protocol as proto
+from minillama.openai_protocol import APIError
+from minillama.scheduler import Failed, Finished, QueueFull, Request, Token
+from minillama.tool_calls import could_be_tool_call, parse_tool_calls
+
+
+class _Submission:
+    """The scheduler requests of one HTTP request (one per choice), their events in one asyncio queue."""
+
+    def __init__(self, scheduler, requests: List[Request]):
+        self.scheduler = scheduler
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.ids: List[int] = []
+        self.open = len(requests)
+        try:
+            for i, r in enumerate(requests):
+                self.ids.append(scheduler.submit(r, partial(self._put, i)))
+        except QueueFull as e:
+            self.cancel()
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
+        except ValueError as e:
+            self.cancel()
+            raise APIError(400, str(e)) from None
+
+    def _put(self, index: int, event) -> None:  # called from the scheduler thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+    def cancel(self) -> None:
+        for rid in self.ids:
+            self.scheduler.cancel(rid)
+
+    async def events(self, deadline: float) -> AsyncIterator[Tuple[int, object]]:
+        """(choice index, event) until every choice has finished; APIError 504 past ``deadline``."""
+        while self.open:
+            remaining = deadline - time.monotonic()
+            try:
+                index, event = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                self.cancel()
+                raise APIError(504, "the request ran out of time (--request-timeout)", type="timeout") from None
+            if isinstance(event, Failed):
+                self.cancel()
+                raise APIError(500, f"generation failed: {event.message}", type="server_error")
+            if isinstance(event, Finished):
+                self.open -= 1
+                if event.finish_reason == "cancelled":
+                    raise APIError(503, "the request was cancelled (the server is shutting down)",
+                                   type="server_error")
+            yield index, event
+
+
+class _Choice:
+    """What one choice has produced so far; with tools, the text held back while it may be a tool call."""
+
+    def __init__(self, hold_for_tools: bool):
+        self.text: List[str] = []
+        self.tokens: List[Token] = []
+        self.held: Optional[List[str]] = [] if hold_for_tools else None  # None: nothing held
+        self.held_tokens: List[Token] = []
+        self.finished: Optional[Finished] = None
+        self.tool_calls = None
+
+    def add(self, event) -> Tuple[str, List[Token]]:
+        """Take one event; return the text and tokens that may be shown now."""
+        if isinstance(event, Token):
+            self.tokens.append(event)
+            text, tokens = event.text, [event]
+        else:
+            self.finished = event
+            text, tokens = event.text, []
+        self.text.append(text)
+        if self.held is None:
+            return text, tokens
+        self.held.append(text)
+        self.held_tokens.extend(tokens)
+        whole = "".join(self.held)
+        if isinstance(event, Finished):
+            if event.finish_reason == "stop" and isinstance(event.stop, int):
+                self.tool_calls = parse_tool_calls(whole)
+            if self.tool_calls:
+                return "", []
+        elif could_be_tool_call(whole):
+            return "", []
+        tokens, self.held, self.held_tokens = self.held_tokens, None, []
+        return whole, tokens
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else self.finished.finish_reason
+
+
+def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, request_timeout: float = 600.0):
+    """The FastAPI app serving ``llm`` through ``scheduler`` under the name ``model_name``."""
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None)
+    created = proto.now()
+    tokenizer = llm.tokenizer
+
+    def error(e: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        return error(APIError(e.status_code, str(e.detail), type="invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, e: Exception):
+        return error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    async def read_json(request: HTTPRequest):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            raise APIError(413, f"the request body has {length} bytes, more than the limit of {max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"the request body is larger than the limit of {max_body_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+    def check_model(parsed) -> None:
+        if parsed.model is not None and parsed.model != model_name:
+            raise APIError(404, f"the model {parsed.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def engine_requests(parsed, prompt_ids: List[List[int]], param: str) -> List[Request]:
+        out = []
+        for ids in prompt_ids:
+            room = scheduler.max_seq_len - len(ids)
+            if room < 1:
+                raise APIError(400, f"the prompt has {len(ids)} tokens; this server holds at most "
+                                    f"{scheduler.max_seq_len} tokens per request (prompt + output)",
+                               param=param, code="context_length_exceeded")
+            max_tokens = parsed.max_tokens if parsed.max_tokens is not None else room
+            if max_tokens > room:
+                raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: "
+                                    f"{len(ids) + max_tokens} tokens, more than the {scheduler.max_seq_len} this "
+                                    f"server holds per request; ask for at most {room}",
+                               param="max_tokens", code="context_length_exceeded")
+            for k in range(parsed.n):
+                sampling = parsed.sampling
+                if k and sampling.seed is not None:  # choice k: the same request with seed + k
+                    sampling = dataclasses.replace(sampling, seed=(sampling.seed + k) % 2 ** 64)
+                out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, logprobs=parsed.logprobs))
+        return out
+
+    async def watch_disconnect(request: HTTPRequest, submission: _Submission) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                submission.cancel()
+                return
+
+    async def collect(request: HTTPRequest, submission: _Submission, choices: List[_Choice]) -> None:
+        watcher = asyncio.ensure_future(watch_disconnect(request, submission))
+        try:
+            async for index, event in submission.events(time.monotonic() + request_timeout):
+                choices[index].add(event)
+        finally:
+            watcher.cancel()
+            submission.cancel()
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def stream(submission: _Submission, choices: List[_Choice], chunk, final_usage) -> AsyncIterator[str]:
+        """SSE lines: ``chunk(index, text, tokens, choice_or_None)`` builds each; usage at the end if asked."""
+        try:
+            for i in range(len(choices)):
+                first = chunk(i, None, [], None)
+                if first is not None:
+                    yield sse(first)
+            async for index, event in submission.events(time.monotonic() + request_timeout):
+                choice = choices[index]
+                text, tokens = choice.add(event)
+                if text or (tokens and tokens[0].logprob is not None) or choice.tool_calls:
+                    yield sse(chunk(index, text, tokens, None))
+                if choice.finished is not None:
+                    yield sse(chunk(index, "", [], choice))
+            if final_usage is not None:
+                yield sse(final_usage(choices))
+        except APIError as e:
+            yield sse(e.body())
+        finally:
+            submission.cancel()
+        yield "data: [DONE]\n\n"
+
+    def total_usage(choices: List[_Choice], n: int) -> dict:
+        done = [c.finished for c in choices]
+        prompt = sum(f.prompt_tokens for f in done[::n])  # each prompt counted once
+        cached = sum(f.cached_tokens for f in done[::n])
+        return proto.usage(prompt, sum(f.completion_tokens for f in done), cached)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **scheduler.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "minillama", "max_model_len": scheduler.max_seq_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        parsed = proto.parse_chat(await read_json(request))
+        check_model(parsed)
+        if not tokenizer.chat_template:
+            raise APIError(400, "this model has no chat template (a base model); use /v1/completions",
+                           param="messages")
+        try:
+            ids = tokenizer.encode_chat(parsed.prompts[0], tools=parsed.tools)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), param="tools" if "tool" in str(e) else "messages") from None
+        submission = _Submission(scheduler, engine_requests(parsed, [ids], "messages"))
+        choices = [_Choice(parsed.tools is not None) for _ in range(parsed.n)]
+        rid, when = proto.new_id("chatcmpl"), proto.now()
+        head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
+
+        if not parsed.stream:
+            await collect(request, submission, choices)
+            out = []
+            for i, c in enumerate(choices):
+                message = {"role": "assistant", "content": None if c.tool_calls else "".join(c.text)}
+                if c.tool_calls:
+                    message["tool_calls"] = proto.tool_calls_json(c.tool_calls)
+                out.append({"index": i, "message": message, "finish_reason": c.finish_reason,
+                            "logprobs": proto.chat_logprobs(tokenizer, c.tokens)})
+            return {**head, "object": "chat.completion", "choices": out, "usage": total_usage(choices, parsed.n)}
+
+        def chunk(index, text, tokens, done):
+            if text is None:
+                delta = {"role": "assistant", "content": ""}
+            elif done is not None:
+                delta = {}
+            elif choices[index].tool_calls and not text:
+                delta = {"tool_calls": proto.tool_calls_json(choices[index].tool_calls, stream=True)}
+            else:
+                delta = {"content": text}
+            body = {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": index, "delta": delta, "logprobs": proto.chat_logprobs(tokenizer, tokens),
+                                 "finish_reason": done.finish_reason if done is not None else None}]}
+            if parsed.include_usage:
+                body["usage"] = None
+            return body
+
+        def final_usage(choices):
+            return {**head, "object": "chat.completion.chunk", "choices": [], "usage": total_usage(choices, parsed.n)}
+
+        return StreamingResponse(stream(submission, choices, chunk, final_usage if parsed.include_usage else None),
+                                 media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        parsed = proto.parse_completion(await read_json(request))
+        check_model(parsed)
+        ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else p for p in parsed.prompts]
+        submission = _Submission(scheduler, engine_requests(parsed, ids, "prompt"))
+        choices = [_Choice(False) for _ in range(len(ids) * parsed.n)]
+        rid, when = proto.new_id("cmpl"), proto.now()
+        head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
+
+        if not parsed.stream:
+            await collect(request, submission, choices)
+            out = [{"index": i, "text": "".join(c.text), "finish_reason": c.finish_reason,
+                    "logprobs": proto.completion_logprobs(tokenizer, c.tokens, 0)} for i, c in enumerate(choices)]
+            return {**head, "object": "text_completion", "choices": out, "usage": total_usage(choices, parsed.n)}
+
+        offsets = [0] * len(choices)
+
+        def chunk(index, text, tokens, done):
+            if text is None:
+                return None  # completions have no opening chunk
+            logprobs = proto.completion_logprobs(tokenizer, tokens, offsets[index])
+            offsets[index] += len(text)
+            body = {**head, "object": "text_completion",
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                 "finish_reason": done.finish_reason if done is not None else None}]}
+            if parsed.include_usage:
+                body["usage"] = None
+            return body
+
+        def final_usage(choices):
+            return {**head, "object": "text_completion", "choices": [], "usage": total_usage(choices, parsed.n)}
+
+        return StreamingResponse(stream(submission, choices, chunk, final_usage if parsed.include_usage else None),
+                                 media_type="text/event-stream")
+
+    return app
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from minillama.hub import DEMO_MODEL_DIR
+
+    p = argparse.ArgumentParser(prog="python -m minillama.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEMO_MODEL_DIR),
+                   help="local checkpoint folder or hub repo id (default: the bundled demo model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as 'model' (default: the folder's name or the repo id)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="cache rows: requests decoding at once")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row at most (then 429)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="tokens per request, prompt + output (default: the model's context, at most 8192)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step at most")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="default: the checkpoint's on the GPU, float32 on the CPU")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    args = p.parse_args(argv)
+    for name in ("max_batch", "prefill_chunk", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_queue < 0 or args.request_timeout <= 0:
+        p.error("--max-queue must be >= 0 and --request-timeout > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        print("error: the server needs FastAPI and uvicorn: pip install -e '.[serve]'", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    from minillama import Llama
+    from minillama.hub import ModelNotFoundError
+    from minillama.scheduler import Scheduler
+
+    try:
+        start = time.perf_counter()
+        llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        max_seq_len = args.max_seq_len or min(llm.config.max_position_embeddings, 8192)
+        scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
+                              prefill_chunk=args.prefill_chunk)
+    except (ModelNotFoundError, ValueError, NotImplementedError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
+    app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+    print(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "
+          f"http://{args.host}:{args.port} with {args.max_batch} rows of {max_seq_len} tokens)",
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
+                    limit_concurrency=4 * (args.max_batch + args.max_queue) + 16)
+    finally:
+        scheduler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
