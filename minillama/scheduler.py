@@ -115,7 +115,8 @@ class Scheduler:
         max_batch: cache rows, i.e. requests decoding at once.
         max_seq_len: tokens per row (prompt + max_tokens of one request at most); None: the
             model's context.
-        max_queue: requests waiting for a row at most; :meth:`submit` raises :class:`QueueFull` beyond.
+        max_queue: requests waiting for a busy row at most; :meth:`submit` raises :class:`QueueFull`
+            beyond (0: a request is taken only when a row is free).
         prefill_chunk: prompt tokens prefilled per iteration at most (bounds the decode stall).
     """
 
@@ -156,8 +157,10 @@ class Scheduler:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.max_queue})")
+            free = sum(r.seq is None for r in self.rows)  # rows the waiting requests will take first
+            if len(self._waiting) - free >= self.max_queue:
+                raise QueueFull(f"all {self.max_batch} rows are busy and {max(len(self._waiting) - free, 0)} "
+                                f"requests are waiting (max_queue {self.max_queue})")
             rid = self._next_id
             self._next_id += 1
             seq = _Sequence(rid, request, on_event, self.llm.stop_ids, self.llm.tokenizer, self.llm.device)

@@ -1,0 +1,295 @@
+"""The OpenAI-compatible server end to end: a real server process on 127.0.0.1 serving the demo model,
+driven by the official ``openai`` client. Every output is compared with a solo ``Llama.generate``
+run of the same prompt in this process."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from minillama import Llama  # noqa: E402
+from minillama.hub import DEMO_MODEL_DIR  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "demo_model"
+PROMPTS = ["Once upon a time", "One day, Lily found a", "Tom had a big red ball.", "The cat sat on the",
+           "Max the dog was", "It was a sunny day.", "Mia wanted to", "In the park,"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(*args):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "minillama.serve", "--port", str(port), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start within 60 s")
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = _start_server("--max-batch", "8", "--max-queue", "64", "--prefill-chunk", "16",
+                              "--request-timeout", "120")
+    yield url
+    _stop(proc)
+    assert proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return Llama.from_pretrained(DEMO_MODEL_DIR)
+
+
+def solo(llm, prompt, max_tokens, **kw):
+    return llm.generate([prompt], max_new_tokens=max_tokens, **kw)[0]
+
+
+def test_chat_completion_equals_solo_run(client, llm):
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
+    ids = llm.tokenizer.encode_chat(messages)
+    ref = solo(llm, ids, 40)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == ref.text
+    assert choice.finish_reason == ref.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 40 == len(ref.token_ids)
+    assert r.usage.total_tokens == len(ids) + 40
+    assert r.id.startswith("chatcmpl-") and r.model == MODEL and r.object == "chat.completion"
+
+
+def test_completion_stop_and_logprobs(client, llm):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=60, temperature=0,
+                                  stop=["Kai", "mom"], logprobs=3)
+    ref = solo(llm, "Once upon a time", 60, stop=["Kai", "mom"])
+    choice = r.choices[0]
+    assert ref.finish_reason == "stop" and choice.finish_reason == "stop"
+    assert choice.text == ref.text and "Kai" not in choice.text
+    # the real log-probabilities of the chosen tokens: log-softmax of one full forward's logits
+    prompt = llm.tokenizer.encode("Once upon a time")
+    logits = llm.logits(prompt + ref.token_ids).double()
+    expected = [float(logits[len(prompt) - 1 + i].log_softmax(-1)[t]) for i, t in enumerate(ref.token_ids)]
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(ref.token_ids) == r.usage.completion_tokens
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs, expected)) < 1e-4
+    assert "".join(lp.tokens).startswith(ref.text)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(chosen, abs=1e-6)  # greedy: the best
+
+
+def test_streaming_chat_with_usage_and_logprobs(client, llm):
+    messages = [{"role": "system", "content": "You tell short stories."}, {"role": "user", "content": "A dog?"}]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            logprobs=True, top_logprobs=2)
+    chunks = list(stream)
+    ref = solo(llm, llm.tokenizer.encode_chat(messages), 30)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref.text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    logprobs = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(logprobs) == 30 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in logprobs)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
+
+
+def test_seeded_sampling_and_n(client, llm):
+    kw = dict(temperature=0.9, top_p=0.9, seed=11)
+    r = client.completions.create(model=MODEL, prompt="Max the dog was", max_tokens=30, n=2, **kw)
+    for k, choice in enumerate(r.choices):  # choice k is the same request with seed + k
+        ref = solo(llm, "Max the dog was", 30, temperature=0.9, top_p=0.9, seed=11 + k)
+        assert choice.index == k and choice.text == ref.text
+    assert r.choices[0].text != r.choices[1].text
+    assert r.usage.prompt_tokens == len(llm.tokenizer.encode("Max the dog was"))
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(server + "/health").json()
+    assert health["status"] == "ok" and 0.0 <= health["prefix_hit_rate"] <= 1.0
+
+
+def test_chat_prefix_reuse(client, server, llm):
+    """A chat client resends the conversation: the second turn reuses the first turn's row."""
+    messages = [{"role": "user", "content": "Tell me about a bird named Pip."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "What did Pip eat?"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    ids = llm.tokenizer.encode_chat(messages)
+    assert second.choices[0].message.content == solo(llm, ids, 20).text
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+
+
+def _stream_text(url, body, out, i):
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        parts, reasons = [], []
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            for c in chunk["choices"]:
+                parts.append(c["delta"].get("content") or "")
+                reasons.append(c["finish_reason"])
+        out[i] = ("".join(parts), [x for x in reasons if x])
+
+
+def _disconnect_midway(url, body, got):
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        n = 0
+        for line in r.iter_lines():
+            n += line.startswith("data: ")
+            if n >= 3:
+                got.append(n)
+                break  # leaving the block closes the connection mid-stream
+
+
+def test_32_streaming_clients_and_8_disconnects(server, client, llm):
+    requests = []
+    for i in range(32):
+        messages = [{"role": "user", "content": f"{PROMPTS[i % 8]} {i}"}]
+        sampled = i % 3 == 0
+        body = {"model": MODEL, "messages": messages, "max_tokens": 8 + (i * 7) % 40, "stream": True,
+                "temperature": 0.8 if sampled else 0, "seed": i if sampled else None}
+        requests.append(body)
+    quitters = [{"model": MODEL, "messages": [{"role": "user", "content": f"A long story {i}"}],
+                 "max_tokens": 400, "stream": True, "temperature": 0} for i in range(8)]
+    out, got = [None] * 32, []
+    threads = [threading.Thread(target=_stream_text, args=(server, b, out, i)) for i, b in enumerate(requests)]
+    threads += [threading.Thread(target=_disconnect_midway, args=(server, b, got)) for b in quitters]
+    for k, t in enumerate(threads):
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert len(got) == 8
+    for i, body in enumerate(requests):
+        ids = llm.tokenizer.encode_chat(body["messages"])
+        ref = solo(llm, ids, body["max_tokens"], temperature=body["temperature"], seed=body["seed"])
+        assert out[i] == (ref.text, [ref.finish_reason]), i
+    deadline = time.monotonic() + 30  # the disconnected requests are cancelled, their rows freed
+    while True:
+        health = httpx.get(server + "/health").json()
+        if health["running"] == 0 and health["waiting"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert health["running"] == 0 and health["waiting"] == 0 and health["cancelled"] >= 8
+    assert health["failed"] == 0
+    # and the server serves afterwards
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert r.choices[0].text == solo(llm, "Once upon a time", 10).text
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"messages": "hi"}, "messages", "non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, "max_tokens", "integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", "number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature", "[0.0, 2.0]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop", "string"),
+    ({"messages": [{"role": "user", "content": "hi"}], "bogus_field": 1}, "bogus_field", "unknown field"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1.5}, "presence_penalty", "not supported"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}, "max_tokens", "at most"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 100}, "n", "[1, 16]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs", "logprobs: true"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools", "does not render tools"),  # the demo model's template has no tools branch
+    ({"messages": [{"role": "user", "content": "hi " * 600}]}, "messages", "512"),
+])
+def test_bad_chat_requests(server, body, param, words):
+    r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_bad_bodies(server, client):
+    url = server + "/v1/completions"
+    r = httpx.post(url, content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, json=["prompt"])
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"x" * (9 << 20))
+    assert r.status_code == 413
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=100000)
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model=MODEL, prompt=[1, 5, 99999], max_tokens=2)
+    assert httpx.get(server + "/v1/nothing").status_code == 404
+    assert httpx.get(server + "/health").json()["status"] == "ok"  # still serving
+
+
+def test_full_queue_answers_429():
+    # one row, no queue, one prompt token prefilled per step: a 450-token prompt holds the row a while
+    proc, url = _start_server("--max-batch", "1", "--max-queue", "0", "--prefill-chunk", "1")
+    try:
+        long = {"prompt": "Once upon a time, " * 90, "max_tokens": 1}
+        holder = threading.Thread(target=httpx.post, args=(url + "/v1/completions",), kwargs={"json": long,
+                                                                                          "timeout": 60})
+        holder.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health").json()["running"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "max_queue 0" in r.json()["error"]["message"]
+        with pytest.raises(openai.RateLimitError):
+            openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).completions.create(
+                model=MODEL, prompt="x", max_tokens=2)
+        holder.join(timeout=60)
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        _stop(proc)
+
+
+def test_logprob_values_are_probabilities(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=1.0, seed=3, logprobs=True, top_logprobs=5)
+    for entry in r.choices[0].logprobs.content:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and sum(math.exp(t) for t in tops) <= 1 + 1e-6
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
