@@ -1,0 +1,189 @@
+"""Continuous batching on the demo model: every request's output equals its solo ``Llama.generate``
+run, however requests share rows, queue, reuse prefixes, stop, get cancelled or fail."""
+import threading
+
+import pytest
+import torch
+
+from minillama import Llama
+from minillama.hub import DEMO_MODEL_DIR
+from minillama.sampling import SamplingParams
+from minillama.scheduler import Failed, Finished, QueueFull, Request, Scheduler, Token
+
+PROMPTS = ["Once upon a time", "One day, Lily found a", "Tom had a big red ball.", "The cat sat on the",
+           "Max the dog was", "It was a sunny day.", "Mia wanted to", "In the park,"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return Llama.from_pretrained(DEMO_MODEL_DIR)
+
+
+class Collector:
+    """Events of one request, and a way to wait for its end."""
+
+    def __init__(self):
+        self.tokens, self.end, self.done = [], None, threading.Event()
+
+    def __call__(self, event):
+        if isinstance(event, Token):
+            self.tokens.append(event)
+        else:
+            self.end = event
+            self.done.set()
+
+    @property
+    def ids(self):
+        return [t.id for t in self.tokens]
+
+    @property
+    def text(self):
+        return "".join(t.text for t in self.tokens) + (self.end.text if isinstance(self.end, Finished) else "")
+
+    def wait(self):
+        assert self.done.wait(60), "the request never finished"
+        return self
+
+
+def run_all(scheduler, requests):
+    collectors = [Collector() for _ in requests]
+    for r, c in zip(requests, collectors):
+        scheduler.submit(r, c)
+    return [c.wait() for c in collectors]
+
+
+def test_batched_equals_solo(llm):
+    """More requests than rows, prompts prefilled 5 tokens at a time, greedy and seeded sampling mixed."""
+    scheduler = Scheduler(llm, max_batch=3, prefill_chunk=5)
+    try:
+        requests, refs = [], []
+        for i in range(10):
+            sampling = SamplingParams() if i % 2 else SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=i)
+            stop = ["dog"] if i == 4 else []
+            max_tokens = 10 + 9 * i
+            prompt = llm.tokenizer.encode(PROMPTS[i % 8])
+            requests.append(Request(prompt, max_tokens, sampling, stop=stop))
+            refs.append(llm.generate([prompt], max_new_tokens=max_tokens, temperature=sampling.temperature,
+                                     top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed, stop=stop)[0])
+        for ref, got in zip(refs, run_all(scheduler, requests)):
+            assert got.ids == ref.token_ids and got.text == ref.text
+            assert got.end.finish_reason == ref.finish_reason and got.end.stop == ref.stop
+            assert got.end.completion_tokens == len(ref.token_ids) and got.end.prompt_tokens == len(ref.prompt_ids)
+        stats = scheduler.stats()
+        assert stats["finished"] == 10 and stats["running"] == stats["waiting"] == 0 and stats["failed"] == 0
+    finally:
+        scheduler.close()
+
+
+def test_logprobs_are_the_models(llm):
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        prompt = llm.tokenizer.encode("Once upon a time")
+        (got,) = run_all(scheduler, [Request(prompt, 12, logprobs=3)])
+        logits = llm.logits(prompt + got.ids).double()
+        for i, t in enumerate(got.tokens):
+            lp = logits[len(prompt) - 1 + i].log_softmax(-1)
+            assert t.logprob == pytest.approx(float(lp[t.id]), abs=1e-4)
+            top = lp.topk(3)
+            assert [k for k, _ in t.top_logprobs] == top.indices.tolist()
+    finally:
+        scheduler.close()
+
+
+def test_prefix_reuse(llm):
+    """A request that extends what a free row holds prefills only the rest, and its output is unchanged."""
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        prompt = llm.tokenizer.encode("Tom had a big red ball.")
+        (first,) = run_all(scheduler, [Request(prompt, 20)])
+        longer = prompt + first.ids + llm.tokenizer.encode(" Then", bos=False)
+        (second,) = run_all(scheduler, [Request(longer, 15)])
+        ref = llm.generate([longer], max_new_tokens=15)[0]
+        assert second.ids == ref.token_ids
+        # the row held the prompt and every fed reply token (the last one was sampled, never fed)
+        assert second.end.cached_tokens == len(prompt) + len(first.ids) - 1
+        stats = scheduler.stats()
+        assert stats["prefix_hits"] == 1 and stats["cached_tokens"] == second.end.cached_tokens
+        assert stats["prefix_hit_rate"] == pytest.approx(stats["cached_tokens"] / (len(prompt) + len(longer)))
+    finally:
+        scheduler.close()
+
+
+def test_cancel_frees_the_row(llm):
+    scheduler = Scheduler(llm, max_batch=1, max_queue=4)
+    try:
+        prompt = llm.tokenizer.encode("Once upon a time")
+        long, queued = Collector(), Collector()
+        rid = scheduler.submit(Request(prompt, 400), long)
+        scheduler.submit(Request(prompt, 5), queued)  # waits for the one row
+        while len(long.tokens) < 3:
+            assert not long.done.is_set()
+            long.done.wait(0.01)
+        scheduler.cancel(rid)
+        assert long.wait().end.finish_reason == "cancelled" and len(long.tokens) < 400
+        ref = llm.generate([prompt], max_new_tokens=5)[0]
+        assert queued.wait().ids == ref.token_ids
+        assert scheduler.stats()["cancelled"] == 1
+    finally:
+        scheduler.close()
+
+
+def test_bad_requests_and_full_queue(llm):
+    scheduler = Scheduler(llm, max_batch=1, max_seq_len=64, max_queue=0)
+    try:
+        with pytest.raises(ValueError, match="60 tokens and max_tokens is 10: 70 tokens, more than the 64"):
+            scheduler.submit(Request([1] * 60, 10), Collector())
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            scheduler.submit(Request([1, 5000], 10), Collector())
+        with pytest.raises(ValueError, match="empty"):
+            scheduler.submit(Request([], 10), Collector())
+        with pytest.raises(ValueError, match="stop strings"):
+            scheduler.submit(Request([1], 10, stop=[""]), Collector())
+        with pytest.raises(ValueError, match="more than the model's context"):
+            Scheduler(llm, max_seq_len=100000)
+        busy = Collector()
+        scheduler.submit(Request(llm.tokenizer.encode("Once upon a time"), 50), busy)
+        while scheduler.stats()["running"] == 0 and not busy.done.is_set():
+            busy.done.wait(0.001)
+        if not busy.done.is_set():
+            with pytest.raises(QueueFull, match="max_queue 0"):
+                scheduler.submit(Request([1], 2), Collector())
+        busy.wait()
+    finally:
+        scheduler.close()
+
+
+def test_a_failing_step_fails_its_requests_not_the_scheduler(llm, monkeypatch):
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        real = llm.forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("out of memory (simulated)")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(llm, "forward", flaky)
+        prompt = llm.tokenizer.encode("Once upon a time")
+        (failed,) = run_all(scheduler, [Request(prompt, 10)])
+        assert isinstance(failed.end, Failed) and "simulated" in failed.end.message
+        (ok,) = run_all(scheduler, [Request(prompt, 10)])
+        assert ok.ids == llm.generate([prompt], max_new_tokens=10)[0].token_ids
+        assert scheduler.stats()["failed"] == 1
+    finally:
+        scheduler.close()
+
+
+def test_close_cancels_what_is_left(llm):
+    scheduler = Scheduler(llm, max_batch=1)
+    pending = [Collector() for _ in range(3)]
+    for c in pending:
+        scheduler.submit(Request(llm.tokenizer.encode("Once upon a time"), 300), c)
+    scheduler.close()
+    assert all(c.done.is_set() and isinstance(c.end, Finished) for c in pending)
+    assert pending[-1].end.finish_reason == "cancelled"
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit(Request([1], 2), Collector())
+    assert torch.is_tensor(scheduler.cache.seq_lens)

@@ -1,0 +1,120 @@
+"""Tool calling through the server: tools rendered by Llama 3.1's template, the model's JSON call
+returned as ``tool_calls`` (whole and streamed), tool results sent back in. The model is a tiny
+Llama-3-tokenizer checkpoint whose forward is scripted to say a given reply, so the test pins the
+server's handling rather than a model's whims."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from minillama import Llama  # noqa: E402
+from minillama.scheduler import Scheduler  # noqa: E402
+from minillama.serve import create_app  # noqa: E402
+from tests.checkpoints import EOM, EOT, PYTHON_TAG, checkpoint_factory  # noqa: E402,F401
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+
+
+class Scripted:
+    """A forward that makes the model say ``reply_ids`` after a prompt of ``prompt_len`` tokens."""
+
+    def __init__(self, vocab):
+        self.vocab, self.prompt_len, self.reply_ids = vocab, 0, []
+
+    def say(self, prompt_len, reply_ids):
+        self.prompt_len, self.reply_ids = prompt_len, reply_ids
+
+    def __call__(self, tokens, k, v, seq_lens, *, seq_lens_cpu, logits_at=None):
+        B, S = tokens.shape
+        logits = torch.zeros(B, 1, self.vocab)
+        for b in range(B):
+            last = seq_lens_cpu[b] + (int(logits_at[b]) if logits_at is not None else S - 1)
+            i = last + 1 - self.prompt_len  # index of the reply token that comes next
+            logits[b, 0, self.reply_ids[i] if 0 <= i < len(self.reply_ids) else EOT] = 1.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def setup(checkpoint_factory):
+    folder, config = checkpoint_factory(tokenizer="llama3", max_position_embeddings=4096)
+    llm = Llama.from_pretrained(folder)
+    script = Scripted(config["vocab_size"])
+    llm.forward = script
+    scheduler = Scheduler(llm, max_batch=2, max_seq_len=2048)
+    with TestClient(create_app(llm, scheduler, "tiny")) as client:
+        yield llm, script, client
+    scheduler.close()
+
+
+def post(client, **body):
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 64, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_tool_call_comes_back_as_tool_calls(setup):
+    llm, script, client = setup
+    ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
+    script.say(len(ids), llm.tokenizer.encode(CALL, bos=False) + [EOM])
+    out = post(client, messages=ASK, tools=[WEATHER])
+    choice = out["choices"][0]
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call-")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+    # with <|python_tag|> in front, streamed: the JSON is held back, then sent as one tool_calls delta
+    script.say(len(ids), [PYTHON_TAG] + llm.tokenizer.encode(CALL, bos=False) + [EOT])
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": ASK, "tools": [WEATHER], "stream": True, "temperature": 0}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert not any(d.get("content") for d in deltas)
+    (streamed,) = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert streamed[0]["index"] == 0 and streamed[0]["function"]["name"] == "get_weather"
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "tool_calls"
+
+
+def test_tool_results_go_back_in(setup):
+    llm, script, client = setup
+    messages = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call-1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": '{"temp_c": 21}'},
+    ]
+    ids = llm.tokenizer.encode_chat(messages, tools=[WEATHER])
+    script.say(len(ids), llm.tokenizer.encode("It is 21 C in Paris.", bos=False) + [EOT])
+    out = post(client, messages=messages, tools=[WEATHER])
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "It is 21 C in Paris."}
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_prose_streams_at_once_and_tool_choice_none(setup):
+    llm, script, client = setup
+    ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
+    script.say(len(ids), llm.tokenizer.encode("I cannot tell.", bos=False) + [EOT])
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": ASK, "tools": [WEATHER], "stream": True, "temperature": 0}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks]
+    assert "".join(t or "" for t in texts) == "I cannot tell." and texts.count("I cannot tell.") == 0
+    # tool_choice "none": no tools in the prompt, and a JSON reply stays text
+    plain = llm.tokenizer.encode_chat(ASK)
+    script.say(len(plain), llm.tokenizer.encode(CALL, bos=False) + [EOT])
+    out = post(client, messages=ASK, tools=[WEATHER], tool_choice="none")
+    assert out["usage"]["prompt_tokens"] == len(plain)
+    assert out["choices"][0]["message"]["content"] == CALL and out["choices"][0]["finish_reason"] == "stop"
+    r = client.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
