@@ -336,6 +336,10 @@ class Scheduler:
                 if seq.cancelled:
                     self._finish(seq, "cancelled", None)
                     continue
+                if t < 0:  # the sampler's mark for NaN / inf logits in this row
+                    self._emit(seq, Failed("the model produced NaN or infinite logits for this request"))
+                    self._release(seq, failed=True)
+                    continue
                 if t in seq.stop_ids:
                     self._finish(seq, "stop", t)
                     continue
