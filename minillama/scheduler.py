@@ -95,9 +95,11 @@ class _Sequence:
         self.row: Optional[int] = None
         self.pos = 0  # prompt tokens in the cache
         self.cached = 0  # of those, reused from an earlier request
-        self.tokens: List[int] = []
-        self.next_id: Optional[int] = None  # sampled, not yet fed to the model
+        self.tokens: List[int] = []  # the output: sampled tokens, a stop id left out
+        self.sampled: List[int] = []  # every token sampled, a stop id included (what the cache may hold)
+        self.decoding = False  # its prompt is prefilled and its first token sampled
         self.cancelled = False
+        self.done = False
 
 
 @dataclass
@@ -118,10 +120,13 @@ class Scheduler:
         max_queue: requests waiting for a busy row at most; :meth:`submit` raises :class:`QueueFull`
             beyond (0: a request is taken only when a row is free).
         prefill_chunk: prompt tokens prefilled per iteration at most (bounds the decode stall).
+        deliver: takes each iteration's events as ``[(callback, event)]`` and runs the callbacks,
+            e.g. all at once on an event loop; None: the scheduler thread calls them one by one.
     """
 
     def __init__(self, llm, max_batch: int = 8, max_seq_len: Optional[int] = None, max_queue: int = 64,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256,
+                 deliver: Optional[Callable[[List[Tuple[Callable[[Event], None], Event]]], None]] = None):
         context = llm.config.max_position_embeddings
         max_seq_len = context if max_seq_len is None else max_seq_len
         for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),
@@ -135,7 +140,8 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.cache = KVCache.allocate(llm.config, max_batch, max_seq_len, llm.device, llm.dtype)
+        # one slot more than a request may hold: a finished row may take one wasted token (see _run)
+        self.cache = KVCache.allocate(llm.config, max_batch, max_seq_len + 1, llm.device, llm.dtype)
         self.rows = [_Row() for _ in range(max_batch)]
         self._waiting: Deque[_Sequence] = deque()
         self._by_id: Dict[int, _Sequence] = {}
@@ -144,6 +150,9 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
+        self._outbox: List[Tuple[_Sequence, Event]] = []
+        self.deliver = deliver  # may be set later, e.g. once an event loop runs
+        self._next_ids = torch.zeros(max_batch, dtype=torch.long, device=llm.device)  # fed by the next step
         self._counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
                               prefix_hits=0, generated_tokens=0, decode_steps=0, prefill_chunks=0)
         self._thread = threading.Thread(target=self._run, name="minillama-scheduler", daemon=True)
@@ -217,9 +226,11 @@ class Scheduler:
     # -- the scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        in_flight: Optional[_Step] = None  # a decode step launched whose tokens are not processed yet
         while True:
             with self._lock:
-                while not self._closed and not self._waiting and all(r.seq is None for r in self.rows):
+                while (in_flight is None and not self._closed and not self._waiting
+                       and all(r.seq is None for r in self.rows)):
                     self._wake.wait()
                 if self._closed:
                     for seq in list(self._waiting) + [r.seq for r in self.rows if r.seq is not None]:
@@ -230,19 +241,32 @@ class Scheduler:
                 for row in self.rows:
                     if row.seq is not None and row.seq.cancelled:
                         self._finish(row.seq, "cancelled", None)
-                if self._closed:
-                    return
-                self._admit()
+                if not self._closed:
+                    self._admit()
+            self._deliver()
+            if self._closed:
+                return
             try:
                 self._prefill()
-                self._decode()
+                # Launch the next decode step before processing the last one's tokens: the device
+                # computes while the host detokenizes. A row that the last step finished gets one
+                # wasted token in this step (never shown, past its output in the cache).
+                step = self._launch_decode()
+                if in_flight is not None:
+                    self._resolve(in_flight)
+                in_flight = step
+                if in_flight is not None and not any(not s.done for s in in_flight.seqs):
+                    self._resolve(in_flight)
+                    in_flight = None
             except Exception as e:  # the server never dies on a request: fail the rows in flight
+                in_flight = None
                 message = f"{type(e).__name__}: {e}"
                 with self._lock:
                     for row in self.rows:
                         if row.seq is not None:
                             self._emit(row.seq, Failed(message))
                             self._release(row.seq, failed=True)
+            self._deliver()
 
     def _admit(self) -> None:
         """Give free rows to waiting requests: the longest cached prefix of the prompt, else LRU."""
@@ -269,12 +293,19 @@ class Scheduler:
         lengths[row] = n
         self.cache.reset(lengths)
 
+    def _to_device(self, values: List[int]) -> torch.Tensor:
+        """A small int64 tensor on the device, copied without making the host wait for the device."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.llm.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.llm.device, non_blocking=True)
+
     def _forward(self, tokens: torch.Tensor, rows: slice, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (rows, V) after running ``tokens`` (rows, S) on the cache rows ``rows``."""
         cache = self.cache
         with torch.inference_mode():
             logits = self.llm.forward(
-                tokens.to(self.llm.device), cache.k[:, rows], cache.v[:, rows], cache.seq_lens[rows],
+                tokens, cache.k[:, rows], cache.v[:, rows], cache.seq_lens[rows],
                 seq_lens_cpu=cache.lengths[rows], logits_at=logits_at,
             )
         return logits[:, -1]
@@ -290,77 +321,115 @@ class Scheduler:
             chunk = seq.prompt[seq.pos: seq.pos + budget]
             budget -= len(chunk)
             r = seq.row
-            logits = self._forward(torch.tensor([chunk]), slice(r, r + 1),
-                                   logits_at=torch.tensor([len(chunk) - 1], device=self.llm.device))
+            logits = self._forward(self._to_device([chunk]), slice(r, r + 1),
+                                   logits_at=self._to_device([len(chunk) - 1]))
             counts = [0] * self.max_batch
             counts[r] = len(chunk)
             self.cache.advance(counts)
             seq.pos += len(chunk)
             self._counters["prefill_chunks"] += 1
             if seq.pos == len(seq.prompt):
-                self._accept([seq], logits)
+                self._resolve(self._sample([seq], logits))  # its first token, now: it may end the request
 
-    def _decode(self) -> None:
+    def _launch_decode(self) -> Optional["_Step"]:
         """One decode step over the rows up to the last decoding one (the others' results unused)."""
-        decoding = [r.seq for r in self.rows if r.seq is not None and r.seq.next_id is not None]
+        decoding = [r.seq for r in self.rows if r.seq is not None and r.seq.decoding and not r.seq.done]
         if not decoding:
-            return
+            return None
         span = max(s.row for s in decoding) + 1
-        tokens = torch.zeros(span, 1, dtype=torch.long)
         counts = [0] * self.max_batch
         for s in decoding:
-            tokens[s.row, 0] = s.next_id
             counts[s.row] = 1
-        logits = self._forward(tokens, slice(0, span))
+        logits = self._forward(self._next_ids[:span, None], slice(0, span))
         self.cache.advance(counts)
         self._counters["decode_steps"] += 1
-        self._accept(decoding, logits[[s.row for s in decoding]])
+        rows = [s.row for s in decoding]
+        if rows != list(range(span)):
+            logits = logits[self._to_device(rows)]
+        return self._sample(decoding, logits)
 
-    def _accept(self, seqs: List[_Sequence], logits: torch.Tensor) -> None:
-        """Sample each sequence's next token from its logits row; emit events; finish what is done."""
-        ids = _sample_rows(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+    def _sample(self, seqs: List[_Sequence], logits: torch.Tensor) -> "_Step":
+        """Sample each sequence's next token from its logits row, on the device; start the copy to the host."""
+        ids = logits.argmax(dim=-1)  # greedy rows; sampled rows below, each with its own generator
+        for i, s in enumerate(seqs):
+            if not s.request.sampling.greedy:
+                ids[i] = sample(logits[i: i + 1], s.request.sampling, s.generator)[0]
+        rows = self._to_device([s.row for s in seqs])
+        self._next_ids.index_copy_(0, rows, ids)  # what the next decode step feeds
         with_lp = [i for i, s in enumerate(seqs) if s.request.logprobs is not None]
-        lp_info: Dict[int, tuple] = {}
+        lp = None
         if with_lp:
-            lp = torch.log_softmax(logits[with_lp].float(), dim=-1)  # (n, V)
-            chosen = lp.gather(1, ids[with_lp][:, None])[:, 0].tolist()
+            index = self._to_device(with_lp)
+            logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # (n, V)
+            chosen = logprobs.gather(1, ids[index][:, None])[:, 0]
             k = max(seqs[i].request.logprobs for i in with_lp)
-            top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-            top_v, top_i = top_v.tolist(), top_i.tolist()
+            top = logprobs.topk(k, dim=-1) if k else None
+            lp = (with_lp, chosen, top.values if top else None, top.indices if top else None)
+        return _Step(seqs, _to_host(ids), lp and tuple(_to_host(x) if torch.is_tensor(x) else x for x in lp),
+                     _record_event(self.llm.device))
+
+    def _resolve(self, step: "_Step") -> None:
+        """Wait for a step's tokens on the host; emit events; finish what is done."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        ids = step.ids.tolist()
+        lp_info: Dict[int, tuple] = {}
+        if step.logprobs is not None:
+            with_lp, chosen, top_v, top_i = step.logprobs
+            chosen = chosen.tolist()
+            top_v = top_v.tolist() if top_v is not None else [[] for _ in with_lp]
+            top_i = top_i.tolist() if top_i is not None else [[] for _ in with_lp]
             for j, i in enumerate(with_lp):
-                n = seqs[i].request.logprobs
+                n = step.seqs[i].request.logprobs
                 lp_info[i] = (chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
-        ids = ids.tolist()  # the host sync of the step
         with self._lock:
-            for i, (seq, t) in enumerate(zip(seqs, ids)):
+            for i, (seq, t) in enumerate(zip(step.seqs, ids)):
+                if seq.done:  # finished (or cancelled) while this step ran
+                    continue
+                seq.sampled.append(t)
+                seq.decoding = True
                 if seq.cancelled:
                     self._finish(seq, "cancelled", None)
-                    continue
-                if t < 0:  # the sampler's mark for NaN / inf logits in this row
+                elif t < 0:  # the sampler's mark for NaN / inf logits in this row
                     self._emit(seq, Failed("the model produced NaN or infinite logits for this request"))
                     self._release(seq, failed=True)
-                    continue
-                if t in seq.stop_ids:
+                elif t in seq.stop_ids:
                     self._finish(seq, "stop", t)
-                    continue
-                seq.tokens.append(t)
-                self._counters["generated_tokens"] += 1
-                text, matched = seq.stops.push(seq.decoder.push(t))
-                logprob, top = lp_info.get(i, (None, []))
-                self._emit(seq, Token(t, text, logprob, top))
-                if matched is not None:
-                    self._finish(seq, "stop", matched)
-                elif len(seq.tokens) >= seq.request.max_tokens:
-                    self._finish(seq, "length", None)
                 else:
-                    seq.next_id = t
+                    seq.tokens.append(t)
+                    self._counters["generated_tokens"] += 1
+                    text, matched = seq.stops.push(seq.decoder.push(t))
+                    logprob, top = lp_info.get(i, (None, []))
+                    self._emit(seq, Token(t, text, logprob, top))
+                    if matched is not None:
+                        self._finish(seq, "stop", matched)
+                    elif len(seq.tokens) >= seq.request.max_tokens:
+                        self._finish(seq, "length", None)
 
-    @staticmethod
-    def _emit(seq: _Sequence, event: Event) -> None:
-        try:
-            seq.on_event(event)
-        except Exception:  # a receiver that is gone (e.g. its event loop closed) cancels its request
-            seq.cancelled = True
+    def _emit(self, seq: _Sequence, event: Event) -> None:
+        """(lock held) Queue an event; :meth:`_deliver` hands them over."""
+        self._outbox.append((seq, event))
+
+    def _deliver(self) -> None:
+        """Hand the queued events to their callbacks (or to ``deliver``, all at once)."""
+        with self._lock:
+            batch, self._outbox = self._outbox, []
+        if not batch:
+            return
+        deliver = self.deliver
+        if deliver is not None:
+            try:
+                deliver([(seq.on_event, event) for seq, event in batch])
+                return
+            except Exception:  # the receiver is gone (e.g. its event loop closed): cancel what is running
+                for seq, _ in batch:
+                    seq.cancelled = True
+                return
+        for seq, event in batch:
+            try:
+                seq.on_event(event)
+            except Exception:  # a receiver that is gone cancels its request
+                seq.cancelled = True
 
     def _finish(self, seq: _Sequence, reason: str, stop) -> None:
         """(lock held) Release the held-back text, report the end, free the row."""
@@ -372,7 +441,7 @@ class Scheduler:
 
     def _release(self, seq: _Sequence, failed: bool = False) -> None:
         self._by_id.pop(seq.rid, None)
-        seq.next_id = None
+        seq.done = True
         if seq.row is None:
             return
         row = self.rows[seq.row]
@@ -383,9 +452,34 @@ class Scheduler:
             self._counters["failed"] += 1
             row.ids = []
             self._set_length(seq.row, 0)
-        else:
-            row.ids = (seq.prompt + seq.tokens)[: self.cache.lengths[seq.row]]
+        else:  # every token fed so far, a step still running included
+            row.ids = (seq.prompt + seq.sampled)[: self.cache.lengths[seq.row]]
         seq.row = None
+
+
+@dataclass
+class _Step:
+    """Tokens sampled for ``seqs`` on the device, on their way to the host."""
+
+    seqs: List[_Sequence]
+    ids: torch.Tensor  # (n,) on the host once ``ready`` has completed
+    logprobs: Optional[tuple]  # (indices into seqs, chosen (m,), top values (m, k), top ids (m, k))
+    ready: Optional["torch.cuda.Event"]
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cuda":
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return out.copy_(x, non_blocking=True)
+
+
+def _record_event(device) -> Optional["torch.cuda.Event"]:
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _common_prefix(a: List[int], b: List[int], limit: int) -> int:
@@ -395,12 +489,3 @@ def _common_prefix(a: List[int], b: List[int], limit: int) -> int:
             break
         n += 1
     return n
-
-
-def _sample_rows(logits: torch.Tensor, params: List[SamplingParams], generators) -> torch.Tensor:
-    """Next ids (n,) for logits (n, V): greedy rows in one argmax, sampled rows each with its generator."""
-    ids = logits.argmax(dim=-1)
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            ids[i] = sample(logits[i: i + 1], p, g)[0]
-    return ids

@@ -19,6 +19,7 @@ Needs the ``serve`` extra: ``pip install -e '.[serve]'`` (FastAPI and uvicorn).
 """
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -37,7 +38,6 @@ class _Submission:
 
     def __init__(self, scheduler, requests: List[Request]):
         self.scheduler = scheduler
-        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: List[int] = []
         self.open = len(requests)
@@ -51,8 +51,8 @@ class _Submission:
             self.cancel()
             raise APIError(400, str(e)) from None
 
-    def _put(self, index: int, event) -> None:  # called from the scheduler thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+    def _put(self, index: int, event) -> None:  # called on the event loop (the scheduler's deliver hook)
+        self.queue.put_nowait((index, event))
 
     def cancel(self) -> None:
         for rid in self.ids:
@@ -76,6 +76,11 @@ class _Submission:
                     raise APIError(503, "the request was cancelled (the server is shutting down)",
                                    type="server_error")
             yield index, event
+
+
+def _run_callbacks(batch) -> None:
+    for callback, event in batch:
+        callback(event)
 
 
 class _Choice:
@@ -124,7 +129,17 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+
+        def deliver(batch):  # one wake-up of the event loop per scheduler iteration, not per token
+            loop.call_soon_threadsafe(_run_callbacks, batch)
+
+        scheduler.deliver = deliver
+        yield
+
+    app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = proto.now()
     tokenizer = llm.tokenizer
 
