@@ -156,8 +156,7 @@ def _common(body) -> dict:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"model must be a string, got {json.dumps(model)}")
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              seed=None if seed is None else seed % 2 ** 64)
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     return dict(model=model, sampling=sampling, stop=stop, n=_int(body, "n", 1, MAX_N, default=1), stream=stream,
                 include_usage=include_usage)
 

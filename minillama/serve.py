@@ -196,7 +196,8 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             for k in range(parsed.n):
                 sampling = parsed.sampling
                 if k and sampling.seed is not None:  # choice k: the same request with seed + k
-                    sampling = dataclasses.replace(sampling, seed=(sampling.seed + k) % 2 ** 64)
+                    seed = sampling.seed + k
+                    sampling = dataclasses.replace(sampling, seed=seed if seed < 2 ** 64 else seed - 2 ** 64)
                 out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, logprobs=parsed.logprobs))
         return out
 
