@@ -66,6 +66,10 @@ class KVCache:
             return self
         return KVCache(self.k[:, :n], self.v[:, :n], self.seq_lens[:n], self.seq_lens_cpu[:n])
 
+    def row(self, i: int) -> "KVCache":
+        """A view of row ``i`` alone (a one-row cache over the same storage), e.g. to prefill one request."""
+        return KVCache(self.k[:, i:i + 1], self.v[:, i:i + 1], self.seq_lens[i:i + 1], self.seq_lens_cpu[i:i + 1])
+
     def advance(self, n: Union[int, Sequence[int]]) -> None:
         """Mark n more tokens (one count for all rows, or one per row) as cached, after a forward."""
         if isinstance(n, int):
@@ -80,7 +84,10 @@ class KVCache:
         if len(lengths) != self.batch or any(not 0 <= n <= self.max_len for n in lengths):
             raise ValueError(f"lengths {lengths} must be {self.batch} fills in [0, {self.max_len}]")
         self.seq_lens_cpu = lengths
-        self.seq_lens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        host = torch.tensor(lengths, dtype=torch.int32)
+        if self.seq_lens.is_cuda:  # from pinned memory the copy is queued: the host does not wait for the device
+            host = host.pin_memory()
+        self.seq_lens.copy_(host, non_blocking=True)
 
     def reset_row(self, row: int) -> None:
         """Empty one row (fill 0), keeping the others: the row is free for a new sequence."""

@@ -14,9 +14,11 @@ batch, only the shapes of the matmuls change; on a GPU another shape may round a
 other way.
 
 Prefix reuse: a free row keeps the ids whose keys and values it holds. A new request takes the
-free row holding the longest prefix of its prompt (chat clients resend the whole conversation),
-cuts the row back to that prefix and prefills only the rest; :meth:`Scheduler.stats` reports
-the hit rate. Otherwise it takes the least recently used free row.
+free row holding the longest prefix of its prompt (chat clients resend the whole conversation)
+when that saves at least ``MIN_REUSE`` tokens over the lowest free row, cuts the row back to that
+prefix and prefills only the rest; :meth:`Scheduler.stats` reports the hit rate. Otherwise it
+takes the lowest free row: the decode step runs over the rows up to the last active one (the
+runner's CUDA graphs are bucketed by that count), so active rows are best kept at the front.
 
 The scheduler runs in one background thread. :meth:`Scheduler.submit` is thread-safe and returns
 at once; the request's events (:class:`Token`, then :class:`Finished` or :class:`Failed`) go to a
@@ -30,10 +32,12 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from minillama.kv_cache import KVCache
+from minillama.runner import bucket
 from minillama.sampling import SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
+MIN_REUSE = 32  # cached tokens that make a request take a free row other than the lowest one
 
 
 class QueueFull(Exception):
@@ -106,7 +110,6 @@ class _Sequence:
 class _Row:
     seq: Optional[_Sequence] = None
     ids: List[int] = field(default_factory=list)  # what the cache row holds while free
-    last_used: int = 0
 
 
 class Scheduler:
@@ -140,19 +143,20 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        # one slot more than a request may hold: a finished row may take one wasted token (see _run)
-        self.cache = KVCache.allocate(llm.config, max_batch, max_seq_len + 1, llm.device, llm.dtype)
+        # One slot more than a request may hold: a finished row may take one wasted token (see _run).
+        # Rows up to the runner's next graph bucket, so a step over the first B rows can always be
+        # padded to its bucket's graph (the rows past max_batch stay empty).
+        self.cache = llm.runner.new_cache(bucket(max_batch), max_seq_len + 1)
         self.rows = [_Row() for _ in range(max_batch)]
         self._waiting: Deque[_Sequence] = deque()
         self._by_id: Dict[int, _Sequence] = {}
         self._next_id = 0
-        self._clock = 0  # orders row use, for least-recently-used reuse
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._outbox: List[Tuple[_Sequence, Event]] = []
         self.deliver = deliver  # may be set later, e.g. once an event loop runs
-        self._next_ids = torch.zeros(max_batch, dtype=torch.long, device=llm.device)  # fed by the next step
+        self._next_ids = torch.zeros(self.cache.batch, dtype=torch.long, device=llm.device)  # fed by the next step
         self._counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
                               prefix_hits=0, generated_tokens=0, decode_steps=0, prefill_chunks=0)
         self._thread = threading.Thread(target=self._run, name="minillama-scheduler", daemon=True)
@@ -269,16 +273,16 @@ class Scheduler:
             self._deliver()
 
     def _admit(self) -> None:
-        """Give free rows to waiting requests: the longest cached prefix of the prompt, else LRU."""
+        """Give free rows to waiting requests: the lowest free row, or one holding a longer prefix."""
         free = [i for i, r in enumerate(self.rows) if r.seq is None]
         while self._waiting and free:
             seq = self._waiting.popleft()
-            best, keep = None, 0
-            for i in free:
-                n = _common_prefix(self.rows[i].ids, seq.prompt, limit=len(seq.prompt) - 1)  # >= 1 token to prefill
-                if best is None or n > keep or (n == keep and self.rows[i].last_used < self.rows[best].last_used):
-                    best, keep = i, n
-            free.remove(best)
+            # at least one prompt token is prefilled, for the logits of the first new token
+            cached = [_common_prefix(self.rows[i].ids, seq.prompt, limit=len(seq.prompt) - 1) for i in free]
+            k = max(range(len(free)), key=lambda j: cached[j])  # the first of the longest
+            if cached[k] - cached[0] < MIN_REUSE:
+                k = 0
+            best, keep = free.pop(k), cached[k]
             row = self.rows[best]
             row.seq, row.ids = seq, []
             seq.row, seq.pos, seq.cached = best, keep, keep
@@ -289,9 +293,9 @@ class Scheduler:
             c["prefix_hits"] += keep > 0
 
     def _set_length(self, row: int, n: int) -> None:
-        lengths = list(self.cache.lengths)
+        lengths = list(self.cache.seq_lens_cpu)
         lengths[row] = n
-        self.cache.reset(lengths)
+        self.cache.set_lengths(lengths)
 
     def _to_device(self, values: List[int]) -> torch.Tensor:
         """A small int64 tensor on the device, copied without making the host wait for the device."""
@@ -300,15 +304,11 @@ class Scheduler:
             return host
         return host.pin_memory().to(self.llm.device, non_blocking=True)
 
-    def _forward(self, tokens: torch.Tensor, rows: slice, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (rows, V) after running ``tokens`` (rows, S) on the cache rows ``rows``."""
-        cache = self.cache
+    def _forward(self, tokens: torch.Tensor, cache: KVCache, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, V) after running ``tokens`` (B, S) on the first B rows of ``cache`` (the runner's
+        CUDA graphs for single-token steps over the pool)."""
         with torch.inference_mode():
-            logits = self.llm.forward(
-                tokens, cache.k[:, rows], cache.v[:, rows], cache.seq_lens[rows],
-                seq_lens_cpu=cache.lengths[rows], logits_at=logits_at,
-            )
-        return logits[:, -1]
+            return self.llm.runner(tokens, cache, logits_at=logits_at)[:, -1]
 
     def _prefill(self) -> None:
         """Prefill up to ``prefill_chunk`` prompt tokens, oldest request first; sample first tokens."""
@@ -321,9 +321,9 @@ class Scheduler:
             chunk = seq.prompt[seq.pos: seq.pos + budget]
             budget -= len(chunk)
             r = seq.row
-            logits = self._forward(self._to_device([chunk]), slice(r, r + 1),
+            logits = self._forward(self._to_device([chunk]), self.cache.row(r),
                                    logits_at=self._to_device([len(chunk) - 1]))
-            counts = [0] * self.max_batch
+            counts = [0] * self.cache.batch
             counts[r] = len(chunk)
             self.cache.advance(counts)
             seq.pos += len(chunk)
@@ -337,10 +337,10 @@ class Scheduler:
         if not decoding:
             return None
         span = max(s.row for s in decoding) + 1
-        counts = [0] * self.max_batch
+        counts = [0] * self.cache.batch
         for s in decoding:
             counts[s.row] = 1
-        logits = self._forward(self._next_ids[:span, None], slice(0, span))
+        logits = self._forward(self._next_ids[:span, None], self.cache)
         self.cache.advance(counts)
         self._counters["decode_steps"] += 1
         rows = [s.row for s in decoding]
@@ -446,14 +446,12 @@ class Scheduler:
             return
         row = self.rows[seq.row]
         row.seq = None
-        self._clock += 1
-        row.last_used = self._clock
         if failed:  # what the row holds is unknown: forget it
             self._counters["failed"] += 1
             row.ids = []
             self._set_length(seq.row, 0)
         else:  # every token fed so far, a step still running included
-            row.ids = (seq.prompt + seq.sampled)[: self.cache.lengths[seq.row]]
+            row.ids = (seq.prompt + seq.sampled)[: self.cache.seq_lens_cpu[seq.row]]
         seq.row = None
 
 

@@ -155,8 +155,10 @@ def test_bad_requests_and_full_queue(llm):
 
 def test_a_failing_step_fails_its_requests_not_the_scheduler(llm, monkeypatch):
     scheduler = Scheduler(llm, max_batch=2)
+    prompt = llm.tokenizer.encode("Once upon a time")
+    ref = llm.generate([prompt], max_new_tokens=10)[0]
     try:
-        real = llm.forward
+        real = llm.runner
         calls = {"n": 0}
 
         def flaky(*args, **kwargs):
@@ -165,12 +167,11 @@ def test_a_failing_step_fails_its_requests_not_the_scheduler(llm, monkeypatch):
                 raise RuntimeError("out of memory (simulated)")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(llm, "forward", flaky)
-        prompt = llm.tokenizer.encode("Once upon a time")
+        monkeypatch.setattr(llm, "runner", flaky)
         (failed,) = run_all(scheduler, [Request(prompt, 10)])
         assert isinstance(failed.end, Failed) and "simulated" in failed.end.message
         (ok,) = run_all(scheduler, [Request(prompt, 10)])
-        assert ok.ids == llm.generate([prompt], max_new_tokens=10)[0].token_ids
+        assert ok.ids == ref.token_ids
         assert scheduler.stats()["failed"] == 1
     finally:
         scheduler.close()

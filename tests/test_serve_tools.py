@@ -24,19 +24,22 @@ CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
 
 
 class Scripted:
-    """A forward that makes the model say ``reply_ids`` after a prompt of ``prompt_len`` tokens."""
+    """A runner that makes the model say ``reply_ids`` after a prompt of ``prompt_len`` tokens."""
 
-    def __init__(self, vocab):
-        self.vocab, self.prompt_len, self.reply_ids = vocab, 0, []
+    def __init__(self, runner, vocab):
+        self.runner, self.vocab, self.prompt_len, self.reply_ids = runner, vocab, 0, []
 
     def say(self, prompt_len, reply_ids):
         self.prompt_len, self.reply_ids = prompt_len, reply_ids
 
-    def __call__(self, tokens, k, v, seq_lens, *, seq_lens_cpu, logits_at=None):
+    def new_cache(self, batch, max_len):
+        return self.runner.new_cache(batch, max_len)
+
+    def __call__(self, tokens, cache, logits_at=None):
         B, S = tokens.shape
         logits = torch.zeros(B, 1, self.vocab)
         for b in range(B):
-            last = seq_lens_cpu[b] + (int(logits_at[b]) if logits_at is not None else S - 1)
+            last = cache.seq_lens_cpu[b] + (int(logits_at[b]) if logits_at is not None else S - 1)
             i = last + 1 - self.prompt_len  # index of the reply token that comes next
             logits[b, 0, self.reply_ids[i] if 0 <= i < len(self.reply_ids) else EOT] = 1.0
         return logits
@@ -46,8 +49,8 @@ class Scripted:
 def setup(checkpoint_factory):
     folder, config = checkpoint_factory(tokenizer="llama3", max_position_embeddings=4096)
     llm = Llama.from_pretrained(folder)
-    script = Scripted(config["vocab_size"])
-    llm.forward = script
+    script = Scripted(llm.runner, config["vocab_size"])
+    llm.runner = script
     scheduler = Scheduler(llm, max_batch=2, max_seq_len=2048)
     with TestClient(create_app(llm, scheduler, "tiny")) as client:
         yield llm, script, client
