@@ -355,7 +355,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the name clients pass as 'model' (default: the folder's name or the repo id)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="cache rows: requests decoding at once")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="cache rows: requests decoding at once (CUDA graphs come in buckets of 1, 2, 4, ..., 64, "
+                        "then multiples of 64: the pool is allocated up to the next one)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row at most (then 429)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="tokens per request, prompt + output (default: the model's context, at most 8192)")
@@ -365,6 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="the kernels that run the model (default: Triton on CUDA, torch elsewhere)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = p.parse_args(argv)
     for name in ("max_batch", "prefill_chunk", "max_body_bytes"):
@@ -390,7 +394,7 @@ def main(argv=None) -> int:
 
     try:
         start = time.perf_counter()
-        llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
         max_seq_len = args.max_seq_len or min(llm.config.max_position_embeddings, 8192)
         scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
                               prefill_chunk=args.prefill_chunk)
