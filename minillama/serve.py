@@ -33,6 +33,9 @@ from minillama.scheduler import Failed, Finished, QueueFull, Request, Token
 from minillama.tool_calls import could_be_tool_call, parse_tool_calls
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
+
+
 class _Submission:
     """The scheduler requests of one HTTP request (one per choice), their events in one asyncio queue."""
 
@@ -304,7 +307,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             return {**head, "object": "chat.completion.chunk", "choices": [], "usage": total_usage(choices, parsed.n)}
 
         return StreamingResponse(stream(submission, choices, chunk, final_usage if parsed.include_usage else None),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -340,7 +343,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             return {**head, "object": "text_completion", "choices": [], "usage": total_usage(choices, parsed.n)}
 
         return StreamingResponse(stream(submission, choices, chunk, final_usage if parsed.include_usage else None),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
 
     return app
 
@@ -401,6 +404,9 @@ def main(argv=None) -> int:
     except (ModelNotFoundError, ValueError, NotImplementedError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # The scheduler thread (launching device steps) and the event loop (HTTP) share the GIL; with
+    # Python's default 5 ms switch interval a busy event loop could hold up the next decode step.
+    sys.setswitchinterval(0.0005)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
     print(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "

@@ -299,3 +299,28 @@ def test_logprob_values_are_probabilities(client):
         tops = [t.logprob for t in entry.top_logprobs]
         assert tops == sorted(tops, reverse=True) and sum(math.exp(t) for t in tops) <= 1 + 1e-6
         assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+
+
+def test_timeout_answers_504_and_cancels(llm):
+    from fastapi.testclient import TestClient
+
+    from minillama.scheduler import Scheduler
+    from minillama.serve import create_app
+
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        with TestClient(create_app(llm, scheduler, MODEL, request_timeout=0.02)) as client:
+            r = client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 500,
+                                                     "temperature": 0.7, "seed": 1})
+            assert r.status_code == 504 and "out of time" in r.json()["error"]["message"]
+            with client.stream("POST", "/v1/completions", json={"prompt": "Once", "max_tokens": 500, "seed": 2,
+                                                                 "temperature": 0.7, "stream": True}) as s:
+                assert s.headers["cache-control"] == "no-cache"
+                lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+            assert "out of time" in json.loads(lines[-2][6:])["error"]["message"] and lines[-1] == "data: [DONE]"
+        deadline = time.monotonic() + 10
+        while scheduler.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.stats()["cancelled"] == 2
+    finally:
+        scheduler.close()
