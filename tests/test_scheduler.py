@@ -188,3 +188,36 @@ def test_close_cancels_what_is_left(llm):
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit(Request([1], 2), Collector())
     assert torch.is_tensor(scheduler.cache.seq_lens)
+
+
+@pytest.mark.triton
+def test_row_views_under_the_triton_backend():
+    """What the scheduler runs, under the Triton kernels (interpreted on the CPU): a prompt prefilled
+    through a one-row view of a pool whose other rows hold other sequences, then decode steps over
+    the pool's first rows, give the logits of the same tokens on a cache of their own."""
+    import flashcore
+    from minillama.runner import Runner
+    from tests.test_backends import tiny_model, with_backend
+
+    if not flashcore.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on the CPU)")
+    runner = Runner(with_backend(tiny_model(5), "triton"))
+    gen = torch.Generator().manual_seed(0)
+    prompt, others = torch.randint(0, 320, (1, 9), generator=gen), torch.randint(0, 320, (3, 5), generator=gen)
+    pool = runner.new_cache(4, 32)
+    runner(others, pool.first_rows(3))  # rows 0-2 hold other sequences of 5 tokens
+    pool.set_lengths([5, 5, 5, 0])
+    alone = runner.new_cache(1, 32)
+    expected = runner(prompt, alone, logits_at=torch.tensor([8]))
+    got = runner(prompt, pool.row(3), logits_at=torch.tensor([8]))
+    pool.advance([0, 0, 0, 9])
+    alone.advance(9)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    token = expected[:, -1].argmax(-1)
+    for _ in range(2):
+        step = runner(torch.cat([others[:, -1], token])[:, None], pool)  # all four rows, as a decode step does
+        pool.advance([0, 0, 0, 1])
+        ref = runner(token[:, None], alone)
+        alone.advance(1)
+        torch.testing.assert_close(step[3:], ref, rtol=1e-5, atol=1e-5)
+        token = ref[:, -1].argmax(-1)
