@@ -199,25 +199,27 @@ def test_row_views_under_the_triton_backend():
     from minillama.runner import Runner
     from tests.test_backends import tiny_model, with_backend
 
-    if not flashcore.INTERPRET and not torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the GPU: CUDA graphs for the decode steps
+    if device == "cpu" and not flashcore.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on the CPU)")
-    runner = Runner(with_backend(tiny_model(5), "triton"))
+    runner = Runner(with_backend(tiny_model(5, device=device), "triton"))
     gen = torch.Generator().manual_seed(0)
-    prompt, others = torch.randint(0, 320, (1, 9), generator=gen), torch.randint(0, 320, (3, 5), generator=gen)
+    prompt, others = (torch.randint(0, 320, shape, generator=gen).to(device) for shape in ((1, 9), (3, 5)))
     pool = runner.new_cache(4, 32)
     runner(others, pool.first_rows(3))  # rows 0-2 hold other sequences of 5 tokens
     pool.set_lengths([5, 5, 5, 0])
     alone = runner.new_cache(1, 32)
-    expected = runner(prompt, alone, logits_at=torch.tensor([8]))
-    got = runner(prompt, pool.row(3), logits_at=torch.tensor([8]))
+    last = torch.tensor([8], device=device)
+    expected = runner(prompt, alone, logits_at=last)
+    got = runner(prompt, pool.row(3), logits_at=last)
     pool.advance([0, 0, 0, 9])
     alone.advance(9)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     token = expected[:, -1].argmax(-1)
     for _ in range(2):
-        step = runner(torch.cat([others[:, -1], token])[:, None], pool)  # all four rows, as a decode step does
+        step = runner(torch.cat([others[:, -1], token])[:, None], pool).clone()  # all rows, as a decode step
         pool.advance([0, 0, 0, 1])
-        ref = runner(token[:, None], alone)
+        ref = runner(token[:, None], alone).clone()
         alone.advance(1)
         torch.testing.assert_close(step[3:], ref, rtol=1e-5, atol=1e-5)
         token = ref[:, -1].argmax(-1)
