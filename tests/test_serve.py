@@ -36,7 +36,7 @@ def _free_port() -> int:
 def _start_server(*args):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "minillama.serve", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "minillama.serve", "--port", str(port), "--device", "cpu", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -77,7 +77,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def llm():
-    return Llama.from_pretrained(DEMO_MODEL_DIR)
+    return Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu")  # exact float32 equality, on any machine
 
 
 def solo(llm, prompt, max_tokens, **kw):

@@ -48,7 +48,7 @@ class Scripted:
 @pytest.fixture(scope="module")
 def setup(checkpoint_factory):
     folder, config = checkpoint_factory(tokenizer="llama3", max_position_embeddings=4096)
-    llm = Llama.from_pretrained(folder)
+    llm = Llama.from_pretrained(folder, device="cpu")
     script = Scripted(llm.runner, config["vocab_size"])
     llm.runner = script
     scheduler = Scheduler(llm, max_batch=2, max_seq_len=2048)
