@@ -6,23 +6,25 @@ it; nothing is chosen per call and no environment variable is read on the hot pa
 * :class:`TorchBackend`: plain PyTorch ops and flashcore's reference attention. The CPU path, the
   readable statement of each op's contract, and differentiable (the demo model trains with it).
 * :class:`TritonBackend`: Triton kernels (``minillama.kernels``) and flashcore's Triton attention.
-  Single-token steps run each projection as one GEMV launch with its RMSNorm prologue and its
-  SiLU x up or residual-add epilogue folded in; larger steps run cuBLAS for the matrices (the
-  residual add in its epilogue, beta = 1) and Triton kernels for RMSNorm, RoPE and SiLU x up.
+  Single-token steps run each projection as one GEMV launch with the residual add and RMSNorm
+  before it folded into its prologue and SiLU x up into its epilogue; larger steps run cuBLAS for
+  the matrices and Triton kernels for residual add + RMSNorm (one launch), RoPE and SiLU x up.
 
 The ops (shapes: T tokens, K in, N out, D head_dim):
 
 * ``attention(q, k, v, cache)``: flashcore's append + attend over one layer's cache view.
-* ``rms_norm(x, weight, eps)``: ``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, computed
-  in float32 and rounded to x's dtype before the gain.
+* ``rms_norm(x, weight, eps, residual=None) -> (normed, new_residual)``: new_residual = x + residual
+  (x when residual is None), rounded to x's dtype; normed = weight * new_residual /
+  sqrt(mean(new_residual^2) + eps) over the last dim, computed in float32 and rounded to x's dtype
+  before the gain. The Triton backend returns a single-token ``normed`` as a :class:`NormedInput`,
+  computed by the next projection's GEMV in its prologue.
 * ``rope_(qk, cos, sin, n_heads, head_dim)``: rotate the first n_heads heads of each row of
   qk (T, >= n_heads * D) in place; rotate-half layout, cos/sin (T, D).
 * ``silu_mul(gate_up)``: ``silu(gate) * up`` for gate_up (..., 2F) = [gate | up] -> (..., F).
-* ``linear(x, weight, bias, norm=, swiglu=, residual=, gemv_config=)``:
-  ``residual + act(norm(x) @ weight.T + bias)`` with act = silu_mul when ``swiglu``; norm is an
-  RMSNorm module (or None), residual a tensor of the output's shape (or None).
+* ``linear(x, weight, bias=None, swiglu=False, gemv_config=None)``: ``x @ weight.T + bias``, then
+  silu_mul when ``swiglu``; x is a tensor (..., K) or a :class:`NormedInput`.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,21 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """x * cos + rotate_half(x) * sin for x (..., D): dims i and i + D/2 form a pair (HF layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class NormedInput(NamedTuple):
+    """RMSNorm(x + residual) of one token, not computed yet: the Triton GEMV that takes it as its
+    input computes it in its prologue and writes x + residual to ``new_residual``."""
+
+    x: torch.Tensor  # (1, 1, K)
+    residual: Optional[torch.Tensor]  # (1, 1, K) or None
+    weight: torch.Tensor  # (K,) the norm's gain
+    eps: float
+    new_residual: torch.Tensor  # (1, 1, K): receives x + residual (x itself when residual is None)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
 
 
 class TorchBackend:
@@ -53,9 +70,11 @@ class TorchBackend:
             implementation=self.attention_implementation,
         )
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual=None):
+        if residual is not None:
+            x = x + residual
         x32 = x.float()  # accumulate in float32 whatever the model dtype
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), x
 
     def rope_(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, head_dim: int) -> None:
         T = qk.shape[0]
@@ -66,14 +85,9 @@ class TorchBackend:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def linear(self, x, weight, bias=None, *, norm=None, swiglu: bool = False,
-               residual: Optional[torch.Tensor] = None, gemv_config=None) -> torch.Tensor:
-        if norm is not None:
-            x = norm(x)
+    def linear(self, x, weight, bias=None, *, swiglu: bool = False, gemv_config=None) -> torch.Tensor:
         y = F.linear(x, weight, bias)
-        if swiglu:
-            y = self.silu_mul(y)
-        return y if residual is None else residual + y
+        return self.silu_mul(y) if swiglu else y
 
 
 class TritonBackend(TorchBackend):
@@ -93,8 +107,20 @@ class TritonBackend(TorchBackend):
         self.kernels = kernels
         self.gemv = gemv
 
-    def rms_norm(self, x, weight, eps):
-        return self.kernels.rms_norm(x, weight, eps)
+    def rms_norm(self, x, weight, eps, residual=None):
+        if self.gemv and x.numel() == x.shape[-1]:  # one token: the next projection's GEMV does it
+            new_residual = x if residual is None else torch.empty_like(x)
+            return NormedInput(x, residual, weight, eps, new_residual), new_residual
+        return self.kernels.add_rms_norm(x, residual, weight, eps)
+
+    def materialize(self, x):
+        """A tensor for x: a :class:`NormedInput` is computed now (for a consumer other than the GEMV)."""
+        if not isinstance(x, NormedInput):
+            return x
+        normed, new_residual = self.kernels.add_rms_norm(x.x, x.residual, x.weight, x.eps)
+        if x.residual is not None:
+            x.new_residual.copy_(new_residual)
+        return normed
 
     def rope_(self, qk, cos, sin, n_heads, head_dim):
         self.kernels.rope_(qk, cos, sin, n_heads, head_dim)
@@ -103,27 +129,22 @@ class TritonBackend(TorchBackend):
         lead = gate_up.shape[:-1]
         return self.kernels.silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*lead, -1)
 
-    def linear(self, x, weight, bias=None, *, norm=None, swiglu=False, residual=None, gemv_config=None):
-        K = x.shape[-1]
-        rows = x.numel() // K
-        lead = x.shape[:-1]
-        if bias is not None:  # the GEMV and the addmm path take no bias: run the plain ops
-            return super().linear(x, weight, bias, norm=norm, swiglu=swiglu, residual=residual)
-        if rows == 1 and self.gemv:
+    def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None):
+        if isinstance(x, NormedInput) and bias is None:
+            K = x.x.shape[-1]
             out = self.kernels.gemv(
-                x.reshape(K).contiguous(), weight,
-                norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
-                swiglu=swiglu, residual=None if residual is None else residual.reshape(-1), config=gemv_config,
+                x.x.reshape(K), weight,
+                add=None if x.residual is None else x.residual.reshape(K),
+                h_out=None if x.residual is None else x.new_residual.view(K),
+                norm_weight=x.weight, eps=x.eps, swiglu=swiglu, config=gemv_config,
             )
-            return out.view(*lead, -1)
-        if norm is not None:
-            x = norm(x)
-        if residual is not None and not swiglu:  # residual + x W^T in cuBLAS's epilogue
-            return torch.addmm(residual.reshape(rows, -1), x.reshape(rows, K), weight.t()).view(*lead, -1)
-        y = F.linear(x, weight)
-        if swiglu:
-            y = self.silu_mul(y)
-        return y if residual is None else residual + y
+            return out.view(*x.shape[:-1], -1)
+        x = self.materialize(x)
+        if bias is None and self.gemv and x.numel() == x.shape[-1]:  # one token, no norm before it
+            out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, config=gemv_config)
+            return out.view(*x.shape[:-1], -1)
+        y = F.linear(x, weight, bias)
+        return self.silu_mul(y) if swiglu else y
 
 
 def make_backend(name: str, device) -> TorchBackend:

@@ -91,6 +91,13 @@ class LlamaConfig:
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise NotImplementedError(f"hidden_act {act!r} is not implemented; LLaMA uses 'silu'")
+        if d.get("quantization_config") is not None:
+            q = d["quantization_config"]
+            method = q.get("quant_method") if isinstance(q, dict) else q
+            raise NotImplementedError(
+                f"config.json has a quantization_config (quant_method {method!r}): quantized checkpoints are not "
+                f"supported; use the checkpoint's bfloat16/float16/float32 release"
+            )
         if d.get("pretraining_tp", 1) != 1:
             raise NotImplementedError(f"pretraining_tp {d['pretraining_tp']} is not implemented; expected 1")
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")

@@ -1,5 +1,6 @@
-"""Triton kernels behind :class:`minillama.backend.TritonBackend`: RMSNorm, RoPE in place, SiLU x mul,
-and the single-token GEMV with RMSNorm prologue, SiLU x up and residual-add epilogues.
+"""Triton kernels behind :class:`minillama.backend.TritonBackend`: residual add + RMSNorm, RoPE in
+place, SiLU x mul, and the single-token GEMV with a residual add + RMSNorm prologue and a SiLU x up
+epilogue.
 
 Rounding: the elementwise kernels round to the model dtype wherever the torch backend does
 (``bf16(w * bf16(x * r))``, ``bf16(bf16(x cos) + bf16(rot(x) sin))``, ...), so the two backends agree
@@ -25,14 +26,20 @@ def runs_on(device: torch.device) -> bool:
 
 
 @triton.jit
-def _rmsnorm_fwd(X, Normed, W, stride_x, stride_n, N, eps, BLOCK: tl.constexpr):
-    # One program per token row: normed = w * (x * rsqrt(mean(x^2) + eps)).
+def _add_rmsnorm_fwd(X, Res, H_out, Normed, W, stride_x, stride_r, stride_h, stride_n, N, eps,
+                     ADD: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per token row: h = x + res (rounded), normed = w * (h * rsqrt(mean(h^2) + eps)).
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
-    x32 = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.sum(x32 * x32, 0) / N + eps)
-    n = (x32 * r).to(X.dtype.element_ty).to(tl.float32)  # the torch backend rounds before the gain
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    if ADD:
+        r = tl.load(Res + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H_out + row * stride_h + offs, x, mask=mask)
+    x32 = x.to(tl.float32)
+    scale = tl.rsqrt(tl.sum(x32 * x32, 0) / N + eps)
+    n = (x32 * scale).to(X.dtype.element_ty).to(tl.float32)  # the torch backend rounds before the gain
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Normed + row * stride_n + offs, (w * n).to(Normed.dtype.element_ty), mask=mask)
 
@@ -77,14 +84,14 @@ def _silu_mul_fwd(GU, Out, stride_gu, stride_o, F_dim, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fwd(X, W, Out, Res, NormW, N, K, stride_wn, eps,
-              NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+def _gemv_fwd(X, Add, H_out, W, Out, NormW, N, K, stride_wn, eps,
+              ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for one row x (K,), BLOCK_N outputs per program.
 
-    NORM: x is replaced by RMSNorm(x) * NormW; the row scale rsqrt(mean(x^2) + eps) is applied
-    after the dot product. SWIGLU: W holds [gate; up] (2N rows): out = silu(gate) * up.
-    RESIDUAL: out = Res + W x (the projection rounded first, as the plain model adds rounded terms).
+    ADD: x is replaced by h = x + Add (rounded to x's dtype); program 0 writes h to H_out (the new
+    residual stream). NORM: the input is RMSNorm(h) * NormW; the row scale rsqrt(mean(h^2) + eps)
+    is applied after the dot product. SWIGLU: W holds [gate; up] (2N rows): out = silu(gate) * up.
     """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,13 +107,22 @@ def _gemv_fwd(X, W, Out, Res, NormW, N, K, stride_wn, eps,
     # -- stream the weight rows once; products accumulate elementwise, reduced once at the end --
     for k0 in tl.range(0, K, BLOCK_K):
         kk = k0 + offs_k
+        k_mask = kk < K
         if EVEN_K:
-            x = tl.load(X + kk).to(tl.float32)
+            x = tl.load(X + kk)
             w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None], other=0.0)
         else:
-            k_mask = kk < K
-            x = tl.load(X + kk, mask=k_mask, other=0.0).to(tl.float32)
+            x = tl.load(X + kk, mask=k_mask, other=0.0)
             w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if ADD:
+            if EVEN_K:
+                a = tl.load(Add + kk)
+            else:
+                a = tl.load(Add + kk, mask=k_mask, other=0.0)
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(X.dtype.element_ty)
+            if pid == 0:
+                tl.store(H_out + kk, x, mask=k_mask)
+        x = x.to(tl.float32)
         if NORM:
             sumsq += x * x
             if EVEN_K:
@@ -133,8 +149,6 @@ def _gemv_fwd(X, W, Out, Res, NormW, N, K, stride_wn, eps,
         g = y.to(ty).to(tl.float32)
         s = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
         y = s * up.to(ty).to(tl.float32)
-    if RESIDUAL:
-        y = y.to(ty).to(tl.float32) + tl.load(Res + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(Out + offs_n, y.to(ty), mask=n_mask)
 
 
@@ -167,16 +181,18 @@ def time_in_graph(fn, reps: int = 3) -> float:
     return best
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * RMSNorm(x) over the last dim of x (..., N)."""
+def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
+    """(normed, h) for rows of x (..., N): h = x + residual (x itself when residual is None)."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     normed = torch.empty_like(x2)
-    _rmsnorm_fwd[(x2.shape[0],)](
-        x2, normed, weight, x2.stride(0), normed.stride(0), N, eps,
-        BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
+    h = torch.empty_like(x2) if residual is not None else x2
+    r = residual.reshape(-1, N) if residual is not None else x2
+    _add_rmsnorm_fwd[(x2.shape[0],)](
+        x2, r, h, normed, weight, x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps,
+        ADD=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
     )
-    return normed.view(x.shape)
+    return normed.view(x.shape), h.view(x.shape)
 
 
 def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, head_dim: int) -> None:
@@ -205,27 +221,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
-         eps: float = 0.0, swiglu: bool = False, residual: Optional[torch.Tensor] = None,
-         config=None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] = None,
+         h_out: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+         eps: float = 0.0, swiglu: bool = False, config=None) -> torch.Tensor:
     """One row x (K,) times weight (N_w, K)^T, with the optional fusions of ``_gemv_fwd``.
 
-    config: (BLOCK_N, BLOCK_K, num_warps); default the first of ``GEMV_CONFIGS``.
-    Returns (N,) with N = N_w, or N_w / 2 with ``swiglu``.
+    add, h_out: h = x + add is the input (and is written to h_out); norm_weight, eps: the input is
+    RMSNorm(h) * norm_weight. config: (BLOCK_N, BLOCK_K, num_warps); default the first of
+    ``GEMV_CONFIGS``. Returns (N,) with N = N_w, or N_w / 2 with ``swiglu``.
     """
     K = x.shape[-1]
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     assert x.is_contiguous() and weight.stride(1) == 1 and weight.shape[1] == K
+    assert (add is None) == (h_out is None)
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
     block_n, block_k, num_warps = config or GEMV_CONFIGS[0]
     _gemv_fwd[(triton.cdiv(N, block_n),)](
-        x, weight, out, residual if residual is not None else out,
+        x, add if add is not None else x, h_out if h_out is not None else x, weight, out,
         norm_weight if norm_weight is not None else x, N, K, weight.stride(0), eps,
-        NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=num_warps,
     )
     return out
-
-

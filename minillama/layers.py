@@ -11,7 +11,10 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, accumulated in float32."""
+    """``norm(x, residual) -> (normed, new_residual)``: new_residual = x + residual (x when None),
+    normed = ``weight * new_residual / sqrt(mean(new_residual^2) + eps)`` over the last dim,
+    accumulated in float32. The add and the norm are one launch; at single-token steps the Triton
+    backend defers both into the next projection's GEMV."""
 
     def __init__(self, dim: int, eps: float, backend):
         super().__init__()
@@ -19,18 +22,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        return self.backend.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Linear(nn.Module):
-    """A projection with its neighbours: ``residual + norm(x) @ weight.T (+ bias)``.
+    """``x @ weight.T (+ bias)``. x is a tensor or, under the Triton backend at single-token steps,
+    the deferred output of an :class:`RMSNorm` that the GEMV computes in its prologue.
 
-    ``norm`` (an :class:`RMSNorm`) and ``residual`` are optional arguments of the call so that the
-    backend can fuse them: the Triton GEMV folds the norm into its prologue and the residual add
-    into its epilogue at single-token steps; cuBLAS adds the residual in its epilogue at larger
-    ones. A subclass that must do something between the product and the residual add (a
-    row-parallel linear's all-reduce) overrides :meth:`forward` and adds the residual itself.
+    A subclass (quantized, column- or row-parallel) is swapped in at load time; the model only
+    calls :meth:`forward`. A row-parallel linear all-reduces its output here, and the residual add
+    that follows happens in the next norm (``norm(x, residual)``), after the reduction.
 
     Args:
         parts: the sizes of the row blocks this weight was fused from (q, k, v; gate, up), in
@@ -52,10 +54,8 @@ class Linear(nn.Module):
         self.backend = backend
         self.gemv_config = None
 
-    def forward(self, x: torch.Tensor, norm: Optional[RMSNorm] = None,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.backend.linear(x, self.weight, self.bias, norm=norm, swiglu=self.swiglu,
-                                   residual=residual, gemv_config=self.gemv_config)
+    def forward(self, x) -> torch.Tensor:
+        return self.backend.linear(x, self.weight, self.bias, swiglu=self.swiglu, gemv_config=self.gemv_config)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, parts={self.parts}, bias={self.bias is not None}"

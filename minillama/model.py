@@ -61,17 +61,17 @@ class Attention(nn.Module):
         self.wo = Linear(q, config.hidden_size, config.attention_bias, backend)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm, cos, sin, cache: LayerCache) -> torch.Tensor:
-        """x + wo(attention(norm(x))) for x (B, S, hidden)."""
-        B, S, _ = x.shape
+    def forward(self, h, cos, sin, cache: LayerCache) -> torch.Tensor:
+        """wo(attention(h)) for the normed input h (B, S, hidden); k, v appended to the cache."""
+        B, S, _ = h.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x, norm=norm)  # (B, S, (H + 2 H_kv) D): q heads, then k heads, then v heads
+        qkv = self.wqkv(h)  # (B, S, (H + 2 H_kv) D): q heads, then k heads, then v heads
         self.backend.rope_(qkv.view(B * S, -1), cos, sin, H + H_kv, D)  # q and k heads, in place
         q = qkv[..., : H * D].view(B, S, H, D)
         k = qkv[..., H * D : (H + H_kv) * D].view(B, S, H_kv, D)
         v = qkv[..., (H + H_kv) * D :].view(B, S, H_kv, D)
         out = self.backend.attention(q, k, v, cache)  # (B, S, H, D); k, v appended at each row's fill
-        return self.wo(out.reshape(B, S, H * D), residual=x)
+        return self.wo(out.reshape(B, S, H * D))
 
 
 class FeedForward(nn.Module):
@@ -81,9 +81,9 @@ class FeedForward(nn.Module):
         self.w13 = GateUpLinear(config.hidden_size, 2 * F_dim, config.mlp_bias, backend, parts=(F_dim, F_dim))
         self.w2 = Linear(F_dim, config.hidden_size, config.mlp_bias, backend)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """x + w2(silu(w1 norm(x)) * w3 norm(x)) for x (B, S, hidden)."""
-        return self.w2(self.w13(x, norm=norm), residual=x)
+    def forward(self, h) -> torch.Tensor:
+        """w2(silu(w1 h) * w3 h) for the normed input h (B, S, hidden)."""
+        return self.w2(self.w13(h))
 
 
 class TransformerBlock(nn.Module):
@@ -94,9 +94,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.feed_forward = FeedForward(config, backend)
 
-    def forward(self, x, cos, sin, cache: LayerCache) -> torch.Tensor:
-        h = self.attention(x, self.attention_norm, cos, sin, cache)  # x + attention(attention_norm(x))
-        return self.feed_forward(h, self.ffn_norm)  # h + feed_forward(ffn_norm(h))
+    def forward(self, x, residual, cos, sin, cache: LayerCache):
+        """x: the previous block's output, not yet added to the residual stream (None at the first)."""
+        h, residual = self.attention_norm(x, residual)  # residual = x + residual; h = norm(residual)
+        x = self.attention(h, cos, sin, cache)
+        h, residual = self.ffn_norm(x, residual)
+        return self.feed_forward(h), residual
 
 
 class Transformer(nn.Module):
@@ -132,10 +135,13 @@ class Transformer(nn.Module):
         if cache is None:
             cache = KVCache.allocate(self.config, B, S, tokens.device, self.tok_embeddings.weight.dtype)
         positions = cache.seq_lens[:, None].long() + torch.arange(S, device=tokens.device)  # (B, S)
-        h = self.tok_embeddings(tokens)  # (B, S, hidden)
-        cos, sin = rope_cos_sin(positions.view(-1), self.inv_freq, h.dtype)  # (B * S, D)
+        x = self.tok_embeddings(tokens)  # (B, S, hidden)
+        cos, sin = rope_cos_sin(positions.view(-1), self.inv_freq, x.dtype)  # (B * S, D)
+        residual = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.layer(i))
-        if logits_at is not None:
-            h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, hidden)
-        return self.output(h, norm=self.norm)  # (B, S or 1, V): the head with the final norm fused
+            x, residual = layer(x, residual, cos, sin, cache.layer(i))
+        if logits_at is not None and S > 1:
+            rows = torch.arange(B, device=x.device)
+            x, residual = x[rows, logits_at][:, None], residual[rows, logits_at][:, None]  # (B, 1, hidden)
+        h, _ = self.norm(x, residual)
+        return self.output(h)  # (B, S or 1, V)

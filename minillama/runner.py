@@ -33,6 +33,7 @@ class _Graph:
 
     def __init__(self, model: Transformer, tokens: torch.Tensor, cache: KVCache, pool):
         self.tokens = tokens.clone()  # static input (B, 1)
+        self.cache_ptrs = (cache.v.data_ptr(), cache.seq_lens.data_ptr())  # besides k's, in the key
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -46,7 +47,7 @@ class _Graph:
             self.logits = model(self.tokens, cache)  # static output (B, 1, V)
 
     def replay(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens[: tokens.shape[0]].copy_(tokens)
+        (self.tokens if tokens.shape[0] == self.tokens.shape[0] else self.tokens[: tokens.shape[0]]).copy_(tokens)
         self.graph.replay()
         return self.logits
 
@@ -90,32 +91,37 @@ class Runner:
             raise ValueError(f"{B} rows of tokens but the cache holds {cache.batch} rows")
         if not self.cuda_graphs or cache is None or S != 1 or logits_at is not None:
             return self.model(tokens, cache if cache is None else cache.first_rows(B), logits_at=logits_at)
-        for b, n in enumerate(cache.seq_lens_cpu[:B]):  # flashcore checks this; inside a graph it cannot
-            if n + 1 > cache.max_len:
-                raise ValueError(
-                    f"row {b}: {n} cached + 1 new token = {n + 1} exceeds the cache capacity S_max={cache.max_len}; "
-                    f"allocate a larger cache"
-                )
-        rows = bucket(B)
-        if rows > cache.batch or any(n + 1 > cache.max_len for n in cache.seq_lens_cpu[B:rows]):
-            rows = B  # no room to pad: a graph of exactly B rows
-        return self._graph_for(tokens, rows, cache.first_rows(rows)).replay(tokens)[:B]
-
-    def _graph_for(self, tokens: torch.Tensor, rows: int, cache: KVCache) -> _Graph:
-        key = (rows, tokens.dtype, tuple(cache.k.shape), tuple(cache.k.stride()), cache.k.dtype,
-               cache.k.data_ptr(), cache.v.data_ptr(), cache.seq_lens.data_ptr())
+        lens = cache.seq_lens_cpu
+        if max(lens[:B]) + 1 > cache.max_len:  # flashcore checks this; inside a graph it cannot
+            b = max(range(B), key=lambda i: lens[i])
+            raise ValueError(
+                f"row {b}: {lens[b]} cached + 1 new token = {lens[b] + 1} exceeds the cache capacity "
+                f"S_max={cache.max_len}; allocate a larger cache"
+            )
+        rows = B
+        if B < cache.batch:
+            padded = min(bucket(B), cache.batch)
+            if padded > B and max(lens[B:padded]) + 1 <= cache.max_len:  # pad rows write a slot at their fill
+                rows = padded
+            cache = cache.first_rows(rows)
+        key = (rows, cache.k.data_ptr(), cache.k.stride(), cache.k.shape)
         graph = self._graphs.get(key)
-        if graph is None:
-            self.tune_gemv()  # timing runs its own graphs: never inside a capture
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            padded = torch.zeros(rows, 1, dtype=tokens.dtype, device=tokens.device)
-            padded[: tokens.shape[0]] = tokens
-            graph = _Graph(self.model, padded, cache, self._pool)
-            self._graphs[key] = graph
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
+        if graph is None or graph.cache_ptrs != (cache.v.data_ptr(), cache.seq_lens.data_ptr()):
+            graph = self._capture(key, tokens, cache)
         self._graphs.move_to_end(key)
+        logits = graph.replay(tokens)
+        return logits if rows == B else logits[:B]
+
+    def _capture(self, key: tuple, tokens: torch.Tensor, cache: KVCache) -> _Graph:
+        """Capture the decode step over ``cache`` (all its rows; tokens may fill the first ones)."""
+        self.tune_gemv()  # timing runs its own graphs: never inside a capture
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        padded = torch.zeros(cache.batch, 1, dtype=tokens.dtype, device=tokens.device)
+        padded[: tokens.shape[0]] = tokens
+        graph = self._graphs[key] = _Graph(self.model, padded, cache, self._pool)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
         return graph
 
     def clear(self) -> None:
@@ -124,15 +130,24 @@ class Runner:
         self._pool = None
 
     def gemv_roles(self) -> dict:
-        """{role: [(linear, norm or None, adds a residual)]}: the single-token products by matrix kind."""
+        """{role: [(linear, the norm before it or None)]}: the single-token products by matrix kind."""
         layers, model = self.model.layers, self.model
         return {
-            "qkv": [(L.attention.wqkv, L.attention_norm, False) for L in layers],
-            "o": [(L.attention.wo, None, True) for L in layers],
-            "gate_up": [(L.feed_forward.w13, L.ffn_norm, False) for L in layers],
-            "down": [(L.feed_forward.w2, None, True) for L in layers],
-            "head": [(model.output, model.norm, False)],
+            "qkv": [(L.attention.wqkv, L.attention_norm) for L in layers],
+            "o": [(L.attention.wo, None) for L in layers],
+            "gate_up": [(L.feed_forward.w13, L.ffn_norm) for L in layers],
+            "down": [(L.feed_forward.w2, None) for L in layers],
+            "head": [(model.output, model.norm)],
         }
+
+    def gemv_inputs(self, linear, norm):
+        """A single-token input for ``linear`` as the forward gives it: the residual add + norm
+        deferred into the GEMV where a norm precedes it, else a plain vector."""
+        x = torch.randn(1, 1, linear.in_features, dtype=self.dtype, device=self.device)
+        if norm is None:
+            return lambda: x
+        residual = torch.randn_like(x)
+        return lambda: norm(x, residual)[0]
 
     def tune_gemv(self) -> None:
         """Give each matrix kind its fastest GEMV tiling on this GPU, timed in CUDA graphs; once.
@@ -149,21 +164,18 @@ class Runner:
         self.gemv_timings = {}
         with torch.inference_mode():
             for role, calls in self.gemv_roles().items():
-                lin0 = calls[0][0]
-                x = torch.randn(1, 1, lin0.in_features, dtype=self.dtype, device=self.device)
-                out_features = lin0.out_features // 2 if lin0.swiglu else lin0.out_features
-                residual = torch.randn(1, 1, out_features, dtype=self.dtype, device=self.device)
+                inputs = [self.gemv_inputs(lin, norm) for lin, norm in calls]
 
                 def run_all():
-                    for lin, norm, adds in calls:
-                        lin(x, norm=norm, residual=residual if adds else None)
+                    for (lin, _), make_input in zip(calls, inputs):
+                        lin(make_input())
 
                 times = {}
                 for config in kernels.GEMV_CONFIGS:
-                    for lin, _, _ in calls:
+                    for lin, _ in calls:
                         lin.gemv_config = config
                     times[config] = kernels.time_in_graph(run_all) / len(calls)
                 best = min(times, key=times.get)
-                for lin, _, _ in calls:
+                for lin, _ in calls:
                     lin.gemv_config = best
                 self.gemv_timings[role] = {str(c): ms for c, ms in times.items()}

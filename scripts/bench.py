@@ -11,8 +11,8 @@ checkpoint folder with --model) and measures, in one run:
     aggregate, with a host sync per token as TokenLoop does (and without, in the JSON); achieved
     GB/s = (weights read per step without the embedding table + K/V read) / step time; peak GPU
     memory over weights + cache. Combinations whose cache does not fit are skipped and listed;
-  * ablations at batch 1 / cache 512: plain eager model, cuBLAS instead of the GEMV, and the GEMV
-    against cuBLAS per weight matrix;
+  * ablations at batch 1 / cache 512: the torch backend eager and in CUDA graphs, the Triton backend
+    with cuBLAS instead of the GEMV, and the GEMV against cuBLAS per weight matrix;
   * HF transformers eager and static-cache ``generate()`` (when installed), same shapes.
 
 Prints a table last and writes everything to --out (JSON). Usage on the GPU machine:
@@ -20,7 +20,6 @@ Prints a table last and writes everything to --out (JSON). Usage on the GPU mach
     PYTHONPATH=. python3 scripts/bench.py --out bench.json
 """
 import argparse
-import copy
 import gc
 import json
 import os
@@ -54,12 +53,12 @@ if not ARGS.warm_triton_cache:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from minillama.backend import TorchBackend, TritonBackend  # noqa: E402
 from minillama.config import LlamaConfig  # noqa: E402
-from minillama.cuda_graphs import DecodeGraphs  # noqa: E402
-from minillama.fused import FusedTransformer, time_in_graph  # noqa: E402
 from minillama.generate import TokenLoop  # noqa: E402
-from minillama.kv_cache import KVCache  # noqa: E402
-from minillama.model import Transformer  # noqa: E402
+from minillama.kernels import time_in_graph  # noqa: E402
+from minillama.model import Transformer, rope_inv_freq  # noqa: E402
+from minillama.runner import Runner  # noqa: E402
 
 GiB = 1024**3
 LLAMA31_8B = dict(
@@ -84,7 +83,7 @@ def log(msg):
 
 def random_model(config: LlamaConfig, device) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(config).to(torch.bfloat16)
+        model = Transformer(config, TritonBackend()).to(torch.bfloat16)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -93,7 +92,6 @@ def random_model(config: LlamaConfig, device) -> Transformer:
                 p.normal_(1.0, 0.05, generator=gen)
             else:
                 p.normal_(0.0, 0.02, generator=gen)  # never zeros: they can time faster than data
-        from minillama.model import rope_inv_freq
         model.inv_freq = rope_inv_freq(config).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -104,38 +102,45 @@ def kv_bytes(config: LlamaConfig, batch: int, length: int) -> int:
     return 2 * config.num_hidden_layers * batch * length * config.num_key_value_heads * config.head_dim * 2
 
 
-def run_loop(model, prompts, max_new_tokens, forward=None):
-    loop = TokenLoop(model, prompts, max_new_tokens, forward=forward)
+def set_backend(model: Transformer, backend) -> None:
+    """Run the same weights under another backend (for the ablations)."""
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+
+
+def run_loop(runner, prompts, max_new_tokens):
+    loop = TokenLoop(runner, prompts, max_new_tokens)
     for _ in loop:
         pass
     return loop
 
 
-def ttft(model, forward, prompt_len, reps, vocab):
+def ttft(runner, prompt_len, reps, vocab):
     times = []
     for r in range(reps):
         prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(r)).tolist()
         torch.cuda.synchronize()
-        loop = run_loop(model, [prompt], 1, forward)
+        loop = run_loop(runner, [prompt], 1)
         times.append(loop.times.prefill_s)
     return statistics.median(times)
 
 
-def decode_rate(model, forward, config, batch, length, steps, sync_each):
+def decode_rate(runner, config, batch, length, steps, sync_each):
     """Seconds per decode step at fill ``length`` (cache random beyond), median of 3 passes."""
-    device = model.tok_embeddings.weight.device
-    cache = KVCache.allocate(config, batch, length + steps + 2, device, torch.bfloat16)
+    device = runner.device
+    cache = runner.new_cache(batch, length + steps + 2)
     cache.k.normal_()
     cache.v.normal_()
     tokens = torch.randint(0, config.vocab_size, (batch, 1), device=device)
     per_step = []
     with torch.inference_mode():
         for rep in range(4):  # the first pass captures the graph; not timed
-            cache.reset([length] * batch)
+            cache.set_lengths([length] * batch)
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(steps if rep else 2):
-                logits = forward(tokens, cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)
+                logits = runner(tokens, cache)
                 cache.advance(1)
                 tokens = logits[:, -1].argmax(-1, keepdim=True)
                 if sync_each:
@@ -147,46 +152,41 @@ def decode_rate(model, forward, config, batch, length, steps, sync_each):
     return statistics.median(per_step)
 
 
-def gemv_vs_cublas(fused: FusedTransformer):
+def gemv_vs_cublas(runner: Runner):
     """Per matrix kind at one token, timed in a CUDA graph over all layers: the tuned GEMV (with its
     fusions) and cuBLAS (F.linear alone), in microseconds per matrix and GB/s."""
-    x = torch.randn(fused.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    act = torch.randn(fused.config.intermediate_size, device="cuda", dtype=torch.bfloat16)
     F = torch.nn.functional
-    weight_of = {"qkv": lambda L: L.wqkv, "o": lambda L: L.wo, "gate_up": lambda L: L.w13,
-                 "down": lambda L: L.w2, "head": lambda L: fused.model.output.weight}
     out = {}
-    for kind, call in fused.gemv_calls(x).items():
-        layers = [None] if kind == "head" else fused.layers
-        w0 = weight_of[kind](fused.layers[0])
-        inp = act if kind == "down" else x
-        cfg = fused.gemv_configs[kind]
-        ms_gemv = time_in_graph(lambda: [call(L, cfg) for L in layers]) / len(layers)
-        ms_cublas = time_in_graph(lambda: [F.linear(inp[None], weight_of[kind](L)) for L in fused.layers]
-                                  if kind != "head" else F.linear(inp[None], w0)) / len(layers)
-        nbytes = w0.numel() * w0.element_size()
-        out[kind] = dict(MB=nbytes / 1e6, config=str(cfg), gemv_us=ms_gemv * 1e3, cublas_us=ms_cublas * 1e3,
-                         gemv_GBps=nbytes / ms_gemv / 1e6, cublas_GBps=nbytes / ms_cublas / 1e6,
-                         all_configs_us={k: v * 1e3 for k, v in fused.gemv_timings.get(kind, {}).items()})
+    with torch.inference_mode():
+        for role, calls in runner.gemv_roles().items():
+            lin0 = calls[0][0]
+            inputs = [runner.gemv_inputs(lin, norm) for lin, norm in calls]
+            x = torch.randn(1, 1, lin0.in_features, device="cuda", dtype=torch.bfloat16)
+            ms_gemv = time_in_graph(lambda: [lin(make()) for (lin, _), make in zip(calls, inputs)]) / len(calls)
+            ms_cublas = time_in_graph(lambda: [F.linear(x, lin.weight) for lin, _ in calls]) / len(calls)
+            nbytes = lin0.weight.numel() * lin0.weight.element_size()
+            out[role] = dict(MB=nbytes / 1e6, config=str(lin0.gemv_config), gemv_us=ms_gemv * 1e3,
+                             cublas_us=ms_cublas * 1e3, gemv_GBps=nbytes / ms_gemv / 1e6,
+                             cublas_GBps=nbytes / ms_cublas / 1e6,
+                             all_configs_us={k: v * 1e3 for k, v in (runner.gemv_timings or {}).get(role, {}).items()})
     return out
 
 
-def kernel_profile(model, forward, config, batch, length):
+def kernel_profile(runner, config, batch, length):
     """GPU time per decode step by kernel name (torch.profiler over graph replays), and the step's wall."""
-    device = model.tok_embeddings.weight.device
-    cache = KVCache.allocate(config, batch, length + 40, device, torch.bfloat16)
+    cache = runner.new_cache(batch, length + 40)
     cache.k.normal_()
     cache.v.normal_()
-    tokens = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+    tokens = torch.randint(0, config.vocab_size, (batch, 1), device=runner.device)
     steps = 10
     with torch.inference_mode():
-        cache.reset([length] * batch)
+        cache.set_lengths([length] * batch)
         for _ in range(3):
-            forward(tokens, cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)
+            runner(tokens, cache)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                logits = forward(tokens, cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)
+                logits = runner(tokens, cache)
                 cache.advance(1)
                 tokens = logits[:, -1].argmax(-1, keepdim=True)
             torch.cuda.synchronize()
@@ -200,7 +200,6 @@ def kernel_profile(model, forward, config, batch, length):
 
 
 def bench_ours(model, config):
-    device = model.tok_embeddings.weight.device
     vocab = config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters())
     stream_bytes = weight_bytes - model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
@@ -211,10 +210,9 @@ def bench_ours(model, config):
     # -- ready: weights on the GPU -> first decoded token, everything included --
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    fused = FusedTransformer(model)
-    runner = DecodeGraphs(fused)
+    runner = Runner(model)
     prompt = torch.randint(0, vocab, (512,), generator=torch.Generator().manual_seed(123)).tolist()
-    loop = TokenLoop(model, [prompt], 2, forward=runner)
+    loop = TokenLoop(runner, [prompt], 2)
     it = iter(loop)
     next(it)
     first = time.perf_counter() - t0
@@ -228,12 +226,15 @@ def bench_ours(model, config):
     # -- TTFT --
     for P in map(int, ARGS.prompt_lens.split(",")):
         torch.cuda.reset_peak_memory_stats()
-        RESULTS["ours"][f"ttft_{P}_ms"] = ttft(model, runner, P, ARGS.reps, vocab) * 1e3
+        RESULTS["ours"][f"ttft_{P}_ms"] = ttft(runner, P, ARGS.reps, vocab) * 1e3
         peak = torch.cuda.max_memory_allocated()
         cache = kv_bytes(config, 1, P + 1)
         RESULTS["ours"][f"ttft_{P}_overhead_GiB"] = (peak - weight_bytes - cache) / GiB
         if not ARGS.skip_ablations:
-            RESULTS["ablations"][f"plain_ttft_{P}_ms"] = ttft(model, None, P, ARGS.reps, vocab) * 1e3
+            triton_backend = model.backend
+            set_backend(model, TorchBackend())
+            RESULTS["ablations"][f"torch_backend_ttft_{P}_ms"] = ttft(Runner(model), P, ARGS.reps, vocab) * 1e3
+            set_backend(model, triton_backend)
         log(f"TTFT {P}: {RESULTS['ours'][f'ttft_{P}_ms']:.1f} ms")
     save()
 
@@ -253,9 +254,9 @@ def bench_ours(model, config):
                 log("skip " + msg)
                 continue
             torch.cuda.reset_peak_memory_stats()
-            step_s = decode_rate(model, runner, config, B, L, steps, sync_each=True)
+            step_s = decode_rate(runner, config, B, L, steps, sync_each=True)
             peak = torch.cuda.max_memory_allocated()
-            step_nosync = decode_rate(model, runner, config, B, L, steps, sync_each=False)
+            step_nosync = decode_rate(runner, config, B, L, steps, sync_each=False)
             kv_read = kv_bytes(config, B, L + steps // 2)
             row = dict(batch=B, cache=L, step_ms=step_s * 1e3, tok_s_per_seq=1 / step_s, tok_s_total=B / step_s,
                        step_ms_nosync=step_nosync * 1e3, tok_s_total_nosync=B / step_nosync,
@@ -270,10 +271,10 @@ def bench_ours(model, config):
     for B in (1, 16):
         prompts = [torch.randint(0, vocab, (512,), generator=torch.Generator().manual_seed(b)).tolist()
                    for b in range(B)]
-        cache = KVCache.allocate(config, B, 512 + 128, device, torch.bfloat16)
+        cache = runner.new_cache(B, 512 + 128)
         for n_new in (4, 128):  # the first run captures this batch's graph for this cache
-            cache.reset([0] * B)
-            loop = TokenLoop(model, prompts, n_new, cache=cache, forward=runner)
+            cache.set_lengths([0] * B)
+            loop = TokenLoop(runner, prompts, n_new, cache=cache)
             for _ in loop:
                 pass
         del cache
@@ -283,24 +284,23 @@ def bench_ours(model, config):
     if not ARGS.skip_ablations:
         runner.clear()
         ab = RESULTS["ablations"]
-        ab["plain_eager_b1_c512_tok_s"] = 1 / decode_rate(model, model, config, 1, 512, 32, True)
-        ab["plain_graphs_b1_c512_tok_s"] = 1 / decode_rate(model, DecodeGraphs(model), config, 1, 512, steps, True)
-        no_gemv = copy.copy(fused)  # same fused weights, cuBLAS for the single-token matrices too
-        no_gemv.gemv_max_tokens = 0
-        cublas = DecodeGraphs(no_gemv)
-        ab["fused_cublas_graphs_b1_c512_tok_s"] = 1 / decode_rate(model, cublas, config, 1, 512, steps, True)
-        cublas.clear()
-        ab["gemv_vs_cublas"] = gemv_vs_cublas(fused)
+        triton = model.backend
+        set_backend(model, TorchBackend())
+        ab["torch_eager_b1_c512_tok_s"] = 1 / decode_rate(Runner(model, cuda_graphs=False), config, 1, 512, 32, True)
+        ab["torch_graphs_b1_c512_tok_s"] = 1 / decode_rate(Runner(model), config, 1, 512, steps, True)
+        set_backend(model, TritonBackend(gemv=False))
+        ab["triton_cublas_graphs_b1_c512_tok_s"] = 1 / decode_rate(Runner(model), config, 1, 512, steps, True)
+        set_backend(model, triton)
+        ab["gemv_vs_cublas"] = gemv_vs_cublas(runner)
         save()
         for B in (1, 16):
             try:
-                ab[f"kernels_b{B}_c512"] = kernel_profile(model, runner, config, B, 512)
+                ab[f"kernels_b{B}_c512"] = kernel_profile(runner, config, B, 512)
             except Exception as e:  # the profiler is a diagnostic; never lose the numbers for it
                 ab[f"kernels_b{B}_c512"] = {"error": f"{type(e).__name__}: {e}"}
             runner.clear()
         save()
     runner.clear()
-    return fused
 
 
 def bench_hf(config: LlamaConfig, modes):
@@ -443,7 +443,7 @@ def main():
     if ARGS.model:
         from minillama import Llama
 
-        llm = Llama.from_pretrained(ARGS.model, device="cuda", dtype=torch.bfloat16)
+        llm = Llama.from_pretrained(ARGS.model, device="cuda", dtype=torch.bfloat16, backend="triton")
         model, config = llm.model, llm.config
     else:
         config = LlamaConfig(**LLAMA31_8B)

@@ -62,6 +62,15 @@ def test_unsupported_rope_type(folder):
         Llama.from_pretrained(folder, device="cpu")
 
 
+def test_quantization_config_is_an_error_before_any_tensor(folder, monkeypatch):
+    edit_config(folder, quantization_config={"quant_method": "gptq", "bits": 4})
+    import minillama.weights
+
+    monkeypatch.setattr(minillama.weights, "read_headers", lambda files: pytest.fail("tensors were read"))
+    with pytest.raises(NotImplementedError, match="quantization_config \\(quant_method 'gptq'\\)"):
+        Llama.from_pretrained(folder, device="cpu")
+
+
 def test_llama3_rope_missing_key():
     d = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
              num_attention_heads=4, vocab_size=100, rope_scaling={"rope_type": "llama3", "factor": 8.0})
