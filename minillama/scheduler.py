@@ -101,7 +101,7 @@ class _Sequence:
         self.cached = 0  # of those, reused from an earlier request
         self.tokens: List[int] = []  # the output: sampled tokens, a stop id left out
         self.sampled: List[int] = []  # every token sampled, a stop id included (what the cache may hold)
-        self.decoding = False  # its prompt is prefilled and its first token sampled
+        self.decoding = False  # its prompt is prefilled and its first token sampled (on the device)
         self.cancelled = False
         self.done = False
 
@@ -230,10 +230,15 @@ class Scheduler:
     # -- the scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        in_flight: Optional[_Step] = None  # a decode step launched whose tokens are not processed yet
+        # Steps launched in the last iteration whose tokens are not processed yet. Each iteration
+        # launches its device work first (the decode step, then prefill chunks and the first tokens
+        # they sample) and only then processes the last iteration's tokens, so the host's work
+        # (detokenizing, stop strings, events) overlaps the device's. A row that the last step
+        # finished gets one wasted token in this one (never shown, past its output in the cache).
+        pending: List[_Step] = []
         while True:
             with self._lock:
-                while (in_flight is None and not self._closed and not self._waiting
+                while (not pending and not self._closed and not self._waiting
                        and all(r.seq is None for r in self.rows)):
                     self._wake.wait()
                 if self._closed:
@@ -251,19 +256,13 @@ class Scheduler:
             if self._closed:
                 return
             try:
-                self._prefill()
-                # Launch the next decode step before processing the last one's tokens: the device
-                # computes while the host detokenizes. A row that the last step finished gets one
-                # wasted token in this step (never shown, past its output in the cache).
-                step = self._launch_decode()
-                if in_flight is not None:
-                    self._resolve(in_flight)
-                in_flight = step
-                if in_flight is not None and not any(not s.done for s in in_flight.seqs):
-                    self._resolve(in_flight)
-                    in_flight = None
+                launched = [step for step in [self._launch_decode()] if step is not None]
+                launched += self._prefill()
+                for step in pending:
+                    self._resolve(step)
+                pending = launched
             except Exception as e:  # the server never dies on a request: fail the rows in flight
-                in_flight = None
+                pending = []
                 message = f"{type(e).__name__}: {e}"
                 with self._lock:
                     for row in self.rows:
@@ -310,8 +309,10 @@ class Scheduler:
         with torch.inference_mode():
             return self.llm.runner(tokens, cache, logits_at=logits_at)[:, -1]
 
-    def _prefill(self) -> None:
-        """Prefill up to ``prefill_chunk`` prompt tokens, oldest request first; sample first tokens."""
+    def _prefill(self) -> List["_Step"]:
+        """Prefill up to ``prefill_chunk`` prompt tokens, oldest request first; sample the first
+        tokens of the prompts it completes (returned, on their way to the host)."""
+        steps = []
         budget = self.prefill_chunk
         pending = sorted((r.seq for r in self.rows if r.seq is not None and r.seq.pos < len(r.seq.prompt)),
                          key=lambda s: s.rid)
@@ -329,7 +330,9 @@ class Scheduler:
             seq.pos += len(chunk)
             self._counters["prefill_chunks"] += 1
             if seq.pos == len(seq.prompt):
-                self._resolve(self._sample([seq], logits))  # its first token, now: it may end the request
+                steps.append(self._sample([seq], logits))
+                seq.decoding = True  # the next decode step feeds its first token
+        return steps
 
     def _launch_decode(self) -> Optional["_Step"]:
         """One decode step over the rows up to the last decoding one (the others' results unused)."""
@@ -387,7 +390,6 @@ class Scheduler:
                 if seq.done:  # finished (or cancelled) while this step ran
                     continue
                 seq.sampled.append(t)
-                seq.decoding = True
                 if seq.cancelled:
                     self._finish(seq, "cancelled", None)
                 elif t < 0:  # the sampler's mark for NaN / inf logits in this row
