@@ -159,8 +159,23 @@ class Scheduler:
         self._next_ids = torch.zeros(self.cache.batch, dtype=torch.long, device=llm.device)  # fed by the next step
         self._counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
                               prefix_hits=0, generated_tokens=0, decode_steps=0, prefill_chunks=0)
+        self._capture_graphs()
         self._thread = threading.Thread(target=self._run, name="minillama-scheduler", daemon=True)
         self._thread.start()
+
+    def _capture_graphs(self) -> None:
+        """On CUDA, let the runner capture the decode graph of every batch bucket up to the pool's
+        rows now (and tune its GEMV), so that no request waits for a capture. The steps run on
+        empty rows: they write one garbage token at position 0 of each, past its fill."""
+        if not getattr(self.llm.runner, "cuda_graphs", False):
+            return
+        rows = 1
+        while True:
+            with torch.inference_mode():
+                self.llm.runner(torch.zeros(rows, 1, dtype=torch.long, device=self.llm.device), self.cache)
+            if rows >= self.cache.batch:
+                break
+            rows = min(bucket(rows + 1), self.cache.batch)
 
     # -- the caller's side (any thread) ---------------------------------------------------------
 
