@@ -1,14 +1,15 @@
 """The public entry point: ``Llama.from_pretrained(path_or_repo_id)`` and what it returns."""
+import operator
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import torch
 
-from minillama.config import DTYPES, GenerationConfig, LlamaConfig
+from minillama.config import DTYPES, GenerationConfig, LlamaConfig, check_vocabulary, checkpoint_file
 from minillama.generate import GenerationResult, TextGeneration, TextStream, TokenLoop
 from minillama.hub import resolve_checkpoint
 from minillama.model import Transformer
-from minillama.sampling import SamplingParams
+from minillama.sampling import SamplingParams, decodable_logits
 from minillama.streaming import StopStrings
 from minillama.tokenizer import Tokenizer
 from minillama.weights import load_model
@@ -19,9 +20,14 @@ Prompt = Union[str, Sequence[int]]
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device name; {_devices_here()}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was requested but CUDA is not available; use device='cpu'")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device} cannot run minillama; {_devices_here()}")
     return device
 
 
@@ -44,8 +50,10 @@ class Llama:
                  generation_config: GenerationConfig, folder: Path, forward=None):
         self.model = model
         # What the generate loop runs: the model itself, or a faster wrapper computing the same
-        # function (on CUDA: fused weights and CUDA-graph decode, minillama.fused).
-        self.forward = forward or model
+        # function (on CUDA: fused weights and CUDA-graph decode, minillama.fused); its logits cover
+        # only ids the tokenizer can decode (a padded vocabulary's extra ids are never sampled).
+        self.forward = decodable_logits(forward or model, config.vocab_size, tokenizer.vocab_size,
+                                        tokenizer.undecodable_ids())
         self.tokenizer = tokenizer
         self.config = config
         self.generation_config = generation_config
@@ -71,9 +79,10 @@ class Llama:
         """
         folder = resolve_checkpoint(path_or_repo_id)
         config = LlamaConfig.from_file(folder / "config.json")
-        gen_path = folder / "generation_config.json"
-        generation_config = GenerationConfig.from_file(gen_path) if gen_path.exists() else GenerationConfig()
+        gen_path = checkpoint_file(folder, "generation_config.json")
+        generation_config = GenerationConfig.from_file(gen_path) if gen_path else GenerationConfig()
         tokenizer = Tokenizer.from_dir(folder)
+        check_vocabulary(config, generation_config, tokenizer)
         device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, config, device)
         if fast and device.type != "cuda":
@@ -89,10 +98,11 @@ class Llama:
     def _prompt_ids(self, prompt: Prompt) -> List[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        ids = _token_ids(prompt)
+        limit = self.tokenizer.vocab_size  # <= config.vocab_size; ids past it cannot be decoded
+        bad = [t for t in ids if not 0 <= t < limit]
         if bad:
-            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {limit})")
         return ids
 
     def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
@@ -202,6 +212,9 @@ class Llama:
         if truncate_prompt not in (None, "left"):
             raise ValueError(f"truncate_prompt must be None or 'left', got {truncate_prompt!r}")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        for name, value in (("stop", stop), ("stop_ids", stop_ids)):
+            if isinstance(value, bytes) or not isinstance(value, (type(None), str, Sequence)):
+                raise TypeError(f"{name} must be a list (or None), got {type(value).__name__}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         StopStrings(stops)  # checks them
         extra = list(stop_ids or [])
@@ -231,3 +244,31 @@ class Llama:
         if keep_bos:
             return ids[:1] + ids[len(ids) - room + 1:]
         return ids[len(ids) - room:]
+
+
+def _devices_here() -> str:
+    """The devices minillama can run on here, for error messages."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return "this machine has: cpu (no CUDA device)"
+    return "this machine has: cpu, cuda" + "".join(f", cuda:{i}" for i in range(n))
+
+
+def _token_ids(prompt) -> List[int]:
+    """A prompt given as token ids, as a list of ints; bytes and non-integers are TypeErrors."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TypeError("a prompt is a str or a list of token ids, got bytes: decode it first (prompt.decode('utf-8'))")
+    ids = []
+    try:
+        for t in prompt:
+            if isinstance(t, bool):
+                raise TypeError
+            ids.append(operator.index(t))
+    except TypeError:
+        raise TypeError(f"a prompt is a str or a list of int token ids, got {_describe(prompt)}") from None
+    return ids
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"

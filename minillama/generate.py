@@ -20,9 +20,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from minillama.concurrency import step_lock
+from minillama.errors import NonFiniteLogitsError
 from minillama.kv_cache import KVCache
 from minillama.model import Transformer
-from minillama.sampling import SamplingParams, sample
+from minillama.sampling import NON_FINITE, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 
@@ -101,6 +103,7 @@ class TokenLoop:
         self.finish_step: List[int] = [0] * batch
         self.times = StepTimes()
         self._step = 0  # the step whose tokens were yielded last
+        self._step_lock = step_lock(model)  # one step (forward + sample) at a time per model
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """End ``row`` now (at the current step); a row already done keeps its first reason."""
@@ -128,6 +131,7 @@ class TokenLoop:
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         with torch.inference_mode():
+            tokens = tokens.clamp_min(0)  # a done row may hold NON_FINITE; its tokens are ignored
             logits = self.forward(tokens[:, None], cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)
         cache.advance(1)
         return logits[:, -1]
@@ -136,7 +140,7 @@ class TokenLoop:
         if all(self.done):
             return
         start = time.perf_counter()
-        with torch.inference_mode():
+        with self._step_lock, torch.inference_mode():
             next_ids = sample(self._prefill(), self.sampling, self.generator)
         step = 0
         while True:
@@ -150,6 +154,8 @@ class TokenLoop:
             for b, t in enumerate(ids):
                 if self.done[b]:
                     out.append(None)
+                elif t == NON_FINITE:  # the sampler's mark for NaN/Inf logits
+                    raise NonFiniteLogitsError.from_model(self.model, b, self._step)
                 elif t in self.stop_ids:
                     self.stop_token[b] = t
                     self.finish(b, "stop")
@@ -162,7 +168,7 @@ class TokenLoop:
             yield out
             if all(self.done):
                 break
-            with torch.inference_mode():
+            with self._step_lock, torch.inference_mode():
                 next_ids = sample(self._decode(next_ids), self.sampling, self.generator)
         self.times.decode_s = self.times.step_s[-1] - self.times.step_s[0]
         self.times.decode_steps = step - 1
