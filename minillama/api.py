@@ -5,7 +5,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from minillama.config import DTYPES, GenerationConfig, LlamaConfig, check_vocabulary, checkpoint_file
+from minillama.config import DTYPES, GenerationConfig, LlamaConfig, check_vocabulary
+from minillama.files import checkpoint_file
 from minillama.generate import GenerationResult, TextGeneration, TextStream, TokenLoop
 from minillama.hub import resolve_checkpoint
 from minillama.model import Transformer

@@ -4,46 +4,17 @@ so is a value of the wrong JSON type or one that would make the math non-finite 
 RoPE base <= 0, llama3 RoPE factors that divide by zero): each error names the file and the key."""
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from minillama.files import read_text
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def checkpoint_file(folder, name: str) -> Optional[Path]:
-    """``folder / name`` if it is there, None if it is not; a directory or a dangling symlink in
-    its place is a ValueError naming it (a broken download must not read as a missing file)."""
-    path = Path(folder) / name
-    if path.is_symlink() and not path.exists():
-        raise ValueError(
-            f"{path} is a dangling symlink (to {os.readlink(path)}): the download is incomplete; download the "
-            f"checkpoint again"
-        )
-    if not path.exists():
-        return None
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; the checkpoint needs a file of that name there")
-    return path
-
-
-def read_text(path) -> str:
-    """A checkpoint's text file as UTF-8; a missing file is a FileNotFoundError, anything else
-    unreadable (a directory, a dangling symlink, bytes that are not UTF-8) a ValueError naming it."""
-    path = Path(path)
-    if checkpoint_file(path.parent, path.name) is None:
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})") from None
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def read_json(path) -> dict:

@@ -15,8 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minillama.config import LlamaConfig
+from minillama.config import LlamaConfig, read_json
+from minillama.files import checkpoint_file, shard_names
 from minillama.model import Transformer, rope_inv_freq
+
+# safetensors dtypes a checkpoint without quantization may store (each is cast to the model dtype)
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 # The one table from checkpoint names (HF) to ours; "{i}" is the layer index.
 LAYER_NAMES = {
@@ -62,21 +66,17 @@ def checkpoint_names(config: LlamaConfig) -> Dict[str, str]:
 
 def safetensors_files(folder: Path) -> List[Path]:
     """The checkpoint's safetensors files: model.safetensors, or the shards its index names."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
+    index = checkpoint_file(folder, "model.safetensors.index.json")
+    if index is not None:
+        files = [folder / name for name in shard_names(read_json(index), index)]  # plain names in the folder
+        missing = [f.name for f in files if checkpoint_file(folder, f.name) is None]
         if missing:
             raise FileNotFoundError(
                 f"{index.name} names shard(s) {missing} that are not in {folder}; download the complete checkpoint"
             )
         return files
-    single = folder / "model.safetensors"
-    if single.exists():
+    single = checkpoint_file(folder, "model.safetensors")
+    if single is not None:
         return [single]
     others = sorted(p.name for p in folder.glob("*.safetensors"))
     hint = f" (found {others} but no model.safetensors.index.json naming them)" if others else ""
@@ -85,8 +85,9 @@ def safetensors_files(folder: Path) -> List[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}{hint}")
 
 
-def read_headers(files: List[Path]) -> Dict[str, Tuple[Path, tuple]]:
-    """tensor name -> (file, shape), reading only the headers. Corrupt or truncated files fail here."""
+def read_headers(files: List[Path], dtypes: Tuple[str, ...] = FLOAT_DTYPES) -> Dict[str, Tuple[Path, tuple]]:
+    """tensor name -> (file, shape), reading only the headers. Corrupt or truncated files fail here,
+    and so does a tensor whose safetensors dtype is not one of ``dtypes`` (no silent cast)."""
     found: Dict[str, Tuple[Path, tuple]] = {}
     for path in files:
         try:
@@ -94,8 +95,14 @@ def read_headers(files: List[Path]) -> Dict[str, Tuple[Path, tuple]]:
                 for name in f.keys():
                     if name in found:
                         raise ValueError(f"tensor {name} appears in both {found[name][0].name} and {path.name}")
-                    found[name] = (path, tuple(f.get_slice(name).get_shape()))
-        except SafetensorError as e:
+                    tensor = f.get_slice(name)
+                    if tensor.get_dtype() not in dtypes:
+                        raise ValueError(
+                            f"tensor {name} in {path.name} has dtype {tensor.get_dtype()}; this checkpoint's weights "
+                            f"must be one of {', '.join(dtypes)}"
+                        )
+                    found[name] = (path, tuple(tensor.get_shape()))
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     return found
 
