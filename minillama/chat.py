@@ -178,16 +178,16 @@ def _main(argv) -> int:
     start = time.perf_counter()
     llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
-    try:
-        check_template(conv)
-    except ChatTemplateError as e:  # each turn will say so too; /system may fix it
-        note(f"error: {e}")
     if args.max_new_tokens is None:
         args.max_new_tokens = min(512, conv.max_context // 2)
     interactive = sys.stdin.isatty()
     note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s)")
     if not conv.chat:
         note("(this model has no chat template: plain continuation mode, each message continues the text)")
+    try:
+        check_template(conv)
+    except ChatTemplateError as e:  # each turn will say so too; /system may fix it
+        note(f"error: {e}")
     if interactive:
         note("(Ctrl-C stops a reply, Ctrl-D or /exit quits, /help lists commands)")
         try:
