@@ -159,7 +159,7 @@ class Conversation:
         """
         if not isinstance(text, str):
             raise TypeError(f"send takes a str, got {type(text).__name__}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         messages, target, dropped = self._fit(self.messages + [{"role": "user", "content": text}], max_new_tokens)
         keep = 0

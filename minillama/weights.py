@@ -119,6 +119,7 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     folder = Path(folder)
     files = safetensors_files(folder)
     found = read_headers(files)
+    check_layer_count(config, found)  # before the name table: a config of 10**9 layers must fail, not hang
     names = checkpoint_names(config)
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
@@ -179,3 +180,15 @@ def save_checkpoint(model: Transformer, config: LlamaConfig, folder, dtype: torc
     if dtype is not None:
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def check_layer_count(config: LlamaConfig, found: Dict[str, Tuple[Path, tuple]]) -> None:
+    """config.json's num_hidden_layers is not more than the layers the checkpoint's tensor names hold
+    (more layers in the checkpoint are reported as unexpected tensors, by name)."""
+    layers = {int(n.split(".")[2]) for n in found if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    held = max(layers) + 1 if layers else 0
+    if config.num_hidden_layers > held:
+        raise ValueError(
+            f"config.json says num_hidden_layers {config.num_hidden_layers} but the checkpoint's tensors hold "
+            f"{held} layer(s) (model.layers.0 .. {held - 1}); the config and the weights do not match"
+        )

@@ -237,3 +237,9 @@ def test_a_shard_index_cannot_reach_outside_the_folder(checkpoint_factory, tmp_p
         f"{index}: weight_map[{first!r}] names {shard.format(abs=outside)!r}, not a .safetensors file in the model "
         f"folder; shards are read only from the folder itself (no paths, no '..')"
     )
+
+
+def test_a_config_with_more_layers_than_the_weights_fails_at_once(folder):
+    edit_json(folder / "config.json", num_hidden_layers=10 ** 9)  # building its name table would never end
+    assert load_error(folder) == ("config.json says num_hidden_layers 1000000000 but the checkpoint's tensors hold "
+                                  "1 layer(s) (model.layers.0 .. 0); the config and the weights do not match")

@@ -310,6 +310,8 @@ def test_a_conversation_refuses_a_second_caller(llm):
     assert conv.cache.lengths == [len(conv.cached_ids)] and len(conv.cached_ids) == len(conv.encode(conv.messages[:1])) + 3  # the last token is never fed
     conv.send("Tom", max_new_tokens=4)  # free again
     assert len(conv.messages) == 4
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got True"):
+        conv.send("Tom", max_new_tokens=True)
 
 
 def test_a_callback_cannot_reenter_its_conversation(llm):
