@@ -96,11 +96,12 @@ class Llama:
             forward = fast_forward(model, fast)
         return cls(model, tokenizer, config, generation_config, folder, forward=forward)
 
-    def _prompt_ids(self, prompt: Prompt) -> List[int]:
+    def _prompt_ids(self, prompt: Prompt, decodable: bool = False) -> List[int]:
+        """Token ids of a prompt; ``decodable``: only ids the tokenizer can decode (for generation)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
         ids = _token_ids(prompt)
-        limit = self.tokenizer.vocab_size  # <= config.vocab_size; ids past it cannot be decoded
+        limit = self.tokenizer.vocab_size if decodable else self.config.vocab_size  # tokenizer's <= config's
         bad = [t for t in ids if not 0 <= t < limit]
         if bad:
             raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {limit})")
@@ -222,7 +223,7 @@ class Llama:
         bad = [t for t in extra if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"stop_ids {bad[:5]} are not token ids in [0, {self.config.vocab_size})")
-        ids = [self._prompt_ids(p) for p in prompts]
+        ids = [self._prompt_ids(p, decodable=True) for p in prompts]
         if truncate_prompt == "left":
             ids = [self._truncate_left(p, max_new_tokens) for p in ids]
         for p in ids:
