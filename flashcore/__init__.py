@@ -12,15 +12,30 @@ import torch
 from flashcore import reference
 from flashcore.checks import check_attention_inputs
 
-__all__ = ["attention_with_kv_cache", "reference"]
+__all__ = ["attention_with_kv_cache", "reference", "IMPLEMENTATIONS", "resolve_implementation"]
+
+IMPLEMENTATIONS = ("auto", "triton", "reference")
+# Triton decides at import whether its kernels are interpreted; read the switch once, as it does.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _use_triton(device: torch.device) -> bool:
-    if os.environ.get("FLASHCORE_FORCE_REFERENCE", "0") == "1":
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+def resolve_implementation(implementation: str, device: torch.device) -> str:
+    """"triton" or "reference" for ``implementation`` on ``device``; ValueError where it cannot run.
+
+    "auto" is the Triton kernel on CUDA and the reference elsewhere. "triton" on the CPU needs
+    Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported; slow, for tests).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    device = torch.device(device)
+    if implementation == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if implementation == "triton" and device.type != "cuda" and not (device.type == "cpu" and INTERPRET):
+        raise ValueError(
+            f"implementation='triton' cannot run on {device}: it needs a CUDA device, or TRITON_INTERPRET=1 "
+            f"set before Triton is imported (Triton's interpreter on the CPU, slow); use 'auto' or 'reference'"
+        )
+    return implementation
 
 
 def attention_with_kv_cache(
@@ -34,6 +49,7 @@ def attention_with_kv_cache(
     softmax_scale: Optional[float] = None,
     causal: bool = True,
     seq_lens_cpu: Optional[Sequence[int]] = None,
+    implementation: str = "auto",
 ) -> torch.Tensor:
     """Append ``k``/``v`` to the cache at each row's fill length, then attend ``q`` over the cache.
 
@@ -51,6 +67,9 @@ def attention_with_kv_cache(
             query sees all ``seq_lens[b] + S_q`` filled positions of its row.
         seq_lens_cpu: optional host copy of seq_lens (list of ints). When given, the capacity check
             uses it, so a CUDA caller never syncs; when seq_lens is on the CPU it is checked itself.
+        implementation: "triton" (the kernel), "reference" (plain PyTorch, ``flashcore.reference``)
+            or "auto" (the kernel on CUDA, the reference elsewhere). "triton" on the CPU runs the
+            kernel in Triton's interpreter and needs ``TRITON_INTERPRET=1`` (ValueError otherwise).
 
     Returns:
         (B, S_q, H_q, D) in q's dtype.
@@ -70,10 +89,10 @@ def attention_with_kv_cache(
     Supported: float16, bfloat16, float32; head_dim 8 to 256; any S_q >= 1 and B >= 1.
     ``seq_lens[b] + S_q > S_max`` raises ValueError naming both numbers (checked on the host copy).
 
-    Dispatch: CUDA tensors run the Triton kernel; CPU tensors run it under ``TRITON_INTERPRET=1``
-    and the reference otherwise. ``FLASHCORE_FORCE_REFERENCE=1`` forces the reference everywhere.
+    Callers on a hot path resolve ``implementation`` once (:func:`resolve_implementation`) and
+    pass "triton" or "reference"; nothing here reads the environment per call.
     """
-    if not _use_triton(q.device):
+    if resolve_implementation(implementation, q.device) == "reference":
         return reference.attention_with_kv_cache(
             q, k, v, k_cache, v_cache, seq_lens,
             softmax_scale=softmax_scale, causal=causal, seq_lens_cpu=seq_lens_cpu,

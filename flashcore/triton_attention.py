@@ -296,8 +296,11 @@ def _attn_fwd_decode_reduce(
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, at import, as Triton does
+
+
 def _interpreting(device: torch.device) -> bool:
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type == "cpu" and INTERPRET
 
 
 def _block_d(head_dim: int) -> int:

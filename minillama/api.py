@@ -5,12 +5,14 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from minillama.backend import make_backend
 from minillama.config import DTYPES, GenerationConfig, LlamaConfig, check_vocabulary
 from minillama.files import checkpoint_file
 from minillama.generate import GenerationResult, TextGeneration, TextStream, TokenLoop
 from minillama.hub import resolve_checkpoint
-from minillama.model import Transformer
-from minillama.sampling import SamplingParams, decodable_logits
+from minillama.kv_cache import KVCache
+from minillama.runner import Runner
+from minillama.sampling import DecodableIds, SamplingParams
 from minillama.streaming import StopStrings
 from minillama.tokenizer import Tokenizer
 from minillama.weights import load_model
@@ -45,56 +47,61 @@ def _resolve_dtype(dtype, config: LlamaConfig, device: torch.device) -> torch.dt
 
 
 class Llama:
-    """A loaded checkpoint: model, tokenizer and the stop ids the checkpoint declares."""
+    """A loaded checkpoint: the model and its runner, the tokenizer, and the stop ids the checkpoint declares."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: LlamaConfig,
-                 generation_config: GenerationConfig, folder: Path, forward=None):
-        self.model = model
-        # What the generate loop runs: the model itself, or a faster wrapper computing the same
-        # function (on CUDA: fused weights and CUDA-graph decode, minillama.fused); its logits cover
-        # only ids the tokenizer can decode (a padded vocabulary's extra ids are never sampled).
-        self.forward = decodable_logits(forward or model, config.vocab_size, tokenizer.vocab_size,
-                                        tokenizer.undecodable_ids())
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, config: LlamaConfig,
+                 generation_config: GenerationConfig, folder: Path):
+        self.runner = runner
+        self.model = runner.model
+        # what generation samples from: the logits of ids the tokenizer can decode
+        self.decodable = DecodableIds(config.vocab_size, tokenizer.vocab_size, tokenizer.undecodable_ids())
         self.tokenizer = tokenizer
         self.config = config
         self.generation_config = generation_config
         self.folder = folder
-        self.device = model.tok_embeddings.weight.device
-        self.dtype = model.tok_embeddings.weight.dtype
+        self.device = runner.device
+        self.dtype = runner.dtype
         stops = list(generation_config.eos_token_ids) or list(config.eos_token_id)
         if tokenizer.eos_id is not None and tokenizer.eos_id not in stops:
             stops.append(tokenizer.eos_id)
         self.stop_ids: List[int] = stops
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, fast=None) -> "Llama":
+    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, backend: str = "auto") -> "Llama":
         """Load a Hugging Face LLaMA checkpoint (local folder or hub repo id).
 
         Args:
             device: None picks "cuda" when available, else "cpu".
             dtype: None keeps the checkpoint's dtype on the GPU and uses float32 on the CPU.
-            fast: the GPU fast path for generation (fused projections, Triton GEMV, CUDA-graph
-                decode). None: on wherever it is supported (CUDA); True: required (ValueError
-                naming why it cannot run); False: the plain model. ``logits`` always runs the
-                plain model.
+            backend: the kernels that run the model's ops: "triton" (fused Triton kernels, the
+                single-token GEMV; decode steps replayed as CUDA graphs), "torch" (plain PyTorch)
+                or "auto" (Triton on CUDA, torch elsewhere). "triton" on the CPU runs the kernels
+                in Triton's interpreter and needs ``TRITON_INTERPRET=1`` (slow; for tests).
         """
+        device = _resolve_device(device)
+        kernels = make_backend(backend, device)  # a bad choice fails before anything is read
         folder = resolve_checkpoint(path_or_repo_id)
         config = LlamaConfig.from_file(folder / "config.json")
         gen_path = checkpoint_file(folder, "generation_config.json")
         generation_config = GenerationConfig.from_file(gen_path) if gen_path else GenerationConfig()
         tokenizer = Tokenizer.from_dir(folder)
         check_vocabulary(config, generation_config, tokenizer)
-        device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, config, device)
-        if fast and device.type != "cuda":
-            raise ValueError(f"fast=True needs a CUDA device, got {device}; pass fast=None or False")
-        model = load_model(folder, config, device, dtype)
-        forward = None
-        if device.type == "cuda" and fast is not False:
-            from minillama.fused import fast_forward  # Triton: imported only where it runs
+        model = load_model(folder, config, device, dtype, kernels)
+        return cls(Runner(model), tokenizer, config, generation_config, folder)
 
-            forward = fast_forward(model, fast)
-        return cls(model, tokenizer, config, generation_config, folder, forward=forward)
+    def new_cache(self, batch: int = 1, max_len: Optional[int] = None) -> KVCache:
+        """An empty cache to generate into across calls (``generate``/``stream`` with ``cache=``).
+
+        max_len: tokens per row; default the model's context (``max_position_embeddings``).
+        """
+        limit = self.config.max_position_embeddings
+        max_len = limit if max_len is None else max_len
+        if not isinstance(max_len, int) or not 0 < max_len <= limit:
+            raise ValueError(f"max_len must be an integer in [1, {limit}] (the model's context), got {max_len!r}")
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        return self.runner.new_cache(batch, max_len)
 
     def _prompt_ids(self, prompt: Prompt, decodable: bool = False) -> List[int]:
         """Token ids of a prompt; ``decodable``: only ids the tokenizer can decode (for generation)."""
@@ -107,24 +114,25 @@ class Llama:
             raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {limit})")
         return ids
 
-    def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+    def _check_length(self, n_prompt: int, max_new_tokens: int, cached: int = 0) -> None:
         limit = self.config.max_position_embeddings
         if n_prompt == 0:
             raise ValueError("a prompt encodes to 0 tokens and the tokenizer adds no BOS: give it some text")
-        if n_prompt > limit:
-            raise ValueError(f"prompt has {n_prompt} tokens, more than the model's context of {limit}")
-        if n_prompt + max_new_tokens > limit:
+        held = f"{cached} cached + " if cached else ""
+        if cached + n_prompt > limit:
+            raise ValueError(f"{held}prompt has {n_prompt} tokens, more than the model's context of {limit}")
+        if cached + n_prompt + max_new_tokens > limit:
             raise ValueError(
-                f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} = {n_prompt + max_new_tokens} "
-                f"exceeds the model's context of {limit}; ask for at most {limit - n_prompt} new tokens"
+                f"{held}prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} = "
+                f"{cached + n_prompt + max_new_tokens} exceeds the model's context of {limit}; "
+                f"ask for at most {limit - cached - n_prompt} new tokens"
             )
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """(len, vocab) float32 logits of one full forward over ``token_ids``; no state is kept."""
         ids = self._prompt_ids(token_ids)
         self._check_length(len(ids), 0)
-        with torch.inference_mode():
-            out = self.model(torch.tensor([ids], device=self.device))
+        out = self.runner(torch.tensor([ids], device=self.device))
         return out[0].float()
 
     def generate(
@@ -139,6 +147,7 @@ class Llama:
         stop: Union[str, Sequence[str], None] = None,
         stop_ids: Sequence[int] = (),
         truncate_prompt: Optional[str] = None,
+        cache: Optional[KVCache] = None,
     ) -> List[GenerationResult]:
         """Generate for a batch of prompts of any lengths, run as one batch.
 
@@ -154,6 +163,10 @@ class Llama:
             stop_ids: token ids that end a row, besides the checkpoint's (``self.stop_ids``).
             truncate_prompt: None (a prompt that does not fit is an error) or "left" (drop the
                 oldest prompt tokens, after a leading BOS, until prompt + max_new_tokens fits).
+            cache: continue from a cache (:meth:`new_cache`, one row per prompt): each prompt is
+                appended at its row's fill. Afterwards the cache holds the prompt and every new
+                token but the last one sampled (``cache.seq_lens_cpu`` says how many tokens), so
+                the next call's prompt starts with that token. None: a fresh cache per call.
         Returns:
             One :class:`GenerationResult` per prompt, in order: ``token_ids`` (new tokens),
             ``text``, ``finish_reason`` ("stop" or "length"), ``stop`` (the id or string).
@@ -167,7 +180,7 @@ class Llama:
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt")
         generation = self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed,
-                                 stop, stop_ids, truncate_prompt)
+                                 stop, stop_ids, truncate_prompt, cache)
         for _ in generation:
             pass
         return generation.results()
@@ -184,6 +197,7 @@ class Llama:
         stop: Union[str, Sequence[str], None] = None,
         stop_ids: Sequence[int] = (),
         truncate_prompt: Optional[str] = None,
+        cache: Optional[KVCache] = None,
     ) -> TextStream:
         """Generate for one prompt, yielding text as it is decided; arguments as :meth:`generate`.
 
@@ -203,11 +217,11 @@ class Llama:
                 not isinstance(prompt, str) and any(isinstance(t, (str, bytes, Sequence)) for t in prompt)):
             raise TypeError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
         generation = self._start([prompt], max_new_tokens, temperature, top_k, top_p, min_p, seed,
-                                 stop, stop_ids, truncate_prompt)
+                                 stop, stop_ids, truncate_prompt, cache)
         return TextStream(generation)
 
     def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_ids,
-               truncate_prompt) -> TextGeneration:
+               truncate_prompt, cache: Optional[KVCache]) -> TextGeneration:
         """Check every argument, encode the prompts and set up the loop (nothing runs yet)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -223,13 +237,17 @@ class Llama:
         bad = [t for t in extra if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"stop_ids {bad[:5]} are not token ids in [0, {self.config.vocab_size})")
+        if cache is not None and (not isinstance(cache, KVCache) or cache.batch != len(prompts)):
+            raise ValueError(f"cache must be a KVCache of {len(prompts)} row(s) (Llama.new_cache), got {cache!r:.80}")
+        cached = cache.seq_lens_cpu if cache is not None else [0] * len(prompts)
         ids = [self._prompt_ids(p, decodable=True) for p in prompts]
         if truncate_prompt == "left":
-            ids = [self._truncate_left(p, max_new_tokens) for p in ids]
-        for p in ids:
-            self._check_length(len(p), max_new_tokens)
+            ids = [self._truncate_left(p, max_new_tokens + n) for p, n in zip(ids, cached)]
+        for p, n in zip(ids, cached):
+            self._check_length(len(p), max_new_tokens, n)
         all_stop_ids = self.stop_ids + [t for t in extra if t not in self.stop_ids]
-        loop = TokenLoop(self.model, ids, max_new_tokens, sampling, all_stop_ids, forward=self.forward)
+        loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, all_stop_ids, cache=cache,
+                         decodable=self.decodable)
         return TextGeneration(loop, self.tokenizer, stops)
 
     def _truncate_left(self, ids: List[int], max_new_tokens: int) -> List[int]:

@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="most tokens the conversation may hold (default: the model's context)")
     p.add_argument("--on-overflow", choices=("drop", "error"), default="drop",
                    help="when a turn does not fit: drop the oldest turns (default) or stop with an error")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="kernels: triton (fused kernels, CUDA graphs), torch (plain PyTorch); auto: triton on CUDA")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
@@ -176,7 +178,7 @@ def _main(argv) -> int:
     from minillama.conversation import Conversation
 
     start = time.perf_counter()
-    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(512, conv.max_context // 2)

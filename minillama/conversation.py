@@ -1,7 +1,7 @@
 """A multi-turn conversation that keeps its KV cache between turns.
 
 One invariant makes every operation simple: ``cached_ids`` are exactly the token ids whose keys and
-values the cache holds (``len(cached_ids) == cache.lengths[0]``). A turn encodes the whole
+values the cache holds (``len(cached_ids) == cache.seq_lens_cpu[0]``). A turn encodes the whole
 conversation plus the new user message, keeps the longest cached prefix of it, and prefills only
 the rest onto the cache. Normally that rest is the new turn alone: the reply's stop token (sampled
 but never fed to the model, e.g. ``<|eot_id|>``), the user message, the assistant header. When a
@@ -26,10 +26,8 @@ from typing import Callable, List, Optional, Sequence
 from minillama.chat_format import ROLES, ChatTemplateError
 from minillama.concurrency import exclusive
 from minillama.files import atomic_write_text
-from minillama.generate import TokenLoop
 from minillama.kv_cache import KVCache
 from minillama.sampling import SamplingParams
-from minillama.streaming import IncrementalDecoder
 
 OVERFLOW_POLICIES = ("drop", "error")
 MIN_CACHE = 256  # first allocation, in tokens; the cache doubles as needed up to the context
@@ -146,14 +144,19 @@ class Conversation:
         sampling: SamplingParams = SamplingParams(),
         on_text: Optional[Callable[[str], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
+        stop: Sequence[str] = (),
     ) -> TurnStats:
         """Add a user message, generate the reply, and keep both in the history and the cache.
 
+        The reply runs through ``Llama.stream`` on this conversation's cache (the same text path
+        as ``Llama.generate``: stop ids, stop strings, whole characters).
+
         Args:
             on_text: called with each piece of reply text as it is decoded.
-            should_stop: polled after each token; True ends the reply ("interrupted"), which is
-                kept as it stands. A KeyboardInterrupt inside also keeps the partial reply, then
+            should_stop: polled after each piece of text; True ends the reply ("interrupted"), which
+                is kept as it stands. A KeyboardInterrupt inside also keeps the partial reply, then
                 propagates.
+            stop: stop strings; the reply is cut before the first one found.
         Raises:
             ContextOverflowError: the turn does not fit (policy "error", or too long on its own).
         """
@@ -170,39 +173,36 @@ class Conversation:
         self._cut(keep)
         self._reserve(len(target) + max_new_tokens)
 
-        loop = TokenLoop(self.llm.model, [target[keep:]], max_new_tokens, sampling, self.llm.stop_ids,
-                         cache=self.cache, forward=self.llm.forward)
-        decoder = IncrementalDecoder(self.llm.tokenizer, target)
+        stream = self.llm.stream(
+            target[keep:], max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p, min_p=sampling.min_p, seed=sampling.seed, stop=list(stop), cache=self.cache,
+        )
+        pieces: List[str] = []
         start = time.perf_counter()
-        first = None
         try:
-            for (token,) in loop:
-                if first is None:
-                    first = time.perf_counter()
-                if token is not None:
-                    delta = decoder.push(token)
-                    if delta and on_text is not None:
-                        on_text(delta)
-                if should_stop is not None and not loop.done[0] and should_stop():
-                    loop.finish(0, "interrupted")
-            tail = decoder.flush()
-            if tail and on_text is not None:
-                on_text(tail)
+            for delta in stream:
+                pieces.append(delta)
+                if on_text is not None:
+                    on_text(delta)
+                if should_stop is not None and not stream.done and should_stop():
+                    stream.interrupt()
         finally:
             # keep what the cache holds, whatever stopped the reply (an interrupt may fall between
             # the two updates of KVCache.advance, so set the device copy from the host copy)
-            self.cache.reset(self.cache.lengths)
-            reply = target + loop.new_tokens[0]
-            self.cached_ids = reply[: self.cache.lengths[0]]
-            self.messages = messages + [{"role": "assistant", "content": decoder.text + decoder.flush()}]
+            self.cache.set_lengths(self.cache.seq_lens_cpu)
+            reply = target + stream.token_ids
+            self.cached_ids = reply[: self.cache.seq_lens_cpu[0]]
+            self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
         end = time.perf_counter()
+        times = stream.times
+        first = start + times.prefill_s if times.step_s else end
         return TurnStats(
             prefill_tokens=len(target) - keep,
             reused_tokens=keep,
-            new_tokens=len(loop.new_tokens[0]),
-            ttft_s=(first or end) - start,
-            decode_s=end - (first or end),
-            finish_reason=loop.finish_reason[0] or "interrupted",
+            new_tokens=len(stream.token_ids),
+            ttft_s=first - start,
+            decode_s=end - first,
+            finish_reason=stream.result.finish_reason,
             dropped_turns=dropped,
         )
 
@@ -235,23 +235,17 @@ class Conversation:
         """Keep only the first ``keep`` cached tokens."""
         self.cached_ids = self.cached_ids[:keep]
         if self.cache is not None:
-            self.cache.reset([keep])
+            self.cache.set_lengths([keep])
 
     def _reserve(self, need: int) -> None:
         """Make the cache hold at least ``need`` tokens (<= max_context), keeping its contents."""
         if self.cache is not None and self.cache.max_len >= need:
             return
         size = min(self.max_context, max(need, MIN_CACHE, 2 * (self.cache.max_len if self.cache else 0)))
-        model = self.llm.model
-        weight = model.tok_embeddings.weight
-        cache = KVCache.allocate(model.config, 1, size, weight.device, weight.dtype)
-        if self.cache is not None:
-            fill = self.cache.lengths[0]
-            cache.k[:, :, :fill] = self.cache.k[:, :, :fill]  # (n_layers, 1, fill, H_kv, D)
-            cache.v[:, :, :fill] = self.cache.v[:, :, :fill]
-            cache.reset([fill])
-        self.cache = cache
-
+        if self.cache is None:
+            self.cache = self.llm.new_cache(1, size)
+        else:
+            self.cache.grow(size)
 
 
 def read_messages(path) -> List[dict]:

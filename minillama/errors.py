@@ -5,7 +5,7 @@ logits hold a NaN or an infinity (:data:`minillama.sampling.NON_FINITE`). Findin
 pass over the weights, which only the error pays: it names the tensors that hold non-finite
 values, or, when every weight is finite, says that the activations overflowed the dtype.
 """
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -22,13 +22,12 @@ class NonFiniteLogitsError(ValueError):
 
 def non_finite_weights(model) -> List[Tuple[str, int, int]]:
     """(checkpoint tensor name, non-finite values, values) of every weight that holds NaN or Inf."""
-    names = _checkpoint_names(model)
     found = []
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            bad = int((~torch.isfinite(p)).sum().item())
+        for name, tensor in _checkpoint_tensors(model):
+            bad = int((~torch.isfinite(tensor)).sum().item())
             if bad:
-                found.append((names.get(name, name), bad, p.numel()))
+                found.append((name, bad, tensor.numel()))
     return found
 
 
@@ -51,11 +50,14 @@ def non_finite_cause(model) -> str:
             f"fit this checkpoint")
 
 
-def _checkpoint_names(model) -> Dict[str, str]:
-    """Model parameter name -> checkpoint tensor name (as the user's files spell it)."""
-    from minillama.weights import checkpoint_names
+def _checkpoint_tensors(model) -> List[Tuple[str, torch.Tensor]]:
+    """(checkpoint tensor name, the part of the model it filled): names as the user's files spell
+    them, also inside fused parameters; the model's own names if the name table does not fit."""
+    from minillama.weights import checkpoint_names, parameter_block
 
+    params = dict(model.named_parameters(remove_duplicate=False))
     try:
-        return {ours: hf for hf, ours in checkpoint_names(model.config).items()}
-    except Exception:  # a model whose parameters the name table does not describe: use its own names
-        return {}
+        return [(hf, parameter_block(model, ours, part, params))
+                for hf, (ours, part) in checkpoint_names(model.config).items()]
+    except Exception:  # a model whose parameters the name table does not describe
+        return list(model.named_parameters())

@@ -16,14 +16,14 @@ detokenizing and stop strings, from :mod:`minillama.streaming`) and builds the r
 """
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from minillama.concurrency import step_lock
 from minillama.errors import NonFiniteLogitsError
 from minillama.kv_cache import KVCache
-from minillama.model import Transformer
+from minillama.runner import Runner
 from minillama.sampling import NON_FINITE, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
 
@@ -44,15 +44,15 @@ class TokenLoop:
     :meth:`finish` (e.g. a stop string matched). The loop ends as soon as every row is done.
 
     Args:
-        model: the model; its config, device and dtype size the cache.
+        runner: runs the model (``minillama.runner.Runner``); its config, device and dtype size the cache.
         prompts: token ids per row, of any lengths (at least 1 each).
         max_new_tokens: new tokens per row at most (a stop id counts as the row's last step).
         sampling: how the next token is chosen; its seed makes the loop reproducible.
         stop_ids: ids that end a row.
         cache: an existing cache to continue (e.g. a conversation): each row's prompt is appended
             at that row's fill. None: a cache just large enough for the request is allocated.
-        forward: a callable with the model's forward signature ``forward(tokens, k, v, seq_lens,
-            seq_lens_cpu=..., logits_at=...)``, e.g. a CUDA-graph wrapper of the same model.
+        decodable: logits (B, V) -> the logits of the ids that may be sampled, e.g.
+            ``minillama.sampling.DecodableIds`` (ids the tokenizer cannot decode are never sampled).
     After the loop: ``new_tokens[row]``, ``finish_reason[row]`` ("stop" or "length"),
     ``stop_token[row]``, ``finish_step[row]`` (the step that ended the row; 0 is the prefill's) and
     ``times``.
@@ -60,34 +60,33 @@ class TokenLoop:
 
     def __init__(
         self,
-        model: Transformer,
+        runner: Runner,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
         sampling: SamplingParams = SamplingParams(),
         stop_ids: Sequence[int] = (),
         cache: Optional[KVCache] = None,
-        forward=None,
+        decodable: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
-        self.model = model
-        self.forward = forward or model  # a faster wrapper of the same model may be passed in
+        self.runner = runner
+        self.decodable = decodable or (lambda logits: logits)  # logits of the ids that may be sampled
         self.prompts = [list(p) for p in prompts]
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.stop_ids = set(stop_ids)
-        device = model.tok_embeddings.weight.device
+        device = runner.device
         self.device = device
         batch = len(self.prompts)
         if batch == 0 or min(len(p) for p in self.prompts) == 0:
             raise ValueError("TokenLoop needs at least one prompt, each of at least one token")
         width = max(len(p) for p in self.prompts)
         if cache is None:
-            cache = KVCache.allocate(model.config, batch, width + max_new_tokens, device,
-                                     model.tok_embeddings.weight.dtype)
+            cache = runner.new_cache(batch, width + max_new_tokens)
         elif cache.batch != batch:
             raise ValueError(f"the cache holds {cache.batch} rows but {batch} prompts were given")
         else:
             # prefill writes `width` slots in every row, then one slot per decode step
-            for b, (fill, p) in enumerate(zip(cache.lengths, self.prompts)):
+            for b, (fill, p) in enumerate(zip(cache.seq_lens_cpu, self.prompts)):
                 need = fill + max(width, len(p) + max_new_tokens - 1)
                 if need > cache.max_len:
                     raise ValueError(
@@ -103,7 +102,7 @@ class TokenLoop:
         self.finish_step: List[int] = [0] * batch
         self.times = StepTimes()
         self._step = 0  # the step whose tokens were yielded last
-        self._step_lock = step_lock(model)  # one step (forward + sample) at a time per model
+        self._step_lock = step_lock(runner)  # one step (forward + sample) at a time per model
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """End ``row`` now (at the current step); a row already done keeps its first reason."""
@@ -121,20 +120,17 @@ class TokenLoop:
         last = torch.tensor(lengths, dtype=torch.long) - 1
         cache = self.cache
         with torch.inference_mode():
-            logits = self.forward(
-                tokens.to(self.device), cache.k, cache.v, cache.seq_lens,
-                seq_lens_cpu=cache.lengths, logits_at=last.to(self.device),
-            )
+            logits = self.runner(tokens.to(self.device), cache, logits_at=last.to(self.device))
         cache.advance(lengths)
-        return logits[:, -1]
+        return self.decodable(logits[:, -1])
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         with torch.inference_mode():
             tokens = tokens.clamp_min(0)  # a done row may hold NON_FINITE; its tokens are ignored
-            logits = self.forward(tokens[:, None], cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)
+            logits = self.runner(tokens[:, None], cache)
         cache.advance(1)
-        return logits[:, -1]
+        return self.decodable(logits[:, -1])
 
     def __iter__(self) -> Iterator[List[Optional[int]]]:
         if all(self.done):
@@ -155,7 +151,7 @@ class TokenLoop:
                 if self.done[b]:
                     out.append(None)
                 elif t == NON_FINITE:  # the sampler's mark for NaN/Inf logits
-                    raise NonFiniteLogitsError.from_model(self.model, b, self._step)
+                    raise NonFiniteLogitsError.from_model(self.runner.model, b, self._step)
                 elif t in self.stop_ids:
                     self.stop_token[b] = t
                     self.finish(b, "stop")
@@ -185,7 +181,7 @@ class GenerationResult:
 
     token_ids: List[int]  # new tokens only
     text: str  # the text of the new tokens
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "interrupted" (TextStream.interrupt)
     stop: Union[int, str, None] = None  # the stop id or stop string that ended the row
     prompt_ids: List[int] = field(default_factory=list)
     prefill_s: float = 0.0  # time to the first token (the whole batch's prefill)
@@ -272,6 +268,24 @@ class TextStream:
         self._generation = generation
         self._events = iter(generation)
         self.result: Optional[GenerationResult] = None
+
+    @property
+    def token_ids(self) -> List[int]:
+        """The new tokens so far (a stop id is not included)."""
+        return self._generation.loop.new_tokens[0]
+
+    @property
+    def times(self) -> StepTimes:
+        return self._generation.loop.times
+
+    @property
+    def done(self) -> bool:
+        return self._generation.loop.done[0]
+
+    def interrupt(self) -> None:
+        """End the generation at the current token (finish_reason "interrupted"); the text decided
+        so far still comes out of the iteration."""
+        self._generation.loop.finish(0, "interrupted")
 
     def __iter__(self) -> "TextStream":
         return self

@@ -1,22 +1,26 @@
-"""LLaMA 3.1 in plain PyTorch: RMSNorm, RoPE (rotate-half layout, llama3 frequency scaling), GQA
-attention over a (K, V, seq_lens) cache through flashcore, SwiGLU MLP.
+"""LLaMA 3.1: RMSNorm, RoPE (rotate-half layout, llama3 frequency scaling), GQA attention over a
+(K, V, seq_lens) cache through flashcore, SwiGLU MLP. The one forward: every backend, fast path,
+quantized or parallel layer runs through these modules.
 
 References: Touvron et al. 2023 (LLaMA), Meta's llama-models `apply_scaling` for Llama 3.1 RoPE,
-Hugging Face `modeling_llama.py` (the checkpoint layout this model reads).
+Hugging Face `modeling_llama.py` (the checkpoint layout this model reads; q/k in the rotate-half
+layout, so no permutation).
 
 Shapes: B batch, S new tokens, H_q query heads, H_kv key/value heads, D head_dim, V vocab.
 Positions come from ``seq_lens`` (tokens already cached per row), never from a tensor's shape.
+q/k/v are one fused projection and gate/up another (``wqkv``, ``w13``), filled at load time from
+the checkpoint's separate tensors (``minillama.weights``).
 """
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import flashcore
+from minillama.backend import TorchBackend
 from minillama.config import LlamaConfig
-from minillama.kv_cache import KVCache
+from minillama.kv_cache import KVCache, LayerCache
+from minillama.layers import GateUpLinear, Linear, RMSNorm
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -40,124 +44,98 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, S, 1, D) for integer positions (B, S), computed in float32."""
-    freqs = positions[..., None].float() * inv_freq  # (B, S, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, D): rotate-half layout
-    return emb.cos()[:, :, None, :].to(dtype), emb.sin()[:, :, None, :].to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, D) by position; HF layout: dims i and i + D/2 form a pair."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # accumulate in float32 whatever the model dtype
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    """cos, sin of shape (T, D) for integer positions (T,), computed in float32."""
+    freqs = positions[:, None].float() * inv_freq  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, backend):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        bias = config.attention_bias
-        self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.wqkv = Linear(config.hidden_size, q + 2 * kv, config.attention_bias, backend, parts=(q, kv, kv))
+        self.wo = Linear(q, config.hidden_size, config.attention_bias, backend)
+        self.backend = backend
 
-    def forward(self, x, cos, sin, k_cache, v_cache, seq_lens, seq_lens_cpu=None):
+    def forward(self, x: torch.Tensor, norm: RMSNorm, cos, sin, cache: LayerCache) -> torch.Tensor:
+        """x + wo(attention(norm(x))) for x (B, S, hidden)."""
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)  # (B, S, H_q, D)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)  # (B, S, H_kv, D)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = flashcore.attention_with_kv_cache(
-            q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu=seq_lens_cpu
-        )  # (B, S, H_q, D); k/v appended at each row's fill
-        return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x, norm=norm)  # (B, S, (H + 2 H_kv) D): q heads, then k heads, then v heads
+        self.backend.rope_(qkv.view(B * S, -1), cos, sin, H + H_kv, D)  # q and k heads, in place
+        q = qkv[..., : H * D].view(B, S, H, D)
+        k = qkv[..., H * D : (H + H_kv) * D].view(B, S, H_kv, D)
+        v = qkv[..., (H + H_kv) * D :].view(B, S, H_kv, D)
+        out = self.backend.attention(q, k, v, cache)  # (B, S, H, D); k, v appended at each row's fill
+        return self.wo(out.reshape(B, S, H * D), residual=x)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, backend):
         super().__init__()
-        bias = config.mlp_bias
-        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)  # gate
-        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)  # up
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)  # down
+        F_dim = config.intermediate_size
+        self.w13 = GateUpLinear(config.hidden_size, 2 * F_dim, config.mlp_bias, backend, parts=(F_dim, F_dim))
+        self.w2 = Linear(F_dim, config.hidden_size, config.mlp_bias, backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x + w2(silu(w1 norm(x)) * w3 norm(x)) for x (B, S, hidden)."""
+        return self.w2(self.w13(x, norm=norm), residual=x)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, backend):
         super().__init__()
-        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.attention = Attention(config, backend)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.feed_forward = FeedForward(config, backend)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, seq_lens, seq_lens_cpu=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, seq_lens, seq_lens_cpu)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, cos, sin, cache: LayerCache) -> torch.Tensor:
+        h = self.attention(x, self.attention_norm, cos, sin, cache)  # x + attention(attention_norm(x))
+        return self.feed_forward(h, self.ffn_norm)  # h + feed_forward(ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    """The model. ``backend`` (``minillama.backend``) runs its ops; default plain PyTorch."""
+
+    def __init__(self, config: LlamaConfig, backend=None):
         super().__init__()
+        backend = backend or TorchBackend()
         self.config = config
+        self.backend = backend
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.layers = nn.ModuleList(TransformerBlock(config, backend) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.output = Linear(config.hidden_size, config.vocab_size, False, backend)
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        k_cache: Optional[torch.Tensor] = None,
-        v_cache: Optional[torch.Tensor] = None,
-        seq_lens: Optional[torch.Tensor] = None,
-        *,
-        seq_lens_cpu: Optional[Sequence[int]] = None,
-        logits_at: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
+                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run S new tokens per row through the model.
 
         Args:
             tokens: (B, S) token ids.
-            k_cache, v_cache: (n_layers, B, S_max, H_kv, D), written in place at each row's fill.
+            cache: a :class:`KVCache` of B rows; each row's new keys/values are written at its fill
+                (``seq_lens``), which this call reads but never advances (the caller does, after).
                 None: a fresh cache just large enough for ``tokens`` (no state kept; training).
-            seq_lens: (B,) int32, tokens already cached per row (positions start there). The caller
-                advances it after this call; the model never does.
-            seq_lens_cpu: optional host copy of seq_lens, for capacity checks without a device sync.
             logits_at: optional (B,) index into S: return logits only there, shape (B, 1, V).
         Returns:
             logits (B, S, V) (or (B, 1, V) with ``logits_at``) in the model's dtype.
         """
         B, S = tokens.shape
-        if k_cache is None:
+        if cache is None:
             cache = KVCache.allocate(self.config, B, S, tokens.device, self.tok_embeddings.weight.dtype)
-            k_cache, v_cache, seq_lens, seq_lens_cpu = cache.k, cache.v, cache.seq_lens, cache.lengths
-        positions = seq_lens[:, None].long() + torch.arange(S, device=tokens.device)  # (B, S)
+        positions = cache.seq_lens[:, None].long() + torch.arange(S, device=tokens.device)  # (B, S)
         h = self.tok_embeddings(tokens)  # (B, S, hidden)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, h.dtype)
+        cos, sin = rope_cos_sin(positions.view(-1), self.inv_freq, h.dtype)  # (B * S, D)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, k_cache[i], v_cache[i], seq_lens, seq_lens_cpu)
+            h = layer(h, cos, sin, cache.layer(i))
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, hidden)
-        return self.output(self.norm(h))
+        return self.output(h, norm=self.norm)  # (B, S or 1, V): the head with the final norm fused

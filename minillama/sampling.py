@@ -11,12 +11,12 @@ instead of a token, computed on the device: the caller, which reads the ids back
 with no extra sync. Temperature scaling subtracts each row's largest logit first, so a temperature
 however small never overflows: it tends to greedy (equal top logits share the draw), never to NaN.
 
-:func:`decodable_logits` wraps a model's forward so that ids a tokenizer cannot decode (a padded
-vocabulary) are never sampled.
+:class:`DecodableIds` filters logits so that ids a tokenizer cannot decode (a padded vocabulary)
+are never sampled.
 """
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -100,29 +100,25 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     return torch.where(finite, ids, NON_FINITE)
 
 
-def decodable_logits(forward: Callable, vocab_size: int, decodable: int, holes: Sequence[int] = ()) -> Callable:
-    """``forward`` (the model's signature) with logits only for the ids a tokenizer can decode.
+class DecodableIds:
+    """The ids a tokenizer can decode, as a filter on logits: ``ids(logits)`` keeps the logits
+    (..., V) of ids below ``decodable`` (a padded vocabulary's extra ids are cut off) and sets those
+    of ``holes`` (ids below it that the tokenizer does not know) to -inf, so none of them is ever
+    sampled. With nothing to filter it returns the logits themselves.
 
     Args:
         vocab_size: the model's vocabulary (the width of its logits).
-        decodable: the tokenizer's ``vocab_size``: logits of ids >= this are cut off.
-        holes: ids below ``decodable`` that the tokenizer does not know; their logits become -inf.
-    Returns:
-        ``forward`` itself when every id decodes, else a wrapper whose logits are (..., decodable).
+        decodable: the tokenizer's ``vocab_size`` (<= ``vocab_size``).
+        holes: ids below ``decodable`` that the tokenizer does not know.
     """
-    if decodable == vocab_size and not holes:
-        return forward
-    return _DecodableLogits(forward, decodable, holes)
 
-
-class _DecodableLogits:
-    def __init__(self, forward: Callable, decodable: int, holes: Sequence[int]):
-        self.forward = forward
-        self.decodable = decodable
+    def __init__(self, vocab_size: int, decodable: int, holes: Sequence[int] = ()):
+        self.decodable = decodable if decodable < vocab_size else None
         self.holes = torch.tensor(sorted(holes), dtype=torch.long)
 
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        logits = self.forward(*args, **kwargs)[..., : self.decodable]
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.decodable is not None:
+            logits = logits[..., : self.decodable]
         if len(self.holes):
             if self.holes.device != logits.device:
                 self.holes = self.holes.to(logits.device)

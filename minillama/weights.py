@@ -9,7 +9,7 @@ checked before any tensor is.
 """
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,35 +22,41 @@ from minillama.model import Transformer, rope_inv_freq
 # safetensors dtypes a checkpoint without quantization may store (each is cast to the model dtype)
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
-# The one table from checkpoint names (HF) to ours; "{i}" is the layer index.
+# The one table from checkpoint names (HF) to ours: (parameter, row block). q/k/v fill the three row
+# blocks of the fused ``wqkv`` and gate/up the two of ``w13`` (``Linear.parts``); None: the whole
+# parameter. "{i}" is the layer index.
 LAYER_NAMES = {
-    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.attention_norm.weight", None),
+    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.attention.wqkv.weight", 0),
+    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.attention.wqkv.weight", 1),
+    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.attention.wqkv.weight", 2),
+    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.attention.wo.weight", None),
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.ffn_norm.weight", None),
+    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.feed_forward.w13.weight", 0),
+    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.feed_forward.w13.weight", 1),
+    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.feed_forward.w2.weight", None),
 }
 ATTENTION_BIAS_NAMES = {
-    f"model.layers.{{i}}.self_attn.{p}_proj.bias": f"layers.{{i}}.attention.w{p}.bias" for p in "qkvo"
+    "model.layers.{i}.self_attn.q_proj.bias": ("layers.{i}.attention.wqkv.bias", 0),
+    "model.layers.{i}.self_attn.k_proj.bias": ("layers.{i}.attention.wqkv.bias", 1),
+    "model.layers.{i}.self_attn.v_proj.bias": ("layers.{i}.attention.wqkv.bias", 2),
+    "model.layers.{i}.self_attn.o_proj.bias": ("layers.{i}.attention.wo.bias", None),
 }
 MLP_BIAS_NAMES = {
-    "model.layers.{i}.mlp.gate_proj.bias": "layers.{i}.feed_forward.w1.bias",
-    "model.layers.{i}.mlp.up_proj.bias": "layers.{i}.feed_forward.w3.bias",
-    "model.layers.{i}.mlp.down_proj.bias": "layers.{i}.feed_forward.w2.bias",
+    "model.layers.{i}.mlp.gate_proj.bias": ("layers.{i}.feed_forward.w13.bias", 0),
+    "model.layers.{i}.mlp.up_proj.bias": ("layers.{i}.feed_forward.w13.bias", 1),
+    "model.layers.{i}.mlp.down_proj.bias": ("layers.{i}.feed_forward.w2.bias", None),
 }
 TOP_NAMES = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
+    "model.embed_tokens.weight": ("tok_embeddings.weight", None),
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", None),
 }
 
 
-def checkpoint_names(config: LlamaConfig) -> Dict[str, str]:
-    """Checkpoint tensor name -> model parameter name, for exactly the tensors a checkpoint must hold."""
+def checkpoint_names(config: LlamaConfig) -> Dict[str, Tuple[str, Optional[int]]]:
+    """Checkpoint tensor name -> (model parameter name, row block or None), for exactly the tensors
+    a checkpoint must hold."""
     per_layer = dict(LAYER_NAMES)
     if config.attention_bias:
         per_layer.update(ATTENTION_BIAS_NAMES)
@@ -60,8 +66,18 @@ def checkpoint_names(config: LlamaConfig) -> Dict[str, str]:
     if config.tie_word_embeddings:
         del names["lm_head.weight"]
     for i in range(config.num_hidden_layers):
-        names.update({hf.format(i=i): ours.format(i=i) for hf, ours in per_layer.items()})
+        names.update({hf.format(i=i): (ours.format(i=i), part) for hf, (ours, part) in per_layer.items()})
     return names
+
+
+def parameter_block(model: Transformer, name: str, part: Optional[int], tensors: Dict[str, torch.Tensor]):
+    """The tensor a checkpoint tensor fills: parameter ``name`` itself, or its row block ``part``."""
+    param = tensors[name]
+    if part is None:
+        return param
+    linear = model.get_submodule(name.rsplit(".", 1)[0])
+    start = sum(linear.parts[:part])
+    return param.narrow(0, start, linear.parts[part])
 
 
 def safetensors_files(folder: Path) -> List[Path]:
@@ -114,16 +130,18 @@ def copy_tensors_from_file(path: Path, targets: Dict[str, torch.Tensor]) -> None
             target.copy_(f.get_tensor(name))
 
 
-def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Build the model on the meta device and fill it from the folder's safetensors, strictly."""
+def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.dtype, backend=None) -> Transformer:
+    """Build the model on the meta device and fill it from the folder's safetensors, strictly.
+
+    backend: the model's kernel backend (``minillama.backend``); default plain PyTorch.
+    """
     folder = Path(folder)
     files = safetensors_files(folder)
     found = read_headers(files)
     check_layer_count(config, found)  # before the name table: a config of 10**9 layers must fail, not hang
     names = checkpoint_names(config)
     with torch.device("meta"):
-        model = Transformer(config).to(dtype)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+        model = Transformer(config, backend).to(dtype)
 
     missing = [n for n in names if n not in found]
     if missing:
@@ -138,9 +156,10 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     if extra:
         path = found[extra[0]][0].name
         raise ValueError(f"unexpected tensor(s) {extra[:3]} in {path}: they do not belong to this config's model")
-    for hf_name, ours in names.items():
+    meta = dict(model.named_parameters(remove_duplicate=False))
+    for hf_name, (ours, part) in names.items():
         path, shape = found[hf_name]
-        expected = shapes[ours]
+        expected = tuple(parameter_block(model, ours, part, meta).shape)
         if shape != expected:
             raise ValueError(f"tensor {hf_name} in {path.name} has shape {shape}, the config expects {expected}")
 
@@ -154,7 +173,8 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
         by_file.setdefault(found[hf_name][0], []).append(hf_name)
     with torch.no_grad():
         for path, tensor_names in by_file.items():
-            copy_tensors_from_file(path, {hf_name: params[names[hf_name]] for hf_name in tensor_names})
+            copy_tensors_from_file(path, {hf_name: parameter_block(model, *names[hf_name], params)
+                                          for hf_name in tensor_names})
         if tied_head:
             head = torch.empty_like(model.tok_embeddings.weight)
             copy_tensors_from_file(found["lm_head.weight"][0], {"lm_head.weight": head})
@@ -163,6 +183,8 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
                     "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
                     "set tie_word_embeddings to false"
                 )
+    for p in model.parameters():
+        p.requires_grad_(False)
     return model.eval()
 
 
@@ -172,8 +194,8 @@ def save_checkpoint(model: Transformer, config: LlamaConfig, folder, dtype: torc
     folder.mkdir(parents=True, exist_ok=True)
     state = dict(model.named_parameters(remove_duplicate=False))
     tensors = {}
-    for hf_name, ours in checkpoint_names(config).items():
-        t = state[ours].detach()
+    for hf_name, (ours, part) in checkpoint_names(config).items():
+        t = parameter_block(model, ours, part, state).detach()
         tensors[hf_name] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg = config.to_dict()

@@ -43,6 +43,8 @@ def parse_args(argv):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the text")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="kernels: triton (fused kernels, CUDA graphs), torch (plain PyTorch); auto: triton on CUDA")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
@@ -119,7 +121,7 @@ def run(args) -> None:
 
     from minillama import Llama  # after argument checks: importing torch takes a while
 
-    llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype)
+    llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype, backend=args.backend)
     if args.stream:
         stream = llm.stream(prompts[0], **sampling_kwargs(args))
         cli.write(prompts[0], flush=True)

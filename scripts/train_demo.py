@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -242,5 +241,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("FLASHCORE_FORCE_REFERENCE", "1")  # plain-PyTorch attention: differentiable
     main()

@@ -3,13 +3,11 @@ import os
 import torch
 
 # Triton decides at decoration time whether a kernel is interpreted: set this before anything
-# imports triton, so CPU runs execute the real kernel code in Triton's interpreter.
-# Model tests on the CPU use flashcore's plain-PyTorch path (the interpreter is too slow for whole
-# generations); tests marked `triton` or `gpu` run the kernel. flashcore reads both per call, and
-# subprocesses started by tests inherit them.
+# imports triton, so CPU runs can execute the real kernel code in Triton's interpreter.
+# Models on the CPU default to the torch backend (backend="auto"); tests that want the Triton
+# kernels ask for backend="triton" (or flashcore's implementation="triton") explicitly.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("FLASHCORE_FORCE_REFERENCE", "1")
 
 import pytest  # noqa: E402
 
@@ -20,9 +18,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 
-
-@pytest.fixture(autouse=True)
-def _kernel_for_kernel_tests(request, monkeypatch):
-    """Tests marked triton or gpu run flashcore's Triton kernel, not the reference."""
-    if "triton" in request.keywords or "gpu" in request.keywords:
-        monkeypatch.delenv("FLASHCORE_FORCE_REFERENCE", raising=False)

@@ -31,14 +31,14 @@ def test_decode_logits_equal_full_forward(llm):
     cache = KVCache.allocate(llm.config, 1, 32, "cpu", torch.float32)
     steps = []
     with torch.inference_mode():
-        first = llm.model(ids[:, :7], cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)
+        first = llm.model(ids[:, :7], cache)
         cache.advance(7)
         steps.append(first[0])
         for t in range(7, 20):
-            steps.append(llm.model(ids[:, t : t + 1], cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)[0])
+            steps.append(llm.model(ids[:, t : t + 1], cache)[0])
             cache.advance(1)
     stepped = torch.cat(steps)
-    assert cache.lengths == [20] and cache.seq_lens.tolist() == [20]
+    assert cache.seq_lens_cpu == [20] and cache.seq_lens.tolist() == [20]
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
 
 
@@ -47,7 +47,7 @@ def test_cache_sized_from_request(llm):
     from minillama.generate import TokenLoop
     from minillama.sampling import SamplingParams
 
-    loop = TokenLoop(llm.model, [[1, 2, 3], [4] * 10], max_new_tokens=5, sampling=SamplingParams())
+    loop = TokenLoop(llm.runner, [[1, 2, 3], [4] * 10], max_new_tokens=5, sampling=SamplingParams())
     assert llm.config.max_position_embeddings == 131072
     assert loop.cache.max_len == 15
     assert loop.cache.k.shape == (2, 2, 15, 2, 8)

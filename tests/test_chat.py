@@ -63,10 +63,10 @@ def next_logits_match_fresh_prefill(llm, conv, text, reuse_all=True):
         assert keep == len(conv.cached_ids)
     conv._reserve(len(target))
     cache = conv.cache
-    cache.reset([keep])
+    cache.set_lengths([keep])
     new = torch.tensor([target[keep:]])
     with torch.inference_mode():
-        cached = llm.model(new, cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.lengths)[0, -1]
+        cached = llm.model(new, cache)[0, -1]
     fresh = llm.logits(target)[-1]
     torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=1e-5)
 
@@ -88,7 +88,7 @@ def test_three_turns_reuse_the_cache(llm, scripted):
     assert [m["content"] for m in conv.messages[2::2]] == ["Lily ran to the park.", "The ball was red.", "Yes, you can."]
     # the cache holds the encoding of the whole conversation, but for the final (sampled) <|eot_id|>
     assert conv.cached_ids + [EOT] == conv.encode(conv.messages, add_generation_prompt=False)
-    assert conv.cache.lengths == [len(conv.cached_ids)]
+    assert conv.cache.seq_lens_cpu == [len(conv.cached_ids)]
     next_logits_match_fresh_prefill(llm, conv, "Where is the dog?")
 
 
@@ -124,7 +124,7 @@ def test_interrupted_reply_is_kept(llm, scripted):
     with pytest.raises(KeyboardInterrupt):
         conv.send("More.", max_new_tokens=64, on_text=ctrl_c)
     assert conv.messages[-2]["content"] == "More."
-    assert conv.cache.lengths == [len(conv.cached_ids)]
+    assert conv.cache.seq_lens_cpu == [len(conv.cached_ids)]
     assert conv.cached_ids == conv.encode(conv.messages, add_generation_prompt=False)[: len(conv.cached_ids)]
     next_logits_match_fresh_prefill(llm, conv, "Go on.")
 
@@ -183,7 +183,7 @@ def test_save_and_load(llm, scripted, tmp_path):
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", FLASHCORE_FORCE_REFERENCE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("HF_HUB_OFFLINE", None)
     return env
 

@@ -93,7 +93,8 @@ def run_and_check(fn, B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype=torch.float32
 
 
 def public(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
-    return flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, softmax_scale=softmax_scale, causal=causal)
+    return flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, softmax_scale=softmax_scale,
+                                             causal=causal, implementation="triton")
 
 
 def plain_reference(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
@@ -213,16 +214,16 @@ def test_prefill_kernel_blocks(block_m, block_n, S_q, seq_lens):
 def test_capacity_error_names_both_numbers():
     q, k, v, k_cache, v_cache, lens = make_inputs(2, 3, 4, 2, 16, [5, 8], 10, torch.float32)
     with pytest.raises(ValueError, match=r"8 cached \+ 3 new tokens = 11 exceeds the cache capacity S_max=10"):
-        flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
+        flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, implementation="triton")
     ok = torch.tensor([5, 7], dtype=torch.int32)  # the host copy wins over the tensor when given
     with pytest.raises(ValueError, match="S_max=10"):
-        flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, ok, seq_lens_cpu=[5, 9])
+        flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, ok, seq_lens_cpu=[5, 9], implementation="triton")
 
 
 @pytest.mark.triton
 @interpreted
 def test_kernel_runs_in_the_interpreter(monkeypatch):
-    """Under TRITON_INTERPRET=1 the public API must run the kernel, not the reference."""
+    """Under TRITON_INTERPRET=1, implementation="triton" runs the kernel on the CPU, not the reference."""
     import flashcore.triton_attention as ta
 
     calls = []
@@ -230,3 +231,14 @@ def test_kernel_runs_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(ta, "triton_attention_with_kv_cache", lambda *a: calls.append(1) or real(*a))
     run_and_check(public, 1, 1, 2, 1, 16, [3], 8)
     assert calls == [1]
+
+
+def test_implementation_choice_is_explicit(monkeypatch):
+    """"auto" is the reference on the CPU; "triton" there needs the interpreter, else a clear error."""
+    assert flashcore.resolve_implementation("auto", torch.device("cpu")) == "reference"
+    assert flashcore.resolve_implementation("auto", torch.device("cuda")) == "triton"
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        flashcore.resolve_implementation("fast", torch.device("cpu"))
+    monkeypatch.setattr(flashcore, "INTERPRET", False)
+    with pytest.raises(ValueError, match="implementation='triton' cannot run on cpu: it needs a CUDA device, or TRITON_INTERPRET=1"):
+        flashcore.resolve_implementation("triton", torch.device("cpu"))

@@ -45,7 +45,7 @@ def script_forward(monkeypatch, llm, script):
     generation (its prefill passes ``logits_at``) starts the script again."""
     calls = []
 
-    def forward(tokens, k_cache=None, v_cache=None, seq_lens=None, *, seq_lens_cpu=None, logits_at=None):
+    def forward(tokens, cache=None, logits_at=None):
         if logits_at is not None:
             calls.clear()
         step = len(calls)

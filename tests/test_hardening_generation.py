@@ -307,7 +307,8 @@ def test_a_conversation_refuses_a_second_caller(llm):
     release.set()
     first.join()
     assert [m["role"] for m in conv.messages] == ["user", "assistant"] and conv.messages[0]["content"] == "Lily"
-    assert conv.cache.lengths == [len(conv.cached_ids)] and len(conv.cached_ids) == len(conv.encode(conv.messages[:1])) + 3  # the last token is never fed
+    assert conv.cache.seq_lens_cpu == [len(conv.cached_ids)]
+    assert len(conv.cached_ids) == len(conv.encode(conv.messages[:1])) + 3  # the last token is never fed
     conv.send("Tom", max_new_tokens=4)  # free again
     assert len(conv.messages) == 4
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got True"):

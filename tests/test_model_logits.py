@@ -25,8 +25,11 @@ def _random_ids(n, vocab_size, seed=0):
     return torch.randint(0, vocab_size, (n,), generator=g).tolist()
 
 
-def _compare(folder, config, ids, label, dtype=torch.float32):
-    llm = Llama.from_pretrained(folder, device="cpu", dtype=dtype)
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]  # triton: the interpreter on the CPU
+
+
+def _compare(folder, config, ids, label, dtype=torch.float32, backend="torch"):
+    llm = Llama.from_pretrained(folder, device="cpu", dtype=dtype, backend=backend)
     got = llm.logits(ids)
     assert got.shape == (len(ids), config["vocab_size"])
     assert got.dtype == torch.float32
@@ -60,13 +63,14 @@ LOGITS_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("label", list(LOGITS_CASES))
-def test_logits_match_reference(checkpoint_factory, label):
+def test_logits_match_reference(checkpoint_factory, label, backend):
     """float32 compute (the CPU default); for bf16 checkpoints the weights are exactly the
     reference's, so the bound is the same as for fp32 checkpoints."""
     folder, config = checkpoint_factory(**LOGITS_CASES[label])
     ids = _random_ids(48, config["vocab_size"], seed=len(label))
-    assert _compare(folder, config, ids, label) < FP32_BOUND
+    assert _compare(folder, config, ids, f"{label}, {backend}", backend=backend) < FP32_BOUND
 
 
 def test_default_dtype_on_cpu_is_float32_for_bf16_checkpoint(checkpoint_factory):
@@ -81,10 +85,11 @@ def test_bf16_compute(checkpoint_factory):
     assert _compare(folder, config, ids, "bf16 checkpoint, bf16 compute", dtype=torch.bfloat16) < BF16_COMPUTE_BOUND
 
 
-def test_attention_bias(checkpoint_factory):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_bias(checkpoint_factory, backend):
     folder, config = checkpoint_factory(tokenizer="sentencepiece", attention_bias=True)
     ids = _random_ids(24, config["vocab_size"])
-    assert _compare(folder, config, ids, "fp32 attention_bias") < FP32_BOUND
+    assert _compare(folder, config, ids, f"fp32 attention_bias, {backend}", backend=backend) < FP32_BOUND
 
 
 def test_llama3_scaling_small_original_context(checkpoint_factory):
@@ -146,11 +151,12 @@ def _goldens():
     return sorted(GOLDEN_DIR.glob("*.json"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", _goldens(), ids=lambda p: p.stem)
-def test_greedy_goldens(checkpoint_factory, path):
+def test_greedy_goldens(checkpoint_factory, path, backend):
     golden = json.loads(path.read_text(encoding="utf-8"))
     folder, _ = checkpoint_factory(**golden["checkpoint"])
-    llm = Llama.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    llm = Llama.from_pretrained(folder, device="cpu", dtype=torch.float32, backend=backend)
     cases = golden["cases"]
     n_new = golden["max_new_tokens"]
 

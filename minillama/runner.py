@@ -1,0 +1,169 @@
+"""The runner: one per model and process. It runs the model's one forward, eagerly or as CUDA-graph
+replays of single-token decode steps, and tunes the Triton GEMV once per GPU.
+
+A graph bakes in the addresses of the cache tensors and of its own input/output buffers, and
+nothing else: positions and fill lengths are read on the device from ``seq_lens``, which the
+caller advances in place (``KVCache.advance``), and flashcore's launch grid depends on shapes
+only. So one graph serves every token of a request, looked up again by the cache's addresses: a
+new cache allocated where a freed one was (the caching allocator's usual choice) reuses its graph.
+
+Batch buckets: a decode step of B rows over a cache of more rows runs the graph of the next
+bucket size (1, 2, 4, 8, 16, 32, 64, then multiples of 64) that the cache can hold, over its first
+rows; the extra rows compute values nobody reads and write only at their own fill position, which
+lies past their fill. So a scheduler whose active rows come first needs few graphs.
+"""
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from minillama.kv_cache import KVCache
+from minillama.model import Transformer
+
+
+def bucket(batch: int) -> int:
+    """The graph batch size that serves ``batch`` rows."""
+    if batch <= 64:
+        return 1 << (batch - 1).bit_length()
+    return -(-batch // 64) * 64
+
+
+class _Graph:
+    """One captured decode step over a fixed cache view."""
+
+    def __init__(self, model: Transformer, tokens: torch.Tensor, cache: KVCache, pool):
+        self.tokens = tokens.clone()  # static input (B, 1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # Warm-up outside the graph: Triton compiles, cuBLAS picks its kernels. It writes this
+            # step's k/v at the fill position, which the replay writes again.
+            for _ in range(2):
+                model(self.tokens, cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = model(self.tokens, cache)  # static output (B, 1, V)
+
+    def replay(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens[: tokens.shape[0]].copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
+class Runner:
+    """Runs ``model``: ``runner(tokens, cache, logits_at)`` computes ``model(tokens, cache, logits_at)``.
+
+    Args:
+        model: a loaded :class:`~minillama.model.Transformer` (its backend is already chosen).
+        cuda_graphs: replay single-token steps as CUDA graphs; default: on for CUDA models.
+        max_graphs: graphs kept, least recently used dropped first (each holds its buffers).
+
+    The logits of a replayed step are the graph's output buffer: the next step overwrites them.
+    """
+
+    def __init__(self, model: Transformer, cuda_graphs: Optional[bool] = None, max_graphs: int = 8):
+        self.model = model
+        self.config = model.config
+        weight = model.tok_embeddings.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA model, this one is on {self.device}")
+        self.cuda_graphs = cuda_graphs
+        self.max_graphs = max_graphs
+        self._graphs: "OrderedDict[tuple, _Graph]" = OrderedDict()
+        self._pool = None
+        self.gemv_timings: Optional[dict] = None  # {role: {config: ms per matrix}}, by tune_gemv
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for this model: ``batch`` rows of ``max_len`` tokens."""
+        return KVCache.allocate(self.config, batch, max_len, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
+                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of ``tokens`` (B, S) appended to the first B rows of ``cache`` (see the model's forward)."""
+        B, S = tokens.shape
+        if cache is not None and B > cache.batch:
+            raise ValueError(f"{B} rows of tokens but the cache holds {cache.batch} rows")
+        if not self.cuda_graphs or cache is None or S != 1 or logits_at is not None:
+            return self.model(tokens, cache if cache is None else cache.first_rows(B), logits_at=logits_at)
+        for b, n in enumerate(cache.seq_lens_cpu[:B]):  # flashcore checks this; inside a graph it cannot
+            if n + 1 > cache.max_len:
+                raise ValueError(
+                    f"row {b}: {n} cached + 1 new token = {n + 1} exceeds the cache capacity S_max={cache.max_len}; "
+                    f"allocate a larger cache"
+                )
+        rows = bucket(B)
+        if rows > cache.batch or any(n + 1 > cache.max_len for n in cache.seq_lens_cpu[B:rows]):
+            rows = B  # no room to pad: a graph of exactly B rows
+        return self._graph_for(tokens, rows, cache.first_rows(rows)).replay(tokens)[:B]
+
+    def _graph_for(self, tokens: torch.Tensor, rows: int, cache: KVCache) -> _Graph:
+        key = (rows, tokens.dtype, tuple(cache.k.shape), tuple(cache.k.stride()), cache.k.dtype,
+               cache.k.data_ptr(), cache.v.data_ptr(), cache.seq_lens.data_ptr())
+        graph = self._graphs.get(key)
+        if graph is None:
+            self.tune_gemv()  # timing runs its own graphs: never inside a capture
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            padded = torch.zeros(rows, 1, dtype=tokens.dtype, device=tokens.device)
+            padded[: tokens.shape[0]] = tokens
+            graph = _Graph(self.model, padded, cache, self._pool)
+            self._graphs[key] = graph
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        return graph
+
+    def clear(self) -> None:
+        """Drop every graph (and the memory their buffers hold)."""
+        self._graphs.clear()
+        self._pool = None
+
+    def gemv_roles(self) -> dict:
+        """{role: [(linear, norm or None, adds a residual)]}: the single-token products by matrix kind."""
+        layers, model = self.model.layers, self.model
+        return {
+            "qkv": [(L.attention.wqkv, L.attention_norm, False) for L in layers],
+            "o": [(L.attention.wo, None, True) for L in layers],
+            "gate_up": [(L.feed_forward.w13, L.ffn_norm, False) for L in layers],
+            "down": [(L.feed_forward.w2, None, True) for L in layers],
+            "head": [(model.output, model.norm, False)],
+        }
+
+    def tune_gemv(self) -> None:
+        """Give each matrix kind its fastest GEMV tiling on this GPU, timed in CUDA graphs; once.
+
+        Each candidate runs over every layer's matrix of that kind, so the weights stream from
+        HBM, not L2, and the launch gaps are the graph's. Only for the Triton backend on CUDA.
+        """
+        backend = self.model.backend
+        if self.gemv_timings is not None or not getattr(backend, "gemv", False) or self.device.type != "cuda":
+            return
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("Runner.tune_gemv must run before a CUDA graph capture")
+        kernels = backend.kernels
+        self.gemv_timings = {}
+        with torch.inference_mode():
+            for role, calls in self.gemv_roles().items():
+                lin0 = calls[0][0]
+                x = torch.randn(1, 1, lin0.in_features, dtype=self.dtype, device=self.device)
+                out_features = lin0.out_features // 2 if lin0.swiglu else lin0.out_features
+                residual = torch.randn(1, 1, out_features, dtype=self.dtype, device=self.device)
+
+                def run_all():
+                    for lin, norm, adds in calls:
+                        lin(x, norm=norm, residual=residual if adds else None)
+
+                times = {}
+                for config in kernels.GEMV_CONFIGS:
+                    for lin, _, _ in calls:
+                        lin.gemv_config = config
+                    times[config] = kernels.time_in_graph(run_all) / len(calls)
+                best = min(times, key=times.get)
+                for lin, _, _ in calls:
+                    lin.gemv_config = best
+                self.gemv_timings[role] = {str(c): ms for c, ms in times.items()}

@@ -1,0 +1,329 @@
+"""The two backends compute one function: the Triton kernels (fused GEMV at single-token steps,
+cuBLAS + Triton elementwise kernels otherwise, CUDA graphs on the GPU) against plain PyTorch.
+
+CPU tests run the Triton backend in Triton's interpreter in float32 against the torch backend on
+the same weights. GPU tests (``gpu`` marker) run bfloat16 on CUDA: Triton + graphs against torch,
+and both against the torch backend in float32 on the CPU, teacher-forced along the float32
+greedy sequence so one ambiguous step cannot derail the comparison.
+"""
+import copy
+
+import pytest
+import torch
+
+import flashcore
+from minillama.backend import TorchBackend, TritonBackend, make_backend
+from minillama.config import LlamaConfig
+from minillama.generate import TokenLoop
+from minillama.kv_cache import KVCache
+from minillama.layers import Linear
+from minillama.model import Transformer
+from minillama.runner import Runner, bucket
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}
+interpreted = pytest.mark.skipif(not flashcore.INTERPRET and not torch.cuda.is_available(),
+                                 reason="needs TRITON_INTERPRET=1 (set by conftest on the CPU)")
+
+
+def tiny_model(seed: int, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=None, ffn=160, vocab=320,
+               dtype=torch.float32, device="cpu", backend="torch", bias=False) -> Transformer:
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, rms_norm_eps=1e-5,
+        rope_theta=10000.0, rope_scaling=dict(LLAMA31_ROPE), max_position_embeddings=4096,
+        attention_bias=bias, mlp_bias=bias,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(config, make_backend(backend, device))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))  # gains matter
+            elif "tok_embeddings" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def with_backend(model: Transformer, backend: str) -> Transformer:
+    """The same model under another backend, sharing the original's parameters (no copy of them)."""
+    new = make_backend(backend, model.tok_embeddings.weight.device)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    clone = copy.deepcopy(model)
+    for name, module in clone.named_modules():
+        if hasattr(module, "backend"):
+            module.backend = new
+        for pname, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[pname] = params[f"{name}.{pname}" if name else pname]
+    return clone
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def prompts_for(seed: int, lengths, vocab: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def teacher_forced_logits(runner: Runner, prompts, continuations):
+    """Logits (steps, B, V) float32: prefill the prompts, then feed ``continuations`` (B, steps)."""
+    device = runner.device
+    width = max(map(len, prompts))
+    cache = runner.new_cache(len(prompts), width + continuations.shape[1] + 1)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p)
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    out = [runner(tokens.to(device), cache, logits_at=last.to(device))[:, -1].float().cpu()]
+    cache.advance([len(p) for p in prompts])
+    for t in range(continuations.shape[1] - 1):
+        logits = runner(continuations[:, t : t + 1].to(device), cache)
+        cache.advance(1)
+        out.append(logits[:, -1].float().cpu())
+    return torch.stack(out)
+
+
+def greedy(runner: Runner, prompts, steps: int) -> torch.Tensor:
+    """(B, steps) greedy continuation (no stop ids)."""
+    loop = TokenLoop(runner, prompts, steps)
+    for _ in loop:
+        pass
+    return torch.tensor(loop.new_tokens)
+
+
+def check_agreement(logits: torch.Tensor, ref: torch.Tensor, rel_tol: float, margin_factor: float = 4.0):
+    """Per step and row: relative error <= rel_tol, and the same argmax where ref's top-2 margin is
+    clear (> margin_factor x the largest absolute error seen). Returns the number of steps compared."""
+    errors = (logits - ref).abs().amax(dim=-1)  # (steps, B)
+    worst = rel_err(logits, ref)
+    assert worst <= rel_tol, f"logits relative error {worst:.2e} > {rel_tol:.0e}"
+    top2 = ref.topk(2, dim=-1).values
+    margin = top2[..., 0] - top2[..., 1]
+    clear = margin > margin_factor * errors.max()
+    same = logits.argmax(-1) == ref.argmax(-1)
+    assert bool(same[clear].all()), f"argmax differs at clear-margin steps {(~same & clear).nonzero().tolist()}"
+    return int(clear.sum())
+
+
+class HalvedLinear(Linear):
+    """A swapped-in layer that changes the math (its weight counts half) and counts its calls."""
+
+    calls = 0
+
+    def forward(self, x, norm=None, residual=None):
+        HalvedLinear.calls += 1
+        return self.backend.linear(x, 0.5 * self.weight, self.bias, norm=norm, swiglu=self.swiglu,
+                                   residual=residual, gemv_config=self.gemv_config)
+
+
+def swap_in_halved(model: Transformer) -> None:
+    for layer in model.layers:
+        layer.attention.wo.__class__ = HalvedLinear
+        layer.feed_forward.w13.__class__ = type("HalvedGateUp", (HalvedLinear,), {"swiglu": True})
+
+
+# -- CPU: the Triton backend in the interpreter, float32 ----------------------------------------
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("lengths", [[5], [7, 3]])
+def test_triton_backend_matches_torch_float32(lengths):
+    model = tiny_model(0)
+    cont = torch.tensor(prompts_for(1, [4] * len(lengths), model.config.vocab_size))
+    prompts = prompts_for(2, lengths, model.config.vocab_size)
+    ref = teacher_forced_logits(Runner(model), prompts, cont)
+    out = teacher_forced_logits(Runner(with_backend(model, "triton")), prompts, cont)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.triton
+@interpreted
+def test_triton_backend_without_gemv_matches_torch_float32():
+    model = tiny_model(3, head_dim=32, heads=4, kv_heads=1)
+    prompts = prompts_for(4, [6], model.config.vocab_size)
+    cont = torch.tensor(prompts_for(5, [3], model.config.vocab_size))
+    ref = teacher_forced_logits(Runner(model), prompts, cont)
+    cublas = with_backend(model, "triton")
+    for module in cublas.modules():
+        if hasattr(module, "backend"):
+            module.backend = TritonBackend(gemv=False)
+    assert rel_err(teacher_forced_logits(Runner(cublas), prompts, cont), ref) < 1e-5
+
+
+@pytest.mark.triton
+@interpreted
+def test_bias_model_runs_under_triton():
+    """Projections with biases take the plain ops inside the Triton backend: same function."""
+    model = tiny_model(6, bias=True)
+    prompts = prompts_for(7, [5], model.config.vocab_size)
+    cont = torch.tensor(prompts_for(8, [3], model.config.vocab_size))
+    ref = teacher_forced_logits(Runner(model), prompts, cont)
+    assert rel_err(teacher_forced_logits(Runner(with_backend(model, "triton")), prompts, cont), ref) < 1e-5
+
+
+@pytest.mark.triton
+@interpreted
+def test_swapped_linear_subclass_runs_under_both_backends():
+    """A Linear subclass put into the model is what runs, under torch and under Triton (the GEMV
+    at single-token steps included): nothing reads the weights behind the layer's back."""
+    model = tiny_model(9)
+    prompts = prompts_for(10, [5], model.config.vocab_size)
+    cont = torch.tensor(prompts_for(11, [3], model.config.vocab_size))
+    plain = teacher_forced_logits(Runner(model), prompts, cont)
+    expected_model = copy.deepcopy(model)  # the same function written into the weights
+    with torch.no_grad():
+        for layer in expected_model.layers:
+            layer.attention.wo.weight.mul_(0.5)
+            layer.feed_forward.w13.weight.mul_(0.5)
+    expected = teacher_forced_logits(Runner(expected_model), prompts, cont)
+    assert rel_err(expected, plain) > 1e-2  # the swap changes the logits
+
+    forwards = 3  # a prefill and two single-token steps
+    for backend in ("torch", "triton"):
+        swapped = with_backend(model, backend)
+        swap_in_halved(swapped)
+        HalvedLinear.calls = 0
+        got = teacher_forced_logits(Runner(swapped), prompts, cont)
+        assert HalvedLinear.calls == forwards * 2 * model.config.num_hidden_layers, backend
+        assert rel_err(got, expected) < 1e-5, backend
+
+
+def test_backend_choice():
+    assert isinstance(make_backend("auto", "cpu"), TorchBackend)
+    assert make_backend("torch", "cpu").name == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_backend("fast", "cpu")
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(flashcore, "INTERPRET", False)
+    with pytest.raises(ValueError, match="backend='triton' cannot run on cpu: its kernels need a CUDA device"):
+        make_backend("triton", "cpu")
+
+
+def test_runner_rows_and_buckets():
+    assert [bucket(b) for b in (1, 2, 3, 5, 16, 17, 64, 65, 130)] == [1, 2, 4, 8, 16, 32, 64, 128, 192]
+    model = tiny_model(12)
+    runner = Runner(model)
+    assert not runner.cuda_graphs
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA model"):
+        Runner(model, cuda_graphs=True)
+    # tokens for the first rows of a larger cache: the other rows are untouched
+    cache = runner.new_cache(3, 8)
+    cache.k.normal_()
+    cache.set_lengths([2, 0, 5])
+    before_k = cache.k.clone()
+    logits = runner(torch.tensor([[4, 5, 6]]), cache)
+    assert logits.shape == (1, 3, model.config.vocab_size)
+    assert torch.equal(cache.k[:, 1:], before_k[:, 1:]) and not torch.equal(cache.k[:, 0], before_k[:, 0])
+    assert cache.seq_lens_cpu == [2, 0, 5]  # the caller advances
+    with pytest.raises(ValueError, match="4 rows of tokens but the cache holds 3 rows"):
+        runner(torch.zeros(4, 1, dtype=torch.long), cache)
+
+
+def test_cache_row_operations():
+    model = tiny_model(13)
+    cache = KVCache.allocate(model.config, 3, 4, "cpu", torch.float32)
+    cache.k.normal_()
+    cache.set_lengths([1, 2, 3])
+    cache.advance([1, 0, 1])
+    assert cache.seq_lens_cpu == [2, 2, 4] and cache.seq_lens.tolist() == [2, 2, 4]
+    cache.reset_row(1)
+    assert cache.seq_lens_cpu == [2, 0, 4] and cache.seq_lens.tolist() == [2, 0, 4]
+    kept = cache.k[:, :, :4].clone()
+    cache.grow(10)
+    assert cache.max_len == 10 and torch.equal(cache.k[:, :, :4], kept)
+    with pytest.raises(ValueError, match=r"lengths \[11, 0, 0\] must be 3 fills in \[0, 10\]"):
+        cache.set_lengths([11, 0, 0])
+
+
+# -- GPU: bfloat16 on CUDA ----------------------------------------------------------------------
+
+
+GPU_MODEL = dict(hidden=256, layers=2, heads=8, kv_heads=2, ffn=512, vocab=1000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[9], [12, 5, 30]])
+def test_triton_matches_torch_and_float32_on_gpu(lengths):
+    """bf16 Triton backend (graphs) vs bf16 torch backend vs fp32 CPU, along the fp32 greedy sequence."""
+    steps = 24
+    cpu32 = tiny_model(10, **GPU_MODEL)
+    prompts = prompts_for(11, lengths, cpu32.config.vocab_size)
+    cont = greedy(Runner(cpu32), prompts, steps)
+    ref = teacher_forced_logits(Runner(cpu32), prompts, cont)
+
+    gpu = tiny_model(10, **GPU_MODEL, dtype=torch.bfloat16, device="cuda")
+    plain = teacher_forced_logits(Runner(gpu, cuda_graphs=False), prompts, cont)
+    fast = teacher_forced_logits(Runner(with_backend(gpu, "triton")), prompts, cont)
+    print(f"relative error vs fp32: torch bf16 {rel_err(plain, ref):.2e}, triton bf16 {rel_err(fast, ref):.2e}; "
+          f"triton vs torch {rel_err(fast, plain):.2e}")
+    n_fast = check_agreement(fast, ref, 1e-2)
+    check_agreement(plain, ref, 1e-2)
+    check_agreement(fast, plain.float(), 1e-2)
+    assert n_fast >= steps * len(lengths) // 2, "too few clear-margin steps to test anything"
+
+
+@pytest.mark.gpu
+def test_triton_generates_torch_tokens_on_gpu():
+    """Free-running greedy generation through TokenLoop: Triton == torch, token for token,
+    except from a step whose top-2 margin is within 4x the difference of their logits."""
+    model = tiny_model(20, **GPU_MODEL, dtype=torch.bfloat16, device="cuda")
+    plain_runner = Runner(model, cuda_graphs=False)
+    prompts = prompts_for(21, [17], model.config.vocab_size)
+    plain_tokens = greedy(plain_runner, prompts, 32)[0].tolist()
+    forced = torch.tensor([plain_tokens])
+    plain = teacher_forced_logits(plain_runner, prompts, forced)[:, 0]
+    runner = Runner(with_backend(model, "triton"))
+    fast = teacher_forced_logits(runner, prompts, forced)[:, 0]
+    top2 = plain.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * (fast - plain).abs().amax()
+    fast_tokens = greedy(runner, prompts, 32)[0].tolist()
+    diverged = [t for t in range(32) if fast_tokens[t] != plain_tokens[t]]
+    if diverged:  # both saw the same prefix up to the first difference: there the margin must be unclear
+        assert not bool(clear[diverged[0]]), f"triton and torch differ at step {diverged[0]} with a clear margin"
+    assert int(clear.sum()) >= 8, "the test model's margins are too small to compare anything"
+
+
+@pytest.mark.gpu
+def test_decode_graph_checks_capacity_on_the_host():
+    model = tiny_model(30, dtype=torch.bfloat16, device="cuda", backend="triton")
+    runner = Runner(model)
+    cache = runner.new_cache(1, 4)
+    cache.set_lengths([4])
+    with pytest.raises(ValueError, match="4 cached \\+ 1 new token = 5 exceeds the cache capacity S_max=4"):
+        runner(torch.zeros(1, 1, dtype=torch.long, device="cuda"), cache)
+
+
+@pytest.mark.gpu
+def test_bucketed_decode_graph_equals_exact_rows():
+    """3 rows of a 5-row cache run the 4-row graph; their logits equal a 3-row cache's, and the
+    fill of the padded row is untouched."""
+    model = tiny_model(31, **GPU_MODEL, dtype=torch.float32, device="cuda", backend="triton")
+    runner = Runner(model)
+    prompts = prompts_for(32, [6, 6, 6], model.config.vocab_size)
+    big, exact = runner.new_cache(5, 16), runner.new_cache(3, 16)
+    tokens = torch.tensor(prompts, device="cuda")
+    runner(tokens, big.first_rows(3))
+    runner(tokens, exact)
+    big.set_lengths([6, 6, 6, 2, 0])
+    exact.advance(6)
+    step = tokens[:, :1]
+    for _ in range(3):
+        got = runner(step, big)
+        want = runner(step, exact)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        big.advance([1, 1, 1, 0, 0])
+        exact.advance(1)
+        step = want[:, -1].argmax(-1, keepdim=True)
+    assert big.seq_lens_cpu[3:] == [2, 0] and big.seq_lens.tolist()[3:] == [2, 0]
+    assert len(runner._graphs) == 2  # bucket 4 over the big cache, 3 rows over the exact one
