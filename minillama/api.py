@@ -29,7 +29,8 @@ def _resolve_device(device) -> torch.device:
         raise ValueError(f"device {device!r} is not a device name; {_devices_here()}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was requested but CUDA is not available; use device='cpu'")
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+    missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if device.type not in ("cpu", "cuda") or missing_gpu:
         raise ValueError(f"device {device} cannot run minillama; {_devices_here()}")
     return device
 

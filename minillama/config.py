@@ -112,7 +112,9 @@ class LlamaConfig:
             if not isinstance(value, bool):
                 raise ValueError(f"config {name} must be true or false, got {value!r}")
         if self.bos_token_id is not None and not (_is_int(self.bos_token_id) and self.bos_token_id >= 0):
-            raise ValueError(f"config bos_token_id must be a token id (an integer >= 0) or null, got {self.bos_token_id!r}")
+            raise ValueError(
+                f"config bos_token_id must be a token id (an integer >= 0) or null, got {self.bos_token_id!r}"
+            )
         self.eos_token_id = _token_ids("config eos_token_id", self.eos_token_id)
         for name, ids in (("bos_token_id", [self.bos_token_id] if self.bos_token_id is not None else []),
                           ("eos_token_id", self.eos_token_id)):
@@ -241,7 +243,7 @@ def check_vocabulary(config: LlamaConfig, generation_config: GenerationConfig, t
     """The model's vocabulary holds every id the tokenizer makes and every stop id.
 
     A larger ``vocab_size`` than the tokenizer's (a padded embedding, common in fine-tunes) is fine:
-    the ids past the tokenizer's are never sampled (:func:`minillama.sampling.decodable_logits`).
+    the ids past the tokenizer's are never sampled (:class:`minillama.sampling.DecodableIds`).
     """
     if config.vocab_size < tokenizer.vocab_size:
         raise ValueError(

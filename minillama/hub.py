@@ -65,13 +65,18 @@ def _download(repo_id: str) -> Path:
         # exact names: glob.escape keeps a "[" in a file name from being read as a pattern
         folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=[glob.escape(w) for w in weights]))
     missing = [w for w in weights if checkpoint_file(folder, w) is None]
-    if missing == ["model.safetensors"]:
-        raise ModelNotFoundError(
-            f"{repo_id} has no .safetensors weights; minillama reads only safetensors (convert the checkpoint first)"
-        )
     if missing:
+        from huggingface_hub import constants
+
+        offline = " (or HF_HUB_OFFLINE is set and they were never downloaded)" if constants.HF_HUB_OFFLINE else ""
+        if missing == ["model.safetensors"]:
+            raise ModelNotFoundError(
+                f"{repo_id} has no .safetensors weights{offline}; minillama reads only safetensors (convert the "
+                f"checkpoint first)"
+            )
         raise ModelNotFoundError(
-            f"{repo_id}'s model.safetensors.index.json names shard(s) {missing[:3]} that the repo does not hold"
+            f"{repo_id}'s model.safetensors.index.json names shard(s) {missing[:3]} that the repo does not "
+            f"hold{offline}"
         )
     return folder
 

@@ -212,5 +212,6 @@ def check_layer_count(config: LlamaConfig, found: Dict[str, Tuple[Path, tuple]])
     if config.num_hidden_layers > held:
         raise ValueError(
             f"config.json says num_hidden_layers {config.num_hidden_layers} but the checkpoint's tensors hold "
-            f"{held} layer(s) (model.layers.0 .. {held - 1}); the config and the weights do not match"
+            f"{held} layer(s){f' (model.layers.0 .. {held - 1})' if held else ''}; the config and the weights "
+            f"do not match"
         )
