@@ -1,16 +1,18 @@
 """The public entry point: ``Llama.from_pretrained(path_or_repo_id)`` and what it returns."""
+import operator
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from minillama.backend import make_backend
-from minillama.config import DTYPES, GenerationConfig, LlamaConfig
+from minillama.config import DTYPES, GenerationConfig, LlamaConfig, check_vocabulary
+from minillama.files import checkpoint_file
 from minillama.generate import GenerationResult, TextGeneration, TextStream, TokenLoop
 from minillama.hub import resolve_checkpoint
 from minillama.kv_cache import KVCache
 from minillama.runner import Runner
-from minillama.sampling import SamplingParams
+from minillama.sampling import DecodableIds, SamplingParams
 from minillama.streaming import StopStrings
 from minillama.tokenizer import Tokenizer
 from minillama.weights import load_model
@@ -21,9 +23,15 @@ Prompt = Union[str, Sequence[int]]
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device name; {_devices_here()}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was requested but CUDA is not available; use device='cpu'")
+    missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if device.type not in ("cpu", "cuda") or missing_gpu:
+        raise ValueError(f"device {device} cannot run minillama; {_devices_here()}")
     return device
 
 
@@ -46,6 +54,8 @@ class Llama:
                  generation_config: GenerationConfig, folder: Path):
         self.runner = runner
         self.model = runner.model
+        # what generation samples from: the logits of ids the tokenizer can decode
+        self.decodable = DecodableIds(config.vocab_size, tokenizer.vocab_size, tokenizer.undecodable_ids())
         self.tokenizer = tokenizer
         self.config = config
         self.generation_config = generation_config
@@ -73,9 +83,10 @@ class Llama:
         kernels = make_backend(backend, device)  # a bad choice fails before anything is read
         folder = resolve_checkpoint(path_or_repo_id)
         config = LlamaConfig.from_file(folder / "config.json")
-        gen_path = folder / "generation_config.json"
-        generation_config = GenerationConfig.from_file(gen_path) if gen_path.exists() else GenerationConfig()
+        gen_path = checkpoint_file(folder, "generation_config.json")
+        generation_config = GenerationConfig.from_file(gen_path) if gen_path else GenerationConfig()
         tokenizer = Tokenizer.from_dir(folder)
+        check_vocabulary(config, generation_config, tokenizer)
         dtype = _resolve_dtype(dtype, config, device)
         model = load_model(folder, config, device, dtype, kernels)
         return cls(Runner(model), tokenizer, config, generation_config, folder)
@@ -93,13 +104,15 @@ class Llama:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
         return self.runner.new_cache(batch, max_len)
 
-    def _prompt_ids(self, prompt: Prompt) -> List[int]:
+    def _prompt_ids(self, prompt: Prompt, decodable: bool = False) -> List[int]:
+        """Token ids of a prompt; ``decodable``: only ids the tokenizer can decode (for generation)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        ids = _token_ids(prompt)
+        limit = self.tokenizer.vocab_size if decodable else self.config.vocab_size  # tokenizer's <= config's
+        bad = [t for t in ids if not 0 <= t < limit]
         if bad:
-            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {limit})")
         return ids
 
     def _check_length(self, n_prompt: int, max_new_tokens: int, cached: int = 0) -> None:
@@ -216,6 +229,9 @@ class Llama:
         if truncate_prompt not in (None, "left"):
             raise ValueError(f"truncate_prompt must be None or 'left', got {truncate_prompt!r}")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        for name, value in (("stop", stop), ("stop_ids", stop_ids)):
+            if isinstance(value, bytes) or not isinstance(value, (type(None), str, Sequence)):
+                raise TypeError(f"{name} must be a list (or None), got {type(value).__name__}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         StopStrings(stops)  # checks them
         extra = list(stop_ids or [])
@@ -225,13 +241,14 @@ class Llama:
         if cache is not None and (not isinstance(cache, KVCache) or cache.batch != len(prompts)):
             raise ValueError(f"cache must be a KVCache of {len(prompts)} row(s) (Llama.new_cache), got {cache!r:.80}")
         cached = cache.seq_lens_cpu if cache is not None else [0] * len(prompts)
-        ids = [self._prompt_ids(p) for p in prompts]
+        ids = [self._prompt_ids(p, decodable=True) for p in prompts]
         if truncate_prompt == "left":
             ids = [self._truncate_left(p, max_new_tokens + n) for p, n in zip(ids, cached)]
         for p, n in zip(ids, cached):
             self._check_length(len(p), max_new_tokens, n)
         all_stop_ids = self.stop_ids + [t for t in extra if t not in self.stop_ids]
-        loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, all_stop_ids, cache=cache)
+        loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, all_stop_ids, cache=cache,
+                         decodable=self.decodable)
         return TextGeneration(loop, self.tokenizer, stops)
 
     def _truncate_left(self, ids: List[int], max_new_tokens: int) -> List[int]:
@@ -248,3 +265,31 @@ class Llama:
         if keep_bos:
             return ids[:1] + ids[len(ids) - room + 1:]
         return ids[len(ids) - room:]
+
+
+def _devices_here() -> str:
+    """The devices minillama can run on here, for error messages."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return "this machine has: cpu (no CUDA device)"
+    return "this machine has: cpu, cuda" + "".join(f", cuda:{i}" for i in range(n))
+
+
+def _token_ids(prompt) -> List[int]:
+    """A prompt given as token ids, as a list of ints; bytes and non-integers are TypeErrors."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TypeError("a prompt is a str or a list of token ids, got bytes: decode it first (prompt.decode('utf-8'))")
+    ids = []
+    try:
+        for t in prompt:
+            if isinstance(t, bool):
+                raise TypeError
+            ids.append(operator.index(t))
+    except TypeError:
+        raise TypeError(f"a prompt is a str or a list of int token ids, got {_describe(prompt)}") from None
+    return ids
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"

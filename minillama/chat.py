@@ -7,11 +7,17 @@ Ctrl-D or /exit quits; /reset, /system TEXT, /save FILE, /load FILE, /help.
 
 When standard input is not a terminal, each line is a user message and standard output receives
 only the replies, one per line; notices and statistics go to stderr.
+
+A turn the checkpoint's chat template refuses (or a broken template) is reported and the chat goes
+on with its conversation unchanged; /system and /load are checked against the template before they
+change anything. Exit statuses and the handling of pipes and bad UTF-8: ``minillama/cli.py``.
 """
 import argparse
 import signal
 import sys
 import time
+
+from minillama import cli
 
 COMMANDS = """\
 /reset         forget the conversation (the system prompt stays)
@@ -48,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.system is not None:
+        args.system = cli.text_arg(args.system)  # bytes that are not UTF-8 become U+FFFD
     return args
 
 
@@ -70,12 +78,19 @@ class Interrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def note(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+note = cli.note
+
+
+def check_template(conv) -> None:
+    """Raise ChatTemplateError when the template refuses the conversation followed by a user turn."""
+    if conv.chat:
+        conv.encode(conv.messages + [{"role": "user", "content": "Hello"}])
 
 
 def command(conv, line: str) -> bool:
     """Run a /command; False when the chat should end."""
+    from minillama.chat_format import ChatTemplateError
+
     name, _, arg = line.partition(" ")
     arg = arg.strip()
     if name == "/exit":
@@ -84,7 +99,14 @@ def command(conv, line: str) -> bool:
         conv.reset()
         note("(conversation cleared)")
     elif name == "/system":
+        previous = conv.system
         conv.set_system(arg or None)
+        try:
+            check_template(conv)
+        except ChatTemplateError as e:
+            conv.set_system(previous)
+            note(f"error: {e}; the system prompt is unchanged")
+            return True
         note(f"(system prompt {'set' if arg else 'removed'})")
     elif name in ("/save", "/load"):
         if not arg:
@@ -101,6 +123,7 @@ def command(conv, line: str) -> bool:
 
 
 def reply(conv, text: str, args, sampling, interactive: bool) -> None:
+    from minillama.chat_format import ChatTemplateError
     from minillama.conversation import ContextOverflowError
 
     started = not conv.chat  # a continuation keeps its leading space
@@ -110,8 +133,7 @@ def reply(conv, text: str, args, sampling, interactive: bool) -> None:
         if not started:  # a chat reply's first token often carries the space before its first word
             delta = delta.lstrip()
             started = bool(delta)
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+        cli.write(delta, flush=True)
 
     try:
         with Interrupt() as interrupt:
@@ -123,8 +145,10 @@ def reply(conv, text: str, args, sampling, interactive: bool) -> None:
             sys.exit(1)
         note(f"error: {e}")  # too long even without history: the conversation is unchanged
         return
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    except ChatTemplateError as e:  # raised before the turn starts: the conversation is unchanged
+        note(f"error: {e}")
+        return
+    cli.write("\n", flush=True)
     if stats.dropped_turns:
         note(f"(context full: dropped the {stats.dropped_turns} oldest turn(s) and re-read the rest)")
     if stats.finish_reason == "interrupted":
@@ -136,29 +160,36 @@ def reply(conv, text: str, args, sampling, interactive: bool) -> None:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0, 2 after a one-line error, 130 on Ctrl-C while loading, 141 when stdout's reader left."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
-    from minillama import Llama
-    from minillama.conversation import Conversation
     from minillama.hub import DEMO_MODEL_DIR, ModelNotFoundError
     from minillama.sampling import SamplingParams
 
-    try:
-        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  min_p=args.min_p, seed=args.seed)
-        if args.model == str(DEMO_MODEL_DIR) and not DEMO_MODEL_DIR.exists():
-            raise ModelNotFoundError(f"the bundled demo model is missing ({DEMO_MODEL_DIR}); pass --model PATH_OR_REPO_ID")
-        start = time.perf_counter()
-        llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-        conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
-        if args.max_new_tokens is None:
-            args.max_new_tokens = min(512, conv.max_context // 2)
-    except (ModelNotFoundError, ValueError, NotImplementedError, FileNotFoundError) as e:
-        note(f"error: {e}")
-        return 2
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, seed=args.seed)
+    if args.model == str(DEMO_MODEL_DIR) and not DEMO_MODEL_DIR.exists():
+        raise ModelNotFoundError(f"the bundled demo model is missing ({DEMO_MODEL_DIR}); pass --model PATH_OR_REPO_ID")
+    from minillama import Llama  # torch loads here: Ctrl-C from now on exits 130 quietly
+    from minillama.chat_format import ChatTemplateError
+    from minillama.conversation import Conversation
+
+    start = time.perf_counter()
+    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(512, conv.max_context // 2)
     interactive = sys.stdin.isatty()
     note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s)")
     if not conv.chat:
         note("(this model has no chat template: plain continuation mode, each message continues the text)")
+    try:
+        check_template(conv)
+    except ChatTemplateError as e:  # each turn will say so too; /system may fix it
+        note(f"error: {e}")
     if interactive:
         note("(Ctrl-C stops a reply, Ctrl-D or /exit quits, /help lists commands)")
         try:
@@ -170,7 +201,7 @@ def main(argv=None) -> int:
         try:
             line = input(">>> ") if interactive else sys.stdin.readline()
         except KeyboardInterrupt:
-            print(file=sys.stderr)
+            note("")
             continue
         except EOFError:
             break
@@ -186,7 +217,7 @@ def main(argv=None) -> int:
             continue
         reply(conv, line, args, sampling, interactive)
     if interactive:
-        print(file=sys.stderr)
+        note("")
     return 0
 
 

@@ -93,12 +93,18 @@ class ChatFormat:
             raise ValueError("this tokenizer has no chat_template (a base model): encode plain text instead")
         template = tokenizer.chat_template
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template}
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             if "default" not in named:
-                raise ValueError(f"chat_template lists {sorted(named)} but no 'default' template")
+                raise ChatTemplateError(f"chat_template lists {sorted(map(str, named))} but no 'default' template")
             template = named["default"]
+        if not isinstance(template, str):
+            raise ChatTemplateError(f"the chat template must be a string, got {type(template).__name__}")
         self.tokenizer = tokenizer
-        self.template = _environment().from_string(template)
+        try:
+            self.template = _environment().from_string(template)
+        except Exception as e:  # jinja2.TemplateSyntaxError and the like: the checkpoint's template is broken
+            where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise ChatTemplateError(f"the chat template does not compile{where}: {type(e).__name__}: {e}") from None
         self.special = tokenizer.added_tokens()
         longest_first = sorted(self.special, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(s) for s in longest_first)) if longest_first else None

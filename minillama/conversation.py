@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from minillama.chat_format import ROLES
+from minillama.chat_format import ROLES, ChatTemplateError
+from minillama.concurrency import exclusive
+from minillama.files import atomic_write_text
 from minillama.kv_cache import KVCache
 from minillama.sampling import SamplingParams
 
@@ -88,11 +90,13 @@ class Conversation:
     def system(self) -> Optional[str]:
         return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
 
+    @exclusive
     def set_system(self, text: Optional[str]) -> None:
         """Set (or with None / "" remove) the system prompt; the rest of the history stays."""
         rest = self.messages[1:] if self.system is not None else self.messages
         self.messages = ([{"role": "system", "content": text}] if text else []) + rest
 
+    @exclusive
     def reset(self) -> None:
         """Forget every turn; the system prompt stays."""
         self.messages = self.messages[:1] if self.system is not None else []
@@ -101,24 +105,26 @@ class Conversation:
         return json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n"
 
     def save(self, path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        """Write the history as JSON, atomically: a temporary file in the same folder renamed over
+        ``path``, so a failed save leaves the previous file as it was. An existing file is replaced
+        only when it is a conversation written by :meth:`save` (or empty): anything else is a
+        ValueError and stays untouched."""
+        atomic_write_text(path, self.to_json(), may_replace=_check_replaceable)
 
+    @exclusive
     def load(self, path) -> None:
-        """Replace the history with a file written by :meth:`save`; a bad file raises ValueError."""
-        path = Path(path)
+        """Replace the history with a file written by :meth:`save`; a bad file raises ValueError,
+        and so does a conversation that the chat template refuses (also when a user message follows
+        it). The history is unchanged by a failed load."""
+        messages = read_messages(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ValueError(f"cannot read {path}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        messages = data.get("messages") if isinstance(data, dict) else None
-        if not isinstance(messages, list):
-            raise ValueError(f"{path} holds no 'messages' list; expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
-        for i, m in enumerate(messages):
-            if (not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] not in ROLES
-                    or not isinstance(m["content"], str)):
-                raise ValueError(f"{path}: message {i} is not a {{\"role\": {'/'.join(ROLES)}, \"content\": str}} dict")
+            self.encode(messages, add_generation_prompt=False)
+            if self.chat:
+                self.encode(messages + [{"role": "user", "content": "Hello"}])
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"{path}: the chat template cannot continue this conversation: {e}") from None
+        except ValueError as e:  # text that cannot be encoded
+            raise ValueError(f"{path}: {e}") from None
         self.messages = [dict(m) for m in messages]
 
     def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
@@ -130,6 +136,7 @@ class Conversation:
 
     # -- a turn -------------------------------------------------------------------------------
 
+    @exclusive
     def send(
         self,
         text: str,
@@ -155,7 +162,7 @@ class Conversation:
         """
         if not isinstance(text, str):
             raise TypeError(f"send takes a str, got {type(text).__name__}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         messages, target, dropped = self._fit(self.messages + [{"role": "user", "content": text}], max_new_tokens)
         keep = 0
@@ -239,3 +246,34 @@ class Conversation:
             self.cache = self.llm.new_cache(1, size)
         else:
             self.cache.grow(size)
+
+
+def read_messages(path) -> List[dict]:
+    """The messages of a conversation file written by :meth:`Conversation.save`; ValueError otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        raise ValueError(f"{path} holds no 'messages' list; expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
+    for i, m in enumerate(messages):
+        if (not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] not in ROLES
+                or not isinstance(m["content"], str)):
+            raise ValueError(f"{path}: message {i} is not a {{\"role\": {'/'.join(ROLES)}, \"content\": str}} dict")
+    return messages
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse (ValueError) to overwrite a non-empty file that is not a saved conversation."""
+    if path.stat().st_size == 0:
+        return
+    try:
+        read_messages(path)
+    except ValueError:
+        raise ValueError(
+            f"{path} exists and is not a conversation saved by /save; not overwriting it: pick another file name"
+        ) from None

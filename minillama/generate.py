@@ -16,13 +16,15 @@ detokenizing and stop strings, from :mod:`minillama.streaming`) and builds the r
 """
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from minillama.concurrency import step_lock
+from minillama.errors import NonFiniteLogitsError
 from minillama.kv_cache import KVCache
 from minillama.runner import Runner
-from minillama.sampling import SamplingParams, sample
+from minillama.sampling import NON_FINITE, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 
@@ -49,6 +51,8 @@ class TokenLoop:
         stop_ids: ids that end a row.
         cache: an existing cache to continue (e.g. a conversation): each row's prompt is appended
             at that row's fill. None: a cache just large enough for the request is allocated.
+        decodable: logits (B, V) -> the logits of the ids that may be sampled, e.g.
+            ``minillama.sampling.DecodableIds`` (ids the tokenizer cannot decode are never sampled).
     After the loop: ``new_tokens[row]``, ``finish_reason[row]`` ("stop" or "length"),
     ``stop_token[row]``, ``finish_step[row]`` (the step that ended the row; 0 is the prefill's) and
     ``times``.
@@ -62,8 +66,10 @@ class TokenLoop:
         sampling: SamplingParams = SamplingParams(),
         stop_ids: Sequence[int] = (),
         cache: Optional[KVCache] = None,
+        decodable: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
         self.runner = runner
+        self.decodable = decodable or (lambda logits: logits)  # logits of the ids that may be sampled
         self.prompts = [list(p) for p in prompts]
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
@@ -96,6 +102,7 @@ class TokenLoop:
         self.finish_step: List[int] = [0] * batch
         self.times = StepTimes()
         self._step = 0  # the step whose tokens were yielded last
+        self._step_lock = step_lock(runner)  # one step (forward + sample) at a time per model
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """End ``row`` now (at the current step); a row already done keeps its first reason."""
@@ -115,20 +122,21 @@ class TokenLoop:
         with torch.inference_mode():
             logits = self.runner(tokens.to(self.device), cache, logits_at=last.to(self.device))
         cache.advance(lengths)
-        return logits[:, -1]
+        return self.decodable(logits[:, -1])
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         with torch.inference_mode():
+            tokens = tokens.clamp_min(0)  # a done row may hold NON_FINITE; its tokens are ignored
             logits = self.runner(tokens[:, None], cache)
         cache.advance(1)
-        return logits[:, -1]
+        return self.decodable(logits[:, -1])
 
     def __iter__(self) -> Iterator[List[Optional[int]]]:
         if all(self.done):
             return
         start = time.perf_counter()
-        with torch.inference_mode():
+        with self._step_lock, torch.inference_mode():
             next_ids = sample(self._prefill(), self.sampling, self.generator)
         step = 0
         while True:
@@ -142,6 +150,8 @@ class TokenLoop:
             for b, t in enumerate(ids):
                 if self.done[b]:
                     out.append(None)
+                elif t == NON_FINITE:  # the sampler's mark for NaN/Inf logits
+                    raise NonFiniteLogitsError.from_model(self.runner.model, b, self._step)
                 elif t in self.stop_ids:
                     self.stop_token[b] = t
                     self.finish(b, "stop")
@@ -154,7 +164,7 @@ class TokenLoop:
             yield out
             if all(self.done):
                 break
-            with torch.inference_mode():
+            with self._step_lock, torch.inference_mode():
                 next_ids = sample(self._decode(next_ids), self.sampling, self.generator)
         self.times.decode_s = self.times.step_s[-1] - self.times.step_s[0]
         self.times.decode_steps = step - 1

@@ -1,17 +1,25 @@
-"""Finding a checkpoint: a local folder, or a Hugging Face hub repo id fetched with huggingface_hub."""
+"""Finding a checkpoint: a local folder, or a Hugging Face hub repo id fetched with huggingface_hub.
+
+A download fetches only the top-level files minillama reads, in two steps: the small files first
+(config, tokenizer, the shard index), then the weights: the shards the index names, or
+``model.safetensors`` when there is no index. Never a file in a subfolder, never the ``.bin`` /
+``.pth`` / ``original/`` copies, never both a single file and shards.
+"""
+import glob
 import json
 import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import List
 
-# Only what minillama reads: never the .bin / .pth / original/ copies of the weights.
+from minillama.files import checkpoint_file, read_text, shard_names
+
+# The small files minillama reads, by exact name at the top of the repo (the weights: _weight_files).
 CHECKPOINT_FILES = [
     "config.json",
     "generation_config.json",
-    "model.safetensors",
     "model.safetensors.index.json",
-    "model-*.safetensors",
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
@@ -33,7 +41,7 @@ def resolve_checkpoint(path_or_repo_id) -> Path:
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(f"{path} is a file; pass the folder that holds config.json and the weights")
-        if not (path / "config.json").exists():
+        if checkpoint_file(path, "config.json") is None:
             raise ModelNotFoundError(f"{path} holds no config.json: it is not a Hugging Face model folder")
         return path
     text = str(path_or_repo_id)
@@ -53,16 +61,43 @@ def _download(repo_id: str) -> Path:
     _check_llama(config, repo_id)
     with _hub_errors(repo_id):
         folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
-    if not any(folder.glob("*.safetensors")):
+        weights = _weight_files(folder)
+        # exact names: glob.escape keeps a "[" in a file name from being read as a pattern
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=[glob.escape(w) for w in weights]))
+    missing = [w for w in weights if checkpoint_file(folder, w) is None]
+    if missing:
+        from huggingface_hub import constants
+
+        offline = " (or HF_HUB_OFFLINE is set and they were never downloaded)" if constants.HF_HUB_OFFLINE else ""
+        if missing == ["model.safetensors"]:
+            raise ModelNotFoundError(
+                f"{repo_id} has no .safetensors weights{offline}; minillama reads only safetensors (convert the "
+                f"checkpoint first)"
+            )
         raise ModelNotFoundError(
-            f"{repo_id} has no .safetensors weights; minillama reads only safetensors (convert the checkpoint first)"
+            f"{repo_id}'s model.safetensors.index.json names shard(s) {missing[:3]} that the repo does not "
+            f"hold{offline}"
         )
     return folder
 
 
+def _weight_files(folder: Path) -> List[str]:
+    """The weight files of a snapshot that holds the small files: the index's shards, or model.safetensors."""
+    index = checkpoint_file(folder, "model.safetensors.index.json")
+    if index is None:
+        return ["model.safetensors"]
+    try:
+        data = json.loads(read_text(index))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{index} is not a JSON object")
+    return shard_names(data, index)
+
+
 def _check_llama(config: Path, repo_id: str) -> None:
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        model_type = json.loads(read_text(config)).get("model_type")
     except (json.JSONDecodeError, AttributeError):
         raise ModelNotFoundError(f"{repo_id}'s config.json is not a JSON object: not a Hugging Face model repo") from None
     if model_type != "llama":

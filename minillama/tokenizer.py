@@ -5,10 +5,15 @@ SentencePiece ``tokenizer.model`` when that is all a checkpoint ships.
 spelled out as ordinary tokens, never turned into a special id. Special ids are inserted only by
 code that means to (BOS here, turn markers in the chat encoder).
 """
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from minillama.config import read_json
+from minillama.files import checkpoint_file, read_text
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _token_content(value) -> Optional[str]:
@@ -33,6 +38,12 @@ class Tokenizer:
         """Token ids of ``text`` as plain text, with the BOS id first when ``bos`` and the tokenizer has one."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        bad = _SURROGATE.search(text)
+        if bad:
+            raise ValueError(
+                f"text holds a lone surrogate U+{ord(bad.group()):04X} at index {bad.start()} (bytes that were not "
+                f"UTF-8, decoded with surrogateescape?); it is not text: decode such input with errors='replace'"
+            )
         ids = self._encode_plain(text)
         if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
@@ -81,23 +92,53 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """One more than the largest id the tokenizer knows: ids >= this cannot be decoded."""
         raise NotImplementedError
+
+    def undecodable_ids(self) -> List[int]:
+        """Ids below ``vocab_size`` that the tokenizer does not know (holes in its id range)."""
+        return []
 
     @classmethod
     def from_dir(cls, folder) -> "Tokenizer":
         folder = Path(folder)
-        config_path = folder / "tokenizer_config.json"
-        config = read_json(config_path) if config_path.exists() else {}
-        template_path = folder / "chat_template.jinja"  # newer checkpoints keep the template apart
-        if "chat_template" not in config and template_path.exists():
-            config["chat_template"] = template_path.read_text()
-        if (folder / "tokenizer.json").exists():
+        config_path = checkpoint_file(folder, "tokenizer_config.json")
+        config = read_json(config_path) if config_path is not None else {}
+        _check_tokenizer_config(config, config_path)
+        template_path = checkpoint_file(folder, "chat_template.jinja")  # newer checkpoints keep the template apart
+        if config.get("chat_template") is None and template_path is not None:
+            config["chat_template"] = read_text(template_path)
+        if checkpoint_file(folder, "tokenizer.json") is not None:
             return HFTokenizer(folder / "tokenizer.json", config)
-        if (folder / "tokenizer.model").exists():
+        if checkpoint_file(folder, "tokenizer.model") is not None:
             return SentencePieceTokenizer(folder / "tokenizer.model", config)
         raise FileNotFoundError(
             f"no tokenizer.json or tokenizer.model in {folder}: the checkpoint must ship its tokenizer"
         )
+
+
+def _check_tokenizer_config(config: dict, path: Optional[Path]) -> None:
+    """The keys of tokenizer_config.json that minillama reads, checked for their JSON types."""
+    def fail(key, expected):
+        raise ValueError(f"{path}: {key} must be {expected}, got {config[key]!r}")
+
+    for key in SPECIAL_TOKEN_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is not None and not isinstance(value, str):
+            fail(key, 'a string, {"content": string, ...} or null')
+    if config.get("add_bos_token") is not None and not isinstance(config["add_bos_token"], bool):
+        fail("add_bos_token", "true, false or null")
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (
+            isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                               and isinstance(t.get("template"), str) for t in template)):
+        fail("chat_template", 'a string or a list of {"name": string, "template": string}')
+    decoder = config.get("added_tokens_decoder")
+    if decoder is not None and not (isinstance(decoder, dict) and all(
+            k.isdigit() and isinstance(v, dict) and isinstance(v.get("content"), str) for k, v in decoder.items())):
+        fail("added_tokens_decoder", 'an object {"<id>": {"content": string, ...}, ...}')
 
 
 class HFTokenizer(Tokenizer):
@@ -109,6 +150,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the library raises a bare Exception for bad files
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
         self._tok.encode_special_tokens = True  # text is text: "<|eot_id|>" in a message is not a marker
+        self._ids = None  # (vocab_size, undecodable ids), see _id_range
         bos = _token_content(tokenizer_config.get("bos_token"))
         eos = _token_content(tokenizer_config.get("eos_token"))
         bos_id = self._tok.token_to_id(bos) if bos else None
@@ -147,7 +189,18 @@ class HFTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._id_range()[0]
+
+    def undecodable_ids(self) -> List[int]:
+        return self._id_range()[1]
+
+    def _id_range(self) -> Tuple[int, List[int]]:
+        """(largest id + 1, the ids below it that no token has), computed once."""
+        if self._ids is None:
+            known = set(self._tok.get_vocab(with_added_tokens=True).values())
+            size = max(known) + 1 if known else 0
+            self._ids = (size, [] if len(known) == size else sorted(set(range(size)) - known))
+        return self._ids
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -15,8 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minillama.config import LlamaConfig
+from minillama.config import LlamaConfig, read_json
+from minillama.files import checkpoint_file, shard_names
 from minillama.model import Transformer, rope_inv_freq
+
+# safetensors dtypes a checkpoint without quantization may store (each is cast to the model dtype)
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 # The one table from checkpoint names (HF) to ours: (parameter, row block). q/k/v fill the three row
 # blocks of the fused ``wqkv`` and gate/up the two of ``w13`` (``Linear.parts``); None: the whole
@@ -78,21 +82,17 @@ def parameter_block(model: Transformer, name: str, part: Optional[int], tensors:
 
 def safetensors_files(folder: Path) -> List[Path]:
     """The checkpoint's safetensors files: model.safetensors, or the shards its index names."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
+    index = checkpoint_file(folder, "model.safetensors.index.json")
+    if index is not None:
+        files = [folder / name for name in shard_names(read_json(index), index)]  # plain names in the folder
+        missing = [f.name for f in files if checkpoint_file(folder, f.name) is None]
         if missing:
             raise FileNotFoundError(
                 f"{index.name} names shard(s) {missing} that are not in {folder}; download the complete checkpoint"
             )
         return files
-    single = folder / "model.safetensors"
-    if single.exists():
+    single = checkpoint_file(folder, "model.safetensors")
+    if single is not None:
         return [single]
     others = sorted(p.name for p in folder.glob("*.safetensors"))
     hint = f" (found {others} but no model.safetensors.index.json naming them)" if others else ""
@@ -101,8 +101,9 @@ def safetensors_files(folder: Path) -> List[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}{hint}")
 
 
-def read_headers(files: List[Path]) -> Dict[str, Tuple[Path, tuple]]:
-    """tensor name -> (file, shape), reading only the headers. Corrupt or truncated files fail here."""
+def read_headers(files: List[Path], dtypes: Tuple[str, ...] = FLOAT_DTYPES) -> Dict[str, Tuple[Path, tuple]]:
+    """tensor name -> (file, shape), reading only the headers. Corrupt or truncated files fail here,
+    and so does a tensor whose safetensors dtype is not one of ``dtypes`` (no silent cast)."""
     found: Dict[str, Tuple[Path, tuple]] = {}
     for path in files:
         try:
@@ -110,8 +111,14 @@ def read_headers(files: List[Path]) -> Dict[str, Tuple[Path, tuple]]:
                 for name in f.keys():
                     if name in found:
                         raise ValueError(f"tensor {name} appears in both {found[name][0].name} and {path.name}")
-                    found[name] = (path, tuple(f.get_slice(name).get_shape()))
-        except SafetensorError as e:
+                    tensor = f.get_slice(name)
+                    if tensor.get_dtype() not in dtypes:
+                        raise ValueError(
+                            f"tensor {name} in {path.name} has dtype {tensor.get_dtype()}; this checkpoint's weights "
+                            f"must be one of {', '.join(dtypes)}"
+                        )
+                    found[name] = (path, tuple(tensor.get_shape()))
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     return found
 
@@ -131,6 +138,7 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     folder = Path(folder)
     files = safetensors_files(folder)
     found = read_headers(files)
+    check_layer_count(config, found)  # before the name table: a config of 10**9 layers must fail, not hang
     names = checkpoint_names(config)
     with torch.device("meta"):
         model = Transformer(config, backend).to(dtype)
@@ -194,3 +202,16 @@ def save_checkpoint(model: Transformer, config: LlamaConfig, folder, dtype: torc
     if dtype is not None:
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def check_layer_count(config: LlamaConfig, found: Dict[str, Tuple[Path, tuple]]) -> None:
+    """config.json's num_hidden_layers is not more than the layers the checkpoint's tensor names hold
+    (more layers in the checkpoint are reported as unexpected tensors, by name)."""
+    layers = {int(n.split(".")[2]) for n in found if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    held = max(layers) + 1 if layers else 0
+    if config.num_hidden_layers > held:
+        raise ValueError(
+            f"config.json says num_hidden_layers {config.num_hidden_layers} but the checkpoint's tensors hold "
+            f"{held} layer(s){f' (model.layers.0 .. {held - 1})' if held else ''}; the config and the weights "
+            f"do not match"
+        )

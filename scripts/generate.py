@@ -8,6 +8,9 @@
 Prompts run as one batch (``--batch-size`` splits them into chunks). Each completion is printed
 after its prompt, or, with ``--json``, one JSON object per prompt per line. Timing goes to stderr:
 prompt tokens, time to first token, decode tokens/s per sequence and for the whole batch.
+
+Errors are one line on stderr with exit status 2; Ctrl-C exits 130; a closed output pipe (``| head``)
+ends the run quietly (status 141), as ``cat`` does. See ``minillama/cli.py``.
 """
 import argparse
 import json
@@ -16,10 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
+from minillama import cli  # noqa: E402
 from minillama.hub import DEMO_MODEL_DIR  # noqa: E402
 
 
-class UserError(Exception):
+class UserError(cli.CommandError):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
@@ -44,7 +48,10 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.prompts = [cli.text_arg(t) for t in args.prompts]  # bytes that are not UTF-8 become U+FFFD
+    args.stop = [cli.text_arg(t) for t in args.stop]
+    return args
 
 
 def read_prompts(args) -> list:
@@ -117,13 +124,11 @@ def run(args) -> None:
     llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype, backend=args.backend)
     if args.stream:
         stream = llm.stream(prompts[0], **sampling_kwargs(args))
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
+        cli.write(prompts[0], flush=True)
         for delta in stream:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        print(report([stream.result], 0, 1), file=sys.stderr)
+            cli.write(delta, flush=True)
+        cli.write("\n", flush=True)
+        cli.note(report([stream.result], 0, 1))
         return
     size = args.batch_size or len(prompts)
     batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
@@ -131,7 +136,7 @@ def run(args) -> None:
         results = llm.generate(batch, **sampling_kwargs(args))
         for i, (prompt, r) in enumerate(zip(batch, results)):
             if args.json:
-                print(json.dumps({
+                cli.write(json.dumps({
                     "prompt": prompt,
                     "prompt_token_ids": r.prompt_ids,
                     "token_ids": r.token_ids,
@@ -143,29 +148,23 @@ def run(args) -> None:
                         "decode_s": r.decode_s,
                         "decode_tokens_per_s": r.decode_steps / r.decode_s if r.decode_s > 0 else None,
                     },
-                }, ensure_ascii=False))
+                }, ensure_ascii=False) + "\n")
             else:
                 if k or i:
-                    print()  # a blank line between completions
-                print(prompt + r.text)
-        sys.stdout.flush()
-        print(report(results, k, len(batches)), file=sys.stderr)
+                    cli.write("\n")  # a blank line between completions
+                cli.write(prompt + r.text + "\n")
+        cli.write("", flush=True)
+        cli.note(report(results, k, len(batches)))
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        # the library's answer to bad input (a missing model, a prompt that does not fit, ...)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    """Exit status: 0, or 2 after a one-line error (bad input, or the library's answer to it:
+    a missing model, a prompt that does not fit, ...), 130 on Ctrl-C, 141 when stdout's reader left."""
+    def _main(argv) -> int:
+        run(parse_args(argv))
+        return 0
+
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from huggingface_hub import constants, errors
 from huggingface_hub.utils import filter_repo_objects
 
 from minillama import Llama
-from minillama.hub import CHECKPOINT_FILES, ModelNotFoundError, resolve_checkpoint
+from minillama.hub import ModelNotFoundError, resolve_checkpoint
 from tests.checkpoints import write_checkpoint
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -115,30 +115,77 @@ def test_no_network(monkeypatch):
         resolve_checkpoint("meta-llama/Llama-3.1-8B-Instruct")
 
 
-def test_only_needed_files_are_downloaded(offline_cache, monkeypatch):
-    snapshot = cached_snapshot(offline_cache, "meta-llama/Llama-3.1-8B-Instruct")
-    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    asked = {}
+def fake_hub(monkeypatch, snapshot, repo_files: dict):
+    """snapshot_download over a repo holding ``repo_files`` (name -> text): it writes the files the
+    allow_patterns select into ``snapshot``, as huggingface_hub does; returns the names fetched."""
+    fetched = []
 
-    def snapshot_download(repo_id, **kwargs):
-        asked.update(kwargs, repo_id=repo_id)
-        (snapshot / "model-00001-of-00004.safetensors").write_bytes(b"")
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        for name in filter_repo_objects(list(repo_files), allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / name).write_text(repo_files[name])
+            fetched.append(name)
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    assert resolve_checkpoint("meta-llama/Llama-3.1-8B-Instruct") == snapshot
-    repo_files = [  # meta-llama/Llama-3.1-8B-Instruct's files
+    return fetched
+
+
+def test_only_needed_files_are_downloaded(offline_cache, monkeypatch):
+    """The shards the index names and the small top-level files: not model.safetensors as well, not
+    a file in a subfolder that matches a pattern, not the original/ weights."""
+    snapshot = cached_snapshot(offline_cache, "meta-llama/Llama-3.1-8B-Instruct")
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    repo = {name: "" for name in [  # meta-llama/Llama-3.1-8B-Instruct's files, and some traps
         ".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
-        "model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors", "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
         "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-    ]
-    assert list(filter_repo_objects(repo_files, allow_patterns=asked["allow_patterns"])) == [
-        "config.json", "generation_config.json", "model-00001-of-00004.safetensors",
-        "model-00004-of-00004.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
+        "model.safetensors", "model-extra/model-00001-of-00002.safetensors", "sub/config.json", "pytorch_model.bin",
+    ]}
+    repo["model.safetensors.index.json"] = json.dumps(index)
+    fetched = fake_hub(monkeypatch, snapshot, repo)
+    assert resolve_checkpoint("meta-llama/Llama-3.1-8B-Instruct") == snapshot
+    assert sorted(fetched) == [
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
         "tokenizer.json", "tokenizer_config.json",
     ]
-    assert asked["allow_patterns"] == CHECKPOINT_FILES
+
+
+def test_a_single_file_checkpoint_downloads_model_safetensors(offline_cache, monkeypatch):
+    snapshot = cached_snapshot(offline_cache, "tiny/single")
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    repo = {name: "" for name in ["config.json", "tokenizer.model", "model.safetensors", "model-1.safetensors",
+                                   "model-00001-of-00002.safetensors", "checkpoints/model.safetensors"]}
+    fetched = fake_hub(monkeypatch, snapshot, repo)
+    assert resolve_checkpoint("tiny/single") == snapshot
+    assert sorted(fetched) == ["config.json", "model.safetensors", "tokenizer.model"]
+
+
+@pytest.mark.parametrize("shard", ["../model-00001-of-00001.safetensors", "/etc/model.safetensors",
+                                   "sub/model-00001.safetensors", "model.bin"])
+def test_an_index_naming_files_outside_the_folder_is_refused_before_any_weight(offline_cache, monkeypatch, shard):
+    snapshot = cached_snapshot(offline_cache, "evil/index")
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    repo = {"config.json": "", "model.safetensors.index.json": json.dumps({"weight_map": {"w": shard}})}
+    fetched = fake_hub(monkeypatch, snapshot, repo)
+    with pytest.raises(ValueError, match="not a .safetensors file in the model folder"):
+        resolve_checkpoint("evil/index")
+    assert sorted(fetched) == ["config.json", "model.safetensors.index.json"]
+
+
+def test_an_index_naming_missing_shards(offline_cache, monkeypatch):
+    snapshot = cached_snapshot(offline_cache, "half/uploaded")
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    repo = {"config.json": "", "model.safetensors.index.json": json.dumps(index),
+            "model-00001-of-00002.safetensors": ""}
+    fake_hub(monkeypatch, snapshot, repo)
+    with pytest.raises(ModelNotFoundError, match=r"names shard\(s\) \['model-00002-of-00002.safetensors'\] that the "
+                                                 r"repo does not hold"):
+        resolve_checkpoint("half/uploaded")
 
 
 def test_repo_without_safetensors(offline_cache, monkeypatch):

@@ -1,0 +1,289 @@
+"""The command lines as Unix tools, and what a chat must not lose.
+
+scripts/generate.py and ``python -m minillama.chat`` in real subprocesses: a closed output pipe
+ends them quietly (status 141, as ``cat``), a full disk or a closed stdout is a one-line error
+(status 2), bytes that are not UTF-8 in arguments or piped input are replaced, an unknown device
+names the ones that exist, Ctrl-C while loading exits 130 with nothing on stderr, and a model that
+produces NaN is an error, not ``⁇ ⁇ ⁇``. The chat reports template errors and keeps its
+conversation; /load checks a file against the template; /save is atomic and does not overwrite a
+file that is not a saved conversation.
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from minillama import Llama
+from minillama.chat_format import ChatTemplateError
+from minillama.conversation import Conversation
+from tests.checkpoints import checkpoint_factory  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATE = [sys.executable, str(ROOT / "scripts" / "generate.py")]
+CHAT = [sys.executable, "-m", "minillama.chat"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", FLASHCORE_FORCE_REFERENCE="1", PYTHONPATH=str(ROOT))
+# A template that refuses two turns of one role in a row (as Mistral's and Gemma's do).
+ALTERNATING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def sp_folder(checkpoint_factory):  # noqa: F811
+    return checkpoint_factory(tokenizer="sentencepiece", n_layers=1, seed=7)[0]
+
+
+@pytest.fixture(scope="module")
+def chat_folder(checkpoint_factory):  # noqa: F811
+    return checkpoint_factory(tokenizer="llama3", n_layers=1, seed=8)[0]
+
+
+def run(cmd, *args, stdin=b"", **kwargs):
+    return subprocess.run([*cmd, *map(str, args)], input=stdin, capture_output="stdout" not in kwargs,
+                          env=ENV, cwd=ROOT, timeout=120, **kwargs)
+
+
+def one_line_error(stderr: bytes) -> str:
+    text = stderr.decode()
+    assert text.startswith("error: ") and text.count("\n") == 1 and "Traceback" not in text, text
+    return text[len("error: "):-1]
+
+
+def with_template(folder, tmp_path, template):
+    copy = tmp_path / "templated"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    return copy
+
+
+# -- output: closed pipe, full disk, closed stdout ----------------------------------------------
+
+@pytest.mark.parametrize("cmd, args", [
+    (GENERATE, ["--max-new-tokens", 3, "Lily"]),
+    (GENERATE, ["--max-new-tokens", 3, "--stream", "Lily"]),
+    (GENERATE, ["--help"]),
+    (CHAT, ["--max-new-tokens", 3]),
+])
+def test_a_closed_output_pipe_ends_quietly(sp_folder, chat_folder, cmd, args):
+    """As ``... | head`` after head has exited: the pipe has no reader when the command writes."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        model = ["--model", chat_folder if cmd is CHAT else sp_folder] if "--help" not in args else []
+        proc = run(cmd, *model, *args, stdin=b"Hi Lily\nAnd Tom?\n", stdout=write, stderr=subprocess.PIPE)
+    finally:
+        os.close(write)
+    # 141 = 128 + SIGPIPE, what a shell reports for cat; --help's text fits the buffer that the exit's
+    # flush drops (quietly, with status 0)
+    assert proc.returncode in ((141, 0) if "--help" in args else (141,))
+    assert b"error" not in proc.stderr and b"Traceback" not in proc.stderr and b"Exception" not in proc.stderr
+
+
+def test_a_full_disk_is_a_one_line_error(sp_folder):
+    with open("/dev/full", "wb") as full:
+        proc = run(GENERATE, "--model", sp_folder, "--max-new-tokens", 3, "Lily", stdout=full, stderr=subprocess.PIPE)
+    assert proc.returncode == 2
+    assert one_line_error(proc.stderr) == "cannot write to standard output: No space left on device"
+
+
+@pytest.mark.parametrize("cmd", [GENERATE, CHAT])
+def test_a_closed_stdout_is_a_one_line_error(sp_folder, cmd):
+    args = ["Lily"] if cmd is GENERATE else []
+    proc = run(cmd, "--model", sp_folder, *args, stderr=subprocess.PIPE, stdout=None, preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 2
+    assert one_line_error(proc.stderr) == "standard output is closed; redirect it (e.g. > out.txt or > /dev/null)"
+
+
+# -- text that is not UTF-8 ---------------------------------------------------------------------
+
+def test_invalid_utf8_arguments_are_replaced(sp_folder):
+    raw = os.fsdecode(b"Lily caf\xe9 \xff")  # what Python makes of such argv bytes
+    proc = run(GENERATE, "--model", sp_folder, "--max-new-tokens", 4, "--json", raw)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["prompt"] == "Lily caf\ufffd \ufffd"
+    expected = Llama.from_pretrained(sp_folder, device="cpu").generate(["Lily caf\ufffd \ufffd"], max_new_tokens=4)
+    assert record["token_ids"] == expected[0].token_ids
+
+
+def test_invalid_utf8_in_piped_chat_input_is_replaced(chat_folder):
+    proc = run(CHAT, "--model", chat_folder, "--max-new-tokens", 3, "--device", "cpu",
+               stdin=b"Hi caf\xe9\n\xff\xfe\n")
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+    conv = Conversation(Llama.from_pretrained(chat_folder, device="cpu"))
+    for text in ["Hi caf\ufffd", "\ufffd\ufffd"]:
+        conv.send(text, max_new_tokens=3)
+    assert proc.stdout.decode() == "".join(m["content"].lstrip() + "\n" for m in conv.messages[1::2])
+
+
+def test_library_refuses_lone_surrogates_by_name(sp_folder):
+    llm = Llama.from_pretrained(sp_folder, device="cpu")
+    with pytest.raises(ValueError, match=r"text holds a lone surrogate U\+DCFF at index 5"):
+        llm.generate(["Lily \udcff"], max_new_tokens=1)
+
+
+# -- devices, bad models, Ctrl-C ------------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", [GENERATE, CHAT])
+def test_unknown_device_names_the_devices_here(sp_folder, cmd):
+    proc = run(cmd, "--model", sp_folder, "--device", "gpu0", *(["Lily"] if cmd is GENERATE else []))
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert one_line_error(proc.stderr).startswith("device 'gpu0' is not a device name; this machine has: cpu")
+
+
+def test_a_model_that_produces_nan_is_an_error_not_garbage(sp_folder, tmp_path):
+    folder = tmp_path / "nan"
+    shutil.copytree(sp_folder, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.0.self_attn.v_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(folder / "model.safetensors"))
+    proc = run(GENERATE, "--model", folder, "--max-new-tokens", 5, "Lily")
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert one_line_error(proc.stderr).startswith(
+        "the model produced NaN/Inf logits (row 0, reading the prompt): these weights hold NaN/Inf values: "
+        "model.layers.0.self_attn.v_proj.weight (1 of 512 values)")
+
+
+@pytest.mark.parametrize("cmd", [GENERATE, CHAT])
+def test_ctrl_c_while_loading_exits_130_quietly(sp_folder, tmp_path, cmd):
+    """config.json is a FIFO: the command blocks reading it, provably inside model loading."""
+    folder = tmp_path / "fifo"
+    shutil.copytree(sp_folder, folder)
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    proc = subprocess.Popen([*cmd, "--model", str(folder), *(["Lily"] if cmd is GENERATE else [])],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+    fd = None
+    try:
+        deadline = time.monotonic() + 60
+        while fd is None:  # opening the FIFO for writing succeeds once the command has it open for reading
+            try:
+                fd = os.open(folder / "config.json", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                assert e.errno == errno.ENXIO and time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+    assert (proc.returncode, out, err) == (130, b"", b"")
+
+
+# -- the chat: template errors, /load, /save ----------------------------------------------------------
+
+def test_chat_reports_a_refused_turn_and_goes_on(chat_folder, tmp_path):
+    folder = with_template(chat_folder, tmp_path, ALTERNATING_TEMPLATE)
+    saved = tmp_path / "one_user.json"
+    saved.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    out = tmp_path / "out.json"
+    stdin = f"Hi Lily\n/load {saved}\nAnd Tom?\n/save {notes}\n/save {out}\n".encode()
+    proc = run(CHAT, "--model", folder, "--max-new-tokens", 3, stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.decode()
+    assert (f"error: {saved}: the chat template cannot continue this conversation: the chat template refused the "
+            f"messages: roles must alternate\n") in err
+    assert f"error: {notes} exists and is not a conversation saved by /save; not overwriting it" in err
+    assert notes.read_text() == "precious"
+    messages = json.loads(out.read_text())["messages"]
+    assert [(m["role"], m["content"] if m["role"] == "user" else "") for m in messages] == [
+        ("user", "Hi Lily"), ("assistant", ""), ("user", "And Tom?"), ("assistant", "")]
+    assert "Traceback" not in err
+
+
+def test_chat_with_a_broken_template_reports_each_turn(chat_folder, tmp_path):
+    folder = with_template(chat_folder, tmp_path, "{% for m in messages %}{{ m.content }")
+    proc = run(CHAT, "--model", folder, "--max-new-tokens", 3, stdin=b"Hi\nHello?\n/system Be kind.\n")
+    assert proc.returncode == 0 and proc.stdout == b""
+    err = proc.stderr.decode()
+    message = "the chat template does not compile (line 1): TemplateSyntaxError: unexpected '}'"
+    assert err.count(f"error: {message}\n") == 3 and err.count(f"error: {message}; the system prompt is unchanged") == 1
+    assert "Traceback" not in err
+
+
+def test_send_refused_by_the_template_leaves_the_conversation_intact(chat_folder, tmp_path):
+    llm = Llama.from_pretrained(with_template(chat_folder, tmp_path, ALTERNATING_TEMPLATE), device="cpu")
+    conv = Conversation(llm)
+    conv.send("Hi", max_new_tokens=3)
+    messages, cached = [dict(m) for m in conv.messages], list(conv.cached_ids)
+    conv.messages.append({"role": "assistant", "content": "again"})  # two assistant turns: the next send fails
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        conv.send("Hello?", max_new_tokens=3)
+    conv.messages.pop()
+    assert conv.messages == messages and conv.cached_ids == cached
+    conv.send("Hello?", max_new_tokens=3)
+    assert len(conv.messages) == 4
+
+
+def test_load_checks_against_the_template_and_changes_nothing_when_refused(chat_folder, tmp_path):
+    llm = Llama.from_pretrained(with_template(chat_folder, tmp_path, ALTERNATING_TEMPLATE), device="cpu")
+    conv = Conversation(llm)
+    conv.send("Hi", max_new_tokens=3)
+    before = [dict(m) for m in conv.messages]
+    for messages in ([{"role": "user", "content": "a"}],  # a user turn would follow a user turn
+                     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"messages": messages}))
+        with pytest.raises(ChatTemplateError, match="cannot continue this conversation"):
+            conv.load(path)
+        assert conv.messages == before
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "caf\udcff"}]}))  # JSON may hold one
+    with pytest.raises(ValueError, match="lone surrogate"):
+        Conversation(Llama.from_pretrained(chat_folder, device="cpu")).load(path)
+
+
+def test_save_is_atomic_and_refuses_other_files(chat_folder, tmp_path, monkeypatch):
+    conv = Conversation(Llama.from_pretrained(chat_folder, device="cpu"), system="Be brief.")
+    path = tmp_path / "chat.json"
+    conv.save(path)
+    first = path.read_text()
+    os.chmod(path, 0o640)
+    conv.send("Hi", max_new_tokens=3)
+
+    def fail(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", fail)
+        with pytest.raises(OSError, match="No space left"):
+            conv.save(path)
+    assert path.read_text() == first and os.listdir(tmp_path) == ["chat.json"]  # no temporary file left
+    conv.save(path)
+    assert json.loads(path.read_text())["messages"] == conv.messages
+    assert path.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its permissions
+
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    conv.save(link)  # a symlink is followed: the file it points to is replaced, the link stays
+    assert link.is_symlink() and json.loads(path.read_text())["messages"] == conv.messages
+
+    for text in ["precious notes", '{"other": 1}', "[1, 2]"]:
+        other = tmp_path / "other.txt"
+        other.write_text(text)
+        with pytest.raises(ValueError, match="exists and is not a conversation saved by /save; not overwriting it"):
+            conv.save(other)
+        assert other.read_text() == text
+    (tmp_path / "empty.json").write_text("")
+    conv.save(tmp_path / "empty.json")  # an empty file holds nothing to lose
+    with pytest.raises(IsADirectoryError):
+        conv.save(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'nowhere' / 'c.json'}: the folder "):
+        conv.save(tmp_path / "nowhere" / "c.json")
