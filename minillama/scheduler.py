@@ -31,12 +31,15 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from minillama.concurrency import step_lock
+from minillama.errors import NonFiniteLogitsError
 from minillama.kv_cache import KVCache
 from minillama.runner import bucket
-from minillama.sampling import SamplingParams, sample
+from minillama.sampling import NON_FINITE, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
+GREEDY = SamplingParams()
 MIN_REUSE = 32  # cached tokens that make a request take a free row other than the lowest one
 
 
@@ -159,6 +162,7 @@ class Scheduler:
         self._next_ids = torch.zeros(self.cache.batch, dtype=torch.long, device=llm.device)  # fed by the next step
         self._counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
                               prefix_hits=0, generated_tokens=0, decode_steps=0, prefill_chunks=0)
+        self._step_lock = step_lock(llm.runner)  # one step (forward + sample) at a time per model
         self._capture_graphs()
         self._thread = threading.Thread(target=self._run, name="minillama-scheduler", daemon=True)
         self._thread.start()
@@ -171,7 +175,7 @@ class Scheduler:
             return
         rows = 1
         while True:
-            with torch.inference_mode():
+            with step_lock(self.llm.runner), torch.inference_mode():
                 self.llm.runner(torch.zeros(rows, 1, dtype=torch.long, device=self.llm.device), self.cache)
             if rows >= self.cache.batch:
                 break
@@ -201,7 +205,7 @@ class Scheduler:
     def check(self, request: Request) -> None:
         """Raise ValueError, naming the numbers, when ``request`` cannot run here."""
         n, m = len(request.prompt_ids), request.max_tokens
-        vocab = self.llm.config.vocab_size
+        vocab = self.llm.tokenizer.vocab_size  # ids the tokenizer can decode (<= the model's vocabulary)
         if n == 0:
             raise ValueError("the prompt is empty: give it at least one token")
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -319,10 +323,10 @@ class Scheduler:
         return host.pin_memory().to(self.llm.device, non_blocking=True)
 
     def _forward(self, tokens: torch.Tensor, cache: KVCache, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (B, V) after running ``tokens`` (B, S) on the first B rows of ``cache`` (the runner's
-        CUDA graphs for single-token steps over the pool)."""
+        """Logits (B, V') of the ids that may be sampled (``Llama.decodable``) after running ``tokens``
+        (B, S) on the first B rows of ``cache`` (the runner's CUDA graphs for single-token steps)."""
         with torch.inference_mode():
-            return self.llm.runner(tokens, cache, logits_at=logits_at)[:, -1]
+            return self.llm.decodable(self.llm.runner(tokens, cache, logits_at=logits_at)[:, -1])
 
     def _prefill(self) -> List["_Step"]:
         """Prefill up to ``prefill_chunk`` prompt tokens, oldest request first; sample the first
@@ -337,16 +341,17 @@ class Scheduler:
             chunk = seq.prompt[seq.pos: seq.pos + budget]
             budget -= len(chunk)
             r = seq.row
-            logits = self._forward(self._to_device([chunk]), self.cache.row(r),
-                                   logits_at=self._to_device([len(chunk) - 1]))
-            counts = [0] * self.cache.batch
-            counts[r] = len(chunk)
-            self.cache.advance(counts)
-            seq.pos += len(chunk)
-            self._counters["prefill_chunks"] += 1
-            if seq.pos == len(seq.prompt):
-                steps.append(self._sample([seq], logits))
-                seq.decoding = True  # the next decode step feeds its first token
+            with self._step_lock:
+                logits = self._forward(self._to_device([chunk]), self.cache.row(r),
+                                       logits_at=self._to_device([len(chunk) - 1]))
+                counts = [0] * self.cache.batch
+                counts[r] = len(chunk)
+                self.cache.advance(counts)
+                seq.pos += len(chunk)
+                self._counters["prefill_chunks"] += 1
+                if seq.pos == len(seq.prompt):
+                    steps.append(self._sample([seq], logits))
+                    seq.decoding = True  # the next decode step feeds its first token
         return steps
 
     def _launch_decode(self) -> Optional["_Step"]:
@@ -358,17 +363,20 @@ class Scheduler:
         counts = [0] * self.cache.batch
         for s in decoding:
             counts[s.row] = 1
-        logits = self._forward(self._next_ids[:span, None], self.cache)
-        self.cache.advance(counts)
-        self._counters["decode_steps"] += 1
-        rows = [s.row for s in decoding]
-        if rows != list(range(span)):
-            logits = logits[self._to_device(rows)]
-        return self._sample(decoding, logits)
+        with self._step_lock:
+            # a row whose last token was NON_FINITE (its request failed) feeds 0, ignored
+            logits = self._forward(self._next_ids[:span, None].clamp_min(0), self.cache)
+            self.cache.advance(counts)
+            self._counters["decode_steps"] += 1
+            rows = [s.row for s in decoding]
+            if rows != list(range(span)):
+                logits = logits[self._to_device(rows)]
+            return self._sample(decoding, logits)
 
     def _sample(self, seqs: List[_Sequence], logits: torch.Tensor) -> "_Step":
         """Sample each sequence's next token from its logits row, on the device; start the copy to the host."""
-        ids = logits.argmax(dim=-1)  # greedy rows; sampled rows below, each with its own generator
+        ids = sample(logits, GREEDY)  # greedy rows (NON_FINITE where a row's logits are); sampled rows
+        # below, each with its own generator, as a solo run draws
         for i, s in enumerate(seqs):
             if not s.request.sampling.greedy:
                 ids[i] = sample(logits[i: i + 1], s.request.sampling, s.generator)[0]
@@ -407,8 +415,9 @@ class Scheduler:
                 seq.sampled.append(t)
                 if seq.cancelled:
                     self._finish(seq, "cancelled", None)
-                elif t < 0:  # the sampler's mark for NaN / inf logits in this row
-                    self._emit(seq, Failed("the model produced NaN or infinite logits for this request"))
+                elif t == NON_FINITE:  # the sampler's mark for NaN / Inf logits in this row
+                    error = NonFiniteLogitsError.from_model(self.llm.model, seq.row, len(seq.tokens))
+                    self._emit(seq, Failed(str(error)))
                     self._release(seq, failed=True)
                 elif t in seq.stop_ids:
                     self._finish(seq, "stop", t)

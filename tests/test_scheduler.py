@@ -177,6 +177,29 @@ def test_a_failing_step_fails_its_requests_not_the_scheduler(llm, monkeypatch):
         scheduler.close()
 
 
+def test_nan_logits_fail_their_request_alone(llm, monkeypatch):
+    scheduler = Scheduler(llm, max_batch=2)
+    prompt = llm.tokenizer.encode("Once upon a time")
+    ref = llm.generate([prompt], max_new_tokens=6)[0]
+    try:
+        real = llm.runner
+
+        def poisoned(tokens, cache, logits_at=None):
+            logits = real(tokens, cache, logits_at=logits_at)
+            if tokens.shape[1] == 1 and tokens.shape[0] > 1:  # decode steps of both rows: row 1 is NaN
+                logits = logits.clone()
+                logits[1] = float("nan")
+            return logits
+
+        monkeypatch.setattr(llm, "runner", poisoned)
+        got = run_all(scheduler, [Request(prompt, 6), Request(prompt + [5], 6)])
+        assert got[0].ids == ref.token_ids and got[0].end.finish_reason == ref.finish_reason
+        assert isinstance(got[1].end, Failed) and "NaN/Inf" in got[1].end.message
+        assert scheduler.stats()["failed"] == 1
+    finally:
+        scheduler.close()
+
+
 def test_close_cancels_what_is_left(llm):
     scheduler = Scheduler(llm, max_batch=1)
     pending = [Collector() for _ in range(3)]
