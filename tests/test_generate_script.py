@@ -1,6 +1,6 @@
 """scripts/generate.py end to end on a tiny checkpoint: its output equals the API's, --json and
 --stream, timing on stderr, and one-line errors (exit status 2, no traceback) for bad input."""
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -45,10 +45,8 @@ def run_script(*args):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The code behind scripts/generate.py and the minillama-generate command."""
+    return importlib.import_module("minillama.generate_cli")
 
 
 def test_text_output_equals_the_api(folder, expected):
