@@ -20,9 +20,17 @@ prefix and prefills only the rest; :meth:`Scheduler.stats` reports the hit rate.
 takes the lowest free row: the decode step runs over the rows up to the last active one (the
 runner's CUDA graphs are bucketed by that count), so active rows are best kept at the front.
 
-The scheduler runs in one background thread. :meth:`Scheduler.submit` is thread-safe and returns
-at once; the request's events (:class:`Token`, then :class:`Finished` or :class:`Failed`) go to a
-callback, called from the scheduler thread.
+Overlap: each iteration first launches its device work (the decode step, prefill chunks, the
+first tokens of completed prompts; ids and fills move between host and device without waiting),
+and only then processes the previous iteration's tokens on the host (detokenizing, stop strings,
+events) while the device computes. The price: a row finished by the previous step runs one wasted
+token in the current one (never shown, past its output in the cache; rows have a spare slot).
+
+The scheduler runs in one background thread; each step (forward and sampling) holds the runner's
+step lock (:func:`minillama.concurrency.step_lock`), as ``Llama.generate`` does, so both may share a
+model. :meth:`Scheduler.submit` is thread-safe and returns at once; the request's events
+(:class:`Token`, then :class:`Finished` or :class:`Failed`) go to its callback, once per iteration
+through ``deliver`` when set (e.g. onto an event loop), else from the scheduler thread.
 """
 import threading
 from collections import deque
@@ -146,7 +154,7 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        # One slot more than a request may hold: a finished row may take one wasted token (see _run).
+        # One slot more than a request may hold: a finished row may take one wasted token (Overlap).
         # Rows up to the runner's next graph bucket, so a step over the first B rows can always be
         # padded to its bucket's graph (the rows past max_batch stay empty).
         self.cache = llm.runner.new_cache(bucket(max_batch), max_seq_len + 1)
@@ -175,7 +183,7 @@ class Scheduler:
             return
         rows = 1
         while True:
-            with step_lock(self.llm.runner), torch.inference_mode():
+            with self._step_lock, torch.inference_mode():
                 self.llm.runner(torch.zeros(rows, 1, dtype=torch.long, device=self.llm.device), self.cache)
             if rows >= self.cache.batch:
                 break
@@ -249,12 +257,7 @@ class Scheduler:
     # -- the scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        # Steps launched in the last iteration whose tokens are not processed yet. Each iteration
-        # launches its device work first (the decode step, then prefill chunks and the first tokens
-        # they sample) and only then processes the last iteration's tokens, so the host's work
-        # (detokenizing, stop strings, events) overlaps the device's. A row that the last step
-        # finished gets one wasted token in this one (never shown, past its output in the cache).
-        pending: List[_Step] = []
+        pending: List[_Step] = []  # launched by the last iteration, tokens not processed yet (see Overlap)
         while True:
             with self._lock:
                 while (not pending and not self._closed and not self._waiting
