@@ -44,9 +44,13 @@ class _Submission:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: List[int] = []
         self.open = len(requests)
+        self.loop = asyncio.get_running_loop()
+        # with the app's lifespan, the scheduler hands events over on this loop; without it (the
+        # app run by a server that skips lifespans), each event crosses threads on its own
+        put = self._put if scheduler.deliver is not None else self._put_threadsafe
         try:
             for i, r in enumerate(requests):
-                self.ids.append(scheduler.submit(r, partial(self._put, i)))
+                self.ids.append(scheduler.submit(r, partial(put, i)))
         except QueueFull as e:
             self.cancel()
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
@@ -56,6 +60,9 @@ class _Submission:
 
     def _put(self, index: int, event) -> None:  # called on the event loop (the scheduler's deliver hook)
         self.queue.put_nowait((index, event))
+
+    def _put_threadsafe(self, index: int, event) -> None:  # called from the scheduler thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
     def cancel(self) -> None:
         for rid in self.ids:
