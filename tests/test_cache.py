@@ -51,3 +51,18 @@ def test_cache_sized_from_request(llm):
     assert llm.config.max_position_embeddings == 131072
     assert loop.cache.max_len == 15
     assert loop.cache.k.shape == (2, 2, 15, 2, 8)
+
+
+def test_generate_continues_from_a_cache(llm):
+    """Two calls on one cache give the tokens of one longer call; the cache holds all but the last."""
+    prompt = llm.tokenizer.encode("the cat sat", bos=True)
+    (whole,) = llm.generate([prompt], max_new_tokens=20)
+    cache = llm.new_cache(1, 64)
+    (first,) = llm.generate([prompt], max_new_tokens=8, cache=cache)
+    assert cache.seq_lens_cpu == [len(prompt) + 7]  # the 8th token is sampled, not yet fed
+    (second,) = llm.generate([first.token_ids[-1:]], max_new_tokens=12, cache=cache)
+    assert first.token_ids + second.token_ids == whole.token_ids
+    with pytest.raises(ValueError, match="cache must be a KVCache of 2 row"):
+        llm.generate([prompt, prompt], max_new_tokens=2, cache=cache)
+    with pytest.raises(ValueError, match="row 0: 26 cached \\+ 1 prompt tokens \\+ 40 new tokens need 66 cache slots"):
+        llm.generate([[5]], max_new_tokens=40, cache=cache)
