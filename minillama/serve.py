@@ -183,6 +183,8 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "the request body nests JSON too deeply") from None
 
     def check_model(parsed) -> None:
         if parsed.model is not None and parsed.model != model_name:
@@ -320,7 +322,10 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     async def completions(request: HTTPRequest):
         parsed = proto.parse_completion(await read_json(request))
         check_model(parsed)
-        ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else p for p in parsed.prompts]
+        try:
+            ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else p for p in parsed.prompts]
+        except ValueError as e:  # e.g. a lone surrogate: not text
+            raise APIError(400, str(e), param="prompt") from None
         submission = _Submission(scheduler, engine_requests(parsed, ids, "prompt"))
         choices = [_Choice(False) for _ in range(len(ids) * parsed.n)]
         rid, when = proto.new_id("cmpl"), proto.now()

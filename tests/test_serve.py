@@ -141,6 +141,12 @@ def test_seeded_sampling_and_n(client, llm):
         assert choice.index == k and choice.text == ref.text
     assert r.choices[0].text != r.choices[1].text
     assert r.usage.prompt_tokens == len(llm.tokenizer.encode("Max the dog was"))
+    texts = ["", ""]  # the same two choices, streamed: chunks of both, told apart by index
+    for chunk in client.completions.create(model=MODEL, prompt="Max the dog was", max_tokens=30, n=2, stream=True,
+                                           **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in r.choices]
 
 
 def test_models_and_health(client, server):
@@ -243,6 +249,7 @@ def test_32_streaming_clients_and_8_disconnects(server, client, llm):
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools", "does not render tools"),  # the demo model's template has no tools branch
     ({"messages": [{"role": "user", "content": "hi " * 600}]}, "messages", "512"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "roles must alternate"),
 ])
 def test_bad_chat_requests(server, body, param, words):
     r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, **body}, timeout=30)
@@ -259,6 +266,12 @@ def test_bad_bodies(server, client):
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
     r = httpx.post(url, content=b"x" * (9 << 20))
     assert r.status_code == 413
+    r = httpx.post(url, content=b"[" * 100000 + b"]" * 100000)
+    assert r.status_code == 400 and "too deeply" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b'{"prompt": "a \\ud800 b", "max_tokens": 2}')  # JSON allows a lone surrogate
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "surrogate" in r.text
+    r = httpx.post(server + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "surrogate" in r.text
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
