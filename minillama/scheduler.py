@@ -157,7 +157,16 @@ class Scheduler:
         # One slot more than a request may hold: a finished row may take one wasted token (Overlap).
         # Rows up to the runner's next graph bucket, so a step over the first B rows can always be
         # padded to its bucket's graph (the rows past max_batch stay empty).
-        self.cache = llm.runner.new_cache(bucket(max_batch), max_seq_len + 1)
+        rows, slots = bucket(max_batch), max_seq_len + 1
+        try:
+            self.cache = llm.runner.new_cache(rows, slots)
+        except RuntimeError as e:  # out of memory (CUDA's OutOfMemoryError is a RuntimeError too)
+            c = llm.config
+            gb = 2 * c.num_hidden_layers * rows * slots * c.num_key_value_heads * c.head_dim * llm.dtype.itemsize / 1e9
+            raise ValueError(
+                f"the cache pool of {rows} rows x {slots} tokens needs {gb:.1f} GB and could not be allocated "
+                f"on {llm.device} ({str(e).splitlines()[0]}); lower max_batch or max_seq_len"
+            ) from None
         self.rows = [_Row() for _ in range(max_batch)]
         self._waiting: Deque[_Sequence] = deque()
         self._by_id: Dict[int, _Sequence] = {}

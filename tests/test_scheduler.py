@@ -153,6 +153,16 @@ def test_bad_requests_and_full_queue(llm):
         scheduler.close()
 
 
+def test_a_pool_that_does_not_fit_is_a_clear_error(llm, monkeypatch):
+    def out_of_memory(batch, max_len):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 68.00 GiB")
+
+    monkeypatch.setattr(llm.runner, "new_cache", out_of_memory)
+    # K and V: 4 layers x 64 rows x 513 slots x 2 kv heads x 32 dims x 4 bytes (float32) = 0.067 GB
+    with pytest.raises(ValueError, match=r"pool of 64 rows x 513 tokens needs 0\.03 GB .* lower max_batch"):
+        Scheduler(llm, max_batch=64)
+
+
 def test_a_failing_step_fails_its_requests_not_the_scheduler(llm, monkeypatch):
     scheduler = Scheduler(llm, max_batch=2)
     prompt = llm.tokenizer.encode("Once upon a time")
