@@ -286,7 +286,7 @@ def test_full_queue_answers_429():
     # one row, no queue, one prompt token prefilled per step: a 450-token prompt holds the row a while
     proc, url = _start_server("--max-batch", "1", "--max-queue", "0", "--prefill-chunk", "1")
     try:
-        long = {"prompt": "Once upon a time, " * 90, "max_tokens": 1}
+        long = {"prompt": "Once upon a time, " * 90, "max_tokens": 50}
         holder = threading.Thread(target=httpx.post, args=(url + "/v1/completions",), kwargs={"json": long,
                                                                                           "timeout": 60})
         holder.start()
