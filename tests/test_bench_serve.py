@@ -1,0 +1,33 @@
+"""scripts/bench_serve.py end to end on the demo model (CPU, tiny lengths): it starts the server,
+drives it, compares with static batching and writes its JSON."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_on_the_demo_model(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--model", str(ROOT / "minillama" / "demo_model"),
+         "--concurrency", "1,3", "--requests-per-client", "1", "--prompt-lens", "4,12", "--output-lens", "4,12",
+         "--max-batch", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    for level, n in (("1", 1), ("3", 3)):
+        static, served = results["levels"][level]["static"], results["levels"][level]["continuous"]
+        assert static["requests"] == served["requests"] == n
+        assert served["tokens"] > 0 and served["tok_s"] > 0 and served["ttft_p50_ms"] > 0
+    assert results["server_stats"]["failed"] == 0 and results["server_stats"]["running"] == 0
