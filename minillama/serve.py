@@ -27,6 +27,7 @@ import time
 from functools import partial
 from typing import AsyncIterator, List, Optional, Tuple
 
+from minillama import cli
 from minillama import openai_protocol as proto
 from minillama.openai_protocol import APIError
 from minillama.scheduler import Failed, Finished, QueueFull, Request, Token
@@ -395,35 +396,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 after a clean shutdown, 2 after a one-line error (a missing model or extra, a
+    cache pool that does not fit, ...), 130 on Ctrl-C while loading (see ``minillama/cli.py``)."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     try:
         import uvicorn
     except ImportError:
-        print("error: the server needs FastAPI and uvicorn: pip install -e '.[serve]'", file=sys.stderr)
-        return 2
+        raise cli.CommandError("the server needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     from pathlib import Path
 
     from minillama import Llama
-    from minillama.hub import ModelNotFoundError
     from minillama.scheduler import Scheduler
 
-    try:
-        start = time.perf_counter()
-        llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-        max_seq_len = args.max_seq_len or min(llm.config.max_position_embeddings, 8192)
-        scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
-                              prefill_chunk=args.prefill_chunk)
-    except (ModelNotFoundError, ValueError, NotImplementedError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    start = time.perf_counter()
+    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    max_seq_len = args.max_seq_len or min(llm.config.max_position_embeddings, 8192)
+    scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
+                          prefill_chunk=args.prefill_chunk)
     # The scheduler thread (launching device steps) and the event loop (HTTP) share the GIL; with
     # Python's default 5 ms switch interval a busy event loop could hold up the next decode step.
     sys.setswitchinterval(0.0005)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
-    print(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "
-          f"http://{args.host}:{args.port} with {args.max_batch} rows of {max_seq_len} tokens)",
-          file=sys.stderr, flush=True)
+    cli.note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "
+             f"http://{args.host}:{args.port} with {args.max_batch} rows of {max_seq_len} tokens)")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
                     limit_concurrency=4 * (args.max_batch + args.max_queue) + 16)
