@@ -387,11 +387,19 @@ class Scheduler:
 
     def _sample(self, seqs: List[_Sequence], logits: torch.Tensor) -> "_Step":
         """Sample each sequence's next token from its logits row, on the device; start the copy to the host."""
-        ids = sample(logits, GREEDY)  # greedy rows (NON_FINITE where a row's logits are); sampled rows
-        # below, each with its own generator, as a solo run draws
+        ids = sample(logits, GREEDY)  # greedy rows (NON_FINITE where a row's logits are)
+        unseeded: Dict[SamplingParams, List[int]] = {}
         for i, s in enumerate(seqs):
-            if not s.request.sampling.greedy:
-                ids[i] = sample(logits[i: i + 1], s.request.sampling, s.generator)[0]
+            params = s.request.sampling
+            if params.greedy:
+                continue
+            if params.seed is None:  # no draws to reproduce: rows with the same parameters sample together
+                unseeded.setdefault(params, []).append(i)
+            else:  # a seeded row draws from its own generator, as its solo run does
+                ids[i] = sample(logits[i: i + 1], params, s.generator)[0]
+        for params, rows in unseeded.items():
+            index = self._to_device(rows)
+            ids[index] = sample(logits[index], params)
         rows = self._to_device([s.row for s in seqs])
         self._next_ids.index_copy_(0, rows, ids)  # what the next decode step feeds
         with_lp = [i for i, s in enumerate(seqs) if s.request.logprobs is not None]

@@ -256,3 +256,17 @@ def test_row_views_under_the_triton_backend():
         alone.advance(1)
         torch.testing.assert_close(step[3:], ref, rtol=1e-5, atol=1e-5)
         token = ref[:, -1].argmax(-1)
+
+
+def test_unseeded_sampling_rows_sample_together(llm):
+    """Rows without a seed that share their parameters are sampled in one call: each still gets
+    tokens from its own logits (a tiny top_p makes the draw pick the most likely token)."""
+    scheduler = Scheduler(llm, max_batch=4)
+    try:
+        prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:4]]
+        params = SamplingParams(temperature=0.7, top_p=1e-6)  # sampled, but the nucleus is the best token alone
+        got = run_all(scheduler, [Request(p, 12, params) for p in prompts])
+        for p, g in zip(prompts, got):
+            assert g.ids == llm.generate([p], max_new_tokens=12)[0].token_ids
+    finally:
+        scheduler.close()
