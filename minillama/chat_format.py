@@ -145,8 +145,14 @@ class ChatFormat:
         if tools is not None:
             tools = _check_tools(tools)
         slots: List[str] = []
-        marked_messages = [self._mark(m, slots) for m in messages]
-        marked_tools = None if tools is None else [self._mark(t, slots) for t in tools]
+        # the template reads a message's role and a tool's or tool call's type (all checked above)
+        marked_messages = []
+        for m in messages:
+            marked = self._mark({k: v for k, v in m.items() if k != "tool_calls"}, slots, keep=("role",))
+            if "tool_calls" in m:
+                marked["tool_calls"] = [self._mark(c, slots, keep=("type",)) for c in m["tool_calls"]]
+            marked_messages.append(marked)
+        marked_tools = None if tools is None else [self._mark(t, slots, keep=("type",)) for t in tools]
         pieces = self._pieces(marked_messages, marked_tools, slots, add_generation_prompt)
         text = "".join(t for t, _ in pieces)
         expected = self.render(messages, add_generation_prompt, tools)
@@ -159,8 +165,9 @@ class ChatFormat:
             raise ValueError("this checkpoint's chat template does not render tools: it has no tools branch")
         return self._encode_pieces(pieces)
 
-    def _mark(self, value, slots: List[str]):
-        """``value`` with every string in it (not dict keys) replaced by a numbered placeholder."""
+    def _mark(self, value, slots: List[str], keep: Sequence[str] = ()):
+        """``value`` with every string in it (not dict keys, nor the top-level ``keep`` keys' values)
+        replaced by a numbered placeholder."""
         if isinstance(value, str):
             slots.append(value)
             return f"{_PAD_LEFT}\ue000{len(slots) - 1}\ue001{_PAD_RIGHT}"
@@ -169,8 +176,7 @@ class ChatFormat:
             for key, item in value.items():
                 if self._special_re is not None and self._special_re.search(key):
                     raise ValueError(f"the key {key!r} holds special-token text; rename it")
-                # the template reads a message's role and a tool's type, so those stay as they are
-                out[key] = item if key in ("role", "type") else self._mark(item, slots)
+                out[key] = item if key in keep else self._mark(item, slots)
             return out
         if isinstance(value, list):
             return [self._mark(item, slots) for item in value]
