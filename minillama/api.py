@@ -1,7 +1,7 @@
 """The public entry point: ``Llama.from_pretrained(path_or_repo_id)`` and what it returns."""
 import operator
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -11,6 +11,7 @@ from minillama.files import checkpoint_file
 from minillama.generate import GenerationResult, TextGeneration, TextStream, TokenLoop
 from minillama.hub import resolve_checkpoint
 from minillama.kv_cache import KVCache
+from minillama.parallel import check_degree, join_from_environment
 from minillama.runner import Runner
 from minillama.sampling import DecodableIds, SamplingParams
 from minillama.streaming import StopStrings
@@ -68,27 +69,43 @@ class Llama:
         self.stop_ids: List[int] = stops
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, backend: str = "auto") -> "Llama":
+    def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, backend: str = "auto",
+                        tp: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> "Llama":
         """Load a Hugging Face LLaMA checkpoint (local folder or hub repo id).
 
         Args:
-            device: None picks "cuda" when available, else "cpu".
+            device: None picks "cuda" when available, else "cpu". Under torchrun each process
+                takes ``cuda:LOCAL_RANK`` (a CUDA device given here names the type only).
             dtype: None keeps the checkpoint's dtype on the GPU and uses float32 on the CPU.
             backend: the kernels that run the model's ops: "triton" (fused Triton kernels, the
                 single-token GEMV; decode steps replayed as CUDA graphs), "torch" (plain PyTorch)
                 or "auto" (Triton on CUDA, torch elsewhere). "triton" on the CPU runs the kernels
                 in Triton's interpreter and needs ``TRITON_INTERPRET=1`` (slow; for tests).
+            tp: tensor-parallel degree. Under ``torchrun --nproc-per-node N`` this process joins
+                the group and holds its 1/N of the model (None or N); without torchrun only None
+                or 1 (the CLIs' ``--tp N`` starts torchrun's launcher).
+            progress: ``progress(bytes_loaded, bytes_total)`` after each tensor is on the device.
         """
         device = _resolve_device(device)
+        parallel = join_from_environment(device.type)
+        world = parallel.world_size if parallel is not None else 1
+        if tp is not None and tp != world:
+            how = (f"this process is one of {world} under torchrun" if parallel is not None else
+                   "this process was not launched by torchrun")
+            raise ValueError(f"tp={tp} but {how}; launch with torchrun --nproc-per-node {tp} (or the CLIs' --tp {tp})")
+        if parallel is not None and device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
         kernels = make_backend(backend, device)  # a bad choice fails before anything is read
         folder = resolve_checkpoint(path_or_repo_id)
         config = LlamaConfig.from_file(folder / "config.json")
+        if parallel is not None:
+            check_degree(config, world)  # before any weight is read
         gen_path = checkpoint_file(folder, "generation_config.json")
         generation_config = GenerationConfig.from_file(gen_path) if gen_path else GenerationConfig()
         tokenizer = Tokenizer.from_dir(folder)
         check_vocabulary(config, generation_config, tokenizer)
         dtype = _resolve_dtype(dtype, config, device)
-        model = load_model(folder, config, device, dtype, kernels)
+        model = load_model(folder, config, device, dtype, kernels, tp=parallel, progress=progress)
         return cls(Runner(model), tokenizer, config, generation_config, folder)
 
     def new_cache(self, batch: int = 1, max_len: Optional[int] = None) -> KVCache:

@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="when a turn does not fit: drop the oldest turns (default) or stop with an error")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                    help="kernels: triton (fused kernels, CUDA graphs), torch (plain PyTorch); auto: triton on CUDA")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree: run N processes (one per GPU) through torch's launcher; "
+                        "under torchrun, the number of processes")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
@@ -113,7 +116,10 @@ def command(conv, line: str) -> bool:
             note(f"error: {name} needs a file name")
         else:
             try:
-                conv.save(arg) if name == "/save" else conv.load(arg)
+                if name == "/load":
+                    conv.load(arg)
+                elif conv.llm.model.tp is None or conv.llm.model.tp.rank == 0:  # one writer under TP
+                    conv.save(arg)
                 note(f"(saved to {arg})" if name == "/save" else f"(loaded {len(conv.messages)} messages from {arg})")
             except (OSError, ValueError) as e:
                 note(f"error: {e}")
@@ -137,8 +143,9 @@ def reply(conv, text: str, args, sampling, interactive: bool) -> None:
 
     try:
         with Interrupt() as interrupt:
+            # under tensor parallelism every rank must stop at the same token: Ctrl-C does not stop a reply
             stats = conv.send(text, args.max_new_tokens, sampling, on_text=show,
-                              should_stop=lambda: interrupt.requested)
+                              should_stop=None if conv.llm.model.tp else lambda: interrupt.requested)
     except ContextOverflowError as e:
         if args.on_overflow == "error":
             note(f"error: {e}")
@@ -165,7 +172,15 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.tp is not None and args.tp < 1:
+        raise cli.CommandError(f"--tp must be >= 1, got {args.tp}")
+    from minillama.parallel import launched_by_torchrun
+
+    if args.tp and args.tp > 1 and not launched_by_torchrun():
+        return cli.launch_tensor_parallel(args.tp, args.model, ["-m", "minillama.chat"], cli.without_tp(argv))
+    cli.silence_followers()
     from minillama.hub import DEMO_MODEL_DIR, ModelNotFoundError
     from minillama.sampling import SamplingParams
 
@@ -178,11 +193,13 @@ def _main(argv) -> int:
     from minillama.conversation import Conversation
 
     start = time.perf_counter()
-    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
+                                progress=cli.load_progress())
+    group = llm.model.tp  # under tensor parallelism rank 0 reads the input and every rank runs it
     conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(512, conv.max_context // 2)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty() if group is None or group.rank == 0 else False
     note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s)")
     if not conv.chat:
         note("(this model has no chat template: plain continuation mode, each message continues the text)")
@@ -198,16 +215,21 @@ def _main(argv) -> int:
             pass
 
     while True:
-        try:
-            line = input(">>> ") if interactive else sys.stdin.readline()
-        except KeyboardInterrupt:
-            note("")
-            continue
-        except EOFError:
+        if group is not None and group.rank != 0:
+            line = group.broadcast_object()
+        else:
+            try:
+                line = input(">>> ") if interactive else (sys.stdin.readline() or None)  # None: end of input
+            except KeyboardInterrupt:
+                note("")
+                continue
+            except EOFError:
+                line = None
+            if group is not None:
+                group.broadcast_object(line)
+        if line is None:
             break
         if not interactive:
-            if line == "":
-                break
             line = line.rstrip("\n")
         if not line.strip():
             continue
@@ -222,4 +244,4 @@ def _main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

@@ -78,6 +78,22 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
                 reconfigure(errors=errors)
             except (OSError, ValueError, TypeError):
                 pass
+    status = EXIT_ERROR
+    try:
+        status = _run(main, argv)
+        return status
+    finally:
+        _leave_process_group(wait_for_all=status == 0)
+
+
+def _leave_process_group(wait_for_all: bool) -> None:
+    if "torch" in sys.modules:  # a command that never imported torch joined no group
+        from minillama.parallel import leave
+
+        leave(wait_for_all)
+
+
+def _run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]]) -> int:
     try:
         status = main(argv)
         write("", flush=True)
@@ -113,3 +129,93 @@ def _discard_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):
         pass
+
+
+def load_progress() -> Optional[Callable[[int, int], None]]:
+    """A ``progress(bytes_loaded, bytes_total)`` callback drawing one updating line on a terminal's
+    stderr (None when stderr is not a terminal: logs and pipes get no progress lines)."""
+    if not sys.stderr.isatty():
+        return None
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        percent = 100 * done // max(total, 1)
+        if percent != shown[0]:
+            shown[0] = percent
+            end = "\n" if done >= total else ""
+            try:
+                print(f"\rloading weights: {percent:3d}% of {total / 1e9:.1f} GB", end=end, file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+    return progress
+
+
+def silence_followers() -> None:
+    """In every torchrun process but rank 0, point stdout and stderr at /dev/null: the output of a
+    tensor-parallel run is what one process prints."""
+    from minillama.parallel import is_follower
+
+    if is_follower():
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+
+def launch_tensor_parallel(tp: int, model, entry: Sequence[str], argv: Sequence[str]) -> int:
+    """Run this command in ``tp`` processes through torch's elastic launcher (what torchrun runs),
+    each joining the group from torchrun's environment; returns rank 0's exit status.
+
+    The degree is checked against the model's config first (exit 2 naming the numbers, before any
+    process starts). ``entry``: what follows ``python`` (``["-m", "minillama.chat"]`` or a script
+    path); ``argv``: the arguments, without ``--tp``.
+    """
+    import logging
+    import uuid
+
+    from minillama.config import LlamaConfig
+    from minillama.hub import resolve_checkpoint
+    from minillama.parallel import check_degree
+
+    check_degree(LlamaConfig.from_file(resolve_checkpoint(model) / "config.json"), tp)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)  # the launcher's notices are not output
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=str(uuid.uuid4().int),
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(*entry, *argv)
+    except ChildFailedError as e:
+        failure = e.failures.get(min(e.failures)) if e.failures else None
+        return failure.exitcode if failure is not None and failure.exitcode > 0 else EXIT_ERROR
+    return 0
+
+
+def without_tp(argv: Sequence[str]) -> list:
+    """``argv`` with its ``--tp N`` / ``--tp=N`` removed (for the processes the launcher starts)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--tp":
+            skip = True
+        elif not arg.startswith("--tp="):
+            out.append(arg)
+    return out
+
+
+def exit_with(status: int) -> None:
+    """End the command with ``status``. Under torchrun, after the output is flushed, the process
+    ends at once: the interpreter's teardown of torch.distributed's threads can abort a worker."""
+    from minillama.parallel import launched_by_torchrun
+
+    if launched_by_torchrun():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(status)
+    sys.exit(status)

@@ -137,7 +137,7 @@ class TokenLoop:
             return
         start = time.perf_counter()
         with self._step_lock, torch.inference_mode():
-            next_ids = sample(self._prefill(), self.sampling, self.generator)
+            next_ids = self.runner.agree(sample(self._prefill(), self.sampling, self.generator))
         step = 0
         while True:
             ids = next_ids.tolist()  # the one host sync per step: the chosen ids
@@ -165,7 +165,7 @@ class TokenLoop:
             if all(self.done):
                 break
             with self._step_lock, torch.inference_mode():
-                next_ids = sample(self._decode(next_ids), self.sampling, self.generator)
+                next_ids = self.runner.agree(sample(self._decode(next_ids), self.sampling, self.generator))
         self.times.decode_s = self.times.step_s[-1] - self.times.step_s[0]
         self.times.decode_steps = step - 1
 

@@ -45,6 +45,9 @@ def parse_args(argv):
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                    help="kernels: triton (fused kernels, CUDA graphs), torch (plain PyTorch); auto: triton on CUDA")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree: run N processes (one per GPU) through torch's launcher; "
+                        "under torchrun, the number of processes")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
     args = p.parse_args(argv)
@@ -120,7 +123,8 @@ def run(args) -> None:
 
     from minillama import Llama  # after argument checks: importing torch takes a while
 
-    llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype, backend=args.backend)
+    llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
+                                progress=cli.load_progress())
     if args.stream:
         stream = llm.stream(prompts[0], **sampling_kwargs(args))
         cli.write(prompts[0], flush=True)
@@ -160,11 +164,21 @@ def main(argv=None) -> int:
     """Exit status: 0, or 2 after a one-line error (bad input, or the library's answer to it:
     a missing model, a prompt that does not fit, ...), 130 on Ctrl-C, 141 when stdout's reader left."""
     def _main(argv) -> int:
-        run(parse_args(argv))
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
+        if args.tp is not None and args.tp < 1:
+            raise UserError(f"--tp must be >= 1, got {args.tp}")
+        from minillama.parallel import launched_by_torchrun
+
+        if args.tp and args.tp > 1 and not launched_by_torchrun():
+            return cli.launch_tensor_parallel(args.tp, args.model or DEMO_MODEL_DIR, ["-m", "minillama.generate_cli"],
+                                              cli.without_tp(argv))
+        cli.silence_followers()
+        run(args)
         return 0
 
     return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

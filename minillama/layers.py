@@ -30,35 +30,74 @@ class Linear(nn.Module):
     """``x @ weight.T (+ bias)``. x is a tensor or, under the Triton backend at single-token steps,
     the deferred output of an :class:`RMSNorm` that the GEMV computes in its prologue.
 
-    A subclass (quantized, column- or row-parallel) is swapped in at load time; the model only
-    calls :meth:`forward`. A row-parallel linear all-reduces its output here, and the residual add
-    that follows happens in the next norm (``norm(x, residual)``), after the reduction.
+    A subclass (quantized, say) is swapped in at load time; the model only calls :meth:`forward`.
+    Under tensor parallelism (``minillama.parallel``) the layer holds this rank's share:
+
+    * ``"column"``: this rank's rows (each fused part split evenly): its output is this rank's
+      heads or FFN columns;
+    * ``"row"``: this rank's input columns: the partial products are summed by one all-reduce in
+      :meth:`forward` (the bias added once, after it). The residual add that follows happens in
+      the next norm (``norm(x, residual)``), after the reduction;
+    * ``"vocab"``: this rank's rows of the LM head; the ranks' logits are all-gathered.
 
     Args:
-        parts: the sizes of the row blocks this weight was fused from (q, k, v; gate, up), in
-            order; the loader copies each checkpoint tensor into its block. Default: one block.
+        in_features, out_features: the full sizes (this rank holds its share of them).
+        parts: the full sizes of the row blocks this weight was fused from (q, k, v; gate, up),
+            in order; the loader copies each checkpoint tensor (or this rank's slice of it) into
+            its block. Default: one block.
+        parallel: None (replicated), "column", "row" or "vocab"; tp: the group (None: one process).
     Attributes:
-        gemv_config: the GEMV tiling for this matrix (set by the runner's tuning; None: default).
+        parts: the row blocks as this rank holds them. gemv_config: the GEMV tiling for this
+            matrix (set by the runner's tuning; None: default).
     """
 
     swiglu = False  # output silu(first half) * second half: see GateUpLinear
 
     def __init__(self, in_features: int, out_features: int, bias: bool, backend,
-                 parts: Optional[Sequence[int]] = None):
+                 parts: Optional[Sequence[int]] = None, parallel: Optional[str] = None, tp=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.parts = tuple(parts) if parts is not None else (out_features,)
-        assert sum(self.parts) == out_features, (self.parts, out_features)
+        assert parallel in (None, "column", "row", "vocab"), parallel
+        n = tp.world_size if tp is not None and parallel is not None else 1
+        parts = tuple(parts) if parts is not None else (out_features,)
+        assert sum(parts) == out_features, (parts, out_features)
+        if parallel in ("column", "vocab"):
+            assert all(p % n == 0 for p in parts), (parts, n)
+            parts = tuple(p // n for p in parts)
+            out_features //= n
+        elif parallel == "row":
+            assert in_features % n == 0, (in_features, n)
+            in_features //= n
+        self.in_features, self.out_features, self.parts = in_features, out_features, parts
+        self.parallel = parallel if n > 1 else None
+        self.tp = tp if n > 1 else None
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.backend = backend
         self.gemv_config = None
 
+    @property
+    def shard_dim(self) -> Optional[int]:
+        """The dim of the checkpoint's weight that ranks split (None: every rank holds all of it)."""
+        return {None: None, "column": 0, "vocab": 0, "row": 1}[self.parallel]
+
     def forward(self, x) -> torch.Tensor:
-        return self.backend.linear(x, self.weight, self.bias, swiglu=self.swiglu, gemv_config=self.gemv_config)
+        reduce = self.parallel == "row"
+        y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
+                                gemv_config=self.gemv_config)
+        return self.combine(y)
+
+    def combine(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's output -> the layer's: all-reduce (row), all-gather (vocab), as is (else)."""
+        if self.parallel == "row":
+            y = self.tp.all_reduce_(y)
+            return y if self.bias is None else y + self.bias
+        if self.parallel == "vocab":
+            return self.tp.all_gather_last(y)
+        return y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, parts={self.parts}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, parts={self.parts}, bias={self.bias is not None}"
+                + (f", parallel={self.parallel} over {self.tp.world_size}" if self.parallel else ""))
 
 
 class GateUpLinear(Linear):

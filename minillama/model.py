@@ -51,14 +51,16 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, backend):
+    def __init__(self, config: LlamaConfig, backend, tp=None):
         super().__init__()
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.wqkv = Linear(config.hidden_size, q + 2 * kv, config.attention_bias, backend, parts=(q, kv, kv))
-        self.wo = Linear(q, config.hidden_size, config.attention_bias, backend)
+        n = tp.world_size if tp is not None else 1
+        self.n_heads = config.num_attention_heads // n  # this rank's heads
+        self.n_kv_heads = config.num_key_value_heads // n
+        self.head_dim = D = config.head_dim
+        q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+        self.wqkv = Linear(config.hidden_size, q + 2 * kv, config.attention_bias, backend, parts=(q, kv, kv),
+                           parallel="column", tp=tp)
+        self.wo = Linear(q, config.hidden_size, config.attention_bias, backend, parallel="row", tp=tp)
         self.backend = backend
 
     def forward(self, h, cos, sin, cache: LayerCache) -> torch.Tensor:
@@ -75,11 +77,12 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: LlamaConfig, backend):
+    def __init__(self, config: LlamaConfig, backend, tp=None):
         super().__init__()
         F_dim = config.intermediate_size
-        self.w13 = GateUpLinear(config.hidden_size, 2 * F_dim, config.mlp_bias, backend, parts=(F_dim, F_dim))
-        self.w2 = Linear(F_dim, config.hidden_size, config.mlp_bias, backend)
+        self.w13 = GateUpLinear(config.hidden_size, 2 * F_dim, config.mlp_bias, backend, parts=(F_dim, F_dim),
+                                parallel="column", tp=tp)
+        self.w2 = Linear(F_dim, config.hidden_size, config.mlp_bias, backend, parallel="row", tp=tp)
 
     def forward(self, h) -> torch.Tensor:
         """w2(silu(w1 h) * w3 h) for the normed input h (B, S, hidden)."""
@@ -87,12 +90,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: LlamaConfig, backend):
+    def __init__(self, config: LlamaConfig, backend, tp=None):
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.attention = Attention(config, backend)
+        self.attention = Attention(config, backend, tp)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.feed_forward = FeedForward(config, backend)
+        self.feed_forward = FeedForward(config, backend, tp)
 
     def forward(self, x, residual, cos, sin, cache: LayerCache):
         """x: the previous block's output, not yet added to the residual stream (None at the first)."""
@@ -103,20 +106,40 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The model. ``backend`` (``minillama.backend``) runs its ops; default plain PyTorch."""
+    """The model. ``backend`` (``minillama.backend``) runs its ops; default plain PyTorch.
+    ``tp`` (``minillama.parallel.TensorParallel``): this process's share of a tensor-parallel model."""
 
-    def __init__(self, config: LlamaConfig, backend=None):
+    def __init__(self, config: LlamaConfig, backend=None, tp=None):
         super().__init__()
         backend = backend or TorchBackend()
         self.config = config
         self.backend = backend
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(TransformerBlock(config, backend) for _ in range(config.num_hidden_layers))
+        self.tp = tp
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated
+        self.layers = nn.ModuleList(TransformerBlock(config, backend, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.output = Linear(config.hidden_size, config.vocab_size, False, backend)
-        if config.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        n = tp.world_size if tp is not None else 1
+        self.output = Linear(config.hidden_size, config.vocab_size, False, backend,
+                             parallel="vocab" if config.vocab_size % n == 0 else None, tp=tp)
+        self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def tie_weights(self) -> None:
+        """With tied embeddings the head is the embedding table (this rank's rows of it)."""
+        if not self.config.tie_word_embeddings:
+            return
+        if self.output.parallel is None:
+            self.output.weight = self.tok_embeddings.weight
+        else:
+            rows = self.output.out_features
+            self.output.weight = nn.Parameter(self.tok_embeddings.weight.narrow(0, self.tp.rank * rows, rows),
+                                              requires_grad=self.tok_embeddings.weight.requires_grad)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache of ``batch`` rows for this model (this rank's KV heads)."""
+        weight = self.tok_embeddings.weight
+        return KVCache.allocate(self.config, batch, max_len, weight.device, weight.dtype,
+                                n_kv_heads=self.layers[0].attention.n_kv_heads)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -133,7 +156,7 @@ class Transformer(nn.Module):
         """
         B, S = tokens.shape
         if cache is None:
-            cache = KVCache.allocate(self.config, B, S, tokens.device, self.tok_embeddings.weight.dtype)
+            cache = self.new_cache(B, S)
         positions = cache.seq_lens[:, None].long() + torch.arange(S, device=tokens.device)  # (B, S)
         x = self.tok_embeddings(tokens)  # (B, S, hidden)
         cos, sin = rope_cos_sin(positions.view(-1), self.inv_freq, x.dtype)  # (B * S, D)

@@ -80,7 +80,14 @@ class Runner:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache for this model: ``batch`` rows of ``max_len`` tokens."""
-        return KVCache.allocate(self.config, batch, max_len, self.device, self.dtype)
+        return self.model.new_cache(batch, max_len)
+
+    def agree(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ids every rank continues with: rank 0's, broadcast (identity without tensor parallelism).
+        Every rank holds the same logits; this makes sampling (and NaN marks) agree without relying on
+        identical random streams."""
+        tp = self.model.tp
+        return ids if tp is None else tp.broadcast_(ids)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,

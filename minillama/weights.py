@@ -9,7 +9,7 @@ checked before any tensor is.
 """
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -123,17 +123,61 @@ def read_headers(files: List[Path], dtypes: Tuple[str, ...] = FLOAT_DTYPES) -> D
     return found
 
 
-def copy_tensors_from_file(path: Path, targets: Dict[str, torch.Tensor]) -> None:
-    """Copy each named tensor of one file into its target (any device and dtype)."""
+class Slice(NamedTuple):
+    """Where one checkpoint tensor goes: ``target`` takes rows/columns [start, stop) along ``dim``
+    of it, one of ``ranks`` equal slices (dim None: the whole tensor)."""
+
+    target: torch.Tensor
+    dim: Optional[int] = None
+    start: int = 0
+    stop: int = 0
+    ranks: int = 1
+
+    @property
+    def full_shape(self) -> tuple:
+        """The checkpoint tensor's shape."""
+        shape = list(self.target.shape)
+        if self.dim is not None:
+            shape[self.dim] *= self.ranks
+        return tuple(shape)
+
+
+def tensor_slice(model: Transformer, name: str, part: Optional[int], params: Dict[str, torch.Tensor]) -> Slice:
+    """This rank's slice of the checkpoint tensor that fills parameter ``name`` (row block ``part``)."""
+    target = parameter_block(model, name, part, params)
+    module_name, _, kind = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    dim = getattr(module, "shard_dim", None)
+    if dim is None or (kind == "bias" and dim == 1):  # a row-parallel bias is added once, after the sum
+        return Slice(target)
+    rank, size = model.tp.rank, target.shape[dim]
+    return Slice(target, dim, rank * size, (rank + 1) * size, model.tp.world_size)
+
+
+def copy_tensors_from_file(path: Path, targets: Dict[str, Slice], on_copy: Callable[[int], None] = None) -> None:
+    """Copy each named tensor of one file (or this rank's slice of it, read alone) into its target
+    (any device and dtype); ``on_copy(bytes)`` after each."""
     with safe_open(path, framework="pt", device="cpu") as f:
-        for name, target in targets.items():
-            target.copy_(f.get_tensor(name))
+        for name, piece in targets.items():
+            if piece.dim is None:
+                piece.target.copy_(f.get_tensor(name))
+            elif piece.dim == 0:
+                piece.target.copy_(f.get_slice(name)[piece.start:piece.stop])
+            else:
+                piece.target.copy_(f.get_slice(name)[:, piece.start:piece.stop])
+            if on_copy is not None:
+                on_copy(piece.target.numel() * piece.target.element_size())
 
 
-def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.dtype, backend=None) -> Transformer:
+def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.dtype, backend=None, tp=None,
+               progress: Optional[Callable[[int, int], None]] = None) -> Transformer:
     """Build the model on the meta device and fill it from the folder's safetensors, strictly.
 
-    backend: the model's kernel backend (``minillama.backend``); default plain PyTorch.
+    Args:
+        backend: the model's kernel backend (``minillama.backend``); default plain PyTorch.
+        tp: this process's place in a tensor-parallel group (``minillama.parallel``): only this
+            rank's slice of each sharded tensor is read, straight to ``device``.
+        progress: called as ``progress(bytes_loaded, bytes_total)`` after each tensor (this rank's).
     """
     folder = Path(folder)
     files = safetensors_files(folder)
@@ -141,7 +185,7 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     check_layer_count(config, found)  # before the name table: a config of 10**9 layers must fail, not hang
     names = checkpoint_names(config)
     with torch.device("meta"):
-        model = Transformer(config, backend).to(dtype)
+        model = Transformer(config, backend, tp).to(dtype)
 
     missing = [n for n in names if n not in found]
     if missing:
@@ -159,26 +203,35 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     meta = dict(model.named_parameters(remove_duplicate=False))
     for hf_name, (ours, part) in names.items():
         path, shape = found[hf_name]
-        expected = tuple(parameter_block(model, ours, part, meta).shape)
+        expected = tensor_slice(model, ours, part, meta).full_shape
         if shape != expected:
             raise ValueError(f"tensor {hf_name} in {path.name} has shape {shape}, the config expects {expected}")
 
     model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    model.tie_weights()
     model.inv_freq = rope_inv_freq(config).to(device)
     params = dict(model.named_parameters(remove_duplicate=False))  # to_empty made new parameters
     by_file: Dict[Path, List[str]] = {}
     for hf_name in names:
         by_file.setdefault(found[hf_name][0], []).append(hf_name)
+    pieces = {hf_name: tensor_slice(model, *names[hf_name], params) for hf_name in names}
+    total = sum(p.target.numel() * p.target.element_size() for p in pieces.values())
+    loaded = 0
+
+    def on_copy(nbytes: int) -> None:
+        nonlocal loaded
+        loaded += nbytes
+        if progress is not None:
+            progress(loaded, total)
+
     with torch.no_grad():
         for path, tensor_names in by_file.items():
-            copy_tensors_from_file(path, {hf_name: parameter_block(model, *names[hf_name], params)
-                                          for hf_name in tensor_names})
+            copy_tensors_from_file(path, {hf_name: pieces[hf_name] for hf_name in tensor_names}, on_copy)
         if tied_head:
-            head = torch.empty_like(model.tok_embeddings.weight)
-            copy_tensors_from_file(found["lm_head.weight"][0], {"lm_head.weight": head})
-            if not torch.equal(head, model.tok_embeddings.weight):
+            head = torch.empty_like(model.output.weight)  # this rank's rows of the stored head
+            copy_tensors_from_file(found["lm_head.weight"][0],
+                                   {"lm_head.weight": tensor_slice(model, "output.weight", None, {"output.weight": head})})
+            if not torch.equal(head, model.output.weight):
                 raise ValueError(
                     "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
                     "set tie_word_embeddings to false"

@@ -18,6 +18,9 @@ checkpoint folder with --model) and measures, in one run:
 Prints a table last and writes everything to --out (JSON). Usage on the GPU machine:
 
     PYTHONPATH=. python3 scripts/bench.py --out bench.json
+
+Tensor parallel (one process per GPU; rank 0 writes the table and the JSON; no HF baselines or
+ablations): ``NCCL_NVLS_ENABLE=0 PYTHONPATH=. torchrun --nproc-per-node 2 scripts/bench.py --shape 70b``.
 """
 import argparse
 import gc
@@ -32,7 +35,8 @@ import time
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="checkpoint folder; default: random weights with Llama-3.1-8B shapes")
+    p.add_argument("--model", help="checkpoint folder; default: random weights of --shape")
+    p.add_argument("--shape", default="8b", choices=("8b", "70b"), help="Llama-3.1 shapes of the random model")
     p.add_argument("--out", default="bench.json", help="JSON results file")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--cache-lens", default="512,8192,32768")
@@ -58,6 +62,7 @@ from minillama.config import LlamaConfig  # noqa: E402
 from minillama.generate import TokenLoop  # noqa: E402
 from minillama.kernels import time_in_graph  # noqa: E402
 from minillama.model import Transformer, rope_inv_freq  # noqa: E402
+from minillama.parallel import join_from_environment  # noqa: E402
 from minillama.runner import Runner  # noqa: E402
 
 GiB = 1024**3
@@ -69,22 +74,31 @@ LLAMA31_8B = dict(
     max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype="bfloat16",
     bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
 )
+LLAMA31_70B = dict(LLAMA31_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                   num_attention_heads=64)
 RESULTS = {"config": {}, "ours": {}, "ablations": {}, "hf": {}, "skipped": []}
+TP = join_from_environment("cuda")  # None unless launched by torchrun
+WORLD = TP.world_size if TP is not None else 1
+LEAD = TP is None or TP.rank == 0  # the process that writes the JSON and prints
 
 
 def save():
-    with open(ARGS.out, "w") as f:
-        json.dump(RESULTS, f, indent=2)
+    if LEAD:
+        with open(ARGS.out, "w") as f:
+            json.dump(RESULTS, f, indent=2)
 
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    if LEAD:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def random_model(config: LlamaConfig, device) -> Transformer:
+    """Random bf16 weights of ``config`` on ``device`` (this rank's shards under torchrun)."""
     with torch.device("meta"):
-        model = Transformer(config, TritonBackend()).to(torch.bfloat16)
+        model = Transformer(config, TritonBackend(), TP).to(torch.bfloat16)
     model.to_empty(device=device)
+    model.tie_weights()
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -99,7 +113,8 @@ def random_model(config: LlamaConfig, device) -> Transformer:
 
 
 def kv_bytes(config: LlamaConfig, batch: int, length: int) -> int:
-    return 2 * config.num_hidden_layers * batch * length * config.num_key_value_heads * config.head_dim * 2
+    """K and V bytes of one rank's cache."""
+    return 2 * config.num_hidden_layers * batch * length * config.num_key_value_heads // WORLD * config.head_dim * 2
 
 
 def set_backend(model: Transformer, backend) -> None:
@@ -433,20 +448,22 @@ def table():
 def main():
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA device")
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     RESULTS["config"].update(
         device=props.name, memory_GiB=props.total_memory / GiB, torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=sys.argv,
-        model=ARGS.model or "random Llama-3.1-8B shapes, bf16",
+        model=ARGS.model or f"random Llama-3.1-{ARGS.shape.upper()} shapes, bf16", tensor_parallel=WORLD,
     )
+    if TP is not None:
+        ARGS.skip_ablations, ARGS.hf = True, "none"  # the ablations and HF baselines are single-GPU
     if ARGS.model:
         from minillama import Llama
 
         llm = Llama.from_pretrained(ARGS.model, device="cuda", dtype=torch.bfloat16, backend="triton")
         model, config = llm.model, llm.config
     else:
-        config = LlamaConfig(**LLAMA31_8B)
+        config = LlamaConfig(**(LLAMA31_70B if ARGS.shape == "70b" else LLAMA31_8B))
         model = random_model(config, device)
     bench_ours(model, config)
     del model
@@ -456,7 +473,8 @@ def main():
     if modes:
         bench_hf(config, modes)
     save()
-    print(table())
+    if LEAD:
+        print(table())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,194 @@
+"""Tensor parallelism on the CPU: 2 processes over gloo against one process, through the public API
+and both command-line launch paths (``--tp 2`` and torchrun).
+
+TP=2 computes the same function in another order (partial products summed by all-reduce), so
+float32 logits agree within 1e-5 relative and greedy tokens are identical; sampling agrees across
+ranks because rank 0's ids are broadcast each step.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from minillama import Llama
+from minillama.config import LlamaConfig
+from minillama.layers import Linear
+from minillama.parallel import check_degree, degrees_that_work
+from tests.checkpoints import write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["the quick brown fox", "a", "once upon a time there was a little"]
+CASES = {
+    "untied gqa2 llama3 rope": dict(n_heads=4, n_kv_heads=2, rope_scaling="llama3", hidden_size=64, head_dim=16),
+    "tied, padded vocabulary (head replicated)": dict(n_heads=8, n_kv_heads=2, tied=True, vocab_size=601,
+                                                       hidden_size=64, intermediate_size=96),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_everything(folder, out_path):
+    """What each rank (and the single process) computes; saved for the parent to compare."""
+    llm = Llama.from_pretrained(folder, device="cpu")
+    ids = llm.tokenizer.encode("the cat sat on the mat and then it", bos=True)
+    out = {"logits": llm.logits(ids)}
+    out["greedy"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)]
+    out["seeded"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=7)]
+    out["unseeded"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12, temperature=1.5, top_p=0.95)]
+    stream = llm.stream("the quick", max_new_tokens=10, stop=["fox"])
+    out["stream"] = ("".join(stream), stream.result.finish_reason)
+    cache = llm.new_cache(1, 64)  # the chat's path: continue on one cache
+    first = llm.generate([ids], max_new_tokens=6, cache=cache)[0]
+    out["continued"] = first.token_ids + llm.generate([first.token_ids[-1:]], max_new_tokens=6, cache=cache)[0].token_ids
+    model = llm.model
+    out["shards"] = {
+        "wqkv": tuple(model.layers[0].attention.wqkv.weight.shape),
+        "wo": tuple(model.layers[0].attention.wo.weight.shape),
+        "head": tuple(model.output.weight.shape),
+        "cache_heads": llm.new_cache(1, 4).k.shape[3],
+        "head_parallel": model.output.parallel,
+    }
+    torch.save(out, out_path)
+
+
+def _rank_main(rank, world, port, folder, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    run_everything(folder, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp")
+    config = write_checkpoint(folder, tokenizer="sentencepiece", n_layers=2, seed=11, **CASES[request.param])
+    single = tmp_path_factory.mktemp("single") / "single.pt"
+    run_everything(folder, single)
+    out_dir = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(_rank_main, args=(2, free_port(), str(folder), str(out_dir)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+    return config, torch.load(single), ranks
+
+
+def test_tp2_logits_equal_tp1(case):
+    _, single, ranks = case
+    for out in ranks:
+        err = ((out["logits"].double() - single["logits"].double()).norm() / single["logits"].double().norm()).item()
+        assert err < 1e-5, err
+    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])  # every rank holds the same full logits
+
+
+def test_tp2_greedy_tokens_equal_tp1(case):
+    _, single, ranks = case
+    for out in ranks:
+        assert out["greedy"] == single["greedy"]
+        assert out["continued"] == single["continued"]
+        assert out["stream"] == single["stream"]
+
+
+def test_ranks_agree_when_sampling(case):
+    _, single, ranks = case
+    assert ranks[0]["seeded"] == ranks[1]["seeded"]
+    assert ranks[0]["unseeded"] == ranks[1]["unseeded"]
+    assert ranks[0]["seeded"] == single["seeded"]  # the same seeded draws on logits equal to 1e-5
+
+
+def test_each_rank_holds_its_shard(case):
+    config, single, ranks = case
+    D, H, H_kv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+    hidden = config["hidden_size"]
+    shards = ranks[0]["shards"]
+    assert shards["wqkv"] == ((H + 2 * H_kv) * D // 2, hidden)
+    assert shards["wo"] == (hidden, H * D // 2)
+    assert shards["cache_heads"] == H_kv // 2
+    vocab = config["vocab_size"]
+    assert shards["head"] == ((vocab // 2, hidden) if vocab % 2 == 0 else (vocab, hidden))
+    assert shards["head_parallel"] == ("vocab" if vocab % 2 == 0 else None)
+    assert ranks[1]["shards"] == shards
+
+
+def test_degree_that_does_not_divide_names_the_numbers():
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=100)
+    assert degrees_that_work(config) == [1, 2]
+    check_degree(config, 2)
+    with pytest.raises(ValueError, match=r"degree 4 does not divide num_key_value_heads 2; degrees that work "
+                                         r"for this model: \[1, 2\]"):
+        check_degree(config, 4)
+
+
+def test_tp_without_torchrun_is_a_clear_error(tmp_path):
+    write_checkpoint(tmp_path, tokenizer="sentencepiece")
+    with pytest.raises(ValueError, match="tp=2 but this process was not launched by torchrun"):
+        Llama.from_pretrained(tmp_path, device="cpu", tp=2)
+
+
+def test_row_parallel_linear_needs_a_group_to_split():
+    from minillama.backend import TorchBackend
+
+    lin = Linear(8, 4, False, TorchBackend(), parallel="row", tp=None)  # one process: a plain linear
+    assert lin.parallel is None and lin.weight.shape == (4, 8)
+
+
+# -- the command lines ----------------------------------------------------------------------------
+
+
+def run_cli(args, stdin=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, env=env, timeout=240,
+                          cwd=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def cli_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp-cli")
+    write_checkpoint(folder, tokenizer="sentencepiece", n_heads=4, n_kv_heads=2, rope_scaling="llama3", seed=5)
+    return folder
+
+
+@pytest.mark.slow
+def test_generate_script_launch_paths_print_what_one_process_prints(cli_folder):
+    common = ["--model", str(cli_folder), "--max-new-tokens", "10", "--json", *PROMPTS]
+    single = run_cli(["scripts/generate.py", *common])
+    assert single.returncode == 0, single.stderr
+    launched = run_cli(["scripts/generate.py", "--tp", "2", *common])
+    assert launched.returncode == 0, launched.stderr
+    torchrun = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "scripts/generate.py", *common])
+    assert torchrun.returncode == 0, torchrun.stderr
+
+    def tokens(stdout):
+        lines = stdout.decode().splitlines()
+        assert len(lines) == len(PROMPTS)  # one JSON line per prompt, not one per process
+        return [(json.loads(line)["token_ids"], json.loads(line)["text"]) for line in lines]
+
+    assert tokens(launched.stdout) == tokens(single.stdout) == tokens(torchrun.stdout)
+
+
+@pytest.mark.slow
+def test_chat_with_tp_2_replies_as_one_process(cli_folder):
+    lines = b"the cat\nand then\n"
+    single = run_cli(["-m", "minillama.chat", "--model", str(cli_folder), "--max-new-tokens", "8"], stdin=lines)
+    launched = run_cli(["-m", "minillama.chat", "--model", str(cli_folder), "--max-new-tokens", "8", "--tp", "2"],
+                       stdin=lines)
+    assert single.returncode == 0 and launched.returncode == 0, launched.stderr
+    assert launched.stdout == single.stdout and len(single.stdout.splitlines()) == 2
+
+
+def test_cli_degree_error_exits_2_before_launching(cli_folder):
+    out = run_cli(["scripts/generate.py", "--model", str(cli_folder), "--tp", "3", "hello"])
+    assert out.returncode == 2
+    assert out.stderr.decode().strip() == (
+        "error: tensor-parallel degree 3 does not divide num_attention_heads 4, num_key_value_heads 2, "
+        "intermediate_size 64; degrees that work for this model: [1, 2]")
