@@ -180,9 +180,11 @@ class Scheduler:
         self._counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
                               prefix_hits=0, generated_tokens=0, decode_steps=0, prefill_chunks=0)
         self._step_lock = step_lock(llm.runner)  # one step (forward + sample) at a time per model
+        self._tp = llm.model.tp  # tensor parallelism: rank 0 schedules, the others follow()
         self._capture_graphs()
         self._thread = threading.Thread(target=self._run, name="minillama-scheduler", daemon=True)
-        self._thread.start()
+        if self._tp is None or self._tp.rank == 0:
+            self._thread.start()
 
     def _capture_graphs(self) -> None:
         """On CUDA, let the runner capture the decode graph of every batch bucket up to the pool's
@@ -193,7 +195,7 @@ class Scheduler:
         rows = 1
         while True:
             with self._step_lock, torch.inference_mode():
-                self.llm.runner(torch.zeros(rows, 1, dtype=torch.long, device=self.llm.device), self.cache)
+                self._apply(("capture", rows))  # every rank captures the same graphs, in the same order
             if rows >= self.cache.batch:
                 break
             rows = min(bucket(rows + 1), self.cache.batch)
@@ -257,11 +259,17 @@ class Scheduler:
         return out
 
     def close(self) -> None:
-        """Stop the thread; requests still waiting or running are cancelled."""
+        """Stop the thread; requests still waiting or running are cancelled (and, under tensor
+        parallelism, the other ranks' :meth:`follow` returns)."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._wake.notify()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+            if self._tp is not None:
+                self._tp.broadcast_object(None)
 
     # -- the scheduler thread -------------------------------------------------------------------
 
@@ -325,7 +333,51 @@ class Scheduler:
     def _set_length(self, row: int, n: int) -> None:
         lengths = list(self.cache.seq_lens_cpu)
         lengths[row] = n
-        self.cache.set_lengths(lengths)
+        self._op(("lengths", lengths))
+
+    # -- device operations: the leader's, mirrored by the followers under tensor parallelism ------
+
+    def _op(self, op: Optional[tuple]):
+        """Run one device operation; under tensor parallelism rank 0 first sends it to the other
+        ranks, whose :meth:`follow` runs the same operations in the same order."""
+        if self._tp is not None:
+            self._tp.broadcast_object(op)
+        return self._apply(op)
+
+    def _apply(self, op: tuple):
+        kind = op[0]
+        if kind == "lengths":  # ("lengths", fills of every row)
+            self.cache.set_lengths(op[1])
+        elif kind == "prefill":  # ("prefill", row, prompt chunk): logits of its last token
+            _, r, chunk = op
+            logits = self._forward(self._to_device([chunk]), self.cache.row(r),
+                                   logits_at=self._to_device([len(chunk) - 1]))
+            counts = [0] * self.cache.batch
+            counts[r] = len(chunk)
+            self.cache.advance(counts)
+            return logits
+        elif kind == "decode":  # ("decode", rows in the step, fill counts): logits of the first rows
+            _, span, counts = op
+            # a row whose last token was NON_FINITE (its request failed) feeds 0, ignored
+            logits = self._forward(self._next_ids[:span, None].clamp_min(0), self.cache)
+            self.cache.advance(counts)
+            return logits
+        elif kind == "agree":  # ("agree",): every rank continues with rank 0's sampled ids
+            self._tp.broadcast_(self._next_ids)
+        elif kind == "capture":  # ("capture", rows): the decode graph of a batch bucket
+            self.llm.runner(torch.zeros(op[1], 1, dtype=torch.long, device=self.llm.device), self.cache)
+
+    def follow(self) -> None:
+        """On ranks other than 0 under tensor parallelism: run rank 0's device operations until its
+        scheduler closes. Their logits are rank 0's (the LM head is gathered), never sampled here."""
+        if self._tp is None or self._tp.rank == 0:
+            raise RuntimeError("follow() is for the ranks other than 0 of a tensor-parallel group")
+        while True:
+            op = self._tp.broadcast_object()
+            if op is None:
+                return
+            with self._step_lock, torch.inference_mode():
+                self._apply(op)
 
     def _to_device(self, values: List[int]) -> torch.Tensor:
         """A small int64 tensor on the device, copied without making the host wait for the device."""
@@ -354,11 +406,7 @@ class Scheduler:
             budget -= len(chunk)
             r = seq.row
             with self._step_lock:
-                logits = self._forward(self._to_device([chunk]), self.cache.row(r),
-                                       logits_at=self._to_device([len(chunk) - 1]))
-                counts = [0] * self.cache.batch
-                counts[r] = len(chunk)
-                self.cache.advance(counts)
+                logits = self._op(("prefill", r, chunk))
                 seq.pos += len(chunk)
                 self._counters["prefill_chunks"] += 1
                 if seq.pos == len(seq.prompt):
@@ -376,9 +424,7 @@ class Scheduler:
         for s in decoding:
             counts[s.row] = 1
         with self._step_lock:
-            # a row whose last token was NON_FINITE (its request failed) feeds 0, ignored
-            logits = self._forward(self._next_ids[:span, None].clamp_min(0), self.cache)
-            self.cache.advance(counts)
+            logits = self._op(("decode", span, counts))
             self._counters["decode_steps"] += 1
             rows = [s.row for s in decoding]
             if rows != list(range(span)):
@@ -402,6 +448,8 @@ class Scheduler:
             ids[index] = sample(logits[index], params)
         rows = self._to_device([s.row for s in seqs])
         self._next_ids.index_copy_(0, rows, ids)  # what the next decode step feeds
+        if self._tp is not None:
+            self._op(("agree",))
         with_lp = [i for i, s in enumerate(seqs) if s.request.logprobs is not None]
         lp = None
         if with_lp:

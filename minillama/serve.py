@@ -383,6 +383,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree: N processes (one per GPU) through torch's launcher; rank 0 "
+                        "serves HTTP and schedules, the others follow its steps")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                    help="the kernels that run the model (default: Triton on CUDA, torch elsewhere)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
@@ -392,6 +395,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_queue < 0 or args.request_timeout <= 0:
         p.error("--max-queue must be >= 0 and --request-timeout > 0")
+    if args.tp is not None and args.tp < 1:
+        p.error(f"--tp must be >= 1, got {args.tp}")
     return args
 
 
@@ -402,6 +407,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
         import uvicorn
@@ -410,13 +416,25 @@ def _main(argv) -> int:
     from pathlib import Path
 
     from minillama import Llama
+    from minillama.parallel import is_follower, launched_by_torchrun
     from minillama.scheduler import Scheduler
 
+    if args.tp and args.tp > 1 and not launched_by_torchrun():
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        try:
+            return cli.launch_tensor_parallel(args.tp, args.model, ["-m", "minillama.serve"], cli.without_tp(argv))
+        except SignalException as e:  # SIGTERM / SIGINT stopped the launcher, which stopped the workers
+            return 128 + int(e.sigval)
+    cli.silence_followers()
     start = time.perf_counter()
-    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp)
     max_seq_len = args.max_seq_len or min(llm.config.max_position_embeddings, 8192)
     scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk)
+    if is_follower():  # rank > 0: no HTTP; run rank 0's steps until its scheduler closes
+        scheduler.follow()
+        return 0
     # The scheduler thread (launching device steps) and the event loop (HTTP) share the GIL; with
     # Python's default 5 ms switch interval a busy event loop could hold up the next decode step.
     sys.setswitchinterval(0.0005)
@@ -433,4 +451,4 @@ def _main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

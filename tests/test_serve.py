@@ -337,3 +337,34 @@ def test_timeout_answers_504_and_cancels(llm):
         assert scheduler.stats()["cancelled"] == 2
     finally:
         scheduler.close()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_server_answers_as_one_process(tmp_path):
+    """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
+    requests get the tokens of solo runs in one process."""
+    from tests.checkpoints import write_checkpoint
+
+    folder = tmp_path / "tp"
+    write_checkpoint(folder, tokenizer="sentencepiece", n_heads=4, n_kv_heads=2, rope_scaling="llama3", seed=5)
+    single = Llama.from_pretrained(folder, device="cpu")
+    prompts = ["the cat", "and then", "one day a dog", "Lily"]
+    refs = [single.generate([p], max_new_tokens=12 + 3 * i)[0] for i, p in enumerate(prompts)]
+    proc, url = _start_server("--model", str(folder), "--tp", "2", "--max-seq-len", "256", "--max-batch", "2")
+    try:
+        out = [None] * len(prompts)
+
+        def ask(i):
+            r = httpx.post(url + "/v1/completions", json={"prompt": prompts[i], "max_tokens": 12 + 3 * i,
+                                                          "temperature": 0}, timeout=60)
+            out[i] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert out == [r.text for r in refs]
+    finally:
+        _stop(proc)
+    assert proc.returncode == 143  # SIGTERM: the launcher stopped both ranks
