@@ -26,6 +26,12 @@ and only then processes the previous iteration's tokens on the host (detokenizin
 events) while the device computes. The price: a row finished by the previous step runs one wasted
 token in the current one (never shown, past its output in the cache; rows have a spare slot).
 
+Tensor parallelism: every process builds a Scheduler; rank 0's runs the thread and takes the
+requests, the others call :meth:`Scheduler.follow`. Each device operation (fills, prefill chunks,
+decode steps) goes through one place, ``_op``, where rank 0 broadcasts it before running it, so the
+other ranks replay the same operations in the same order; the ids rank 0 samples are broadcast
+with them. (A rank that fails leaves the others waiting: the group is as alive as its weakest rank.)
+
 The scheduler runs in one background thread; each step (forward and sampling) holds the runner's
 step lock (:func:`minillama.concurrency.step_lock`), as ``Llama.generate`` does, so both may share a
 model. :meth:`Scheduler.submit` is thread-safe and returns at once; the request's events
