@@ -1,0 +1,343 @@
+"""8-bit weights: int8 and float8_e4m3fn, one float32 scale per output channel.
+
+Two ways in, one representation out:
+
+* ``quantize="int8" | "fp8"`` at load: each projection weight W (N, K) is quantized on its own,
+  as it is read, symmetric per output channel: ``scale[n] = max_k |W[n, k]| / QMAX`` and
+  ``Wq[n, k] = round(W[n, k] / scale[n])`` (int8: round to nearest, QMAX 127; fp8 e4m3: the
+  cast's round-to-nearest-even, QMAX 448). Embedding and lm_head stay in the model dtype.
+* A checkpoint whose ``config.json`` carries a compressed-tensors ``quantization_config``
+  (what llm-compressor writes, e.g. the Llama 3.1 ``-FP8`` and ``-FP8-dynamic`` models): formats
+  ``float-quantized`` (``*.weight`` in float8_e4m3fn) and ``int-quantized`` (int8), weights
+  symmetric with ``strategy`` "tensor" or "channel", input activations static per-tensor
+  (``*.input_scale`` stored), dynamic per-token, or none; an ``ignore`` list (exact module names
+  or ``re:`` regexes, matched with ``re.match`` as compressed-tensors does).
+
+Either way a quantized linear holds ``weight`` (N, K) int8 / float8_e4m3fn and ``weight_scale``
+(N,) float32, and its dequantized weight is ``weight.float() * weight_scale[:, None]`` rounded
+once to the model dtype. A per-tensor checkpoint scale is broadcast to every channel (the same
+numbers), so fused q/k/v or gate/up matrices need no requantization.
+
+Activation quantization in a checkpoint is validated and its ``input_scale`` read, but the engine
+computes weight-only (activations stay in the model dtype): batch-1 decode is bound by weight
+bytes, which 8-bit weights halve either way, and weight-only is the more accurate of the two.
+
+References: compressed-tensors (``quantization/quant_args.py``, ``lifecycle/initialize.py``,
+``compressors/naive_quantized``, ``utils/match.py``) for the format; vLLM's
+``compressed_tensors.py`` for which schemes are W8A8 / W8A16.
+"""
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+QUANTIZE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what checkpoints store scales in
+FORMATS = {"float-quantized": "float", "int-quantized": "int", "naive-quantized": None}
+WEIGHT_DTYPES = {"float": torch.float8_e4m3fn, "int": torch.int8}
+
+SUPPORTED = (
+    "minillama reads compressed-tensors checkpoints (quant_method 'compressed-tensors', format "
+    "'float-quantized' FP8 e4m3 or 'int-quantized' INT8 weights, symmetric, strategy 'tensor' or "
+    "'channel'; input activations static per-tensor, dynamic per-token or none) and quantizes "
+    "full-precision checkpoints at load with quantize='int8' or 'fp8'"
+)
+
+# Class names of HF Llama's modules, which compressed-tensors targets may name ("Linear": every projection).
+LINEAR = "Linear"
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # each group becomes one matrix
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one linear layer's weight (and, for the record, its input) is quantized."""
+
+    weight_dtype: torch.dtype  # torch.int8 or torch.float8_e4m3fn
+    weight_strategy: str = "channel"  # "channel": weight_scale (N, 1); "tensor": one scale
+    activations: Optional[str] = None  # None, "static" (per-tensor input_scale) or "dynamic" (per-token)
+
+    @property
+    def kind(self) -> str:
+        return "int8" if self.weight_dtype == torch.int8 else "fp8"
+
+    def checkpoint_tensors(self, module: str, out_features: int, in_features: int) -> Dict[str, "TensorSpec"]:
+        """The tensors a compressed checkpoint holds for ``module`` (an HF module name)."""
+        tensor_shapes = [(1,), ()]  # (1,) is what compressed-tensors writes; () older files
+        specs = {
+            f"{module}.weight": TensorSpec([(out_features, in_features)], (self.weight_dtype,)),
+            f"{module}.weight_scale": TensorSpec(
+                [(out_features, 1)] if self.weight_strategy == "channel" else tensor_shapes, SCALE_DTYPES),
+        }
+        if self.activations == "static":
+            specs[f"{module}.input_scale"] = TensorSpec(tensor_shapes, SCALE_DTYPES)
+        return specs
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Allowed shapes and dtypes of one checkpoint tensor."""
+
+    shapes: List[tuple]
+    dtypes: Tuple[torch.dtype, ...]
+
+    def check(self, name: str, shape: tuple, dtype: torch.dtype, where: str) -> None:
+        """ValueError naming the tensor and file unless shape and dtype are allowed."""
+        if tuple(shape) not in [tuple(s) for s in self.shapes]:
+            expected = " or ".join(str(tuple(s)) for s in self.shapes)
+            raise ValueError(f"tensor {name} in {where} has shape {tuple(shape)}, expected {expected}")
+        if dtype not in self.dtypes:
+            expected = " or ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            raise ValueError(
+                f"tensor {name} in {where} has dtype {str(dtype).removeprefix('torch.')}, expected {expected}")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Which linear modules are quantized and how: config groups (targets -> scheme) and ignores.
+
+    ``compressed`` is True for a checkpoint that stores 8-bit tensors, False for quantization at load.
+    """
+
+    groups: Tuple[Tuple[Tuple[str, ...], QuantScheme], ...]
+    ignore: Tuple[str, ...] = ()
+    compressed: bool = True
+
+    @classmethod
+    def at_load(cls, quantize: str) -> "QuantizationConfig":
+        """Weight-only per-channel quantization of every projection; embedding and lm_head kept."""
+        if quantize not in QUANTIZE_DTYPES:
+            raise ValueError(f"quantize={quantize!r} is not supported; use one of {sorted(QUANTIZE_DTYPES)} or None")
+        return cls(groups=(((LINEAR,), QuantScheme(QUANTIZE_DTYPES[quantize])),), ignore=("lm_head",),
+                   compressed=False)
+
+    def scheme_for(self, module: str, module_class: str) -> Optional[QuantScheme]:
+        """The scheme of an HF module (e.g. "model.layers.0.self_attn.q_proj", class "Linear"), or None.
+
+        Ignored modules are None; otherwise the first group whose targets match. A match on a
+        module that is not a Linear is an error (minillama quantizes projections only).
+        """
+        if any(_matches(module, module_class, t) for t in self.ignore):
+            return None
+        for targets, scheme in self.groups:
+            if any(_matches(module, module_class, t) for t in targets):
+                if module_class != LINEAR:
+                    raise ValueError(
+                        f"quantization_config quantizes {module} ({module_class}); minillama quantizes "
+                        f"Linear projections only: add it to 'ignore'")
+                return scheme
+        return None
+
+    def to_dict(self) -> dict:
+        """A compressed-tensors ``quantization_config`` for this config, as llm-compressor writes it."""
+        groups = {}
+        formats = set()
+        for i, (targets, scheme) in enumerate(self.groups):
+            kind = "float" if scheme.weight_dtype == torch.float8_e4m3fn else "int"
+            fmt = f"{kind}-quantized"
+            formats.add(fmt)
+            groups[f"group_{i}"] = {
+                "format": fmt,
+                "targets": list(targets),
+                "weights": _args_dict(kind, scheme.weight_strategy, dynamic=False, observer="minmax"),
+                "input_activations": None if scheme.activations is None else _args_dict(
+                    kind, "tensor" if scheme.activations == "static" else "token",
+                    dynamic=scheme.activations == "dynamic",
+                    observer="minmax" if scheme.activations == "static" else None),
+                "output_activations": None,
+            }
+        return {
+            "config_groups": groups,
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "global_compression_ratio": None,
+            "ignore": list(self.ignore),
+            "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+        }
+
+
+def _args_dict(kind: str, strategy: str, dynamic: bool, observer: Optional[str]) -> dict:
+    return {"actorder": None, "block_structure": None, "dynamic": dynamic, "group_size": None, "num_bits": 8,
+            "observer": observer, "observer_kwargs": {}, "strategy": strategy, "symmetric": True, "type": kind}
+
+
+def _matches(module: str, module_class: str, target: str) -> bool:
+    """compressed-tensors' rule: "re:<regex>" is re.match on the name, else the exact name or class."""
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return target == module or target == module_class
+
+
+def parse_quantization_config(d: dict) -> QuantizationConfig:
+    """Validate a config.json ``quantization_config`` (before any tensor is read).
+
+    Raises ValueError naming the quant_method, format or field that is not supported, and what is.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"quantization_config must be a JSON object, got {d!r}")
+    method = d.get("quant_method")
+    if method != "compressed-tensors":
+        raise ValueError(f"quantization_config quant_method {method!r} is not supported; {SUPPORTED}")
+    status = d.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ValueError(
+            f"compressed-tensors quantization_status {status!r} is not supported (the weights are not stored "
+            f"in 8 bits); only 'compressed' checkpoints load")
+    for key in ("sparsity_config", "transform_config", "kv_cache_scheme"):
+        if d.get(key):
+            raise ValueError(f"compressed-tensors {key} is not supported (got {d[key]!r}); {SUPPORTED}")
+    groups_in = d.get("config_groups")
+    if not isinstance(groups_in, dict) or not groups_in:
+        raise ValueError("compressed-tensors quantization_config has no config_groups")
+    groups = []
+    for name, group in groups_in.items():
+        where = f"config_groups.{name}"
+        fmt = group.get("format") or d.get("format")
+        if fmt not in FORMATS:
+            raise ValueError(f"compressed-tensors format {fmt!r} ({where}) is not supported; {SUPPORTED}")
+        targets = group.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"{where}.targets must be a non-empty list of strings, got {targets!r}")
+        weights = group.get("weights")
+        if not weights:
+            raise ValueError(f"{where} quantizes no weights; {SUPPORTED}")
+        kind = _check_args(weights, f"{where}.weights", strategies=("tensor", "channel"))
+        if weights.get("dynamic"):
+            raise ValueError(f"{where}.weights: dynamic weight quantization is not supported; {SUPPORTED}")
+        if FORMATS[fmt] not in (None, kind):
+            raise ValueError(f"{where}: format {fmt!r} does not store {kind} weights")
+        activations = _parse_activations(group.get("input_activations"), kind, f"{where}.input_activations")
+        if group.get("output_activations"):
+            raise ValueError(f"{where}.output_activations: output quantization is not supported; {SUPPORTED}")
+        scheme = QuantScheme(WEIGHT_DTYPES[kind], weights.get("strategy"), activations)
+        groups.append((tuple(targets), scheme))
+    ignore = d.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(t, str) for t in ignore):
+        raise ValueError(f"compressed-tensors ignore must be a list of module names, got {ignore!r}")
+    all_targets = list(ignore) + [t for targets, _ in groups for t in targets]
+    for pattern in [t[3:] for t in all_targets if t.startswith("re:")]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"compressed-tensors regex {pattern!r} does not compile: {e}") from None
+    return QuantizationConfig(groups=tuple(groups), ignore=tuple(ignore), compressed=True)
+
+
+def _check_args(args: dict, where: str, strategies: Sequence[str]) -> str:
+    """Check one QuantizationArgs dict: 8 bits, symmetric, supported strategy. Returns its type."""
+    if not isinstance(args, dict):
+        raise ValueError(f"{where} must be a JSON object, got {args!r}")
+    kind = args.get("type", "int")
+    if kind not in WEIGHT_DTYPES:
+        raise ValueError(f"{where}: type {kind!r} is not supported; {SUPPORTED}")
+    if args.get("num_bits") != 8:
+        raise ValueError(f"{where}: num_bits {args.get('num_bits')!r} is not supported (8 only); {SUPPORTED}")
+    if not args.get("symmetric", True):
+        raise ValueError(f"{where}: asymmetric quantization (zero points) is not supported; {SUPPORTED}")
+    strategy = args.get("strategy")
+    if strategy not in strategies:
+        raise ValueError(f"{where}: strategy {strategy!r} is not supported; expected one of {list(strategies)}")
+    for key in ("group_size", "block_structure", "actorder"):
+        if args.get(key) is not None:
+            raise ValueError(f"{where}: {key} {args[key]!r} is not supported; {SUPPORTED}")
+    scale_dtype = args.get("scale_dtype")
+    if scale_dtype is not None and scale_dtype.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{where}: scale_dtype {scale_dtype!r} is not supported (float32, bfloat16, float16)")
+    return kind
+
+
+def _parse_activations(args: Optional[dict], weight_kind: str, where: str) -> Optional[str]:
+    """None, "static" (per-tensor, input_scale stored) or "dynamic" (per-token, nothing stored)."""
+    if not args:
+        return None
+    kind = _check_args(args, where, strategies=("tensor", "token"))
+    if kind != weight_kind:
+        raise ValueError(f"{where}: {kind} activations with {weight_kind} weights are not supported")
+    dynamic = args.get("dynamic", False)
+    if args["strategy"] == "tensor" and dynamic is False:
+        return "static"
+    if args["strategy"] == "token" and dynamic is True:
+        return "dynamic"
+    raise ValueError(
+        f"{where}: strategy {args['strategy']!r} with dynamic={dynamic!r} is not supported; "
+        f"expected static per-tensor or dynamic per-token")
+
+
+def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization of ``weight`` (N, K).
+
+    Returns (q (N, K) in ``dtype``, scale (N,) float32) with ``q * scale[:, None] ~ weight``:
+    int8 rounds to nearest (|error| <= scale / 2); fp8 e4m3 keeps 3 mantissa bits (relative error
+    <= 2^-4, absolute <= 2^-10 * scale below e4m3's smallest normal 2^-6). A zero row gets scale 1.
+    Runs on the tensor's device, in float32.
+    """
+    if dtype not in QMAX:
+        raise ValueError(f"cannot quantize to {dtype}; use torch.int8 or torch.float8_e4m3fn")
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_per_channel takes a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.float()
+    amax = w.abs().amax(dim=1)  # (N,)
+    scale = torch.where(amax > 0, amax / QMAX[dtype], torch.ones_like(amax))
+    q = w / scale[:, None]
+    if dtype == torch.int8:
+        q = q.round()
+    q = q.clamp(-QMAX[dtype], QMAX[dtype]).to(dtype)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q.float() * scale[:, None]`` rounded once to ``dtype``; q (N, K), scale (N,) float32."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def channel_scales(stored: torch.Tensor, out_features: int) -> torch.Tensor:
+    """A checkpoint's ``weight_scale`` ((N, 1) per channel, (1,) or () per tensor) as (N,) float32."""
+    flat = stored.float().reshape(-1)
+    if flat.numel() == 1:
+        return flat.expand(out_features).contiguous()
+    assert flat.numel() == out_features, (tuple(stored.shape), out_features)
+    return flat
+
+
+def hf_modules(num_layers: int) -> Dict[str, str]:
+    """HF Llama module name -> class name, for every module a quantization target could name."""
+    modules = {"model.embed_tokens": "Embedding", "model.norm": "LlamaRMSNorm", "lm_head": LINEAR}
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}"
+        modules.update({f"{prefix}.self_attn.{p}": LINEAR for p in ATTENTION_PROJECTIONS})
+        modules.update({f"{prefix}.mlp.{p}": LINEAR for p in MLP_PROJECTIONS})
+        modules.update({f"{prefix}.{n}": "LlamaRMSNorm" for n in ("input_layernorm", "post_attention_layernorm")})
+    return modules
+
+
+def module_schemes(qconfig: QuantizationConfig, num_layers: int,
+                   tie_word_embeddings: bool) -> Dict[str, Optional[QuantScheme]]:
+    """HF Linear module name -> its scheme (None: kept in the model dtype), checked as a whole.
+
+    Errors: a module other than a Linear targeted; a tied lm_head targeted (it is the embedding
+    table); the parts of one fused matrix (q/k/v, gate/up) quantized to different types.
+    """
+    schemes = {}
+    for name, cls in hf_modules(num_layers).items():
+        scheme = qconfig.scheme_for(name, cls)  # raises for a targeted non-Linear
+        if cls == LINEAR:
+            schemes[name] = scheme
+    if tie_word_embeddings:
+        if schemes.pop("lm_head") is not None:
+            raise ValueError("quantization_config quantizes lm_head, but it is tied to the embedding table "
+                             "(tie_word_embeddings): add 'lm_head' to 'ignore'")
+    for i in range(num_layers):
+        for parts in FUSED:
+            names = [f"model.layers.{i}.{'self_attn' if p in ATTENTION_PROJECTIONS else 'mlp'}.{p}" for p in parts]
+            kinds = {None if schemes[n] is None else schemes[n].weight_dtype for n in names}
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"{', '.join(names)} are quantized differently; minillama fuses them into one matrix, "
+                    f"so they must all be quantized to the same type or all be ignored")
+    return schemes
