@@ -1,0 +1,78 @@
+"""scripts/quantize.py writes a compressed-tensors checkpoint: the config parses, every tensor has
+the dtype and shape compressed-tensors gives it, and what it encodes is the per-channel quantization
+of the source weights."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from minillama.quantization import module_schemes, parse_quantization_config, quantize_per_channel
+from tests.checkpoints import write_checkpoint
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "quantize.py"
+SMALL = dict(hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, tokenizer="sentencepiece")
+
+
+@pytest.fixture(scope="module")
+def quantize_script():
+    spec = importlib.util.spec_from_file_location("quantize_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_all(folder):
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+@pytest.mark.parametrize("kind,shards,dtype", [("fp8", 1, "bfloat16"), ("int8", 2, "float32")])
+def test_writes_a_compressed_tensors_checkpoint(tmp_path, quantize_script, kind, shards, dtype):
+    write_checkpoint(tmp_path / "src", shards=shards, dtype=dtype, **SMALL)
+    done = []
+    qc_dict = quantize_script.quantize_checkpoint(tmp_path / "src", tmp_path / "out", kind, progress=done.append)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == qc_dict
+    group = qc_dict["config_groups"]["group_0"]
+    assert qc_dict["format"] == group["format"] == ("float-quantized" if kind == "fp8" else "int-quantized")
+    assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
+    assert qc_dict["ignore"] == ["lm_head"]
+    schemes = module_schemes(parse_quantization_config(qc_dict), 2, tie_word_embeddings=False)
+    assert len(done) == 14
+
+    source = read_all(tmp_path / "src")
+    out = read_all(tmp_path / "out")
+    expected_names = set(source)
+    for module, scheme in schemes.items():
+        if scheme is None:
+            continue
+        w = source[f"{module}.weight"]
+        specs = scheme.checkpoint_tensors(module, *w.shape)
+        expected_names |= set(specs)
+        for name, spec in specs.items():
+            spec.check(name, tuple(out[name].shape), out[name].dtype, "out")
+        q, scale = quantize_per_channel(w, scheme.weight_dtype)
+        assert torch.equal(out[f"{module}.weight"].view(torch.int8), q.view(torch.int8))
+        assert torch.equal(out[f"{module}.weight_scale"], scale[:, None])
+    assert set(out) == expected_names
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(out[name], source[name]) and out[name].dtype == source[name].dtype
+    if shards > 1:
+        index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == expected_names
+    assert (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_refuses_a_quantized_source_and_an_existing_output(tmp_path, quantize_script):
+    write_checkpoint(tmp_path / "src", **SMALL)
+    quantize_script.quantize_checkpoint(tmp_path / "src", tmp_path / "out", "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_script.quantize_checkpoint(tmp_path / "out", tmp_path / "again", "fp8")
+    with pytest.raises(ValueError, match="exists; choose a new folder"):
+        quantize_script.quantize_checkpoint(tmp_path / "src", tmp_path / "out", "fp8")
