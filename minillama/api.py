@@ -12,6 +12,7 @@ from minillama.generate import GenerationResult, TextGeneration, TextStream, Tok
 from minillama.hub import resolve_checkpoint
 from minillama.kv_cache import KVCache
 from minillama.parallel import check_degree, join_from_environment
+from minillama.quantization import QUANTIZE_DTYPES
 from minillama.runner import Runner
 from minillama.sampling import DecodableIds, SamplingParams
 from minillama.streaming import StopStrings
@@ -70,7 +71,8 @@ class Llama:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, backend: str = "auto",
-                        tp: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> "Llama":
+                        tp: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
+                        quantize: Optional[str] = None) -> "Llama":
         """Load a Hugging Face LLaMA checkpoint (local folder or hub repo id).
 
         Args:
@@ -85,7 +87,14 @@ class Llama:
                 the group and holds its 1/N of the model (None or N); without torchrun only None
                 or 1 (the CLIs' ``--tp N`` starts torchrun's launcher).
             progress: ``progress(bytes_loaded, bytes_total)`` after each tensor is on the device.
+            quantize: None, "int8" or "fp8" (float8_e4m3fn): store every q/k/v/o/gate/up/down
+                weight in 8 bits with one float32 scale per output channel, quantized tensor by
+                tensor while loading; embedding and lm_head stay in ``dtype``. A checkpoint in the
+                compressed-tensors format (e.g. the Llama 3.1 ``-FP8`` models) loads its 8-bit
+                weights as they are, with quantize=None. See ``minillama.quantization``.
         """
+        if quantize is not None and quantize not in QUANTIZE_DTYPES:
+            raise ValueError(f"quantize must be None or one of {sorted(QUANTIZE_DTYPES)}, got {quantize!r}")
         device = _resolve_device(device)
         parallel = join_from_environment(device.type)
         world = parallel.world_size if parallel is not None else 1
@@ -105,7 +114,7 @@ class Llama:
         tokenizer = Tokenizer.from_dir(folder)
         check_vocabulary(config, generation_config, tokenizer)
         dtype = _resolve_dtype(dtype, config, device)
-        model = load_model(folder, config, device, dtype, kernels, tp=parallel, progress=progress)
+        model = load_model(folder, config, device, dtype, kernels, tp=parallel, progress=progress, quantize=quantize)
         return cls(Runner(model), tokenizer, config, generation_config, folder)
 
     def new_cache(self, batch: int = 1, max_len: Optional[int] = None) -> KVCache:

@@ -21,8 +21,10 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
 * ``rope_(qk, cos, sin, n_heads, head_dim)``: rotate the first n_heads heads of each row of
   qk (T, >= n_heads * D) in place; rotate-half layout, cos/sin (T, D).
 * ``silu_mul(gate_up)``: ``silu(gate) * up`` for gate_up (..., 2F) = [gate | up] -> (..., F).
-* ``linear(x, weight, bias=None, swiglu=False, gemv_config=None)``: ``x @ weight.T + bias``, then
-  silu_mul when ``swiglu``; x is a tensor (..., K) or a :class:`NormedInput`.
+* ``linear(x, weight, bias=None, swiglu=False, gemv_config=None, weight_scale=None)``:
+  ``x @ weight.T + bias``, then silu_mul when ``swiglu``; x is a tensor (..., K) or a
+  :class:`NormedInput`. With ``weight_scale`` (N,) float32, weight is 8-bit (int8 or
+  float8_e4m3fn) and stands for ``weight * weight_scale[:, None]`` (``minillama.quantization``).
 """
 from typing import NamedTuple, Optional
 
@@ -30,8 +32,10 @@ import torch
 import torch.nn.functional as F
 
 import flashcore
+from minillama.quantization import dequantize
 
 BACKENDS = ("auto", "triton", "torch")
+MATMUL_8BIT = ("triton", "dequantize", "scaled_mm")
 
 
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,9 +89,23 @@ class TorchBackend:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def linear(self, x, weight, bias=None, *, swiglu: bool = False, gemv_config=None) -> torch.Tensor:
+    def linear(self, x, weight, bias=None, *, swiglu: bool = False, gemv_config=None,
+               weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if weight_scale is not None:  # 8-bit weight: dequantize to the activations' dtype
+            weight = dequantize(weight, weight_scale, x.dtype)
         y = F.linear(x, weight, bias)
         return self.silu_mul(y) if swiglu else y
+
+
+def scaled_mm_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (weight * weight_scale[:, None])^T with x quantized to e4m3 per row (dynamic
+    per-token scales, as FP8-dynamic checkpoints specify): one fp8 ``torch._scaled_mm`` with
+    row-wise scales (Hopper). Returns (M, N) in x's dtype."""
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    x_scale = amax / 448.0  # (M, 1)
+    xq = (x.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :].contiguous(),
+                            out_dtype=x.dtype)
 
 
 class TritonBackend(TorchBackend):
@@ -96,16 +114,25 @@ class TritonBackend(TorchBackend):
     Args:
         gemv: run single-token projections as the fused Triton GEMV (True) or through cuBLAS with
             the separate kernels (False; a benchmark ablation).
+        matmul_8bit: multi-row steps (prefill, batched decode) with 8-bit weights: "triton" (a
+            Triton matmul that converts the 8-bit tiles in registers: weight-only, the default),
+            "dequantize" (a full-precision copy of the weight, then cuBLAS; an ablation) or
+            "scaled_mm" (fp8 weights: activations quantized per token and one fp8
+            ``torch._scaled_mm``, the W8A8 math of FP8-dynamic checkpoints; int8 weights keep
+            "triton"). Single-token steps always run the 8-bit GEMV.
     """
 
     name = "triton"
     attention_implementation = "triton"
 
-    def __init__(self, gemv: bool = True):
+    def __init__(self, gemv: bool = True, matmul_8bit: str = "triton"):
         from minillama import kernels  # Triton is imported only where it runs
 
+        if matmul_8bit not in MATMUL_8BIT:
+            raise ValueError(f"matmul_8bit must be one of {MATMUL_8BIT}, got {matmul_8bit!r}")
         self.kernels = kernels
         self.gemv = gemv
+        self.matmul_8bit = matmul_8bit
 
     def rms_norm(self, x, weight, eps, residual=None):
         if self.gemv and x.numel() == x.shape[-1]:  # one token: the next projection's GEMV does it
@@ -129,22 +156,38 @@ class TritonBackend(TorchBackend):
         lead = gate_up.shape[:-1]
         return self.kernels.silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*lead, -1)
 
-    def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None):
+    def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None, weight_scale=None):
         if isinstance(x, NormedInput) and bias is None:
             K = x.x.shape[-1]
             out = self.kernels.gemv(
                 x.x.reshape(K), weight,
                 add=None if x.residual is None else x.residual.reshape(K),
                 h_out=None if x.residual is None else x.new_residual.view(K),
-                norm_weight=x.weight, eps=x.eps, swiglu=swiglu, config=gemv_config,
+                norm_weight=x.weight, eps=x.eps, swiglu=swiglu, config=gemv_config, scale=weight_scale,
             )
             return out.view(*x.shape[:-1], -1)
         x = self.materialize(x)
         if bias is None and self.gemv and x.numel() == x.shape[-1]:  # one token, no norm before it
-            out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, config=gemv_config)
+            out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, config=gemv_config,
+                                    scale=weight_scale)
             return out.view(*x.shape[:-1], -1)
-        y = F.linear(x, weight, bias)
+        if weight_scale is not None and bias is None and self.matmul_8bit != "dequantize":
+            y = self._matmul_8bit(x, weight, weight_scale)
+        else:
+            if weight_scale is not None:  # a full-precision copy, then cuBLAS (the ablation; biases)
+                weight = dequantize(weight, weight_scale, x.dtype)
+            y = F.linear(x, weight, bias)
         return self.silu_mul(y) if swiglu else y
+
+    def _matmul_8bit(self, x, weight, weight_scale):
+        """Several rows (..., K) times an 8-bit weight: the Triton matmul, or fp8 W8A8 (torch._scaled_mm)."""
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        if self.matmul_8bit == "scaled_mm" and weight.dtype == torch.float8_e4m3fn and x.is_cuda:
+            y = scaled_mm_w8a8(x2, weight, weight_scale)
+        else:
+            y = self.kernels.matmul_8bit(x2.contiguous(), weight, weight_scale)
+        return y.view(*x.shape[:-1], -1)
 
 
 def make_backend(name: str, device) -> TorchBackend:

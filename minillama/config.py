@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from minillama.files import read_text
+from minillama.quantization import QuantizationConfig, parse_quantization_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -78,8 +79,11 @@ class LlamaConfig:
     torch_dtype: str = "float32"
     bos_token_id: Optional[int] = None
     eos_token_id: list = field(default_factory=list)  # config.json's eos, as a list
+    quantization_config: Optional[dict] = None  # compressed-tensors 8-bit weights (minillama.quantization)
 
     def __post_init__(self):
+        if self.quantization_config is not None:
+            parse_quantization_config(self.quantization_config)  # unsupported methods fail here, before any tensor
         for name in ("hidden_size", "num_attention_heads"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
@@ -128,6 +132,11 @@ class LlamaConfig:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.torch_dtype]
 
+    @property
+    def quantization(self) -> Optional[QuantizationConfig]:
+        """The checkpoint's 8-bit weight scheme (None: full precision)."""
+        return None if self.quantization_config is None else parse_quantization_config(self.quantization_config)
+
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
         if not isinstance(d, dict):
@@ -140,13 +149,6 @@ class LlamaConfig:
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise NotImplementedError(f"hidden_act {act!r} is not implemented; LLaMA uses 'silu'")
-        if d.get("quantization_config") is not None:
-            q = d["quantization_config"]
-            method = q.get("quant_method") if isinstance(q, dict) else q
-            raise NotImplementedError(
-                f"config.json has a quantization_config (quant_method {method!r}): quantized checkpoints are not "
-                f"supported; use the checkpoint's bfloat16/float16/float32 release"
-            )
         if d.get("pretraining_tp", 1) != 1:
             raise NotImplementedError(f"pretraining_tp {d['pretraining_tp']!r} is not implemented; expected 1")
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -176,6 +178,7 @@ class LlamaConfig:
             torch_dtype=dtype,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
+            quantization_config=d.get("quantization_config"),
         )
 
     @classmethod
@@ -192,6 +195,8 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         """The HF config.json contents for this model."""
         d = asdict(self)
+        if d["quantization_config"] is None:
+            del d["quantization_config"]
         d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **d}
 

@@ -25,6 +25,8 @@ def non_finite_weights(model) -> List[Tuple[str, int, int]]:
     found = []
     with torch.no_grad():
         for name, tensor in _checkpoint_tensors(model):
+            if tensor.dtype == torch.float8_e4m3fn:  # an 8-bit weight: isfinite has no float8 kernel
+                tensor = tensor.float()
             bad = int((~torch.isfinite(tensor)).sum().item())
             if bad:
                 found.append((name, bad, tensor.numel()))
@@ -56,8 +58,9 @@ def _checkpoint_tensors(model) -> List[Tuple[str, torch.Tensor]]:
     from minillama.weights import checkpoint_names, parameter_block
 
     params = dict(model.named_parameters(remove_duplicate=False))
+    scales = [(name, p) for name, p in params.items() if name.endswith("weight_scale")]  # of 8-bit weights
     try:
         return [(hf, parameter_block(model, ours, part, params))
-                for hf, (ours, part) in checkpoint_names(model.config).items()]
+                for hf, (ours, part) in checkpoint_names(model.config).items()] + scales
     except Exception:  # a model whose parameters the name table does not describe
         return list(model.named_parameters())

@@ -50,6 +50,8 @@ def parse_args(argv):
                         "under torchrun, the number of processes")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
+    p.add_argument("--quantize", default=None, choices=("int8", "fp8"),
+                   help="8-bit projection weights (one scale per output channel), quantized while loading")
     args = p.parse_args(argv)
     args.prompts = [cli.text_arg(t) for t in args.prompts]  # bytes that are not UTF-8 become U+FFFD
     args.stop = [cli.text_arg(t) for t in args.stop]
@@ -124,7 +126,7 @@ def run(args) -> None:
     from minillama import Llama  # after argument checks: importing torch takes a while
 
     llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
-                                progress=cli.load_progress())
+                                progress=cli.load_progress(), quantize=args.quantize)
     if args.stream:
         stream = llm.stream(prompts[0], **sampling_kwargs(args))
         cli.write(prompts[0], flush=True)

@@ -1,6 +1,7 @@
 """Triton kernels behind :class:`minillama.backend.TritonBackend`: residual add + RMSNorm, RoPE in
-place, SiLU x mul, and the single-token GEMV with a residual add + RMSNorm prologue and a SiLU x up
-epilogue.
+place, SiLU x mul, the single-token GEMV with a residual add + RMSNorm prologue and a SiLU x up
+epilogue, and for 8-bit weights (int8, float8_e4m3fn; ``minillama.quantization``) the same GEMV
+reading them (SCALE) and a matmul for several rows.
 
 Rounding: the elementwise kernels round to the model dtype wherever the torch backend does
 (``bf16(w * bf16(x * r))``, ``bf16(bf16(x cos) + bf16(rot(x) sin))``, ...), so the two backends agree
@@ -84,14 +85,16 @@ def _silu_mul_fwd(GU, Out, stride_gu, stride_o, F_dim, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fwd(X, Add, H_out, W, Out, NormW, N, K, stride_wn, eps,
-              ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
+              ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for one row x (K,), BLOCK_N outputs per program.
 
     ADD: x is replaced by h = x + Add (rounded to x's dtype); program 0 writes h to H_out (the new
     residual stream). NORM: the input is RMSNorm(h) * NormW; the row scale rsqrt(mean(h^2) + eps)
     is applied after the dot product. SWIGLU: W holds [gate; up] (2N rows): out = silu(gate) * up.
+    SCALE: W is 8-bit (int8 or float8_e4m3fn), converted to float32 in registers; row n's dot
+    product is multiplied by Scale[n] (the up rows' by Scale[N + n]) before the epilogue.
     """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,6 +140,8 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, N, K, stride_wn, eps,
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc_up += u.to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1)
+    if SCALE:
+        y = y * tl.load(Scale + offs_n, mask=n_mask, other=0.0)
     if NORM:
         r = tl.rsqrt(tl.sum(sumsq, 0) / K + eps)
         y = y * r
@@ -144,12 +149,48 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, N, K, stride_wn, eps,
     # -- epilogue --
     if SWIGLU:
         up = tl.sum(acc_up, 1)
+        if SCALE:
+            up = up * tl.load(Scale + N + offs_n, mask=n_mask, other=0.0)
         if NORM:
             up = up * r
         g = y.to(ty).to(tl.float32)
         s = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
         y = s * up.to(ty).to(tl.float32)
     tl.store(Out + offs_n, y.to(ty), mask=n_mask)
+
+
+@triton.jit
+def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, stride_xm, stride_wn, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """out (M, N) = x (M, K) @ (W (N, K) * Scale[:, None])^T for an 8-bit W (int8 / float8_e4m3fn).
+
+    W tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16) and
+    fed to tl.dot with float32 accumulation; the per-column scale multiplies the accumulator once.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = W + offs_n.to(tl.int64)[None, :] * stride_wn  # a W^T tile (BLOCK_K, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
+            w = tl.load(w_cols + kk[:, None], mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = kk < K
+            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_cols + kk[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(x, w.to(x.dtype), acc)
+    # -- epilogue: the per-column scale --
+    y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0)[None, :]
+    out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, y.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps). On CUDA each matrix kind (qkv, o, gate/up,
@@ -223,25 +264,56 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] = None,
          h_out: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
-         eps: float = 0.0, swiglu: bool = False, config=None) -> torch.Tensor:
+         eps: float = 0.0, swiglu: bool = False, config=None,
+         scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One row x (K,) times weight (N_w, K)^T, with the optional fusions of ``_gemv_fwd``.
 
     add, h_out: h = x + add is the input (and is written to h_out); norm_weight, eps: the input is
     RMSNorm(h) * norm_weight. config: (BLOCK_N, BLOCK_K, num_warps); default the first of
-    ``GEMV_CONFIGS``. Returns (N,) with N = N_w, or N_w / 2 with ``swiglu``.
+    ``GEMV_CONFIGS``. scale: (N_w,) float32 per-row scales of an 8-bit weight (int8 or
+    float8_e4m3fn), or None. Returns (N,) with N = N_w, or N_w / 2 with ``swiglu``.
     """
     K = x.shape[-1]
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     assert x.is_contiguous() and weight.stride(1) == 1 and weight.shape[1] == K
     assert (add is None) == (h_out is None)
+    assert (scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn)), (weight.dtype, scale is None)
+    assert scale is None or (scale.dtype == torch.float32 and scale.shape == (weight.shape[0],) and scale.is_contiguous())
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
     block_n, block_k, num_warps = config or GEMV_CONFIGS[0]
     _gemv_fwd[(triton.cdiv(N, block_n),)](
         x, add if add is not None else x, h_out if h_out is not None else x, weight, out,
-        norm_weight if norm_weight is not None else x, N, K, weight.stride(0), eps,
-        ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
+        norm_weight if norm_weight is not None else x, scale if scale is not None else x,
+        N, K, weight.stride(0), eps,
+        ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu, SCALE=scale is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=num_warps,
+    )
+    return out
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the 8-bit matmul by the number of rows M: small M
+# (batched decode) is bound by the weight stream, large M (prefill) by tl.dot. Untuned: see bench_quant.py.
+MATMUL_8BIT_CONFIGS = [(16, (16, 64, 128, 4, 4)), (64, (64, 64, 128, 4, 4)), (None, (128, 128, 64, 8, 3))]
+INTERPRET_MATMUL_8BIT = (16, 64, 64, 4, 1)
+
+
+def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (weight (N, K) * scale[:, None])^T for an 8-bit weight; (M, N) in x's dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K
+    assert weight.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32 and scale.shape == (N,)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if INTERPRET:
+        config = INTERPRET_MATMUL_8BIT
+    else:
+        config = next(c for limit, c in MATMUL_8BIT_CONFIGS if limit is None or M <= limit)
+    block_m, block_n, block_k, num_warps, num_stages = config
+    _matmul_8bit_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        x, weight, scale, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

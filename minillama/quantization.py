@@ -11,16 +11,23 @@ Two ways in, one representation out:
   ``float-quantized`` (``*.weight`` in float8_e4m3fn) and ``int-quantized`` (int8), weights
   symmetric with ``strategy`` "tensor" or "channel", input activations static per-tensor
   (``*.input_scale`` stored), dynamic per-token, or none; an ``ignore`` list (exact module names
-  or ``re:`` regexes, matched with ``re.match`` as compressed-tensors does).
+  or ``re:`` regexes, matched with ``re.match`` as compressed-tensors does). The 2024 Llama 3.1
+  FP8 checkpoints say ``"format": "naive-quantized"`` and ``"quantization_status": "frozen"`` but
+  store 8-bit weights all the same: the stored dtypes decide, and a weight that is not 8-bit where
+  the config says it is, is an error naming it.
 
 Either way a quantized linear holds ``weight`` (N, K) int8 / float8_e4m3fn and ``weight_scale``
 (N,) float32, and its dequantized weight is ``weight.float() * weight_scale[:, None]`` rounded
 once to the model dtype. A per-tensor checkpoint scale is broadcast to every channel (the same
 numbers), so fused q/k/v or gate/up matrices need no requantization.
 
-Activation quantization in a checkpoint is validated and its ``input_scale`` read, but the engine
-computes weight-only (activations stay in the model dtype): batch-1 decode is bound by weight
-bytes, which 8-bit weights halve either way, and weight-only is the more accurate of the two.
+What is computed: weight-only (W8A16), whatever the checkpoint's activation scheme; its
+``input_scale`` is validated and kept (``QuantizedLinear.input_scale``) but not applied. Batch-1
+decode is bound by weight bytes, which 8-bit weights halve either way, and weight-only is the
+more accurate of the two. The torch backend dequantizes and multiplies; the Triton backend reads
+the 8-bit weights in its GEMV (single-token steps) and in an 8-bit matmul (larger steps), or, as
+the ``TritonBackend(matmul_8bit="scaled_mm")`` option, runs fp8 prefill as W8A8 through
+``torch._scaled_mm`` with per-token activation scales (``minillama.backend``).
 
 References: compressed-tensors (``quantization/quant_args.py``, ``lifecycle/initialize.py``,
 ``compressors/naive_quantized``, ``utils/match.py``) for the format; vLLM's
@@ -31,10 +38,16 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
+
+from minillama.layers import Linear
 
 QUANTIZE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what checkpoints store scales in
+# safetensors header dtype names of the tensors a quantized checkpoint may hold
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}
 FORMATS = {"float-quantized": "float", "int-quantized": "int", "naive-quantized": None}
 WEIGHT_DTYPES = {"float": torch.float8_e4m3fn, "int": torch.int8}
 
@@ -60,10 +73,6 @@ class QuantScheme:
     weight_strategy: str = "channel"  # "channel": weight_scale (N, 1); "tensor": one scale
     activations: Optional[str] = None  # None, "static" (per-tensor input_scale) or "dynamic" (per-token)
 
-    @property
-    def kind(self) -> str:
-        return "int8" if self.weight_dtype == torch.int8 else "fp8"
-
     def checkpoint_tensors(self, module: str, out_features: int, in_features: int) -> Dict[str, "TensorSpec"]:
         """The tensors a compressed checkpoint holds for ``module`` (an HF module name)."""
         tensor_shapes = [(1,), ()]  # (1,) is what compressed-tensors writes; () older files
@@ -84,13 +93,15 @@ class TensorSpec:
     shapes: List[tuple]
     dtypes: Tuple[torch.dtype, ...]
 
-    def check(self, name: str, shape: tuple, dtype: torch.dtype, where: str) -> None:
-        """ValueError naming the tensor and file unless shape and dtype are allowed."""
+    def check(self, name: str, shape: tuple, dtype, where: str) -> None:
+        """ValueError naming the tensor and file unless shape and dtype (a torch dtype or a
+        safetensors header name such as "F8_E4M3") are allowed."""
         if tuple(shape) not in [tuple(s) for s in self.shapes]:
             expected = " or ".join(str(tuple(s)) for s in self.shapes)
             raise ValueError(f"tensor {name} in {where} has shape {tuple(shape)}, expected {expected}")
-        if dtype not in self.dtypes:
-            expected = " or ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+        if SAFETENSORS_DTYPES.get(dtype, dtype) not in self.dtypes:
+            names = {t: n for n, t in SAFETENSORS_DTYPES.items()} if isinstance(dtype, str) else {}
+            expected = " or ".join(names.get(d, str(d).removeprefix("torch.")) for d in self.dtypes)
             raise ValueError(
                 f"tensor {name} in {where} has dtype {str(dtype).removeprefix('torch.')}, expected {expected}")
 
@@ -125,7 +136,7 @@ class QuantizationConfig:
         for targets, scheme in self.groups:
             if any(_matches(module, module_class, t) for t in targets):
                 if module_class != LINEAR:
-                    raise ValueError(
+                    raise NotImplementedError(
                         f"quantization_config quantizes {module} ({module_class}); minillama quantizes "
                         f"Linear projections only: add it to 'ignore'")
                 return scheme
@@ -177,21 +188,22 @@ def _matches(module: str, module_class: str, target: str) -> bool:
 def parse_quantization_config(d: dict) -> QuantizationConfig:
     """Validate a config.json ``quantization_config`` (before any tensor is read).
 
-    Raises ValueError naming the quant_method, format or field that is not supported, and what is.
+    Raises NotImplementedError naming the quant_method, format or field that is not supported, and
+    what is; ValueError for a malformed config.
     """
     if not isinstance(d, dict):
         raise ValueError(f"quantization_config must be a JSON object, got {d!r}")
     method = d.get("quant_method")
     if method != "compressed-tensors":
-        raise ValueError(f"quantization_config quant_method {method!r} is not supported; {SUPPORTED}")
+        raise NotImplementedError(f"quantization_config (quant_method {method!r}) is not supported; {SUPPORTED}")
     status = d.get("quantization_status", "compressed")
-    if status != "compressed":
-        raise ValueError(
-            f"compressed-tensors quantization_status {status!r} is not supported (the weights are not stored "
-            f"in 8 bits); only 'compressed' checkpoints load")
+    if status not in ("compressed", "frozen"):
+        raise NotImplementedError(
+            f"compressed-tensors quantization_status {status!r} is not supported (the model was not quantized "
+            f"yet); 'compressed' and 'frozen' checkpoints load")
     for key in ("sparsity_config", "transform_config", "kv_cache_scheme"):
         if d.get(key):
-            raise ValueError(f"compressed-tensors {key} is not supported (got {d[key]!r}); {SUPPORTED}")
+            raise NotImplementedError(f"compressed-tensors {key} is not supported (got {d[key]!r}); {SUPPORTED}")
     groups_in = d.get("config_groups")
     if not isinstance(groups_in, dict) or not groups_in:
         raise ValueError("compressed-tensors quantization_config has no config_groups")
@@ -200,21 +212,21 @@ def parse_quantization_config(d: dict) -> QuantizationConfig:
         where = f"config_groups.{name}"
         fmt = group.get("format") or d.get("format")
         if fmt not in FORMATS:
-            raise ValueError(f"compressed-tensors format {fmt!r} ({where}) is not supported; {SUPPORTED}")
+            raise NotImplementedError(f"compressed-tensors format {fmt!r} ({where}) is not supported; {SUPPORTED}")
         targets = group.get("targets")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"{where}.targets must be a non-empty list of strings, got {targets!r}")
         weights = group.get("weights")
         if not weights:
-            raise ValueError(f"{where} quantizes no weights; {SUPPORTED}")
+            raise NotImplementedError(f"{where} quantizes no weights; {SUPPORTED}")
         kind = _check_args(weights, f"{where}.weights", strategies=("tensor", "channel"))
         if weights.get("dynamic"):
-            raise ValueError(f"{where}.weights: dynamic weight quantization is not supported; {SUPPORTED}")
+            raise NotImplementedError(f"{where}.weights: dynamic weight quantization is not supported; {SUPPORTED}")
         if FORMATS[fmt] not in (None, kind):
             raise ValueError(f"{where}: format {fmt!r} does not store {kind} weights")
         activations = _parse_activations(group.get("input_activations"), kind, f"{where}.input_activations")
         if group.get("output_activations"):
-            raise ValueError(f"{where}.output_activations: output quantization is not supported; {SUPPORTED}")
+            raise NotImplementedError(f"{where}.output_activations: output quantization is not supported; {SUPPORTED}")
         scheme = QuantScheme(WEIGHT_DTYPES[kind], weights.get("strategy"), activations)
         groups.append((tuple(targets), scheme))
     ignore = d.get("ignore") or []
@@ -235,20 +247,20 @@ def _check_args(args: dict, where: str, strategies: Sequence[str]) -> str:
         raise ValueError(f"{where} must be a JSON object, got {args!r}")
     kind = args.get("type", "int")
     if kind not in WEIGHT_DTYPES:
-        raise ValueError(f"{where}: type {kind!r} is not supported; {SUPPORTED}")
+        raise NotImplementedError(f"{where}: type {kind!r} is not supported; {SUPPORTED}")
     if args.get("num_bits") != 8:
-        raise ValueError(f"{where}: num_bits {args.get('num_bits')!r} is not supported (8 only); {SUPPORTED}")
+        raise NotImplementedError(f"{where}: num_bits {args.get('num_bits')!r} is not supported (8 only); {SUPPORTED}")
     if not args.get("symmetric", True):
-        raise ValueError(f"{where}: asymmetric quantization (zero points) is not supported; {SUPPORTED}")
+        raise NotImplementedError(f"{where}: asymmetric quantization (zero points) is not supported; {SUPPORTED}")
     strategy = args.get("strategy")
     if strategy not in strategies:
-        raise ValueError(f"{where}: strategy {strategy!r} is not supported; expected one of {list(strategies)}")
+        raise NotImplementedError(f"{where}: strategy {strategy!r} is not supported; expected one of {list(strategies)}")
     for key in ("group_size", "block_structure", "actorder"):
         if args.get(key) is not None:
-            raise ValueError(f"{where}: {key} {args[key]!r} is not supported; {SUPPORTED}")
+            raise NotImplementedError(f"{where}: {key} {args[key]!r} is not supported; {SUPPORTED}")
     scale_dtype = args.get("scale_dtype")
     if scale_dtype is not None and scale_dtype.removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"{where}: scale_dtype {scale_dtype!r} is not supported (float32, bfloat16, float16)")
+        raise NotImplementedError(f"{where}: scale_dtype {scale_dtype!r} is not supported (float32, bfloat16, float16)")
     return kind
 
 
@@ -258,13 +270,13 @@ def _parse_activations(args: Optional[dict], weight_kind: str, where: str) -> Op
         return None
     kind = _check_args(args, where, strategies=("tensor", "token"))
     if kind != weight_kind:
-        raise ValueError(f"{where}: {kind} activations with {weight_kind} weights are not supported")
+        raise NotImplementedError(f"{where}: {kind} activations with {weight_kind} weights are not supported")
     dynamic = args.get("dynamic", False)
     if args["strategy"] == "tensor" and dynamic is False:
         return "static"
     if args["strategy"] == "token" and dynamic is True:
         return "dynamic"
-    raise ValueError(
+    raise NotImplementedError(
         f"{where}: strategy {args['strategy']!r} with dynamic={dynamic!r} is not supported; "
         f"expected static per-tensor or dynamic per-token")
 
@@ -330,14 +342,174 @@ def module_schemes(qconfig: QuantizationConfig, num_layers: int,
             schemes[name] = scheme
     if tie_word_embeddings:
         if schemes.pop("lm_head") is not None:
-            raise ValueError("quantization_config quantizes lm_head, but it is tied to the embedding table "
+            raise NotImplementedError("quantization_config quantizes lm_head, but it is tied to the embedding table "
                              "(tie_word_embeddings): add 'lm_head' to 'ignore'")
     for i in range(num_layers):
         for parts in FUSED:
             names = [f"model.layers.{i}.{'self_attn' if p in ATTENTION_PROJECTIONS else 'mlp'}.{p}" for p in parts]
-            kinds = {None if schemes[n] is None else schemes[n].weight_dtype for n in names}
+            kinds = {None if s is None else (s.weight_dtype, s.activations == "static")
+                     for s in (schemes[n] for n in names)}
             if len(kinds) > 1:
-                raise ValueError(
+                raise NotImplementedError(
                     f"{', '.join(names)} are quantized differently; minillama fuses them into one matrix, "
-                    f"so they must all be quantized to the same type or all be ignored")
+                    f"so they must all be quantized to the same type (all with static input scales or "
+                    f"none) or all be ignored")
     return schemes
+
+
+class QuantizedLinear(Linear):
+    """A :class:`~minillama.layers.Linear` whose weight is 8-bit, swapped in at load time.
+
+    ``weight`` (N, K) int8 or float8_e4m3fn and ``weight_scale`` (N,) float32 (one per output
+    channel; each fused part keeps its own rows); ``input_scale`` (one per part, float32) only when
+    the checkpoint stores static activation scales. It computes what ``Linear`` does with the
+    weight ``weight * weight_scale[:, None]``: the torch backend dequantizes to the activation
+    dtype and multiplies; the Triton backend's single-token GEMV streams the 8-bit weight (with
+    the same residual add + RMSNorm prologue and SiLU x up epilogue as bf16) and applies the scale
+    per output row, and its multi-row matmul converts 8-bit tiles in registers.
+
+    Under tensor parallelism it keeps the replaced layer's share and reduction: column-parallel
+    ranks hold their rows and those rows' scales; row-parallel ranks hold their input columns and
+    every row's scale (a scale multiplies a whole row, so the partial products still sum right).
+    """
+
+    def __init__(self, linear: Linear, weight_dtype: torch.dtype, static_input: bool = False):
+        device = linear.weight.device
+        with torch.device("meta"):  # Linear's own float weight is replaced below: never allocate it
+            super().__init__(linear.in_features, linear.out_features, False, linear.backend, linear.parts)
+        self.parallel, self.tp = linear.parallel, linear.tp
+        self.swiglu = linear.swiglu
+        self.bias = linear.bias
+        self.gemv_config = linear.gemv_config
+        N, K = self.out_features, self.in_features
+        self.weight = nn.Parameter(torch.empty(N, K, dtype=weight_dtype, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(N, dtype=torch.float32, device=device), requires_grad=False)
+        self.input_scale = None
+        if static_input:
+            self.input_scale = nn.Parameter(torch.empty(len(self.parts), dtype=torch.float32, device=device),
+                                            requires_grad=False)
+
+    def forward(self, x) -> torch.Tensor:
+        reduce = self.parallel == "row"
+        y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
+                                gemv_config=self.gemv_config, weight_scale=self.weight_scale)
+        return self.combine(y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight={str(self.weight.dtype).removeprefix('torch.')}"
+
+
+class _Into:
+    """A loader target that is not a plain tensor: ``copy_(checkpoint tensor)`` runs ``fill``;
+    ``numel``/``element_size`` (for the loader's progress) are those of ``like``."""
+
+    def __init__(self, fill, like: torch.Tensor):
+        self.fill, self.like = fill, like
+
+    def copy_(self, src: torch.Tensor) -> None:
+        self.fill(src)
+
+    def numel(self) -> int:
+        return self.like.numel()
+
+    def element_size(self) -> int:
+        return self.like.element_size()
+
+
+class LoadPlan:
+    """What the loader does differently for 8-bit weights, decided from the config before any tensor is read.
+
+    Built on the meta model, whose quantized Linear modules it swaps for :class:`QuantizedLinear`.
+    ``specs``: checkpoint tensor -> :class:`TensorSpec` for every tensor of a compressed
+    checkpoint's quantized modules (weights, scales); ``names``: the extra checkpoint tensors
+    (scales) -> (our parameter, part), to extend the loader's name table; :meth:`piece`: where
+    each of them goes. ``weight_shape(ours, part)``: the checkpoint shape of that weight.
+    """
+
+    def __init__(self, qconfig: QuantizationConfig, config, names: Dict[str, Tuple[str, Optional[int]]], model,
+                 weight_shape):
+        self.specs: Dict[str, TensorSpec] = {}
+        self.names: Dict[str, Tuple[str, Optional[int]]] = {}
+        self._kinds: Dict[str, str] = {}  # checkpoint tensor -> weight / weight_scale / input_scale / quantize
+        modules: Dict[str, Tuple[torch.dtype, bool]] = {}  # our Linear -> (weight dtype, static input)
+        schemes = module_schemes(qconfig, config.num_hidden_layers, config.tie_word_embeddings)
+        for hf_module, scheme in schemes.items():
+            if scheme is None:
+                continue
+            ours, part = names[f"{hf_module}.weight"]
+            module = ours.removesuffix(".weight")
+            modules[module] = (scheme.weight_dtype, scheme.activations == "static")  # fused parts agree
+            if not qconfig.compressed:
+                self._kinds[f"{hf_module}.weight"] = "quantize"
+                continue
+            for name, spec in scheme.checkpoint_tensors(hf_module, *weight_shape(ours, part)).items():
+                kind = name.rsplit(".", 1)[1]
+                self.specs[name] = spec
+                self._kinds[name] = kind
+                if kind != "weight":
+                    self.names[name] = (f"{module}.{kind}", part)
+        for module, (dtype, static) in modules.items():
+            parent, _, attr = module.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            setattr(holder, attr, QuantizedLinear(getattr(holder, attr), dtype, static))
+
+    def handles(self, name: str) -> bool:
+        return name in self._kinds
+
+    def piece(self, model, name: str, names: Dict[str, Tuple[str, Optional[int]]], piece):
+        """The loader's piece (a ``weights.Slice``) for checkpoint tensor ``name``, given the one of
+        its module's weight (this rank's slice of that part): 8-bit weights are copied as they are;
+        a full-precision weight is quantized as it is copied (a row-parallel rank quantizes its own
+        columns, with its own scales); scales are read whole and this rank's rows taken."""
+        kind = self._kinds[name]
+        if kind == "weight":
+            return piece
+        ours, part = names[name]
+        linear = model.get_submodule(ours.rpartition(".")[0])
+        index = part or 0
+        rows = slice(sum(linear.parts[:index]), sum(linear.parts[:index + 1]))  # this rank's rows of the part
+        if kind == "quantize":
+            def quantize(src):
+                q, scale = quantize_per_channel(src.to(linear.weight.device), linear.weight.dtype)
+                piece.target.copy_(q)
+                linear.weight_scale[rows].copy_(scale)
+            return piece._replace(target=_Into(quantize, piece.target))
+        if kind == "input_scale":
+            return piece._replace(target=_Into(lambda src: linear.input_scale[index].copy_(src.reshape(())),
+                                               linear.input_scale[index]), dim=None)
+        n = rows.stop - rows.start
+        split = linear.parallel in ("column", "vocab")
+        ranks, rank = (linear.tp.world_size, linear.tp.rank) if split else (1, 0)
+        return piece._replace(target=_Into(
+            lambda src: linear.weight_scale[rows].copy_(channel_scales(src, n * ranks)[rank * n:(rank + 1) * n]),
+            linear.weight_scale[rows]), dim=None)
+
+
+def load_plan(config, quantize: Optional[str], names, model, weight_shape) -> Optional[LoadPlan]:
+    """The plan for a checkpoint's own quantization_config or for ``quantize=`` (None: neither)."""
+    checkpoint = config.quantization
+    if quantize is not None and checkpoint is not None:
+        raise ValueError(f"quantize={quantize!r}, but the checkpoint is already quantized (its config.json has a "
+                         f"compressed-tensors quantization_config); load it with quantize=None")
+    qconfig = checkpoint if checkpoint is not None else (
+        QuantizationConfig.at_load(quantize) if quantize is not None else None)
+    return None if qconfig is None else LoadPlan(qconfig, config, names, model, weight_shape)
+
+
+def quantize_model(model, quantize: str) -> None:
+    """Quantize a built model's projections in place, one matrix at a time, as loading with
+    ``quantize=`` does (embedding and lm_head kept): for benchmarks on random weights and for
+    models made in memory. Checkpoints should load with ``Llama.from_pretrained(quantize=...)``."""
+    if quantize not in QUANTIZE_DTYPES:
+        raise ValueError(f"quantize must be one of {sorted(QUANTIZE_DTYPES)}, got {quantize!r}")
+    dtype = QUANTIZE_DTYPES[quantize]
+    for layer in model.layers:
+        for holder, attr in ((layer.attention, "wqkv"), (layer.attention, "wo"),
+                             (layer.feed_forward, "w13"), (layer.feed_forward, "w2")):
+            linear = getattr(holder, attr)
+            quantized = QuantizedLinear(linear, dtype)
+            with torch.no_grad():
+                q, scale = quantize_per_channel(linear.weight, dtype)
+                quantized.weight.copy_(q)
+                quantized.weight_scale.copy_(scale)
+            setattr(holder, attr, quantized)

@@ -18,9 +18,11 @@ from safetensors.torch import save_file
 from minillama.config import LlamaConfig, read_json
 from minillama.files import checkpoint_file, shard_names
 from minillama.model import Transformer, rope_inv_freq
+from minillama.quantization import load_plan
 
 # safetensors dtypes a checkpoint without quantization may store (each is cast to the model dtype)
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+QUANTIZED_DTYPES = ("F8_E4M3", "I8")  # + what a compressed-tensors checkpoint stores its 8-bit weights in
 
 # The one table from checkpoint names (HF) to ours: (parameter, row block). q/k/v fill the three row
 # blocks of the fused ``wqkv`` and gate/up the two of ``w13`` (``Linear.parts``); None: the whole
@@ -101,10 +103,10 @@ def safetensors_files(folder: Path) -> List[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}{hint}")
 
 
-def read_headers(files: List[Path], dtypes: Tuple[str, ...] = FLOAT_DTYPES) -> Dict[str, Tuple[Path, tuple]]:
-    """tensor name -> (file, shape), reading only the headers. Corrupt or truncated files fail here,
-    and so does a tensor whose safetensors dtype is not one of ``dtypes`` (no silent cast)."""
-    found: Dict[str, Tuple[Path, tuple]] = {}
+def read_headers(files: List[Path], dtypes: Tuple[str, ...] = FLOAT_DTYPES) -> Dict[str, Tuple[Path, tuple, str]]:
+    """tensor name -> (file, shape, safetensors dtype name), reading only the headers. Corrupt or
+    truncated files fail here, and so does a tensor whose dtype is not one of ``dtypes`` (no silent cast)."""
+    found: Dict[str, Tuple[Path, tuple, str]] = {}
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
@@ -117,7 +119,7 @@ def read_headers(files: List[Path], dtypes: Tuple[str, ...] = FLOAT_DTYPES) -> D
                             f"tensor {name} in {path.name} has dtype {tensor.get_dtype()}; this checkpoint's weights "
                             f"must be one of {', '.join(dtypes)}"
                         )
-                    found[name] = (path, tuple(tensor.get_shape()))
+                    found[name] = (path, tuple(tensor.get_shape()), tensor.get_dtype())
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     return found
@@ -170,7 +172,7 @@ def copy_tensors_from_file(path: Path, targets: Dict[str, Slice], on_copy: Calla
 
 
 def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.dtype, backend=None, tp=None,
-               progress: Optional[Callable[[int, int], None]] = None) -> Transformer:
+               progress: Optional[Callable[[int, int], None]] = None, quantize: Optional[str] = None) -> Transformer:
     """Build the model on the meta device and fill it from the folder's safetensors, strictly.
 
     Args:
@@ -178,14 +180,22 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
         tp: this process's place in a tensor-parallel group (``minillama.parallel``): only this
             rank's slice of each sharded tensor is read, straight to ``device``.
         progress: called as ``progress(bytes_loaded, bytes_total)`` after each tensor (this rank's).
+        quantize: None, "int8" or "fp8": quantize each projection per output channel as it is read
+            (``minillama.quantization``). A checkpoint with a quantization_config loads its 8-bit
+            tensors and scales as they are.
     """
     folder = Path(folder)
     files = safetensors_files(folder)
-    found = read_headers(files)
+    found = read_headers(files, FLOAT_DTYPES + QUANTIZED_DTYPES if config.quantization else FLOAT_DTYPES)
     check_layer_count(config, found)  # before the name table: a config of 10**9 layers must fail, not hang
     names = checkpoint_names(config)
     with torch.device("meta"):
         model = Transformer(config, backend, tp).to(dtype)
+    meta = dict(model.named_parameters(remove_duplicate=False))
+    plan = load_plan(config, quantize, names, model,  # swaps in the 8-bit Linear modules
+                     lambda ours, part: tensor_slice(model, ours, part, meta).full_shape)
+    if plan is not None:
+        names = {**names, **plan.names}  # + their scales
 
     missing = [n for n in names if n not in found]
     if missing:
@@ -200,12 +210,18 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     if extra:
         path = found[extra[0]][0].name
         raise ValueError(f"unexpected tensor(s) {extra[:3]} in {path}: they do not belong to this config's model")
-    meta = dict(model.named_parameters(remove_duplicate=False))
+    meta = dict(model.named_parameters(remove_duplicate=False))  # the swapped modules' parameters too
     for hf_name, (ours, part) in names.items():
-        path, shape = found[hf_name]
+        path, shape, stored = found[hf_name]
+        if plan is not None and hf_name in plan.specs:
+            plan.specs[hf_name].check(hf_name, shape, stored, path.name)
+            continue
         expected = tensor_slice(model, ours, part, meta).full_shape
         if shape != expected:
             raise ValueError(f"tensor {hf_name} in {path.name} has shape {shape}, the config expects {expected}")
+        if stored not in FLOAT_DTYPES:  # an 8-bit tensor of a module the quantization_config does not cover
+            raise ValueError(f"tensor {hf_name} in {path.name} has dtype {stored}, but the quantization_config "
+                             f"does not quantize it; expected one of {', '.join(FLOAT_DTYPES)}")
 
     model.to_empty(device=device)
     model.tie_weights()
@@ -214,7 +230,13 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     by_file: Dict[Path, List[str]] = {}
     for hf_name in names:
         by_file.setdefault(found[hf_name][0], []).append(hf_name)
-    pieces = {hf_name: tensor_slice(model, *names[hf_name], params) for hf_name in names}
+    def piece(hf_name: str) -> Slice:
+        ours, part = names[hf_name]
+        if plan is not None and plan.handles(hf_name):  # 8-bit weights and scales: the plan says, from the weight's slice
+            return plan.piece(model, hf_name, names, tensor_slice(model, ours.rpartition(".")[0] + ".weight", part, params))
+        return tensor_slice(model, ours, part, params)
+
+    pieces = {hf_name: piece(hf_name) for hf_name in names}
     total = sum(p.target.numel() * p.target.element_size() for p in pieces.values())
     loaded = 0
 
@@ -257,7 +279,7 @@ def save_checkpoint(model: Transformer, config: LlamaConfig, folder, dtype: torc
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def check_layer_count(config: LlamaConfig, found: Dict[str, Tuple[Path, tuple]]) -> None:
+def check_layer_count(config: LlamaConfig, found: Dict[str, Tuple[Path, tuple, str]]) -> None:
     """config.json's num_hidden_layers is not more than the layers the checkpoint's tensor names hold
     (more layers in the checkpoint are reported as unexpected tensors, by name)."""
     layers = {int(n.split(".")[2]) for n in found if n.startswith("model.layers.") and n.split(".")[2].isdigit()}

@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
               f"{r['tokens']:>6}  {r['nll']:>9.5f}  {r['ppl']:>10.4f}  {delta}")
     if args.json:
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(), "text": str(text_path),
+                "machine": platform.processor() or platform.machine(), "text": os.path.relpath(text_path),
                 "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "documents": len(docs)}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return 0

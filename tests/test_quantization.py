@@ -102,6 +102,19 @@ def test_parses_supported_schemes(kind, strategy, activations):
     assert qc.compressed
 
 
+def test_2024_llama31_fp8_config():
+    """The quantization_config of the Llama 3.1 8B Instruct FP8 checkpoints published in 2024
+    (nm-testing/Meta-Llama-3.1-8B-Instruct-FP8-hf, as the compressed-tensors docs show it): static
+    per-tensor FP8, format naive-quantized, status frozen; weights stored in FP8 all the same."""
+    fp8 = {"num_bits": 8, "strategy": "tensor", "type": "float"}
+    qc = parse_quantization_config({
+        "config_groups": {"group_0": {"input_activations": dict(fp8), "targets": ["Linear"], "weights": dict(fp8)}},
+        "format": "naive-quantized", "ignore": ["lm_head"], "quant_method": "compressed-tensors",
+        "quantization_status": "frozen"})
+    assert qc.scheme_for("model.layers.31.mlp.down_proj", "Linear") == QuantScheme(FP8, "tensor", "static")
+    assert qc.scheme_for("lm_head", "Linear") is None
+
+
 def test_at_load_config_round_trips_through_the_checkpoint_format():
     for kind, dtype in (("int8", torch.int8), ("fp8", FP8)):
         qc = QuantizationConfig.at_load(kind)
@@ -115,7 +128,8 @@ def test_at_load_config_round_trips_through_the_checkpoint_format():
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8", None])
 def test_other_quant_methods_are_named_in_the_error(method):
-    with pytest.raises(ValueError, match=f"quant_method {method!r} is not supported; minillama reads compressed-tensors"):
+    with pytest.raises(NotImplementedError,
+                       match=rf"quantization_config \(quant_method {method!r}\) is not supported; minillama reads"):
         parse_quantization_config({"quant_method": method, "bits": 4})
 
 
@@ -131,7 +145,7 @@ def _edit(path, value, **base):
 GROUP = ("config_groups", "group_0")
 
 
-@pytest.mark.parametrize("cfg,message", [
+@pytest.mark.parametrize("cfg,message", [  # NotImplementedError: a scheme minillama does not run
     (_edit(("format",), "pack-quantized") | {"config_groups": {"group_0": {
         **quantization_config()["config_groups"]["group_0"], "format": "pack-quantized"}}},
      "format 'pack-quantized' .* is not supported"),
@@ -139,17 +153,26 @@ GROUP = ("config_groups", "group_0")
     (_edit(GROUP + ("weights", "strategy"), "group"), "strategy 'group' is not supported"),
     (_edit(GROUP + ("weights", "strategy"), "block"), "strategy 'block' is not supported"),
     (_edit(GROUP + ("weights", "symmetric"), False), "asymmetric quantization"),
-    (_edit(GROUP + ("weights", "type"), "int"), "int activations with float weights|does not store int weights"),
     (_edit(GROUP + ("input_activations", "dynamic"), False), "strategy 'token' with dynamic=False"),
     (_edit(GROUP + ("input_activations", "strategy"), "group"), "strategy 'group' is not supported"),
     (_edit(GROUP + ("output_activations",), {"num_bits": 8}), "output quantization"),
-    (_edit(("quantization_status",), "frozen"), "quantization_status 'frozen' is not supported"),
+    (_edit(("quantization_status",), "calibration"), "quantization_status 'calibration' is not supported"),
     (_edit(("kv_cache_scheme",), {"num_bits": 8, "type": "float", "strategy": "tensor"}), "kv_cache_scheme"),
     (_edit(("sparsity_config",), {"format": "sparse-24-bitmask"}), "sparsity_config"),
-    (_edit(("config_groups",), {}), "no config_groups"),
-    (_edit(("ignore",), ["re:("]), "does not compile"),
 ])
 def test_unsupported_schemes_are_errors(cfg, message):
+    with pytest.raises(NotImplementedError, match=message):
+        parse_quantization_config(cfg)
+
+
+@pytest.mark.parametrize("cfg,message", [  # ValueError: a config that contradicts itself or is malformed
+    (_edit(GROUP + ("weights", "type"), "int"), "format 'float-quantized' does not store int weights"),
+    (_edit(("config_groups",), {}), "no config_groups"),
+    (_edit(("ignore",), ["re:("]), "does not compile"),
+    (_edit(GROUP + ("targets",), "Linear"), "targets must be a non-empty list of strings"),
+    ("compressed-tensors", "quantization_config must be a JSON object"),
+])
+def test_malformed_configs_are_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         parse_quantization_config(cfg)
 
@@ -174,12 +197,12 @@ def test_module_schemes_of_a_whole_model():
     assert all(s is not None for n, s in schemes.items() if n != "lm_head")
     tied = module_schemes(parse_quantization_config(quantization_config()), 2, tie_word_embeddings=True)
     assert "lm_head" not in tied
-    with pytest.raises(ValueError, match="lm_head, but it is tied"):
+    with pytest.raises(NotImplementedError, match="lm_head, but it is tied"):
         module_schemes(parse_quantization_config(quantization_config(ignore=[])), 2, tie_word_embeddings=True)
-    with pytest.raises(ValueError, match="quantizes model.embed_tokens .Embedding.; minillama quantizes Linear"):
+    with pytest.raises(NotImplementedError, match="quantizes model.embed_tokens .Embedding.; minillama quantizes Linear"):
         module_schemes(parse_quantization_config(quantization_config(targets=["Linear", "re:.*embed_tokens"])),
                        2, tie_word_embeddings=False)
-    with pytest.raises(ValueError, match="q_proj, .*k_proj, .*v_proj are quantized differently"):
+    with pytest.raises(NotImplementedError, match="q_proj, .*k_proj, .*v_proj are quantized differently"):
         module_schemes(parse_quantization_config(quantization_config(ignore=["lm_head", "re:.*k_proj"])),
                        2, tie_word_embeddings=False)
 

@@ -1,0 +1,180 @@
+"""Decode and prefill speed of 8-bit weights (int8, fp8) against bf16, on the GPU.
+
+    PYTHONPATH=. python3 scripts/bench_quant.py --out bench_quant.json            # Llama-3.1-8B shapes, random
+    PYTHONPATH=. python3 scripts/bench_quant.py --model /path/to/Llama-3.1-8B-Instruct --formats bf16,fp8
+    PYTHONPATH=. python3 scripts/bench_quant.py --matmul-8bit triton,dequantize,scaled_mm
+
+For each weight format (bf16; int8 and fp8 quantized per channel in place, one matrix at a time)
+and each multi-row 8-bit matmul (``TritonBackend(matmul_8bit=...)``), on the Triton backend:
+
+  * decode: seconds per step at batch 1 and 16 (cache fill 512) through the Runner's CUDA graphs,
+    tok/s, and the achieved weight bandwidth (bytes of every matrix but the embedding table,
+    8-bit weights + their float32 scales, per step / step time);
+  * TTFT: a 512- and a 2048-token prefill (median of --reps);
+  * weight memory (GB).
+
+Random weights (default) have Llama-3.1-8B's shapes; --model loads a checkpoint instead (bf16,
+then quantized in place). Prints a table and writes the JSON to --out.
+"""
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
+
+import torch  # noqa: E402
+
+from minillama.backend import MATMUL_8BIT, TritonBackend  # noqa: E402
+from minillama.config import LlamaConfig  # noqa: E402
+from minillama.model import Transformer, rope_inv_freq  # noqa: E402
+from minillama.quantization import quantize_model  # noqa: E402
+from minillama.runner import Runner  # noqa: E402
+
+LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}, torch_dtype="bfloat16")
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, max_position_embeddings=512)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint folder (default: random weights, Llama-3.1-8B shapes)")
+    p.add_argument("--formats", default="bf16,int8,fp8")
+    p.add_argument("--matmul-8bit", default="triton,dequantize,scaled_mm",
+                   help=f"multi-row 8-bit matmuls to compare, of {MATMUL_8BIT}")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--cache-len", type=int, default=512)
+    p.add_argument("--prompt-lens", default="512,2048")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", default="bench_quant.json")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script (Triton interpreter)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    return p.parse_args(argv)
+
+
+def build(args) -> Transformer:
+    if args.model:
+        from minillama import Llama
+
+        return Llama.from_pretrained(args.model, device=args.device, dtype=torch.bfloat16, backend="triton").model
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA31_8B))
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # the interpreter needs float32
+    with torch.device("meta"):
+        model = Transformer(config, TritonBackend()).to(dtype)
+    model.to_empty(device=args.device)
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.05, generator=gen)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)  # never zeros: they can time faster than data
+    model.inv_freq = rope_inv_freq(config).to(args.device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def streamed_bytes(model: Transformer) -> int:
+    """Bytes a decode step reads from the weights: every parameter but the embedding table."""
+    embed = model.tok_embeddings.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed) + (
+        embed.numel() * embed.element_size() if model.config.tie_word_embeddings else 0)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_step_s(runner: Runner, batch: int, fill: int, steps: int) -> float:
+    cache = runner.new_cache(batch, fill + steps + 2)
+    cache.k.normal_()
+    cache.v.normal_()
+    tokens = torch.randint(0, runner.config.vocab_size, (batch, 1), device=runner.device)
+    per_step = []
+    for rep in range(4):  # the first pass captures the graph: not timed
+        cache.set_lengths([fill] * batch)
+        sync(runner.device)
+        start = time.perf_counter()
+        for _ in range(steps if rep else 2):
+            logits = runner(tokens, cache)
+            cache.advance(1)
+            tokens = logits[:, -1].argmax(-1, keepdim=True)
+        sync(runner.device)
+        if rep:
+            per_step.append((time.perf_counter() - start) / steps)
+    return statistics.median(per_step)
+
+
+def prefill_s(runner: Runner, length: int, reps: int) -> float:
+    times = []
+    for r in range(reps + 1):
+        cache = runner.new_cache(1, length + 1)
+        tokens = torch.randint(0, runner.config.vocab_size, (1, length),
+                               generator=torch.Generator().manual_seed(r)).to(runner.device)
+        sync(runner.device)
+        start = time.perf_counter()
+        runner(tokens, cache, logits_at=torch.tensor([length - 1], device=runner.device))
+        sync(runner.device)
+        if r:  # the first run compiles
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def set_backend(model: Transformer, backend) -> None:
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
+    rows = []
+    for fmt in args.formats.split(","):
+        model = build(args)  # fresh bf16 weights for each format
+        if fmt != "bf16":
+            quantize_model(model, fmt)  # one matrix at a time, in place
+        for variant in ["-"] if fmt == "bf16" else args.matmul_8bit.split(","):
+            set_backend(model, TritonBackend() if variant == "-" else TritonBackend(matmul_8bit=variant))
+            runner = Runner(model)
+            weight_bytes = streamed_bytes(model)
+            row = {"format": fmt, "matmul_8bit": variant, "weights_gb": weight_bytes / 1e9}
+            with torch.inference_mode():
+                for b in batches:
+                    s = decode_step_s(runner, b, args.cache_len, args.steps)
+                    row[f"decode_b{b}_tok_s"] = b / s
+                    row[f"decode_b{b}_weight_gb_s"] = weight_bytes / s / 1e9
+                for n in prompt_lens:
+                    row[f"ttft_{n}_ms"] = 1000 * prefill_s(runner, n, args.reps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            runner.clear()
+        del model, runner
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    keys = [k for k in rows[0] if k not in ("format", "matmul_8bit")]
+    print("format matmul_8bit " + " ".join(keys))
+    for r in rows:
+        print(f"{r['format']:<6} {r['matmul_8bit']:<10} " + " ".join(f"{r[k]:.1f}" for k in keys))
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "model": args.model or ("random tiny" if args.tiny else "random Llama-3.1-8B shapes")}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

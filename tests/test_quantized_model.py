@@ -1,0 +1,441 @@
+"""8-bit weights end to end: quantize at load, compressed-tensors checkpoints, both backends.
+
+* The model's state holds int8 / float8_e4m3fn tensors (and float32 scales) for the projections
+  only, nothing dequantized.
+* A quantized model computes the logits of its dequantized weights: against the independent
+  float64 reference (tests/reference_llama.py) fed ``q * scale``, within 1e-4 relative.
+* The Triton backend (its GEMV reading 8-bit weights at single-token steps; interpreted on the CPU,
+  float32) agrees with the torch backend (which dequantizes).
+* Loading is strict: missing, unexpected, mis-shaped or wrong-dtype tensors are errors naming them.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import flashcore
+from minillama import Llama
+from minillama.backend import TritonBackend
+from minillama.hub import DEMO_MODEL_DIR
+from minillama.quantization import QuantizedLinear, dequantize, quantize_per_channel
+from tests import reference_llama as ref
+from tests.checkpoints import load_config, load_state_dict, write_checkpoint
+from tests.compressed_checkpoints import dequantized_state_dict, write_compressed_checkpoint
+
+FP8 = torch.float8_e4m3fn
+SMALL = dict(hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, tokenizer="sentencepiece")
+IDS = [1, 17, 300, 42, 9, 250, 77, 5, 128, 64, 3]
+interpreted = pytest.mark.skipif(not flashcore.INTERPRET and not torch.cuda.is_available(),
+                                 reason="needs TRITON_INTERPRET=1 (set by conftest on the CPU)")
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("full") / "ckpt"
+    write_checkpoint(folder, **SMALL)
+    return folder
+
+
+def quantized_reference_state(folder, kind):
+    """HF-named float64 state with every projection replaced by its per-channel quantization."""
+    state = load_state_dict(folder)
+    for name, w in state.items():
+        if name.endswith("_proj.weight"):
+            q, scale = quantize_per_channel(w.float(), {"int8": torch.int8, "fp8": FP8}[kind])
+            state[name] = q.double() * scale.double()[:, None]
+    return state
+
+
+# -- quantize at load --
+
+
+@pytest.mark.parametrize("kind,dtype", [("int8", torch.int8), ("fp8", FP8)])
+def test_state_holds_8bit_projections_only(full, kind, dtype):
+    llm = Llama.from_pretrained(full, device="cpu", quantize=kind)
+    state = llm.model.state_dict()
+    projections = [n for n in state if n.endswith(("wqkv.weight", "wo.weight", "w13.weight", "w2.weight"))]
+    assert len(projections) == 4 * 2
+    for name, t in state.items():
+        if name in projections:
+            assert t.dtype == dtype, name
+        elif name.endswith("weight_scale"):
+            assert t.dtype == torch.float32 and t.shape == state[name.replace("_scale", "")].shape[:1], name
+            assert name.replace("_scale", "") in projections
+        else:  # embedding, norms, lm_head: the model dtype, never 8-bit
+            assert t.dtype == torch.float32, name
+    assert sum(n.endswith("weight_scale") for n in state) == len(projections)
+    assert isinstance(llm.model.layers[0].feed_forward.w13, QuantizedLinear)
+    assert llm.model.output.weight.dtype == torch.float32 and llm.model.tok_embeddings.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_logits_are_those_of_the_dequantized_weights(full, kind):
+    config = load_config(full)
+    got = Llama.from_pretrained(full, device="cpu", quantize=kind).logits(IDS)
+    expected = ref.forward(config, quantized_reference_state(full, kind), IDS)
+    assert ref.max_relative_error(got, expected) < 1e-4
+    plain = ref.forward(config, load_state_dict(full), IDS)
+    assert ref.max_relative_error(got, plain) > 1e-4  # the quantization is really there
+
+
+def test_quantize_with_bf16_activations(full):
+    llm = Llama.from_pretrained(full, device="cpu", dtype="bfloat16", quantize="fp8")
+    assert llm.model.layers[1].attention.wqkv.weight.dtype == FP8
+    got = llm.logits(IDS)
+    expected = ref.forward(load_config(full), quantized_reference_state(full, "fp8"), IDS)
+    assert ref.max_relative_error(got, expected) < 5e-2  # bf16 compute bound of test_model_logits
+
+
+def test_bad_quantize_values(full):
+    with pytest.raises(ValueError, match="quantize must be None or one of \\['fp8', 'int8'\\], got 'int4'"):
+        Llama.from_pretrained(full, device="cpu", quantize="int4")
+
+
+# -- compressed-tensors checkpoints --
+
+
+CT_CASES = {
+    "fp8 channel dynamic bf16 (FP8-dynamic)": dict(kind="float", weight_strategy="channel", activations="dynamic",
+                                                  dtype="bfloat16"),
+    "fp8 tensor static bf16 (FP8)": dict(kind="float", weight_strategy="tensor", activations="static",
+                                         dtype="bfloat16"),
+    "fp8 channel weight-only fp32 sharded": dict(kind="float", weight_strategy="channel", activations=None,
+                                                 dtype="float32", shards=3),
+    "int8 channel dynamic fp32 (W8A8)": dict(kind="int", weight_strategy="channel", activations="dynamic",
+                                             dtype="float32"),
+    "int8 tensor static tied": dict(kind="int", weight_strategy="tensor", activations="static",
+                                    dtype="float32", tied=True),
+    "fp8 down_proj ignored": dict(kind="float", weight_strategy="channel", activations="dynamic",
+                                  dtype="bfloat16", ignore=["lm_head", "re:.*down_proj"]),
+}
+
+
+def make_ct(tmp_path, dtype="float32", shards=1, tied=False, **kwargs):
+    write_checkpoint(tmp_path / "full", dtype=dtype, shards=shards, tied=tied, **SMALL)
+    write_compressed_checkpoint(tmp_path / "full", tmp_path / "ct", **kwargs)
+    return tmp_path / "ct"
+
+
+@pytest.mark.parametrize("case", list(CT_CASES))
+def test_compressed_checkpoint_gives_the_logits_of_its_dequantized_weights(tmp_path, case):
+    folder = make_ct(tmp_path, **CT_CASES[case])
+    llm = Llama.from_pretrained(folder, device="cpu", dtype="float32")
+    got = llm.logits(IDS)
+    expected = ref.forward(load_config(folder), dequantized_state_dict(folder), IDS)
+    err = ref.max_relative_error(got, expected)
+    print(f"\n[{case}] max relative logits error vs dequantized float64 reference: {err:.1e}")
+    assert err < 1e-4
+    w2 = llm.model.layers[0].feed_forward.w2
+    if "ignored" in case:
+        assert not isinstance(w2, QuantizedLinear) and w2.weight.dtype == torch.float32
+    else:
+        assert w2.weight.dtype == (FP8 if CT_CASES[case]["kind"] == "float" else torch.int8)
+    wqkv = llm.model.layers[0].attention.wqkv
+    if CT_CASES[case]["activations"] == "static":
+        assert torch.equal(wqkv.input_scale, torch.full((3,), 0.05, dtype=torch.bfloat16 if "bf16" in case
+                                                        else torch.float32).float())
+    else:
+        assert wqkv.input_scale is None
+
+
+def test_compressed_checkpoint_generates(tmp_path):
+    folder = make_ct(tmp_path, kind="float", dtype="bfloat16")
+    out = Llama.from_pretrained(folder, device="cpu").generate(["hello world"], max_new_tokens=4)
+    assert len(out[0].token_ids) >= 1
+
+
+def edit_tensors(folder, fn):
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+L0 = "model.layers.0.self_attn.k_proj"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop(f"{L0}.weight_scale"), f"lacks 1 tensor.*{L0}.weight_scale"),
+    (lambda t: t.update({f"{L0}.input_scale": torch.ones(1)}), f"unexpected tensor.*{L0}.input_scale"),
+    (lambda t: t.update({f"{L0}.weight_zero_point": torch.zeros(16, 1, dtype=torch.int8)}), "weight_zero_point"),
+    (lambda t: t.update({f"{L0}.weight_scale": torch.ones(16)}),
+     rf"tensor {L0}.weight_scale in model.safetensors has shape \(16,\), expected \(16, 1\)"),
+    (lambda t: t.update({f"{L0}.weight": t[f"{L0}.weight"].to(torch.bfloat16)}),
+     f"tensor {L0}.weight in model.safetensors has dtype BF16, expected F8_E4M3"),
+    (lambda t: t.update({f"{L0}.weight_scale": t[f"{L0}.weight_scale"].to(FP8)}),
+     "has dtype F8_E4M3, expected F32 or BF16 or F16"),
+])
+def test_strict_compressed_loading(tmp_path, edit, message):
+    folder = make_ct(tmp_path, kind="float", dtype="bfloat16")
+    edit_tensors(folder, edit)
+    with pytest.raises(ValueError, match=message):
+        Llama.from_pretrained(folder, device="cpu")
+
+
+def test_8bit_tensor_the_config_does_not_quantize_is_an_error(tmp_path):
+    folder = make_ct(tmp_path, kind="float")
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has dtype F8_E4M3; this checkpoint's weights must be one of F32"):
+        Llama.from_pretrained(folder, device="cpu")
+    folder = make_ct(tmp_path / "b", kind="float")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["ignore"] = ["lm_head", "model.layers.1.mlp.down_proj"]
+    (folder / "config.json").write_text(json.dumps(config))
+    edit_tensors(folder, lambda t: t.pop("model.layers.1.mlp.down_proj.weight_scale"))
+    with pytest.raises(ValueError, match="tensor model.layers.1.mlp.down_proj.weight in model.safetensors has dtype "
+                                         "F8_E4M3, but the quantization_config does not quantize it"):
+        Llama.from_pretrained(folder, device="cpu")
+
+
+def test_unsupported_method_fails_before_any_tensor_is_read(tmp_path):
+    folder = make_ct(tmp_path, kind="float")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(NotImplementedError, match=r"config.json: quantization_config \(quant_method 'gptq'\) is not "
+                                                  r"supported; minillama reads compressed-tensors"):
+        Llama.from_pretrained(folder, device="cpu")
+
+
+def test_quantize_on_a_quantized_checkpoint_is_an_error(tmp_path):
+    folder = make_ct(tmp_path, kind="float")
+    with pytest.raises(ValueError, match="already quantized"):
+        Llama.from_pretrained(folder, device="cpu", quantize="int8")
+
+
+# -- the Triton backend: 8-bit GEMV (interpreted on the CPU, float32) --
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("add,norm,swiglu", [(False, False, False), (True, True, True), (False, True, False)])
+def test_gemv_reads_8bit_weights(dtype, add, norm, swiglu):
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(0)
+    K, N = 96, 80  # K not a multiple of the block: the masked path
+    x = torch.randn(K, generator=g)
+    q, scale = quantize_per_channel(torch.randn(N, K, generator=g), dtype)
+    res = torch.randn(K, generator=g) if add else None
+    h_out = torch.empty(K) if add else None
+    gain = 1 + 0.2 * torch.randn(K, generator=g) if norm else None
+    got = kernels.gemv(x, q, add=res, h_out=h_out, norm_weight=gain, eps=1e-5, swiglu=swiglu, scale=scale)
+    h = x if res is None else x + res
+    if add:
+        assert torch.equal(h_out, h)
+    xn = h if gain is None else gain * (h * torch.rsqrt(h.pow(2).mean() + 1e-5))
+    y = dequantize(q, scale, torch.float64) @ xn.double()
+    if swiglu:
+        gate, up = y.chunk(2)
+        y = torch.nn.functional.silu(gate) * up
+    assert torch.allclose(got.double(), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("M", [3, 20])
+def test_matmul_reads_8bit_weights(dtype, M):
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(1)
+    K, N = 96, 80  # neither a multiple of the interpreter's blocks: the masked paths
+    x = torch.randn(M, K, generator=g)
+    q, scale = quantize_per_channel(torch.randn(N, K, generator=g), dtype)
+    got = kernels.matmul_8bit(x, q, scale)
+    expected = x.double() @ dequantize(q, scale, torch.float64).T
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("kind,matmul_8bit", [("int8", "triton"), ("fp8", "triton"), ("fp8", "dequantize")])
+def test_triton_backend_matches_torch_on_8bit_weights(full, kind, matmul_8bit):
+    torch_llm = Llama.from_pretrained(full, device="cpu", quantize=kind, backend="torch")
+    triton_llm = Llama.from_pretrained(full, device="cpu", quantize=kind, backend="triton")
+    if matmul_8bit != "triton":
+        for module in triton_llm.model.modules():
+            if hasattr(module, "backend"):
+                module.backend = TritonBackend(matmul_8bit=matmul_8bit)
+    for llm in (torch_llm, triton_llm):
+        assert llm.model.layers[0].attention.wqkv.weight.dtype == {"int8": torch.int8, "fp8": FP8}[kind]
+    prompt = IDS[:6]
+    ref_out = torch_llm.generate([prompt], max_new_tokens=3)[0]
+    out = triton_llm.generate([prompt], max_new_tokens=3)[0]
+    assert out.token_ids == ref_out.token_ids
+    # logits of a prefill (dequantize + matmul) and of single-token steps (the 8-bit GEMV)
+    for llm_a, llm_b in ((torch_llm, triton_llm),):
+        seq = prompt + ref_out.token_ids
+        full_a = llm_a.logits(seq)
+        cache = llm_b.new_cache(1, 16)
+        steps = [llm_b.runner(torch.tensor([prompt]), cache)[0, -1]]
+        cache.advance(len(prompt))
+        for t in ref_out.token_ids[:-1]:
+            steps.append(llm_b.runner(torch.tensor([[t]]), cache)[0, -1])
+            cache.advance(1)
+        got = torch.stack(steps).float()
+        expected = full_a[len(prompt) - 1:len(seq) - 1]
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+# -- quality on the bundled trained model --
+
+
+def test_demo_model_perplexity_with_8bit_weights():
+    """Held-out perplexity (scripts/heldout_stories.txt): int8 within +0.5 %, fp8 within +2 %."""
+    module = load_script("perplexity")
+    docs = module.documents(module.DEFAULT_TEXT.read_text(encoding="utf-8"))
+    base = module.perplexity(Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu"), docs)["ppl"]
+    for kind, bound in (("int8", 0.005), ("fp8", 0.02)):
+        ppl = module.perplexity(Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu", quantize=kind), docs)["ppl"]
+        print(f"\ndemo perplexity {kind}: {ppl:.4f} vs {base:.4f} ({100 * (ppl / base - 1):+.3f}%)")
+        assert ppl <= base * (1 + bound)
+
+
+# -- GPU (the lead runs these on the lent H200) --
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_gpu_quantized_bf16_triton_matches_torch(full, kind):
+    fast = Llama.from_pretrained(full, device="cuda", dtype="bfloat16", quantize=kind)
+    plain = Llama.from_pretrained(full, device="cuda", dtype="bfloat16", quantize=kind, backend="torch")
+    assert fast.model.backend.name == "triton"
+    prompt = IDS[:6]
+    a = fast.generate([prompt, IDS[2:]], max_new_tokens=8)
+    b = plain.generate([prompt, IDS[2:]], max_new_tokens=8)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    expected = ref.forward(load_config(full), quantized_reference_state(full, kind), IDS)
+    assert ref.max_relative_error(fast.logits(IDS).cpu(), expected) < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+def test_gpu_gemv_8bit_llama_shapes(dtype):
+    from minillama import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    K, N = 4096, 2 * 14336
+    x = torch.randn(K, device="cuda", generator=g, dtype=torch.bfloat16)
+    q, scale = quantize_per_channel(torch.randn(N, K, device="cuda", generator=g) / 64, dtype)
+    for config in kernels.GEMV_CONFIGS:
+        got = kernels.gemv(x, q, swiglu=True, scale=scale, config=config)
+        gate, up = (dequantize(q, scale, torch.float32) @ x.float()).chunk(2)
+        expected = torch.nn.functional.silu(gate) * up
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2, config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [16, 512])
+def test_gpu_multirow_8bit_paths_agree(M):
+    from minillama import kernels
+    from minillama.backend import scaled_mm_w8a8
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    K, N = 4096, 6144
+    x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
+    q, scale = quantize_per_channel(torch.randn(N, K, device="cuda", generator=g) / 64, FP8)
+    expected = x.float() @ dequantize(q, scale, torch.float32).T
+    for got, bound in ((kernels.matmul_8bit(x, q, scale), 1e-2), (scaled_mm_w8a8(x, q, scale), 6e-2)):
+        assert ((got.float() - expected).norm() / expected.norm()).item() < bound
+
+
+def test_quantize_model_in_memory_equals_quantize_at_load(full):
+    from minillama.quantization import quantize_model
+
+    at_load = Llama.from_pretrained(full, device="cpu", quantize="fp8")
+    llm = Llama.from_pretrained(full, device="cpu")
+    quantize_model(llm.model, "fp8")
+    assert set(llm.model.state_dict()) == set(at_load.model.state_dict())
+    for name, t in at_load.model.state_dict().items():
+        assert torch.equal(t.view(torch.int8) if t.dtype == FP8 else t,
+                           llm.model.state_dict()[name].view(torch.int8) if t.dtype == FP8
+                           else llm.model.state_dict()[name]), name
+    assert torch.equal(llm.logits(IDS), at_load.logits(IDS))
+
+
+# -- the command lines --
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(*args, stdin=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], input=stdin, capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+
+
+def test_generate_and_chat_take_quantize(full):
+    llm = Llama.from_pretrained(full, device="cpu", quantize="fp8")
+    (out,) = llm.generate(["hello world"], max_new_tokens=5)
+    proc = run(ROOT / "scripts" / "generate.py", "--model", full, "--device", "cpu", "--max-new-tokens", 5,
+               "--quantize", "fp8", "hello world")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello world" + out.text + "\n"
+    llm = Llama.from_pretrained(full, device="cpu", quantize="int8")
+    (out,) = llm.generate(["Once upon a time"], max_new_tokens=4)
+    proc = run("-m", "minillama.chat", "--model", full, "--device", "cpu", "--max-new-tokens", 4,
+               "--quantize", "int8", stdin="Once upon a time\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == out.text + "\n"  # a base model: plain continuation, as generate
+    proc = run(ROOT / "scripts" / "generate.py", "--model", full, "--quantize", "int4", "hi")
+    assert proc.returncode == 2 and "invalid choice: 'int4'" in proc.stderr
+
+
+def test_perplexity_script_rows(full, tmp_path, capsys):
+    script = load_script("perplexity")
+    text = tmp_path / "text.txt"
+    text.write_text("hello world, this is a story.\n\nAnother one about a cat and a dog.\n")
+    assert script.main(["--model", str(full), "--text", str(text), "--device", "cpu",
+                        "--quantize", "none", "int8", "--json", str(tmp_path / "ppl.json")]) == 0
+    rows = json.loads((tmp_path / "ppl.json").read_text())["rows"]
+    assert [r["quantize"] for r in rows] == ["none", "int8"]
+    llm = Llama.from_pretrained(full, device="cpu", quantize="int8")
+    expected = script.perplexity(llm, script.documents(text.read_text()))
+    assert rows[1]["ppl"] == pytest.approx(expected["ppl"], rel=1e-12) and rows[1]["tokens"] == expected["tokens"]
+    assert rows[1]["delta_pct"] == pytest.approx(100 * (rows[1]["ppl"] / rows[0]["ppl"] - 1))
+    assert "int8" in capsys.readouterr().out
+
+
+@pytest.mark.triton
+@interpreted
+def test_bench_quant_smoke(tmp_path):
+    """scripts/bench_quant.py runs end to end (tiny model, Triton interpreter): the lead runs it on the GPU."""
+    script = load_script("bench_quant")
+    out = tmp_path / "b.json"
+    assert script.main(["--device", "cpu", "--tiny", "--formats", "int8", "--matmul-8bit", "triton",
+                        "--steps", "1", "--reps", "1", "--prompt-lens", "8", "--cache-len", "8", "--batches", "2",
+                        "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["format"], r["matmul_8bit"]) for r in rows] == [("int8", "triton")]
+    assert rows[0]["decode_b2_tok_s"] > 0 and rows[0]["ttft_8_ms"] > 0
+
+
+def test_nan_in_8bit_weights_or_scales_is_named(tmp_path):
+    from minillama.errors import NonFiniteLogitsError
+
+    folder = make_ct(tmp_path, kind="float", dtype="bfloat16")
+    edit_tensors(folder, lambda t: t["model.layers.1.mlp.down_proj.weight_scale"].__setitem__((3, 0), float("nan")))
+    with pytest.raises(NonFiniteLogitsError, match=r"layers\.1\.feed_forward\.w2\.weight_scale \(1 of 32 values\)"):
+        Llama.from_pretrained(folder, device="cpu").generate(["hello"], max_new_tokens=2)
+    folder = make_ct(tmp_path / "b", kind="float", dtype="bfloat16")
+    edit_tensors(folder, lambda t: t["model.layers.0.mlp.up_proj.weight"].view(torch.uint8).__setitem__((2, 5), 0x7F))
+    with pytest.raises(NonFiniteLogitsError, match=r"model\.layers\.0\.mlp\.up_proj\.weight \(1 of 2048 values\)"):
+        Llama.from_pretrained(folder, device="cpu").generate(["hello"], max_new_tokens=2)
