@@ -45,12 +45,15 @@ def parse_args():
     p.add_argument("--reps", type=int, default=5, help="repetitions of each TTFT measurement")
     p.add_argument("--hf", default="eager,static", help="HF baselines to run: eager,static or none")
     p.add_argument("--skip-ablations", action="store_true")
+    p.add_argument("--quantize", choices=("int8", "fp8"),
+                   help="8-bit projection weights, per-channel scales (skips the ablations, which time bf16 cuBLAS)")
     p.add_argument("--warm-triton-cache", action="store_true",
                    help="keep the user's Triton cache (default: a fresh one, so 'ready' includes compilation)")
     return p.parse_args()
 
 
 ARGS = parse_args()
+ARGS.skip_ablations = ARGS.skip_ablations or ARGS.quantize is not None
 if not ARGS.warm_triton_cache:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")  # before triton is imported
 
@@ -63,6 +66,7 @@ from minillama.generate import TokenLoop  # noqa: E402
 from minillama.kernels import time_in_graph  # noqa: E402
 from minillama.model import Transformer, rope_inv_freq  # noqa: E402
 from minillama.parallel import join_from_environment  # noqa: E402
+from minillama.quantization import quantize_model  # noqa: E402
 from minillama.runner import Runner  # noqa: E402
 
 GiB = 1024**3
@@ -454,17 +458,21 @@ def main():
         device=props.name, memory_GiB=props.total_memory / GiB, torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=sys.argv,
         model=ARGS.model or f"random Llama-3.1-{ARGS.shape.upper()} shapes, bf16", tensor_parallel=WORLD,
+        quantize=ARGS.quantize,
     )
     if TP is not None:
         ARGS.skip_ablations, ARGS.hf = True, "none"  # the ablations and HF baselines are single-GPU
     if ARGS.model:
         from minillama import Llama
 
-        llm = Llama.from_pretrained(ARGS.model, device="cuda", dtype=torch.bfloat16, backend="triton")
+        llm = Llama.from_pretrained(ARGS.model, device="cuda", dtype=torch.bfloat16, backend="triton",
+                                    quantize=ARGS.quantize)
         model, config = llm.model, llm.config
     else:
         config = LlamaConfig(**(LLAMA31_70B if ARGS.shape == "70b" else LLAMA31_8B))
         model = random_model(config, device)
+        if ARGS.quantize:
+            quantize_model(model, ARGS.quantize)  # one matrix at a time, in place
     bench_ours(model, config)
     del model
     gc.collect()
