@@ -160,6 +160,8 @@ class LlamaConfig:
         def get(key, default):  # a key written as null means "the default", as in transformers
             return default if d.get(key) is None else d[key]
 
+        rope_theta, rope_scaling = _rope_settings(d, get("rope_theta", 10000.0))
+
         return cls(
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -169,8 +171,8 @@ class LlamaConfig:
             vocab_size=d["vocab_size"],
             head_dim=d.get("head_dim"),
             rms_norm_eps=get("rms_norm_eps", 1e-6),
-            rope_theta=get("rope_theta", 10000.0),
-            rope_scaling=d.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=get("max_position_embeddings", 2048),
             tie_word_embeddings=get("tie_word_embeddings", False),
             attention_bias=get("attention_bias", False),
@@ -199,6 +201,24 @@ class LlamaConfig:
             del d["quantization_config"]
         d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **d}
+
+
+def _rope_settings(d: dict, rope_theta):
+    """(rope_theta, rope_scaling) of a config.json: transformers >= 5 writes both into one
+    ``rope_parameters`` object ({"rope_theta": ..., "rope_type": "default" | "llama3", ...});
+    older configs have the two keys. Both forms at once must agree."""
+    params = d.get("rope_parameters")
+    if params is None:
+        return rope_theta, d.get("rope_scaling")
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        raise ValueError(f"config rope_parameters must be an object with a rope_theta, got {params!r}")
+    if d.get("rope_theta") is not None and d["rope_theta"] != params["rope_theta"]:
+        raise ValueError(f"config rope_theta {d['rope_theta']!r} and rope_parameters.rope_theta "
+                         f"{params['rope_theta']!r} disagree")
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if d.get("rope_scaling") is not None and d["rope_scaling"] != scaling:
+        raise ValueError(f"config rope_scaling {d['rope_scaling']!r} and rope_parameters {params!r} disagree")
+    return params["rope_theta"], scaling
 
 
 def _check_rope_scaling(scaling) -> Optional[dict]:

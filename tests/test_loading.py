@@ -210,3 +210,17 @@ def test_token_ids_outside_vocab(llm):
 def test_zero_new_tokens(llm):
     (out,) = llm.generate(["hi"], max_new_tokens=0)
     assert out.token_ids == [] and out.finish_reason == "length"
+
+
+def test_transformers5_rope_parameters(tmp_path):
+    """transformers >= 5 writes rope_theta and rope_scaling as one rope_parameters object (as
+    llm-compressor's FP8 checkpoints made with it do): read, not ignored."""
+    write_checkpoint(tmp_path / "old", rope_scaling="llama3", **{**SMALL, "n_layers": 1})
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    new = {k: v for k, v in config.items() if k not in ("rope_theta", "rope_scaling")}
+    new["rope_parameters"] = {"rope_theta": config["rope_theta"], **config["rope_scaling"]}
+    parsed = LlamaConfig.from_dict(new)
+    assert parsed.rope_theta == 500000.0 and parsed.rope_scaling == LlamaConfig.from_dict(config).rope_scaling
+    assert LlamaConfig.from_dict({**new, "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}}).rope_scaling is None
+    with pytest.raises(ValueError, match="rope_theta 10000.0 and rope_parameters.rope_theta 500000.0 disagree"):
+        LlamaConfig.from_dict({**new, "rope_theta": 10000.0})

@@ -439,3 +439,44 @@ def test_nan_in_8bit_weights_or_scales_is_named(tmp_path):
     edit_tensors(folder, lambda t: t["model.layers.0.mlp.up_proj.weight"].view(torch.uint8).__setitem__((2, 5), 0x7F))
     with pytest.raises(NonFiniteLogitsError, match=r"model\.layers\.0\.mlp\.up_proj\.weight \(1 of 2048 values\)"):
         Llama.from_pretrained(folder, device="cpu").generate(["hello"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8", "W8A8"])
+def test_checkpoint_written_by_the_compressed_tensors_library(full, tmp_path, preset):
+    """Optional (skipped unless compressed-tensors and transformers are installed): the library itself
+    quantizes a model as llm-compressor does (apply the scheme, min-max weight scales, compress,
+    save_pretrained); minillama loads the result and gives the logits of its dequantized weights."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    def args(kind, strategy, dynamic):
+        return {"num_bits": 8, "type": kind, "symmetric": True, "dynamic": dynamic, "strategy": strategy}
+
+    scheme = {"FP8_DYNAMIC": {"weights": args("float", "channel", False), "input_activations": args("float", "token", True)},
+              "FP8": {"weights": args("float", "tensor", False), "input_activations": args("float", "tensor", False)},
+              "W8A8": {"weights": args("int", "channel", False), "input_activations": args("int", "token", True)}}[preset]
+    model = transformers.LlamaForCausalLM.from_pretrained(full, dtype=torch.bfloat16)
+    apply_quantization_config(model, QuantizationConfig.model_validate(
+        {"config_groups": {"group_0": {"targets": ["Linear"], **scheme}}, "ignore": ["lm_head"]}))
+    for module in model.modules():  # what the min-max observer computes
+        if hasattr(module, "weight_scale"):
+            w = module.weight.float().abs()
+            amax = w.amax(dim=1, keepdim=True) if module.weight_scale.dim() == 2 else w.amax().reshape(1)
+            module.weight_scale.data.copy_(amax / (448.0 if "FP8" in preset else 127.5))
+        if hasattr(module, "input_scale"):
+            module.input_scale.data.fill_(0.05)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    out = tmp_path / "ct"
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    for f in full.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    llm = Llama.from_pretrained(out, device="cpu", dtype="float32")
+    assert llm.model.layers[0].attention.wqkv.weight.dtype == (torch.int8 if preset == "W8A8" else FP8)
+    config = load_config(full)  # the same model; the library's config.json spells RoPE as rope_parameters
+    expected = ref.forward(config, dequantized_state_dict(out), IDS)
+    assert ref.max_relative_error(llm.logits(IDS), expected) < 1e-4
