@@ -293,14 +293,13 @@ def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> Tuple[torc
         raise ValueError(f"cannot quantize to {dtype}; use torch.int8 or torch.float8_e4m3fn")
     if weight.dim() != 2:
         raise ValueError(f"quantize_per_channel takes a 2-D weight, got shape {tuple(weight.shape)}")
-    w = weight.float()
-    amax = w.abs().amax(dim=1)  # (N,)
+    amax = weight.abs().amax(dim=1).float()  # (N,), exact in the weight's dtype
     scale = torch.where(amax > 0, amax / QMAX[dtype], torch.ones_like(amax))
-    q = w / scale[:, None]
+    w = weight.to(torch.float32, copy=True)  # one float32 copy, then in place: little memory beside the weight
+    w.div_(scale[:, None])
     if dtype == torch.int8:
-        q = q.round()
-    q = q.clamp(-QMAX[dtype], QMAX[dtype]).to(dtype)
-    return q, scale
+        w.round_()
+    return w.clamp_(-QMAX[dtype], QMAX[dtype]).to(dtype), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -9,6 +9,7 @@ peak is the model plus about one shard, never two copies of the model.
 
     python scripts/bench_load.py --gb 2 --shards 4 --device cpu
     python scripts/bench_load.py --gb 16 --shards 4 --device cuda     # Llama-3.1-8B size
+    python scripts/bench_load.py --gb 2 --quantize int8               # quantized while loading
 """
 import argparse
 import json
@@ -116,13 +117,14 @@ tiny = LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_
 with torch.device("meta"):
     Transformer(tiny)
 base = hwm()
-llm = Llama.from_pretrained({folder!r}, device={device!r}, dtype=torch.bfloat16)
-print(json.dumps({{"peak_before_load": base, "peak_after_load": hwm()}}))
+llm = Llama.from_pretrained({folder!r}, device={device!r}, dtype=torch.bfloat16, quantize={quantize!r})
+loaded = sum(t.numel() * t.element_size() for t in llm.model.state_dict().values())
+print(json.dumps({{"peak_before_load": base, "peak_after_load": hwm(), "loaded_model_bytes": loaded}}))
 """
 
 
-def measure(folder: Path, device: str) -> dict:
-    code = CHILD.format(root=str(HERE.parent), folder=str(folder), device=device)
+def measure(folder: Path, device: str, quantize=None) -> dict:
+    code = CHILD.format(root=str(HERE.parent), folder=str(folder), device=device, quantize=quantize)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     files = sorted(folder.glob("*.safetensors"))
@@ -139,12 +141,14 @@ def main():
     ap.add_argument("--hidden", type=int, default=4096, help="hidden size (smaller for quick runs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp folder)")
+    ap.add_argument("--quantize", default=None, choices=("int8", "fp8"), help="load with 8-bit projections")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         config = write_synthetic_checkpoint(folder, args.gb, args.shards, args.hidden)
-        result = measure(folder, args.device)
-    result.update(device=args.device, layers=config["num_hidden_layers"], hidden=config["hidden_size"])
+        result = measure(folder, args.device, args.quantize)
+    result.update(device=args.device, layers=config["num_hidden_layers"], hidden=config["hidden_size"],
+                  quantize=args.quantize)
     gib = 2**30
     print(f"model {result['model_bytes'] / gib:.2f} GiB in shards of at most "
           f"{result['largest_shard_bytes'] / gib:.2f} GiB; loading to {args.device} raised peak host memory "

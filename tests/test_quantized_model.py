@@ -480,3 +480,16 @@ def test_checkpoint_written_by_the_compressed_tensors_library(full, tmp_path, pr
     config = load_config(full)  # the same model; the library's config.json spells RoPE as rope_parameters
     expected = ref.forward(config, dequantized_state_dict(out), IDS)
     assert ref.max_relative_error(llm.logits(IDS), expected) < 1e-4
+
+
+@pytest.mark.slow
+def test_quantizing_at_load_never_holds_the_full_precision_model(tmp_path):
+    """scripts/bench_load.py in a fresh process: loading a bf16 checkpoint with quantize="int8" to the
+    CPU raises peak host memory by the 8-bit model plus about one shard, less than the bf16 model."""
+    proc = run(ROOT / "scripts" / "bench_load.py", "--gb", "0.6", "--shards", "8", "--hidden", "1024",
+               "--dir", tmp_path, "--quantize", "int8")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["loaded_model_bytes"] < 0.8 * r["model_bytes"]  # int8 projections, bf16 embedding and head
+    assert r["load_peak_increase"] <= r["loaded_model_bytes"] + r["largest_shard_bytes"] + 48 * 2**20, r
+    assert r["load_peak_increase"] < 0.9 * r["model_bytes"], r  # bf16 loading: model + one shard
