@@ -341,8 +341,8 @@ def module_schemes(qconfig: QuantizationConfig, num_layers: int,
             schemes[name] = scheme
     if tie_word_embeddings:
         if schemes.pop("lm_head") is not None:
-            raise NotImplementedError("quantization_config quantizes lm_head, but it is tied to the embedding table "
-                             "(tie_word_embeddings): add 'lm_head' to 'ignore'")
+            raise NotImplementedError("quantization_config quantizes lm_head, but it is tied to the embedding "
+                                      "table (tie_word_embeddings): add 'lm_head' to 'ignore'")
     for i in range(num_layers):
         for parts in FUSED:
             names = [f"model.layers.{i}.{'self_attn' if p in ATTENTION_PROJECTIONS else 'mlp'}.{p}" for p in parts]
