@@ -494,3 +494,58 @@ def test_quantizing_at_load_never_holds_the_full_precision_model(tmp_path):
     # + one shard and one matrix's temporaries (the bf16 tensor, its float32 copy), and allocator slack
     assert r["load_peak_increase"] <= r["loaded_model_bytes"] + r["largest_shard_bytes"] + 96 * 2**20, r
     assert r["load_peak_increase"] < r["model_bytes"], r  # loading it in bf16 takes the model + one shard
+
+
+# -- tensor parallelism (2 processes over gloo on the CPU) --
+
+
+def _tp_rank(rank, world, port, folder, quantize, out_dir):
+    from minillama.parallel import leave
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    llm = Llama.from_pretrained(folder, device="cpu", quantize=quantize)
+    layer = llm.model.layers[0]
+    torch.save({"logits": llm.logits(IDS), "greedy": llm.generate([IDS[:5]], max_new_tokens=6)[0].token_ids,
+                "wqkv": (layer.attention.wqkv.weight.dtype, tuple(layer.attention.wqkv.weight.shape)),
+                "w2": (layer.feed_forward.w2.parallel, tuple(layer.feed_forward.w2.weight.shape),
+                       tuple(layer.feed_forward.w2.weight_scale.shape))},
+               Path(out_dir) / f"rank{rank}.pt")
+    leave()  # every rank done, then the group torn down
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["compressed fp8 tensor-static", "compressed int8 channel", "int8 at load"])
+def test_tensor_parallel_with_8bit_weights(tmp_path, source):
+    """TP=2 holds each rank's share of the 8-bit weights and scales and computes what TP=1 does:
+    the same numbers for a compressed checkpoint; quantized at load, a row-parallel rank scales its
+    own half of each row, so the logits differ by quantization noise only."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    kind = {"compressed fp8 tensor-static": "float", "compressed int8 channel": "int"}.get(source)
+    if kind is None:
+        folder, quantize = tmp_path / "full", "int8"
+        write_checkpoint(folder, **SMALL)
+    else:
+        strategy, activations = ("tensor", "static") if kind == "float" else ("channel", "dynamic")
+        folder, quantize = make_ct(tmp_path, kind=kind, weight_strategy=strategy, activations=activations), None
+    single = Llama.from_pretrained(folder, device="cpu", quantize=quantize)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_tp_rank, args=(2, port, str(folder), quantize, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    expected = single.logits(IDS)
+    w2 = single.model.layers[0].feed_forward.w2
+    for r in ranks:
+        dtype, shape = r["wqkv"]
+        wqkv = single.model.layers[0].attention.wqkv
+        assert dtype == wqkv.weight.dtype and shape == (wqkv.out_features // 2, wqkv.in_features)
+        assert r["w2"] == ("row", (w2.out_features, w2.in_features // 2), (w2.out_features,))
+        err = ((r["logits"] - expected).norm() / expected.norm()).item()
+        assert err < (2e-2 if source == "int8 at load" else 1e-5), err
+    if source != "int8 at load":
+        assert ranks[0]["greedy"] == ranks[1]["greedy"] == single.generate([IDS[:5]], max_new_tokens=6)[0].token_ids
