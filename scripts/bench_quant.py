@@ -1,11 +1,12 @@
 """Decode and prefill speed of 8-bit weights (int8, fp8) against bf16, on the GPU.
 
     PYTHONPATH=. python3 scripts/bench_quant.py --out bench_quant.json            # Llama-3.1-8B shapes, random
+    PYTHONPATH=. python3 scripts/bench_quant.py --shape 70b --formats fp8,int8    # 70B on one GPU
     PYTHONPATH=. python3 scripts/bench_quant.py --model /path/to/Llama-3.1-8B-Instruct --formats bf16,fp8
     PYTHONPATH=. python3 scripts/bench_quant.py --matmul-8bit triton,dequantize,scaled_mm
 
-For each weight format (bf16; int8 and fp8 quantized per channel in place, one matrix at a time)
-and each multi-row 8-bit matmul (``TritonBackend(matmul_8bit=...)``), on the Triton backend:
+For each weight format (bf16; int8 and fp8, one scale per output channel) and each multi-row
+8-bit matmul (``TritonBackend(matmul_8bit=...)``), on the Triton backend:
 
   * decode: seconds per step at batch 1 and 16 (cache fill 512) through the Runner's CUDA graphs,
     tok/s, and the achieved weight bandwidth (bytes of every matrix but the embedding table,
@@ -13,8 +14,9 @@ and each multi-row 8-bit matmul (``TritonBackend(matmul_8bit=...)``), on the Tri
   * TTFT: a 512- and a 2048-token prefill (median of --reps);
   * weight memory (GB).
 
-Random weights (default) have Llama-3.1-8B's shapes; --model loads a checkpoint instead (bf16,
-then quantized in place). Prints a table and writes the JSON to --out.
+Random weights (default) of Llama-3.1-8B's or 70B's shapes are made directly in each format;
+--model loads a checkpoint instead (quantized while loading). Prints a table and writes the JSON
+to --out.
 """
 import argparse
 import gc
@@ -39,6 +41,8 @@ LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=3
                   num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                 "original_max_position_embeddings": 8192}, torch_dtype="bfloat16")
+LLAMA31_70B = dict(LLAMA31_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                   num_attention_heads=64)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=512)
 
@@ -47,7 +51,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder (default: random weights, Llama-3.1-8B shapes)")
-    p.add_argument("--formats", default="bf16,int8,fp8")
+    p.add_argument("--shape", default="8b", choices=("8b", "70b"), help="random weights of Llama-3.1-8B or -70B")
+    p.add_argument("--formats", default="bf16,int8,fp8", help="70b on one GPU: int8,fp8 (bf16 does not fit)")
     p.add_argument("--matmul-8bit", default="triton,dequantize,scaled_mm",
                    help=f"multi-row 8-bit matmuls to compare, of {MATMUL_8BIT}")
     p.add_argument("--batches", default="1,16")
@@ -61,23 +66,38 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def build(args) -> Transformer:
+def build(args, fmt: str) -> Transformer:
+    """The model in weight format ``fmt`` ("bf16", "int8", "fp8"): a checkpoint (quantized while
+    loading), or random weights made directly in that format (a 70B model in 8 bits fits one H200;
+    its bf16 weights would not)."""
+    quantize = None if fmt == "bf16" else fmt
     if args.model:
         from minillama import Llama
 
-        return Llama.from_pretrained(args.model, device=args.device, dtype=torch.bfloat16, backend="triton").model
-    config = LlamaConfig(**(TINY if args.tiny else LLAMA31_8B))
+        return Llama.from_pretrained(args.model, device=args.device, dtype=torch.bfloat16, backend="triton",
+                                     quantize=quantize).model
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA31_70B if args.shape == "70b" else LLAMA31_8B))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # the interpreter needs float32
     with torch.device("meta"):
         model = Transformer(config, TritonBackend()).to(dtype)
+        if quantize:
+            quantize_model(model, quantize)  # on the meta device: swaps the 8-bit layers in, allocates nothing
     model.to_empty(device=args.device)
+    model.tie_weights()
     gen = torch.Generator(device=args.device).manual_seed(0)
-    with torch.no_grad():
+    with torch.no_grad():  # random values, never zeros: they can time faster than data
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(1.0, 0.05, generator=gen)
+            elif name.endswith("weight_scale"):
+                p.fill_(0.02 / 64)
+            elif p.dtype == torch.int8:
+                p.copy_(torch.randint(-127, 128, p.shape, device=p.device, dtype=torch.int8, generator=gen))
+            elif p.dtype == torch.float8_e4m3fn:
+                p.copy_(torch.empty(p.shape, device=p.device, dtype=dtype).normal_(0.0, 64.0, generator=gen)
+                        .clamp_(-448.0, 448.0))
             else:
-                p.normal_(0.0, 0.02, generator=gen)  # never zeros: they can time faster than data
+                p.normal_(0.0, 0.02, generator=gen)
     model.inv_freq = rope_inv_freq(config).to(args.device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -143,9 +163,7 @@ def main(argv=None) -> int:
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     rows = []
     for fmt in args.formats.split(","):
-        model = build(args)  # fresh bf16 weights for each format
-        if fmt != "bf16":
-            quantize_model(model, fmt)  # one matrix at a time, in place
+        model = build(args, fmt)
         for variant in ["-"] if fmt == "bf16" else args.matmul_8bit.split(","):
             set_backend(model, TritonBackend() if variant == "-" else TritonBackend(matmul_8bit=variant))
             runner = Runner(model)
@@ -171,7 +189,7 @@ def main(argv=None) -> int:
         print(f"{r['format']:<6} {r['matmul_8bit']:<10} " + " ".join(f"{r[k]:.1f}" for k in keys))
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
             "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "model": args.model or ("random tiny" if args.tiny else "random Llama-3.1-8B shapes")}
+            "model": args.model or ("random tiny" if args.tiny else f"random Llama-3.1-{args.shape.upper()}")}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return 0
 
