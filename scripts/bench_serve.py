@@ -207,7 +207,8 @@ def start_server(model, max_batch, max_seq_len, prefill_chunk):
     cmd = [sys.executable, "-m", "minillama.serve", "--model", str(model), "--port", str(port),
            "--max-batch", str(max_batch), "--max-seq-len", str(max_seq_len), "--max-queue", "1024",
            "--prefill-chunk", str(prefill_chunk), "--request-timeout", "3600"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
