@@ -513,6 +513,7 @@ def _tp_rank(rank, world, port, folder, quantize, out_dir):
                        tuple(layer.feed_forward.w2.weight_scale.shape))},
                Path(out_dir) / f"rank{rank}.pt")
     leave()  # every rank done, then the group torn down
+    os._exit(0)  # as the CLIs do under torchrun: the interpreter's teardown can abort a gloo worker
 
 
 @pytest.mark.slow

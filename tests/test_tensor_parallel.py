@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from minillama import Llama
 from minillama.config import LlamaConfig
 from minillama.layers import Linear
-from minillama.parallel import check_degree, degrees_that_work
+from minillama.parallel import check_degree, degrees_that_work, leave
 from tests.checkpoints import write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,8 @@ def _rank_main(rank, world, port, folder, out_dir):
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     run_everything(folder, Path(out_dir) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave()  # every rank done, then the group torn down
+    os._exit(0)  # as the CLIs do under torchrun: the interpreter's teardown can abort a gloo worker
 
 
 @pytest.fixture(scope="module", params=list(CASES))
