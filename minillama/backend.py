@@ -78,7 +78,11 @@ class TorchBackend:
         if residual is not None:
             x = x + residual
         x32 = x.float()  # accumulate in float32 whatever the model dtype
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), x
+        mean_sq = x32.pow(2).mean(-1, keepdim=True)
+        # NaN where mean(x^2) overflowed: the overflow reaches the logits (and the generate loop's
+        # NaN check) instead of turning the row into zeros
+        inverse_rms = torch.where(torch.isinf(mean_sq), torch.nan, torch.rsqrt(mean_sq + eps))
+        return weight * (x32 * inverse_rms).to(x.dtype), x
 
     def rope_(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, head_dim: int) -> None:
         T = qk.shape[0]

@@ -27,6 +27,13 @@ def runs_on(device: torch.device) -> bool:
 
 
 @triton.jit
+def _inverse_rms(mean_sq, eps):
+    # rsqrt(mean(x^2) + eps); NaN where mean(x^2) overflowed, so the overflow reaches the logits
+    # (and the generate loop's NaN check) instead of turning the row into zeros.
+    return tl.where(mean_sq == float("inf"), float("nan"), tl.rsqrt(mean_sq + eps))
+
+
+@triton.jit
 def _add_rmsnorm_fwd(X, Res, H_out, Normed, W, stride_x, stride_r, stride_h, stride_n, N, eps,
                      ADD: tl.constexpr, BLOCK: tl.constexpr):
     # One program per token row: h = x + res (rounded), normed = w * (h * rsqrt(mean(h^2) + eps)).
@@ -39,7 +46,7 @@ def _add_rmsnorm_fwd(X, Res, H_out, Normed, W, stride_x, stride_r, stride_h, str
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(H_out + row * stride_h + offs, x, mask=mask)
     x32 = x.to(tl.float32)
-    scale = tl.rsqrt(tl.sum(x32 * x32, 0) / N + eps)
+    scale = _inverse_rms(tl.sum(x32 * x32, 0) / N, eps)
     n = (x32 * scale).to(X.dtype.element_ty).to(tl.float32)  # the torch backend rounds before the gain
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Normed + row * stride_n + offs, (w * n).to(Normed.dtype.element_ty), mask=mask)
@@ -143,7 +150,7 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
     if SCALE:
         y = y * tl.load(Scale + offs_n, mask=n_mask, other=0.0)
     if NORM:
-        r = tl.rsqrt(tl.sum(sumsq, 0) / K + eps)
+        r = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
         y = y * r
     ty = Out.dtype.element_ty
     # -- epilogue --

@@ -99,6 +99,19 @@ def test_float16_overflow_with_finite_weights_says_so(sp_folder, tmp_path):
                                  "65504): load the model with dtype='bfloat16' or 'float32'")
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_float32_overflow_in_a_norm_is_an_error_not_silent_zeros(sp_folder, tmp_path, backend):
+    """Finite float32 weights far out of scale: mean(x^2) overflows inside RMSNorm. The norm gives
+    NaN there (not rsqrt(inf) = 0, which turned every logit equal and printed garbage)."""
+    def edit(state):
+        state["model.embed_tokens.weight"] *= 1e30  # |x|^2 ~ 1e60: beyond float32's 3.4e38
+
+    llm = Llama.from_pretrained(broken_copy(sp_folder, tmp_path, edit), device="cpu", backend=backend)
+    with pytest.raises(NonFiniteLogitsError) as e:
+        llm.generate(["Lily"], max_new_tokens=2)
+    assert "every weight is finite, so the activations overflowed float32" in str(e.value)
+
+
 def test_nan_appearing_during_decode_names_the_step(llm, monkeypatch):
     real = llm.model.forward
     calls = []
