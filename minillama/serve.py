@@ -386,6 +386,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel degree: N processes (one per GPU) through torch's launcher; rank 0 "
                         "serves HTTP and schedules, the others follow its steps")
+    p.add_argument("--quantize", default=None, choices=("int8", "fp8"),
+                   help="8-bit projection weights (one scale per output channel), quantized while loading")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                    help="the kernels that run the model (default: Triton on CUDA, torch elsewhere)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
@@ -428,7 +430,8 @@ def _main(argv) -> int:
             return 128 + int(e.sigval)
     cli.silence_followers()
     start = time.perf_counter()
-    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp)
+    llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
+                                quantize=args.quantize)
     max_seq_len = args.max_seq_len or min(llm.config.max_position_embeddings, 8192)
     scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk)

@@ -29,7 +29,7 @@ from tests.checkpoints import checkpoint_factory  # noqa: F401  (fixture)
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = [sys.executable, str(ROOT / "scripts" / "generate.py")]
 CHAT = [sys.executable, "-m", "minillama.chat"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", FLASHCORE_FORCE_REFERENCE="1", PYTHONPATH=str(ROOT))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 # A template that refuses two turns of one role in a row (as Mistral's and Gemma's do).
 ALTERNATING_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"

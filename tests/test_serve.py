@@ -368,3 +368,16 @@ def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     finally:
         _stop(proc)
     assert proc.returncode == 143  # SIGTERM: the launcher stopped both ranks
+
+
+def test_quantized_server_answers_as_the_quantized_model():
+    """--quantize int8: the served completion is what Llama.generate gives with quantize="int8"."""
+    quantized = Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu", quantize="int8")
+    expected = quantized.generate(["Once upon a time"], max_new_tokens=12)[0].text
+    proc, url = _start_server("--quantize", "int8", "--max-batch", "2")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
+        done = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+        assert done.choices[0].text == expected
+    finally:
+        _stop(proc)
