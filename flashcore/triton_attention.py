@@ -24,12 +24,13 @@ even inf/nan, in unfilled cache slots never reaches a product) and their scores 
 Every query row sees at least key 0, so no row's maximum stays -inf.
 """
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 DECODE_MAX_ROWS = 64  # S_q * group up to this many rows runs the split-KV decode kernel
@@ -294,9 +295,6 @@ def _attn_fwd_decode_reduce(
     out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     out_ptrs = Out + b.to(tl.int64) * stride_ob + (r // GROUP) * stride_os + h * stride_oh + offs_d
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
-
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, at import, as Triton does
 
 
 def _interpreting(device: torch.device) -> bool:

@@ -11,19 +11,13 @@ RMSNorm skips the rounding of the normalized input: differences stay at bf16 rou
 Runs on CUDA, or on the CPU in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
 Triton was imported (the tests). Triton decides that once, at import; so does this module.
 """
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton itself does
-
-
-def runs_on(device: torch.device) -> bool:
-    """Whether these kernels run on ``device``: CUDA, or the CPU under Triton's interpreter."""
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
 
 
 @triton.jit
