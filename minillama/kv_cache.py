@@ -60,15 +60,14 @@ class KVCache:
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self.k[i], self.v[i], self.seq_lens, self.seq_lens_cpu)
 
-    def first_rows(self, n: int) -> "KVCache":
-        """A view of rows [0, n): same storage, so writes through it land in this cache."""
-        if n == self.batch:
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows [start, stop) (e.g. the first rows for a bucketed decode step, or one row
+        to prefill one request): same storage, so the forward's writes land in this cache. Its
+        host lengths are a copy: advance this cache, not the view."""
+        if (start, stop) == (0, self.batch):
             return self
-        return KVCache(self.k[:, :n], self.v[:, :n], self.seq_lens[:n], self.seq_lens_cpu[:n])
-
-    def row(self, i: int) -> "KVCache":
-        """A view of row ``i`` alone (a one-row cache over the same storage), e.g. to prefill one request."""
-        return KVCache(self.k[:, i:i + 1], self.v[:, i:i + 1], self.seq_lens[i:i + 1], self.seq_lens_cpu[i:i + 1])
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.seq_lens[start:stop],
+                       self.seq_lens_cpu[start:stop])
 
     def advance(self, n: Union[int, Sequence[int]]) -> None:
         """Mark n more tokens (one count for all rows, or one per row) as cached, after a forward."""

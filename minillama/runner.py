@@ -97,7 +97,7 @@ class Runner:
         if cache is not None and B > cache.batch:
             raise ValueError(f"{B} rows of tokens but the cache holds {cache.batch} rows")
         if not self.cuda_graphs or cache is None or S != 1 or logits_at is not None:
-            return self.model(tokens, cache if cache is None else cache.first_rows(B), logits_at=logits_at)
+            return self.model(tokens, cache if cache is None else cache.rows(0, B), logits_at=logits_at)
         lens = cache.seq_lens_cpu
         if max(lens[:B]) + 1 > cache.max_len:  # flashcore checks this; inside a graph it cannot
             b = max(range(B), key=lambda i: lens[i])
@@ -110,7 +110,7 @@ class Runner:
             padded = min(bucket(B), cache.batch)
             if padded > B and max(lens[B:padded]) + 1 <= cache.max_len:  # pad rows write a slot at their fill
                 rows = padded
-            cache = cache.first_rows(rows)
+            cache = cache.rows(0, rows)
         key = (rows, cache.k.data_ptr(), cache.k.stride(), cache.k.shape)
         graph = self._graphs.get(key)
         if graph is None or graph.cache_ptrs != (cache.v.data_ptr(), cache.seq_lens.data_ptr()):

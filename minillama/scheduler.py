@@ -356,7 +356,7 @@ class Scheduler:
             self.cache.set_lengths(op[1])
         elif kind == "prefill":  # ("prefill", row, prompt chunk): logits of its last token
             _, r, chunk = op
-            logits = self._forward(self._to_device([chunk]), self.cache.row(r),
+            logits = self._forward(self._to_device([chunk]), self.cache.rows(r, r + 1),
                                    logits_at=self._to_device([len(chunk) - 1]))
             counts = [0] * self.cache.batch
             counts[r] = len(chunk)

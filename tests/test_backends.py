@@ -312,7 +312,7 @@ def test_bucketed_decode_graph_equals_exact_rows():
     prompts = prompts_for(32, [6, 6, 6], model.config.vocab_size)
     big, exact = runner.new_cache(5, 16), runner.new_cache(3, 16)
     tokens = torch.tensor(prompts, device="cuda")
-    runner(tokens, big.first_rows(3))
+    runner(tokens, big.rows(0, 3))
     runner(tokens, exact)
     big.set_lengths([6, 6, 6, 2, 0])
     exact.advance(6)

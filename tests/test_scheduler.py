@@ -239,12 +239,12 @@ def test_row_views_under_the_triton_backend():
     gen = torch.Generator().manual_seed(0)
     prompt, others = (torch.randint(0, 320, shape, generator=gen).to(device) for shape in ((1, 9), (3, 5)))
     pool = runner.new_cache(4, 32)
-    runner(others, pool.first_rows(3))  # rows 0-2 hold other sequences of 5 tokens
+    runner(others, pool.rows(0, 3))  # rows 0-2 hold other sequences of 5 tokens
     pool.set_lengths([5, 5, 5, 0])
     alone = runner.new_cache(1, 32)
     last = torch.tensor([8], device=device)
     expected = runner(prompt, alone, logits_at=last)
-    got = runner(prompt, pool.row(3), logits_at=last)
+    got = runner(prompt, pool.rows(3, 4), logits_at=last)
     pool.advance([0, 0, 0, 9])
     alone.advance(9)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
