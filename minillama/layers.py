@@ -1,8 +1,9 @@
 """The layers the model is built from; each calls its backend (``minillama.backend``) for the math.
 
-A layer's backend is chosen once, when the model is built. A layer subclass (a quantized or a
-parallel ``Linear``, say) is swapped in at load time and runs under every backend, because the
-model only ever calls its modules.
+A layer's backend is chosen once, when the model is built. Tensor parallelism is a property of a
+``Linear`` (its ``parallel`` share and the group), set when the model is built; a layer subclass
+(the 8-bit ``QuantizedLinear`` of ``minillama.quantization``, say) is swapped in at load time and
+runs under every backend, because the model only ever calls its modules.
 """
 from typing import Optional, Sequence
 
