@@ -2,38 +2,18 @@
 generation_config.json. Anything that changes the math and is unknown is an error, never ignored;
 so is a value of the wrong JSON type or one that would make the math non-finite (an epsilon or a
 RoPE base <= 0, llama3 RoPE factors that divide by zero): each error names the file and the key."""
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from minillama.files import read_text
+from minillama.files import json_type, read_json
 from minillama.quantization import QuantizationConfig, parse_quantization_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def read_json(path) -> dict:
-    """A checkpoint's JSON file, which must hold an object; anything else is a ValueError naming the file."""
-    path = Path(path)
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {_json_type(data)}; expected an object ({{\"key\": value, ...}})")
-    return data
-
-
-def _json_type(value) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-             int: "number", float: "number"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _is_int(value) -> bool:
@@ -140,7 +120,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
         if not isinstance(d, dict):
-            raise ValueError(f"a config is a JSON object, got a {_json_type(d)}")
+            raise ValueError(f"a config is a JSON object, got a {json_type(d)}")
         model_type = d.get("model_type")
         if model_type != "llama":
             raise ValueError(

@@ -9,6 +9,7 @@ Writing (``/save``): :func:`atomic_write_text` writes a temporary file in the ta
 renames it over the target, so a reader sees the old file or the new one, never half of one, and
 a failed write leaves the old file as it was.
 """
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -110,3 +111,22 @@ def atomic_write_text(path, text: str, may_replace: Optional[Callable[[Path], No
         except OSError:
             pass
         raise
+
+
+def read_json(path) -> dict:
+    """A checkpoint's JSON file, which must hold an object; anything else is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {json_type(data)}; expected an object ({{\"key\": value, ...}})")
+    return data
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type ("object", "array", ...), for error messages."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+             int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List
 
-from minillama.files import checkpoint_file, read_text, shard_names
+from minillama.files import checkpoint_file, read_json, read_text, shard_names
 
 # The small files minillama reads, by exact name at the top of the repo (the weights: _weight_files).
 CHECKPOINT_FILES = [
@@ -86,13 +86,7 @@ def _weight_files(folder: Path) -> List[str]:
     index = checkpoint_file(folder, "model.safetensors.index.json")
     if index is None:
         return ["model.safetensors"]
-    try:
-        data = json.loads(read_text(index))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{index} is not a JSON object")
-    return shard_names(data, index)
+    return shard_names(read_json(index), index)
 
 
 def _check_llama(config: Path, repo_id: str) -> None:

@@ -9,8 +9,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from minillama.config import read_json
-from minillama.files import checkpoint_file, read_text
+from minillama.files import checkpoint_file, read_json, read_text
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _SURROGATE = re.compile("[\ud800-\udfff]")

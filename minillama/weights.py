@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minillama.config import LlamaConfig, read_json
-from minillama.files import checkpoint_file, shard_names
+from minillama.config import LlamaConfig
+from minillama.files import checkpoint_file, read_json, shard_names
 from minillama.model import Transformer, rope_inv_freq
 from minillama.quantization import load_plan
 
