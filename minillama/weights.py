@@ -230,6 +230,7 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     by_file: Dict[Path, List[str]] = {}
     for hf_name in names:
         by_file.setdefault(found[hf_name][0], []).append(hf_name)
+
     def piece(hf_name: str) -> Slice:
         ours, part = names[hf_name]
         if plan is not None and plan.handles(hf_name):  # 8-bit weights and scales: the plan says, from the weight's slice

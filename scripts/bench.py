@@ -68,18 +68,9 @@ from minillama.model import Transformer, rope_inv_freq  # noqa: E402
 from minillama.parallel import join_from_environment  # noqa: E402
 from minillama.quantization import quantize_model  # noqa: E402
 from minillama.runner import Runner  # noqa: E402
+from llama31_shapes import LLAMA31_70B, LLAMA31_8B  # noqa: E402  (scripts/, beside this file)
 
 GiB = 1024**3
-LLAMA31_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-    max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype="bfloat16",
-    bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
-)
-LLAMA31_70B = dict(LLAMA31_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                   num_attention_heads=64)
 RESULTS = {"config": {}, "ours": {}, "ablations": {}, "hf": {}, "skipped": []}
 TP = join_from_environment("cuda")  # None unless launched by torchrun
 WORLD = TP.world_size if TP is not None else 1

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # llama31_shapes, also when loaded by path
 
 import torch  # noqa: E402
 
@@ -36,13 +37,8 @@ from minillama.config import LlamaConfig  # noqa: E402
 from minillama.model import Transformer, rope_inv_freq  # noqa: E402
 from minillama.quantization import quantize_model  # noqa: E402
 from minillama.runner import Runner  # noqa: E402
+from llama31_shapes import LLAMA31_70B, LLAMA31_8B  # noqa: E402
 
-LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192}, torch_dtype="bfloat16")
-LLAMA31_70B = dict(LLAMA31_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                   num_attention_heads=64)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=512)
 

@@ -35,15 +35,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-LLAMA31_8B = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-    max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype="bfloat16",
-    attention_bias=False, mlp_bias=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
-)
 
 
 def parse_args():
@@ -86,6 +77,9 @@ def write_random_checkpoint(folder: Path) -> Path:
     if (folder / "done").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    from llama31_shapes import LLAMA31_8B  # scripts/, beside this file
+    from minillama.config import LlamaConfig
+
     c = LLAMA31_8B
     h, i, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
@@ -110,7 +104,7 @@ def write_random_checkpoint(folder: Path) -> Path:
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(LLAMA31_8B, indent=2))
+    (folder / "config.json").write_text(json.dumps(LlamaConfig(**LLAMA31_8B).to_dict(), indent=2))
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}))
     write_llama3_tokenizer(folder)
