@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
+from flashcore.launch import Launcher, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 DECODE_MAX_ROWS = 64  # S_q * group up to this many rows runs the split-KV decode kernel
@@ -192,13 +193,13 @@ def _attn_fwd_decode_split(
     stride_vb, stride_vs, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
-    S_q, H_kv,
-    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    S_q, H_kv, Num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # Programs 0 .. NUM_SPLITS-1 each take an even share of the cached tiles [0, seq_len);
-    # program NUM_SPLITS takes the S_q new keys and appends them to the cache.
+    # Programs 0 .. Num_splits-1 each take an even share of the cached tiles [0, seq_len);
+    # program Num_splits takes the S_q new keys and appends them to the cache.
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -226,8 +227,8 @@ def _attn_fwd_decode_split(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # -- cached keys: this split's tiles; ranges are empty for the new-key program --
-    is_new = split == NUM_SPLITS
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    is_new = split == Num_splits
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), Num_splits)
     lo = split * tiles_per_split * BLOCK_N
     hi = tl.where(is_new, 0, tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len))
     full_hi = tl.maximum(lo, tl.minimum(hi, (seq_len // BLOCK_N) * BLOCK_N))
@@ -260,7 +261,7 @@ def _attn_fwd_decode_split(
     has_keys = l_i > 0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    part = pid_bh * (NUM_SPLITS + 1) + split  # O_part: (B * H_kv, NUM_SPLITS + 1, S_q * GROUP, HEAD_DIM)
+    part = pid_bh * (Num_splits + 1) + split  # O_part: (B * H_kv, Num_splits + 1, S_q * GROUP, HEAD_DIM)
     tl.store(Lse_part + part * num_rows + offs_r, lse, mask=row_mask)
     tl.store(O_part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
              mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -271,8 +272,8 @@ def _attn_fwd_decode_split(
 def _attn_fwd_decode_reduce(
     O_part, Lse_part, Out,
     stride_ob, stride_os, stride_oh,
-    S_q, H_kv,
-    GROUP: tl.constexpr, NUM_PARTS: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+    S_q, H_kv, Num_parts,
+    GROUP: tl.constexpr, BLOCK_PARTS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (row, kv head, packed query row r): out = sum_s w_s o_s / sum_s w_s with
@@ -285,9 +286,9 @@ def _attn_fwd_decode_reduce(
     h = (pid_bh % H_kv) * GROUP + r % GROUP
     offs_p = tl.arange(0, BLOCK_PARTS)
     offs_d = tl.arange(0, BLOCK_D)
-    p_mask = offs_p < NUM_PARTS
+    p_mask = offs_p < Num_parts
     d_mask = offs_d < HEAD_DIM
-    parts = pid_bh * NUM_PARTS + offs_p
+    parts = pid_bh * Num_parts + offs_p
     lse = tl.load(Lse_part + parts * num_rows + r, mask=p_mask, other=float("-inf"))
     w = tl.math.exp2(lse - tl.max(lse, 0))
     o = tl.load(O_part + (parts * num_rows + r)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -297,12 +298,17 @@ def _attn_fwd_decode_reduce(
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
+_PREFILL = Launcher(_attn_fwd_prefill)
+_DECODE_SPLIT = Launcher(_attn_fwd_decode_split)
+_DECODE_REDUCE = Launcher(_attn_fwd_decode_reduce)
+
+
 def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
+    return max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
@@ -327,7 +333,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_
     if 2 * batch_kv_heads >= num_sms:
         return KernelConfig(block_m=0, block_n=128, num_warps=4, num_stages=3)
     splits = _num_splits(batch_kv_heads, s_max, 64, num_sms)
-    tiles_per_split = triton.cdiv(triton.cdiv(s_max, 64), splits)
+    tiles_per_split = cdiv(cdiv(s_max, 64), splits)
     return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=4 if tiles_per_split >= 8 else 3)
 
 
@@ -349,7 +355,7 @@ def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, num_sms: int) -> 
     Depends on shapes only, never on seq_lens, so a captured CUDA graph stays valid.
     """
     by_occupancy = (2 * num_sms) // batch_kv_heads
-    by_length = triton.cdiv(s_max, 4 * block_n)
+    by_length = cdiv(s_max, 4 * block_n)
     return max(1, min(by_occupancy, by_length))
 
 
@@ -363,8 +369,9 @@ def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, c
     H_kv = k.shape[2]
     interpret = _interpreting(q.device)
     out = torch.empty_like(q)
-    grid = (triton.cdiv(S_q, config.block_m), B * H_q)
-    _attn_fwd_prefill[grid](
+    grid = (cdiv(S_q, config.block_m), B * H_q)
+    _PREFILL(
+        grid,
         q, k, v, k_cache, v_cache, seq_lens, out, softmax_scale * LOG2E,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out),
         S_q, H_q,
@@ -390,19 +397,21 @@ def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, ca
     lse_part = torch.empty((B * H_kv, num_splits + 1, num_rows), device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     block_d = _block_d(D)
-    _attn_fwd_decode_split[(num_splits + 1, B * H_kv)](
+    _DECODE_SPLIT(
+        (num_splits + 1, B * H_kv),
         q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, softmax_scale * LOG2E,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache),
-        S_q, H_kv,
-        GROUP=group, NUM_SPLITS=num_splits, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n, CAUSAL=causal,
+        S_q, H_kv, num_splits,
+        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_M=max(16, next_power_of_2(num_rows)), BLOCK_N=config.block_n, CAUSAL=causal,
         UPCAST=interpret and q.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _attn_fwd_decode_reduce[(B * H_kv * num_rows,)](
-        o_part, lse_part, out, *_strides3(out), S_q, H_kv,
-        GROUP=group, NUM_PARTS=num_splits + 1, BLOCK_PARTS=triton.next_power_of_2(num_splits + 1),
+    _DECODE_REDUCE(
+        (B * H_kv * num_rows,),
+        o_part, lse_part, out, *_strides3(out), S_q, H_kv, num_splits + 1,
+        GROUP=group, BLOCK_PARTS=next_power_of_2(num_splits + 1),
         HEAD_DIM=D, BLOCK_D=block_d,
         num_warps=4 if D >= 128 else 1,
     )

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
+from flashcore.launch import Launcher, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -84,31 +85,66 @@ def _silu_mul_fwd(GU, Out, stride_gu, stride_o, F_dim, BLOCK: tl.constexpr):
     s = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
     tl.store(Out + row * stride_o + offs, (s * u).to(ty), mask=mask)
 
+# int8 weights to float32 in registers, four per 32-bit register (inline PTX; CUDA only): each
+# byte ^ 0x80 placed by PRMT under the exponent of 2^23 is the float32 2^23 + (q + 128), and one
+# subtraction leaves q, exactly. It replaces Triton's int8 -> float32 conversion (an I2F per
+# element, a quarter of the FMA rate on Hopper), which bounds the GEMV below the memory bandwidth:
+# 13-28% faster per matrix on the H200 (BENCHMARKS.md). float8_e4m3fn keeps Triton's conversion
+# (cvt.f16x2.e4m3x2, two per instruction), which measured as fast as the hand-written variants.
+_INT8_TO_F32 = tl.constexpr("""
+{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7540;
+prmt.b32 $1, t, 0x4B000000, 0x7541;
+prmt.b32 $2, t, 0x4B000000, 0x7542;
+prmt.b32 $3, t, 0x4B000000, 0x7543;
+sub.f32 $0, $0, 0f4B000080;
+sub.f32 $1, $1, 0f4B000080;
+sub.f32 $2, $2, 0f4B000080;
+sub.f32 $3, $3, 0f4B000080;
+}
+""")
+
+
+@triton.jit
+def _to_float32(w, INT8_PTX: tl.constexpr):
+    """w (int8, float8_e4m3fn or a float type) as float32; INT8_PTX: w is int8, converted by PRMT."""
+    if INT8_PTX:
+        return tl.inline_asm_elementwise(_INT8_TO_F32, "=r,=r,=r,=r,r", [w], dtype=tl.float32,
+                                         is_pure=True, pack=4)
+    else:
+        return w.to(tl.float32)
+
 
 @triton.jit
 def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
               ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROW_ACC: tl.constexpr,
+              INT8_PTX: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for one row x (K,), BLOCK_N outputs per program.
 
     ADD: x is replaced by h = x + Add (rounded to x's dtype); program 0 writes h to H_out (the new
     residual stream). NORM: the input is RMSNorm(h) * NormW; the row scale rsqrt(mean(h^2) + eps)
     is applied after the dot product. SWIGLU: W holds [gate; up] (2N rows): out = silu(gate) * up.
-    SCALE: W is 8-bit (int8 or float8_e4m3fn), converted to float32 in registers; row n's dot
-    product is multiplied by Scale[n] (the up rows' by Scale[N + n]) before the epilogue.
+    SCALE: W is 8-bit (int8 or float8_e4m3fn), converted to float32 in registers (int8 by PRMT
+    with INT8_PTX); row n's dot product is multiplied by Scale[n] (the up rows' by Scale[N + n])
+    before the epilogue. ROW_ACC: reduce the products to one sum per row at every step (fewer
+    registers, so more programs in flight) instead of once at the end.
     """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ACC_K: tl.constexpr = 1 if ROW_ACC else BLOCK_K
+    acc = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
     if SWIGLU:
         u_rows = w_rows + N * stride_wn
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
     if NORM:
         sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    # -- stream the weight rows once; products accumulate elementwise, reduced once at the end --
+    # -- stream the weight rows once; products accumulate elementwise or per row (ROW_ACC) --
     for k0 in tl.range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
@@ -133,13 +169,19 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
                 x = x * tl.load(NormW + kk).to(tl.float32)
             else:
                 x = x * tl.load(NormW + kk, mask=k_mask, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
+        if ROW_ACC:
+            acc += tl.sum(_to_float32(w, INT8_PTX) * x[None, :], 1)[:, None]
+        else:
+            acc += _to_float32(w, INT8_PTX) * x[None, :]
         if SWIGLU:
             if EVEN_K:
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None], other=0.0)
             else:
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc_up += u.to(tl.float32) * x[None, :]
+            if ROW_ACC:
+                acc_up += tl.sum(_to_float32(u, INT8_PTX) * x[None, :], 1)[:, None]
+            else:
+                acc_up += _to_float32(u, INT8_PTX) * x[None, :]
     y = tl.sum(acc, 1)
     if SCALE:
         y = y * tl.load(Scale + offs_n, mask=n_mask, other=0.0)
@@ -194,11 +236,18 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, stride_xm, stride_wn, stride_om,
     tl.store(out, y.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-# Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps). On CUDA each matrix kind (qkv, o, gate/up,
+_ADD_RMSNORM = Launcher(_add_rmsnorm_fwd)
+_ROPE = Launcher(_rope_fwd)
+_SILU_MUL = Launcher(_silu_mul_fwd)
+_GEMV = Launcher(_gemv_fwd)
+_MATMUL_8BIT = Launcher(_matmul_8bit_fwd)
+
+# Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps, ROW_ACC). On CUDA each matrix kind (qkv, o, gate/up,
 # down, head) takes the fastest, timed once at the first single-token step in a CUDA graph over
 # every layer's matrix (so the weights stream from HBM, not L2, and launch gaps are the graph's).
-GEMV_CONFIGS = [(4, 1024, 4), (8, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024, 8), (16, 256, 4)]
-INTERPRET_GEMV = (1024, 64, 4)  # few, large programs and loop steps: the interpreter pays per step
+GEMV_CONFIGS = [(4, 1024, 4, False), (8, 512, 4, False), (2, 2048, 4, False), (4, 2048, 8, False),
+                (8, 1024, 8, False), (16, 256, 4, False), (8, 512, 4, True), (16, 512, 4, True)]
+INTERPRET_GEMV = (1024, 64, 4, False)  # few, large programs and loop steps: the interpreter pays per step
 
 
 def time_in_graph(fn, reps: int = 3) -> float:
@@ -230,9 +279,10 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
     normed = torch.empty_like(x2)
     h = torch.empty_like(x2) if residual is not None else x2
     r = residual.reshape(-1, N) if residual is not None else x2
-    _add_rmsnorm_fwd[(x2.shape[0],)](
+    _ADD_RMSNORM(
+        (x2.shape[0],),
         x2, r, h, normed, weight, x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps,
-        ADD=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
+        ADD=residual is not None, BLOCK=next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
     )
     return normed.view(x.shape), h.view(x.shape)
 
@@ -244,9 +294,10 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, 
     """
     T = qk.shape[0]
     assert qk.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
-    _rope_fwd[(T,)](
+    _ROPE(
+        (T,),
         qk, cos, sin, qk.stride(0), cos.stride(0), n_heads, D=head_dim,
-        BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        BLOCK_H=next_power_of_2(n_heads), BLOCK_HALF=next_power_of_2(head_dim // 2),
         num_warps=4,
     )
 
@@ -257,7 +308,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     F_dim = two_f // 2
     out = torch.empty((T, F_dim), dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = 1024
-    _silu_mul_fwd[(T, triton.cdiv(F_dim, BLOCK))](
+    _SILU_MUL(
+        (T, cdiv(F_dim, BLOCK)),
         gate_up, out, gate_up.stride(0), out.stride(0), F_dim, BLOCK=BLOCK, num_warps=4
     )
     return out
@@ -270,7 +322,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     """One row x (K,) times weight (N_w, K)^T, with the optional fusions of ``_gemv_fwd``.
 
     add, h_out: h = x + add is the input (and is written to h_out); norm_weight, eps: the input is
-    RMSNorm(h) * norm_weight. config: (BLOCK_N, BLOCK_K, num_warps); default the first of
+    RMSNorm(h) * norm_weight. config: (BLOCK_N, BLOCK_K, num_warps, ROW_ACC); default the first of
     ``GEMV_CONFIGS``. scale: (N_w,) float32 per-row scales of an 8-bit weight (int8 or
     float8_e4m3fn), or None. Returns (N,) with N = N_w, or N_w / 2 with ``swiglu``.
     """
@@ -283,25 +335,37 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
-    block_n, block_k, num_warps = config or GEMV_CONFIGS[0]
-    _gemv_fwd[(triton.cdiv(N, block_n),)](
+    block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
+    _GEMV(
+        (cdiv(N, block_n),),
         x, add if add is not None else x, h_out if h_out is not None else x, weight, out,
         norm_weight if norm_weight is not None else x, scale if scale is not None else x,
         N, K, weight.stride(0), eps,
         ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu, SCALE=scale is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc,
+        INT8_PTX=weight.dtype == torch.int8 and not INTERPRET, num_warps=num_warps,
     )
     return out
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the 8-bit matmul by the number of rows M: small M
-# (batched decode) is bound by the weight stream, large M (prefill) by tl.dot. Untuned: see bench_quant.py.
-MATMUL_8BIT_CONFIGS = [(16, (16, 64, 128, 4, 4)), (64, (64, 64, 128, 4, 4)), (None, (128, 128, 64, 8, 3))]
 INTERPRET_MATMUL_8BIT = (16, 64, 64, 4, 1)
 
 
-def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ (weight (N, K) * scale[:, None])^T for an 8-bit weight; (M, N) in x's dtype."""
+def matmul_8bit_config(M: int, N: int, K: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the 8-bit matmul for an (M, K) x (N, K)^T
+    product. Batched decode (M <= 64) is bound by the weight stream: narrow column tiles, so that
+    even N = 4096 gives the GPU's SMs enough programs; prefill is bound by tl.dot. Measured on the
+    H200 over Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights)."""
+    if M <= 16:
+        return 16, 32, 256, 4, 4
+    if M <= 64:
+        return (64, 128, 128, 4, 3) if N >= 16384 else (64, 32, 256, 4, 4)
+    return (128, 128, 64, 8, 3) if K <= 4096 else (128, 128, 128, 8, 3)
+
+
+def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config=None) -> torch.Tensor:
+    """x (M, K) @ (weight (N, K) * scale[:, None])^T for an 8-bit weight; (M, N) in x's dtype.
+    config: the tiling (default :func:`matmul_8bit_config`)."""
     M, K = x.shape
     N = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K
@@ -309,10 +373,11 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if INTERPRET:
         config = INTERPRET_MATMUL_8BIT
-    else:
-        config = next(c for limit, c in MATMUL_8BIT_CONFIGS if limit is None or M <= limit)
+    elif config is None:
+        config = matmul_8bit_config(M, N, K)
     block_m, block_n, block_k, num_warps, num_stages = config
-    _matmul_8bit_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+    _MATMUL_8BIT(
+        (cdiv(M, block_m), cdiv(N, block_n)),
         x, weight, scale, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
         num_warps=num_warps, num_stages=num_stages,

@@ -165,3 +165,18 @@ def test_decode_is_deterministic():
     first = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
     for _ in range(50):
         assert torch.equal(flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens), first)
+
+
+def test_launcher_tells_specializations_apart():
+    """The cached launch path (flashcore.launch) must not reuse a kernel compiled for 16-byte
+    aligned pointers, or for S_q divisible by 16, on arguments that are not: run the same shapes
+    aligned and misaligned (q starting 2 bytes into its storage), S_q 16 then 17, and compare each
+    with the reference."""
+    for S_q in (16, 17, 1, 3):
+        for offset in (0, 1, 0):
+            q, k, v, k_cache, v_cache, lens = make_inputs(2, S_q, 8, 2, 64, [5, 40], 96, torch.bfloat16, seed=S_q)
+            q = torch.cat([q.new_zeros(offset), q.flatten()])[offset:].view(q.shape)
+            ref = flashcore.reference.attention_with_kv_cache(q.float(), k.float(), v.float(), k_cache.float(),
+                                                              v_cache.float(), lens)
+            out = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
+            assert (out.float() - ref).abs().max().item() < 2e-2, (S_q, offset)

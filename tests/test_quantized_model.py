@@ -336,17 +336,41 @@ def test_gpu_gemv_8bit_llama_shapes(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [16, 512])
-def test_gpu_multirow_8bit_paths_agree(M):
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+def test_gpu_gemv_converts_every_8bit_value_exactly(dtype):
+    """Row n of the weight holds byte n (e4m3's two NaN bytes left out) in every column: with x = 1
+    the GEMV sums K equal products, exact in float32, so each output is K * value * scale, rounded
+    once to bfloat16, whatever the conversion (int8 through the PRMT path)."""
+    from minillama import kernels
+
+    b = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
+    if dtype == FP8:
+        b = b[(b != 0x7F) & (b != 0xFF)]
+    K = 1024
+    q = b[:, None].expand(-1, K).contiguous().view(dtype)
+    scale = torch.rand(q.shape[0], device="cuda") + 0.5
+    x = torch.ones(K, device="cuda", dtype=torch.bfloat16)
+    expected = (q.float() * scale[:, None]).sum(1).to(torch.bfloat16)
+    for config in kernels.GEMV_CONFIGS:
+        assert torch.equal(kernels.gemv(x, q, scale=scale, config=config), expected), config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("M,N,K", [(16, 6144, 4096), (64, 4096, 14336), (64, 28672, 4096), (512, 6144, 4096),
+                                   (512, 4096, 14336)])
+def test_gpu_multirow_8bit_paths_agree(dtype, M, N, K):
     from minillama import kernels
     from minillama.backend import scaled_mm_w8a8
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    K, N = 4096, 6144
+    g = torch.Generator(device="cuda").manual_seed(M + N)
     x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
-    q, scale = quantize_per_channel(torch.randn(N, K, device="cuda", generator=g) / 64, FP8)
+    q, scale = quantize_per_channel(torch.randn(N, K, device="cuda", generator=g) / 64, dtype)
     expected = x.float() @ dequantize(q, scale, torch.float32).T
-    for got, bound in ((kernels.matmul_8bit(x, q, scale), 1e-2), (scaled_mm_w8a8(x, q, scale), 6e-2)):
+    paths = [(kernels.matmul_8bit(x, q, scale), 1e-2)]
+    if dtype == FP8:
+        paths.append((scaled_mm_w8a8(x, q, scale), 6e-2))
+    for got, bound in paths:
         assert ((got.float() - expected).norm() / expected.norm()).item() < bound
 
 
