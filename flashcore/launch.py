@@ -29,18 +29,16 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _specialization(value: Any, constexpr: bool):
-    """What Triton may specialize a launch argument on (or more): a constexpr's value; a tensor's
-    dtype and 16-byte alignment; an integer's equality to 1, divisibility by 16 and width."""
-    if constexpr:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return value == 1, value % 16 == 0, -(2 ** 31) <= value < 2 ** 31, value >= 2 ** 63
-    return type(value)
+def _specialization(values: list, constexpr: list) -> tuple:
+    """What Triton may specialize the launch arguments on (or more): a constexpr's value; a tensor's
+    dtype and 16-byte alignment; an integer's equality to 1, divisibility by 16 and width. One
+    comprehension, no call per argument: this runs on every launch."""
+    return tuple([
+        v if c else
+        (v.dtype, not v.data_ptr() & 15) if isinstance(v, torch.Tensor) else
+        (v == 1, not v & 15, -0x80000000 <= v <= 0x7FFFFFFF, v >= 1 << 63) if type(v) is int else
+        v if isinstance(v, bool) or v is None else type(v)
+        for v, c in zip(values, constexpr)])
 
 
 class Launcher:
@@ -63,7 +61,7 @@ class Launcher:
         for name in self.names[len(args):]:
             values.append(constexprs[name] if name in constexprs else self.defaults[name])
         device = torch._C._cuda_getDevice()
-        key = (num_warps, num_stages, device, *map(_specialization, values, self.constexpr))
+        key = (num_warps, num_stages, device, _specialization(values, self.constexpr))
         compiled = self.compiled.get(key)
         if compiled is None:  # compile (or find Triton's cached kernel) and launch, the usual way
             self.compiled[key] = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
