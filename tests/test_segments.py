@@ -1,10 +1,12 @@
 """A forward of several segments (``Transformer.forward_segments``), as the scheduler's mixed steps
 run it: a decode segment over a pool's first rows and prompt chunks of different lengths on other
 rows give the logits and cache contents of one forward per segment, within 1e-5 relative in
-float32, under the torch backend and the Triton kernels (interpreted on the CPU)."""
+float32, under the torch backend and the Triton kernels (interpreted on the CPU, on the GPU where
+there is one)."""
 import pytest
 import torch
 
+import flashcore
 from minillama.kv_cache import KVCache
 from minillama.model import Segment
 from minillama.runner import Runner
@@ -14,14 +16,20 @@ HISTORY = [6, 3, 4, 0]  # tokens each pool row holds before the step
 VOCAB = 320
 
 
+def noisy_pool(runner: Runner, gen: torch.Generator, rows: int) -> KVCache:
+    """An empty cache of 16 slots per row whose slots hold noise (an over-read shows)."""
+    pool = runner.new_cache(rows, 16)
+    pool.k.copy_(torch.randn(pool.k.shape, generator=gen))
+    pool.v.copy_(torch.randn(pool.v.shape, generator=gen))
+    return pool
+
+
 def pool_with_history(runner: Runner, gen: torch.Generator) -> KVCache:
-    """4 rows of 16 slots holding HISTORY tokens each; the slots past the fill hold noise."""
-    pool = runner.new_cache(4, 16)
-    pool.k.normal_(generator=gen)
-    pool.v.normal_(generator=gen)
+    """4 rows holding HISTORY tokens each; the slots past the fill hold noise."""
+    pool = noisy_pool(runner, gen, 4)
     for r, n in enumerate(HISTORY):
         if n:
-            runner(torch.randint(0, VOCAB, (1, n), generator=gen), pool.rows(r, r + 1))
+            runner(torch.randint(0, VOCAB, (1, n), generator=gen).to(runner.device), pool.rows(r, r + 1))
     pool.set_lengths(HISTORY)
     return pool
 
@@ -30,25 +38,24 @@ def copy_of(cache: KVCache) -> KVCache:
     return KVCache(cache.k.clone(), cache.v.clone(), cache.seq_lens.clone(), list(cache.seq_lens_cpu))
 
 
-def the_step(gen: torch.Generator):
+def the_step(gen: torch.Generator, device="cpu"):
     """(row range, tokens) of each segment: rows 0-2 decode one token each (row 1 is not decoding:
     a padding row, its result unused), then a 5-token chunk on row 1 and a 2-token chunk on row 3."""
-    return [((0, 3), torch.randint(0, VOCAB, (3, 1), generator=gen)),
-            ((1, 2), torch.randint(0, VOCAB, (1, 5), generator=gen)),
-            ((3, 4), torch.randint(0, VOCAB, (1, 2), generator=gen))]
+    return [((0, 3), torch.randint(0, VOCAB, (3, 1), generator=gen).to(device)),
+            ((1, 2), torch.randint(0, VOCAB, (1, 5), generator=gen).to(device)),
+            ((3, 4), torch.randint(0, VOCAB, (1, 2), generator=gen).to(device))]
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_segments_equal_one_forward_each(backend):
-    import flashcore
-
-    if backend == "triton" and not flashcore.INTERPRET:
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    if device == "cpu" and backend == "triton" and not flashcore.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on the CPU)")
-    runner = Runner(tiny_model(3, backend=backend))
+    runner = Runner(tiny_model(3, backend=backend, device=device))
     gen = torch.Generator().manual_seed(0)
     pool = pool_with_history(runner, gen)
     separate = copy_of(pool)
-    step = the_step(gen)
+    step = the_step(gen, device)
 
     logits = runner.forward_segments([Segment(t, pool.rows(*rows)) for rows, t in step])  # (T, V)
     expected = torch.cat([runner(t, separate.rows(*rows)).reshape(-1, VOCAB) for rows, t in step])
@@ -61,7 +68,7 @@ def test_segments_equal_one_forward_each(backend):
 
     # logits of chosen tokens only: the decoding rows 0 and 2 and the chunks' last tokens
     pool.set_lengths(HISTORY)
-    rows = torch.tensor([0, 2, 3 + 4, 3 + 5 + 1])
+    rows = torch.tensor([0, 2, 3 + 4, 3 + 5 + 1], device=device)
     chosen = runner.forward_segments([Segment(t, pool.rows(*r)) for r, t in step], rows)
     assert rel_err(chosen, expected[rows]) < 1e-5
 
@@ -73,9 +80,7 @@ def test_a_padding_row_prefilled_in_the_same_forward_is_not_corrupted():
     runner = Runner(tiny_model(4))
     gen = torch.Generator().manual_seed(1)
     history = torch.randint(0, VOCAB, (1, HISTORY[1]), generator=gen)
-    pool = runner.new_cache(4, 16)
-    pool.k.normal_(generator=gen)
-    pool.v.normal_(generator=gen)
+    pool = noisy_pool(runner, gen, 4)
     runner(history, pool.rows(1, 2))
     pool.set_lengths(HISTORY)  # rows 0, 2, 3 hold noise counted as filled: only row 1 is compared
     alone = runner.new_cache(1, 16)
