@@ -10,9 +10,15 @@ Shapes: B batch, S new tokens, H_q query heads, H_kv key/value heads, D head_dim
 Positions come from ``seq_lens`` (tokens already cached per row), never from a tensor's shape.
 q/k/v are one fused projection and gate/up another (``wqkv``, ``w13``), filled at load time from
 the checkpoint's separate tensors (``minillama.weights``).
+
+A forward runs one or more *segments* (:class:`Segment`): B_i rows of S_i new tokens each, on a
+cache view of those rows; S_i may differ between segments (a continuous-batching step runs the
+decoding rows, one token each, with prompt chunks of several requests). Every projection, norm
+and SwiGLU runs once over the T = sum B_i S_i new tokens, flattened to (T, hidden), so each weight
+is read once per forward; RoPE positions and attention (one flashcore call) are per segment.
 """
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +56,25 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class Segment(NamedTuple):
+    """S new tokens on each of B cache rows: one part of a forward (:meth:`Transformer.forward_segments`)."""
+
+    tokens: torch.Tensor  # (B, S) token ids
+    cache: KVCache  # B rows (e.g. a view of a pool's rows, ``KVCache.rows``), appended at their fill
+
+    def layer(self, i: int) -> "LayerSegment":
+        B, S = self.tokens.shape
+        return LayerSegment(B, S, self.cache.layer(i))
+
+
+class LayerSegment(NamedTuple):
+    """A segment as layer i's attention sees it: S new tokens on each row of that layer's cache view."""
+
+    B: int
+    S: int
+    cache: LayerCache  # B rows
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, backend, tp=None):
         super().__init__()
@@ -63,17 +88,23 @@ class Attention(nn.Module):
         self.wo = Linear(q, config.hidden_size, config.attention_bias, backend, parallel="row", tp=tp)
         self.backend = backend
 
-    def forward(self, h, cos, sin, cache: LayerCache) -> torch.Tensor:
-        """wo(attention(h)) for the normed input h (B, S, hidden); k, v appended to the cache."""
-        B, S, _ = h.shape
+    def forward(self, h, cos, sin, segments: Sequence[LayerSegment]) -> torch.Tensor:
+        """wo(attention(h)) for the normed input h (T, hidden): the segments' new tokens one after
+        the other, each segment's B * S rows in (B, S) order. Each segment's k, v are appended to
+        its cache, segment by segment in order."""
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(h)  # (B, S, (H + 2 H_kv) D): q heads, then k heads, then v heads
-        self.backend.rope_(qkv.view(B * S, -1), cos, sin, H + H_kv, D)  # q and k heads, in place
-        q = qkv[..., : H * D].view(B, S, H, D)
-        k = qkv[..., H * D : (H + H_kv) * D].view(B, S, H_kv, D)
-        v = qkv[..., (H + H_kv) * D :].view(B, S, H_kv, D)
-        out = self.backend.attention(q, k, v, cache)  # (B, S, H, D); k, v appended at each row's fill
-        return self.wo(out.reshape(B, S, H * D))
+        qkv = self.wqkv(h)  # (T, (H + 2 H_kv) D): q heads, then k heads, then v heads
+        self.backend.rope_(qkv, cos, sin, H + H_kv, D)  # q and k heads, in place
+        out, start = [], 0
+        for B, S, cache in segments:
+            rows = qkv[start: start + B * S]  # (B S, (H + 2 H_kv) D): this segment's tokens
+            q = rows[:, : H * D].view(B, S, H, D)
+            k = rows[:, H * D : (H + H_kv) * D].view(B, S, H_kv, D)
+            v = rows[:, (H + H_kv) * D :].view(B, S, H_kv, D)
+            o = self.backend.attention(q, k, v, cache)  # (B, S, H, D); k, v appended at each row's fill
+            out.append(o.reshape(B * S, H * D))
+            start += B * S
+        return self.wo(out[0] if len(out) == 1 else torch.cat(out))  # (T, hidden)
 
 
 class FeedForward(nn.Module):
@@ -85,7 +116,7 @@ class FeedForward(nn.Module):
         self.w2 = Linear(F_dim, config.hidden_size, config.mlp_bias, backend, parallel="row", tp=tp)
 
     def forward(self, h) -> torch.Tensor:
-        """w2(silu(w1 h) * w3 h) for the normed input h (B, S, hidden)."""
+        """w2(silu(w1 h) * w3 h) for the normed input h (T, hidden)."""
         return self.w2(self.w13(h))
 
 
@@ -97,10 +128,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.feed_forward = FeedForward(config, backend, tp)
 
-    def forward(self, x, residual, cos, sin, cache: LayerCache):
-        """x: the previous block's output, not yet added to the residual stream (None at the first)."""
+    def forward(self, x, residual, cos, sin, segments: Sequence[LayerSegment]):
+        """x (T, hidden): the previous block's output, not yet added to the residual stream (None
+        at the first)."""
         h, residual = self.attention_norm(x, residual)  # residual = x + residual; h = norm(residual)
-        x = self.attention(h, cos, sin, cache)
+        x = self.attention(h, cos, sin, segments)
         h, residual = self.ffn_norm(x, residual)
         return self.feed_forward(h), residual
 
@@ -143,7 +175,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run S new tokens per row through the model.
+        """Run S new tokens per row through the model: one segment (see :meth:`forward_segments`).
 
         Args:
             tokens: (B, S) token ids.
@@ -157,14 +189,47 @@ class Transformer(nn.Module):
         B, S = tokens.shape
         if cache is None:
             cache = self.new_cache(B, S)
-        positions = cache.seq_lens[:, None].long() + torch.arange(S, device=tokens.device)  # (B, S)
-        x = self.tok_embeddings(tokens)  # (B, S, hidden)
-        cos, sin = rope_cos_sin(positions.view(-1), self.inv_freq, x.dtype)  # (B * S, D)
+        rows = None
+        if logits_at is not None and S > 1:
+            rows = torch.arange(B, device=tokens.device) * S + logits_at  # (B,) into the B * S tokens
+        logits = self.forward_segments([Segment(tokens, cache)], rows)
+        return logits.view(B, -1, logits.shape[-1])  # (B, S or 1, V)
+
+    def forward_segments(self, segments: Sequence[Segment],
+                         logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run several segments of new tokens through the model in one pass.
+
+        Args:
+            segments: each B_i rows of S_i new tokens (S_i may differ) on a cache view of B_i rows,
+                written at each row's fill, which this call reads but never advances (the caller
+                does, after). The T = sum B_i S_i tokens are flattened in order: segment by
+                segment, each (B_i, S_i) row-major. Segments may be views of one pool's rows;
+                each layer appends the segments' keys/values in order, so where two segments write
+                the same cache slot the later one's value stays (and is what it attends to): a
+                padding row of a decode segment (a token whose result nobody reads, written at its
+                fill) may be prefilled by a later segment of the same forward.
+            logits_rows: optional (N,) int64 indices into the T tokens: return logits only there
+                (N may be 0: a forward that only fills the caches).
+        Returns:
+            logits (N, V) (or (T, V) without ``logits_rows``) in the model's dtype.
+        """
+        if not segments:
+            raise ValueError("forward_segments needs at least one segment")
+        flat = [s.tokens.reshape(-1) for s in segments]
+        positions = [s.cache.seq_lens[:, None].long() + torch.arange(s.tokens.shape[1], device=s.tokens.device)
+                     for s in segments]  # (B_i, S_i) each
+        if len(segments) == 1:
+            tokens, positions = flat[0], positions[0].view(-1)
+        else:
+            tokens, positions = torch.cat(flat), torch.cat([p.view(-1) for p in positions])  # (T,)
+        x = self.tok_embeddings(tokens)  # (T, hidden)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, cache.layer(i))
-        if logits_at is not None and S > 1:
-            rows = torch.arange(B, device=x.device)
-            x, residual = x[rows, logits_at][:, None], residual[rows, logits_at][:, None]  # (B, 1, hidden)
+            x, residual = layer(x, residual, cos, sin, [s.layer(i) for s in segments])
+        if logits_rows is not None:
+            if logits_rows.numel() == 0:
+                return x.new_empty(0, self.config.vocab_size)
+            x, residual = x[logits_rows], residual[logits_rows]  # (N, hidden)
         h, _ = self.norm(x, residual)
-        return self.output(h)  # (B, S or 1, V)
+        return self.output(h)  # (T or N, V)

@@ -1,5 +1,6 @@
 """The runner: one per model and process. It runs the model's one forward, eagerly or as CUDA-graph
-replays of single-token decode steps, and tunes the Triton GEMV once per GPU.
+replays of single-token decode steps, and tunes the Triton GEMV once per GPU. Forwards of several
+segments (a continuous-batching step's decoding rows with prompt chunks) always run eagerly.
 
 A graph bakes in the addresses of the cache tensors and of its own input/output buffers, and
 nothing else: positions and fill lengths are read on the device from ``seq_lens``, which the
@@ -13,12 +14,12 @@ rows; the extra rows compute values nobody reads and write only at their own fil
 lies past their fill. So a scheduler whose active rows come first needs few graphs.
 """
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from minillama.kv_cache import KVCache
-from minillama.model import Transformer
+from minillama.model import Segment, Transformer
 
 
 def bucket(batch: int) -> int:
@@ -53,7 +54,8 @@ class _Graph:
 
 
 class Runner:
-    """Runs ``model``: ``runner(tokens, cache, logits_at)`` computes ``model(tokens, cache, logits_at)``.
+    """Runs ``model``: ``runner(tokens, cache, logits_at)`` computes ``model(tokens, cache, logits_at)``,
+    ``runner.forward_segments(segments, logits_rows)`` the model's method of that name.
 
     Args:
         model: a loaded :class:`~minillama.model.Transformer` (its backend is already chosen).
@@ -118,6 +120,13 @@ class Runner:
         self._graphs.move_to_end(key)
         logits = graph.replay(tokens)
         return logits if rows == B else logits[:B]
+
+    @torch.inference_mode()
+    def forward_segments(self, segments: Sequence[Segment],
+                         logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (N, V) of several segments of new tokens run in one eager forward (see the model's
+        ``forward_segments``): every weight is read once for all of them."""
+        return self.model.forward_segments(segments, logits_rows)
 
     def _capture(self, key: tuple, tokens: torch.Tensor, cache: KVCache) -> _Graph:
         """Capture the decode step over ``cache`` (all its rows; tokens may fill the first ones)."""

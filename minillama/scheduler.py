@@ -1,11 +1,21 @@
 """Continuous batching: many requests share one fixed pool of KV-cache rows.
 
-A request takes a free row of the pool. Its prompt is prefilled in chunks of at most
-``prefill_chunk`` tokens per scheduler iteration, so a long prompt delays the running decodes by a
-bounded time. Each iteration then runs one decode step that advances every decoding row at once;
-a row that finishes (stop id, stop string, ``max_tokens``, cancel) is free for the queue at the next
-iteration while the others keep decoding. The cache's per-row fill (``seq_lens``) is what makes
-this work: a row is reset and refilled without touching the others.
+A request takes a free row of the pool. Prompts are prefilled in chunks: an iteration takes at most
+``prefill_chunk`` prompt tokens in all, from the oldest requests first (the last of them may get
+part of its rest), so a long prompt delays the running decodes by a bounded time. An iteration
+with prompt tokens runs one *mixed step*: one forward (``Transformer.forward_segments``) of every
+decoding row's next token together with the prompt chunks, so the weights are read once for all of
+them and the prompts of several requests are prefilled at once. An iteration without runs one
+decode step over the decoding rows (the runner's CUDA graph on a GPU). A row that finishes (stop
+id, stop string, ``max_tokens``, cancel) is free for the queue at the next iteration while the
+others keep decoding. The cache's per-row fill (``seq_lens``) is what makes this work: a row is
+reset and refilled without touching the others.
+
+Both kinds of step feed every row up to the last decoding one, decoding or not, as one segment of
+one token per row: a row that is not decoding feeds a token whose result nobody reads, written at
+its fill, which lies past what the row holds. A row whose prompt chunk is in the same mixed step
+is prefilled by a later segment of that forward, which writes the same slot again before any
+query reads it (the forward appends its segments in order).
 
 Exactness: a row reads only its own cache, so a request's tokens equal its solo
 ``Llama.generate`` run (greedy, or sampled with its ``seed``): each request samples with its own
@@ -13,24 +23,26 @@ generator, seeded as the solo run seeds its one, drawing once per token as it do
 batch, only the shapes of the matmuls change; on a GPU another shape may round a bf16 near-tie the
 other way.
 
-Prefix reuse: a free row keeps the ids whose keys and values it holds. A new request takes the
+Prefix reuse: a free row keeps the ids whose keys and values it holds (a request cancelled while
+its prompt was prefilled leaves the chunks it got). A new request takes the
 free row holding the longest prefix of its prompt (chat clients resend the whole conversation)
 when that saves at least ``MIN_REUSE`` tokens over the lowest free row, cuts the row back to that
 prefix and prefills only the rest; :meth:`Scheduler.stats` reports the hit rate. Otherwise it
 takes the lowest free row: the decode step runs over the rows up to the last active one (the
 runner's CUDA graphs are bucketed by that count), so active rows are best kept at the front.
 
-Overlap: each iteration first launches its device work (the decode step, prefill chunks, the
-first tokens of completed prompts; ids and fills move between host and device without waiting),
-and only then processes the previous iteration's tokens on the host (detokenizing, stop strings,
-events) while the device computes. The price: a row finished by the previous step runs one wasted
-token in the current one (never shown, past its output in the cache; rows have a spare slot).
+Overlap: each iteration first launches its device work (the step, the sampling of the decoding
+rows and of the first tokens of completed prompts; ids and fills move between host and device
+without waiting), and only then processes the previous iteration's tokens on the host
+(detokenizing, stop strings, events) while the device computes. The price: a row finished by the
+previous step runs one wasted token in the current one (never shown, past its output in the cache;
+rows have a spare slot).
 
 Tensor parallelism: every process builds a Scheduler; rank 0's runs the thread and takes the
-requests, the others call :meth:`Scheduler.follow`. Each device operation (fills, prefill chunks,
-decode steps) goes through one place, ``_op``, where rank 0 broadcasts it before running it, so the
-other ranks replay the same operations in the same order; the ids rank 0 samples are broadcast
-with them. (A rank that fails leaves the others waiting: the group is as alive as its weakest rank.)
+requests, the others call :meth:`Scheduler.follow`. Each device operation (fills, mixed and decode
+steps) goes through one place, ``_op``, where rank 0 broadcasts it before running it, so the other
+ranks replay the same operations in the same order; the ids rank 0 samples are broadcast with
+them. (A rank that fails leaves the others waiting: the group is as alive as its weakest rank.)
 
 The scheduler runs in one background thread; each step (forward and sampling) holds the runner's
 step lock (:func:`minillama.concurrency.step_lock`), as ``Llama.generate`` does, so both may share a
@@ -47,7 +59,7 @@ import torch
 
 from minillama.concurrency import step_lock
 from minillama.errors import NonFiniteLogitsError
-from minillama.kv_cache import KVCache
+from minillama.model import Segment
 from minillama.runner import bucket
 from minillama.sampling import NON_FINITE, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
@@ -139,7 +151,8 @@ class Scheduler:
             model's context.
         max_queue: requests waiting for a busy row at most; :meth:`submit` raises :class:`QueueFull`
             beyond (0: a request is taken only when a row is free).
-        prefill_chunk: prompt tokens prefilled per iteration at most (bounds the decode stall).
+        prefill_chunk: prompt tokens prefilled per iteration at most, over all requests (bounds
+            the decode stall).
         deliver: takes each iteration's events as ``[(callback, event)]`` and runs the callbacks,
             e.g. all at once on an event loop; None: the scheduler thread calls them one by one.
     """
@@ -184,7 +197,8 @@ class Scheduler:
         self.deliver = deliver  # may be set later, e.g. once an event loop runs
         self._next_ids = torch.zeros(self.cache.batch, dtype=torch.long, device=llm.device)  # fed by the next step
         self._counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
-                              prefix_hits=0, generated_tokens=0, decode_steps=0, prefill_chunks=0)
+                              prefix_hits=0, generated_tokens=0, decode_steps=0, mixed_steps=0,
+                              prefill_chunks=0)
         self._step_lock = step_lock(llm.runner)  # one step (forward + sample) at a time per model
         self._tp = llm.model.tp  # tensor parallelism: rank 0 schedules, the others follow()
         self._capture_graphs()
@@ -256,7 +270,9 @@ class Scheduler:
                 self._wake.notify()
 
     def stats(self) -> dict:
-        """Counters since the start, the queue, and the prefix-cache hit rate (cached / prompt tokens)."""
+        """Counters since the start, the queue, and the prefix-cache hit rate (cached / prompt tokens).
+        Steps: ``decode_steps`` (decoding rows only), ``mixed_steps`` (with prompt chunks, of which
+        ``prefill_chunks`` counts one per request per step)."""
         with self._lock:
             out = dict(self._counters)
             out["waiting"] = len(self._waiting)
@@ -280,10 +296,10 @@ class Scheduler:
     # -- the scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        pending: List[_Step] = []  # launched by the last iteration, tokens not processed yet (see Overlap)
+        pending: Optional[_Step] = None  # launched by the last iteration, tokens not processed yet (see Overlap)
         while True:
             with self._lock:
-                while (not pending and not self._closed and not self._waiting
+                while (pending is None and not self._closed and not self._waiting
                        and all(r.seq is None for r in self.rows)):
                     self._wake.wait()
                 if self._closed:
@@ -301,13 +317,12 @@ class Scheduler:
             if self._closed:
                 return
             try:
-                launched = [step for step in [self._launch_decode()] if step is not None]
-                launched += self._prefill()
-                for step in pending:
-                    self._resolve(step)
+                launched = self._launch()
+                if pending is not None:
+                    self._resolve(pending)
                 pending = launched
             except Exception as e:  # the server never dies on a request: fail the rows in flight
-                pending = []
+                pending = None
                 message = f"{type(e).__name__}: {e}"
                 with self._lock:
                     for row in self.rows:
@@ -354,18 +369,24 @@ class Scheduler:
         kind = op[0]
         if kind == "lengths":  # ("lengths", fills of every row)
             self.cache.set_lengths(op[1])
-        elif kind == "prefill":  # ("prefill", row, prompt chunk): logits of its last token
-            _, r, chunk = op
-            logits = self._forward(self._to_device([chunk]), self.cache.rows(r, r + 1),
-                                   logits_at=self._to_device([len(chunk) - 1]))
-            counts = [0] * self.cache.batch
-            counts[r] = len(chunk)
+        elif kind == "mixed":  # ("mixed", decode span, [(row, prompt chunk)], logits rows, fill counts)
+            _, span, chunks, rows, counts = op
+            # rows [0, span) one token each (see the module's note on rows that are not decoding),
+            # then each prompt chunk on its row; logits of the tokens that sample
+            segments = [Segment(self._fed_ids(span), self.cache.rows(0, span))] if span else []
+            prompt_ids = self._to_device([t for _, chunk in chunks for t in chunk])  # one copy for all chunks
+            start = 0
+            for r, chunk in chunks:
+                segments.append(Segment(prompt_ids[start: start + len(chunk)].view(1, -1), self.cache.rows(r, r + 1)))
+                start += len(chunk)
+            with torch.inference_mode():
+                logits = self.llm.decodable(self.llm.runner.forward_segments(segments, self._to_device(rows)))
             self.cache.advance(counts)
             return logits
         elif kind == "decode":  # ("decode", rows in the step, fill counts): logits of the first rows
             _, span, counts = op
-            # a row whose last token was NON_FINITE (its request failed) feeds 0, ignored
-            logits = self._forward(self._next_ids[:span, None].clamp_min(0), self.cache)
+            with torch.inference_mode():
+                logits = self.llm.decodable(self.llm.runner(self._fed_ids(span), self.cache)[:, -1])
             self.cache.advance(counts)
             return logits
         elif kind == "agree":  # ("agree",): every rank continues with rank 0's sampled ids
@@ -385,6 +406,11 @@ class Scheduler:
             with self._step_lock, torch.inference_mode():
                 self._apply(op)
 
+    def _fed_ids(self, span: int) -> torch.Tensor:
+        """(span, 1): what the first ``span`` rows feed, each its last sampled token; a row whose last
+        token was NON_FINITE (its request failed) feeds 0, its result ignored."""
+        return self._next_ids[:span, None].clamp_min(0)
+
     def _to_device(self, values: List[int]) -> torch.Tensor:
         """A small int64 tensor on the device, copied without making the host wait for the device."""
         host = torch.tensor(values, dtype=torch.long)
@@ -392,17 +418,20 @@ class Scheduler:
             return host
         return host.pin_memory().to(self.llm.device, non_blocking=True)
 
-    def _forward(self, tokens: torch.Tensor, cache: KVCache, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (B, V') of the ids that may be sampled (``Llama.decodable``) after running ``tokens``
-        (B, S) on the first B rows of ``cache`` (the runner's CUDA graphs for single-token steps)."""
-        with torch.inference_mode():
-            return self.llm.decodable(self.llm.runner(tokens, cache, logits_at=logits_at)[:, -1])
+    def _launch(self) -> Optional["_Step"]:
+        """Launch this iteration's step: a mixed step when prompt tokens are pending, else a decode
+        step when rows are decoding. Returns its sampled tokens on their way to the host, if any."""
+        decoding = [r.seq for r in self.rows if r.seq is not None and r.seq.decoding and not r.seq.done]
+        chunks = self._chunks()
+        if chunks:
+            return self._launch_mixed(decoding, chunks)
+        if decoding:
+            return self._launch_decode(decoding)
+        return None
 
-    def _prefill(self) -> List["_Step"]:
-        """Prefill up to ``prefill_chunk`` prompt tokens, oldest request first; sample the first
-        tokens of the prompts it completes (returned, on their way to the host)."""
-        steps = []
-        budget = self.prefill_chunk
+    def _chunks(self) -> List[Tuple[_Sequence, List[int]]]:
+        """This iteration's prompt chunks: ``prefill_chunk`` tokens at most in all, oldest request first."""
+        chunks, budget = [], self.prefill_chunk
         pending = sorted((r.seq for r in self.rows if r.seq is not None and r.seq.pos < len(r.seq.prompt)),
                          key=lambda s: s.rid)
         for seq in pending:
@@ -410,21 +439,39 @@ class Scheduler:
                 break
             chunk = seq.prompt[seq.pos: seq.pos + budget]
             budget -= len(chunk)
-            r = seq.row
-            with self._step_lock:
-                logits = self._op(("prefill", r, chunk))
-                seq.pos += len(chunk)
-                self._counters["prefill_chunks"] += 1
-                if seq.pos == len(seq.prompt):
-                    steps.append(self._sample([seq], logits))
-                    seq.decoding = True  # the next decode step feeds its first token
-        return steps
+            chunks.append((seq, chunk))
+        return chunks
 
-    def _launch_decode(self) -> Optional["_Step"]:
+    def _launch_mixed(self, decoding: List[_Sequence], chunks: List[Tuple[_Sequence, List[int]]]) -> Optional["_Step"]:
+        """One forward of the decoding rows' next tokens and the prompt chunks; sample the decoding
+        rows and the first tokens of the prompts it completes."""
+        span = max((s.row for s in decoding), default=-1) + 1  # the decode segment: rows [0, span)
+        counts = [0] * self.cache.batch
+        for s in decoding:
+            counts[s.row] = 1
+        rows = [s.row for s in decoding]  # logits rows among the forward's tokens: the decode segment's first
+        completed, end = [], span
+        for seq, chunk in chunks:
+            counts[seq.row] = len(chunk)
+            end += len(chunk)
+            if seq.pos + len(chunk) == len(seq.prompt):
+                rows.append(end - 1)  # the chunk's last token
+                completed.append(seq)
+        with self._step_lock:
+            logits = self._op(("mixed", span, [(seq.row, chunk) for seq, chunk in chunks], rows, counts))
+            self._counters["mixed_steps"] += 1
+            self._counters["prefill_chunks"] += len(chunks)
+            for seq, chunk in chunks:
+                seq.pos += len(chunk)
+            if not rows:
+                return None
+            step = self._sample(decoding + completed, logits)
+            for seq in completed:
+                seq.decoding = True  # the next step feeds its first token
+            return step
+
+    def _launch_decode(self, decoding: List[_Sequence]) -> "_Step":
         """One decode step over the rows up to the last decoding one (the others' results unused)."""
-        decoding = [r.seq for r in self.rows if r.seq is not None and r.seq.decoding and not r.seq.done]
-        if not decoding:
-            return None
         span = max(s.row for s in decoding) + 1
         counts = [0] * self.cache.batch
         for s in decoding:

@@ -377,7 +377,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row at most (then 429)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="tokens per request, prompt + output (default: the model's context, at most 8192)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step at most")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per step at most, over all requests")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

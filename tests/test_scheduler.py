@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minillama import Llama
+from minillama.concurrency import step_lock
 from minillama.hub import DEMO_MODEL_DIR
 from minillama.sampling import SamplingParams
 from minillama.scheduler import Failed, Finished, QueueFull, Request, Scheduler, Token
@@ -163,21 +164,53 @@ def test_a_pool_that_does_not_fit_is_a_clear_error(llm, monkeypatch):
         Scheduler(llm, max_batch=64)
 
 
+class FailingRunner:
+    """The runner, its ``fail_at``-th forward (a decode step, ``runner(...)``, or a mixed step,
+    ``runner.forward_segments``) raising."""
+
+    def __init__(self, runner, fail_at):
+        self.runner, self.left = runner, fail_at
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def _count(self):
+        self.left -= 1
+        if self.left == 0:
+            raise RuntimeError("out of memory (simulated)")
+
+    def __call__(self, *args, **kwargs):
+        self._count()
+        return self.runner(*args, **kwargs)
+
+    def forward_segments(self, *args, **kwargs):
+        self._count()
+        return self.runner.forward_segments(*args, **kwargs)
+
+
+class PoisonedRunner:
+    """The runner, row 1 of its decode steps over two rows or more NaN."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, tokens, cache, logits_at=None):
+        logits = self.runner(tokens, cache, logits_at=logits_at)
+        if tokens.shape[1] == 1 and tokens.shape[0] > 1:
+            logits = logits.clone()
+            logits[1] = float("nan")
+        return logits
+
+
 def test_a_failing_step_fails_its_requests_not_the_scheduler(llm, monkeypatch):
     scheduler = Scheduler(llm, max_batch=2)
     prompt = llm.tokenizer.encode("Once upon a time")
     ref = llm.generate([prompt], max_new_tokens=10)[0]
     try:
-        real = llm.runner
-        calls = {"n": 0}
-
-        def flaky(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise RuntimeError("out of memory (simulated)")
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(llm, "runner", flaky)
+        monkeypatch.setattr(llm, "runner", FailingRunner(llm.runner, fail_at=3))  # the second decode step
         (failed,) = run_all(scheduler, [Request(prompt, 10)])
         assert isinstance(failed.end, Failed) and "simulated" in failed.end.message
         (ok,) = run_all(scheduler, [Request(prompt, 10)])
@@ -192,16 +225,7 @@ def test_nan_logits_fail_their_request_alone(llm, monkeypatch):
     prompt = llm.tokenizer.encode("Once upon a time")
     ref = llm.generate([prompt], max_new_tokens=6)[0]
     try:
-        real = llm.runner
-
-        def poisoned(tokens, cache, logits_at=None):
-            logits = real(tokens, cache, logits_at=logits_at)
-            if tokens.shape[1] == 1 and tokens.shape[0] > 1:  # decode steps of both rows: row 1 is NaN
-                logits = logits.clone()
-                logits[1] = float("nan")
-            return logits
-
-        monkeypatch.setattr(llm, "runner", poisoned)
+        monkeypatch.setattr(llm, "runner", PoisonedRunner(llm.runner))
         got = run_all(scheduler, [Request(prompt, 6), Request(prompt + [5], 6)])
         assert got[0].ids == ref.token_ids and got[0].end.finish_reason == ref.finish_reason
         assert isinstance(got[1].end, Failed) and "NaN/Inf" in got[1].end.message
@@ -268,5 +292,112 @@ def test_unseeded_sampling_rows_sample_together(llm):
         got = run_all(scheduler, [Request(p, 12, params) for p in prompts])
         for p, g in zip(prompts, got):
             assert g.ids == llm.generate([p], max_new_tokens=12)[0].token_ids
+    finally:
+        scheduler.close()
+
+
+LONG = "Once upon a time there was a little girl named Lily. She loved to play in the park with her dog Max."
+
+
+def spy_ops(scheduler, monkeypatch, then=None):
+    """The device operations the scheduler runs, recorded as it runs them (``then(op)`` after each)."""
+    ops, apply = [], scheduler._apply
+
+    def recording(op):
+        out = apply(op)
+        ops.append(op)
+        if then is not None:
+            then(op)
+        return out
+
+    monkeypatch.setattr(scheduler, "_apply", recording)
+    return ops
+
+
+def test_mixed_steps_prefill_several_prompts(llm, monkeypatch):
+    """Prompts of different lengths share the ``prefill_chunk`` budget of each step, oldest first,
+    one of them over several steps, and every request gets its solo tokens."""
+    scheduler = Scheduler(llm, max_batch=4, prefill_chunk=7)
+    try:
+        ops = spy_ops(scheduler, monkeypatch)
+        prompts = [llm.tokenizer.encode(p) for p in (LONG, PROMPTS[1], PROMPTS[4], PROMPTS[7])]
+        collectors = [Collector() for _ in prompts]
+        with step_lock(llm.runner):  # all four are queued before the first step ends
+            for i, (p, c) in enumerate(zip(prompts, collectors)):
+                scheduler.submit(Request(p, 8 + 3 * i), c)
+        for i, (p, c) in enumerate(zip(prompts, collectors)):
+            assert c.wait().ids == llm.generate([p], max_new_tokens=8 + 3 * i)[0].token_ids
+        mixed = [op for op in ops if op[0] == "mixed"]
+        assert all(sum(len(chunk) for _, chunk in op[2]) <= 7 for op in mixed)
+        assert [len(chunk) for _, chunk in mixed[0][2]] == [7]  # the 25-token prompt first, alone
+        assert any(len(op[2]) > 1 for op in mixed)  # its last chunk shares a step with the next prompt
+        stats = scheduler.stats()
+        assert stats["mixed_steps"] == len(mixed) and stats["prefill_chunks"] == sum(len(op[2]) for op in mixed)
+        assert stats["decode_steps"] == sum(op[0] == "decode" for op in ops) > 0
+    finally:
+        scheduler.close()
+
+
+def test_a_row_prefilled_inside_the_decode_span(llm, monkeypatch):
+    """A new request takes row 0 (reusing the prefix its last request left) while row 1 decodes: its
+    prompt is prefilled in chunks by mixed steps whose decode segment spans row 0 too. Both get their
+    solo tokens."""
+    scheduler = Scheduler(llm, max_batch=2, prefill_chunk=4)
+    try:
+        ops = spy_ops(scheduler, monkeypatch)
+        first, decoding, late = (llm.tokenizer.encode(p) for p in (PROMPTS[0], PROMPTS[1], LONG))
+        late_out = Collector()
+
+        class SubmitLateWhenDone(Collector):  # from the scheduler thread: admitted at the next step
+            def __call__(self, event):
+                super().__call__(event)
+                if isinstance(event, Finished):
+                    scheduler.submit(Request(late, 10), late_out)
+
+        first_out, decoding_out = SubmitLateWhenDone(), Collector()
+        with step_lock(llm.runner):
+            scheduler.submit(Request(first, 2), first_out)
+            scheduler.submit(Request(decoding, 60), decoding_out)
+        assert decoding_out.wait().ids == llm.generate([decoding], max_new_tokens=60)[0].token_ids
+        assert late_out.wait().ids == llm.generate([late], max_new_tokens=10)[0].token_ids
+        assert late_out.end.cached_tokens == len(first)  # "Once upon a time" and BOS
+        inside = [op for op in ops if op[0] == "mixed" and any(row < op[1] for row, _ in op[2])]
+        assert len(inside) == -(-(len(late) - len(first)) // 4)  # every chunk of the late prompt
+    finally:
+        scheduler.close()
+
+
+def test_cancel_during_prefill_keeps_what_was_prefilled(llm, monkeypatch):
+    """A request cancelled between its prompt's chunks, while another request decodes in the same
+    steps, finishes with no tokens; its row keeps the chunks it got, which the next request with
+    that prompt reuses. Every request that runs to its end gets its solo tokens."""
+    scheduler = Scheduler(llm, max_batch=2, prefill_chunk=3)
+    try:
+        other, long = llm.tokenizer.encode(PROMPTS[2]), llm.tokenizer.encode(LONG)
+        held = []  # row 1's fill when the cancel came
+
+        def cancel_after_two_chunks(op):
+            if op[0] == "mixed" and not held and scheduler.cache.seq_lens_cpu[1] >= 4:
+                assert op[1] == 1  # row 0 decodes in this step
+                held.append(scheduler.cache.seq_lens_cpu[1])
+                scheduler.cancel(1)  # the long prompt's request
+
+        spy_ops(scheduler, monkeypatch, then=cancel_after_two_chunks)
+        again = Collector()
+
+        class ResubmitWhenCancelled(Collector):  # from the scheduler thread: row 1 is the only free row
+            def __call__(self, event):
+                super().__call__(event)
+                if isinstance(event, Finished):
+                    scheduler.submit(Request(long, 10), again)
+
+        decoding, cancelled = Collector(), ResubmitWhenCancelled()
+        with step_lock(llm.runner):
+            scheduler.submit(Request(other, 30), decoding)  # 8 prompt tokens: chunks of 3, 3, 2
+            scheduler.submit(Request(long, 10), cancelled)  # chunks of 1, 3, ... after them
+        assert cancelled.wait().end.finish_reason == "cancelled" and cancelled.ids == []
+        assert again.wait().ids == llm.generate([long], max_new_tokens=10)[0].token_ids
+        assert again.end.cached_tokens == held[0] == 4
+        assert decoding.wait().ids == llm.generate([other], max_new_tokens=30)[0].token_ids
     finally:
         scheduler.close()

@@ -35,13 +35,25 @@ class Scripted:
     def new_cache(self, batch, max_len):
         return self.runner.new_cache(batch, max_len)
 
+    def next_logits(self, position):
+        """(V,): the reply token that follows the token at ``position``."""
+        logits = torch.zeros(self.vocab)
+        i = position + 1 - self.prompt_len  # index of the reply token that comes next
+        logits[self.reply_ids[i] if 0 <= i < len(self.reply_ids) else EOT] = 1.0
+        return logits
+
     def __call__(self, tokens, cache, logits_at=None):
         B, S = tokens.shape
-        logits = torch.zeros(B, 1, self.vocab)
-        for b in range(B):
-            last = cache.seq_lens_cpu[b] + (int(logits_at[b]) if logits_at is not None else S - 1)
-            i = last + 1 - self.prompt_len  # index of the reply token that comes next
-            logits[b, 0, self.reply_ids[i] if 0 <= i < len(self.reply_ids) else EOT] = 1.0
+        lasts = [cache.seq_lens_cpu[b] + (int(logits_at[b]) if logits_at is not None else S - 1) for b in range(B)]
+        return torch.stack([self.next_logits(p) for p in lasts])[:, None]  # (B, 1, V)
+
+    def forward_segments(self, segments, logits_rows=None):
+        positions = [cache.seq_lens_cpu[b] + s for tokens, cache in segments
+                     for b in range(tokens.shape[0]) for s in range(tokens.shape[1])]
+        rows = range(len(positions)) if logits_rows is None else logits_rows.tolist()
+        logits = torch.zeros(len(rows), self.vocab)  # (N, V); N may be 0
+        for n, t in enumerate(rows):
+            logits[n] = self.next_logits(positions[t])
         return logits
 
 

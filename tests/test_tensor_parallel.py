@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from minillama import Llama
 from minillama.config import LlamaConfig
 from minillama.layers import Linear
+from minillama.model import Segment
 from minillama.parallel import check_degree, degrees_that_work, leave
 from tests.checkpoints import write_checkpoint
 
@@ -42,6 +43,7 @@ def run_everything(folder, out_path):
     llm = Llama.from_pretrained(folder, device="cpu")
     ids = llm.tokenizer.encode("the cat sat on the mat and then it", bos=True)
     out = {"logits": llm.logits(ids)}
+    out["segments"] = mixed_step_logits(llm, ids)
     out["greedy"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)]
     out["seeded"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=7)]
     out["unseeded"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12, temperature=1.5, top_p=0.95)]
@@ -59,6 +61,18 @@ def run_everything(folder, out_path):
         "head_parallel": model.output.parallel,
     }
     torch.save(out, out_path)
+
+
+def mixed_step_logits(llm, ids):
+    """A scheduler's mixed step: rows 0-1 decode one token each, rows 2 and 3 get prompt chunks of 7
+    and 2 tokens, in one forward; logits of the decoding rows and the chunks' last tokens."""
+    pool = llm.new_cache(4, 32)
+    llm.runner(torch.tensor([ids[:5]]), pool.rows(0, 1))
+    llm.runner(torch.tensor([ids[:3]]), pool.rows(1, 2))
+    pool.set_lengths([5, 3, 0, 0])
+    segments = [Segment(torch.tensor([[ids[5]], [ids[3]]]), pool.rows(0, 2)),
+                Segment(torch.tensor([ids[:7]]), pool.rows(2, 3)), Segment(torch.tensor([ids[1:3]]), pool.rows(3, 4))]
+    return llm.runner.forward_segments(segments, torch.tensor([0, 1, 2 + 6, 2 + 7 + 1]))
 
 
 def _rank_main(rank, world, port, folder, out_dir):
@@ -82,12 +96,13 @@ def case(request, tmp_path_factory):
     return config, torch.load(single), ranks
 
 
-def test_tp2_logits_equal_tp1(case):
+@pytest.mark.parametrize("key", ["logits", "segments"])
+def test_tp2_logits_equal_tp1(case, key):
     _, single, ranks = case
     for out in ranks:
-        err = ((out["logits"].double() - single["logits"].double()).norm() / single["logits"].double().norm()).item()
+        err = ((out[key].double() - single[key].double()).norm() / single[key].double().norm()).item()
         assert err < 1e-5, err
-    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])  # every rank holds the same full logits
+    assert torch.equal(ranks[0][key], ranks[1][key])  # every rank holds the same full logits
 
 
 def test_tp2_greedy_tokens_equal_tp1(case):
