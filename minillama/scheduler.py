@@ -208,8 +208,12 @@ class Scheduler:
 
     def _capture_graphs(self) -> None:
         """On CUDA, let the runner capture the decode graph of every batch bucket up to the pool's
-        rows now (and tune its GEMV), so that no request waits for a capture. The steps run on
-        empty rows: they write one garbage token at position 0 of each, past its fill."""
+        rows now (and tune its GEMV), so that no request waits for a capture; then run the eager
+        forwards of mixed steps once, so that no request waits for Triton's compiler either (each
+        new kernel specialization costs seconds): a decode segment of every span (flashcore's
+        split-KV tiling depends on the rows), and prompt chunks of 1 to 17 tokens (its split-KV
+        kernel at each tile height, its prefill kernel with S divisible by 16 and not). The steps
+        run on empty rows: they write garbage at the first positions of each, past its fill."""
         if not getattr(self.llm.runner, "cuda_graphs", False):
             return
         rows = 1
@@ -219,6 +223,15 @@ class Scheduler:
             if rows >= self.cache.batch:
                 break
             rows = min(bucket(rows + 1), self.cache.batch)
+        device, none = self.llm.device, torch.zeros(0, dtype=torch.long, device=self.llm.device)
+        with self._step_lock, torch.inference_mode():
+            for span in range(1, self.cache.batch + 1):
+                tokens = torch.zeros(span, 1, dtype=torch.long, device=device)
+                self.llm.runner.forward_segments([Segment(tokens, self.cache.rows(0, span))], none)
+            for n in (2, 5, 9, 16, 17):
+                tokens = torch.zeros(1, n, dtype=torch.long, device=device)
+                last = torch.tensor([n - 1], device=device)
+                self.llm.runner.forward_segments([Segment(tokens, self.cache.rows(0, 1))], last)
 
     # -- the caller's side (any thread) ---------------------------------------------------------
 
