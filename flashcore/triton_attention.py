@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
-from flashcore.launch import Launcher, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 DECODE_MAX_ROWS = 64  # S_q * group up to this many rows runs the split-KV decode kernel
@@ -298,17 +297,12 @@ def _attn_fwd_decode_reduce(
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
-_PREFILL = Launcher(_attn_fwd_prefill)
-_DECODE_SPLIT = Launcher(_attn_fwd_decode_split)
-_DECODE_REDUCE = Launcher(_attn_fwd_decode_reduce)
-
-
 def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
@@ -333,7 +327,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_
     if 2 * batch_kv_heads >= num_sms:
         return KernelConfig(block_m=0, block_n=128, num_warps=4, num_stages=3)
     splits = _num_splits(batch_kv_heads, s_max, 64, num_sms)
-    tiles_per_split = cdiv(cdiv(s_max, 64), splits)
+    tiles_per_split = triton.cdiv(triton.cdiv(s_max, 64), splits)
     return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=4 if tiles_per_split >= 8 else 3)
 
 
@@ -355,7 +349,7 @@ def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, num_sms: int) -> 
     Depends on shapes only, never on seq_lens, so a captured CUDA graph stays valid.
     """
     by_occupancy = (2 * num_sms) // batch_kv_heads
-    by_length = cdiv(s_max, 4 * block_n)
+    by_length = triton.cdiv(s_max, 4 * block_n)
     return max(1, min(by_occupancy, by_length))
 
 
@@ -369,9 +363,8 @@ def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, c
     H_kv = k.shape[2]
     interpret = _interpreting(q.device)
     out = torch.empty_like(q)
-    grid = (cdiv(S_q, config.block_m), B * H_q)
-    _PREFILL(
-        grid,
+    grid = (triton.cdiv(S_q, config.block_m), B * H_q)
+    _attn_fwd_prefill[grid](
         q, k, v, k_cache, v_cache, seq_lens, out, softmax_scale * LOG2E,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out),
         S_q, H_q,
@@ -397,21 +390,19 @@ def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, ca
     lse_part = torch.empty((B * H_kv, num_splits + 1, num_rows), device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     block_d = _block_d(D)
-    _DECODE_SPLIT(
-        (num_splits + 1, B * H_kv),
+    _attn_fwd_decode_split[(num_splits + 1, B * H_kv)](
         q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, softmax_scale * LOG2E,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache),
         S_q, H_kv, num_splits,
         GROUP=group, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_M=max(16, next_power_of_2(num_rows)), BLOCK_N=config.block_n, CAUSAL=causal,
+        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n, CAUSAL=causal,
         UPCAST=interpret and q.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _DECODE_REDUCE(
-        (B * H_kv * num_rows,),
+    _attn_fwd_decode_reduce[(B * H_kv * num_rows,)](
         o_part, lse_part, out, *_strides3(out), S_q, H_kv, num_splits + 1,
-        GROUP=group, BLOCK_PARTS=next_power_of_2(num_splits + 1),
+        GROUP=group, BLOCK_PARTS=triton.next_power_of_2(num_splits + 1),
         HEAD_DIM=D, BLOCK_D=block_d,
         num_warps=4 if D >= 128 else 1,
     )

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
-from flashcore.launch import Launcher, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -89,7 +88,7 @@ def _silu_mul_fwd(GU, Out, stride_gu, stride_o, F_dim, BLOCK: tl.constexpr):
 # byte ^ 0x80 placed by PRMT under the exponent of 2^23 is the float32 2^23 + (q + 128), and one
 # subtraction leaves q, exactly. It replaces Triton's int8 -> float32 conversion (an I2F per
 # element, a quarter of the FMA rate on Hopper), which bounds the GEMV below the memory bandwidth:
-# 13-28% faster per matrix on the H200 (BENCHMARKS.md). float8_e4m3fn keeps Triton's conversion
+# 12-24% faster per matrix on the H200 (BENCHMARKS.md). float8_e4m3fn keeps Triton's conversion
 # (cvt.f16x2.e4m3x2, two per instruction), which measured as fast as the hand-written variants.
 _INT8_TO_F32 = tl.constexpr("""
 {
@@ -115,6 +114,17 @@ def _to_float32(w, INT8_PTX: tl.constexpr):
                                          is_pure=True, pack=4)
     else:
         return w.to(tl.float32)
+
+
+@triton.jit
+def _accumulate(acc, w, x, ROW_ACC: tl.constexpr, INT8_PTX: tl.constexpr):
+    """acc + w * x for a weight tile w (BLOCK_N, BLOCK_K) and x (BLOCK_K,) float32: elementwise into
+    acc (BLOCK_N, BLOCK_K), or with ROW_ACC summed per row into acc (BLOCK_N, 1)."""
+    products = _to_float32(w, INT8_PTX) * x[None, :]
+    if ROW_ACC:
+        return acc + tl.sum(products, 1)[:, None]
+    else:
+        return acc + products
 
 
 @triton.jit
@@ -169,19 +179,13 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
                 x = x * tl.load(NormW + kk).to(tl.float32)
             else:
                 x = x * tl.load(NormW + kk, mask=k_mask, other=0.0).to(tl.float32)
-        if ROW_ACC:
-            acc += tl.sum(_to_float32(w, INT8_PTX) * x[None, :], 1)[:, None]
-        else:
-            acc += _to_float32(w, INT8_PTX) * x[None, :]
+        acc = _accumulate(acc, w, x, ROW_ACC, INT8_PTX)
         if SWIGLU:
             if EVEN_K:
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None], other=0.0)
             else:
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if ROW_ACC:
-                acc_up += tl.sum(_to_float32(u, INT8_PTX) * x[None, :], 1)[:, None]
-            else:
-                acc_up += _to_float32(u, INT8_PTX) * x[None, :]
+            acc_up = _accumulate(acc_up, u, x, ROW_ACC, INT8_PTX)
     y = tl.sum(acc, 1)
     if SCALE:
         y = y * tl.load(Scale + offs_n, mask=n_mask, other=0.0)
@@ -236,11 +240,6 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, stride_xm, stride_wn, stride_om,
     tl.store(out, y.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_ADD_RMSNORM = Launcher(_add_rmsnorm_fwd)
-_ROPE = Launcher(_rope_fwd)
-_SILU_MUL = Launcher(_silu_mul_fwd)
-_GEMV = Launcher(_gemv_fwd)
-_MATMUL_8BIT = Launcher(_matmul_8bit_fwd)
 
 # Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps, ROW_ACC). On CUDA each matrix kind (qkv, o, gate/up,
 # down, head) takes the fastest, timed once at the first single-token step in a CUDA graph over
@@ -279,10 +278,9 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
     normed = torch.empty_like(x2)
     h = torch.empty_like(x2) if residual is not None else x2
     r = residual.reshape(-1, N) if residual is not None else x2
-    _ADD_RMSNORM(
-        (x2.shape[0],),
+    _add_rmsnorm_fwd[(x2.shape[0],)](
         x2, r, h, normed, weight, x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps,
-        ADD=residual is not None, BLOCK=next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
+        ADD=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
     )
     return normed.view(x.shape), h.view(x.shape)
 
@@ -294,10 +292,9 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, 
     """
     T = qk.shape[0]
     assert qk.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
-    _ROPE(
-        (T,),
+    _rope_fwd[(T,)](
         qk, cos, sin, qk.stride(0), cos.stride(0), n_heads, D=head_dim,
-        BLOCK_H=next_power_of_2(n_heads), BLOCK_HALF=next_power_of_2(head_dim // 2),
+        BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         num_warps=4,
     )
 
@@ -308,8 +305,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     F_dim = two_f // 2
     out = torch.empty((T, F_dim), dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = 1024
-    _SILU_MUL(
-        (T, cdiv(F_dim, BLOCK)),
+    _silu_mul_fwd[(T, triton.cdiv(F_dim, BLOCK))](
         gate_up, out, gate_up.stride(0), out.stride(0), F_dim, BLOCK=BLOCK, num_warps=4
     )
     return out
@@ -336,8 +332,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     if INTERPRET:
         config = INTERPRET_GEMV
     block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
-    _GEMV(
-        (cdiv(N, block_n),),
+    _gemv_fwd[(triton.cdiv(N, block_n),)](
         x, add if add is not None else x, h_out if h_out is not None else x, weight, out,
         norm_weight if norm_weight is not None else x, scale if scale is not None else x,
         N, K, weight.stride(0), eps,
@@ -376,8 +371,7 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     elif config is None:
         config = matmul_8bit_config(M, N, K)
     block_m, block_n, block_k, num_warps, num_stages = config
-    _MATMUL_8BIT(
-        (cdiv(M, block_m), cdiv(N, block_n)),
+    _matmul_8bit_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         x, weight, scale, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
         num_warps=num_warps, num_stages=num_stages,

@@ -242,24 +242,3 @@ def test_implementation_choice_is_explicit(monkeypatch):
     monkeypatch.setattr(flashcore, "INTERPRET", False)
     with pytest.raises(ValueError, match="implementation='triton' cannot run on cpu: it needs a CUDA device, or TRITON_INTERPRET=1"):
         flashcore.resolve_implementation("triton", torch.device("cpu"))
-
-
-def test_launch_key_separates_what_triton_specializes_on():
-    """flashcore.launch keys compiled kernels on at least what Triton specializes: tensor dtype and
-    16-byte alignment, integers equal to 1 / divisible by 16 / beyond int32, constexpr values."""
-    from flashcore.launch import _specialization, cdiv, next_power_of_2
-
-    t = torch.zeros(64, dtype=torch.float16)
-    keys = [
-        _specialization([t, 16, 64], [False, False, True]),
-        _specialization([t[1:], 16, 64], [False, False, True]),  # 2 bytes in: not 16-byte aligned
-        _specialization([t.float(), 16, 64], [False, False, True]),
-        _specialization([t, 17, 64], [False, False, True]),
-        _specialization([t, 1, 64], [False, False, True]),
-        _specialization([t, 2 ** 31, 64], [False, False, True]),
-        _specialization([t, 16, 128], [False, False, True]),
-    ]
-    assert len(set(keys)) == len(keys)
-    assert _specialization([t, 32, 64], [False, False, True]) == keys[0]  # same specialization as 16
-    assert [cdiv(a, b) for a, b in ((7, 2), (8, 2), (1, 16))] == [4, 4, 1]
-    assert [next_power_of_2(n) for n in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]

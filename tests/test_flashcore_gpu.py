@@ -167,11 +167,10 @@ def test_decode_is_deterministic():
         assert torch.equal(flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens), first)
 
 
-def test_launcher_tells_specializations_apart():
-    """The cached launch path (flashcore.launch) must not reuse a kernel compiled for 16-byte
-    aligned pointers, or for S_q divisible by 16, on arguments that are not: run the same shapes
-    aligned and misaligned (q starting 2 bytes into its storage), S_q 16 then 17, and compare each
-    with the reference."""
+def test_alignment_and_length_specializations():
+    """Triton specializes kernels on 16-byte pointer alignment and on S_q divisible by 16 (or 1):
+    the same shapes aligned and misaligned (q starting 2 bytes into its storage), S_q 16, 17, 1, 3,
+    one after the other in one process, each against the reference."""
     for S_q in (16, 17, 1, 3):
         for offset in (0, 1, 0):
             q, k, v, k_cache, v_cache, lens = make_inputs(2, S_q, 8, 2, 64, [5, 40], 96, torch.bfloat16, seed=S_q)
