@@ -5,18 +5,20 @@ One Triton kernel serves prefill and decode, GQA and causal masking, for rows of
 test oracle). flashcore knows nothing of minillama.
 """
 import os
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from flashcore import reference
-from flashcore.checks import check_attention_inputs
+from flashcore.checks import check_attention_inputs, check_varlen_inputs
 
-__all__ = ["attention_with_kv_cache", "reference", "IMPLEMENTATIONS", "resolve_implementation"]
+__all__ = ["attention_with_kv_cache", "varlen_attention_with_kv_cache", "varlen_tiles", "VARLEN_TILE", "reference",
+           "IMPLEMENTATIONS", "resolve_implementation"]
 
 IMPLEMENTATIONS = ("auto", "triton", "reference")
 # Triton decides at import whether its kernels are interpreted; read the switch once, as it does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+VARLEN_TILE = 16  # new tokens per tile of varlen_attention_with_kv_cache at most
 
 
 def resolve_implementation(implementation: str, device: torch.device) -> str:
@@ -101,3 +103,61 @@ def attention_with_kv_cache(
     from flashcore.triton_attention import triton_attention_with_kv_cache
 
     return triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal)
+
+
+def varlen_tiles(spans: Sequence[Tuple[int, int, int, int]]) -> List[Tuple[int, int, int, int]]:
+    """The tiles of :func:`varlen_attention_with_kv_cache` for ``spans``: each span
+    ``(start, length, row, position)`` (tokens ``start .. start + length - 1`` of the packed
+    tensors are the new tokens of cache row ``row`` at positions ``position ..``) cut into tiles of
+    the same form, ``VARLEN_TILE`` tokens at most each."""
+    tiles = []
+    for start, length, row, position in spans:
+        for i in range(0, length, VARLEN_TILE):
+            tiles.append((start + i, min(VARLEN_TILE, length - i), row, position + i))
+    return tiles
+
+
+def varlen_attention_with_kv_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tiles: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Attention for new tokens of several cache rows packed along one dimension (each row its own
+    number of new tokens at its own position): append their keys/values, then attend, causally.
+
+    Arguments:
+        q: (T, H_q, D), the packed new tokens' queries (RoPE applied).
+        k, v: (T, H_kv, D), their keys (RoPE applied) and values.
+        k_cache, v_cache: (B, S_max, H_kv, D), as for :func:`attention_with_kv_cache`.
+        tiles: (n, 4) int64 on q's device, rows ``(start, length, row, position)``: tokens
+            ``start .. start + length - 1`` are new tokens of cache row ``row`` at positions
+            ``position ..``, with ``0 <= length <= VARLEN_TILE`` (build them with
+            :func:`varlen_tiles`). Tiles of length 0 are ignored (padding, e.g. in a CUDA graph
+            whose tile count is fixed). No two tiles may name the same cache slot, and
+            ``position + length <= S_max``: the caller checks both on the host (the tiles live on
+            the device, and reading them here would wait for it).
+        softmax_scale: defaults to 1 / sqrt(D).
+        implementation: as for :func:`attention_with_kv_cache`.
+
+    Every tile's keys and values are first written to its cache slots; then token ``start + i``
+    of a tile attends to positions ``0 .. position + i`` of its row: the row's earlier tokens, the
+    new tokens of other tiles of the same row before it, and itself. Nothing else is read: slots
+    past that may hold garbage. Tokens that no tile covers get zeros.
+
+    Returns:
+        (T, H_q, D) in q's dtype. Depends on shapes only besides the tensors' contents, so one CUDA
+        graph capture serves every step of the same T and tile count.
+    """
+    check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
+    if resolve_implementation(implementation, q.device) == "reference":
+        return reference.varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles,
+                                                        softmax_scale=softmax_scale)
+    from flashcore.triton_attention import triton_varlen_attention_with_kv_cache
+
+    return triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale)

@@ -63,3 +63,34 @@ def check_attention_inputs(
                 f"row {b}: {n} cached + {S_q} new tokens = {n + S_q} exceeds the cache capacity S_max={S_max}; "
                 f"allocate a larger cache"
             )
+
+
+def check_varlen_inputs(q, k, v, k_cache, v_cache, tiles) -> None:
+    """Shapes, dtypes and devices of :func:`flashcore.varlen_attention_with_kv_cache` (never the
+    tiles' contents: they live on the device)."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be (T, H_q, D), got shape {tuple(q.shape)}")
+    T, H_q, D = q.shape
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be (B, S_max, H_kv, D), got shape {tuple(k_cache.shape)}")
+    H_kv = k_cache.shape[2]
+    if tuple(k.shape) != (T, H_kv, D) or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"k and v must be (T, H_kv, D) = {(T, H_kv, D)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.shape[3] != D or tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"k_cache and v_cache must be (B, S_max, H_kv, D) with D={D}, "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if H_kv == 0 or H_q % H_kv != 0:
+        raise ValueError(f"H_q={H_q} must be a multiple of H_kv={H_kv} (GQA groups query heads evenly)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}: cast them to one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not 8 <= D <= 256:
+        raise ValueError(f"head_dim {D} is not supported: it must be between 8 and 256")
+    if tiles.dim() != 2 or tiles.shape[1] != 4 or tiles.dtype != torch.int64:
+        raise ValueError(f"tiles must be int64 of shape (n, 4), got {tiles.dtype} {tuple(tiles.shape)}")
+    if tiles.device != q.device:
+        raise ValueError(f"tiles is on {tiles.device} but q is on {q.device}: keep it on the same device")

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from flashcore.checks import check_attention_inputs
+from flashcore.checks import check_attention_inputs, check_varlen_inputs
 
 
 def attention_with_kv_cache(
@@ -63,4 +63,37 @@ def attention_with_kv_cache(
     scores = scores.masked_fill(~visible[:, None, :, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # (B, H_q, S_q, L)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, values)
+    return out.to(q.dtype)
+
+
+def varlen_attention_with_kv_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tiles: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Same contract as :func:`flashcore.varlen_attention_with_kv_cache` (read it there)."""
+    check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
+    T, H_q, D = q.shape
+    H_kv = k.shape[1]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    tiles = [tuple(t) for t in tiles.tolist() if t[1] > 0]
+    for start, n, row, pos in tiles:  # every tile's keys and values first
+        k_cache[row, pos: pos + n] = k[start: start + n]
+        v_cache[row, pos: pos + n] = v[start: start + n]
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(T, H_q, D, dtype=compute_dtype, device=q.device)
+    group = H_q // H_kv
+    for start, n, row, pos in tiles:
+        keys = k_cache[row, : pos + n].to(compute_dtype).repeat_interleave(group, dim=1)  # (L, H_q, D)
+        values = v_cache[row, : pos + n].to(compute_dtype).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start: start + n].to(compute_dtype), keys) * softmax_scale
+        visible = torch.arange(pos + n, device=q.device)[None, :] <= (pos + torch.arange(n, device=q.device))[:, None]
+        scores = scores.masked_fill(~visible[None], float("-inf"))  # token i sees positions 0 .. pos + i
+        out[start: start + n] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), values)
     return out.to(q.dtype)

@@ -297,6 +297,83 @@ def _attn_fwd_decode_reduce(
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
+@triton.jit
+def _varlen_append(
+    K, V, K_cache, V_cache, Tiles,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+):
+    # One program per (tile, kv head): copy the tile's new k/v rows to their cache slots.
+    tile = tl.program_id(0)
+    hk = tl.program_id(1)
+    start = tl.load(Tiles + tile * 4)
+    n = tl.load(Tiles + tile * 4 + 1)
+    row = tl.load(Tiles + tile * 4 + 2)
+    pos = tl.load(Tiles + tile * 4 + 3)
+    offs_i = tl.arange(0, TILE)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs_i < n
+    store_mask = mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k_rows = _load_rows(K + (start + offs_i)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask, offs_d,
+                        True, HEAD_DIM, BLOCK_D, False)
+    tl.store(K_cache + row * stride_kcb + (pos + offs_i)[:, None] * stride_kcs + hk * stride_kch + offs_d[None, :],
+             k_rows, mask=store_mask)
+    v_rows = _load_rows(V + (start + offs_i)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask, offs_d,
+                        True, HEAD_DIM, BLOCK_D, False)
+    tl.store(V_cache + row * stride_vcb + (pos + offs_i)[:, None] * stride_vcs + hk * stride_vch + offs_d[None, :],
+             v_rows, mask=store_mask)
+
+
+@triton.jit
+def _attn_fwd_varlen(
+    Q, K_cache, V_cache, Tiles, Out, qk_scale,
+    stride_qt, stride_qh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # One program per (tile, kv head) packs the tile's new tokens and the GQA group's query heads
+    # into the M dimension (row r: token r // GROUP, head hk * GROUP + r % GROUP), as the decode
+    # kernel does, and walks the row's cache: keys before the tile's first position unmasked, the
+    # tile's own positions causally. The keys were appended by _varlen_append, launched before.
+    tile = tl.program_id(0)
+    hk = tl.program_id(1)
+    start = tl.load(Tiles + tile * 4)
+    n = tl.load(Tiles + tile * 4 + 1)
+    row = tl.load(Tiles + tile * 4 + 2)
+    pos = tl.load(Tiles + tile * 4 + 3)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_i = offs_r // GROUP
+    offs_h = hk * GROUP + offs_r % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_i < n
+    q = _load_rows(Q + (start + offs_i)[:, None] * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
+                   row_mask, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K_cache + row * stride_kcb + hk * stride_kch
+    v_base = V_cache + row * stride_vcb + hk * stride_vch
+    end = tl.where(n > 0, pos + n, 0)  # a padding tile (n = 0) reads nothing
+    full = tl.where(n > 0, (pos // BLOCK_N) * BLOCK_N, 0)
+    offs_pos = pos + offs_i  # each packed row's query position
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kcs, stride_vcs,
+                                    0, full, end, offs_pos, offs_n, offs_d, qk_scale,
+                                    False, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kcs, stride_vcs,
+                                    full, end, end, offs_pos, offs_n, offs_d, qk_scale,
+                                    True, True, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_ptrs = Out + (start + offs_i)[:, None] * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
 def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
@@ -427,3 +504,50 @@ def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_
         return _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal, config)
     return _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal,
                            _prefill_config(D, q.dtype, interpret))
+
+
+def _varlen_config(block_m: int, head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
+    if interpret:
+        return KernelConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return KernelConfig(block_m=block_m, block_n=32, num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    return KernelConfig(block_m=block_m, block_n=64, num_warps=8 if block_m >= 128 else 4, num_stages=3)
+
+
+def triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale: Optional[float]):
+    """Kernel entry of :func:`flashcore.varlen_attention_with_kv_cache`; inputs already validated.
+    Two launches: the append, then the attention (a tile reads slots that other tiles' programs
+    write, so the writes must all land first). No host sync."""
+    from flashcore import VARLEN_TILE
+
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)}): it is written in place")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    tiles = tiles.contiguous()
+    T, H_q, D = q.shape
+    H_kv = k.shape[1]
+    group = H_q // H_kv
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    interpret = _interpreting(q.device)
+    block_d = _block_d(D)
+    out = torch.zeros_like(q)
+    n_tiles = tiles.shape[0]
+    if n_tiles == 0:
+        return out
+    _varlen_append[(n_tiles, H_kv)](
+        k, v, k_cache, v_cache, tiles,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_strides3(k_cache), *_strides3(v_cache),
+        HEAD_DIM=D, BLOCK_D=block_d, TILE=VARLEN_TILE, num_warps=4,
+    )
+    config = _varlen_config(max(16, triton.next_power_of_2(VARLEN_TILE * group)), D, q.dtype, interpret)
+    _attn_fwd_varlen[(n_tiles, H_kv)](
+        q, k_cache, v_cache, tiles, out, softmax_scale * LOG2E,
+        q.stride(0), q.stride(1), *_strides3(k_cache), *_strides3(v_cache), out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        UPCAST=interpret and q.dtype == torch.bfloat16,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

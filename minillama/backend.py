@@ -13,6 +13,8 @@ it; nothing is chosen per call and no environment variable is read on the hot pa
 The ops (shapes: T tokens, K in, N out, D head_dim):
 
 * ``attention(q, k, v, cache)``: flashcore's append + attend over one layer's cache view.
+* ``varlen_attention(q, k, v, cache, tiles)``: the same for packed tokens of several rows
+  (flashcore's varlen contract).
 * ``rms_norm(x, weight, eps, residual=None) -> (normed, new_residual)``: new_residual = x + residual
   (x when residual is None), rounded to x's dtype; normed = weight * new_residual /
   sqrt(mean(new_residual^2) + eps) over the last dim, computed in float32 and rounded to x's dtype
@@ -72,6 +74,11 @@ class TorchBackend:
         return flashcore.attention_with_kv_cache(
             q, k, v, cache.k, cache.v, cache.seq_lens, seq_lens_cpu=cache.seq_lens_cpu,
             implementation=self.attention_implementation,
+        )
+
+    def varlen_attention(self, q, k, v, cache, tiles) -> torch.Tensor:
+        return flashcore.varlen_attention_with_kv_cache(
+            q, k, v, cache.k, cache.v, tiles, implementation=self.attention_implementation,
         )
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual=None):

@@ -11,21 +11,23 @@ Positions come from ``seq_lens`` (tokens already cached per row), never from a t
 q/k/v are one fused projection and gate/up another (``wqkv``, ``w13``), filled at load time from
 the checkpoint's separate tensors (``minillama.weights``).
 
-A forward runs one or more *segments* (:class:`Segment`): B_i rows of S_i new tokens each, on a
-cache view of those rows; S_i may differ between segments (a continuous-batching step runs the
-decoding rows, one token each, with prompt chunks of several requests). Every projection, norm
-and SwiGLU runs once over the T = sum B_i S_i new tokens, flattened to (T, hidden), so each weight
-is read once per forward; RoPE positions and attention (one flashcore call) are per segment.
+A forward runs T new tokens flattened to (T, hidden): every projection, norm and SwiGLU runs once
+over all of them, so each weight is read once per forward. Two layouts say where the tokens sit in
+the cache, and only attention differs between them: :class:`Rows` (S new tokens on each of B rows,
+at each row's fill: ``forward``; flashcore's (K, V, seq_lens) kernel) and :class:`Packed` (each
+row its own count at its own position, e.g. a continuous-batching step's decoding rows with prompt
+chunks: ``forward_packed``; flashcore's varlen kernel, whose metadata live on the device so that
+a CUDA graph can replay the step).
 """
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from minillama.backend import TorchBackend
 from minillama.config import LlamaConfig
-from minillama.kv_cache import KVCache, LayerCache
+from minillama.kv_cache import KVCache
 from minillama.layers import GateUpLinear, Linear, RMSNorm
 
 
@@ -56,23 +58,30 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-class Segment(NamedTuple):
-    """S new tokens on each of B cache rows: one part of a forward (:meth:`Transformer.forward_segments`)."""
-
-    tokens: torch.Tensor  # (B, S) token ids
-    cache: KVCache  # B rows (e.g. a view of a pool's rows, ``KVCache.rows``), appended at their fill
-
-    def layer(self, i: int) -> "LayerSegment":
-        B, S = self.tokens.shape
-        return LayerSegment(B, S, self.cache.layer(i))
-
-
-class LayerSegment(NamedTuple):
-    """A segment as layer i's attention sees it: S new tokens on each row of that layer's cache view."""
+class Rows(NamedTuple):
+    """Layout of :meth:`Transformer.forward`: S new tokens on each of B cache rows, at each row's
+    fill, flattened (B, S) row-major. Attention runs flashcore's (K, V, seq_lens) kernel."""
 
     B: int
     S: int
-    cache: LayerCache  # B rows
+    cache: KVCache  # B rows
+
+    def attend(self, backend, q, k, v, layer: int) -> torch.Tensor:
+        B, S = self.B, self.S
+        o = backend.attention(q.view(B, S, *q.shape[1:]), k.view(B, S, *k.shape[1:]), v.view(B, S, *v.shape[1:]),
+                              self.cache.layer(layer))
+        return o.reshape(B * S, *q.shape[1:])
+
+
+class Packed(NamedTuple):
+    """Layout of :meth:`Transformer.forward_packed`: new tokens of several cache rows packed along one
+    dimension, described by flashcore's varlen tiles. Attention runs flashcore's varlen kernel."""
+
+    tiles: torch.Tensor  # (n, 4) int64 (start, length, row, position): flashcore.varlen_tiles
+    cache: KVCache
+
+    def attend(self, backend, q, k, v, layer: int) -> torch.Tensor:
+        return backend.varlen_attention(q, k, v, self.cache.layer(layer), self.tiles)
 
 
 class Attention(nn.Module):
@@ -88,23 +97,18 @@ class Attention(nn.Module):
         self.wo = Linear(q, config.hidden_size, config.attention_bias, backend, parallel="row", tp=tp)
         self.backend = backend
 
-    def forward(self, h, cos, sin, segments: Sequence[LayerSegment]) -> torch.Tensor:
-        """wo(attention(h)) for the normed input h (T, hidden): the segments' new tokens one after
-        the other, each segment's B * S rows in (B, S) order. Each segment's k, v are appended to
-        its cache, segment by segment in order."""
+    def forward(self, h, cos, sin, layout, layer: int) -> torch.Tensor:
+        """wo(attention(h)) for the normed input h (T, hidden) of the new tokens in ``layout``
+        (:class:`Rows` or :class:`Packed`), whose k, v are appended to layer ``layer``'s cache."""
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        T = h.shape[0]
         qkv = self.wqkv(h)  # (T, (H + 2 H_kv) D): q heads, then k heads, then v heads
         self.backend.rope_(qkv, cos, sin, H + H_kv, D)  # q and k heads, in place
-        out, start = [], 0
-        for B, S, cache in segments:
-            rows = qkv[start: start + B * S]  # (B S, (H + 2 H_kv) D): this segment's tokens
-            q = rows[:, : H * D].view(B, S, H, D)
-            k = rows[:, H * D : (H + H_kv) * D].view(B, S, H_kv, D)
-            v = rows[:, (H + H_kv) * D :].view(B, S, H_kv, D)
-            o = self.backend.attention(q, k, v, cache)  # (B, S, H, D); k, v appended at each row's fill
-            out.append(o.reshape(B * S, H * D))
-            start += B * S
-        return self.wo(out[0] if len(out) == 1 else torch.cat(out))  # (T, hidden)
+        q = qkv[:, : H * D].view(T, H, D)
+        k = qkv[:, H * D : (H + H_kv) * D].view(T, H_kv, D)
+        v = qkv[:, (H + H_kv) * D :].view(T, H_kv, D)
+        o = layout.attend(self.backend, q, k, v, layer)  # (T, H, D)
+        return self.wo(o.reshape(T, H * D))  # (T, hidden)
 
 
 class FeedForward(nn.Module):
@@ -128,11 +132,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.feed_forward = FeedForward(config, backend, tp)
 
-    def forward(self, x, residual, cos, sin, segments: Sequence[LayerSegment]):
+    def forward(self, x, residual, cos, sin, layout, layer: int):
         """x (T, hidden): the previous block's output, not yet added to the residual stream (None
         at the first)."""
         h, residual = self.attention_norm(x, residual)  # residual = x + residual; h = norm(residual)
-        x = self.attention(h, cos, sin, segments)
+        x = self.attention(h, cos, sin, layout, layer)
         h, residual = self.ffn_norm(x, residual)
         return self.feed_forward(h), residual
 
@@ -175,7 +179,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run S new tokens per row through the model: one segment (see :meth:`forward_segments`).
+        """Run S new tokens per row through the model.
 
         Args:
             tokens: (B, S) token ids.
@@ -192,41 +196,36 @@ class Transformer(nn.Module):
         rows = None
         if logits_at is not None and S > 1:
             rows = torch.arange(B, device=tokens.device) * S + logits_at  # (B,) into the B * S tokens
-        logits = self.forward_segments([Segment(tokens, cache)], rows)
+        positions = (cache.seq_lens[:, None].long() + torch.arange(S, device=tokens.device)).view(-1)  # (B S,)
+        logits = self._forward(tokens.reshape(-1), positions, Rows(B, S, cache), rows)
         return logits.view(B, -1, logits.shape[-1])  # (B, S or 1, V)
 
-    def forward_segments(self, segments: Sequence[Segment],
-                         logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run several segments of new tokens through the model in one pass.
+    def forward_packed(self, tokens: torch.Tensor, positions: torch.Tensor, tiles: torch.Tensor, cache: KVCache,
+                       logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run new tokens of several rows of ``cache``, each row its own count, in one pass (a
+        continuous-batching step: decoding rows one token each, prompt chunks of other rows).
+        Every weight is read once for all of them.
 
         Args:
-            segments: each B_i rows of S_i new tokens (S_i may differ) on a cache view of B_i rows,
-                written at each row's fill, which this call reads but never advances (the caller
-                does, after). The T = sum B_i S_i tokens are flattened in order: segment by
-                segment, each (B_i, S_i) row-major. Segments may be views of one pool's rows;
-                each layer appends the segments' keys/values in order, so where two segments write
-                the same cache slot the later one's value stays (and is what it attends to): a
-                padding row of a decode segment (a token whose result nobody reads, written at its
-                fill) may be prefilled by a later segment of the same forward.
-            logits_rows: optional (N,) int64 indices into the T tokens: return logits only there
-                (N may be 0: a forward that only fills the caches).
+            tokens: (T,) token ids, packed: each row's new tokens consecutive.
+            positions: (T,) int64, each token's position in its row (its RoPE position and cache slot).
+            tiles: (n, 4) int64 on the device: flashcore's varlen tiles (``flashcore.varlen_tiles``)
+                naming, for each run of tokens, its row and first position; tokens outside every
+                tile are padding (their results are meaningless and nothing of them is cached).
+            cache: the pool the tiles' rows index; its ``seq_lens`` are neither read nor advanced.
+            logits_rows: optional (N,) int64 indices into the T tokens: return logits only there.
         Returns:
             logits (N, V) (or (T, V) without ``logits_rows``) in the model's dtype.
         """
-        if not segments:
-            raise ValueError("forward_segments needs at least one segment")
-        flat = [s.tokens.reshape(-1) for s in segments]
-        positions = [s.cache.seq_lens[:, None].long() + torch.arange(s.tokens.shape[1], device=s.tokens.device)
-                     for s in segments]  # (B_i, S_i) each
-        if len(segments) == 1:
-            tokens, positions = flat[0], positions[0].view(-1)
-        else:
-            tokens, positions = torch.cat(flat), torch.cat([p.view(-1) for p in positions])  # (T,)
+        return self._forward(tokens, positions, Packed(tiles, cache), logits_rows)
+
+    def _forward(self, tokens, positions, layout, logits_rows) -> torch.Tensor:
+        """The one forward: embeddings, the blocks (attention through ``layout``), norm and head."""
         x = self.tok_embeddings(tokens)  # (T, hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, [s.layer(i) for s in segments])
+            x, residual = layer(x, residual, cos, sin, layout, i)
         if logits_rows is not None:
             if logits_rows.numel() == 0:
                 return x.new_empty(0, self.config.vocab_size)

@@ -1,6 +1,7 @@
 """The runner: one per model and process. It runs the model's one forward, eagerly or as CUDA-graph
-replays of single-token decode steps, and tunes the Triton GEMV once per GPU. Forwards of several
-segments (a continuous-batching step's decoding rows with prompt chunks) always run eagerly.
+replays, and tunes the Triton GEMV once per GPU. Two kinds of step are replayed as graphs: decode
+steps (one token on each of the first B rows) and packed steps (``forward_packed``: each row its own
+count of new tokens, e.g. a continuous-batching step's decoding rows with prompt chunks).
 
 A graph bakes in the addresses of the cache tensors and of its own input/output buffers, and
 nothing else: positions and fill lengths are read on the device from ``seq_lens``, which the
@@ -8,18 +9,24 @@ caller advances in place (``KVCache.advance``), and flashcore's launch grid depe
 only. So one graph serves every token of a request, looked up again by the cache's addresses: a
 new cache allocated where a freed one was (the caching allocator's usual choice) reuses its graph.
 
+Packed steps: the graph's inputs are the token ids and one int64 buffer of metadata (positions,
+flashcore's varlen tiles, the rows whose logits are wanted), copied in before each replay; a step
+of T tokens runs the graph of the next token bucket (:func:`packed_bucket`), whose tiles past the
+step's have length 0 and whose padding tokens nothing reads.
+
 Batch buckets: a decode step of B rows over a cache of more rows runs the graph of the next
 bucket size (1, 2, 4, 8, 16, 32, 64, then multiples of 64) that the cache can hold, over its first
 rows; the extra rows compute values nobody reads and write only at their own fill position, which
 lies past their fill. So a scheduler whose active rows come first needs few graphs.
 """
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+import flashcore
 from minillama.kv_cache import KVCache
-from minillama.model import Segment, Transformer
+from minillama.model import Transformer
 
 
 def bucket(batch: int) -> int:
@@ -27,6 +34,21 @@ def bucket(batch: int) -> int:
     if batch <= 64:
         return 1 << (batch - 1).bit_length()
     return -(-batch // 64) * 64
+
+
+def packed_bucket(tokens: int) -> int:
+    """The token count of the packed-step graph that serves ``tokens`` tokens: 16, 32, 64, 128,
+    then multiples of 64."""
+    if tokens <= 128:
+        return max(16, 1 << (tokens - 1).bit_length())
+    return -(-tokens // 64) * 64
+
+
+def packed_capacity(tokens: int, rows: int) -> Tuple[int, int]:
+    """(tiles, logits rows) that a packed graph of ``tokens`` tokens over a cache of ``rows`` rows
+    holds: each row's tokens cut into tiles of ``VARLEN_TILE`` (one partial tile per row at most),
+    one logits row per cache row at most (each samples once)."""
+    return min(tokens, tokens // flashcore.VARLEN_TILE + rows), min(tokens, rows)
 
 
 class _Graph:
@@ -53,19 +75,51 @@ class _Graph:
         return self.logits
 
 
+class _PackedGraph:
+    """One captured packed step of ``tokens`` tokens over a fixed cache."""
+
+    def __init__(self, model: Transformer, cache: KVCache, tokens: int, pool):
+        self.capacity = packed_capacity(tokens, cache.batch)
+        n_tiles, n_logits = self.capacity
+        device = cache.k.device
+        self.tokens = torch.zeros(tokens, dtype=torch.long, device=device)  # static inputs
+        self.meta = torch.zeros(tokens + 4 * n_tiles + n_logits, dtype=torch.long, device=device)
+        positions, tiles, rows = self.meta.split([tokens, 4 * n_tiles, n_logits])
+        args = (self.tokens, positions, tiles.view(n_tiles, 4), cache, rows)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph; every tile has length 0: nothing is written
+                model.forward_packed(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = model.forward_packed(*args)  # static output (n_logits, V)
+
+    def replay(self, tokens: torch.Tensor, meta: torch.Tensor, n_logits: int) -> torch.Tensor:
+        """meta: the step's metadata on the host (pinned), laid out and padded as ``self.meta``."""
+        self.tokens[: tokens.shape[0]].copy_(tokens)
+        self.meta.copy_(meta, non_blocking=True)
+        self.graph.replay()
+        return self.logits[:n_logits]
+
+
 class Runner:
     """Runs ``model``: ``runner(tokens, cache, logits_at)`` computes ``model(tokens, cache, logits_at)``,
-    ``runner.forward_segments(segments, logits_rows)`` the model's method of that name.
+    ``runner.forward_packed(tokens, spans, cache, logits_rows)`` a packed step (see there).
 
     Args:
         model: a loaded :class:`~minillama.model.Transformer` (its backend is already chosen).
         cuda_graphs: replay single-token steps as CUDA graphs; default: on for CUDA models.
         max_graphs: graphs kept, least recently used dropped first (each holds its buffers).
+            Decode and packed graphs count together.
 
     The logits of a replayed step are the graph's output buffer: the next step overwrites them.
     """
 
-    def __init__(self, model: Transformer, cuda_graphs: Optional[bool] = None, max_graphs: int = 8):
+    max_packed_tokens = 4096  # larger packed steps run eagerly (a graph's buffers grow with its tokens)
+
+    def __init__(self, model: Transformer, cuda_graphs: Optional[bool] = None, max_graphs: int = 16):
         self.model = model
         self.config = model.config
         weight = model.tok_embeddings.weight
@@ -113,7 +167,7 @@ class Runner:
             if padded > B and max(lens[B:padded]) + 1 <= cache.max_len:  # pad rows write a slot at their fill
                 rows = padded
             cache = cache.rows(0, rows)
-        key = (rows, cache.k.data_ptr(), cache.k.stride(), cache.k.shape)
+        key = ("decode", rows, cache.k.data_ptr(), cache.k.stride(), cache.k.shape)
         graph = self._graphs.get(key)
         if graph is None or graph.cache_ptrs != (cache.v.data_ptr(), cache.seq_lens.data_ptr()):
             graph = self._capture(key, tokens, cache)
@@ -122,11 +176,63 @@ class Runner:
         return logits if rows == B else logits[:B]
 
     @torch.inference_mode()
-    def forward_segments(self, segments: Sequence[Segment],
-                         logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (N, V) of several segments of new tokens run in one eager forward (see the model's
-        ``forward_segments``): every weight is read once for all of them."""
-        return self.model.forward_segments(segments, logits_rows)
+    def forward_packed(self, tokens: torch.Tensor, spans: Sequence[Tuple[int, int]], cache: KVCache,
+                       logits_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Logits of a packed step (the model's ``forward_packed``): each span ``(row, n)`` is n new
+        tokens of that cache row at its fill, ``tokens`` (T,) holds them span after span. Logits
+        (N, V) of the tokens at ``logits_rows`` (host ints into the T tokens; None: all T). The
+        fills are read, not advanced (the caller does, after). With CUDA graphs on, a step whose
+        tiles and logits rows fit its bucket's graph replays it (the logits are the graph's buffer:
+        the next step overwrites them)."""
+        T = tokens.shape[0]
+        lens, seen, flat, start = cache.seq_lens_cpu, set(), [], 0
+        for row, n in spans:
+            if not 0 <= row < cache.batch or row in seen:
+                raise ValueError(f"span row {row} must be a distinct row of the cache's {cache.batch}")
+            if n < 1 or lens[row] + n > cache.max_len:
+                raise ValueError(f"row {row}: {lens[row]} cached + {n} new tokens exceeds the cache capacity "
+                                 f"S_max={cache.max_len} (or n < 1); allocate a larger cache")
+            seen.add(row)
+            flat.append((start, n, row, lens[row]))
+            start += n
+        if start != T:
+            raise ValueError(f"the spans hold {start} tokens but tokens has {T}")
+        tiles = flashcore.varlen_tiles(flat)
+        positions = [p for _, n, _, pos in flat for p in range(pos, pos + n)]
+        rows = list(range(T)) if logits_rows is None else [int(r) for r in logits_rows]
+        if self.cuda_graphs and T <= self.max_packed_tokens:
+            size = packed_bucket(T)
+            n_tiles, n_logits = packed_capacity(size, cache.batch)
+            if len(tiles) <= n_tiles and len(rows) <= n_logits:
+                meta = (positions + [0] * (size - T) + [x for t in tiles for x in t] + [0] * (4 * (n_tiles - len(tiles)))
+                        + rows + [0] * (n_logits - len(rows)))
+                return self._packed_graph(size, cache).replay(tokens, _host(meta, self.device), len(rows))
+        meta = _host(positions + [x for t in tiles for x in t] + rows, self.device).to(self.device, non_blocking=True)
+        positions, tiles, rows = meta.split([T, 4 * len(tiles), len(rows)])
+        return self.model.forward_packed(tokens, positions, tiles.view(-1, 4), cache, rows)
+
+    def capture_packed(self, cache: KVCache, max_tokens: int) -> None:
+        """Capture the packed-step graph of every token bucket up to ``max_tokens`` over ``cache``
+        now (a no-op without CUDA graphs), so that no step waits for a capture."""
+        if not self.cuda_graphs:
+            return
+        size = 0
+        while size < min(max_tokens, self.max_packed_tokens):
+            size = packed_bucket(size + 1)
+            self._packed_graph(size, cache)
+
+    def _packed_graph(self, size: int, cache: KVCache) -> _PackedGraph:
+        key = ("packed", size, cache.k.data_ptr(), cache.k.stride(), cache.k.shape, cache.v.data_ptr())
+        graph = self._graphs.get(key)
+        if graph is None:
+            self.tune_gemv()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = self._graphs[key] = _PackedGraph(self.model, cache, size, self._pool)
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        return graph
 
     def _capture(self, key: tuple, tokens: torch.Tensor, cache: KVCache) -> _Graph:
         """Capture the decode step over ``cache`` (all its rows; tokens may fill the first ones)."""
@@ -195,3 +301,10 @@ class Runner:
                 for lin, _ in calls:
                     lin.gemv_config = best
                 self.gemv_timings[role] = {str(c): ms for c, ms in times.items()}
+
+
+def _host(values: List[int], device: torch.device) -> torch.Tensor:
+    """int64 values on the host, pinned when bound for CUDA: a non-blocking copy from there does not
+    make the host wait for the device (pinned blocks are not reused before their copy is done)."""
+    host = torch.tensor(values, dtype=torch.long)
+    return host.pin_memory() if device.type == "cuda" else host

@@ -3,19 +3,15 @@
 A request takes a free row of the pool. Prompts are prefilled in chunks: an iteration takes at most
 ``prefill_chunk`` prompt tokens in all, from the oldest requests first (the last of them may get
 part of its rest), so a long prompt delays the running decodes by a bounded time. An iteration
-with prompt tokens runs one *mixed step*: one forward (``Transformer.forward_segments``) of every
+with prompt tokens runs one *mixed step*: one packed forward (``Runner.forward_packed``) of every
 decoding row's next token together with the prompt chunks, so the weights are read once for all of
-them and the prompts of several requests are prefilled at once. An iteration without runs one
-decode step over the decoding rows (the runner's CUDA graph on a GPU). A row that finishes (stop
+them and the prompts of several requests are prefilled at once (a CUDA graph per token bucket on a
+GPU). An iteration without runs one decode step over the rows up to the last decoding one (the
+runner's decode graph on a GPU): a row among them that is not decoding feeds a token whose result
+nobody reads, written at its fill, which lies past what the row holds. A row that finishes (stop
 id, stop string, ``max_tokens``, cancel) is free for the queue at the next iteration while the
 others keep decoding. The cache's per-row fill (``seq_lens``) is what makes this work: a row is
 reset and refilled without touching the others.
-
-Both kinds of step feed every row up to the last decoding one, decoding or not, as one segment of
-one token per row: a row that is not decoding feeds a token whose result nobody reads, written at
-its fill, which lies past what the row holds. A row whose prompt chunk is in the same mixed step
-is prefilled by a later segment of that forward, which writes the same slot again before any
-query reads it (the forward appends its segments in order).
 
 Exactness: a row reads only its own cache, so a request's tokens equal its solo
 ``Llama.generate`` run (greedy, or sampled with its ``seed``): each request samples with its own
@@ -59,7 +55,6 @@ import torch
 
 from minillama.concurrency import step_lock
 from minillama.errors import NonFiniteLogitsError
-from minillama.model import Segment
 from minillama.runner import bucket
 from minillama.sampling import NON_FINITE, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
@@ -207,13 +202,11 @@ class Scheduler:
             self._thread.start()
 
     def _capture_graphs(self) -> None:
-        """On CUDA, let the runner capture the decode graph of every batch bucket up to the pool's
-        rows now (and tune its GEMV), so that no request waits for a capture; then run the eager
-        forwards of mixed steps once, so that no request waits for Triton's compiler either (each
-        new kernel specialization costs seconds): a decode segment of every span (flashcore's
-        split-KV tiling depends on the rows), and prompt chunks of 1 to 17 tokens (its split-KV
-        kernel at each tile height, its prefill kernel with S divisible by 16 and not). The steps
-        run on empty rows: they write garbage at the first positions of each, past its fill."""
+        """On CUDA, let the runner capture (and tune its GEMV) now, so that no request waits for a
+        capture or for Triton's compiler: the decode graph of every batch bucket up to the pool's
+        rows, and the packed graph of every token bucket a mixed step can fill (every decoding row
+        plus ``prefill_chunk`` prompt tokens). The decode steps run on empty rows: they write
+        garbage at the first position of each, past its fill; the packed captures write nothing."""
         if not getattr(self.llm.runner, "cuda_graphs", False):
             return
         rows = 1
@@ -223,15 +216,8 @@ class Scheduler:
             if rows >= self.cache.batch:
                 break
             rows = min(bucket(rows + 1), self.cache.batch)
-        device, none = self.llm.device, torch.zeros(0, dtype=torch.long, device=self.llm.device)
         with self._step_lock, torch.inference_mode():
-            for span in range(1, self.cache.batch + 1):
-                tokens = torch.zeros(span, 1, dtype=torch.long, device=device)
-                self.llm.runner.forward_segments([Segment(tokens, self.cache.rows(0, span))], none)
-            for n in (2, 5, 9, 16, 17):
-                tokens = torch.zeros(1, n, dtype=torch.long, device=device)
-                last = torch.tensor([n - 1], device=device)
-                self.llm.runner.forward_segments([Segment(tokens, self.cache.rows(0, 1))], last)
+            self._apply(("capture_packed", self.max_batch + self.prefill_chunk))
 
     # -- the caller's side (any thread) ---------------------------------------------------------
 
@@ -382,18 +368,16 @@ class Scheduler:
         kind = op[0]
         if kind == "lengths":  # ("lengths", fills of every row)
             self.cache.set_lengths(op[1])
-        elif kind == "mixed":  # ("mixed", decode span, [(row, prompt chunk)], logits rows, fill counts)
-            _, span, chunks, rows, counts = op
-            # rows [0, span) one token each (see the module's note on rows that are not decoding),
-            # then each prompt chunk on its row; logits of the tokens that sample
-            segments = [Segment(self._fed_ids(span), self.cache.rows(0, span))] if span else []
-            prompt_ids = self._to_device([t for _, chunk in chunks for t in chunk])  # one copy for all chunks
-            start = 0
-            for r, chunk in chunks:
-                segments.append(Segment(prompt_ids[start: start + len(chunk)].view(1, -1), self.cache.rows(r, r + 1)))
-                start += len(chunk)
+        elif kind == "mixed":  # ("mixed", decoding rows, [(row, prompt chunk)], logits rows, fill counts)
+            _, decoding, chunks, rows, counts = op
+            # each decoding row's next token, then each prompt chunk on its row; logits of the
+            # tokens that sample
+            n = len(decoding)
+            ids = self._to_device(decoding + [t for _, chunk in chunks for t in chunk])  # one copy
             with torch.inference_mode():
-                logits = self.llm.decodable(self.llm.runner.forward_segments(segments, self._to_device(rows)))
+                tokens = torch.cat([self._next_ids[ids[:n]].clamp_min(0), ids[n:]])  # NON_FINITE feeds 0
+                spans = [(r, 1) for r in decoding] + [(r, len(chunk)) for r, chunk in chunks]
+                logits = self.llm.decodable(self.llm.runner.forward_packed(tokens, spans, self.cache, rows))
             self.cache.advance(counts)
             return logits
         elif kind == "decode":  # ("decode", rows in the step, fill counts): logits of the first rows
@@ -406,6 +390,8 @@ class Scheduler:
             self._tp.broadcast_(self._next_ids)
         elif kind == "capture":  # ("capture", rows): the decode graph of a batch bucket
             self.llm.runner(torch.zeros(op[1], 1, dtype=torch.long, device=self.llm.device), self.cache)
+        elif kind == "capture_packed":  # ("capture_packed", tokens): the packed graphs up to that many tokens
+            self.llm.runner.capture_packed(self.cache, op[1])
 
     def follow(self) -> None:
         """On ranks other than 0 under tensor parallelism: run rank 0's device operations until its
@@ -458,12 +444,11 @@ class Scheduler:
     def _launch_mixed(self, decoding: List[_Sequence], chunks: List[Tuple[_Sequence, List[int]]]) -> Optional["_Step"]:
         """One forward of the decoding rows' next tokens and the prompt chunks; sample the decoding
         rows and the first tokens of the prompts it completes."""
-        span = max((s.row for s in decoding), default=-1) + 1  # the decode segment: rows [0, span)
         counts = [0] * self.cache.batch
         for s in decoding:
             counts[s.row] = 1
-        rows = [s.row for s in decoding]  # logits rows among the forward's tokens: the decode segment's first
-        completed, end = [], span
+        rows = list(range(len(decoding)))  # logits rows among the forward's tokens: the decoding rows' first
+        completed, end = [], len(decoding)
         for seq, chunk in chunks:
             counts[seq.row] = len(chunk)
             end += len(chunk)
@@ -471,7 +456,8 @@ class Scheduler:
                 rows.append(end - 1)  # the chunk's last token
                 completed.append(seq)
         with self._step_lock:
-            logits = self._op(("mixed", span, [(seq.row, chunk) for seq, chunk in chunks], rows, counts))
+            logits = self._op(("mixed", [s.row for s in decoding], [(seq.row, chunk) for seq, chunk in chunks],
+                               rows, counts))
             self._counters["mixed_steps"] += 1
             self._counters["prefill_chunks"] += len(chunks)
             for seq, chunk in chunks:

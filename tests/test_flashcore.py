@@ -242,3 +242,83 @@ def test_implementation_choice_is_explicit(monkeypatch):
     monkeypatch.setattr(flashcore, "INTERPRET", False)
     with pytest.raises(ValueError, match="implementation='triton' cannot run on cpu: it needs a CUDA device, or TRITON_INTERPRET=1"):
         flashcore.resolve_implementation("triton", torch.device("cpu"))
+
+
+# -- varlen: new tokens of several rows packed along one dimension ------------------------------
+
+def varlen_inputs(spans, T, H_q, H_kv, D, S_max, B, dtype, seed):
+    """Packed q/k/v of T tokens, caches whose slots past each span's position hold noise, inf and
+    nan, and the tiles of ``spans`` [(start, n, row, position)] plus two padding tiles."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q, k, v = randn(T, H_q, D), randn(T, H_kv, D), randn(T, H_kv, D)
+    caches = []
+    for _ in range(2):
+        cache = randn(B, S_max, H_kv, D)
+        for _, _, row, pos in spans:
+            garbage = randn(S_max - pos, H_kv, D) * 100
+            garbage.view(-1)[:: 7] = float("nan")
+            garbage.view(-1)[3:: 11] = float("inf")
+            cache[row, pos:] = garbage
+        caches.append(cache)
+    tiles = torch.tensor(flashcore.varlen_tiles(spans) + [(0, 0, 0, 0)] * 2, dtype=torch.int64)
+    return q, k, v, caches[0], caches[1], tiles
+
+
+def check_varlen(implementation, spans, T, H_q, H_kv, D, S_max, B, dtype=torch.float32, seed=0):
+    """Against the fp64 oracle of the (K, V, seq_lens) contract run one span at a time, on the cache
+    before the call; the cache gets exactly the spans' slots; uncovered tokens get zeros."""
+    q, k, v, k_cache, v_cache, tiles = varlen_inputs(spans, T, H_q, H_kv, D, S_max, B, dtype, seed)
+    want = torch.zeros(T, H_q, D, dtype=torch.float64)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for start, n, row, pos in spans:
+        part = slice(start, start + n)
+        want[part] = naive_attention_fp64(q[None, part], k[None, part], v[None, part], k_cache[row: row + 1],
+                                          v_cache[row: row + 1], [pos], 1.0 / math.sqrt(D), True)[0]
+        want_k[row, pos: pos + n], want_v[row, pos: pos + n] = k[part], v[part]
+
+    out = flashcore.varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, implementation=implementation)
+
+    assert out.shape == (T, H_q, D) and out.dtype == dtype
+    err = (out.double() - want).abs().max().item()
+    assert err <= TOLERANCE[dtype], f"max abs error {err:.3g} > {TOLERANCE[dtype]}"
+    assert torch.equal(bits(k_cache), bits(want_k)) and torch.equal(bits(v_cache), bits(want_v))
+
+
+# (spans [(start, n, row, position)], T, H_q, H_kv, D, S_max, B): decoding rows in any order, chunks
+# of several tiles, a row at position 0, padding tokens at the end
+VARLEN_CASES = [
+    ([(0, 1, 2, 40), (1, 1, 0, 5), (2, 35, 1, 0), (37, 3, 3, 17)], 42, 8, 2, 16, 48, 4),
+    ([(0, 20, 0, 33), (20, 1, 1, 0)], 21, 4, 4, 8, 64, 2),
+    ([(0, 17, 1, 30)], 17, 4, 1, 32, 50, 2),
+]
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES)
+@pytest.mark.parametrize("implementation", ["reference", pytest.param("triton", marks=[pytest.mark.triton, interpreted])])
+def test_varlen_matches_fp64_oracle(implementation, case):
+    check_varlen(implementation, *case, seed=len(case[0]))
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_kernel_half_precision(dtype):
+    check_varlen("triton", *VARLEN_CASES[0], dtype=dtype, seed=3)
+
+
+def test_varlen_tiles_cut_spans():
+    tiles = flashcore.varlen_tiles([(0, 1, 5, 9), (1, 33, 2, 0), (34, 16, 0, 4)])
+    assert tiles == [(0, 1, 5, 9), (1, 16, 2, 0), (17, 16, 2, 16), (33, 1, 2, 32), (34, 16, 0, 4)]
+
+
+def test_varlen_shape_errors_name_the_shapes():
+    q, k, v = torch.zeros(4, 4, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8)
+    cache = torch.zeros(2, 8, 2, 8)
+    with pytest.raises(ValueError, match=r"tiles must be int64 of shape \(n, 4\)"):
+        flashcore.varlen_attention_with_kv_cache(q, k, v, cache, cache.clone(), torch.zeros(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"k and v must be \(T, H_kv, D\)"):
+        flashcore.varlen_attention_with_kv_cache(q, k[:3], v, cache, cache.clone(), torch.zeros(1, 4, dtype=torch.int64))

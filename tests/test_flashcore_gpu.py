@@ -179,3 +179,62 @@ def test_alignment_and_length_specializations():
                                                               v_cache.float(), lens)
             out = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
             assert (out.float() - ref).abs().max().item() < 2e-2, (S_q, offset)
+
+
+def varlen_case(spans, T, S_max, B, seed):
+    """Llama-shaped bf16 packed inputs for ``spans`` [(start, n, row, position)], their tiles on the device."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    H_q, H_kv, D = LLAMA["H_q"], LLAMA["H_kv"], LLAMA["D"]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(torch.bfloat16)
+
+    q, k, v = randn(T, H_q, D), randn(T, H_kv, D), randn(T, H_kv, D)
+    k_cache, v_cache = randn(B, S_max, H_kv, D), randn(B, S_max, H_kv, D)
+    for _, _, row, pos in spans:
+        k_cache[row, pos:], v_cache[row, pos:] = float("nan"), float("inf")
+    tiles = torch.tensor(flashcore.varlen_tiles(spans), dtype=torch.int64, device="cuda")
+    return q, k, v, k_cache, v_cache, tiles
+
+
+@pytest.mark.parametrize("spans,T,S_max,B", [
+    pytest.param([(i, 1, 63 - i, 37 * i) for i in range(64)], 64, 4096, 64, id="64-decoding-rows"),
+    pytest.param([(0, 1, 3, 8000), (1, 1, 0, 17), (2, 256, 1, 5000), (258, 130, 2, 0)], 400, 8192, 4, id="mixed"),
+    pytest.param([(0, 512, 0, 0)], 512, 512, 1, id="prefill-512"),
+])
+def test_varlen_llama_shapes_bf16(spans, T, S_max, B):
+    """Each span against the (K, V, seq_lens) kernel run on it alone (checked above against PyTorch)."""
+    q, k, v, k_cache, v_cache, tiles = varlen_case(spans, T, S_max, B, seed=T)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    out = flashcore.varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles)
+    for start, n, row, pos in spans:
+        part = slice(start, start + n)
+        kc, vc = before_k[row: row + 1].clone(), before_v[row: row + 1].clone()
+        lens = torch.tensor([pos], dtype=torch.int32, device="cuda")
+        want = attention_in(torch.float32, q[None, part], k[None, part], v[None, part], kc, vc, lens,
+                            1.0 / math.sqrt(LLAMA["D"]), True)[0]
+        own = attention_in(torch.bfloat16, q[None, part], k[None, part], v[None, part], kc, vc, lens,
+                           1.0 / math.sqrt(LLAMA["D"]), True)[0]
+        err = (out[part].float() - want).abs().max().item()
+        assert err <= 2 * (own.float() - want).abs().max().item() + 1e-5, (start, err)
+        assert torch.equal(k_cache[row, pos: pos + n], k[part]) and torch.equal(v_cache[row, pos: pos + n], v[part])
+
+
+def test_varlen_cuda_graph_replays_new_tiles():
+    """One capture, replayed with other tiles (and padding tiles) copied in: each replay equals an eager call."""
+    spans_a = [(0, 1, 1, 100), (1, 40, 0, 7)]
+    spans_b = [(0, 1, 0, 3000), (1, 1, 2, 0), (2, 20, 3, 64)]
+    q, k, v, k_cache, v_cache, _ = varlen_case([], 48, 4096, 4, seed=5)  # caches all finite
+    tiles = torch.zeros(8, 4, dtype=torch.int64, device="cuda")
+    flashcore.varlen_attention_with_kv_cache(q, k, v, k_cache.clone(), v_cache.clone(), tiles)  # compile
+    graph = torch.cuda.CUDAGraph()
+    kc, vc = k_cache.clone(), v_cache.clone()
+    with torch.cuda.graph(graph):
+        out = flashcore.varlen_attention_with_kv_cache(q, k, v, kc, vc, tiles)
+    for spans in (spans_a, spans_b):
+        t = flashcore.varlen_tiles(spans)
+        tiles.copy_(torch.tensor(t + [(0, 0, 0, 0)] * (8 - len(t)), dtype=torch.int64))
+        kc.copy_(k_cache), vc.copy_(v_cache)
+        graph.replay()
+        want = flashcore.varlen_attention_with_kv_cache(q, k, v, k_cache.clone(), v_cache.clone(), tiles.clone())
+        assert torch.equal(out, want)

@@ -166,7 +166,7 @@ def test_a_pool_that_does_not_fit_is_a_clear_error(llm, monkeypatch):
 
 class FailingRunner:
     """The runner, its ``fail_at``-th forward (a decode step, ``runner(...)``, or a mixed step,
-    ``runner.forward_segments``) raising."""
+    ``runner.forward_packed``) raising."""
 
     def __init__(self, runner, fail_at):
         self.runner, self.left = runner, fail_at
@@ -183,9 +183,9 @@ class FailingRunner:
         self._count()
         return self.runner(*args, **kwargs)
 
-    def forward_segments(self, *args, **kwargs):
+    def forward_packed(self, *args, **kwargs):
         self._count()
-        return self.runner.forward_segments(*args, **kwargs)
+        return self.runner.forward_packed(*args, **kwargs)
 
 
 class PoisonedRunner:
@@ -338,10 +338,10 @@ def test_mixed_steps_prefill_several_prompts(llm, monkeypatch):
         scheduler.close()
 
 
-def test_a_row_prefilled_inside_the_decode_span(llm, monkeypatch):
+def test_a_row_prefilled_below_a_decoding_row(llm, monkeypatch):
     """A new request takes row 0 (reusing the prefix its last request left) while row 1 decodes: its
-    prompt is prefilled in chunks by mixed steps whose decode segment spans row 0 too. Both get their
-    solo tokens."""
+    prompt is prefilled in chunks by mixed steps that also decode row 1 (and decode steps between
+    them run over rows 0-1, row 0 fed a padding token at its fill). Both get their solo tokens."""
     scheduler = Scheduler(llm, max_batch=2, prefill_chunk=4)
     try:
         ops = spy_ops(scheduler, monkeypatch)
@@ -361,7 +361,7 @@ def test_a_row_prefilled_inside_the_decode_span(llm, monkeypatch):
         assert decoding_out.wait().ids == llm.generate([decoding], max_new_tokens=60)[0].token_ids
         assert late_out.wait().ids == llm.generate([late], max_new_tokens=10)[0].token_ids
         assert late_out.end.cached_tokens == len(first)  # "Once upon a time" and BOS
-        inside = [op for op in ops if op[0] == "mixed" and any(row < op[1] for row, _ in op[2])]
+        inside = [op for op in ops if op[0] == "mixed" and op[1] == [1] and [row for row, _ in op[2]] == [0]]
         assert len(inside) == -(-(len(late) - len(first)) // 4)  # every chunk of the late prompt
     finally:
         scheduler.close()
@@ -378,7 +378,7 @@ def test_cancel_during_prefill_keeps_what_was_prefilled(llm, monkeypatch):
 
         def cancel_after_two_chunks(op):
             if op[0] == "mixed" and not held and scheduler.cache.seq_lens_cpu[1] >= 4:
-                assert op[1] == 1  # row 0 decodes in this step
+                assert op[1] == [0]  # row 0 decodes in this step
                 held.append(scheduler.cache.seq_lens_cpu[1])
                 scheduler.cancel(1)  # the long prompt's request
 

@@ -47,10 +47,9 @@ class Scripted:
         lasts = [cache.seq_lens_cpu[b] + (int(logits_at[b]) if logits_at is not None else S - 1) for b in range(B)]
         return torch.stack([self.next_logits(p) for p in lasts])[:, None]  # (B, 1, V)
 
-    def forward_segments(self, segments, logits_rows=None):
-        positions = [cache.seq_lens_cpu[b] + s for tokens, cache in segments
-                     for b in range(tokens.shape[0]) for s in range(tokens.shape[1])]
-        rows = range(len(positions)) if logits_rows is None else logits_rows.tolist()
+    def forward_packed(self, tokens, spans, cache, logits_rows=None):
+        positions = [cache.seq_lens_cpu[row] + s for row, n in spans for s in range(n)]
+        rows = range(len(positions)) if logits_rows is None else logits_rows
         logits = torch.zeros(len(rows), self.vocab)  # (N, V); N may be 0
         for n, t in enumerate(rows):
             logits[n] = self.next_logits(positions[t])

@@ -19,7 +19,6 @@ import torch.multiprocessing as mp
 from minillama import Llama
 from minillama.config import LlamaConfig
 from minillama.layers import Linear
-from minillama.model import Segment
 from minillama.parallel import check_degree, degrees_that_work, leave
 from tests.checkpoints import write_checkpoint
 
@@ -70,9 +69,8 @@ def mixed_step_logits(llm, ids):
     llm.runner(torch.tensor([ids[:5]]), pool.rows(0, 1))
     llm.runner(torch.tensor([ids[:3]]), pool.rows(1, 2))
     pool.set_lengths([5, 3, 0, 0])
-    segments = [Segment(torch.tensor([[ids[5]], [ids[3]]]), pool.rows(0, 2)),
-                Segment(torch.tensor([ids[:7]]), pool.rows(2, 3)), Segment(torch.tensor([ids[1:3]]), pool.rows(3, 4))]
-    return llm.runner.forward_segments(segments, torch.tensor([0, 1, 2 + 6, 2 + 7 + 1]))
+    tokens = torch.tensor([ids[5], ids[3]] + ids[:7] + ids[1:3])
+    return llm.runner.forward_packed(tokens, [(0, 1), (1, 1), (2, 7), (3, 2)], pool, [0, 1, 2 + 6, 2 + 7 + 1])
 
 
 def _rank_main(rank, world, port, folder, out_dir):
