@@ -120,7 +120,7 @@ class TokenLoop:
         last = torch.tensor(lengths, dtype=torch.long) - 1
         cache = self.cache
         with torch.inference_mode():
-            logits = self.runner(tokens.to(self.device), cache, logits_at=last.to(self.device))
+            logits = self.runner(tokens.to(self.device), cache, logits_at=last)  # last on the host: no sync
         cache.advance(lengths)
         return self.decodable(logits[:, -1])
 

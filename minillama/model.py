@@ -186,7 +186,8 @@ class Transformer(nn.Module):
             cache: a :class:`KVCache` of B rows; each row's new keys/values are written at its fill
                 (``seq_lens``), which this call reads but never advances (the caller does, after).
                 None: a fresh cache just large enough for ``tokens`` (no state kept; training).
-            logits_at: optional (B,) index into S: return logits only there, shape (B, 1, V).
+            logits_at: optional (B,) index into S (on any device): return logits only there, shape
+                (B, 1, V).
         Returns:
             logits (B, S, V) (or (B, 1, V) with ``logits_at``) in the model's dtype.
         """
@@ -195,7 +196,7 @@ class Transformer(nn.Module):
             cache = self.new_cache(B, S)
         rows = None
         if logits_at is not None and S > 1:
-            rows = torch.arange(B, device=tokens.device) * S + logits_at  # (B,) into the B * S tokens
+            rows = torch.arange(B, device=tokens.device) * S + logits_at.to(tokens.device)  # (B,) into B * S tokens
         positions = (cache.seq_lens[:, None].long() + torch.arange(S, device=tokens.device)).view(-1)  # (B S,)
         logits = self._forward(tokens.reshape(-1), positions, Rows(B, S, cache), rows)
         return logits.view(B, -1, logits.shape[-1])  # (B, S or 1, V)

@@ -132,6 +132,7 @@ class Runner:
         self.max_graphs = max_graphs
         self._graphs: "OrderedDict[tuple, _Graph]" = OrderedDict()
         self._pool = None
+        self._packed_seen = set()  # keys of packed steps run once (eagerly)
         self.gemv_timings: Optional[dict] = None  # {role: {config: ms per matrix}}, by tune_gemv
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -148,12 +149,22 @@ class Runner:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                  logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits of ``tokens`` (B, S) appended to the first B rows of ``cache`` (see the model's forward)."""
+        """Logits of ``tokens`` (B, S) appended to the first B rows of ``cache`` (see the model's
+        forward). With CUDA graphs, single-token steps replay the decode graph of their batch
+        bucket and prefills of up to ``max_packed_tokens`` run as packed steps (:meth:`forward_packed`);
+        pass ``logits_at`` on the host there (read without waiting for the device)."""
         B, S = tokens.shape
         if cache is not None and B > cache.batch:
             raise ValueError(f"{B} rows of tokens but the cache holds {cache.batch} rows")
-        if not self.cuda_graphs or cache is None or S != 1 or logits_at is not None:
+        if not self.cuda_graphs or cache is None or (S == 1 and logits_at is not None):
             return self.model(tokens, cache if cache is None else cache.rows(0, B), logits_at=logits_at)
+        if S > 1:
+            if B * S > self.max_packed_tokens:  # a long prefill: flashcore's prefill kernel, eagerly
+                return self.model(tokens, cache.rows(0, B), logits_at=logits_at)
+            # a prefill as a packed step: the CUDA graph of its token bucket once the bucket recurs
+            rows = None if logits_at is None else [b * S + int(i) for b, i in enumerate(logits_at.tolist())]
+            logits = self.forward_packed(tokens.reshape(-1), [(b, S) for b in range(B)], cache, rows)
+            return logits.view(B, -1, logits.shape[-1])
         lens = cache.seq_lens_cpu
         if max(lens[:B]) + 1 > cache.max_len:  # flashcore checks this; inside a graph it cannot
             b = max(range(B), key=lambda i: lens[i])
@@ -181,9 +192,12 @@ class Runner:
         """Logits of a packed step (the model's ``forward_packed``): each span ``(row, n)`` is n new
         tokens of that cache row at its fill, ``tokens`` (T,) holds them span after span. Logits
         (N, V) of the tokens at ``logits_rows`` (host ints into the T tokens; None: all T). The
-        fills are read, not advanced (the caller does, after). With CUDA graphs on, a step whose
-        tiles and logits rows fit its bucket's graph replays it (the logits are the graph's buffer:
-        the next step overwrites them)."""
+        fills are read, not advanced (the caller does, after).
+
+        With CUDA graphs on, a step replays the graph of its token bucket over this cache (the
+        logits are then the graph's buffer: the next step overwrites them) when the bucket was
+        captured (:meth:`capture_packed`) or is seen a second time; the first step of a bucket runs
+        eagerly, so one-off shapes (a chat turn's prompt) do not pay a capture."""
         T = tokens.shape[0]
         lens, seen, flat, start = cache.seq_lens_cpu, set(), [], 0
         for row, n in spans:
@@ -203,10 +217,13 @@ class Runner:
         if self.cuda_graphs and T <= self.max_packed_tokens:
             size = packed_bucket(T)
             n_tiles, n_logits = packed_capacity(size, cache.batch)
-            if len(tiles) <= n_tiles and len(rows) <= n_logits:
+            key = _packed_key(size, cache)
+            seen = key in self._graphs or key in self._packed_seen
+            if len(tiles) <= n_tiles and len(rows) <= n_logits and seen:
                 meta = (positions + [0] * (size - T) + [x for t in tiles for x in t] + [0] * (4 * (n_tiles - len(tiles)))
                         + rows + [0] * (n_logits - len(rows)))
                 return self._packed_graph(size, cache).replay(tokens, _host(meta, self.device), len(rows))
+            self._packed_seen.add(key)  # captured when seen again: a one-off shape runs eagerly
         meta = _host(positions + [x for t in tiles for x in t] + rows, self.device).to(self.device, non_blocking=True)
         positions, tiles, rows = meta.split([T, 4 * len(tiles), len(rows)])
         return self.model.forward_packed(tokens, positions, tiles.view(-1, 4), cache, rows)
@@ -222,7 +239,7 @@ class Runner:
             self._packed_graph(size, cache)
 
     def _packed_graph(self, size: int, cache: KVCache) -> _PackedGraph:
-        key = ("packed", size, cache.k.data_ptr(), cache.k.stride(), cache.k.shape, cache.v.data_ptr())
+        key = _packed_key(size, cache)
         graph = self._graphs.get(key)
         if graph is None:
             self.tune_gemv()
@@ -249,6 +266,7 @@ class Runner:
     def clear(self) -> None:
         """Drop every graph (and the memory their buffers hold)."""
         self._graphs.clear()
+        self._packed_seen.clear()
         self._pool = None
 
     def gemv_roles(self) -> dict:
@@ -301,6 +319,10 @@ class Runner:
                 for lin, _ in calls:
                     lin.gemv_config = best
                 self.gemv_timings[role] = {str(c): ms for c, ms in times.items()}
+
+
+def _packed_key(size: int, cache: KVCache) -> tuple:
+    return ("packed", size, cache.k.data_ptr(), cache.k.stride(), cache.k.shape, cache.v.data_ptr())
 
 
 def _host(values: List[int], device: torch.device) -> torch.Tensor:

@@ -79,11 +79,12 @@ def test_a_packed_step_equals_one_forward_per_row(backend):
 
 @pytest.mark.gpu
 def test_packed_graphs_equal_the_eager_forward():
-    """On the GPU, every token bucket's graph (bf16, random steps) against the eager packed forward."""
-    model = tiny_model(7, backend="triton", device="cuda", dtype=torch.bfloat16, layers=3)
+    """On the GPU, every token bucket's graph (random steps) against the eager packed forward."""
+    model = tiny_model(7, backend="triton", device="cuda", layers=3)
     graphs, eager = Runner(model), Runner(model, cuda_graphs=False)
     gen = torch.Generator().manual_seed(7)
     pool = graphs.new_cache(8, 320)
+    errors = {}
     for T in (1, 3, 16, 17, 40, 100, 129, 200):
         pool.set_lengths(torch.randint(0, 100, (8,), generator=gen).tolist())
         rows = torch.randperm(8, generator=gen).tolist()[: min(T, 8)]
@@ -94,8 +95,9 @@ def test_packed_graphs_equal_the_eager_forward():
         got = graphs.forward_packed(tokens, spans, pool, logits_rows).float()
         want = eager.forward_packed(tokens, spans, before, logits_rows).float()
         assert got.shape == (len(logits_rows), VOCAB)
-        assert rel_err(got, want) < 2e-2, T
+        errors[T] = rel_err(got, want)
         assert any(k[0] == "packed" and k[1] == packed_bucket(T) for k in graphs._graphs)
+    assert max(errors.values()) < 1e-5, errors
 
 
 def test_no_logits_rows_only_fills_the_caches():
