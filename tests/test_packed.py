@@ -84,6 +84,8 @@ def test_packed_graphs_equal_the_eager_forward():
     graphs, eager = Runner(model), Runner(model, cuda_graphs=False)
     gen = torch.Generator().manual_seed(7)
     pool = graphs.new_cache(8, 320)
+    graphs.capture_packed(pool, 200)
+    assert sorted(k[1] for k in graphs._graphs) == [16, 32, 64, 128, 192, 256]
     errors = {}
     for T in (1, 3, 16, 17, 40, 100, 129, 200):
         pool.set_lengths(torch.randint(0, 100, (8,), generator=gen).tolist())
@@ -96,8 +98,20 @@ def test_packed_graphs_equal_the_eager_forward():
         want = eager.forward_packed(tokens, spans, before, logits_rows).float()
         assert got.shape == (len(logits_rows), VOCAB)
         errors[T] = rel_err(got, want)
-        assert any(k[0] == "packed" and k[1] == packed_bucket(T) for k in graphs._graphs)
     assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.gpu
+def test_a_prefill_bucket_is_captured_when_it_recurs():
+    """A prefill of a new token bucket runs eagerly; the same bucket again replays a new graph."""
+    runner = Runner(tiny_model(8, backend="triton", device="cuda"))
+    cache = runner.new_cache(1, 64)
+    tokens = torch.randint(0, VOCAB, (1, 40), device="cuda")
+    first = runner(tokens, cache, logits_at=torch.tensor([39]))[0, -1].clone()
+    assert not runner._graphs
+    second = runner(tokens, cache, logits_at=torch.tensor([39]))[0, -1]
+    assert [k[1] for k in runner._graphs] == [packed_bucket(40)]
+    assert rel_err(second, first) < 1e-5
 
 
 def test_no_logits_rows_only_fills_the_caches():
