@@ -55,7 +55,7 @@ import torch
 
 from minillama.concurrency import step_lock
 from minillama.errors import NonFiniteLogitsError
-from minillama.runner import bucket
+from minillama.runner import bucket, packed_bucket
 from minillama.sampling import NON_FINITE, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
 
@@ -207,8 +207,13 @@ class Scheduler:
         rows, and the packed graph of every token bucket a mixed step can fill (every decoding row
         plus ``prefill_chunk`` prompt tokens). The decode steps run on empty rows: they write
         garbage at the first position of each, past its fill; the packed captures write nothing."""
-        if not getattr(self.llm.runner, "cuda_graphs", False):
+        runner = self.llm.runner
+        if not getattr(runner, "cuda_graphs", False):
             return
+        decode = {min(bucket(b), self.cache.batch) for b in range(1, self.cache.batch + 1)}
+        packed = {packed_bucket(t) for t in range(1, self.max_batch + self.prefill_chunk + 1)
+                  if t <= runner.max_packed_tokens}
+        runner.max_graphs = max(runner.max_graphs, len(decode) + len(packed) + 8)  # keep them all
         rows = 1
         while True:
             with self._step_lock, torch.inference_mode():
