@@ -1,7 +1,10 @@
 """flashcore: attention that appends new keys/values to a preallocated cache and attends over it.
 
-One Triton kernel serves prefill and decode, GQA and causal masking, for rows of different lengths.
-``flashcore.reference`` holds the plain-PyTorch version of the same contract (the CPU path and the
+One Triton kernel serves prefill and decode, GQA and causal masking, for rows of different lengths
+(``attention_with_kv_cache``: S_q new tokens on each row); another serves new tokens of several rows
+packed along one dimension, each row its own count (``varlen_attention_with_kv_cache``), with its
+metadata on the device so that a CUDA graph can replay it for any such step.
+``flashcore.reference`` holds the plain-PyTorch version of both contracts (the CPU path and the
 test oracle). flashcore knows nothing of minillama.
 """
 import os

@@ -1,4 +1,5 @@
-"""Triton kernels for :func:`flashcore.attention_with_kv_cache`: append + attend in one launch.
+"""Triton kernels for :func:`flashcore.attention_with_kv_cache` (append + attend in one launch) and
+:func:`flashcore.varlen_attention_with_kv_cache` (append, then attend: two launches).
 
 Two paths, one contract (read the public docstring in ``flashcore/__init__.py``):
 
@@ -11,7 +12,13 @@ Two paths, one contract (read the public docstring in ``flashcore/__init__.py``)
   number of splits depends on shapes only (B, H_kv, S_max): one CUDA-graph capture serves every
   decode step, and splits past a row's fill do no work.
 
-Race-free append in the same launch: positions ``< seq_lens[b]`` are read from the cache, positions
+Varlen: ``_varlen_append`` copies every tile's new k/v to its cache slots, then
+``_attn_fwd_varlen`` runs one program per (tile, kv head), packing the tile's tokens (16 at most)
+and the GQA group's query heads into the M dimension as the decode kernel does, and walks the
+row's cache up to the tile's last position (the tile's own positions causally masked). A tile
+reads slots that other tiles' programs write (earlier tiles of the same row), hence two launches.
+
+Race-free append in the same launch (the (K, V, seq_lens) kernels): positions ``< seq_lens[b]`` are read from the cache, positions
 ``seq_lens[b] + n`` (the new tokens) are read from ``k``/``v`` directly, and exactly one program per
 (row, kv head, block of new tokens) copies its new rows into the cache. No program reads a cache
 row that another program writes, so no ordering between programs is needed.
