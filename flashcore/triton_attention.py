@@ -402,15 +402,17 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> Kerne
 
 def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_heads: int,
                    s_max: int, num_sms: int) -> KernelConfig:
-    """Tiles by shape only (never seq_lens): 64-key tiles; pipelined 4 deep where few (row, kv
-    head) pairs each walk long splits, else 3. (H200, 2026-12-01, Llama shapes, B=16-64 with fills
-    of 512 or ragged 128-1400: 64-key tiles 3 deep took 13-30% less time than 128-key tiles.)"""
+    """Tiles by shape only (never seq_lens). Many (row, kv head) pairs: 64-key tiles 3 deep up to
+    2048 cache slots, 128-key tiles beyond (H200, 2026-12-01, Llama shapes: at B=16-64 with caches
+    of 640-1537 slots 64-key tiles took 13-30% less time; at B=64 with 8258 slots the whole decode
+    step ran 11% slower with them).
+    Few pairs: 64-key tiles, pipelined 4 deep where the splits are long."""
     if interpret:
         return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=2)
     if 2 * batch_kv_heads >= num_sms:
-        return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=3)
+        return KernelConfig(block_m=0, block_n=64 if s_max <= 2048 else 128, num_warps=4, num_stages=3)
     splits = _num_splits(batch_kv_heads, s_max, 64, num_sms)
     tiles_per_split = triton.cdiv(triton.cdiv(s_max, 64), splits)
     return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=4 if tiles_per_split >= 8 else 3)
