@@ -1,7 +1,8 @@
 """The runner: one per model and process. It runs the model's one forward, eagerly or as CUDA-graph
 replays, and tunes the Triton GEMV once per GPU. Two kinds of step are replayed as graphs: decode
 steps (one token on each of the first B rows) and packed steps (``forward_packed``: each row its own
-count of new tokens, e.g. a continuous-batching step's decoding rows with prompt chunks).
+count of new tokens, e.g. a continuous-batching step's decoding rows with prompt chunks; prefills
+whose token bucket recurs run as packed steps too).
 
 A graph bakes in the addresses of the cache tensors and of its own input/output buffers, and
 nothing else: positions and fill lengths are read on the device from ``seq_lens``, which the
@@ -12,7 +13,8 @@ new cache allocated where a freed one was (the caching allocator's usual choice)
 Packed steps: the graph's inputs are the token ids and one int64 buffer of metadata (positions,
 flashcore's varlen tiles, the rows whose logits are wanted), copied in before each replay; a step
 of T tokens runs the graph of the next token bucket (:func:`packed_bucket`), whose tiles past the
-step's have length 0 and whose padding tokens nothing reads.
+step's have length 0 and whose padding tokens nothing reads. A bucket is captured when it recurs
+over the same cache (or up front, :meth:`Runner.capture_packed`): a shape seen once runs eagerly.
 
 Batch buckets: a decode step of B rows over a cache of more rows runs the graph of the next
 bucket size (1, 2, 4, 8, 16, 32, 64, then multiples of 64) that the cache can hold, over its first
@@ -151,17 +153,19 @@ class Runner:
                  logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of ``tokens`` (B, S) appended to the first B rows of ``cache`` (see the model's
         forward). With CUDA graphs, single-token steps replay the decode graph of their batch
-        bucket and prefills of up to ``max_packed_tokens`` run as packed steps (:meth:`forward_packed`);
-        pass ``logits_at`` on the host there (read without waiting for the device)."""
+        bucket, and a prefill of up to ``max_packed_tokens`` whose token bucket recurs over this
+        cache replays the packed graph of that bucket (:meth:`forward_packed`); other prefills run
+        eagerly. Pass ``logits_at`` on the host (it is read without waiting for the device)."""
         B, S = tokens.shape
         if cache is not None and B > cache.batch:
             raise ValueError(f"{B} rows of tokens but the cache holds {cache.batch} rows")
         if not self.cuda_graphs or cache is None or (S == 1 and logits_at is not None):
             return self.model(tokens, cache if cache is None else cache.rows(0, B), logits_at=logits_at)
         if S > 1:
-            if B * S > self.max_packed_tokens:  # a long prefill: flashcore's prefill kernel, eagerly
+            # a prefill: the packed graph of its token bucket when the bucket recurs; the first
+            # time, and past max_packed_tokens, flashcore's prefill kernel eagerly
+            if B * S > self.max_packed_tokens or not self._recurs(packed_bucket(B * S), cache):
                 return self.model(tokens, cache.rows(0, B), logits_at=logits_at)
-            # a prefill as a packed step: the CUDA graph of its token bucket once the bucket recurs
             rows = None if logits_at is None else [b * S + int(i) for b, i in enumerate(logits_at.tolist())]
             logits = self.forward_packed(tokens.reshape(-1), [(b, S) for b in range(B)], cache, rows)
             return logits.view(B, -1, logits.shape[-1])
@@ -196,8 +200,7 @@ class Runner:
 
         With CUDA graphs on, a step replays the graph of its token bucket over this cache (the
         logits are then the graph's buffer: the next step overwrites them) when the bucket was
-        captured (:meth:`capture_packed`) or is seen a second time; the first step of a bucket runs
-        eagerly, so one-off shapes (a chat turn's prompt) do not pay a capture."""
+        captured (:meth:`capture_packed`) or is seen a second time (:meth:`_recurs`)."""
         T = tokens.shape[0]
         lens, seen, flat, start = cache.seq_lens_cpu, set(), [], 0
         for row, n in spans:
@@ -217,13 +220,10 @@ class Runner:
         if self.cuda_graphs and T <= self.max_packed_tokens:
             size = packed_bucket(T)
             n_tiles, n_logits = packed_capacity(size, cache.batch)
-            key = _packed_key(size, cache)
-            seen = key in self._graphs or key in self._packed_seen
-            if len(tiles) <= n_tiles and len(rows) <= n_logits and seen:
+            if len(tiles) <= n_tiles and len(rows) <= n_logits and self._recurs(size, cache):
                 meta = (positions + [0] * (size - T) + [x for t in tiles for x in t] + [0] * (4 * (n_tiles - len(tiles)))
                         + rows + [0] * (n_logits - len(rows)))
                 return self._packed_graph(size, cache).replay(tokens, _host(meta, self.device), len(rows))
-            self._packed_seen.add(key)  # captured when seen again: a one-off shape runs eagerly
         meta = _host(positions + [x for t in tiles for x in t] + rows, self.device).to(self.device, non_blocking=True)
         positions, tiles, rows = meta.split([T, 4 * len(tiles), len(rows)])
         return self.model.forward_packed(tokens, positions, tiles.view(-1, 4), cache, rows)
@@ -237,6 +237,16 @@ class Runner:
         while size < min(max_tokens, self.max_packed_tokens):
             size = packed_bucket(size + 1)
             self._packed_graph(size, cache)
+
+    def _recurs(self, size: int, cache: KVCache) -> bool:
+        """Whether packed steps of this token bucket over this cache have a graph or ran before
+        (then the next one captures it); marks them as seen. A shape seen once (a chat turn's
+        prompt) runs eagerly and pays no capture."""
+        key = _packed_key(size, cache)
+        if key in self._graphs or key in self._packed_seen:
+            return True
+        self._packed_seen.add(key)
+        return False
 
     def _packed_graph(self, size: int, cache: KVCache) -> _PackedGraph:
         key = _packed_key(size, cache)
