@@ -401,3 +401,26 @@ def test_cancel_during_prefill_keeps_what_was_prefilled(llm, monkeypatch):
         assert decoding.wait().ids == llm.generate([other], max_new_tokens=30)[0].token_ids
     finally:
         scheduler.close()
+
+
+@pytest.mark.gpu
+def test_serving_on_the_gpu_replays_only_graphs_captured_at_start(monkeypatch):
+    """On CUDA, once the scheduler has started, serving runs no eager forward: every decode and
+    mixed step replays a graph captured at start, so no request waits for a capture or for Triton's
+    compiler (measured before: 2 s stalls). Outputs equal solo runs (float32: no bf16 near-ties)."""
+    gpu = Llama.from_pretrained(DEMO_MODEL_DIR, device="cuda", dtype=torch.float32)
+    prompts = [gpu.tokenizer.encode(p) for p in PROMPTS] + [gpu.tokenizer.encode(LONG)] * 2
+    solo = [gpu.generate([p], max_new_tokens=12)[0].token_ids for p in prompts]
+    scheduler = Scheduler(gpu, max_batch=5, max_seq_len=128, prefill_chunk=24)
+    try:
+        eager = []
+        for name in ("forward", "forward_packed"):
+            real = getattr(gpu.model, name)
+            monkeypatch.setattr(gpu.model, name,
+                                lambda *a, _real=real, _name=name, **k: eager.append(_name) or _real(*a, **k))
+        got = run_all(scheduler, [Request(p, 12) for p in prompts])
+        assert [g.ids for g in got] == solo
+        assert eager == []
+        assert scheduler.stats()["mixed_steps"] > 0 and scheduler.stats()["decode_steps"] > 0
+    finally:
+        scheduler.close()
