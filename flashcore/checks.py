@@ -30,19 +30,9 @@ def check_attention_inputs(
             f"k_cache and v_cache must be (B, S_max, H_kv, D) with B={B}, D={D}, "
             f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    if H_kv == 0 or H_q % H_kv != 0:
-        raise ValueError(f"H_q={H_q} must be a multiple of H_kv={H_kv} (GQA groups query heads evenly)")
     if S_q == 0:
         raise ValueError("S_q is 0: pass at least one new token")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}: cast them to one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if not 8 <= D <= 256:
-        raise ValueError(f"head_dim {D} is not supported: it must be between 8 and 256")
+    _check_heads_dtypes_devices(q, k, v, k_cache, v_cache, H_q, H_kv, D)
     if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (B,):
         raise ValueError(f"seq_lens must be int32 of shape ({B},), got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     if seq_lens.device != q.device:
@@ -79,6 +69,15 @@ def check_varlen_inputs(q, k, v, k_cache, v_cache, tiles) -> None:
     if k_cache.shape[3] != D or tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"k_cache and v_cache must be (B, S_max, H_kv, D) with D={D}, "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    _check_heads_dtypes_devices(q, k, v, k_cache, v_cache, H_q, H_kv, D)
+    if tiles.dim() != 2 or tiles.shape[1] != 4 or tiles.dtype != torch.int64:
+        raise ValueError(f"tiles must be int64 of shape (n, 4), got {tiles.dtype} {tuple(tiles.shape)}")
+    if tiles.device != q.device:
+        raise ValueError(f"tiles is on {tiles.device} but q is on {q.device}: keep it on the same device")
+
+
+def _check_heads_dtypes_devices(q, k, v, k_cache, v_cache, H_q: int, H_kv: int, D: int) -> None:
+    """What both contracts require of the head counts, dtypes, devices and head_dim."""
     if H_kv == 0 or H_q % H_kv != 0:
         raise ValueError(f"H_q={H_q} must be a multiple of H_kv={H_kv} (GQA groups query heads evenly)")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -90,7 +89,3 @@ def check_varlen_inputs(q, k, v, k_cache, v_cache, tiles) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if not 8 <= D <= 256:
         raise ValueError(f"head_dim {D} is not supported: it must be between 8 and 256")
-    if tiles.dim() != 2 or tiles.shape[1] != 4 or tiles.dtype != torch.int64:
-        raise ValueError(f"tiles must be int64 of shape (n, 4), got {tiles.dtype} {tuple(tiles.shape)}")
-    if tiles.device != q.device:
-        raise ValueError(f"tiles is on {tiles.device} but q is on {q.device}: keep it on the same device")

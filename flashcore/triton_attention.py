@@ -305,6 +305,13 @@ def _attn_fwd_decode_reduce(
 
 
 @triton.jit
+def _load_tile(Tiles, tile):
+    """One varlen tile's (start, length, row, position)."""
+    base = Tiles + tile * 4
+    return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+
+
+@triton.jit
 def _varlen_append(
     K, V, K_cache, V_cache, Tiles,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -315,10 +322,7 @@ def _varlen_append(
     # One program per (tile, kv head): copy the tile's new k/v rows to their cache slots.
     tile = tl.program_id(0)
     hk = tl.program_id(1)
-    start = tl.load(Tiles + tile * 4)
-    n = tl.load(Tiles + tile * 4 + 1)
-    row = tl.load(Tiles + tile * 4 + 2)
-    pos = tl.load(Tiles + tile * 4 + 3)
+    start, n, row, pos = _load_tile(Tiles, tile)
     offs_i = tl.arange(0, TILE)
     offs_d = tl.arange(0, BLOCK_D)
     mask = offs_i < n
@@ -350,10 +354,7 @@ def _attn_fwd_varlen(
     # tile's own positions causally. The keys were appended by _varlen_append, launched before.
     tile = tl.program_id(0)
     hk = tl.program_id(1)
-    start = tl.load(Tiles + tile * 4)
-    n = tl.load(Tiles + tile * 4 + 1)
-    row = tl.load(Tiles + tile * 4 + 2)
-    pos = tl.load(Tiles + tile * 4 + 3)
+    start, n, row, pos = _load_tile(Tiles, tile)
     offs_r = tl.arange(0, BLOCK_M)
     offs_i = offs_r // GROUP
     offs_h = hk * GROUP + offs_r % GROUP
