@@ -206,9 +206,11 @@ class Runner:
         for row, n in spans:
             if not 0 <= row < cache.batch or row in seen:
                 raise ValueError(f"span row {row} must be a distinct row of the cache's {cache.batch}")
-            if n < 1 or lens[row] + n > cache.max_len:
-                raise ValueError(f"row {row}: {lens[row]} cached + {n} new tokens exceeds the cache capacity "
-                                 f"S_max={cache.max_len} (or n < 1); allocate a larger cache")
+            if n < 1:
+                raise ValueError(f"the span of row {row} has {n} tokens: give each span at least one")
+            if lens[row] + n > cache.max_len:
+                raise ValueError(f"row {row}: {lens[row]} cached + {n} new tokens = {lens[row] + n} exceeds the "
+                                 f"cache capacity S_max={cache.max_len}; allocate a larger cache")
             seen.add(row)
             flat.append((start, n, row, lens[row]))
             start += n

@@ -130,8 +130,10 @@ def test_bad_spans_are_refused_before_any_work():
     pool = runner.new_cache(2, 8)
     pool.set_lengths([6, 0])
     tokens = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match="exceeds the cache capacity S_max=8"):
+    with pytest.raises(ValueError, match=r"row 0: 6 cached \+ 3 new tokens = 9 exceeds the cache capacity S_max=8"):
         runner.forward_packed(tokens, [(0, 3), (1, 1)], pool)
+    with pytest.raises(ValueError, match="the span of row 1 has 0 tokens"):
+        runner.forward_packed(tokens, [(0, 2), (1, 0)], pool)
     with pytest.raises(ValueError, match="distinct row"):
         runner.forward_packed(tokens, [(1, 2), (1, 2)], pool)
     with pytest.raises(ValueError, match="distinct row"):
