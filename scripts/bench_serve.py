@@ -7,6 +7,9 @@ random token ids (length uniform in ``--prompt-lens``) and ``max_tokens`` unifor
 wall time of the level), time to first token p50/p99 and inter-token latency p50/p99 (gaps between
 consecutive streamed chunks; ``tokens_per_chunk`` says how close that is to one token per chunk:
 a token that ends inside a character or may begin a stop string sends no chunk of its own).
+Each level also reports its busiest client's tokens and the run's wall time per such token: the
+clients run a closed loop, so a level lasts at least that client's tokens, one step each, and a
+wall time per busiest-client token near the inter-token latency means the level is bound by it.
 
 The baseline is static batching in the same run: the same requests, in groups of the same
 concurrency, each group one ``Llama.generate`` call run to its longest output (that is what a
@@ -152,11 +155,14 @@ async def run_level(url, requests):
     limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
         async def one_client(items):
+            mine = []
             for prompt, max_tokens in items:
-                await one_request(client, url, prompt, max_tokens, record)
+                await one_request(client, url, prompt, max_tokens, mine)
+            record.extend(mine)
+            return sum(r["tokens"] for r in mine)
 
         start = time.perf_counter()
-        await asyncio.gather(*(one_client(items) for items in requests))
+        per_client = await asyncio.gather(*(one_client(items) for items in requests))
         wall = time.perf_counter() - start
     gaps = [g for r in record for g in r["gaps"]]
     ttfts = [r["ttft"] for r in record if r["ttft"] is not None]
@@ -165,7 +171,11 @@ async def run_level(url, requests):
             "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
             "itl_p50_ms": 1000 * percentile(gaps, 50) if gaps else None,
             "itl_p99_ms": 1000 * percentile(gaps, 99) if gaps else None,
-            "tokens_per_chunk": tokens / max(1, sum(r["chunks"] for r in record))}
+            "tokens_per_chunk": tokens / max(1, sum(r["chunks"] for r in record)),
+            # each client sends its requests one after the other: the run lasts at least as long as
+            # its busiest client's tokens, one step each (the closed loop's bound on tok/s)
+            "busiest_client_tokens": max(per_client),
+            "wall_ms_per_busiest_client_token": 1000 * wall / max(1, max(per_client))}
 
 
 def run_static(llm, requests):
@@ -262,7 +272,8 @@ def main():
             results["levels"].setdefault(str(level), {})["continuous"] = served
             log(f"served  {level:4d} clients: {served['tok_s']:8.0f} tok/s, TTFT p50/p99 {served['ttft_p50_ms']:.0f}/"
                 f"{served['ttft_p99_ms']:.0f} ms, ITL p50/p99 {served['itl_p50_ms']:.1f}/{served['itl_p99_ms']:.1f} ms "
-                f"({served['tokens_per_chunk']:.2f} tokens per chunk)")
+                f"({served['tokens_per_chunk']:.2f} tokens per chunk; busiest client {served['busiest_client_tokens']} "
+                f"tokens, {served['wall_ms_per_busiest_client_token']:.1f} ms of the run each)")
             Path(args.out).write_text(json.dumps(results, indent=2))
         import httpx
 
