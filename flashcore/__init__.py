@@ -157,10 +157,10 @@ def varlen_attention_with_kv_cache(
         (T, H_q, D) in q's dtype. Depends on shapes only besides the tensors' contents, so one CUDA
         graph capture serves every step of the same T and tile count.
     """
-    check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
     if resolve_implementation(implementation, q.device) == "reference":
         return reference.varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles,
                                                         softmax_scale=softmax_scale)
+    check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
     from flashcore.triton_attention import triton_varlen_attention_with_kv_cache
 
     return triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale)

@@ -81,8 +81,7 @@ class _PackedGraph:
     """One captured packed step of ``tokens`` tokens over a fixed cache."""
 
     def __init__(self, model: Transformer, cache: KVCache, tokens: int, pool):
-        self.capacity = packed_capacity(tokens, cache.batch)
-        n_tiles, n_logits = self.capacity
+        n_tiles, n_logits = packed_capacity(tokens, cache.batch)
         device = cache.k.device
         self.tokens = torch.zeros(tokens, dtype=torch.long, device=device)  # static inputs
         self.meta = torch.zeros(tokens + 4 * n_tiles + n_logits, dtype=torch.long, device=device)
