@@ -111,7 +111,7 @@ class Runner:
 
     Args:
         model: a loaded :class:`~minillama.model.Transformer` (its backend is already chosen).
-        cuda_graphs: replay single-token steps as CUDA graphs; default: on for CUDA models.
+        cuda_graphs: replay decode steps and packed steps as CUDA graphs; default: on for CUDA models.
         max_graphs: graphs kept, least recently used dropped first (each holds its buffers).
             Decode and packed graphs count together.
 
