@@ -207,15 +207,29 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
 
 
 @triton.jit
-def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, stride_xm, stride_wn, stride_om,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _widen(w, ty: tl.constexpr):
+    """An 8-bit weight tile as ``ty``, exactly. float8_e4m3fn goes through float16 (one cvt per two
+    values, then an exact one to bfloat16): ~20% less time per 8-bit matmul at 16 rows on the H200
+    than Triton's direct conversion (BENCHMARKS.md)."""
+    if w.dtype == tl.float8e4nv:
+        return w.to(tl.float16).to(ty)
+    return w.to(ty)
+
+
+@triton.jit
+def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
     """out (M, N) = x (M, K) @ (W (N, K) * Scale[:, None])^T for an 8-bit W (int8 / float8_e4m3fn).
 
     W tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16) and
     fed to tl.dot with float32 accumulation; the per-column scale multiplies the accumulator once.
+    SPLIT_K > 1: program (m, n, s) takes K columns [s * K_split, (s + 1) * K_split) and writes its
+    float32 partial sums to Out, a (SPLIT_K, M, N) workspace that ``_split_k_sum_fwd`` reduces.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -224,7 +238,8 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, stride_xm, stride_wn, stride_om,
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = W + offs_n.to(tl.int64)[None, :] * stride_wn  # a W^T tile (BLOCK_K, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
+    k_lo = pid_k * K_split
+    for k0 in tl.range(k_lo, tl.minimum(k_lo + K_split, K), BLOCK_K):
         kk = k0 + offs_k
         if EVEN_K:
             x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
@@ -233,12 +248,28 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, stride_xm, stride_wn, stride_om,
             k_mask = kk < K
             x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_cols + kk[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(x, w.to(x.dtype), acc)
-    # -- epilogue: the per-column scale --
-    y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0)[None, :]
-    out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, y.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc = tl.dot(x, _widen(w, x.dtype), acc)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:  # -- epilogue: the per-column scale --
+        y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0)[None, :]
+        out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, y.to(Out.dtype.element_ty), mask=mask)
+    else:
+        part = Out + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+        tl.store(part, acc, mask=mask)
 
+
+@triton.jit
+def _split_k_sum_fwd(Part, Scale, Out, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[m, n] = Scale[n] * sum_s Part[s, m, n], the K splits summed in order (deterministic)."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(Part + (s * M + m) * N + offs_n, mask=n_mask, other=0.0)
+    y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0)
+    tl.store(Out + m * stride_om + offs_n, y.to(Out.dtype.element_ty), mask=n_mask)
 
 
 # Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps, ROW_ACC). On CUDA each matrix kind (qkv, o, gate/up,
@@ -343,19 +374,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     return out
 
 
-INTERPRET_MATMUL_8BIT = (16, 64, 64, 4, 1)
+INTERPRET_MATMUL_8BIT = (16, 64, 64, 4, 1, 1)
 
 
 def matmul_8bit_config(M: int, N: int, K: int) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the 8-bit matmul for an (M, K) x (N, K)^T
-    product. Batched decode (M <= 64) is bound by the weight stream: narrow column tiles, so that
-    even N = 4096 gives the GPU's SMs enough programs; prefill is bound by tl.dot. Measured on the
-    H200 over Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of the 8-bit matmul for an
+    (M, K) x (N, K)^T product. Batched decode (M <= 64) is bound by the weight stream: narrow
+    column tiles; at M <= 16 a long K with few columns (the down projection) is split in 4, which
+    took ~20% less time there, and nowhere else helped. Prefill is bound by tl.dot. Measured on
+    the H200 over Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights)."""
     if M <= 16:
-        return 16, 32, 256, 4, 4
+        return 16, 32, 256, 4, 4, 4 if K >= 8192 and N < 16384 else 1
     if M <= 64:
-        return (64, 128, 128, 4, 3) if N >= 16384 else (64, 32, 256, 4, 4)
-    return (128, 128, 64, 8, 3) if K <= 4096 else (128, 128, 128, 8, 3)
+        return (64, 128, 128, 4, 3, 1) if N >= 16384 else (64, 32, 256, 4, 4, 1)
+    return (128, 128, 64, 8, 3, 1) if K <= 4096 else (128, 128, 128, 8, 3, 1)
 
 
 def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config=None) -> torch.Tensor:
@@ -366,14 +398,18 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K
     assert weight.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32 and scale.shape == (N,)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if INTERPRET:
-        config = INTERPRET_MATMUL_8BIT
-    elif config is None:
-        config = matmul_8bit_config(M, N, K)
-    block_m, block_n, block_k, num_warps, num_stages = config
-    _matmul_8bit_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        x, weight, scale, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+    if config is None:
+        config = INTERPRET_MATMUL_8BIT if INTERPRET else matmul_8bit_config(M, N, K)
+    block_m, block_n, block_k, num_warps, num_stages, split_k = config
+    k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole K tiles per split
+    split_k = triton.cdiv(K, k_split)
+    partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    _matmul_8bit_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)](
+        x, weight, scale, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if split_k > 1:
+        _split_k_sum_fwd[(M, triton.cdiv(N, 1024))](partial, scale, out, M, N, out.stride(0), SPLIT_K=split_k,
+                                                    BLOCK_N=1024, num_warps=4)
     return out

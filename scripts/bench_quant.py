@@ -11,7 +11,8 @@ For each weight format (bf16; int8 and fp8, one scale per output channel) and ea
   * decode: seconds per step at batch 1 and 16 (cache fill 512) through the Runner's CUDA graphs,
     tok/s, and the achieved weight bandwidth (bytes of every matrix but the embedding table,
     8-bit weights + their float32 scales, per step / step time);
-  * TTFT: a 512- and a 2048-token prefill (median of --reps);
+  * TTFT: a 512- and a 2048-token prefill (median of --reps after an eager one and a capture,
+    both untimed; the eager one's time is reported too);
   * weight memory (GB).
 
 Random weights (default) of Llama-3.1-8B's or 70B's shapes are made directly in each format;
@@ -132,19 +133,24 @@ def decode_step_s(runner: Runner, batch: int, fill: int, steps: int) -> float:
     return statistics.median(per_step)
 
 
-def prefill_s(runner: Runner, length: int, reps: int) -> float:
+def prefill_s(runner: Runner, length: int, reps: int):
+    """(median seconds of ``reps`` prefills of ``length`` tokens, seconds of the first, eager one).
+
+    As ``bench.py`` times TTFT: one cache, two untimed prefills first: the first of a length runs
+    eagerly, the second captures the CUDA graph of its bucket, which the timed ones replay."""
+    cache = runner.new_cache(1, length + 1)
+    last = torch.tensor([length - 1], device=runner.device)
     times = []
-    for r in range(reps + 1):
-        cache = runner.new_cache(1, length + 1)
+    for r in range(reps + 2):
         tokens = torch.randint(0, runner.config.vocab_size, (1, length),
                                generator=torch.Generator().manual_seed(r)).to(runner.device)
+        cache.set_lengths([0])
         sync(runner.device)
         start = time.perf_counter()
-        runner(tokens, cache, logits_at=torch.tensor([length - 1], device=runner.device))
+        runner(tokens, cache, logits_at=last)
         sync(runner.device)
-        if r:  # the first run compiles
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]), times[0]
 
 
 def set_backend(model: Transformer, backend) -> None:
@@ -171,7 +177,9 @@ def main(argv=None) -> int:
                     row[f"decode_b{b}_tok_s"] = b / s
                     row[f"decode_b{b}_weight_gb_s"] = weight_bytes / s / 1e9
                 for n in prompt_lens:
-                    row[f"ttft_{n}_ms"] = 1000 * prefill_s(runner, n, args.reps)
+                    replayed, eager = prefill_s(runner, n, args.reps)
+                    row[f"ttft_{n}_ms"] = 1000 * replayed
+                    row[f"ttft_{n}_eager_ms"] = 1000 * eager
             rows.append(row)
             print(json.dumps(row), flush=True)
             runner.clear()

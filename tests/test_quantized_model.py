@@ -244,15 +244,17 @@ def test_gemv_reads_8bit_weights(dtype, add, norm, swiglu):
 @pytest.mark.triton
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
-@pytest.mark.parametrize("M", [3, 20])
-def test_matmul_reads_8bit_weights(dtype, M):
+@pytest.mark.parametrize("M,split_k", [(3, 1), (20, 1), (3, 2), (20, 3)])
+def test_matmul_reads_8bit_weights(dtype, M, split_k):
+    """Masked paths (K, N not multiples of the blocks) and split K: with 64-column tiles, 2 or 3
+    splits asked for both make 2 (whole tiles per split), the second one a partial tile."""
     from minillama import kernels
 
     g = torch.Generator().manual_seed(1)
-    K, N = 96, 80  # neither a multiple of the interpreter's blocks: the masked paths
+    K, N = 96, 80
     x = torch.randn(M, K, generator=g)
     q, scale = quantize_per_channel(torch.randn(N, K, generator=g), dtype)
-    got = kernels.matmul_8bit(x, q, scale)
+    got = kernels.matmul_8bit(x, q, scale, config=kernels.INTERPRET_MATMUL_8BIT[:5] + (split_k,))
     expected = x.double() @ dequantize(q, scale, torch.float64).T
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
 
