@@ -384,7 +384,8 @@ def matmul_8bit_config(M: int, N: int, K: int) -> tuple:
     took ~20% less time there, and nowhere else helped. Prefill is bound by tl.dot. Measured on
     the H200 over Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights)."""
     if M <= 16:
-        return 16, 32, 256, 4, 4, 4 if K >= 8192 and N < 16384 else 1
+        split_k = 4 if K >= 8192 and N < 16384 else 1
+        return 16, 32, 256, 4, 4, split_k
     if M <= 64:
         return (64, 128, 128, 4, 3, 1) if N >= 16384 else (64, 32, 256, 4, 4, 1)
     return (128, 128, 64, 8, 3, 1) if K <= 4096 else (128, 128, 128, 8, 3, 1)
