@@ -46,6 +46,20 @@ class Collector:
         return self
 
 
+class SubmitWhenFinished(Collector):
+    """A Collector that, once its request has finished (from the scheduler thread), submits
+    ``request`` with ``out`` as its callback: admitted at the next step."""
+
+    def __init__(self, scheduler, request, out):
+        super().__init__()
+        self.scheduler, self.request, self.out = scheduler, request, out
+
+    def __call__(self, event):
+        super().__call__(event)
+        if isinstance(event, Finished):
+            self.scheduler.submit(self.request, self.out)
+
+
 def run_all(scheduler, requests):
     collectors = [Collector() for _ in requests]
     for r, c in zip(requests, collectors):
@@ -347,14 +361,7 @@ def test_a_row_prefilled_below_a_decoding_row(llm, monkeypatch):
         ops = spy_ops(scheduler, monkeypatch)
         first, decoding, late = (llm.tokenizer.encode(p) for p in (PROMPTS[0], PROMPTS[1], LONG))
         late_out = Collector()
-
-        class SubmitLateWhenDone(Collector):  # from the scheduler thread: admitted at the next step
-            def __call__(self, event):
-                super().__call__(event)
-                if isinstance(event, Finished):
-                    scheduler.submit(Request(late, 10), late_out)
-
-        first_out, decoding_out = SubmitLateWhenDone(), Collector()
+        first_out, decoding_out = SubmitWhenFinished(scheduler, Request(late, 10), late_out), Collector()
         with step_lock(llm.runner):
             scheduler.submit(Request(first, 2), first_out)
             scheduler.submit(Request(decoding, 60), decoding_out)
@@ -383,15 +390,8 @@ def test_cancel_during_prefill_keeps_what_was_prefilled(llm, monkeypatch):
                 scheduler.cancel(1)  # the long prompt's request
 
         spy_ops(scheduler, monkeypatch, then=cancel_after_two_chunks)
-        again = Collector()
-
-        class ResubmitWhenCancelled(Collector):  # from the scheduler thread: row 1 is the only free row
-            def __call__(self, event):
-                super().__call__(event)
-                if isinstance(event, Finished):
-                    scheduler.submit(Request(long, 10), again)
-
-        decoding, cancelled = Collector(), ResubmitWhenCancelled()
+        again = Collector()  # the resubmitted request: row 1 is then the only free row
+        decoding, cancelled = Collector(), SubmitWhenFinished(scheduler, Request(long, 10), again)
         with step_lock(llm.runner):
             scheduler.submit(Request(other, 30), decoding)  # 8 prompt tokens: chunks of 3, 3, 2
             scheduler.submit(Request(long, 10), cancelled)  # chunks of 1, 3, ... after them
