@@ -158,6 +158,26 @@ def test_a_model_that_produces_nan_is_an_error_not_garbage(sp_folder, tmp_path):
         "model.layers.0.self_attn.v_proj.weight (1 of 512 values)")
 
 
+def wait_until_reading_a_pipe(proc, deadline):
+    """Wait until ``proc`` sleeps in read() on a pipe, not still in the open() our writer woke.
+
+    A SIGINT that lands while open() returns is handled before Python's next check for signals,
+    which comes only after read() (the same C call chain) has started blocking: the interrupt
+    would be lost. The kernel's wait channel says where the process sleeps; where the kernel
+    hides it ("0"), a pause stands in."""
+    wchan = f"/proc/{proc.pid}/wchan"
+    while True:
+        with open(wchan) as f:
+            where = f.read()
+        if "pipe_read" in where:
+            return
+        if where in ("", "0"):
+            time.sleep(2)
+            return
+        assert time.monotonic() < deadline and proc.poll() is None, f"the command never read the FIFO (in {where})"
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("cmd", [GENERATE, CHAT])
 def test_ctrl_c_while_loading_exits_130_quietly(sp_folder, tmp_path, cmd):
     """config.json is a FIFO: the command blocks reading it, provably inside model loading."""
@@ -176,6 +196,7 @@ def test_ctrl_c_while_loading_exits_130_quietly(sp_folder, tmp_path, cmd):
             except OSError as e:
                 assert e.errno == errno.ENXIO and time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.02)
+        wait_until_reading_a_pipe(proc, deadline)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
