@@ -10,6 +10,14 @@ a token that ends inside a character or may begin a stop string sends no chunk o
 Each level also reports its busiest client's tokens and the run's wall time per such token: the
 clients run a closed loop, so a level lasts at least that client's tokens, one step each, and a
 wall time per busiest-client token near the inter-token latency means the level is bound by it.
+``tok_s_all_busy`` is the rate while every client still has a request in flight (from the start
+until the first client runs out of requests): the engine at that concurrency, without the tail
+in which the last clients finish alone.
+
+``--queue per-client`` (the default) gives each client its own list of requests;
+``--queue shared`` puts all of a level's requests in one queue that every client takes its next
+request from (what vLLM's ``benchmark_serving.py --max-concurrency N`` does): the same requests, but
+no client is left with a long chain while the others are done.
 
 The baseline is static batching in the same run: the same requests, in groups of the same
 concurrency, each group one ``Llama.generate`` call run to its longest output (that is what a
@@ -47,6 +55,8 @@ def parse_args():
     p.add_argument("--url", help="benchmark this running server instead of starting one (no static baseline)")
     p.add_argument("--concurrency", default="1,8,32,128", help="concurrent clients per level")
     p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--queue", choices=("per-client", "shared"), default="per-client",
+                   help="each client its own requests, or one queue of the level's requests for all clients")
     p.add_argument("--prompt-lens", default="128,1024", help="prompt length range (uniform)")
     p.add_argument("--output-lens", default="128,512", help="max_tokens range (uniform)")
     p.add_argument("--max-batch", type=int, default=None, help="server cache rows (default: the largest level)")
@@ -145,21 +155,32 @@ async def one_request(client, url, prompt, max_tokens, record):
                 if c["text"]:
                     times.append(time.perf_counter())
     record.append({"ttft": times[0] - start if times else None, "gaps": [b - a for a, b in zip(times, times[1:])],
-                   "tokens": usage["completion_tokens"], "chunks": len(times)})
+                   "tokens": usage["completion_tokens"], "chunks": len(times), "chunk_times": times})
 
 
-async def run_level(url, requests):
+async def run_level(url, requests, queue="per-client"):
+    """Run one level: ``requests`` holds each client's list; with ``queue="shared"`` the clients
+    instead take their next request from one queue of all of them, in round order."""
     import httpx
 
     record = []
+    shared = [item for items in zip(*requests) for item in items]  # round k of every client, then round k+1
     limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
         async def one_client(items):
             mine = []
-            for prompt, max_tokens in items:
+            while True:
+                if queue == "shared":
+                    if not shared:
+                        break
+                    prompt, max_tokens = shared.pop(0)
+                elif len(mine) < len(items):
+                    prompt, max_tokens = items[len(mine)]
+                else:
+                    break
                 await one_request(client, url, prompt, max_tokens, mine)
             record.extend(mine)
-            return sum(r["tokens"] for r in mine)
+            return sum(r["tokens"] for r in mine), time.perf_counter()
 
         start = time.perf_counter()
         per_client = await asyncio.gather(*(one_client(items) for items in requests))
@@ -167,15 +188,22 @@ async def run_level(url, requests):
     gaps = [g for r in record for g in r["gaps"]]
     ttfts = [r["ttft"] for r in record if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in record)
-    return {"requests": len(record), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+    chunks = sum(r["chunks"] for r in record)
+    all_busy_end = min(done for _, done in per_client)  # the first client out of requests
+    chunks_all_busy = sum(t <= all_busy_end for r in record for t in r["chunk_times"])
+    busiest = max(n for n, _ in per_client)
+    return {"queue": queue, "requests": len(record), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            # streamed chunks (tokens_per_chunk tokens each) until the first client ran out of requests
+            "all_busy_s": all_busy_end - start,
+            "tok_s_all_busy": chunks_all_busy * tokens / max(1, chunks) / (all_busy_end - start),
             "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
             "itl_p50_ms": 1000 * percentile(gaps, 50) if gaps else None,
             "itl_p99_ms": 1000 * percentile(gaps, 99) if gaps else None,
-            "tokens_per_chunk": tokens / max(1, sum(r["chunks"] for r in record)),
+            "tokens_per_chunk": tokens / max(1, chunks),
             # each client sends its requests one after the other: the run lasts at least as long as
             # its busiest client's tokens, one step each (the closed loop's bound on tok/s)
-            "busiest_client_tokens": max(per_client),
-            "wall_ms_per_busiest_client_token": 1000 * wall / max(1, max(per_client))}
+            "busiest_client_tokens": busiest,
+            "wall_ms_per_busiest_client_token": 1000 * wall / max(1, busiest)}
 
 
 def run_static(llm, requests):
@@ -268,9 +296,10 @@ def main():
                 for items in workload(args, max(levels), vocab_high)]
         asyncio.run(run_level(url, warm))
         for level in levels:
-            served = asyncio.run(run_level(url, workload(args, level, vocab_high)))
+            served = asyncio.run(run_level(url, workload(args, level, vocab_high), args.queue))
             results["levels"].setdefault(str(level), {})["continuous"] = served
-            log(f"served  {level:4d} clients: {served['tok_s']:8.0f} tok/s, TTFT p50/p99 {served['ttft_p50_ms']:.0f}/"
+            log(f"served  {level:4d} clients: {served['tok_s']:8.0f} tok/s ({served['tok_s_all_busy']:.0f} while all "
+                f"were busy, {served['all_busy_s']:.1f} s of {served['wall_s']:.1f}), TTFT p50/p99 {served['ttft_p50_ms']:.0f}/"
                 f"{served['ttft_p99_ms']:.0f} ms, ITL p50/p99 {served['itl_p50_ms']:.1f}/{served['itl_p99_ms']:.1f} ms "
                 f"({served['tokens_per_chunk']:.2f} tokens per chunk; busiest client {served['busiest_client_tokens']} "
                 f"tokens, {served['wall_ms_per_busiest_client_token']:.1f} ms of the run each)")

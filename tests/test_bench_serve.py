@@ -30,4 +30,24 @@ def test_bench_serve_runs_on_the_demo_model(tmp_path):
         static, served = results["levels"][level]["static"], results["levels"][level]["continuous"]
         assert static["requests"] == served["requests"] == n
         assert served["tokens"] > 0 and served["tok_s"] > 0 and served["ttft_p50_ms"] > 0
+        assert 0 < served["all_busy_s"] <= served["wall_s"] and served["tok_s_all_busy"] > 0
+    solo = results["levels"]["1"]["continuous"]  # one client is busy until its last token
+    assert solo["tok_s_all_busy"] == pytest.approx(solo["tokens"] / solo["all_busy_s"])
     assert results["server_stats"]["failed"] == 0 and results["server_stats"]["running"] == 0
+
+
+@pytest.mark.slow
+def test_bench_serve_shared_queue_serves_every_request_once(tmp_path):
+    """--queue shared: 3 clients take 3 x 2 requests from one queue; no static baseline."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--model", str(ROOT / "minillama" / "demo_model"),
+         "--concurrency", "3", "--requests-per-client", "2", "--queue", "shared", "--prompt-lens", "4,12",
+         "--output-lens", "4,12", "--no-static", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = json.loads(out.read_text())["levels"]["3"]["continuous"]
+    assert served["queue"] == "shared" and served["requests"] == 6 and served["tokens"] > 0
+    assert 0 < served["all_busy_s"] <= served["wall_s"]
