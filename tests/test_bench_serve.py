@@ -14,18 +14,22 @@ pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_bench_serve_runs_on_the_demo_model(tmp_path):
+def bench_serve(tmp_path, *args) -> dict:
+    """The JSON of bench_serve.py run on the demo model with tiny prompts and outputs and ``args``."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--model", str(ROOT / "minillama" / "demo_model"),
-         "--concurrency", "1,3", "--requests-per-client", "1", "--prompt-lens", "4,12", "--output-lens", "4,12",
-         "--max-batch", "4", "--out", str(out)],
+         "--prompt-lens", "4,12", "--output-lens", "4,12", "--out", str(out), *args],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_on_the_demo_model(tmp_path):
+    results = bench_serve(tmp_path, "--concurrency", "1,3", "--requests-per-client", "1", "--max-batch", "4")
     for level, n in (("1", 1), ("3", 3)):
         static, served = results["levels"][level]["static"], results["levels"][level]["continuous"]
         assert static["requests"] == served["requests"] == n
@@ -39,15 +43,8 @@ def test_bench_serve_runs_on_the_demo_model(tmp_path):
 @pytest.mark.slow
 def test_bench_serve_shared_queue_serves_every_request_once(tmp_path):
     """--queue shared: 3 clients take 3 x 2 requests from one queue; no static baseline."""
-    out = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--model", str(ROOT / "minillama" / "demo_model"),
-         "--concurrency", "3", "--requests-per-client", "2", "--queue", "shared", "--prompt-lens", "4,12",
-         "--output-lens", "4,12", "--no-static", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    served = json.loads(out.read_text())["levels"]["3"]["continuous"]
+    results = bench_serve(tmp_path, "--concurrency", "3", "--requests-per-client", "2", "--queue", "shared",
+                          "--no-static")
+    served = results["levels"]["3"]["continuous"]
     assert served["queue"] == "shared" and served["requests"] == 6 and served["tokens"] > 0
     assert 0 < served["all_busy_s"] <= served["wall_s"]

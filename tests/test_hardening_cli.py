@@ -163,8 +163,8 @@ def wait_until_reading_a_pipe(proc, deadline):
 
     A SIGINT that lands while open() returns is handled before Python's next check for signals,
     which comes only after read() (the same C call chain) has started blocking: the interrupt
-    would be lost. The kernel's wait channel says where the process sleeps; where the kernel
-    hides it ("0"), a pause stands in."""
+    would be lost. The kernel's wait channel says where the process sleeps; where it names none
+    ("0": running just then, or hidden by the kernel), a pause stands in."""
     wchan = f"/proc/{proc.pid}/wchan"
     while True:
         with open(wchan) as f:
