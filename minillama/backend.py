@@ -38,6 +38,12 @@ from minillama.quantization import dequantize
 
 BACKENDS = ("auto", "triton", "torch")
 MATMUL_8BIT = ("triton", "dequantize", "scaled_mm")
+# Rows up to which the Triton backend multiplies by 8-bit weights in its fused 8-bit matmul; more
+# rows (prefill) take a model-dtype copy of the weight and cuBLAS. H200, 2026-12-01, Llama-3.1-8B
+# matrices: at 512 rows the fused matmul took 1.2-2x cuBLAS's time on the bf16 weight (gate/up 273
+# vs 153 us); the copy reads 1 byte and writes 2 per weight (gate/up: ~82 us at 4.3 TB/s, an
+# estimate); at 16-64 rows the fused matmul is the faster.
+FUSED_8BIT_ROWS = 64
 
 
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -125,9 +131,11 @@ class TritonBackend(TorchBackend):
     Args:
         gemv: run single-token projections as the fused Triton GEMV (True) or through cuBLAS with
             the separate kernels (False; a benchmark ablation).
-        matmul_8bit: multi-row steps (prefill, batched decode) with 8-bit weights: "triton" (a
-            Triton matmul that converts the 8-bit tiles in registers: weight-only, the default),
-            "dequantize" (a full-precision copy of the weight, then cuBLAS; an ablation) or
+        matmul_8bit: multi-row steps (prefill, batched decode) with 8-bit weights: "triton"
+            (weight-only, the default: up to ``FUSED_8BIT_ROWS`` rows a Triton matmul that converts
+            the 8-bit tiles in registers; more rows, a model-dtype copy of the weight made by one
+            Triton kernel, then cuBLAS), "dequantize" (that copy and cuBLAS at every size; an
+            ablation) or
             "scaled_mm" (fp8 weights: activations quantized per token and one fp8
             ``torch._scaled_mm``, the W8A8 math of FP8-dynamic checkpoints; int8 weights keep
             "triton"). Single-token steps always run the 8-bit GEMV.
@@ -182,11 +190,13 @@ class TritonBackend(TorchBackend):
             out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, config=gemv_config,
                                     scale=weight_scale)
             return out.view(*x.shape[:-1], -1)
-        if weight_scale is not None and bias is None and self.matmul_8bit != "dequantize":
+        rows = x.numel() // x.shape[-1]
+        if weight_scale is not None and bias is None and (
+                self.matmul_8bit == "scaled_mm" or (self.matmul_8bit == "triton" and rows <= FUSED_8BIT_ROWS)):
             y = self._matmul_8bit(x, weight, weight_scale)
         else:
-            if weight_scale is not None:  # a full-precision copy, then cuBLAS (the ablation; biases)
-                weight = dequantize(weight, weight_scale, x.dtype)
+            if weight_scale is not None:  # a model-dtype copy of the weight, then cuBLAS
+                weight = self.kernels.dequantize(weight, weight_scale, x.dtype)
             y = F.linear(x, weight, bias)
         return self.silu_mul(y) if swiglu else y
 

@@ -272,6 +272,18 @@ def _split_k_sum_fwd(Part, Scale, Out, M, N, stride_om, SPLIT_K: tl.constexpr, B
     tl.store(Out + m * stride_om + offs_n, y.to(Out.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _dequantize_fwd(W, Scale, Out, N, K, stride_wn, stride_on, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = W * Scale[:, None] in float32, rounded once to Out's dtype: a (BLOCK_N, BLOCK_K) tile
+    per program (``minillama.quantization.dequantize``, bit for bit)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    y = w.to(tl.float32) * tl.load(Scale + offs_n, mask=offs_n < N, other=0.0)[:, None]
+    tl.store(Out + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :], y.to(Out.dtype.element_ty), mask=mask)
+
+
 # Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps, ROW_ACC). On CUDA each matrix kind (qkv, o, gate/up,
 # down, head) takes the fastest, timed once at the first single-token step in a CUDA graph over
 # every layer's matrix (so the weights stream from HBM, not L2, and launch gaps are the graph's).
@@ -413,4 +425,18 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     if split_k > 1:
         _split_k_sum_fwd[(M, triton.cdiv(N, 1024))](partial, scale, out, M, N, out.stride(0), SPLIT_K=split_k,
                                                     BLOCK_N=1024, num_warps=4)
+    return out
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.float() * scale[:, None]`` rounded once to ``dtype`` for an 8-bit weight (N, K): one
+    pass, reading 1 byte and writing 2 per element (the float32 ops of
+    ``minillama.quantization.dequantize`` move 11)."""
+    N, K = weight.shape
+    assert weight.stride(1) == 1 and scale.dtype == torch.float32 and scale.shape == (N,)
+    out = torch.empty((N, K), dtype=dtype, device=weight.device)
+    block_n, block_k = (64, 64) if INTERPRET else (8, 1024)
+    _dequantize_fwd[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        weight, scale, out, N, K, weight.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
     return out

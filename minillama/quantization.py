@@ -25,7 +25,8 @@ What is computed: weight-only (W8A16), whatever the checkpoint's activation sche
 ``input_scale`` is validated and kept (``QuantizedLinear.input_scale``) but not applied. Batch-1
 decode is bound by weight bytes, which 8-bit weights halve either way, and weight-only is the
 more accurate of the two. The torch backend dequantizes and multiplies; the Triton backend reads
-the 8-bit weights in its GEMV (single-token steps) and in an 8-bit matmul (larger steps), or, as
+the 8-bit weights in its GEMV (single-token steps) and in an 8-bit matmul (up to 64 rows); a
+prefill multiplies a model-dtype copy of each weight, made in one pass, with cuBLAS. Or, as
 the ``TritonBackend(matmul_8bit="scaled_mm")`` option, runs fp8 prefill as W8A8 through
 ``torch._scaled_mm`` with per-token activation scales (``minillama.backend``).
 

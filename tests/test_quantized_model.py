@@ -290,6 +290,36 @@ def test_triton_backend_matches_torch_on_8bit_weights(full, kind, matmul_8bit):
         assert ((got - expected).norm() / expected.norm()).item() < 1e-5
 
 
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+def test_dequantize_kernel_equals_the_torch_dequantize(dtype):
+    """One pass of the Triton kernel gives ``quantization.dequantize``'s numbers, bit for bit
+    (shapes not multiples of its 64 x 64 interpreter tiles)."""
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(3)
+    q, scale = quantize_per_channel(torch.randn(70, 100, generator=g), dtype)
+    assert torch.equal(kernels.dequantize(q, scale, torch.float32), dequantize(q, scale, torch.float32))
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_triton_backend_prefill_past_the_fused_rows(full, kind, monkeypatch):
+    """Past ``FUSED_8BIT_ROWS`` rows the Triton backend multiplies by a dequantized copy (cuBLAS on
+    the GPU): a 6-token prefill with the bound at 2 gives the torch backend's logits."""
+    from minillama import backend
+
+    monkeypatch.setattr(backend, "FUSED_8BIT_ROWS", 2)
+    torch_llm = Llama.from_pretrained(full, device="cpu", quantize=kind, backend="torch")
+    triton_llm = Llama.from_pretrained(full, device="cpu", quantize=kind, backend="triton")
+    prompt = IDS[:6]
+    expected = torch_llm.logits(prompt)
+    got = triton_llm.logits(prompt)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
 # -- quality on the bundled trained model --
 
 
@@ -355,6 +385,23 @@ def test_gpu_gemv_converts_every_8bit_value_exactly(dtype):
     expected = (q.float() * scale[:, None]).sum(1).to(torch.bfloat16)
     for config in kernels.GEMV_CONFIGS:
         assert torch.equal(kernels.gemv(x, q, scale=scale, config=config), expected), config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+def test_gpu_dequantize_kernel_equals_the_torch_dequantize(dtype):
+    """bfloat16 (which Triton's interpreter gets wrong), every byte value (e4m3's two NaN bytes left
+    out), a Llama matrix shape."""
+    from minillama import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, scale = quantize_per_channel(torch.randn(4096, 14336, device="cuda", generator=g) / 64, dtype)
+    b = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
+    if dtype == FP8:
+        b = b[(b != 0x7F) & (b != 0xFF)]
+    q[: len(b), 0] = b.view(dtype)
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(kernels.dequantize(q, scale, out_dtype), dequantize(q, scale, out_dtype)), out_dtype
 
 
 @pytest.mark.gpu
