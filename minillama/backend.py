@@ -39,10 +39,11 @@ from minillama.quantization import dequantize
 BACKENDS = ("auto", "triton", "torch")
 MATMUL_8BIT = ("triton", "dequantize", "scaled_mm")
 # Rows up to which the Triton backend multiplies by 8-bit weights in its fused 8-bit matmul; more
-# rows (prefill) take a model-dtype copy of the weight and cuBLAS. H200, 2026-12-01, Llama-3.1-8B
-# matrices: at 512 rows the fused matmul took 1.2-2x cuBLAS's time on the bf16 weight (gate/up 273
-# vs 153 us); the copy reads 1 byte and writes 2 per weight (gate/up: ~82 us at 4.3 TB/s, an
-# estimate); at 16-64 rows the fused matmul is the faster.
+# rows (prefill) take a model-dtype copy of the weight (one Triton pass: reads 1 byte and writes 2
+# per weight) and cuBLAS. H200, 2026-12-01, Llama-3.1-8B shapes: at 512 rows the fused matmul took
+# 1.2-2x cuBLAS's time on the bf16 weight (gate/up 273 vs 153 us); time to first token with the copy,
+# 512 / 2048 tokens, 17.3 / 54.3 ms (int8) against 19.2 / 72.8 fused (bf16: 11.6 / 49.0;
+# benchmarks/2026-12-01-h200-branch-ab.json). At 16-64 rows the fused matmul is the faster.
 FUSED_8BIT_ROWS = 64
 
 
