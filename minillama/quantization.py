@@ -26,10 +26,11 @@ What is computed: weight-only (W8A16), whatever the checkpoint's activation sche
 decode is bound by weight bytes, which 8-bit weights halve either way, and weight-only is the
 more accurate of the two. It is also one function at every step size: the server packs decoding
 rows into prefill steps, so math that changed with the step's row count (W8A8 where fp8 tensor
-cores pay, prefills) would make a request's tokens depend on the requests beside it. The torch backend dequantizes and multiplies; the Triton backend reads
-the 8-bit weights in its GEMV (single-token steps) and in an 8-bit matmul (up to 64 rows); a
-prefill multiplies a model-dtype copy of each weight, made in one pass, with cuBLAS. Or, as
-the ``TritonBackend(matmul_8bit="scaled_mm")`` option, runs fp8 prefill as W8A8 through
+cores pay, prefills) would make a request's tokens depend on the requests beside it. The torch
+backend dequantizes and multiplies; the Triton backend reads the 8-bit weights in its GEMV
+(single-token steps) and in an 8-bit matmul (up to 64 rows); a prefill multiplies a model-dtype
+copy of each weight, made in one pass, with cuBLAS. Or, as the
+``TritonBackend(matmul_8bit="scaled_mm")`` ablation, it runs fp8 prefill as W8A8 through
 ``torch._scaled_mm`` with per-token activation scales (``minillama.backend``).
 
 References: compressed-tensors (``quantization/quant_args.py``, ``lifecycle/initialize.py``,
