@@ -136,10 +136,9 @@ class TritonBackend(TorchBackend):
             (weight-only, the default: up to ``FUSED_8BIT_ROWS`` rows a Triton matmul that converts
             the 8-bit tiles in registers; more rows, a model-dtype copy of the weight made by one
             Triton kernel, then cuBLAS), "dequantize" (that copy and cuBLAS at every size; an
-            ablation) or
-            "scaled_mm" (fp8 weights: activations quantized per token and one fp8
-            ``torch._scaled_mm``, the W8A8 math of FP8-dynamic checkpoints; int8 weights keep
-            "triton"). Single-token steps always run the 8-bit GEMV.
+            ablation) or "scaled_mm" (as "triton", but an fp8 prefill past ``FUSED_8BIT_ROWS`` rows
+            quantizes its activations per token and runs one fp8 ``torch._scaled_mm``: the W8A8
+            math of FP8-dynamic checkpoints). Single-token steps always run the 8-bit GEMV.
     """
 
     name = "triton"
@@ -191,25 +190,18 @@ class TritonBackend(TorchBackend):
             out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, config=gemv_config,
                                     scale=weight_scale)
             return out.view(*x.shape[:-1], -1)
-        rows = x.numel() // x.shape[-1]
-        if weight_scale is not None and bias is None and (
-                self.matmul_8bit == "scaled_mm" or (self.matmul_8bit == "triton" and rows <= FUSED_8BIT_ROWS)):
-            y = self._matmul_8bit(x, weight, weight_scale)
+        K = x.shape[-1]
+        rows = x.numel() // K
+        if weight_scale is not None and bias is None and rows <= FUSED_8BIT_ROWS and self.matmul_8bit != "dequantize":
+            y = self.kernels.matmul_8bit(x.reshape(rows, K).contiguous(), weight, weight_scale).view(*x.shape[:-1], -1)
+        elif (weight_scale is not None and bias is None and self.matmul_8bit == "scaled_mm"
+              and weight.dtype == torch.float8_e4m3fn and x.is_cuda):
+            y = scaled_mm_w8a8(x.reshape(rows, K), weight, weight_scale).view(*x.shape[:-1], -1)
         else:
             if weight_scale is not None:  # a model-dtype copy of the weight, then cuBLAS
                 weight = self.kernels.dequantize(weight, weight_scale, x.dtype)
             y = F.linear(x, weight, bias)
         return self.silu_mul(y) if swiglu else y
-
-    def _matmul_8bit(self, x, weight, weight_scale):
-        """Several rows (..., K) times an 8-bit weight: the Triton matmul, or fp8 W8A8 (torch._scaled_mm)."""
-        K = x.shape[-1]
-        x2 = x.reshape(-1, K)
-        if self.matmul_8bit == "scaled_mm" and weight.dtype == torch.float8_e4m3fn and x.is_cuda:
-            y = scaled_mm_w8a8(x2, weight, weight_scale)
-        else:
-            y = self.kernels.matmul_8bit(x2.contiguous(), weight, weight_scale)
-        return y.view(*x.shape[:-1], -1)
 
 
 def make_backend(name: str, device) -> TorchBackend:
