@@ -190,17 +190,17 @@ class TritonBackend(TorchBackend):
             out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, config=gemv_config,
                                     scale=weight_scale)
             return out.view(*x.shape[:-1], -1)
-        K = x.shape[-1]
-        rows = x.numel() // K
-        if weight_scale is not None and bias is None and rows <= FUSED_8BIT_ROWS and self.matmul_8bit != "dequantize":
-            y = self.kernels.matmul_8bit(x.reshape(rows, K).contiguous(), weight, weight_scale).view(*x.shape[:-1], -1)
-        elif (weight_scale is not None and bias is None and self.matmul_8bit == "scaled_mm"
-              and weight.dtype == torch.float8_e4m3fn and x.is_cuda):
-            y = scaled_mm_w8a8(x.reshape(rows, K), weight, weight_scale).view(*x.shape[:-1], -1)
+        x2 = x.reshape(-1, x.shape[-1])
+        eight_bit = weight_scale is not None and bias is None
+        if eight_bit and x2.shape[0] <= FUSED_8BIT_ROWS and self.matmul_8bit != "dequantize":
+            y = self.kernels.matmul_8bit(x2.contiguous(), weight, weight_scale)
+        elif eight_bit and self.matmul_8bit == "scaled_mm" and weight.dtype == torch.float8_e4m3fn and x.is_cuda:
+            y = scaled_mm_w8a8(x2, weight, weight_scale)
         else:
             if weight_scale is not None:  # a model-dtype copy of the weight, then cuBLAS
                 weight = self.kernels.dequantize(weight, weight_scale, x.dtype)
-            y = F.linear(x, weight, bias)
+            y = F.linear(x2, weight, bias)
+        y = y.view(*x.shape[:-1], -1)
         return self.silu_mul(y) if swiglu else y
 
 
