@@ -19,14 +19,17 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
   (x when residual is None), rounded to x's dtype; normed = weight * new_residual /
   sqrt(mean(new_residual^2) + eps) over the last dim, computed in float32 and rounded to x's dtype
   before the gain. The Triton backend returns a single-token ``normed`` as a :class:`NormedInput`,
-  computed by the next projection's GEMV in its prologue.
+  computed by the next projection's GEMV in its prologue (or, where that linear's ``fuse_norm`` is
+  False, by its own kernel just before the GEMV).
 * ``rope_(qk, cos, sin, n_heads, head_dim)``: rotate the first n_heads heads of each row of
   qk (T, >= n_heads * D) in place; rotate-half layout, cos/sin (T, D).
 * ``silu_mul(gate_up)``: ``silu(gate) * up`` for gate_up (..., 2F) = [gate | up] -> (..., F).
-* ``linear(x, weight, bias=None, swiglu=False, gemv_config=None, weight_scale=None)``:
+* ``linear(x, weight, bias=None, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True)``:
   ``x @ weight.T + bias``, then silu_mul when ``swiglu``; x is a tensor (..., K) or a
   :class:`NormedInput`. With ``weight_scale`` (N,) float32, weight is 8-bit (int8 or
   float8_e4m3fn) and stands for ``weight * weight_scale[:, None]`` (``minillama.quantization``).
+  gemv_config and fuse_norm choose how the Triton backend runs a single-token product (the GEMV's
+  tiling; the norm in its prologue or not): the same function, rounded differently.
 """
 from typing import NamedTuple, Optional
 
@@ -108,7 +111,7 @@ class TorchBackend:
         return F.silu(gate) * up
 
     def linear(self, x, weight, bias=None, *, swiglu: bool = False, gemv_config=None,
-               weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+               weight_scale: Optional[torch.Tensor] = None, fuse_norm: bool = True) -> torch.Tensor:
         if weight_scale is not None:  # 8-bit weight: dequantize to the activations' dtype
             weight = dequantize(weight, weight_scale, x.dtype)
         y = F.linear(x, weight, bias)
@@ -163,9 +166,8 @@ class TritonBackend(TorchBackend):
         """A tensor for x: a :class:`NormedInput` is computed now (for a consumer other than the GEMV)."""
         if not isinstance(x, NormedInput):
             return x
-        normed, new_residual = self.kernels.add_rms_norm(x.x, x.residual, x.weight, x.eps)
-        if x.residual is not None:
-            x.new_residual.copy_(new_residual)
+        normed, _ = self.kernels.add_rms_norm(x.x, x.residual, x.weight, x.eps,
+                                              h_out=None if x.residual is None else x.new_residual)
         return normed
 
     def rope_(self, qk, cos, sin, n_heads, head_dim):
@@ -175,8 +177,8 @@ class TritonBackend(TorchBackend):
         lead = gate_up.shape[:-1]
         return self.kernels.silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*lead, -1)
 
-    def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None, weight_scale=None):
-        if isinstance(x, NormedInput) and bias is None:
+    def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True):
+        if isinstance(x, NormedInput) and bias is None and fuse_norm:
             K = x.x.shape[-1]
             out = self.kernels.gemv(
                 x.x.reshape(K), weight,

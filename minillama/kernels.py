@@ -314,12 +314,17 @@ def time_in_graph(fn, reps: int = 3) -> float:
     return best
 
 
-def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
-    """(normed, h) for rows of x (..., N): h = x + residual (x itself when residual is None)."""
+def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                 h_out: Optional[torch.Tensor] = None):
+    """(normed, h) for rows of x (..., N): h = x + residual (x itself when residual is None),
+    written into ``h_out`` when given (a contiguous tensor of x's shape)."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     normed = torch.empty_like(x2)
-    h = torch.empty_like(x2) if residual is not None else x2
+    if residual is None:
+        h = x2
+    else:
+        h = h_out.view(x2.shape) if h_out is not None else torch.empty_like(x2)
     r = residual.reshape(-1, N) if residual is not None else x2
     _add_rmsnorm_fwd[(x2.shape[0],)](
         x2, r, h, normed, weight, x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps,

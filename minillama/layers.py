@@ -49,7 +49,9 @@ class Linear(nn.Module):
         parallel: None (replicated), "column", "row" or "vocab"; tp: the group (None: one process).
     Attributes:
         parts: the row blocks as this rank holds them. gemv_config: the GEMV tiling for this
-            matrix (set by the runner's tuning; None: default).
+            matrix (set by the runner's tuning; None: default). fuse_norm: at single-token steps,
+            the residual add + RMSNorm before this matrix runs inside its GEMV (True, the default)
+            or as its own kernel first (False); set by the runner's tuning.
     """
 
     swiglu = False  # output silu(first half) * second half: see GateUpLinear
@@ -75,6 +77,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.backend = backend
         self.gemv_config = None
+        self.fuse_norm = True
 
     @property
     def shard_dim(self) -> Optional[int]:
@@ -84,7 +87,7 @@ class Linear(nn.Module):
     def forward(self, x) -> torch.Tensor:
         reduce = self.parallel == "row"
         y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
-                                gemv_config=self.gemv_config)
+                                gemv_config=self.gemv_config, fuse_norm=self.fuse_norm)
         return self.combine(y)
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:

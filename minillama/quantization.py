@@ -384,6 +384,7 @@ class QuantizedLinear(Linear):
         self.swiglu = linear.swiglu
         self.bias = linear.bias
         self.gemv_config = linear.gemv_config
+        self.fuse_norm = linear.fuse_norm
         N, K = self.out_features, self.in_features
         self.weight = nn.Parameter(torch.empty(N, K, dtype=weight_dtype, device=device), requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(N, dtype=torch.float32, device=device), requires_grad=False)
@@ -395,7 +396,8 @@ class QuantizedLinear(Linear):
     def forward(self, x) -> torch.Tensor:
         reduce = self.parallel == "row"
         y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
-                                gemv_config=self.gemv_config, weight_scale=self.weight_scale)
+                                gemv_config=self.gemv_config, weight_scale=self.weight_scale,
+                                fuse_norm=self.fuse_norm)
         return self.combine(y)
 
     def extra_repr(self) -> str:

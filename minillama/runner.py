@@ -304,7 +304,12 @@ class Runner:
         """Give each matrix kind its fastest GEMV tiling on this GPU, timed in CUDA graphs; once.
 
         Each candidate runs over every layer's matrix of that kind, so the weights stream from
-        HBM, not L2, and the launch gaps are the graph's. Only for the Triton backend on CUDA.
+        HBM, not L2, and the launch gaps are the graph's. Where a norm precedes the matrix, each
+        tiling is timed with the residual add + RMSNorm in the GEMV's prologue and as its own
+        kernel before it (``Linear.fuse_norm``): every program of the fused GEMV reloads the
+        input and the norm's gain, which costs more than the extra launch where a weight row is
+        short and 8-bit (H200, 2026-12-01: Llama-3.1-70B's fp8 gate/up 128.9 us fused, 119.5
+        separate; the 8B's bf16 gate/up and qkv are faster fused). Only for the Triton backend on CUDA.
         """
         backend = self.model.backend
         if self.gemv_timings is not None or not getattr(backend, "gemv", False) or self.device.type != "cuda":
@@ -322,14 +327,15 @@ class Runner:
                         lin(make_input())
 
                 times = {}
-                for config in kernels.GEMV_CONFIGS:
-                    for lin, _ in calls:
-                        lin.gemv_config = config
-                    times[config] = kernels.time_in_graph(run_all) / len(calls)
+                for fuse_norm in (True, False) if calls[0][1] is not None else (True,):
+                    for config in kernels.GEMV_CONFIGS:
+                        for lin, _ in calls:
+                            lin.gemv_config, lin.fuse_norm = config, fuse_norm
+                        times[config, fuse_norm] = kernels.time_in_graph(run_all) / len(calls)
                 best = min(times, key=times.get)
                 for lin, _ in calls:
-                    lin.gemv_config = best
-                self.gemv_timings[role] = {str(c): ms for c, ms in times.items()}
+                    lin.gemv_config, lin.fuse_norm = best
+                self.gemv_timings[role] = {f"{c}{'' if fused else ' norm apart'}": ms for (c, fused), ms in times.items()}
 
 
 def _packed_key(size: int, cache: KVCache) -> tuple:

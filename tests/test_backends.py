@@ -120,7 +120,8 @@ class HalvedLinear(Linear):
 
     def forward(self, x):
         HalvedLinear.calls += 1
-        return self.backend.linear(x, 0.5 * self.weight, self.bias, swiglu=self.swiglu, gemv_config=self.gemv_config)
+        return self.backend.linear(x, 0.5 * self.weight, self.bias, swiglu=self.swiglu, gemv_config=self.gemv_config,
+                                   fuse_norm=self.fuse_norm)
 
 
 def swap_in_halved(model: Transformer) -> None:
@@ -142,6 +143,29 @@ def test_triton_backend_matches_torch_float32(lengths):
     ref = teacher_forced_logits(Runner(model), prompts, cont)
     out = teacher_forced_logits(Runner(with_backend(model, "triton")), prompts, cont)
     assert rel_err(out, ref) < 1e-5
+
+
+def set_fuse_norm(model: Transformer, fuse_norm: bool) -> int:
+    """Set ``fuse_norm`` on every linear layer that has a norm before it; returns how many."""
+    linears = [m for layer in model.layers for m in (layer.attention.wqkv, layer.feed_forward.w13)] + [model.output]
+    for lin in linears:
+        lin.fuse_norm = fuse_norm
+    return len(linears)
+
+
+@pytest.mark.triton
+@interpreted
+def test_triton_backend_with_norms_apart_matches_torch_float32():
+    """Single-token steps with each residual add + RMSNorm as its own kernel before a plain GEMV
+    (``fuse_norm=False``, what the runner's tuning may pick) give the torch backend's logits, and
+    write the same residual stream (the next layer reads it)."""
+    model = tiny_model(12)
+    prompts = prompts_for(13, [5, 3], model.config.vocab_size)
+    cont = torch.tensor(prompts_for(14, [4, 4], model.config.vocab_size))
+    ref = teacher_forced_logits(Runner(model), prompts, cont)
+    apart = with_backend(model, "triton")
+    assert set_fuse_norm(apart, False) == 2 * model.config.num_hidden_layers + 1
+    assert rel_err(teacher_forced_logits(Runner(apart), prompts, cont), ref) < 1e-5
 
 
 @pytest.mark.triton
@@ -270,6 +294,31 @@ def test_triton_matches_torch_and_float32_on_gpu(lengths):
     check_agreement(plain, ref, 1e-2)
     check_agreement(fast, plain.float(), 1e-2)
     assert n_fast >= steps * len(lengths) // 2, "too few clear-margin steps to test anything"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "int8", "fp8"])
+def test_norms_apart_match_fused_on_gpu(quantize):
+    """bf16 (and 8-bit weights): the tuned runner, then every norm forced into its GEMV and forced
+    apart: the three agree with the torch backend along its greedy sequence."""
+    from minillama.quantization import quantize_model
+
+    model = tiny_model(40, **GPU_MODEL, dtype=torch.bfloat16, device="cuda")
+    if quantize:
+        quantize_model(model, quantize)
+    prompts = prompts_for(41, [9, 14], model.config.vocab_size)
+    plain_runner = Runner(model, cuda_graphs=False)
+    cont = greedy(plain_runner, prompts, 16)
+    plain = teacher_forced_logits(plain_runner, prompts, cont)
+    fast_model = with_backend(model, "triton")
+    runner = Runner(fast_model)
+    runner.tune_gemv()
+    tuned = teacher_forced_logits(runner, prompts, cont)
+    check_agreement(tuned, plain, 1e-2)
+    for fuse_norm in (True, False):
+        set_fuse_norm(fast_model, fuse_norm)
+        runner.clear()  # recapture the decode graphs with the norms placed this way
+        check_agreement(teacher_forced_logits(runner, prompts, cont), plain, 1e-2)
 
 
 @pytest.mark.gpu
