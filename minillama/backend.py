@@ -24,9 +24,10 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
 * ``rope_(qk, cos, sin, n_heads, head_dim)``: rotate the first n_heads heads of each row of
   qk (T, >= n_heads * D) in place; rotate-half layout, cos/sin (T, D).
 * ``silu_mul(gate_up)``: ``silu(gate) * up`` for gate_up (..., 2F) = [gate | up] -> (..., F).
-* ``linear(x, weight, bias=None, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True)``:
-  ``x @ weight.T + bias``, then silu_mul when ``swiglu``; x is a tensor (..., K) or a
-  :class:`NormedInput`. With ``weight_scale`` (N,) float32, weight is 8-bit (int8 or
+* ``linear(x, weight, bias=None, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True,
+  rope=None)``: ``x @ weight.T + bias``, then silu_mul when ``swiglu``, then ``rope_`` of the
+  output with a :class:`Rope` (the Triton backend's GEMV does it in its epilogue); x is a tensor
+  (T, K) (or (..., K) without rope) or a :class:`NormedInput`. With ``weight_scale`` (N,) float32, weight is 8-bit (int8 or
   float8_e4m3fn) and stands for ``weight * weight_scale[:, None]`` (``minillama.quantization``).
   gemv_config and fuse_norm choose how the Triton backend runs a single-token product (the GEMV's
   tiling; the norm in its prologue or not): the same function, rounded differently.
@@ -71,6 +72,16 @@ class NormedInput(NamedTuple):
         return self.x.shape
 
 
+class Rope(NamedTuple):
+    """RoPE for a linear layer's output (T, N): rotate its first ``n_heads`` heads of ``head_dim``
+    values, as ``rope_(output, cos, sin, n_heads, head_dim)`` does."""
+
+    cos: torch.Tensor  # (T, head_dim)
+    sin: torch.Tensor
+    n_heads: int
+    head_dim: int
+
+
 class TorchBackend:
     """Plain PyTorch; flashcore's reference attention."""
 
@@ -111,11 +122,15 @@ class TorchBackend:
         return F.silu(gate) * up
 
     def linear(self, x, weight, bias=None, *, swiglu: bool = False, gemv_config=None,
-               weight_scale: Optional[torch.Tensor] = None, fuse_norm: bool = True) -> torch.Tensor:
+               weight_scale: Optional[torch.Tensor] = None, fuse_norm: bool = True,
+               rope: Optional[Rope] = None) -> torch.Tensor:
         if weight_scale is not None:  # 8-bit weight: dequantize to the activations' dtype
             weight = dequantize(weight, weight_scale, x.dtype)
         y = F.linear(x, weight, bias)
-        return self.silu_mul(y) if swiglu else y
+        y = self.silu_mul(y) if swiglu else y
+        if rope is not None:
+            self.rope_(y, *rope)
+        return y
 
 
 def scaled_mm_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -177,19 +192,20 @@ class TritonBackend(TorchBackend):
         lead = gate_up.shape[:-1]
         return self.kernels.silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*lead, -1)
 
-    def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True):
+    def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True,
+               rope=None):
         if isinstance(x, NormedInput) and bias is None and fuse_norm:
             K = x.x.shape[-1]
             out = self.kernels.gemv(
                 x.x.reshape(K), weight,
                 add=None if x.residual is None else x.residual.reshape(K),
                 h_out=None if x.residual is None else x.new_residual.view(K),
-                norm_weight=x.weight, eps=x.eps, swiglu=swiglu, config=gemv_config, scale=weight_scale,
+                norm_weight=x.weight, eps=x.eps, swiglu=swiglu, rope=rope, config=gemv_config, scale=weight_scale,
             )
             return out.view(*x.shape[:-1], -1)
         x = self.materialize(x)
         if bias is None and self.gemv and x.numel() == x.shape[-1]:  # one token, no norm before it
-            out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, config=gemv_config,
+            out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, rope=rope, config=gemv_config,
                                     scale=weight_scale)
             return out.view(*x.shape[:-1], -1)
         x2 = x.reshape(-1, x.shape[-1])
@@ -203,7 +219,10 @@ class TritonBackend(TorchBackend):
                 weight = self.kernels.dequantize(weight, weight_scale, x.dtype)
             y = F.linear(x2, weight, bias)
         y = y.view(*x.shape[:-1], -1)
-        return self.silu_mul(y) if swiglu else y
+        y = self.silu_mul(y) if swiglu else y
+        if rope is not None:
+            self.rope_(y, *rope)
+        return y
 
 
 def make_backend(name: str, device) -> TorchBackend:

@@ -128,8 +128,9 @@ def _accumulate(acc, w, x, ROW_ACC: tl.constexpr, INT8_PTX: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
-              ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
+def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, N, K, stride_wn, eps, n_rotated,
+              ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
+              HALF: tl.constexpr, SCALE: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROW_ACC: tl.constexpr,
               INT8_PTX: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for one row x (K,), BLOCK_N outputs per program.
@@ -137,21 +138,32 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
     ADD: x is replaced by h = x + Add (rounded to x's dtype); program 0 writes h to H_out (the new
     residual stream). NORM: the input is RMSNorm(h) * NormW; the row scale rsqrt(mean(h^2) + eps)
     is applied after the dot product. SWIGLU: W holds [gate; up] (2N rows): out = silu(gate) * up.
-    SCALE: W is 8-bit (int8 or float8_e4m3fn), converted to float32 in registers (int8 by PRMT
-    with INT8_PTX); row n's dot product is multiplied by Scale[n] (the up rows' by Scale[N + n])
-    before the epilogue. ROW_ACC: reduce the products to one sum per row at every step (fewer
-    registers, so more programs in flight) instead of once at the end.
+    ROPE: the rows are heads of 2 * HALF rows; a program takes BLOCK_N rows of a head's first half
+    and their partners HALF rows on, and rotates the pairs of the first ``n_rotated`` rows
+    (rotate-half RoPE with Cos, Sin of 2 * HALF values, as ``_rope_fwd`` computes it on the
+    rounded outputs). SCALE: W is 8-bit (int8 or float8_e4m3fn), converted to float32 in
+    registers (int8 by PRMT with INT8_PTX); row n's dot product is multiplied by Scale[n] before
+    the epilogue. ROW_ACC: reduce the products to one sum per row at every step (fewer registers,
+    so more programs in flight) instead of once at the end.
     """
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:  # head pid // (HALF // BLOCK_N), rows i0 .. i0 + BLOCK_N of its first half
+        HALF_BLOCKS: tl.constexpr = HALF // BLOCK_N
+        offs_i = (pid % HALF_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (pid // HALF_BLOCKS) * (2 * HALF) + offs_i
+        pair_offset = HALF  # the partner rows: out = rotate(first, second)
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        pair_offset = N  # SWIGLU's up rows
+    PAIRED: tl.constexpr = SWIGLU or ROPE
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     ACC_K: tl.constexpr = 1 if ROW_ACC else BLOCK_K
     acc = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
-    if SWIGLU:
-        u_rows = w_rows + N * stride_wn
-        acc_up = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
+    if PAIRED:
+        u_rows = w_rows + pair_offset * stride_wn
+        acc_u = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
     if NORM:
         sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
     # -- stream the weight rows once; products accumulate elementwise or per row (ROW_ACC) --
@@ -180,29 +192,41 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, N, K, stride_wn, eps,
             else:
                 x = x * tl.load(NormW + kk, mask=k_mask, other=0.0).to(tl.float32)
         acc = _accumulate(acc, w, x, ROW_ACC, INT8_PTX)
-        if SWIGLU:
+        if PAIRED:
             if EVEN_K:
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None], other=0.0)
             else:
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc_up = _accumulate(acc_up, u, x, ROW_ACC, INT8_PTX)
+            acc_u = _accumulate(acc_u, u, x, ROW_ACC, INT8_PTX)
     y = tl.sum(acc, 1)
     if SCALE:
         y = y * tl.load(Scale + offs_n, mask=n_mask, other=0.0)
     if NORM:
         r = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
         y = y * r
+    if PAIRED:
+        y_u = tl.sum(acc_u, 1)
+        if SCALE:
+            y_u = y_u * tl.load(Scale + pair_offset + offs_n, mask=n_mask, other=0.0)
+        if NORM:
+            y_u = y_u * r
     ty = Out.dtype.element_ty
     # -- epilogue --
     if SWIGLU:
-        up = tl.sum(acc_up, 1)
-        if SCALE:
-            up = up * tl.load(Scale + N + offs_n, mask=n_mask, other=0.0)
-        if NORM:
-            up = up * r
         g = y.to(ty).to(tl.float32)
         s = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
-        y = s * up.to(ty).to(tl.float32)
+        y = s * y_u.to(ty).to(tl.float32)
+    if ROPE:  # x * cos + rotate_half(x) * sin, each product rounded as _rope_fwd does
+        x1 = y.to(ty).to(tl.float32)
+        x2 = y_u.to(ty).to(tl.float32)
+        c1 = tl.load(Cos + offs_i).to(tl.float32)
+        c2 = tl.load(Cos + HALF + offs_i).to(tl.float32)
+        s1 = tl.load(Sin + offs_i).to(tl.float32)
+        s2 = tl.load(Sin + HALF + offs_i).to(tl.float32)
+        rotated = offs_n < n_rotated
+        y = tl.where(rotated, (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32), x1)
+        y_u = tl.where(rotated, (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32), x2)
+        tl.store(Out + pair_offset + offs_n, y_u.to(ty), mask=n_mask)
     tl.store(Out + offs_n, y.to(ty), mask=n_mask)
 
 
@@ -361,31 +385,43 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] = None,
          h_out: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
-         eps: float = 0.0, swiglu: bool = False, config=None,
+         eps: float = 0.0, swiglu: bool = False, rope=None, config=None,
          scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One row x (K,) times weight (N_w, K)^T, with the optional fusions of ``_gemv_fwd``.
 
     add, h_out: h = x + add is the input (and is written to h_out); norm_weight, eps: the input is
-    RMSNorm(h) * norm_weight. config: (BLOCK_N, BLOCK_K, num_warps, ROW_ACC); default the first of
-    ``GEMV_CONFIGS``. scale: (N_w,) float32 per-row scales of an 8-bit weight (int8 or
-    float8_e4m3fn), or None. Returns (N,) with N = N_w, or N_w / 2 with ``swiglu``.
+    RMSNorm(h) * norm_weight. rope: (cos, sin, n_heads, head_dim) rotates the first n_heads heads
+    of the output as :func:`rope_` would (cos, sin: (1, head_dim) or (head_dim,)). config:
+    (BLOCK_N, BLOCK_K, num_warps, ROW_ACC); default the first of ``GEMV_CONFIGS`` (with rope,
+    BLOCK_N is halved until it divides head_dim / 2). scale: (N_w,) float32 per-row scales of an
+    8-bit weight (int8 or float8_e4m3fn), or None. Returns (N,) with N = N_w, or N_w / 2 with
+    ``swiglu``.
     """
     K = x.shape[-1]
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     assert x.is_contiguous() and weight.stride(1) == 1 and weight.shape[1] == K
-    assert (add is None) == (h_out is None)
+    assert (add is None) == (h_out is None) and not (swiglu and rope is not None)
     assert (scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn)), (weight.dtype, scale is None)
     assert scale is None or (scale.dtype == torch.float32 and scale.shape == (weight.shape[0],) and scale.is_contiguous())
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
     block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
-    _gemv_fwd[(triton.cdiv(N, block_n),)](
+    half, n_rotated, cos, sin = 1, 0, x, x
+    if rope is not None:
+        cos, sin, n_heads, head_dim = rope
+        half, n_rotated = head_dim // 2, n_heads * head_dim
+        cos, sin = cos.reshape(-1), sin.reshape(-1)
+        assert head_dim % 2 == 0 and N % head_dim == 0 and n_rotated <= N and cos.shape == sin.shape == (head_dim,)
+        while half % block_n:
+            block_n //= 2
+    grid = N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n)
+    _gemv_fwd[(grid,)](
         x, add if add is not None else x, h_out if h_out is not None else x, weight, out,
-        norm_weight if norm_weight is not None else x, scale if scale is not None else x,
-        N, K, weight.stride(0), eps,
-        ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu, SCALE=scale is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc,
+        norm_weight if norm_weight is not None else x, scale if scale is not None else x, cos, sin,
+        N, K, weight.stride(0), eps, n_rotated,
+        ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
+        SCALE=scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc,
         INT8_PTX=weight.dtype == torch.int8 and not INTERPRET, num_warps=num_warps,
     )
     return out

@@ -84,10 +84,13 @@ class Linear(nn.Module):
         """The dim of the checkpoint's weight that ranks split (None: every rank holds all of it)."""
         return {None: None, "column": 0, "vocab": 0, "row": 1}[self.parallel]
 
-    def forward(self, x) -> torch.Tensor:
+    def forward(self, x, rope=None) -> torch.Tensor:
+        """x (T, in) -> (T, out); rope (a ``backend.Rope``): rotate heads of the output (column
+        parallel or replicated layers only)."""
         reduce = self.parallel == "row"
+        assert rope is None or self.parallel in (None, "column"), self.parallel
         y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
-                                gemv_config=self.gemv_config, fuse_norm=self.fuse_norm)
+                                gemv_config=self.gemv_config, fuse_norm=self.fuse_norm, rope=rope)
         return self.combine(y)
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:

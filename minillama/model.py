@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from minillama.backend import TorchBackend
+from minillama.backend import Rope, TorchBackend
 from minillama.config import LlamaConfig
 from minillama.kv_cache import KVCache
 from minillama.layers import GateUpLinear, Linear, RMSNorm
@@ -102,8 +102,8 @@ class Attention(nn.Module):
         (:class:`Rows` or :class:`Packed`), whose k, v are appended to layer ``layer``'s cache."""
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         T = h.shape[0]
-        qkv = self.wqkv(h)  # (T, (H + 2 H_kv) D): q heads, then k heads, then v heads
-        self.backend.rope_(qkv, cos, sin, H + H_kv, D)  # q and k heads, in place
+        # (T, (H + 2 H_kv) D): q heads, then k heads (rotated), then v heads
+        qkv = self.wqkv(h, rope=Rope(cos, sin, H + H_kv, D))
         q = qkv[:, : H * D].view(T, H, D)
         k = qkv[:, H * D : (H + H_kv) * D].view(T, H_kv, D)
         v = qkv[:, (H + H_kv) * D :].view(T, H_kv, D)

@@ -393,11 +393,12 @@ class QuantizedLinear(Linear):
             self.input_scale = nn.Parameter(torch.empty(len(self.parts), dtype=torch.float32, device=device),
                                             requires_grad=False)
 
-    def forward(self, x) -> torch.Tensor:
+    def forward(self, x, rope=None) -> torch.Tensor:
         reduce = self.parallel == "row"
+        assert rope is None or self.parallel in (None, "column"), self.parallel
         y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
                                 gemv_config=self.gemv_config, weight_scale=self.weight_scale,
-                                fuse_norm=self.fuse_norm)
+                                fuse_norm=self.fuse_norm, rope=rope)
         return self.combine(y)
 
     def extra_repr(self) -> str:

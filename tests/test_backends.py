@@ -118,10 +118,10 @@ class HalvedLinear(Linear):
 
     calls = 0
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         HalvedLinear.calls += 1
         return self.backend.linear(x, 0.5 * self.weight, self.bias, swiglu=self.swiglu, gemv_config=self.gemv_config,
-                                   fuse_norm=self.fuse_norm)
+                                   fuse_norm=self.fuse_norm, rope=rope)
 
 
 def swap_in_halved(model: Transformer) -> None:

@@ -215,6 +215,39 @@ def test_quantize_on_a_quantized_checkpoint_is_an_error(tmp_path):
 # -- the Triton backend: 8-bit GEMV (interpreted on the CPU, float32) --
 
 
+def rope_inputs(g, head_dim, device="cpu", dtype=torch.float32):
+    """cos, sin (1, head_dim) of a random position, as the model makes them."""
+    from minillama.model import rope_cos_sin
+
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    position = torch.randint(0, 4096, (1,), generator=g, device=device)
+    return rope_cos_sin(position, inv_freq, dtype)
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [None, torch.int8, FP8])
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_gemv_rope_epilogue_equals_gemv_then_rope(dtype, fused_norm):
+    """The GEMV's RoPE epilogue gives the plain GEMV's output rotated by ``kernels.rope_``, bit for
+    bit: 3 of 4 heads rotated (q and k), the last (v) untouched; K not a multiple of the block."""
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(1)
+    head_dim, K = 16, 96
+    w = torch.randn(4 * head_dim, K, generator=g)
+    q, scale = (w, None) if dtype is None else quantize_per_channel(w, dtype)
+    x, res = torch.randn(K, generator=g), torch.randn(K, generator=g)
+    norm = dict(add=res, h_out=torch.empty(K), norm_weight=1 + 0.2 * torch.randn(K, generator=g), eps=1e-5)
+    kw = dict(norm if fused_norm else {}, scale=scale)
+    cos, sin = rope_inputs(g, head_dim)
+    expected = kernels.gemv(x, q, **kw)
+    kernels.rope_(expected[None], cos, sin, 3, head_dim)
+    got = kernels.gemv(x, q, rope=(cos, sin, 3, head_dim), **kw)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got[: 3 * head_dim], kernels.gemv(x, q, **kw)[: 3 * head_dim])  # it did rotate
+
+
 @pytest.mark.triton
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
@@ -349,6 +382,28 @@ def test_gpu_quantized_bf16_triton_matches_torch(full, kind):
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     expected = ref.forward(load_config(full), quantized_reference_state(full, kind), IDS)
     assert ref.max_relative_error(fast.logits(IDS).cpu(), expected) < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [None, torch.int8, FP8])
+def test_gpu_gemv_rope_epilogue_equals_gemv_then_rope(dtype):
+    """Llama-3.1-8B's qkv (32 + 8 heads rotated, 8 not), bf16 activations, every GEMV tiling, the
+    residual add + norm in the prologue: bit for bit the plain GEMV's output after ``rope_``."""
+    from minillama import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    K, head_dim = 4096, 128
+    w = torch.randn(48 * head_dim, K, device="cuda", generator=g) / 64
+    q, scale = (w.bfloat16(), None) if dtype is None else quantize_per_channel(w, dtype)
+    x = torch.randn(K, device="cuda", generator=g, dtype=torch.bfloat16)
+    res = torch.randn(K, device="cuda", generator=g, dtype=torch.bfloat16)
+    gain = (1 + 0.2 * torch.randn(K, device="cuda", generator=g)).bfloat16()
+    cos, sin = rope_inputs(g, head_dim, "cuda", torch.bfloat16)
+    for config in kernels.GEMV_CONFIGS:
+        kw = dict(add=res, h_out=torch.empty_like(x), norm_weight=gain, eps=1e-5, scale=scale, config=config)
+        expected = kernels.gemv(x, q, **kw)
+        kernels.rope_(expected[None], cos, sin, 40, head_dim)
+        assert torch.equal(kernels.gemv(x, q, rope=(cos, sin, 40, head_dim), **kw), expected), config
 
 
 @pytest.mark.gpu
