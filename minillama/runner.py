@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 import flashcore
+from minillama.backend import Rope
 from minillama.kv_cache import KVCache
 from minillama.model import Transformer
 
@@ -291,14 +292,19 @@ class Runner:
             "head": [(model.output, model.norm)],
         }
 
-    def gemv_inputs(self, linear, norm):
-        """A single-token input for ``linear`` as the forward gives it: the residual add + norm
-        deferred into the GEMV where a norm precedes it, else a plain vector."""
+    def gemv_call(self, role: str, linear, norm):
+        """A single-token call of ``linear`` as the forward makes it, for timing: its input's residual
+        add + norm deferred into the GEMV where a norm precedes it; RoPE of q and k for "qkv"."""
         x = torch.randn(1, 1, linear.in_features, dtype=self.dtype, device=self.device)
-        if norm is None:
-            return lambda: x
         residual = torch.randn_like(x)
-        return lambda: norm(x, residual)[0]
+        rope = None
+        if role == "qkv":
+            D = self.config.head_dim
+            cos, sin = (torch.randn(1, D, dtype=self.dtype, device=self.device) for _ in range(2))
+            rope = Rope(cos, sin, (linear.parts[0] + linear.parts[1]) // D, D)  # this rank's q and k heads
+        if norm is None:
+            return lambda: linear(x, rope=rope)
+        return lambda: linear(norm(x, residual)[0], rope=rope)
 
     def tune_gemv(self) -> None:
         """Give each matrix kind its fastest GEMV tiling on this GPU, timed in CUDA graphs; once.
@@ -320,11 +326,11 @@ class Runner:
         self.gemv_timings = {}
         with torch.inference_mode():
             for role, calls in self.gemv_roles().items():
-                inputs = [self.gemv_inputs(lin, norm) for lin, norm in calls]
+                steps = [self.gemv_call(role, lin, norm) for lin, norm in calls]
 
                 def run_all():
-                    for (lin, _), make_input in zip(calls, inputs):
-                        lin(make_input())
+                    for step in steps:
+                        step()
 
                 times = {}
                 for fuse_norm in (True, False) if calls[0][1] is not None else (True,):

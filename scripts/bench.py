@@ -175,9 +175,9 @@ def gemv_vs_cublas(runner: Runner):
     with torch.inference_mode():
         for role, calls in runner.gemv_roles().items():
             lin0 = calls[0][0]
-            inputs = [runner.gemv_inputs(lin, norm) for lin, norm in calls]
+            steps = [runner.gemv_call(role, lin, norm) for lin, norm in calls]
             x = torch.randn(1, 1, lin0.in_features, device="cuda", dtype=torch.bfloat16)
-            ms_gemv = time_in_graph(lambda: [lin(make()) for (lin, _), make in zip(calls, inputs)]) / len(calls)
+            ms_gemv = time_in_graph(lambda: [step() for step in steps]) / len(calls)
             ms_cublas = time_in_graph(lambda: [F.linear(x, lin.weight) for lin, _ in calls]) / len(calls)
             nbytes = lin0.weight.numel() * lin0.weight.element_size()
             out[role] = dict(MB=nbytes / 1e6, config=str(lin0.gemv_config), fuse_norm=lin0.fuse_norm, gemv_us=ms_gemv * 1e3,
