@@ -27,8 +27,9 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
 * ``linear(x, weight, bias=None, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True,
   rope=None)``: ``x @ weight.T + bias``, then silu_mul when ``swiglu``, then ``rope_`` of the
   output with a :class:`Rope` (the Triton backend's GEMV does it in its epilogue); x is a tensor
-  (T, K) (or (..., K) without rope) or a :class:`NormedInput`. With ``weight_scale`` (N,) float32, weight is 8-bit (int8 or
-  float8_e4m3fn) and stands for ``weight * weight_scale[:, None]`` (``minillama.quantization``).
+  (T, K) (or (..., K) without rope) or a :class:`NormedInput`. With ``weight_scale`` (N,)
+  float32, weight is 8-bit (int8 or float8_e4m3fn) and stands for ``weight * weight_scale[:, None]``
+  (``minillama.quantization``).
   gemv_config and fuse_norm choose how the Triton backend runs a single-token product (the GEMV's
   tiling; the norm in its prologue or not): the same function, rounded differently.
 """
