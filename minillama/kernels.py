@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
 
@@ -243,11 +244,15 @@ def _widen(w, ty: tl.constexpr):
 @triton.jit
 def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr):
+                     SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr):
     """out (M, N) = x (M, K) @ (W (N, K) * Scale[:, None])^T for an 8-bit W (int8 / float8_e4m3fn).
 
     W tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16) and
     fed to tl.dot with float32 accumulation; the per-column scale multiplies the accumulator once.
+    W_TMA: W is a TensorDescriptor of (BLOCK_N, BLOCK_K) tiles, loaded by the TMA unit (zero past
+    N and K) instead of per-thread addresses. SWAP (with W_TMA): X is a descriptor of (BLOCK_M,
+    BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the converted weight is
+    the dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
     SPLIT_K > 1: program (m, n, s) takes K columns [s * K_split, (s + 1) * K_split) and writes its
     float32 partial sums to Out, a (SPLIT_K, M, N) workspace that ``_split_k_sum_fwd`` reduces.
     """
@@ -259,28 +264,40 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, s
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = W + offs_n.to(tl.int64)[None, :] * stride_wn  # a W^T tile (BLOCK_K, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = offs_n.to(tl.int64)[None, :] * stride_wn  # a W^T tile (BLOCK_K, BLOCK_N)
+    acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * K_split
     for k0 in tl.range(k_lo, tl.minimum(k_lo + K_split, K), BLOCK_K):
         kk = k0 + offs_k
-        if EVEN_K:
-            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
-            w = tl.load(w_cols + kk[:, None], mask=n_mask[None, :], other=0.0)
+        if SWAP:
+            w = W.load([pid_n * BLOCK_N, k0])
+            x = X.load([pid_m * BLOCK_M, k0])
+            acc = tl.dot(_widen(w, x.dtype), tl.trans(x), acc)
         else:
-            k_mask = kk < K
-            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_cols + kk[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(x, _widen(w, x.dtype), acc)
-    mask = m_mask[:, None] & n_mask[None, :]
+            if EVEN_K:
+                x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
+            else:
+                x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            if W_TMA:
+                w = tl.trans(W.load([pid_n * BLOCK_N, k0]))
+            elif EVEN_K:
+                w = tl.load(W + w_cols + kk[:, None], mask=n_mask[None, :], other=0.0)
+            else:
+                w = tl.load(W + w_cols + kk[:, None], mask=n_mask[None, :] & (kk < K)[:, None], other=0.0)
+            acc = tl.dot(x, _widen(w, x.dtype), acc)
+    if SWAP:  # acc[n, m]
+        rows = offs_m.to(tl.int64)[None, :]
+        cols = offs_n[:, None]
+    else:  # acc[m, n]
+        rows = offs_m.to(tl.int64)[:, None]
+        cols = offs_n[None, :]
+    mask = (rows < M) & (cols < N)
     if SPLIT_K == 1:  # -- epilogue: the per-column scale --
-        y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0)[None, :]
-        out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, y.to(Out.dtype.element_ty), mask=mask)
+        y = acc * tl.load(Scale + cols, mask=cols < N, other=0.0)
+        tl.store(Out + rows * stride_om + cols, y.to(Out.dtype.element_ty), mask=mask)
     else:
-        part = Out + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-        tl.store(part, acc, mask=mask)
+        tl.store(Out + (pid_k * M + rows) * N + cols, acc, mask=mask)
 
 
 @triton.jit
@@ -427,21 +444,41 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     return out
 
 
-INTERPRET_MATMUL_8BIT = (16, 64, 64, 4, 1, 1)
+INTERPRET_MATMUL_8BIT = (16, 64, 64, 4, 1, 1, "pointers")
+MATMUL_8BIT_LOADS = ("pointers", "tma", "tma_swapped")
 
 
-def matmul_8bit_config(M: int, N: int, K: int) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of the 8-bit matmul for an
-    (M, K) x (N, K)^T product. Batched decode (M <= 64) is bound by the weight stream: narrow
-    column tiles; at M <= 16 a long K with few columns (the down projection) is split in 4, which
-    took ~20% less time there, and nowhere else helped. Prefill is bound by tl.dot. Measured on
+def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, loads) of the 8-bit matmul for an
+    (M, K) x (N, K)^T product; loads is one of ``MATMUL_8BIT_LOADS`` (see ``_matmul_8bit_fwd``;
+    the TMA forms need a Hopper GPU: :func:`matmul_8bit` falls back to "pointers" elsewhere).
+
+    Batched decode (M <= 64) is bound by the weight stream. At M <= 16: narrow column tiles, a
+    long K with few columns (the down projection) split in 4 (~20% less time there), and the wide
+    gate/up matrix loaded by TMA in 128-column tiles (~7% less). At 17-64 rows: the swapped form
+    (qkv 30 -> 15-17 us, fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its
+    wider conversion made the swap slower (gate/up, down). Prefill is bound by tl.dot. Measured on
     the H200 over Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights)."""
     if M <= 16:
-        split_k = 4 if K >= 8192 and N < 16384 else 1
-        return 16, 32, 256, 4, 4, split_k
+        if N >= 16384:
+            return 16, 128, 128, 4, 4, 1, "tma"
+        return 16, 32, 256, 4, 4, 4 if K >= 8192 else 1, "pointers"
     if M <= 64:
-        return (64, 128, 128, 4, 3, 1) if N >= 16384 else (64, 32, 256, 4, 4, 1)
-    return (128, 128, 64, 8, 3, 1) if K <= 4096 else (128, 128, 128, 8, 3, 1)
+        if weight_dtype == torch.float8_e4m3fn:
+            return (64, 128, 128, 8, 3, 1, "tma_swapped") if N >= 16384 else (64, 64, 256, 4, 3, 1, "tma_swapped")
+        if N >= 16384:
+            return 64, 128, 128, 4, 3, 1, "tma"
+        return (64, 32, 256, 4, 4, 1, "tma") if K >= 8192 else (64, 64, 256, 4, 3, 1, "tma_swapped")
+    return (128, 128, 64, 8, 3, 1, "pointers") if K <= 4096 else (128, 128, 128, 8, 3, 1, "pointers")
+
+
+def _tma_ready(*tensors) -> bool:
+    """Whether TMA can load tiles of these 2-D tensors: a Hopper (or newer) GPU, 16-byte aligned
+    bases and row strides (or Triton's interpreter, which emulates it)."""
+    if not INTERPRET and not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1
+               for t in tensors)
 
 
 def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config=None) -> torch.Tensor:
@@ -453,15 +490,20 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     assert weight.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32 and scale.shape == (N,)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if config is None:
-        config = INTERPRET_MATMUL_8BIT if INTERPRET else matmul_8bit_config(M, N, K)
-    block_m, block_n, block_k, num_warps, num_stages, split_k = config
+        config = INTERPRET_MATMUL_8BIT if INTERPRET else matmul_8bit_config(M, N, K, weight.dtype)
+    block_m, block_n, block_k, num_warps, num_stages, split_k, loads = config
+    assert loads in MATMUL_8BIT_LOADS, loads
+    if loads != "pointers" and not _tma_ready(x, weight):
+        loads = "pointers"
     k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole K tiles per split
     split_k = triton.cdiv(K, k_split)
     partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    w_arg = weight if loads == "pointers" else TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    x_arg = TensorDescriptor.from_tensor(x, [block_m, block_k]) if loads == "tma_swapped" else x
     _matmul_8bit_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)](
-        x, weight, scale, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
+        x_arg, w_arg, scale, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
-        num_warps=num_warps, num_stages=num_stages,
+        W_TMA=loads != "pointers", SWAP=loads == "tma_swapped", num_warps=num_warps, num_stages=num_stages,
     )
     if split_k > 1:
         _split_k_sum_fwd[(M, triton.cdiv(N, 1024))](partial, scale, out, M, N, out.stride(0), SPLIT_K=split_k,

@@ -277,17 +277,19 @@ def test_gemv_reads_8bit_weights(dtype, add, norm, swiglu):
 @pytest.mark.triton
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma_swapped"])
 @pytest.mark.parametrize("M,split_k", [(3, 1), (20, 1), (3, 2), (20, 3)])
-def test_matmul_reads_8bit_weights(dtype, M, split_k):
-    """Masked paths (K, N not multiples of the blocks) and split K: with 64-column tiles, 2 or 3
-    splits asked for both make 2 (whole tiles per split), the second one a partial tile."""
+def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
+    """Each way of loading the tiles; masked paths (K, N not multiples of the blocks; rows and
+    columns past the tensor read as zeros by TMA) and split K: with 64-column tiles, 2 or 3 splits
+    asked for both make 2 (whole tiles per split), the second one a partial tile."""
     from minillama import kernels
 
     g = torch.Generator().manual_seed(1)
     K, N = 96, 80
     x = torch.randn(M, K, generator=g)
     q, scale = quantize_per_channel(torch.randn(N, K, generator=g), dtype)
-    got = kernels.matmul_8bit(x, q, scale, config=kernels.INTERPRET_MATMUL_8BIT[:5] + (split_k,))
+    got = kernels.matmul_8bit(x, q, scale, config=kernels.INTERPRET_MATMUL_8BIT[:5] + (split_k, loads))
     expected = x.double() @ dequantize(q, scale, torch.float64).T
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -461,8 +463,9 @@ def test_gpu_dequantize_kernel_equals_the_torch_dequantize(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
-@pytest.mark.parametrize("M,N,K", [(16, 6144, 4096), (64, 4096, 14336), (64, 28672, 4096), (512, 6144, 4096),
-                                   (512, 4096, 14336)])
+@pytest.mark.parametrize("M,N,K", [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28672, 4096),
+                                   (64, 6144, 4096), (64, 4096, 14336), (64, 28672, 4096), (40, 6144, 4096),
+                                   (40, 28672, 4096), (512, 6144, 4096), (512, 4096, 14336)])
 def test_gpu_multirow_8bit_paths_agree(dtype, M, N, K):
     from minillama import kernels
     from minillama.backend import scaled_mm_w8a8
