@@ -453,16 +453,16 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     (M, K) x (N, K)^T product; loads is one of ``MATMUL_8BIT_LOADS`` (see ``_matmul_8bit_fwd``;
     the TMA forms need a Hopper GPU: :func:`matmul_8bit` falls back to "pointers" elsewhere).
 
-    Batched decode (M <= 64) is bound by the weight stream. At M <= 16: narrow column tiles, a
-    long K with few columns (the down projection) split in 4 (~20% less time there), and the wide
-    gate/up matrix loaded by TMA in 128-column tiles (~7% less). At 17-64 rows: the swapped form
-    (qkv 30 -> 15-17 us, fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its
-    wider conversion made the swap slower (gate/up, down). Prefill is bound by tl.dot. Measured on
-    the H200 over Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights)."""
+    Batched decode (M <= 64) is bound by the weight stream. At M <= 16: 64-column tiles with K
+    split in 4 (more programs than SMs; qkv 12.5 -> 11.3 us), and the wide gate/up matrix loaded by
+    TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us,
+    fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made
+    the swap slower (gate/up, down). Prefill is bound by tl.dot. Measured on the H200 over
+    Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights)."""
     if M <= 16:
         if N >= 16384:
-            return 16, 128, 128, 4, 4, 1, "tma"
-        return 16, 32, 256, 4, 4, 4 if K >= 8192 else 1, "pointers"
+            return 16, 128, 256, 4, 3, 1, "tma"
+        return (16, 64, 256, 4, 4, 4, "pointers") if K >= 8192 else (16, 64, 128, 4, 4, 4, "pointers")
     if M <= 64:
         if weight_dtype == torch.float8_e4m3fn:
             return (64, 128, 128, 8, 3, 1, "tma_swapped") if N >= 16384 else (64, 64, 256, 4, 3, 1, "tma_swapped")
