@@ -204,8 +204,9 @@ def _attn_fwd_decode_split(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # Programs 0 .. Num_splits-1 each take an even share of the cached tiles [0, seq_len);
-    # program Num_splits takes the S_q new keys and appends them to the cache.
+    # Programs 0 .. Num_splits-1 each take an even share of the cached tiles [0, seq_len); the last
+    # one also takes the S_q new keys and appends them to the cache (no program of their own: the
+    # grid stays one wave of Num_splits programs per (row, kv head)).
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -232,11 +233,10 @@ def _attn_fwd_decode_split(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # -- cached keys: this split's tiles; ranges are empty for the new-key program --
-    is_new = split == Num_splits
+    # -- cached keys: this split's tiles --
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), Num_splits)
     lo = split * tiles_per_split * BLOCK_N
-    hi = tl.where(is_new, 0, tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len))
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
     full_hi = tl.maximum(lo, tl.minimum(hi, (seq_len // BLOCK_N) * BLOCK_N))
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_old, v_old, stride_kcs, stride_vcs,
                                     lo, full_hi, seq_len, offs_i, offs_n, offs_d, qk_scale,
@@ -245,8 +245,8 @@ def _attn_fwd_decode_split(
                                     full_hi, hi, seq_len, offs_i, offs_n, offs_d, qk_scale,
                                     True, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
 
-    # -- new keys n in [0, S_q), cache position seq_len + n: append, then attend --
-    new_hi = tl.where(is_new, S_q, 0)
+    # -- the last split: new keys n in [0, S_q), cache position seq_len + n: append, then attend --
+    new_hi = tl.where(split == Num_splits - 1, S_q, 0)
     for start_n in tl.range(0, new_hi, BLOCK_N):
         offs_kv = start_n + offs_n
         append_mask = offs_kv < S_q
@@ -267,7 +267,7 @@ def _attn_fwd_decode_split(
     has_keys = l_i > 0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    part = pid_bh * (Num_splits + 1) + split  # O_part: (B * H_kv, Num_splits + 1, S_q * GROUP, HEAD_DIM)
+    part = pid_bh * Num_splits + split  # O_part: (B * H_kv, Num_splits, S_q * GROUP, HEAD_DIM)
     tl.store(Lse_part + part * num_rows + offs_r, lse, mask=row_mask)
     tl.store(O_part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
              mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -283,7 +283,8 @@ def _attn_fwd_decode_reduce(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (row, kv head, packed query row r): out = sum_s w_s o_s / sum_s w_s with
-    # w_s = exp2(lse_s - max lse). The new-key part always holds key 0, so max lse is finite.
+    # w_s = exp2(lse_s - max lse). The last split's part holds the new keys (every query sees new
+    # key 0), so max lse is finite.
     num_rows = S_q * GROUP
     pid = tl.program_id(0)
     r = pid % num_rows
@@ -474,11 +475,11 @@ def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, ca
     if num_splits is None:
         num_splits = _num_splits(B * H_kv, S_max, config.block_n, _num_sms(q.device))
     num_rows = S_q * group
-    o_part = torch.empty((B * H_kv, num_splits + 1, num_rows, D), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((B * H_kv, num_splits + 1, num_rows), device=q.device, dtype=torch.float32)
+    o_part = torch.empty((B * H_kv, num_splits, num_rows, D), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((B * H_kv, num_splits, num_rows), device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     block_d = _block_d(D)
-    _attn_fwd_decode_split[(num_splits + 1, B * H_kv)](
+    _attn_fwd_decode_split[(num_splits, B * H_kv)](
         q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, softmax_scale * LOG2E,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache),
         S_q, H_kv, num_splits,
@@ -489,8 +490,8 @@ def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, ca
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _attn_fwd_decode_reduce[(B * H_kv * num_rows,)](
-        o_part, lse_part, out, *_strides3(out), S_q, H_kv, num_splits + 1,
-        GROUP=group, BLOCK_PARTS=triton.next_power_of_2(num_splits + 1),
+        o_part, lse_part, out, *_strides3(out), S_q, H_kv, num_splits,
+        GROUP=group, BLOCK_PARTS=triton.next_power_of_2(num_splits),
         HEAD_DIM=D, BLOCK_D=block_d,
         num_warps=4 if D >= 128 else 1,
     )
