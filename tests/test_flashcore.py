@@ -110,13 +110,13 @@ def prefill_kernel(config):
     return fn
 
 
-def decode_kernel(num_splits):
+def decode_kernel(num_splits, new_keys_apart=None):
     from flashcore.triton_attention import KernelConfig, _launch_decode
 
     def fn(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
         return _launch_decode(q, k, v, k_cache, v_cache, lens, scale, causal,
-                              KernelConfig(0, 32, 4, 1), num_splits=num_splits)
+                              KernelConfig(0, 32, 4, 1), num_splits=num_splits, new_keys_apart=new_keys_apart)
     return fn
 
 
@@ -184,9 +184,11 @@ def test_kernel_softmax_scale():
 @interpreted
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 @pytest.mark.parametrize("causal", [True, False])
-def test_decode_kernel_splits(num_splits, causal):
+@pytest.mark.parametrize("new_keys_apart", [True, False])
+def test_decode_kernel_splits(num_splits, causal, new_keys_apart):
     # Rows of 0, 1 and 130 cached tokens: with 7 splits most programs of the short rows are empty.
-    run_and_check(decode_kernel(num_splits), 3, 5, 4, 2, 16, [0, 1, 130], 140, causal=causal)
+    # The new keys in a program of their own, or in the last split's.
+    run_and_check(decode_kernel(num_splits, new_keys_apart), 3, 5, 4, 2, 16, [0, 1, 130], 140, causal=causal)
 
 
 @pytest.mark.triton
