@@ -70,6 +70,19 @@ def _load_rows(ptrs, row_mask, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.con
 
 
 @triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v, qk_scale, INPUT_PRECISION: tl.constexpr):
+    """One step of the online softmax (log2 domain): fold a tile's scores qk (masked keys -inf)
+    and its values v into (acc, l_i, m_i)."""
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                     lo, hi, n_end, offs_i, offs_n, offs_d, qk_scale,
                     BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -92,17 +105,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
             qk = tl.where(kv_mask[None, :], qk, float("-inf"))
         if CAUSAL:
             qk = tl.where(offs_kv[None, :] <= offs_i[:, None], qk, float("-inf"))
-        # -- update m_i and l_i (log2 domain) --
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # -- update output accumulator --
         v = _load_rows(v_base + offs_kv[:, None] * stride_vn + offs_d[None, :], kv_mask, offs_d,
                        BOUNDS, HEAD_DIM, BLOCK_D, UPCAST)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        m_i = m_ij
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, qk_scale, INPUT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -193,20 +198,22 @@ def _attn_fwd_prefill(
 
 @triton.jit
 def _attn_fwd_decode_split(
-    Q, K, V, K_cache, V_cache, Seq_lens, O_part, Lse_part, qk_scale,
+    Q, K, V, K_cache, V_cache, Seq_lens, O_part, Lse_part, Out, qk_scale,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
+    stride_ob, stride_os, stride_oh,
     S_q, H_kv, Num_splits, New_split,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NEW: tl.constexpr, CAUSAL: tl.constexpr,
+    DIRECT: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # Programs 0 .. Num_splits-1 each take an even share of the cached tiles [0, seq_len); program
-    # New_split takes the S_q new keys and appends them to the cache: a program of its own
-    # (New_split == Num_splits, no cached tiles) or the last split's (New_split == Num_splits - 1).
+    # New_split takes the S_q <= BLOCK_NEW new keys and appends them to the cache: the last split's
+    # (New_split == Num_splits - 1) or a program of its own (New_split == Num_splits, no cached
+    # tiles). DIRECT (one program per (row, kv head)): write the output itself, no partials.
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -222,13 +229,20 @@ def _attn_fwd_decode_split(
     offs_d = tl.arange(0, BLOCK_D)
     num_rows = S_q * GROUP
     row_mask = offs_r < num_rows
-    k_new = K + b64 * stride_kb + hk * stride_kh
-    v_new = V + b64 * stride_vb + hk * stride_vh
+    d_mask = offs_d[None, :] < HEAD_DIM
     k_old = K_cache + b64 * stride_kcb + hk * stride_kch
     v_old = V_cache + b64 * stride_vcb + hk * stride_vch
 
     q = _load_rows(Q + b64 * stride_qb + offs_i[:, None] * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :],
                    row_mask, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
+    # -- the new keys n in [0, S_q) are loaded first, so their latency hides behind the cached tiles --
+    n_new = tl.where(split == New_split, S_q, 0)
+    offs_new = tl.arange(0, BLOCK_NEW)
+    new_mask = offs_new < n_new
+    k_n = _load_rows(K + b64 * stride_kb + hk * stride_kh + offs_new[:, None] * stride_ks + offs_d[None, :],
+                     new_mask, offs_d, True, HEAD_DIM, BLOCK_D, False)
+    v_n = _load_rows(V + b64 * stride_vb + hk * stride_vh + offs_new[:, None] * stride_vs + offs_d[None, :],
+                     new_mask, offs_d, True, HEAD_DIM, BLOCK_D, False)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -245,33 +259,35 @@ def _attn_fwd_decode_split(
                                     full_hi, hi, seq_len, offs_i, offs_n, offs_d, qk_scale,
                                     True, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
 
-    # -- new keys n in [0, S_q), cache position seq_len + n: append, then attend --
-    new_hi = tl.where(split == New_split, S_q, 0)
-    for start_n in tl.range(0, new_hi, BLOCK_N):
-        offs_kv = start_n + offs_n
-        append_mask = offs_kv < S_q
-        d_mask = offs_d[None, :] < HEAD_DIM
-        k_rows = _load_rows(k_new + offs_kv[:, None] * stride_ks + offs_d[None, :], append_mask, offs_d,
-                            True, HEAD_DIM, BLOCK_D, False)
-        tl.store(k_old + (seq_len + offs_kv)[:, None] * stride_kcs + offs_d[None, :], k_rows,
-                 mask=append_mask[:, None] & d_mask)
-        v_rows = _load_rows(v_new + offs_kv[:, None] * stride_vs + offs_d[None, :], append_mask, offs_d,
-                            True, HEAD_DIM, BLOCK_D, False)
-        tl.store(v_old + (seq_len + offs_kv)[:, None] * stride_vcs + offs_d[None, :], v_rows,
-                 mask=append_mask[:, None] & d_mask)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_new, v_new, stride_ks, stride_vs,
-                                    0, new_hi, S_q, offs_i, offs_n, offs_d, qk_scale,
-                                    True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+    # -- the new keys, at cache positions seq_len + n: append, then attend --
+    if n_new > 0:
+        tl.store(k_old + (seq_len + offs_new)[:, None] * stride_kcs + offs_d[None, :], k_n,
+                 mask=new_mask[:, None] & d_mask)
+        tl.store(v_old + (seq_len + offs_new)[:, None] * stride_vcs + offs_d[None, :], v_n,
+                 mask=new_mask[:, None] & d_mask)
+        if UPCAST:
+            k_n = k_n.to(tl.float32)
+            v_n = v_n.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k_n), input_precision=INPUT_PRECISION)
+        visible = new_mask[None, :]
+        if CAUSAL:
+            visible = visible & (offs_new[None, :] <= offs_i[:, None])
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(visible, qk, float("-inf")), v_n, qk_scale,
+                                      INPUT_PRECISION)
 
-    # -- epilogue: normalized partial output and its log2-sum-exp; an empty split gives (0, -inf) --
+    # -- epilogue: the output, or a normalized partial output and its log2-sum-exp (an empty split
+    # gives (0, -inf)) --
     has_keys = l_i > 0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    part = pid_bh * tl.num_programs(0) + split  # O_part: (B * H_kv, parts, S_q * GROUP, HEAD_DIM)
-    tl.store(Lse_part + part * num_rows + offs_r, lse, mask=row_mask)
-    tl.store(O_part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
-             mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
-
+    if DIRECT:
+        out_ptrs = Out + b64 * stride_ob + offs_i[:, None] * stride_os + offs_h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask)
+    else:
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        part = pid_bh * tl.num_programs(0) + split  # O_part: (B * H_kv, parts, S_q * GROUP, HEAD_DIM)
+        tl.store(Lse_part + part * num_rows + offs_r, lse, mask=row_mask)
+        tl.store(O_part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=row_mask[:, None] & d_mask)
 
 
 @triton.jit
@@ -468,7 +484,7 @@ def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, c
 
 def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
                    config: KernelConfig, num_splits: Optional[int] = None,
-                   new_keys_apart: Optional[bool] = None) -> torch.Tensor:
+                   new_keys_apart: bool = False) -> torch.Tensor:
     B, S_q, H_q, D = q.shape
     S_max, H_kv = k_cache.shape[1], k_cache.shape[2]
     group = H_q // H_kv
@@ -476,34 +492,33 @@ def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, ca
     if num_splits is None:
         num_splits = _num_splits(B * H_kv, S_max, config.block_n, _num_sms(q.device))
     num_rows = S_q * group
-    # The new keys get a program of their own (run beside the splits), unless that program alone
-    # would start a second wave (of ~2 programs per SM); then the last split takes them. Either
-    # way measured on the H200 (2026-12-01): the last split at B=16 / cache 512, 18.1 -> 17.2 us
-    # per layer, at B=1 / cache 8192 18.8 -> 17.0; their own program at B=64 / cache 512, 48.4 -> 45.0.
-    if new_keys_apart is None:
-        new_keys_apart = not num_splits * B * H_kv <= 2 * _num_sms(q.device) < (num_splits + 1) * B * H_kv
+    # The new keys go to the last split (default): they load first and are attended last, so their
+    # latency hides behind the cached tiles; with one split the program writes the output itself.
     new_split = num_splits if new_keys_apart else num_splits - 1
     num_parts = new_split + 1
-    o_part = torch.empty((B * H_kv, num_parts, num_rows, D), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((B * H_kv, num_parts, num_rows), device=q.device, dtype=torch.float32)
+    direct = num_parts == 1
     out = torch.empty_like(q)
+    o_part = out if direct else torch.empty((B * H_kv, num_parts, num_rows, D), device=q.device, dtype=torch.float32)
+    lse_part = out if direct else torch.empty((B * H_kv, num_parts, num_rows), device=q.device, dtype=torch.float32)
     block_d = _block_d(D)
     _attn_fwd_decode_split[(num_parts, B * H_kv)](
-        q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, softmax_scale * LOG2E,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache),
+        q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, out, softmax_scale * LOG2E,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out),
         S_q, H_kv, num_splits, new_split,
         GROUP=group, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n, CAUSAL=causal,
+        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n,
+        BLOCK_NEW=max(16, triton.next_power_of_2(S_q)), CAUSAL=causal, DIRECT=direct,
         UPCAST=interpret and q.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _attn_fwd_decode_reduce[(B * H_kv * num_rows,)](
-        o_part, lse_part, out, *_strides3(out), S_q, H_kv, num_parts,
-        GROUP=group, BLOCK_PARTS=triton.next_power_of_2(num_parts),
-        HEAD_DIM=D, BLOCK_D=block_d,
-        num_warps=4 if D >= 128 else 1,
-    )
+    if not direct:
+        _attn_fwd_decode_reduce[(B * H_kv * num_rows,)](
+            o_part, lse_part, out, *_strides3(out), S_q, H_kv, num_parts,
+            GROUP=group, BLOCK_PARTS=triton.next_power_of_2(num_parts),
+            HEAD_DIM=D, BLOCK_D=block_d,
+            num_warps=4 if D >= 128 else 1,
+        )
     return out
 
 
