@@ -13,7 +13,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from flashcore import reference
-from flashcore.checks import check_attention_inputs, check_varlen_inputs
 
 __all__ = ["attention_with_kv_cache", "varlen_attention_with_kv_cache", "varlen_tiles", "VARLEN_TILE", "reference",
            "IMPLEMENTATIONS", "resolve_implementation"]
@@ -102,10 +101,9 @@ def attention_with_kv_cache(
             q, k, v, k_cache, v_cache, seq_lens,
             softmax_scale=softmax_scale, causal=causal, seq_lens_cpu=seq_lens_cpu,
         )
-    check_attention_inputs(q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu)
     from flashcore.triton_attention import triton_attention_with_kv_cache
 
-    return triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal)
+    return triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal, seq_lens_cpu)
 
 
 def varlen_tiles(spans: Sequence[Tuple[int, int, int, int]]) -> List[Tuple[int, int, int, int]]:
@@ -160,7 +158,6 @@ def varlen_attention_with_kv_cache(
     if resolve_implementation(implementation, q.device) == "reference":
         return reference.varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles,
                                                         softmax_scale=softmax_scale)
-    check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
     from flashcore.triton_attention import triton_varlen_attention_with_kv_cache
 
     return triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale)

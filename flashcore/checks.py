@@ -37,6 +37,12 @@ def check_attention_inputs(
         raise ValueError(f"seq_lens must be int32 of shape ({B},), got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     if seq_lens.device != q.device:
         raise ValueError(f"seq_lens is on {seq_lens.device} but q is on {q.device}: keep it on the same device")
+    check_capacity(seq_lens, seq_lens_cpu, B, S_q, S_max)
+
+
+def check_capacity(seq_lens: torch.Tensor, seq_lens_cpu: Optional[Sequence[int]], B: int, S_q: int, S_max: int) -> None:
+    """Every row's fill plus the S_q new tokens fits the cache, checked on the host copy of the fills
+    (seq_lens itself where it lives on the CPU; nothing where neither is on the host)."""
     if seq_lens_cpu is not None:
         lens = [int(x) for x in seq_lens_cpu]
     elif seq_lens.device.type == "cpu":

@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
+from flashcore.checks import check_attention_inputs, check_capacity, check_varlen_inputs
+from flashcore.launch import Launch
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 DECODE_MAX_ROWS = 64  # S_q * group up to this many rows runs the split-KV decode kernel
@@ -198,14 +200,14 @@ def _attn_fwd_prefill(
 
 @triton.jit
 def _attn_fwd_decode_split(
-    Q, K, V, K_cache, V_cache, Seq_lens, O_part, Lse_part, Out, qk_scale,
+    Q, K, V, K_cache, V_cache, Seq_lens, Part, Out, qk_scale,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     stride_ob, stride_os, stride_oh,
-    S_q, H_kv, Num_splits, New_split,
+    S_q, H_kv, Num_splits, New_split, Lse_offset,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NEW: tl.constexpr, CAUSAL: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -214,6 +216,8 @@ def _attn_fwd_decode_split(
     # New_split takes the S_q <= BLOCK_NEW new keys and appends them to the cache: the last split's
     # (New_split == Num_splits - 1) or a program of its own (New_split == Num_splits, no cached
     # tiles). DIRECT (one program per (row, kv head)): write the output itself, no partials.
+    # Part (float32) holds the partial outputs (B * H_kv, parts, S_q * GROUP, HEAD_DIM), then from
+    # Lse_offset on their log2-sum-exps (B * H_kv, parts, S_q * GROUP).
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -284,17 +288,17 @@ def _attn_fwd_decode_split(
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask)
     else:
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        part = pid_bh * tl.num_programs(0) + split  # O_part: (B * H_kv, parts, S_q * GROUP, HEAD_DIM)
-        tl.store(Lse_part + part * num_rows + offs_r, lse, mask=row_mask)
-        tl.store(O_part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
+        part = pid_bh * tl.num_programs(0) + split
+        tl.store(Part + Lse_offset + part * num_rows + offs_r, lse, mask=row_mask)
+        tl.store(Part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_mask[:, None] & d_mask)
 
 
 @triton.jit
 def _attn_fwd_decode_reduce(
-    O_part, Lse_part, Out,
+    Part, Out,
     stride_ob, stride_os, stride_oh,
-    S_q, H_kv, Num_parts,
+    S_q, H_kv, Num_parts, Lse_offset,
     GROUP: tl.constexpr, BLOCK_PARTS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -312,9 +316,9 @@ def _attn_fwd_decode_reduce(
     p_mask = offs_p < Num_parts
     d_mask = offs_d < HEAD_DIM
     parts = pid_bh * Num_parts + offs_p
-    lse = tl.load(Lse_part + parts * num_rows + r, mask=p_mask, other=float("-inf"))
+    lse = tl.load(Part + Lse_offset + parts * num_rows + r, mask=p_mask, other=float("-inf"))
     w = tl.math.exp2(lse - tl.max(lse, 0))
-    o = tl.load(O_part + (parts * num_rows + r)[:, None] * HEAD_DIM + offs_d[None, :],
+    o = tl.load(Part + (parts * num_rows + r)[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=p_mask[:, None] & d_mask[None, :], other=0.0)
     out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     out_ptrs = Out + b.to(tl.int64) * stride_ob + (r // GROUP) * stride_os + h * stride_oh + offs_d
@@ -403,8 +407,16 @@ def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
+    return max(16, _next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
@@ -432,7 +444,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_
     if 2 * batch_kv_heads >= num_sms:
         return KernelConfig(block_m=0, block_n=64 if s_max <= 2048 else 128, num_warps=4, num_stages=3)
     splits = _num_splits(batch_kv_heads, s_max, 64, num_sms)
-    tiles_per_split = triton.cdiv(triton.cdiv(s_max, 64), splits)
+    tiles_per_split = _cdiv(_cdiv(s_max, 64), splits)
     return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=4 if tiles_per_split >= 8 else 3)
 
 
@@ -454,7 +466,7 @@ def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, num_sms: int) -> 
     Depends on shapes only, never on seq_lens, so a captured CUDA graph stays valid.
     """
     by_occupancy = (2 * num_sms) // batch_kv_heads
-    by_length = triton.cdiv(s_max, 4 * block_n)
+    by_length = _cdiv(s_max, 4 * block_n)
     return max(1, min(by_occupancy, by_length))
 
 
@@ -462,84 +474,8 @@ def _strides3(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
-                    config: KernelConfig) -> torch.Tensor:
-    B, S_q, H_q, D = q.shape
-    H_kv = k.shape[2]
-    interpret = _interpreting(q.device)
-    out = torch.empty_like(q)
-    grid = (triton.cdiv(S_q, config.block_m), B * H_q)
-    _attn_fwd_prefill[grid](
-        q, k, v, k_cache, v_cache, seq_lens, out, softmax_scale * LOG2E,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out),
-        S_q, H_q,
-        GROUP=H_q // H_kv, HEAD_DIM=D, BLOCK_D=_block_d(D),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
-        UPCAST=interpret and q.dtype == torch.bfloat16,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out
-
-
-def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
-                   config: KernelConfig, num_splits: Optional[int] = None,
-                   new_keys_apart: bool = False) -> torch.Tensor:
-    B, S_q, H_q, D = q.shape
-    S_max, H_kv = k_cache.shape[1], k_cache.shape[2]
-    group = H_q // H_kv
-    interpret = _interpreting(q.device)
-    if num_splits is None:
-        num_splits = _num_splits(B * H_kv, S_max, config.block_n, _num_sms(q.device))
-    num_rows = S_q * group
-    # The new keys go to the last split (default): they load first and are attended last, so their
-    # latency hides behind the cached tiles; with one split the program writes the output itself.
-    new_split = num_splits if new_keys_apart else num_splits - 1
-    num_parts = new_split + 1
-    direct = num_parts == 1
-    out = torch.empty_like(q)
-    o_part = out if direct else torch.empty((B * H_kv, num_parts, num_rows, D), device=q.device, dtype=torch.float32)
-    lse_part = out if direct else torch.empty((B * H_kv, num_parts, num_rows), device=q.device, dtype=torch.float32)
-    block_d = _block_d(D)
-    _attn_fwd_decode_split[(num_parts, B * H_kv)](
-        q, k, v, k_cache, v_cache, seq_lens, o_part, lse_part, out, softmax_scale * LOG2E,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out),
-        S_q, H_kv, num_splits, new_split,
-        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n,
-        BLOCK_NEW=max(16, triton.next_power_of_2(S_q)), CAUSAL=causal, DIRECT=direct,
-        UPCAST=interpret and q.dtype == torch.bfloat16,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if not direct:
-        _attn_fwd_decode_reduce[(B * H_kv * num_rows,)](
-            o_part, lse_part, out, *_strides3(out), S_q, H_kv, num_parts,
-            GROUP=group, BLOCK_PARTS=triton.next_power_of_2(num_parts),
-            HEAD_DIM=D, BLOCK_D=block_d,
-            num_warps=4 if D >= 128 else 1,
-        )
-    return out
-
-
-def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: Optional[float],
-                                   causal: bool) -> torch.Tensor:
-    """Kernel entry; inputs already validated by ``flashcore.checks``. No host sync."""
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)}): it is written in place")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    D = q.shape[-1]
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(D)
-    group = q.shape[2] // k.shape[2]
-    interpret = _interpreting(q.device)
-    if q.shape[1] * group <= DECODE_MAX_ROWS:
-        config = _decode_config(D, q.dtype, interpret, q.shape[0] * k.shape[2], k_cache.shape[1],
-                                _num_sms(q.device))
-        return _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal, config)
-    return _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal,
-                           _prefill_config(D, q.dtype, interpret))
+def _input_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _varlen_config(block_m: int, head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
@@ -550,40 +486,192 @@ def _varlen_config(block_m: int, head_dim: int, dtype: torch.dtype, interpret: b
     return KernelConfig(block_m=block_m, block_n=64, num_warps=8 if block_m >= 128 else 4, num_stages=3)
 
 
-def triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale: Optional[float]):
-    """Kernel entry of :func:`flashcore.varlen_attention_with_kv_cache`; inputs already validated.
-    Two launches: the append, then the attention (a tile reads slots that other tiles' programs
-    write, so the writes must all land first). No host sync."""
-    from flashcore import VARLEN_TILE
+# -- Launch plans. A plan holds everything a call's launches need that depends on the inputs'
+# layout only (shapes, strides, dtypes, 16-byte alignment of each pointer): grids, integer
+# arguments, tilings, and the compiled kernels (flashcore.launch). The entry points key plans on
+# exactly that layout, so an eager call costs a dictionary lookup, the output allocation and the
+# launches (H200, 2026-12-01: an eager decode call took ~110 us of host time before plans).
 
+
+class _PrefillPlan:
+    def __init__(self, q, k, v, k_cache, v_cache, softmax_scale: float, causal: bool, config: KernelConfig):
+        B, S_q, H_q, D = q.shape
+        H_kv = k.shape[2]
+        self.grid = (_cdiv(S_q, config.block_m), B * H_q, 1)
+        self.ints = (softmax_scale * LOG2E, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache),
+                     *_strides3(v_cache), S_q * H_q * D, H_q * D, D, S_q, H_q)
+        self.launch = Launch(
+            _attn_fwd_prefill, num_warps=config.num_warps, num_stages=config.num_stages,
+            GROUP=H_q // H_kv, HEAD_DIM=D, BLOCK_D=_block_d(D),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
+            UPCAST=_interpreting(q.device) and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
+        )
+
+    def __call__(self, q, k, v, k_cache, v_cache, seq_lens) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        self.launch(self.grid, q, k, v, k_cache, v_cache, seq_lens, out, *self.ints)
+        return out
+
+
+class _DecodePlan:
+    def __init__(self, q, k, v, k_cache, v_cache, softmax_scale: float, causal: bool, config: KernelConfig,
+                 num_splits: Optional[int] = None, new_keys_apart: bool = False):
+        B, S_q, H_q, D = q.shape
+        S_max, H_kv = k_cache.shape[1], k_cache.shape[2]
+        group = H_q // H_kv
+        if num_splits is None:
+            num_splits = _num_splits(B * H_kv, S_max, config.block_n, _num_sms(q.device))
+        num_rows = S_q * group
+        # The new keys go to the last split (default): they load first and are attended last, so their
+        # latency hides behind the cached tiles; with one split the program writes the output itself.
+        new_split = num_splits if new_keys_apart else num_splits - 1
+        num_parts = new_split + 1
+        self.direct = num_parts == 1
+        lse_offset = B * H_kv * num_parts * num_rows * D  # Part: the partial outputs, then their lse
+        self.part_numel = 0 if self.direct else lse_offset + B * H_kv * num_parts * num_rows
+        out_strides = (S_q * H_q * D, H_q * D, D)
+        block_d = _block_d(D)
+        self.split_grid = (num_parts, B * H_kv, 1)
+        self.split_ints = (softmax_scale * LOG2E, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache),
+                           *_strides3(v_cache), *out_strides, S_q, H_kv, num_splits, new_split, lse_offset)
+        self.split = Launch(
+            _attn_fwd_decode_split, num_warps=config.num_warps, num_stages=config.num_stages,
+            GROUP=group, HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_M=max(16, _next_power_of_2(num_rows)), BLOCK_N=config.block_n,
+            BLOCK_NEW=max(16, _next_power_of_2(S_q)), CAUSAL=causal, DIRECT=self.direct,
+            UPCAST=_interpreting(q.device) and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
+        )
+        self.reduce_grid = (B * H_kv * num_rows, 1, 1)
+        self.reduce_ints = (*out_strides, S_q, H_kv, num_parts, lse_offset)
+        self.reduce = Launch(_attn_fwd_decode_reduce, num_warps=4 if D >= 128 else 1, GROUP=group,
+                             BLOCK_PARTS=_next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
+
+    def __call__(self, q, k, v, k_cache, v_cache, seq_lens) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if self.direct:
+            self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, out, out, *self.split_ints)
+            return out
+        part = torch.empty(self.part_numel, dtype=torch.float32, device=q.device)
+        self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints)
+        self.reduce(self.reduce_grid, part, out, *self.reduce_ints)
+        return out
+
+
+class _VarlenPlan:
+    def __init__(self, q, k, v, k_cache, v_cache, tiles, softmax_scale: float):
+        from flashcore import VARLEN_TILE
+
+        T, H_q, D = q.shape
+        H_kv = k.shape[1]
+        group = H_q // H_kv
+        interpret = _interpreting(q.device)
+        block_d = _block_d(D)
+        self.grid = (tiles.shape[0], H_kv, 1)
+        self.append_ints = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_strides3(k_cache), *_strides3(v_cache))
+        self.append = Launch(_varlen_append, num_warps=4, HEAD_DIM=D, BLOCK_D=block_d, TILE=VARLEN_TILE)
+        config = _varlen_config(max(16, _next_power_of_2(VARLEN_TILE * group)), D, q.dtype, interpret)
+        self.attend_ints = (softmax_scale * LOG2E, q.stride(0), q.stride(1), *_strides3(k_cache), *_strides3(v_cache),
+                            H_q * D, D)
+        self.attend = Launch(
+            _attn_fwd_varlen, num_warps=config.num_warps, num_stages=config.num_stages,
+            GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            UPCAST=interpret and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
+        )
+
+    def __call__(self, q, k, v, k_cache, v_cache, tiles) -> torch.Tensor:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        if self.grid[0] == 0:
+            return out
+        self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints)
+        self.attend(self.grid, q, k_cache, v_cache, tiles, out, *self.attend_ints)
+        return out
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096  # bounded: a process that meets more layouts (prompt lengths) starts over
+
+
+def _layout_key(kind: str, *tensors: torch.Tensor) -> tuple:
+    """What decides a plan, the validity of the inputs' shapes and Triton's specialization of the
+    launches: each tensor's shape, strides, dtype, device and 16-byte alignment."""
+    return (kind, *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors])
+
+
+def _plan(key: tuple, build):
+    """The plan for ``key``, built (inputs validated first) at its first call."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = build()
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _check_cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)}): it is written in place")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    tiles = tiles.contiguous()
-    T, H_q, D = q.shape
-    H_kv = k.shape[1]
-    group = H_q // H_kv
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(D)
+
+
+def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
+                    config: KernelConfig) -> torch.Tensor:
+    """The prefill kernel with a given tiling (tests and sweeps; the entry point plans its own)."""
+    return _PrefillPlan(q, k, v, k_cache, v_cache, softmax_scale, causal, config)(q, k, v, k_cache, v_cache, seq_lens)
+
+
+def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
+                   config: KernelConfig, num_splits: Optional[int] = None,
+                   new_keys_apart: bool = False) -> torch.Tensor:
+    """The decode kernels with a given tiling and split (tests and sweeps)."""
+    return _DecodePlan(q, k, v, k_cache, v_cache, softmax_scale, causal, config, num_splits,
+                       new_keys_apart)(q, k, v, k_cache, v_cache, seq_lens)
+
+
+def _attention_plan(q, k, v, k_cache, v_cache, softmax_scale: Optional[float], causal: bool):
+    _check_cache_strides(k_cache, v_cache)
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     interpret = _interpreting(q.device)
-    block_d = _block_d(D)
-    out = torch.zeros_like(q)
-    n_tiles = tiles.shape[0]
-    if n_tiles == 0:
-        return out
-    _varlen_append[(n_tiles, H_kv)](
-        k, v, k_cache, v_cache, tiles,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_strides3(k_cache), *_strides3(v_cache),
-        HEAD_DIM=D, BLOCK_D=block_d, TILE=VARLEN_TILE, num_warps=4,
-    )
-    config = _varlen_config(max(16, triton.next_power_of_2(VARLEN_TILE * group)), D, q.dtype, interpret)
-    _attn_fwd_varlen[(n_tiles, H_kv)](
-        q, k_cache, v_cache, tiles, out, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), *_strides3(k_cache), *_strides3(v_cache), out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        UPCAST=interpret and q.dtype == torch.bfloat16,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out
+    if q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_MAX_ROWS:
+        config = _decode_config(D, q.dtype, interpret, q.shape[0] * k.shape[2], k_cache.shape[1], _num_sms(q.device))
+        return _DecodePlan(q, k, v, k_cache, v_cache, scale, causal, config)
+    return _PrefillPlan(q, k, v, k_cache, v_cache, scale, causal, _prefill_config(D, q.dtype, interpret))
+
+
+def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: Optional[float],
+                                   causal: bool, seq_lens_cpu=None) -> torch.Tensor:
+    """Kernel entry of :func:`flashcore.attention_with_kv_cache`. Inputs of a layout seen before
+    were validated then (``flashcore.checks``); only the fills' capacity is checked every call.
+    No host sync."""
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if seq_lens.dim() == 1 and seq_lens.stride(0) != 1:  # the kernels read seq_lens[b] at Seq_lens + b
+        seq_lens = seq_lens.contiguous()
+
+    def build():
+        check_attention_inputs(q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu)
+        return _attention_plan(q, k, v, k_cache, v_cache, softmax_scale, causal)
+
+    key = _layout_key("kv_cache", q, k, v, k_cache, v_cache, seq_lens) + (softmax_scale, causal)
+    if key in _PLANS:
+        check_capacity(seq_lens, seq_lens_cpu, q.shape[0], q.shape[1], k_cache.shape[1])
+    return _plan(key, build)(q, k, v, k_cache, v_cache, seq_lens)
+
+
+def triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale: Optional[float]):
+    """Kernel entry of :func:`flashcore.varlen_attention_with_kv_cache`; inputs validated at the
+    first call of their layout. Two launches: the append, then the attention (a tile reads slots
+    that other tiles' programs write, so the writes must all land first). No host sync."""
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    tiles = tiles.contiguous()
+
+    def build():
+        check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
+        _check_cache_strides(k_cache, v_cache)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+        return _VarlenPlan(q, k, v, k_cache, v_cache, tiles, scale)
+
+    plan = _plan(_layout_key("varlen", q, k, v, k_cache, v_cache, tiles) + (softmax_scale,), build)
+    return plan(q, k, v, k_cache, v_cache, tiles)

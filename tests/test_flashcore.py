@@ -214,7 +214,10 @@ def test_prefill_kernel_blocks(block_m, block_n, S_q, seq_lens):
 @pytest.mark.triton
 @interpreted
 def test_capacity_error_names_both_numbers():
+    """Checked at every call, also for a layout already planned (shapes are checked once per layout)."""
     q, k, v, k_cache, v_cache, lens = make_inputs(2, 3, 4, 2, 16, [5, 8], 10, torch.float32)
+    flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, torch.tensor([5, 7], dtype=torch.int32),
+                                      implementation="triton")
     with pytest.raises(ValueError, match=r"8 cached \+ 3 new tokens = 11 exceeds the cache capacity S_max=10"):
         flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, implementation="triton")
     ok = torch.tensor([5, 7], dtype=torch.int32)  # the host copy wins over the tensor when given
@@ -324,3 +327,40 @@ def test_varlen_shape_errors_name_the_shapes():
         flashcore.varlen_attention_with_kv_cache(q, k, v, cache, cache.clone(), torch.zeros(3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"k and v must be \(T, H_kv, D\)"):
         flashcore.varlen_attention_with_kv_cache(q, k[:3], v, cache, cache.clone(), torch.zeros(1, 4, dtype=torch.int64))
+
+
+def test_launch_keeps_the_compiled_kernel(monkeypatch):
+    """flashcore.launch.Launch: the first call goes through Triton (kernel[grid](*args, **constexprs,
+    num_warps, num_stages)) and keeps what it returns; later calls launch that compiled kernel with
+    every parameter in declaration order. Under the interpreter every call goes through Triton."""
+    from types import SimpleNamespace
+
+    from flashcore import launch
+
+    calls = []
+
+    class Compiled:
+        packed_metadata = b""
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("compiled", grid, args))
+
+    class Kernel:
+        params = [SimpleNamespace(name=name) for name in ("X", "n", "BLOCK", "EVEN")]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("triton", grid, args, kwargs)) or Compiled()
+
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    site = launch.Launch(Kernel(), num_warps=4, num_stages=2, EVEN=True, BLOCK=64)
+    site((3, 1, 1), "x", 7)
+    site((3, 2, 1), "y", 7)
+    assert calls == [("triton", (3, 1, 1), ("x", 7), dict(EVEN=True, BLOCK=64, num_warps=4, num_stages=2)),
+                     ("compiled", (3, 2, 1), ("y", 7, 64, True))]
+
+    calls.clear()
+    monkeypatch.setattr(launch, "INTERPRET", True)
+    site = launch.Launch(Kernel(), num_warps=1, BLOCK=16, EVEN=False)
+    site((1, 1, 1), "x", 1)
+    site((1, 1, 1), "x", 1)
+    assert [c[0] for c in calls] == ["triton", "triton"] and calls[0][3] == dict(BLOCK=16, EVEN=False, num_warps=1)

@@ -1,0 +1,52 @@
+"""Launching a Triton kernel again without Triton binding its arguments again.
+
+``kernel[grid](*args, **constexprs)`` reads and specializes every argument in Python on each call
+(dtypes, 16-byte alignment of pointers, integers equal to 1 or divisible by 16), then looks the
+compiled kernel up: 15-40 us of host time per launch of the attention kernels on the H200's host
+(2026-12-01), most of an eager attention call. A :class:`Launch` belongs to one launch site whose
+specialization its owner keeps fixed (same dtypes, same non-tensor values, same pointer alignment:
+flashcore keys its plans on exactly these). Its first call goes through Triton and keeps the
+compiled kernel that Triton returns; later calls launch that kernel directly
+(``CompiledKernel[grid](*every_argument)``, the last step of Triton's own launch).
+"""
+from typing import Optional, Tuple
+
+from flashcore import INTERPRET
+
+
+class Launch:
+    """``Launch(kernel, num_warps=..., num_stages=..., **constexprs)(grid, *args)`` runs
+    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``; grid is (x, y, z).
+
+    The caller guarantees that every call passes arguments of the same specialization as the
+    first: the same dtypes, the same non-tensor values, the same 16-byte alignment of each pointer.
+    Under Triton's interpreter every call goes through Triton.
+    """
+
+    __slots__ = ("kernel", "constexprs", "options", "compiled", "constexpr_values")
+
+    def __init__(self, kernel, *, num_warps: int, num_stages: Optional[int] = None, **constexprs):
+        self.kernel = kernel
+        self.constexprs = constexprs
+        self.options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps,
+                                                                             "num_stages": num_stages}
+        self.compiled = None
+        self.constexpr_values: Tuple = ()
+
+    def __call__(self, grid: Tuple[int, int, int], *args) -> None:
+        if self.compiled is None:
+            self._first_call(grid, args)
+        else:
+            self.compiled[grid](*args, *self.constexpr_values)
+
+    def _first_call(self, grid, args) -> None:
+        compiled = self.kernel[grid](*args, **self.constexprs, **self.options)
+        if INTERPRET or compiled is None or not hasattr(compiled, "packed_metadata"):
+            return
+        # The compiled kernel takes every parameter in order; in flashcore's kernels the
+        # constexprs follow the positional arguments.
+        names = [p.name for p in self.kernel.params[len(args):]]
+        if sorted(names) != sorted(self.constexprs):
+            return
+        self.constexpr_values = tuple(self.constexprs[name] for name in names)
+        self.compiled = compiled
