@@ -597,14 +597,10 @@ def _layout_key(kind: str, *tensors: torch.Tensor) -> tuple:
     return (kind, *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors])
 
 
-def _plan(key: tuple, build):
-    """The plan for ``key``, built (inputs validated first) at its first call."""
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = build()
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
+def _remember(key: tuple, plan):
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
     return plan
 
 
@@ -649,14 +645,14 @@ def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_
     if seq_lens.dim() == 1 and seq_lens.stride(0) != 1:  # the kernels read seq_lens[b] at Seq_lens + b
         seq_lens = seq_lens.contiguous()
 
-    def build():
-        check_attention_inputs(q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu)
-        return _attention_plan(q, k, v, k_cache, v_cache, softmax_scale, causal)
-
     key = _layout_key("kv_cache", q, k, v, k_cache, v_cache, seq_lens) + (softmax_scale, causal)
-    if key in _PLANS:
+    plan = _PLANS.get(key)
+    if plan is None:
+        check_attention_inputs(q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu)
+        plan = _remember(key, _attention_plan(q, k, v, k_cache, v_cache, softmax_scale, causal))
+    elif seq_lens_cpu is not None or seq_lens.is_cpu:
         check_capacity(seq_lens, seq_lens_cpu, q.shape[0], q.shape[1], k_cache.shape[1])
-    return _plan(key, build)(q, k, v, k_cache, v_cache, seq_lens)
+    return plan(q, k, v, k_cache, v_cache, seq_lens)
 
 
 def triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale: Optional[float]):
@@ -667,11 +663,11 @@ def triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, soft
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     tiles = tiles.contiguous()
 
-    def build():
+    key = _layout_key("varlen", q, k, v, k_cache, v_cache, tiles) + (softmax_scale,)
+    plan = _PLANS.get(key)
+    if plan is None:
         check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
         _check_cache_strides(k_cache, v_cache)
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-        return _VarlenPlan(q, k, v, k_cache, v_cache, tiles, scale)
-
-    plan = _plan(_layout_key("varlen", q, k, v, k_cache, v_cache, tiles) + (softmax_scale,), build)
+        plan = _remember(key, _VarlenPlan(q, k, v, k_cache, v_cache, tiles, scale))
     return plan(q, k, v, k_cache, v_cache, tiles)
