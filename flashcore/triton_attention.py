@@ -499,7 +499,7 @@ class _PrefillPlan:
         H_kv = k.shape[2]
         self.grid = (_cdiv(S_q, config.block_m), B * H_q, 1)
         self.ints = (softmax_scale * LOG2E, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache),
-                     *_strides3(v_cache), S_q * H_q * D, H_q * D, D, S_q, H_q)
+                     *_strides3(v_cache), *_strides3(torch.empty_like(q)), S_q, H_q)
         self.launch = Launch(
             _attn_fwd_prefill, num_warps=config.num_warps, num_stages=config.num_stages,
             GROUP=H_q // H_kv, HEAD_DIM=D, BLOCK_D=_block_d(D),
@@ -508,7 +508,7 @@ class _PrefillPlan:
         )
 
     def __call__(self, q, k, v, k_cache, v_cache, seq_lens) -> torch.Tensor:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
         self.launch(self.grid, q, k, v, k_cache, v_cache, seq_lens, out, *self.ints)
         return out
 
@@ -529,7 +529,7 @@ class _DecodePlan:
         self.direct = num_parts == 1
         lse_offset = B * H_kv * num_parts * num_rows * D  # Part: the partial outputs, then their lse
         self.part_numel = 0 if self.direct else lse_offset + B * H_kv * num_parts * num_rows
-        out_strides = (S_q * H_q * D, H_q * D, D)
+        out_strides = _strides3(torch.empty_like(q))
         block_d = _block_d(D)
         self.split_grid = (num_parts, B * H_kv, 1)
         self.split_ints = (softmax_scale * LOG2E, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache),
@@ -547,11 +547,11 @@ class _DecodePlan:
                              BLOCK_PARTS=_next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
 
     def __call__(self, q, k, v, k_cache, v_cache, seq_lens) -> torch.Tensor:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
         if self.direct:
             self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, out, out, *self.split_ints)
             return out
-        part = torch.empty(self.part_numel, dtype=torch.float32, device=q.device)
+        part = q.new_empty(self.part_numel, dtype=torch.float32)
         self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints)
         self.reduce(self.reduce_grid, part, out, *self.reduce_ints)
         return out
@@ -571,7 +571,7 @@ class _VarlenPlan:
         self.append = Launch(_varlen_append, num_warps=4, HEAD_DIM=D, BLOCK_D=block_d, TILE=VARLEN_TILE)
         config = _varlen_config(max(16, _next_power_of_2(VARLEN_TILE * group)), D, q.dtype, interpret)
         self.attend_ints = (softmax_scale * LOG2E, q.stride(0), q.stride(1), *_strides3(k_cache), *_strides3(v_cache),
-                            H_q * D, D)
+                            *torch.empty_like(q).stride()[:2])
         self.attend = Launch(
             _attn_fwd_varlen, num_warps=config.num_warps, num_stages=config.num_stages,
             GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
@@ -579,7 +579,7 @@ class _VarlenPlan:
         )
 
     def __call__(self, q, k, v, k_cache, v_cache, tiles) -> torch.Tensor:
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.zeros_like(q)  # q's strides where q is dense, else contiguous: as at planning
         if self.grid[0] == 0:
             return out
         self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints)

@@ -332,7 +332,8 @@ def test_varlen_shape_errors_name_the_shapes():
 def test_launch_keeps_the_compiled_kernel(monkeypatch):
     """flashcore.launch.Launch: the first call goes through Triton (kernel[grid](*args, **constexprs,
     num_warps, num_stages)) and keeps what it returns; later calls launch that compiled kernel with
-    every parameter in declaration order. Under the interpreter every call goes through Triton."""
+    every parameter in declaration order (its launcher directly, or its runner where a profiler's
+    launch hooks are set). Under the interpreter every call goes through Triton."""
     from types import SimpleNamespace
 
     from flashcore import launch
@@ -340,10 +341,13 @@ def test_launch_keeps_the_compiled_kernel(monkeypatch):
     calls = []
 
     class Compiled:
-        packed_metadata = b""
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *args):
+            calls.append(("run", args))
 
         def __getitem__(self, grid):
-            return lambda *args: calls.append(("compiled", grid, args))
+            return lambda *args: calls.append(("runner", grid, args))
 
     class Kernel:
         params = [SimpleNamespace(name=name) for name in ("X", "n", "BLOCK", "EVEN")]
@@ -351,12 +355,19 @@ def test_launch_keeps_the_compiled_kernel(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append(("triton", grid, args, kwargs)) or Compiled()
 
+    hooks = SimpleNamespace(launch_enter_hook=SimpleNamespace(calls=[]), launch_exit_hook=None)
+    monkeypatch.setattr(launch, "knobs", SimpleNamespace(runtime=hooks))
+    monkeypatch.setattr(launch, "driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda device: f"stream{device}")))
     monkeypatch.setattr(launch, "INTERPRET", False)
     site = launch.Launch(Kernel(), num_warps=4, num_stages=2, EVEN=True, BLOCK=64)
     site((3, 1, 1), "x", 7)
     site((3, 2, 1), "y", 7)
+    hooks.launch_exit_hook = print  # a profiler's hook
+    site((3, 2, 1), "z", 7)
     assert calls == [("triton", (3, 1, 1), ("x", 7), dict(EVEN=True, BLOCK=64, num_warps=4, num_stages=2)),
-                     ("compiled", (3, 2, 1), ("y", 7, 64, True))]
+                     ("run", (3, 2, 1, "stream0", "function", "metadata", None, None, None, "y", 7, 64, True)),
+                     ("runner", (3, 2, 1), ("z", 7, 64, True))]
 
     calls.clear()
     monkeypatch.setattr(launch, "INTERPRET", True)
