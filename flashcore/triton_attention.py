@@ -541,10 +541,11 @@ class _DecodePlan:
             BLOCK_NEW=max(16, _next_power_of_2(S_q)), CAUSAL=causal, DIRECT=self.direct,
             UPCAST=_interpreting(q.device) and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
         )
-        self.reduce_grid = (B * H_kv * num_rows, 1, 1)
-        self.reduce_ints = (*out_strides, S_q, H_kv, num_parts, lse_offset)
-        self.reduce = Launch(_attn_fwd_decode_reduce, num_warps=4 if D >= 128 else 1, GROUP=group,
-                             BLOCK_PARTS=_next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
+        if not self.direct:
+            self.reduce_grid = (B * H_kv * num_rows, 1, 1)
+            self.reduce_ints = (*out_strides, S_q, H_kv, num_parts, lse_offset)
+            self.reduce = Launch(_attn_fwd_decode_reduce, num_warps=4 if D >= 128 else 1, GROUP=group,
+                                 BLOCK_PARTS=_next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
 
     def __call__(self, q, k, v, k_cache, v_cache, seq_lens) -> torch.Tensor:
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
