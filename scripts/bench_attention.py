@@ -11,7 +11,9 @@ Shapes: H_q=32, H_kv=8, D=128.
   SDPA attends q over the same cache as (B, H_kv, L, D) views, with no append.
 Each implementation is timed as a CUDA graph of several calls (decode inputs rotate across cache
 copies larger than the 50 MB L2), median of the replays; the "fc eager" column times flashcore's
-plain Python call (launch overhead included). ``--sweep`` also times other kernel configs.
+plain Python call (launch overhead included), and "host us" is the host time of one such call (the
+loop of calls timed on the host, without waiting for the GPU). ``--sweep`` also times other kernel
+configs.
 """
 import argparse
 import datetime
@@ -19,6 +21,7 @@ import json
 import math
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +66,23 @@ def median_ms(fn, n_calls: int, reps: int, graph: bool) -> float:
     return statistics.median(times)
 
 
+def host_us(fn, n_calls: int, reps: int) -> float:
+    """Median host time of one eager call: the loop of n_calls timed up to its last launch, without
+    waiting for the GPU (which runs behind it)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(n_calls):
+            fn(i)
+        times.append((time.perf_counter() - start) / n_calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def timed(fn, n_calls, reps):
-    """(graph ms, eager ms, errors): a backend that rejects a shape or a capture is reported, not fatal."""
+    """(graph ms, eager ms, eager host us per call, errors): a backend that rejects a shape or a
+    capture is reported, not fatal."""
     results, errors = [], []
     for graph in (True, False):
         try:
@@ -73,7 +91,8 @@ def timed(fn, n_calls, reps):
             torch.cuda.synchronize()
             results.append(None)
             errors.append(f"{'graph' if graph else 'eager'}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    return results[0], results[1], "; ".join(errors) or None
+    host = host_us(fn, n_calls, reps) if results[1] is not None else None
+    return results[0], results[1], host, "; ".join(errors) or None
 
 
 def sdpa(backend, q, k, v, causal):
@@ -111,8 +130,8 @@ def prefill_cases(S, sweep_configs):
             except Exception as e:
                 rows.append(dict(kind="prefill", S=S, impl=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
-        ms, eager_ms, error = timed(fn, n_calls, reps)
-        rows.append(dict(kind="prefill", B=1, S=S, impl=name, ms=ms, eager_ms=eager_ms,
+        ms, eager_ms, eager_host_us, error = timed(fn, n_calls, reps)
+        rows.append(dict(kind="prefill", B=1, S=S, impl=name, ms=ms, eager_ms=eager_ms, eager_host_us=eager_host_us,
                          tflops=flops / ms / 1e9 if ms else None,
                          eager_tflops=flops / eager_ms / 1e9 if eager_ms else None,
                          max_diff_vs_sdpa_flash=err, error=error))
@@ -146,9 +165,11 @@ def decode_cases(B, L, sweep_configs):
 
     flashcore.attention_with_kv_cache(q[0], k[0], v[0], k_cache[0], v_cache[0], seq_lens)  # append k[0] at L - 1
     want = sdpa(SDPBackend.FLASH_ATTENTION, qt[0], kt[0], vt[0], False).transpose(1, 2)
+    # the copies as lists of views, so an eager call's time is flashcore's, not the indexing's
+    qs, ks, vs, k_caches, v_caches = (list(t.unbind(0)) for t in (q, k, v, k_cache, v_cache))
     runs = {
         "flashcore": lambda i: flashcore.attention_with_kv_cache(
-            q[i % copies], k[i % copies], v[i % copies], k_cache[i % copies], v_cache[i % copies], seq_lens),
+            qs[i % copies], ks[i % copies], vs[i % copies], k_caches[i % copies], v_caches[i % copies], seq_lens),
         "sdpa-flash": lambda i: sdpa(SDPBackend.FLASH_ATTENTION, qt[i % copies], kt[i % copies], vt[i % copies], False),
         "sdpa-cudnn": lambda i: sdpa(SDPBackend.CUDNN_ATTENTION, qt[i % copies], kt[i % copies], vt[i % copies], False),
     }
@@ -165,8 +186,8 @@ def decode_cases(B, L, sweep_configs):
             except Exception as e:
                 rows.append(dict(kind="decode", B=B, L=L, impl=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
-        ms, eager_ms, error = timed(fn, n_calls, reps)
-        rows.append(dict(kind="decode", B=B, L=L, impl=name, ms=ms, eager_ms=eager_ms,
+        ms, eager_ms, eager_host_us, error = timed(fn, n_calls, reps)
+        rows.append(dict(kind="decode", B=B, L=L, impl=name, ms=ms, eager_ms=eager_ms, eager_host_us=eager_host_us,
                          gbps=kv_bytes / ms / 1e6 if ms else None,
                          eager_gbps=kv_bytes / eager_ms / 1e6 if eager_ms else None,
                          max_diff_vs_sdpa_flash=err, error=error,
@@ -215,7 +236,7 @@ def main():
 
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}")
     print("bf16, H_q=32, H_kv=8, D=128; CUDA-graph replay (eager Python call in the last column)")
-    print(f"{'shape':<34}{'unit':>8}{'flashcore':>10}{'sdpa-flash':>11}{'sdpa-cudnn':>11}{'fc eager':>10}")
+    print(f"{'shape':<34}{'unit':>8}{'flashcore':>10}{'sdpa-flash':>11}{'sdpa-cudnn':>11}{'fc eager':>10}{'host us':>9}")
     by = {}
     for r in rows:
         key = ("prefill", r["S"]) if r["kind"] == "prefill" else ("decode", r["B"], r["L"])
@@ -226,7 +247,7 @@ def main():
         fc = impls["flashcore"]
         print(f"{label:<34}{'TFLOP/s' if metric == 'tflops' else 'GB/s':>8}{fmt(best(fc, metric))}"
               f"{fmt(best(impls['sdpa-flash'], metric), 11)}{fmt(best(impls['sdpa-cudnn'], metric), 11)}"
-              f"{fmt(fc.get('eager_' + metric))}")
+              f"{fmt(fc.get('eager_' + metric))}{fmt(fc.get('eager_host_us'), 9)}")
         for name, r in impls.items():
             if r.get("error"):
                 print(f"    {name}: {r['error']}")
