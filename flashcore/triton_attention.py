@@ -407,16 +407,8 @@ def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _block_d(head_dim: int) -> int:
-    return max(16, _next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 on the GPU
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
@@ -444,7 +436,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_
     if 2 * batch_kv_heads >= num_sms:
         return KernelConfig(block_m=0, block_n=64 if s_max <= 2048 else 128, num_warps=4, num_stages=3)
     splits = _num_splits(batch_kv_heads, s_max, 64, num_sms)
-    tiles_per_split = _cdiv(_cdiv(s_max, 64), splits)
+    tiles_per_split = triton.cdiv(triton.cdiv(s_max, 64), splits)
     return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=4 if tiles_per_split >= 8 else 3)
 
 
@@ -466,7 +458,7 @@ def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, num_sms: int) -> 
     Depends on shapes only, never on seq_lens, so a captured CUDA graph stays valid.
     """
     by_occupancy = (2 * num_sms) // batch_kv_heads
-    by_length = _cdiv(s_max, 4 * block_n)
+    by_length = triton.cdiv(s_max, 4 * block_n)
     return max(1, min(by_occupancy, by_length))
 
 
@@ -497,7 +489,7 @@ class _PrefillPlan:
     def __init__(self, q, k, v, k_cache, v_cache, softmax_scale: float, causal: bool, config: KernelConfig):
         B, S_q, H_q, D = q.shape
         H_kv = k.shape[2]
-        self.grid = (_cdiv(S_q, config.block_m), B * H_q, 1)
+        self.grid = (triton.cdiv(S_q, config.block_m), B * H_q, 1)
         self.ints = (softmax_scale * LOG2E, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache),
                      *_strides3(v_cache), *_strides3(torch.empty_like(q)), S_q, H_q)
         self.launch = Launch(
@@ -537,15 +529,15 @@ class _DecodePlan:
         self.split = Launch(
             _attn_fwd_decode_split, num_warps=config.num_warps, num_stages=config.num_stages,
             GROUP=group, HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_M=max(16, _next_power_of_2(num_rows)), BLOCK_N=config.block_n,
-            BLOCK_NEW=max(16, _next_power_of_2(S_q)), CAUSAL=causal, DIRECT=self.direct,
+            BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n,
+            BLOCK_NEW=max(16, triton.next_power_of_2(S_q)), CAUSAL=causal, DIRECT=self.direct,
             UPCAST=_interpreting(q.device) and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
         )
         if not self.direct:
             self.reduce_grid = (B * H_kv * num_rows, 1, 1)
             self.reduce_ints = (*out_strides, S_q, H_kv, num_parts, lse_offset)
             self.reduce = Launch(_attn_fwd_decode_reduce, num_warps=4 if D >= 128 else 1, GROUP=group,
-                                 BLOCK_PARTS=_next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
+                                 BLOCK_PARTS=triton.next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
 
     def __call__(self, q, k, v, k_cache, v_cache, seq_lens) -> torch.Tensor:
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
@@ -570,7 +562,7 @@ class _VarlenPlan:
         self.grid = (tiles.shape[0], H_kv, 1)
         self.append_ints = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_strides3(k_cache), *_strides3(v_cache))
         self.append = Launch(_varlen_append, num_warps=4, HEAD_DIM=D, BLOCK_D=block_d, TILE=VARLEN_TILE)
-        config = _varlen_config(max(16, _next_power_of_2(VARLEN_TILE * group)), D, q.dtype, interpret)
+        config = _varlen_config(max(16, triton.next_power_of_2(VARLEN_TILE * group)), D, q.dtype, interpret)
         self.attend_ints = (softmax_scale * LOG2E, q.stride(0), q.stride(1), *_strides3(k_cache), *_strides3(v_cache),
                             *torch.empty_like(q).stride()[:2])
         self.attend = Launch(
