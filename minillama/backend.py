@@ -44,12 +44,14 @@ from minillama.quantization import dequantize
 BACKENDS = ("auto", "triton", "torch")
 MATMUL_8BIT = ("triton", "dequantize", "scaled_mm")
 # Rows up to which the Triton backend multiplies by 8-bit weights in its fused 8-bit matmul; more
-# rows (prefill) take a model-dtype copy of the weight (one Triton pass: reads 1 byte and writes 2
-# per weight) and cuBLAS. H200, 2026-12-01, Llama-3.1-8B shapes: at 512 rows the fused matmul took
-# 1.2-2x cuBLAS's time on the bf16 weight (gate/up 273 vs 153 us); time to first token with the copy,
-# 512 / 2048 tokens, 17.3 / 54.3 ms (int8) against 19.2 / 72.8 fused (bf16: 11.6 / 49.0;
-# benchmarks/2026-12-01-h200-branch-ab.json). At 16-64 rows the fused matmul is the faster.
+# rows take a model-dtype copy of the weight (one Triton pass: reads 1 byte and writes 2 per weight)
+# and cuBLAS. With TMA (Hopper) the fused matmul's swapped form in 256-token tiles beats the copy up
+# to 512 rows: H200, 2026-12-01, Llama-3.1-8B's four matrices at 512 rows, us per layer fp8 / int8
+# 396 / 431 against 455 / 458 for the copy + cuBLAS (bf16 weights: 289); at 1024 rows they are even
+# (719 / 774 against 728). Without TMA the copy wins past 64 rows (gate/up at 512 rows: 273 vs 153 us
+# for cuBLAS on the bf16 weight).
 FUSED_8BIT_ROWS = 64
+FUSED_8BIT_ROWS_TMA = 512
 
 
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -152,10 +154,11 @@ class TritonBackend(TorchBackend):
         gemv: run single-token projections as the fused Triton GEMV (True) or through cuBLAS with
             the separate kernels (False; a benchmark ablation).
         matmul_8bit: multi-row steps (prefill, batched decode) with 8-bit weights: "triton"
-            (weight-only, the default: up to ``FUSED_8BIT_ROWS`` rows a Triton matmul that converts
-            the 8-bit tiles in registers; more rows, a model-dtype copy of the weight made by one
-            Triton kernel, then cuBLAS), "dequantize" (that copy and cuBLAS at every size; an
-            ablation) or "scaled_mm" (as "triton", but an fp8 prefill past ``FUSED_8BIT_ROWS`` rows
+            (weight-only, the default: up to ``FUSED_8BIT_ROWS`` rows, or ``FUSED_8BIT_ROWS_TMA`` on
+            a GPU with TMA, a Triton matmul that converts the 8-bit tiles in registers; more rows, a
+            model-dtype copy of the weight made by one Triton kernel, then cuBLAS), "dequantize"
+            (that copy and cuBLAS at every size; an ablation) or "scaled_mm" (as "triton", but an
+            fp8 step of more than ``FUSED_8BIT_ROWS`` rows
             quantizes its activations per token and runs one fp8 ``torch._scaled_mm``: the W8A8
             math of FP8-dynamic checkpoints). Single-token steps always run the 8-bit GEMV.
     """
@@ -211,10 +214,14 @@ class TritonBackend(TorchBackend):
             return out.view(*x.shape[:-1], -1)
         x2 = x.reshape(-1, x.shape[-1])
         eight_bit = weight_scale is not None and bias is None
-        if eight_bit and x2.shape[0] <= FUSED_8BIT_ROWS and self.matmul_8bit != "dequantize":
-            y = self.kernels.matmul_8bit(x2.contiguous(), weight, weight_scale)
-        elif eight_bit and self.matmul_8bit == "scaled_mm" and weight.dtype == torch.float8_e4m3fn and x.is_cuda:
+        rows = x2.shape[0]
+        if (eight_bit and self.matmul_8bit == "scaled_mm" and rows > FUSED_8BIT_ROWS
+                and weight.dtype == torch.float8_e4m3fn and x.is_cuda):
             y = scaled_mm_w8a8(x2, weight, weight_scale)
+        elif eight_bit and self.matmul_8bit != "dequantize" and (
+                rows <= FUSED_8BIT_ROWS
+                or rows <= FUSED_8BIT_ROWS_TMA and self.kernels.tma_ready(x2.contiguous(), weight)):
+            y = self.kernels.matmul_8bit(x2.contiguous(), weight, weight_scale)
         else:
             if weight_scale is not None:  # a model-dtype copy of the weight, then cuBLAS
                 weight = self.kernels.dequantize(weight, weight_scale, x.dtype)

@@ -457,8 +457,12 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     split in 4 (more programs than SMs; qkv 12.5 -> 11.3 us), and the wide gate/up matrix loaded by
     TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us,
     fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made
-    the swap slower (gate/up, down). Prefill is bound by tl.dot. Measured on the H200 over
-    Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights)."""
+    the swap slower (gate/up, down). Prefill chunks (65-512 rows) are bound by tl.dot: the swapped
+    form in 256-token tiles (128 at <= 256 rows), K split in 2 for the long rows of down; at 512
+    rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244,
+    qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120 (this needs TMA: without it prefill
+    takes the copy, see ``minillama.backend``). Measured on the H200 over Llama-3.1-8B's matrices
+    (BENCHMARKS.md, 8-bit weights)."""
     if M <= 16:
         if N >= 16384:
             return 16, 128, 256, 4, 3, 1, "tma"
@@ -469,10 +473,18 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
         if N >= 16384:
             return 64, 128, 128, 4, 3, 1, "tma"
         return (64, 32, 256, 4, 4, 1, "tma") if K >= 8192 else (64, 64, 256, 4, 3, 1, "tma_swapped")
-    return (128, 128, 64, 8, 3, 1, "pointers") if K <= 4096 else (128, 128, 128, 8, 3, 1, "pointers")
+    block_m = 128 if M <= 256 else 256
+    if N >= 16384:
+        return block_m, 128, 128, 8, 3, 1, "tma_swapped"
+    if K >= 8192:
+        return (128, 128, 64, 8, 3, 2, "tma_swapped") if weight_dtype == torch.float8_e4m3fn else \
+            (block_m, 128, 64, 8, 4, 2, "tma_swapped")
+    if N > K:
+        return block_m, 128, 128, 8, 3, 1, "tma_swapped"
+    return block_m, 64, 64, 8, 4, 1, "tma_swapped"
 
 
-def _tma_ready(*tensors) -> bool:
+def tma_ready(*tensors) -> bool:
     """Whether TMA can load tiles of these 2-D tensors: a Hopper (or newer) GPU, 16-byte aligned
     bases and row strides (or Triton's interpreter, which emulates it)."""
     if not INTERPRET and not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
@@ -493,8 +505,10 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
         config = INTERPRET_MATMUL_8BIT if INTERPRET else matmul_8bit_config(M, N, K, weight.dtype)
     block_m, block_n, block_k, num_warps, num_stages, split_k, loads = config
     assert loads in MATMUL_8BIT_LOADS, loads
-    if loads != "pointers" and not _tma_ready(x, weight):
+    if loads != "pointers" and not tma_ready(x, weight):
         loads = "pointers"
+        if block_m > 64:  # the prefill tiles need TMA's shared-memory layout; these fit any recent GPU
+            block_m, block_n, block_k, num_stages = 128, 128, 64, 3
     k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole K tiles per split
     split_k = triton.cdiv(K, k_split)
     partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)

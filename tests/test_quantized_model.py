@@ -296,6 +296,23 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
 
 @pytest.mark.triton
 @interpreted
+def test_matmul_prefill_tiling_without_tma():
+    """A prefill tiling (256-row TMA tiles) on a weight whose rows TMA cannot load (90 bytes, not a
+    multiple of 16) falls back to per-thread loads in tiles that fit without TMA: same product."""
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(2)
+    M, K, N = 130, 90, 80
+    x = torch.randn(M, K, generator=g)
+    q, scale = quantize_per_channel(torch.randn(N, K, generator=g), torch.int8)
+    assert not kernels.tma_ready(x, q)
+    got = kernels.matmul_8bit(x, q, scale, config=(256, 128, 128, 8, 3, 1, "tma_swapped"))
+    expected = x.double() @ dequantize(q, scale, torch.float64).T
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@interpreted
 @pytest.mark.parametrize("kind,matmul_8bit", [("int8", "triton"), ("fp8", "triton"), ("fp8", "dequantize")])
 def test_triton_backend_matches_torch_on_8bit_weights(full, kind, matmul_8bit):
     torch_llm = Llama.from_pretrained(full, device="cpu", quantize=kind, backend="torch")
@@ -342,11 +359,13 @@ def test_dequantize_kernel_equals_the_torch_dequantize(dtype):
 @interpreted
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_triton_backend_prefill_past_the_fused_rows(full, kind, monkeypatch):
-    """Past ``FUSED_8BIT_ROWS`` rows the Triton backend multiplies by a dequantized copy (cuBLAS on
-    the GPU): a 6-token prefill with the bound at 2 gives the torch backend's logits."""
+    """Past ``FUSED_8BIT_ROWS`` rows (``FUSED_8BIT_ROWS_TMA`` where TMA loads tiles, as Triton's
+    interpreter emulates it) the Triton backend multiplies by a dequantized copy (cuBLAS on the
+    GPU): a 6-token prefill with the bounds at 2 gives the torch backend's logits."""
     from minillama import backend
 
     monkeypatch.setattr(backend, "FUSED_8BIT_ROWS", 2)
+    monkeypatch.setattr(backend, "FUSED_8BIT_ROWS_TMA", 2)
     torch_llm = Llama.from_pretrained(full, device="cpu", quantize=kind, backend="torch")
     triton_llm = Llama.from_pretrained(full, device="cpu", quantize=kind, backend="triton")
     prompt = IDS[:6]
@@ -465,7 +484,8 @@ def test_gpu_dequantize_kernel_equals_the_torch_dequantize(dtype):
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
 @pytest.mark.parametrize("M,N,K", [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28672, 4096),
                                    (64, 6144, 4096), (64, 4096, 14336), (64, 28672, 4096), (40, 6144, 4096),
-                                   (40, 28672, 4096), (512, 6144, 4096), (512, 4096, 14336)])
+                                   (40, 28672, 4096), (512, 6144, 4096), (512, 4096, 14336), (512, 28672, 4096),
+                                   (512, 4096, 4096), (200, 28672, 4096), (300, 4096, 14336), (77, 6144, 4096)])
 def test_gpu_multirow_8bit_paths_agree(dtype, M, N, K):
     from minillama import kernels
     from minillama.backend import scaled_mm_w8a8
