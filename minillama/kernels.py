@@ -11,6 +11,7 @@ RMSNorm skips the rounding of the normalized input: differences stay at bf16 rou
 Runs on CUDA, or on the CPU in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
 Triton was imported (the tests). Triton decides that once, at import; so does this module.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -242,23 +243,10 @@ def _widen(w, ty: tl.constexpr):
 
 
 @triton.jit
-def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr):
-    """out (M, N) = x (M, K) @ (W (N, K) * Scale[:, None])^T for an 8-bit W (int8 / float8_e4m3fn).
-
-    W tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16) and
-    fed to tl.dot with float32 accumulation; the per-column scale multiplies the accumulator once.
-    W_TMA: W is a TensorDescriptor of (BLOCK_N, BLOCK_K) tiles, loaded by the TMA unit (zero past
-    N and K) instead of per-thread addresses. SWAP (with W_TMA): X is a descriptor of (BLOCK_M,
-    BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the converted weight is
-    the dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
-    SPLIT_K > 1: program (m, n, s) takes K columns [s * K_split, (s + 1) * K_split) and writes its
-    float32 partial sums to Out, a (SPLIT_K, M, N) workspace that ``_split_k_sum_fwd`` reduces.
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om, pid_m, pid_n, pid_k,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr):
+    """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_8bit_fwd``."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -298,6 +286,36 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, s
         tl.store(Out + rows * stride_om + cols, y.to(Out.dtype.element_ty), mask=mask)
     else:
         tl.store(Out + (pid_k * M + rows) * N + cols, acc, mask=mask)
+
+
+@triton.jit
+def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr):
+    """out (M, N) = x (M, K) @ (W (N, K) * Scale[:, None])^T for an 8-bit W (int8 / float8_e4m3fn).
+
+    W tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16) and
+    fed to tl.dot with float32 accumulation; the per-column scale multiplies the accumulator once.
+    W_TMA: W is a TensorDescriptor of (BLOCK_N, BLOCK_K) tiles, loaded by the TMA unit (zero past
+    N and K) instead of per-thread addresses. SWAP (with W_TMA): X is a descriptor of (BLOCK_M,
+    BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the converted weight is
+    the dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
+    SPLIT_K > 1: the tile (m, n, s) takes K columns [s * K_split, (s + 1) * K_split) and writes its
+    float32 partial sums to Out, a (SPLIT_K, M, N) workspace that ``_split_k_sum_fwd`` reduces.
+    PERSISTENT: a 1-D grid of programs (one per SM) walks the tiles, m fastest (the tiles that share
+    a weight tile run together); otherwise program (m, n, s) computes tile (m, n, s).
+    """
+    if PERSISTENT:
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_mn = num_m * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
+            _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                              tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
+                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP)
+    else:
+        _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                          tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP)
 
 
 @triton.jit
@@ -445,7 +463,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
 
 
 INTERPRET_MATMUL_8BIT = (16, 64, 64, 4, 1, 1, "pointers")
-MATMUL_8BIT_LOADS = ("pointers", "tma", "tma_swapped")
+MATMUL_8BIT_LOADS = ("pointers", "tma", "tma_swapped", "tma_swapped_persistent")
 
 
 def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8) -> tuple:
@@ -460,7 +478,8 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     the swap slower (gate/up, down). Prefill chunks (65-512 rows) are bound by tl.dot: the swapped
     form in 256-token tiles (128 at <= 256 rows), K split in 2 for the long rows of down; at 512
     rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244,
-    qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120 (this needs TMA: without it prefill
+    qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120, and with one program per SM walking
+    the tiles (persistent) gate/up 192 / 216, qkv 48 / 55 (this needs TMA: without it prefill
     takes the copy, see ``minillama.backend``). Measured on the H200 over Llama-3.1-8B's matrices
     (BENCHMARKS.md, 8-bit weights)."""
     if M <= 16:
@@ -474,14 +493,17 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
             return 64, 128, 128, 4, 3, 1, "tma"
         return (64, 32, 256, 4, 4, 1, "tma") if K >= 8192 else (64, 64, 256, 4, 3, 1, "tma_swapped")
     block_m = 128 if M <= 256 else 256
-    if N >= 16384:
-        return block_m, 128, 128, 8, 3, 1, "tma_swapped"
-    if K >= 8192:
+    if N > K:  # qkv, gate/up
+        return (128, 128, 128, 8, 3, 1, "tma_swapped") if M <= 256 else (256, 128, 64, 8, 4, 1, "tma_swapped_persistent")
+    if K >= 8192:  # down
         return (128, 128, 64, 8, 3, 2, "tma_swapped") if weight_dtype == torch.float8_e4m3fn else \
             (block_m, 128, 64, 8, 4, 2, "tma_swapped")
-    if N > K:
-        return block_m, 128, 128, 8, 3, 1, "tma_swapped"
     return block_m, 64, 64, 8, 4, 1, "tma_swapped"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def tma_ready(*tensors) -> bool:
@@ -513,11 +535,16 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     split_k = triton.cdiv(K, k_split)
     partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     w_arg = weight if loads == "pointers" else TensorDescriptor.from_tensor(weight, [block_n, block_k])
-    x_arg = TensorDescriptor.from_tensor(x, [block_m, block_k]) if loads == "tma_swapped" else x
-    _matmul_8bit_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)](
+    x_arg = TensorDescriptor.from_tensor(x, [block_m, block_k]) if loads.startswith("tma_swapped") else x
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
+    persistent = loads == "tma_swapped_persistent"
+    if persistent:  # one program per SM (two in the interpreter, so that its loop is tested)
+        grid = (min(grid[0] * grid[1] * split_k, 2 if INTERPRET else num_sms(x.device)),)
+    _matmul_8bit_fwd[grid](
         x_arg, w_arg, scale, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
-        W_TMA=loads != "pointers", SWAP=loads == "tma_swapped", num_warps=num_warps, num_stages=num_stages,
+        W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if split_k > 1:
         _split_k_sum_fwd[(M, triton.cdiv(N, 1024))](partial, scale, out, M, N, out.stride(0), SPLIT_K=split_k,

@@ -277,7 +277,7 @@ def test_gemv_reads_8bit_weights(dtype, add, norm, swiglu):
 @pytest.mark.triton
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
-@pytest.mark.parametrize("loads", ["pointers", "tma", "tma_swapped"])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma_swapped", "tma_swapped_persistent"])
 @pytest.mark.parametrize("M,split_k", [(3, 1), (20, 1), (3, 2), (20, 3)])
 def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
     """Each way of loading the tiles; masked paths (K, N not multiples of the blocks; rows and
