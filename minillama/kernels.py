@@ -476,7 +476,8 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us,
     fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made
     the swap slower (gate/up, down). Prefill chunks (65-512 rows) are bound by tl.dot: the swapped
-    form in 256-token tiles (128 at <= 256 rows), K split in 2 for the long rows of down; at 512
+    form in 256-token tiles ((128, 128, 128) tiles at <= 256 rows, the tiling whose compiled
+    kernels the GPU tests check there), K split in 2 for the long rows of down; at 512
     rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244,
     qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120, and with one program per SM walking
     the tiles (persistent) fp8 gate/up 198, qkv 50 (this needs TMA: without it prefill takes the
@@ -494,13 +495,13 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
         if N >= 16384:
             return 64, 128, 128, 4, 3, 1, "tma"
         return (64, 32, 256, 4, 4, 1, "tma") if K >= 8192 else (64, 64, 256, 4, 3, 1, "tma_swapped")
-    block_m = 128 if M <= 256 else 256
+    if K >= 8192 and weight_dtype == torch.float8_e4m3fn:  # down
+        return 128, 128, 64, 8, 3, 2, "tma_swapped"
+    if M <= 256:
+        return 128, 128, 128, 8, 3, 1, "tma_swapped"
     if N > K:  # qkv, gate/up
-        return (128, 128, 128, 8, 3, 1, "tma_swapped") if M <= 256 else (256, 128, 128, 8, 3, 1, "tma_swapped_persistent")
-    if K >= 8192:  # down
-        return (128, 128, 64, 8, 3, 2, "tma_swapped") if weight_dtype == torch.float8_e4m3fn else \
-            (block_m, 128, 64, 8, 4, 2, "tma_swapped")
-    return block_m, 64, 64, 8, 4, 1, "tma_swapped"
+        return 256, 128, 128, 8, 3, 1, "tma_swapped_persistent"
+    return (256, 128, 64, 8, 4, 2, "tma_swapped") if K >= 8192 else (256, 64, 64, 8, 4, 1, "tma_swapped")
 
 
 @functools.lru_cache(maxsize=None)
