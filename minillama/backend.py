@@ -220,7 +220,7 @@ class TritonBackend(TorchBackend):
             y = scaled_mm_w8a8(x2, weight, weight_scale)
         elif eight_bit and self.matmul_8bit != "dequantize" and (
                 rows <= FUSED_8BIT_ROWS
-                or rows <= FUSED_8BIT_ROWS_TMA and self.kernels.tma_ready(x2.contiguous(), weight)):
+                or rows <= FUSED_8BIT_ROWS_TMA and self.kernels.tma_ready(x2, weight)):
             y = self.kernels.matmul_8bit(x2.contiguous(), weight, weight_scale)
         else:
             if weight_scale is not None:  # a model-dtype copy of the weight, then cuBLAS
