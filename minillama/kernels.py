@@ -495,13 +495,14 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
         if N >= 16384:
             return 64, 128, 128, 4, 3, 1, "tma"
         return (64, 32, 256, 4, 4, 1, "tma") if K >= 8192 else (64, 64, 256, 4, 3, 1, "tma_swapped")
-    if K >= 8192 and weight_dtype == torch.float8_e4m3fn:  # down
+    down = N < K and K >= 8192  # few output columns, long rows: K split in 2 fills the SMs
+    if down and weight_dtype == torch.float8_e4m3fn:
         return 128, 128, 64, 8, 3, 2, "tma_swapped"
     if M <= 256:
         return 128, 128, 128, 8, 3, 1, "tma_swapped"
     if N > K:  # qkv, gate/up
         return 256, 128, 128, 8, 3, 1, "tma_swapped_persistent"
-    return (256, 128, 64, 8, 4, 2, "tma_swapped") if K >= 8192 else (256, 64, 64, 8, 4, 1, "tma_swapped")
+    return (256, 128, 64, 8, 4, 2, "tma_swapped") if down else (256, 64, 64, 8, 4, 1, "tma_swapped")
 
 
 @functools.lru_cache(maxsize=None)
