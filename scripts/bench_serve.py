@@ -12,7 +12,10 @@ clients run a closed loop, so a level lasts at least that client's tokens, one s
 wall time per busiest-client token near the inter-token latency means the level is bound by it.
 ``tok_s_all_busy`` is the rate while every client still has a request in flight (from the start
 until the first client runs out of requests): the engine at that concurrency, without the tail
-in which the last clients finish alone.
+in which the last clients finish alone. ``tok_s_steady`` is the same rate from the moment every
+client has received its first token (the opening burst of all clients' first prompts is prefilled)
+until the first client runs out of requests: the engine's steady state at that concurrency, which
+a run long enough (``--requests-per-client``) approaches; null when that window is empty.
 
 ``--queue per-client`` (the default) gives each client its own list of requests;
 ``--queue shared`` puts all of a level's requests in one queue that every client takes its next
@@ -180,7 +183,8 @@ async def run_level(url, requests, queue="per-client"):
                     break
                 await one_request(client, url, prompt, max_tokens, mine)
             record.extend(mine)
-            return sum(r["tokens"] for r in mine), time.perf_counter()
+            first_token = mine[0]["chunk_times"][0] if mine and mine[0]["chunk_times"] else None
+            return sum(r["tokens"] for r in mine), time.perf_counter(), first_token
 
         start = time.perf_counter()
         per_client = await asyncio.gather(*(one_client(items) for items in requests))
@@ -189,13 +193,21 @@ async def run_level(url, requests, queue="per-client"):
     ttfts = [r["ttft"] for r in record if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in record)
     chunks = sum(r["chunks"] for r in record)
-    all_busy_end = min(done for _, done in per_client)  # the first client out of requests
+    all_busy_end = min(done for _, done, _ in per_client)  # the first client out of requests
     chunks_all_busy = sum(t <= all_busy_end for r in record for t in r["chunk_times"])
-    busiest = max(n for n, _ in per_client)
+    # steady state: from the moment every client has its first token (the opening burst of
+    # prompts is prefilled) until the first client runs out of requests
+    firsts = [first for _, _, first in per_client]
+    steady_start = max(firsts) if all(f is not None for f in firsts) else None
+    steady_s = all_busy_end - steady_start if steady_start is not None else 0.0
+    chunks_steady = sum(steady_start <= t <= all_busy_end for r in record for t in r["chunk_times"]) if steady_s > 0 else 0
+    busiest = max(n for n, _, _ in per_client)
     return {"queue": queue, "requests": len(record), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             # streamed chunks (tokens_per_chunk tokens each) until the first client ran out of requests
             "all_busy_s": all_busy_end - start,
             "tok_s_all_busy": chunks_all_busy * tokens / max(1, chunks) / (all_busy_end - start),
+            "steady_s": steady_s,
+            "tok_s_steady": chunks_steady * tokens / max(1, chunks) / steady_s if steady_s > 0 else None,
             "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
             "itl_p50_ms": 1000 * percentile(gaps, 50) if gaps else None,
             "itl_p99_ms": 1000 * percentile(gaps, 99) if gaps else None,
@@ -298,8 +310,10 @@ def main():
         for level in levels:
             served = asyncio.run(run_level(url, workload(args, level, vocab_high), args.queue))
             results["levels"].setdefault(str(level), {})["continuous"] = served
+            steady = f"{served['tok_s_steady']:.0f}" if served["tok_s_steady"] else "-"
             log(f"served  {level:4d} clients: {served['tok_s']:8.0f} tok/s ({served['tok_s_all_busy']:.0f} while all "
-                f"were busy, {served['all_busy_s']:.1f} s of {served['wall_s']:.1f}), TTFT p50/p99 {served['ttft_p50_ms']:.0f}/"
+                f"were busy, {served['all_busy_s']:.1f} s of {served['wall_s']:.1f}; steady {steady} over "
+                f"{served['steady_s']:.1f} s), TTFT p50/p99 {served['ttft_p50_ms']:.0f}/"
                 f"{served['ttft_p99_ms']:.0f} ms, ITL p50/p99 {served['itl_p50_ms']:.1f}/{served['itl_p99_ms']:.1f} ms "
                 f"({served['tokens_per_chunk']:.2f} tokens per chunk; busiest client {served['busiest_client_tokens']} "
                 f"tokens, {served['wall_ms_per_busiest_client_token']:.1f} ms of the run each)")

@@ -37,6 +37,9 @@ def test_bench_serve_runs_on_the_demo_model(tmp_path):
         assert 0 < served["all_busy_s"] <= served["wall_s"] and served["tok_s_all_busy"] > 0
     solo = results["levels"]["1"]["continuous"]  # one client is busy until its last token
     assert solo["tok_s_all_busy"] == pytest.approx(solo["tokens"] / solo["all_busy_s"])
+    # its steady window runs from its first token to its last: every chunk lies in it
+    assert 0 < solo["steady_s"] < solo["all_busy_s"]
+    assert solo["tok_s_steady"] == pytest.approx(solo["tokens"] / solo["steady_s"])
     assert results["server_stats"]["failed"] == 0 and results["server_stats"]["running"] == 0
 
 
