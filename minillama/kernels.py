@@ -476,11 +476,11 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us,
     fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made
     the swap slower (gate/up, down). At 65-256 rows (batched decode past 64 rows, short prefill
-    chunks) the swapped form in (128, 128, 128) tiles, K split where there are few output tiles:
-    in 4 for down and o at <= 128 rows, in 2 for qkv there and for down up to 256 rows; us per
-    matrix at 128 rows, int8 / fp8, before (one split) -> after: qkv 40 / 37 -> 25 / 22, o 40 /
-    37 -> 17 / 16, down 129 / 76 -> 38 / 35 (K split in 2 made fp8 o wrong by 4% at 256 rows once
-    in that sweep: o keeps one split past 128 rows). Prefill chunks (257-512 rows) are bound by
+    chunks) the swapped form in (128, 128, 128) tiles, K split in 4 for down and wherever there are
+    64 output tiles or fewer (o; qkv up to 128 rows); us per matrix at 128 rows, int8 / fp8, one
+    split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37 -> 17 / 16, down 129 / 76 -> 38 / 35 (K split
+    in 2 was faster for some but gave fp8 o a 4% error at 256 rows once in that sweep; the split in
+    4 was exact in all 32 cases measured). Prefill chunks (257-512 rows) are bound by
     tl.dot: the swapped form in 256-token tiles, K split in 2 for the long rows of down; at 512
     rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244,
     qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120, and with one program per SM walking
@@ -500,12 +500,9 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
             return 64, 128, 128, 4, 3, 1, "tma"
         return (64, 32, 256, 4, 4, 1, "tma") if K >= 8192 else (64, 64, 256, 4, 3, 1, "tma_swapped")
     down = N < K and K >= 8192  # few output columns, long rows: K split in 2 fills the SMs
-    if M <= 256:  # few (128, 128) output tiles: K split so that about 100 or more programs run
-        if down:
-            return 128, 128, 128, 8, 3, 4 if M <= 128 else 2, "tma_swapped"
-        tiles = triton.cdiv(N, 128)
-        split_k = 4 if M <= 128 and tiles <= 32 else 2 if M <= 128 and tiles <= 64 else 1
-        return 128, 128, 128, 8, 3, split_k, "tma_swapped"
+    if M <= 256:  # K split in 4 where the (128, 128) output tiles are few (and always for down)
+        few_tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128) <= 64
+        return 128, 128, 128, 8, 3, 4 if down or few_tiles else 1, "tma_swapped"
     if down and weight_dtype == torch.float8_e4m3fn:
         return 128, 128, 64, 8, 3, 2, "tma_swapped"
     if N > K:  # qkv, gate/up
