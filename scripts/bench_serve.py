@@ -199,7 +199,7 @@ async def run_level(url, requests, queue="per-client"):
     # prompts is prefilled) until the first client runs out of requests
     firsts = [first for _, _, first in per_client]
     steady_start = max(firsts) if all(f is not None for f in firsts) else None
-    steady_s = all_busy_end - steady_start if steady_start is not None else 0.0
+    steady_s = max(0.0, all_busy_end - steady_start) if steady_start is not None else 0.0
     chunks_steady = sum(steady_start <= t <= all_busy_end for r in record for t in r["chunk_times"]) if steady_s > 0 else 0
     busiest = max(n for n, _, _ in per_client)
     return {"queue": queue, "requests": len(record), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
