@@ -480,14 +480,20 @@ def test_gpu_dequantize_kernel_equals_the_torch_dequantize(dtype):
         assert torch.equal(kernels.dequantize(q, scale, out_dtype), dequantize(q, scale, out_dtype)), out_dtype
 
 
+# (M, N, K) of the multi-row GPU check: between them, every tiling that ``matmul_8bit_config`` picks
+# for Llama-3.1-8B / 70B matrices (and their TP=2 shares) at 2-512 rows (some tilings compile to
+# wrong products: test_every_8bit_tiling_picked_is_one_the_gpu_test_runs keeps this list complete)
+MULTIROW_CASES = [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28672, 4096), (64, 6144, 4096),
+                  (64, 4096, 14336), (64, 28672, 4096), (40, 6144, 4096), (40, 28672, 4096), (512, 6144, 4096),
+                  (512, 4096, 14336), (512, 28672, 4096), (512, 4096, 4096), (200, 28672, 4096),
+                  (300, 4096, 14336), (77, 6144, 4096), (100, 4096, 4096), (130, 4096, 14336),
+                  (384, 4096, 4096), (128, 4096, 14336), (256, 4096, 14336), (128, 4096, 4096),
+                  (256, 4096, 4096), (128, 6144, 4096)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
-@pytest.mark.parametrize("M,N,K", [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28672, 4096),
-                                   (64, 6144, 4096), (64, 4096, 14336), (64, 28672, 4096), (40, 6144, 4096),
-                                   (40, 28672, 4096), (512, 6144, 4096), (512, 4096, 14336), (512, 28672, 4096),
-                                   (512, 4096, 4096), (200, 28672, 4096), (300, 4096, 14336), (77, 6144, 4096),
-                                   (100, 4096, 4096), (130, 4096, 14336), (384, 4096, 4096), (128, 4096, 14336),
-                                   (256, 4096, 14336), (128, 4096, 4096), (256, 4096, 4096), (128, 6144, 4096)])
+@pytest.mark.parametrize("M,N,K", MULTIROW_CASES)
 def test_gpu_multirow_8bit_paths_agree(dtype, M, N, K):
     from minillama import kernels
     from minillama.backend import scaled_mm_w8a8
@@ -501,6 +507,27 @@ def test_gpu_multirow_8bit_paths_agree(dtype, M, N, K):
         paths.append((scaled_mm_w8a8(x, q, scale), 6e-2))
     for got, bound in paths:
         assert ((got.float() - expected).norm() / expected.norm()).item() < bound
+
+
+def _tiling(M, N, K, dtype):
+    from minillama import kernels
+
+    config = kernels.matmul_8bit_config(M, N, K, dtype)
+    return config, dtype, K % config[2] == 0  # EVEN_K is a constexpr too
+
+
+def test_every_8bit_tiling_picked_is_one_the_gpu_test_runs():
+    """Each (tiling, weight dtype, EVEN_K) that the 8-bit matmul picks for Llama-3.1's matrices, 8B and 70B,
+    whole or split over 2 ranks, at 2-512 rows, compiles a kernel that test_gpu_multirow_8bit_paths_agree
+    checks on the GPU."""
+    tested = {_tiling(M, N, K, dtype) for M, N, K in MULTIROW_CASES for dtype in (torch.int8, FP8)}
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),  # 8B: qkv, o, gate/up, down
+              (3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168),  # 8B, TP=2
+              (10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672),  # 70B
+              (5120, 8192), (8192, 4096), (28672, 8192), (8192, 14336)]  # 70B, TP=2
+    untested = {(M, N, K, str(dtype)) for N, K in shapes for M in range(2, 513) for dtype in (torch.int8, FP8)
+                if _tiling(M, N, K, dtype) not in tested}
+    assert not untested, sorted(untested)[:5]
 
 
 def test_quantize_model_in_memory_equals_quantize_at_load(full):
