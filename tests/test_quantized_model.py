@@ -520,11 +520,16 @@ def test_every_8bit_tiling_picked_is_one_the_gpu_test_runs():
     """Each (tiling, weight dtype, EVEN_K) that the 8-bit matmul picks for Llama-3.1's matrices, 8B and 70B,
     whole or split over 2 ranks, at 2-512 rows, compiles a kernel that test_gpu_multirow_8bit_paths_agree
     checks on the GPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from llama31_shapes import LLAMA31_8B, LLAMA31_70B
+
     tested = {_tiling(M, N, K, dtype) for M, N, K in MULTIROW_CASES for dtype in (torch.int8, FP8)}
-    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),  # 8B: qkv, o, gate/up, down
-              (3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168),  # 8B, TP=2
-              (10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672),  # 70B
-              (5120, 8192), (8192, 4096), (28672, 8192), (8192, 14336)]  # 70B, TP=2
+    shapes = []
+    for c in (LLAMA31_8B, LLAMA31_70B):
+        hidden, ffn = c["hidden_size"], c["intermediate_size"]
+        qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * c["head_dim"]
+        for tp in (1, 2):  # column-parallel qkv and gate/up split N, row-parallel o and down split K
+            shapes += [(qkv // tp, hidden), (hidden, hidden // tp), (2 * ffn // tp, hidden), (hidden, ffn // tp)]
     untested = {(M, N, K, str(dtype)) for N, K in shapes for M in range(2, 513) for dtype in (torch.int8, FP8)
                 if _tiling(M, N, K, dtype) not in tested}
     assert not untested, sorted(untested)[:5]
