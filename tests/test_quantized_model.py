@@ -495,18 +495,24 @@ MULTIROW_CASES = [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
 @pytest.mark.parametrize("M,N,K", MULTIROW_CASES)
 def test_gpu_multirow_8bit_paths_agree(dtype, M, N, K):
+    """The 8-bit matmul's tiling for (M, N, K) against float32 math on the dequantized weight, in every
+    element and over 40 calls with fresh inputs: a race in compiled code (Triton 3.6 had one in fp8's
+    split tiles with 8 warps) gives a wrong part of a tile in a few calls in a hundred, far under a
+    norm-relative bound. The W8A8 path (fp8) is checked once, to its activation rounding."""
     from minillama import kernels
     from minillama.backend import scaled_mm_w8a8
 
-    g = torch.Generator(device="cuda").manual_seed(M + N)
-    x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
     q, scale = quantize_per_channel(torch.randn(N, K, device="cuda", generator=g) / 64, dtype)
-    expected = x.float() @ dequantize(q, scale, torch.float32).T
-    paths = [(kernels.matmul_8bit(x, q, scale), 1e-2)]
+    w = dequantize(q, scale, torch.float32)
+    for call in range(40):
+        x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
+        expected = x.float() @ w.T
+        err = (kernels.matmul_8bit(x, q, scale).float() - expected).abs().max() / expected.abs().max()
+        assert err.item() < 8e-3, (call, err.item())  # bfloat16 output rounding: ~2e-3
     if dtype == FP8:
-        paths.append((scaled_mm_w8a8(x, q, scale), 6e-2))
-    for got, bound in paths:
-        assert ((got.float() - expected).norm() / expected.norm()).item() < bound
+        got = scaled_mm_w8a8(x, q, scale).float()
+        assert ((got - expected).norm() / expected.norm()).item() < 6e-2
 
 
 def _tiling(M, N, K, dtype):
