@@ -476,16 +476,17 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us,
     fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made
     the swap slower (gate/up, down). At 65-256 rows (batched decode past 64 rows, short prefill
-    chunks) the swapped form in (128, 128, 128) tiles, K split in 4 for down and wherever there are
-    64 output tiles or fewer (o; qkv up to 128 rows); us per matrix at 128 rows, int8 / fp8, one
-    split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37 -> 17 / 16, down 129 / 76 -> 38 / 35 (K split
-    in 2 was faster for some but gave fp8 o a 4% error at 256 rows once in that sweep; the split in
-    4 was exact in all 32 cases measured). With 8 warps, the split tiles gave fp8 wrong sums for
-    part of a tile in about 2% of calls (1.6-4.7% max error, different on a rerun of the same
-    inputs: a race in Triton 3.6's code, none in 1400 calls with 4 warps or int8), so the split
-    tiles run 4 warps, as fast to within 1 us. Prefill chunks (257-512 rows) are bound by tl.dot:
-    the swapped form in 256-token tiles, K split in 2 for the long rows of down; at 512
-    rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244,
+    chunks), and for fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split in 4
+    with 4 warps for down and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows),
+    else one split with 8 warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv
+    40 / 37 -> 30 / 27, o 40 / 37 -> 17 / 16, down 129 / 76 -> 38 / 35 (a split in 2 was faster for
+    some but once gave fp8 o a 4% error). With 8 warps the split tiles race in Triton 3.6's code:
+    fp8 got wrong sums for part of a tile in ~2% of calls (1.6-4.7% max error, gone on a rerun of
+    the same inputs); none in 1400 calls with 4 warps, as fast to within 1 us. fp8 down at 320 /
+    384 rows: 91 / 96 us against 97 / 101 in the (128, 128, 64) tiles split in 2 used past that
+    (70B's down 349 / 361 against 395 / 413); slower at 512 (127 against 112). Prefill chunks
+    (257-512 rows) are bound by tl.dot: the swapped form in 256-token tiles, K split in 2 for the
+    long rows of down; at 512 rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244,
     qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120, and with one program per SM walking
     the tiles (persistent) fp8 gate/up 198, qkv 50 (this needs TMA: without it prefill takes the
     copy, see ``minillama.backend``). Some tilings compile to wrong products in Triton 3.6 (the
@@ -503,11 +504,12 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
             return 64, 128, 128, 4, 3, 1, "tma"
         return (64, 32, 256, 4, 4, 1, "tma") if K >= 8192 else (64, 64, 256, 4, 3, 1, "tma_swapped")
     down = N < K and K >= 8192  # few output columns, long rows: a K split fills the SMs
-    if M <= 256:  # K split in 4 (4 warps) where the (128, 128) output tiles are few (and always for down)
+    fp8_down = down and weight_dtype == torch.float8_e4m3fn
+    if M <= 256 or (fp8_down and M <= 384):  # K split in 4 (4 warps) where the (128, 128) tiles are few
         if down or triton.cdiv(M, 128) * triton.cdiv(N, 128) <= 64:
             return 128, 128, 128, 4, 3, 4, "tma_swapped"
         return 128, 128, 128, 8, 3, 1, "tma_swapped"
-    if down and weight_dtype == torch.float8_e4m3fn:
+    if fp8_down:
         return 128, 128, 64, 8, 3, 2, "tma_swapped"
     if N > K:  # qkv, gate/up
         return 256, 128, 128, 8, 3, 1, "tma_swapped_persistent"
