@@ -167,6 +167,18 @@ def test_decode_is_deterministic():
         assert torch.equal(flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens), first)
 
 
+@pytest.mark.parametrize("B,S_q,seq_lens", [(1, 512, [3000]), (4, 128, [0, 77, 1000, 4000]), (16, 1, [8000] * 16)])
+def test_prefill_and_decode_repeat_bit_for_bit(B, S_q, seq_lens):
+    """Fixed inputs give the same bits call after call: a race in compiled code (as Triton 3.6 had in
+    one 8-bit matmul tiling) shows as a call that differs."""
+    q, k, v, k_cache, v_cache, lens = make_inputs(B, S_q, **LLAMA, seq_lens=seq_lens, S_max=8192 + 512,
+                                                  dtype=torch.bfloat16, seed=B)
+    first = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
+    differ = sum(not torch.equal(flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens), first)
+                 for _ in range(50))
+    assert differ == 0, f"{differ} of 50 calls differ from the first"
+
+
 def test_alignment_and_length_specializations():
     """Triton specializes kernels on 16-byte pointer alignment and on S_q divisible by 16 (or 1):
     the same shapes aligned and misaligned (q starting 2 bytes into its storage), S_q 16, 17, 1, 3,

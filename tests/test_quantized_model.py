@@ -444,6 +444,25 @@ def test_gpu_gemv_8bit_llama_shapes(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
+def test_gpu_gemv_repeats_bit_for_bit(dtype):
+    """Every GEMV tiling, fixed inputs, 30 calls: the same bits each call (a race in compiled code
+    shows as a call that differs; Triton 3.6 had one in an 8-bit matmul tiling)."""
+    from minillama import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    K, N = 4096, 2 * 14336
+    x = torch.randn(K, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", generator=g) / 64
+    q, scale = (w.to(dtype), None) if dtype == torch.bfloat16 else quantize_per_channel(w, dtype)
+    for config in kernels.GEMV_CONFIGS:
+        first = kernels.gemv(x, q, swiglu=True, scale=scale, config=config)
+        differ = sum(not torch.equal(kernels.gemv(x, q, swiglu=True, scale=scale, config=config), first)
+                     for _ in range(30))
+        assert differ == 0, (config, differ)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
 def test_gpu_gemv_converts_every_8bit_value_exactly(dtype):
     """Row n of the weight holds byte n (e4m3's two NaN bytes left out) in every column: with x = 1
