@@ -486,12 +486,12 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     384 rows: 91 / 96 us against 97 / 101 in the (128, 128, 64) tiles split in 2 used past that
     (70B's down 349 / 361 against 395 / 413); slower at 512 (127 against 112). Prefill chunks
     (257-512 rows) are bound by tl.dot: the swapped form in 256-token tiles, K split in 2 for the
-    long rows of down; at 512 rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244,
-    qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120, and with one program per SM walking
-    the tiles (persistent) fp8 gate/up 198, qkv 50 (this needs TMA: without it prefill takes the
-    copy, see ``minillama.backend``). Some tilings compile to wrong products in Triton 3.6 (the
-    persistent form in (256, 128, 64) tiles 4 stages deep; (256, 64, 64) tiles 3 deep): the GPU
-    tests run every tiling picked here. Measured on the H200 over Llama-3.1-8B's matrices
+    long rows of down; at 512 rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS:
+    gate/up 208 / 226 vs 244, qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120, and with
+    one program per SM walking the tiles (persistent) fp8 gate/up 198, qkv 50 (this needs TMA:
+    without it prefill takes the copy, see ``minillama.backend``). Some tilings compile to wrong
+    products in Triton 3.6 (the persistent form in (256, 128, 64) tiles 4 stages deep; (256, 64,
+    64) tiles 3 deep): the GPU tests run every tiling picked here. Measured on the H200 over Llama-3.1-8B's matrices
     (BENCHMARKS.md, 8-bit weights)."""
     if M <= 16:
         if N >= 16384:
