@@ -158,20 +158,14 @@ def test_cuda_graph_decode_replay():
             assert torch.equal(k_cache[b, n], k[b, 0]) and torch.equal(v_cache[b, n], v[b, 0])
 
 
-def test_decode_is_deterministic():
-    """33 programs per kv head write partials that a second kernel combines: the result must not move."""
-    B, S_max = 1, 8192
-    q, k, v, k_cache, v_cache, lens = make_inputs(B, 1, **LLAMA, seq_lens=[8191], S_max=S_max, dtype=torch.bfloat16)
-    first = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
-    for _ in range(50):
-        assert torch.equal(flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens), first)
-
-
-@pytest.mark.parametrize("B,S_q,seq_lens", [(1, 512, [3000]), (4, 128, [0, 77, 1000, 4000]), (16, 1, [8000] * 16)])
-def test_prefill_and_decode_repeat_bit_for_bit(B, S_q, seq_lens):
+@pytest.mark.parametrize("B,S_q,seq_lens,S_max", [
+    (1, 512, [3000], 8704), (4, 128, [0, 77, 1000, 4000], 8704), (16, 1, [8000] * 16, 8704),
+    (1, 1, [8191], 8192),  # decode: 33 programs per kv head write partials that a second kernel combines
+])
+def test_prefill_and_decode_repeat_bit_for_bit(B, S_q, seq_lens, S_max):
     """Fixed inputs give the same bits call after call: a race in compiled code (as Triton 3.6 had in
     one 8-bit matmul tiling) shows as a call that differs."""
-    q, k, v, k_cache, v_cache, lens = make_inputs(B, S_q, **LLAMA, seq_lens=seq_lens, S_max=8192 + 512,
+    q, k, v, k_cache, v_cache, lens = make_inputs(B, S_q, **LLAMA, seq_lens=seq_lens, S_max=S_max,
                                                   dtype=torch.bfloat16, seed=B)
     first = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
     differ = sum(not torch.equal(flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens), first)
