@@ -70,6 +70,25 @@ def test_dequantize_rounds_once_to_the_model_dtype():
             assert torch.equal(d, (q.double() * scale.double()[:, None]).to(out))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+def test_quantize_in_row_blocks_matches_one_block_and_keeps_the_input(dtype):
+    """Blocks of a few rows (the loader's bounded temporaries), written into ``out``, give the same
+    bits as one block over the whole matrix; the input is left as it was."""
+    w = weights(seed=torch.seed() % 2**31)
+    kept = w.clone()
+    whole_q, whole_scale = quantize_per_channel(w, dtype, block_elements=w.numel())
+    out = torch.empty(w.shape, dtype=dtype)
+    q, scale = quantize_per_channel(w.to(torch.bfloat16), dtype, out=out, block_elements=5 * w.shape[1])
+    assert q is out
+    bf16_q, bf16_scale = quantize_per_channel(w.to(torch.bfloat16), dtype, block_elements=w.numel())
+    assert torch.equal(q.view(torch.int8), bf16_q.view(torch.int8)) and torch.equal(scale, bf16_scale)
+    q, scale = quantize_per_channel(w, dtype, block_elements=7 * w.shape[1] + 3)
+    assert torch.equal(q.view(torch.int8), whole_q.view(torch.int8)) and torch.equal(scale, whole_scale)
+    assert torch.equal(w, kept)
+    with pytest.raises(ValueError, match="out is torch.int8"):
+        quantize_per_channel(w, FP8, out=torch.empty(w.shape, dtype=torch.int8))
+
+
 def test_quantize_rejects_other_dtypes_and_shapes():
     with pytest.raises(ValueError, match="torch.int8 or torch.float8_e4m3fn"):
         quantize_per_channel(torch.ones(2, 2), torch.float16)

@@ -702,7 +702,7 @@ def test_quantizing_at_load_never_holds_the_full_precision_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["loaded_model_bytes"] < 0.8 * r["model_bytes"]  # int8 projections, bf16 embedding and head
-    # + one shard and one matrix's temporaries (the bf16 tensor, its float32 copy), and allocator slack
+    # + one shard, the tensor read from it, one row block's float32 temporaries, and allocator slack
     assert r["load_peak_increase"] <= r["loaded_model_bytes"] + r["largest_shard_bytes"] + 96 * 2**20, r
     assert r["load_peak_increase"] < r["model_bytes"], r  # loading it in bf16 takes the model + one shard
 
