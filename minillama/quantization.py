@@ -309,12 +309,12 @@ def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, out: Optional
         raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected {dtype} {tuple(weight.shape)}")
     N, K = weight.shape
     scale = torch.empty(N, dtype=torch.float32, device=out.device)
-    rows = max(1, block_elements // max(K, 1))
+    rows = max(1, min(N, block_elements // max(K, 1)))
+    work = torch.empty(rows, K, dtype=torch.float32, device=out.device)  # one buffer for every block
     for r in range(0, N, rows):
         block = weight[r:r + rows].to(out.device)
-        low, high = torch.aminmax(block, dim=1)
-        amax = torch.maximum(high, -low).float()  # exact in the weight's dtype
-        w = block.to(torch.float32, copy=True)  # exact: every float dtype fits in float32
+        amax = torch.maximum(block.amax(dim=1), -block.amin(dim=1)).float()  # exact; no |block| copy
+        w = work[:block.shape[0]].copy_(block)  # exact for bf16 and fp16 weights
         s = scale[r:r + rows]
         torch.where(amax > 0, amax / QMAX[dtype], torch.ones_like(amax), out=s)
         w.div_(s[:, None])
