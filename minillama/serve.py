@@ -184,6 +184,8 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except ValueError as e:  # an integer literal longer than Python reads
+            raise APIError(400, f"the request body holds a number too long to read: {str(e).split(';')[0]}") from None
         except RecursionError:
             raise APIError(400, "the request body nests JSON too deeply") from None
 

@@ -80,6 +80,22 @@ def llm():
     return Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu")  # exact float32 equality, on any machine
 
 
+@pytest.fixture(scope="module")
+def app(llm):
+    """The app in this process (a 500 raises here, with its traceback)."""
+    from fastapi.testclient import TestClient
+
+    from minillama.scheduler import Scheduler
+    from minillama.serve import create_app
+
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        with TestClient(create_app(llm, scheduler, MODEL)) as client:
+            yield client
+    finally:
+        scheduler.close()
+
+
 def solo(llm, prompt, max_tokens, **kw):
     return llm.generate([prompt], max_new_tokens=max_tokens, **kw)[0]
 
@@ -337,6 +353,13 @@ def test_timeout_answers_504_and_cancels(llm):
         assert scheduler.stats()["cancelled"] == 2
     finally:
         scheduler.close()
+
+
+def test_integer_literal_too_long_to_read_is_a_400(app):
+    # Python reads at most 4300 digits of an integer literal; json.loads raises ValueError beyond
+    r = app.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}")
+    assert r.status_code == 400 and "4300 digits" in r.json()["error"]["message"]
+    assert app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
 @pytest.mark.slow
