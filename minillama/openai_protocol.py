@@ -123,8 +123,8 @@ def _common(body) -> dict:
     """Fields both endpoints share: sampling, stop, n, stream."""
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    top_k = body.get("top_k", 0)
-    if top_k == -1:  # vLLM's spelling of "off"
+    top_k = body.get("top_k")
+    if top_k is None or top_k == -1:  # -1: vLLM's spelling of "off"
         top_k = 0
     top_k = _int({"top_k": top_k}, "top_k", 0)
     min_p = _number(body, "min_p", 0.0, 0.0, 1.0)

@@ -362,6 +362,13 @@ def test_integer_literal_too_long_to_read_is_a_400(app):
     assert app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def test_null_top_k_means_off(app):
+    body = {"prompt": "Max the dog was", "max_tokens": 8, "temperature": 0.9, "seed": 4}
+    r = app.post("/v1/completions", json={**body, "top_k": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == app.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
