@@ -80,7 +80,8 @@ def _check_fields(body, allowed: set) -> None:
         if key in allowed or key in _IGNORED:
             continue
         if key in _NEUTRAL:
-            if value not in _NEUTRAL[key] or isinstance(value, bool) != isinstance(_NEUTRAL[key][0], bool):
+            if value not in _NEUTRAL[key] or (value is not None
+                                              and isinstance(value, bool) != isinstance(_NEUTRAL[key][0], bool)):
                 raise bad(key, f"{key}={json.dumps(value)} is not supported by this server; "
                                f"leave it out or use {json.dumps(_NEUTRAL[key][0])}")
             continue

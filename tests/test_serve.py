@@ -369,6 +369,17 @@ def test_null_top_k_means_off(app):
     assert r.json()["choices"][0]["text"] == app.post("/v1/completions", json=body).json()["choices"][0]["text"]
 
 
+def test_null_is_the_neutral_value_of_boolean_fields(app):
+    # OpenAI's echo and store are "boolean or null"; null is listed among their neutral values
+    r = app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "echo": None})
+    assert r.status_code == 200, r.text
+    r = app.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                               "store": None})
+    assert r.status_code == 200, r.text
+    r = app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "echo": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
