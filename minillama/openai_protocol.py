@@ -210,9 +210,9 @@ def parse_chat(body) -> ParsedRequest:
         raise bad("messages", "messages must be a non-empty list of {\"role\", \"content\"} objects")
     messages = [_message(i, m) for i, m in enumerate(messages)]
     common = _common(body)
-    if "max_tokens" in body and "max_completion_tokens" in body:
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise bad("max_tokens", "give max_tokens or max_completion_tokens, not both")
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key, 1)
     logprobs = _bool(body, "logprobs")
     top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)

@@ -380,6 +380,14 @@ def test_null_is_the_neutral_value_of_boolean_fields(app):
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
+def test_null_max_tokens_beside_max_completion_tokens(app):
+    messages = [{"role": "user", "content": "hi"}]
+    for body in ({"max_tokens": None, "max_completion_tokens": 3}, {"max_tokens": 3, "max_completion_tokens": None}):
+        r = app.post("/v1/chat/completions", json={"messages": messages, **body})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 3 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
