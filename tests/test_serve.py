@@ -388,6 +388,14 @@ def test_null_max_tokens_beside_max_completion_tokens(app):
         assert r.json()["usage"]["completion_tokens"] == 3 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_prompts_the_scheduler_refuses_name_the_field(app):
+    r = app.post("/v1/completions", json={"prompt": [1, -1], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "vocabulary" in r.text
+    # the demo model's template writes nothing for a lone system message
+    r = app.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "Be kind."}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "empty" in r.text
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
