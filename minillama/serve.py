@@ -282,8 +282,9 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                            param="messages")
         try:
             ids = tokenizer.encode_chat(parsed.prompts[0], tools=parsed.tools)
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e), param="tools" if "tool" in str(e) else "messages") from None
+        except (ValueError, TypeError) as e:  # about the tools: "tools..." or "... does not render tools"
+            param = "tools" if str(e).startswith("tools") or str(e).endswith("no tools branch") else "messages"
+            raise APIError(400, str(e), param=param) from None
         submission = _Submission(scheduler, engine_requests(parsed, [ids], "messages"), "messages")
         choices = [_Choice(parsed.tools is not None) for _ in range(parsed.n)]
         rid, when = proto.new_id("chatcmpl"), proto.now()

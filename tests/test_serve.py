@@ -396,6 +396,15 @@ def test_prompts_the_scheduler_refuses_name_the_field(app):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "empty" in r.text
 
 
+def test_bad_tool_call_in_messages_names_messages(app):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "user", "content": "b"}]
+    r = app.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and "arguments are not valid JSON" in r.text
+    assert r.json()["error"]["param"] == "messages"
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
