@@ -405,6 +405,22 @@ def test_bad_tool_call_in_messages_names_messages(app):
     assert r.json()["error"]["param"] == "messages"
 
 
+def test_deeply_nested_tool_calls_and_tools_are_a_400(app):
+    deep = "[" * 600 + "]" * 600  # within the body's JSON depth, beyond what rendering recurses through
+    turns = ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": '
+             '[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": %s}}]}, '
+             '{"role": "user", "content": "b"}], "max_tokens": 2}')
+    for arguments in (json.dumps("[" * 100000 + "]" * 100000), '{"x": %s}' % deep):  # as JSON text; as an object
+        r = app.post("/v1/chat/completions", content=(turns % arguments).encode())
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert "too deeply" in r.json()["error"]["message"]
+    tools = ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+             '{"name": "f", "parameters": {"x": %s}}}]}')
+    r = app.post("/v1/chat/completions", content=(tools % deep).encode())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools" and "too deeply" in r.text, r.text
+    assert app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
