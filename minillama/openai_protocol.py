@@ -305,6 +305,7 @@ def completion_logprobs(tokenizer, tokens, offset: int) -> Optional[dict]:
         top: Dict[str, float] = {}
         for i, lp in t.top_logprobs:
             top.setdefault(tokenizer.token_bytes(i).decode("utf-8", errors="replace"), lp)
+        top.setdefault(text, t.logprob)  # the sampled token always, as OpenAI's (up to logprobs + 1 entries)
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)

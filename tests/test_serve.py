@@ -421,6 +421,17 @@ def test_deeply_nested_tool_calls_and_tools_are_a_400(app):
     assert app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def test_completion_top_logprobs_hold_the_sampled_token(app):
+    # OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    # elements"; at temperature 2 some sampled tokens are not among the best one
+    r = app.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 20, "temperature": 2.0,
+                                          "seed": 7, "logprobs": 1}).json()
+    lp = r["choices"][0]["logprobs"]
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert top[token] == logprob and 1 <= len(top) <= 2
+    assert any(len(top) == 2 for top in lp["top_logprobs"])
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
