@@ -147,12 +147,18 @@ class ChatFormat:
         slots: List[str] = []
         # the template reads a message's role and a tool's or tool call's type (all checked above)
         marked_messages = []
-        for m in messages:
+        for i, m in enumerate(messages):
             marked = self._mark({k: v for k, v in m.items() if k != "tool_calls"}, slots, keep=("role",))
             if "tool_calls" in m:
-                marked["tool_calls"] = [self._mark(c, slots, keep=("type",)) for c in m["tool_calls"]]
+                try:
+                    marked["tool_calls"] = [self._mark(c, slots, keep=("type",)) for c in m["tool_calls"]]
+                except RecursionError:
+                    raise ValueError(f"message {i} tool_calls nest too deeply; flatten their arguments") from None
             marked_messages.append(marked)
-        marked_tools = None if tools is None else [self._mark(t, slots, keep=("type",)) for t in tools]
+        try:
+            marked_tools = None if tools is None else [self._mark(t, slots, keep=("type",)) for t in tools]
+        except RecursionError:
+            raise ValueError("tools nest too deeply; flatten their parameters") from None
         pieces = self._pieces(marked_messages, marked_tools, slots, add_generation_prompt)
         text = "".join(t for t, _ in pieces)
         expected = self.render(messages, add_generation_prompt, tools)
@@ -280,6 +286,8 @@ def _check_tool_call(i: int, j: int, call) -> dict:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as e:
             raise ValueError(f"{where} arguments are not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{where} arguments nest too deeply; flatten them") from None
     if not isinstance(arguments, dict):
         raise ValueError(f"{where} arguments must be a JSON object (a dict), got {type(arguments).__name__}")
     out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}

@@ -80,7 +80,8 @@ def _check_fields(body, allowed: set) -> None:
         if key in allowed or key in _IGNORED:
             continue
         if key in _NEUTRAL:
-            if value not in _NEUTRAL[key] or isinstance(value, bool) != isinstance(_NEUTRAL[key][0], bool):
+            if value not in _NEUTRAL[key] or (value is not None
+                                              and isinstance(value, bool) != isinstance(_NEUTRAL[key][0], bool)):
                 raise bad(key, f"{key}={json.dumps(value)} is not supported by this server; "
                                f"leave it out or use {json.dumps(_NEUTRAL[key][0])}")
             continue
@@ -123,8 +124,8 @@ def _common(body) -> dict:
     """Fields both endpoints share: sampling, stop, n, stream."""
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    top_k = body.get("top_k", 0)
-    if top_k == -1:  # vLLM's spelling of "off"
+    top_k = body.get("top_k")
+    if top_k is None or top_k == -1:  # -1: vLLM's spelling of "off"
         top_k = 0
     top_k = _int({"top_k": top_k}, "top_k", 0)
     min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
@@ -209,9 +210,9 @@ def parse_chat(body) -> ParsedRequest:
         raise bad("messages", "messages must be a non-empty list of {\"role\", \"content\"} objects")
     messages = [_message(i, m) for i, m in enumerate(messages)]
     common = _common(body)
-    if "max_tokens" in body and "max_completion_tokens" in body:
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise bad("max_tokens", "give max_tokens or max_completion_tokens, not both")
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key, 1)
     logprobs = _bool(body, "logprobs")
     top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
@@ -304,6 +305,7 @@ def completion_logprobs(tokenizer, tokens, offset: int) -> Optional[dict]:
         top: Dict[str, float] = {}
         for i, lp in t.top_logprobs:
             top.setdefault(tokenizer.token_bytes(i).decode("utf-8", errors="replace"), lp)
+        top.setdefault(text, t.logprob)  # the sampled token always, as OpenAI's (up to logprobs + 1 entries)
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)

@@ -38,9 +38,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pro
 
 
 class _Submission:
-    """The scheduler requests of one HTTP request (one per choice), their events in one asyncio queue."""
+    """The scheduler requests of one HTTP request (one per choice), their events in one asyncio queue;
+    ``param`` is the field a request the scheduler refuses is blamed on (its prompt)."""
 
-    def __init__(self, scheduler, requests: List[Request]):
+    def __init__(self, scheduler, requests: List[Request], param: str):
         self.scheduler = scheduler
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: List[int] = []
@@ -57,7 +58,7 @@ class _Submission:
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
         except ValueError as e:
             self.cancel()
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=param) from None
 
     def _put(self, index: int, event) -> None:  # called on the event loop (the scheduler's deliver hook)
         self.queue.put_nowait((index, event))
@@ -184,6 +185,8 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except ValueError as e:  # an integer literal longer than Python reads
+            raise APIError(400, f"the request body holds a number too long to read: {str(e).split(';')[0]}") from None
         except RecursionError:
             raise APIError(400, "the request body nests JSON too deeply") from None
 
@@ -279,9 +282,10 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                            param="messages")
         try:
             ids = tokenizer.encode_chat(parsed.prompts[0], tools=parsed.tools)
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e), param="tools" if "tool" in str(e) else "messages") from None
-        submission = _Submission(scheduler, engine_requests(parsed, [ids], "messages"))
+        except (ValueError, TypeError) as e:  # about the tools: "tools..." or "... does not render tools"
+            param = "tools" if str(e).startswith("tools") or str(e).endswith("no tools branch") else "messages"
+            raise APIError(400, str(e), param=param) from None
+        submission = _Submission(scheduler, engine_requests(parsed, [ids], "messages"), "messages")
         choices = [_Choice(parsed.tools is not None) for _ in range(parsed.n)]
         rid, when = proto.new_id("chatcmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
@@ -327,7 +331,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else p for p in parsed.prompts]
         except ValueError as e:  # e.g. a lone surrogate: not text
             raise APIError(400, str(e), param="prompt") from None
-        submission = _Submission(scheduler, engine_requests(parsed, ids, "prompt"))
+        submission = _Submission(scheduler, engine_requests(parsed, ids, "prompt"), "prompt")
         choices = [_Choice(False) for _ in range(len(ids) * parsed.n)]
         rid, when = proto.new_id("cmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}

@@ -80,6 +80,22 @@ def llm():
     return Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu")  # exact float32 equality, on any machine
 
 
+@pytest.fixture(scope="module")
+def app(llm):
+    """The app in this process (a 500 raises here, with its traceback)."""
+    from fastapi.testclient import TestClient
+
+    from minillama.scheduler import Scheduler
+    from minillama.serve import create_app
+
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        with TestClient(create_app(llm, scheduler, MODEL)) as client:
+            yield client
+    finally:
+        scheduler.close()
+
+
 def solo(llm, prompt, max_tokens, **kw):
     return llm.generate([prompt], max_new_tokens=max_tokens, **kw)[0]
 
@@ -337,6 +353,83 @@ def test_timeout_answers_504_and_cancels(llm):
         assert scheduler.stats()["cancelled"] == 2
     finally:
         scheduler.close()
+
+
+def test_integer_literal_too_long_to_read_is_a_400(app):
+    # Python reads at most 4300 digits of an integer literal; json.loads raises ValueError beyond
+    r = app.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}")
+    assert r.status_code == 400 and "4300 digits" in r.json()["error"]["message"]
+    assert app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_null_top_k_means_off(app):
+    body = {"prompt": "Max the dog was", "max_tokens": 8, "temperature": 0.9, "seed": 4}
+    r = app.post("/v1/completions", json={**body, "top_k": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == app.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+
+def test_null_is_the_neutral_value_of_boolean_fields(app):
+    # OpenAI's echo and store are "boolean or null"; null is listed among their neutral values
+    r = app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "echo": None})
+    assert r.status_code == 200, r.text
+    r = app.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                               "store": None})
+    assert r.status_code == 200, r.text
+    r = app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "echo": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def test_null_max_tokens_beside_max_completion_tokens(app):
+    messages = [{"role": "user", "content": "hi"}]
+    for body in ({"max_tokens": None, "max_completion_tokens": 3}, {"max_tokens": 3, "max_completion_tokens": None}):
+        r = app.post("/v1/chat/completions", json={"messages": messages, **body})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 3 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_prompts_the_scheduler_refuses_name_the_field(app):
+    r = app.post("/v1/completions", json={"prompt": [1, -1], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "vocabulary" in r.text
+    # the demo model's template writes nothing for a lone system message
+    r = app.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "Be kind."}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "empty" in r.text
+
+
+def test_bad_tool_call_in_messages_names_messages(app):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "user", "content": "b"}]
+    r = app.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and "arguments are not valid JSON" in r.text
+    assert r.json()["error"]["param"] == "messages"
+
+
+def test_deeply_nested_tool_calls_and_tools_are_a_400(app):
+    deep = "[" * 600 + "]" * 600  # within the body's JSON depth, beyond what rendering recurses through
+    turns = ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": '
+             '[{"id": "c1", "type": "function", "function": {"name": "f", "arguments": %s}}]}, '
+             '{"role": "user", "content": "b"}], "max_tokens": 2}')
+    for arguments in (json.dumps("[" * 100000 + "]" * 100000), '{"x": %s}' % deep):  # as JSON text; as an object
+        r = app.post("/v1/chat/completions", content=(turns % arguments).encode())
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert "too deeply" in r.json()["error"]["message"]
+    tools = ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+             '{"name": "f", "parameters": {"x": %s}}}]}')
+    r = app.post("/v1/chat/completions", content=(tools % deep).encode())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools" and "too deeply" in r.text, r.text
+    assert app.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_completion_top_logprobs_hold_the_sampled_token(app):
+    # OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    # elements"; at temperature 2 some sampled tokens are not among the best one
+    r = app.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 20, "temperature": 2.0,
+                                          "seed": 7, "logprobs": 1}).json()
+    lp = r["choices"][0]["logprobs"]
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert top[token] == logprob and 1 <= len(top) <= 2
+    assert any(len(top) == 2 for top in lp["top_logprobs"])
 
 
 @pytest.mark.slow
