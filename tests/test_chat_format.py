@@ -134,3 +134,16 @@ def test_base_model_has_no_chat_format(tmp_path):
         tok.encode_chat([{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="no chat_template"):
         ChatFormat(tok)
+
+
+def test_chat_template_jinja_takes_priority_over_tokenizer_config(folder, tmp_path):
+    """As in transformers: a chat_template.jinja beside tokenizer_config.json is the template,
+    even when tokenizer_config.json still holds an (older) chat_template."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_text((folder / name).read_text())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert '"26 Jul 2024"' in config["chat_template"]
+    (tmp_path / "chat_template.jinja").write_text(config["chat_template"].replace('"26 Jul 2024"', '"01 Jan 2025"'))
+    tok = Tokenizer.from_dir(tmp_path)
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    assert "Today Date: 01 Jan 2025" in tok.decode(ids)
