@@ -147,3 +147,19 @@ def test_chat_template_jinja_takes_priority_over_tokenizer_config(folder, tmp_pa
     tok = Tokenizer.from_dir(tmp_path)
     ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
     assert "Today Date: 01 Jan 2025" in tok.decode(ids)
+
+
+def test_named_templates_use_tool_use_when_tools_are_given(folder, tmp_path):
+    """A chat_template list with "default" and "tool_use" (Hermes-3-Llama-3.1 style): as in
+    transformers, a call with tools renders "tool_use", one without renders "default"."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    plain = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+             "{{ m.content | trim }}<|eot_id|>{% endfor %}")
+    tok = _with_template(folder, tmp_path, [{"name": "default", "template": plain},
+                                            {"name": "tool_use", "template": config["chat_template"]}])
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather?"}]
+    with_tools = tok.decode(tok.encode_chat(messages, tools=tools))
+    assert "Environment: ipython" in with_tools and '"name": "get_weather"' in with_tools
+    assert tok.decode(tok.encode_chat(messages, add_generation_prompt=False)) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWeather?<|eot_id|>")
