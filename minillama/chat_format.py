@@ -92,19 +92,25 @@ class ChatFormat:
         if not tokenizer.chat_template:
             raise ValueError("this tokenizer has no chat_template (a base model): encode plain text instead")
         template = tokenizer.chat_template
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {"default": template}
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             if "default" not in named:
                 raise ChatTemplateError(f"chat_template lists {sorted(map(str, named))} but no 'default' template")
-            template = named["default"]
-        if not isinstance(template, str):
-            raise ChatTemplateError(f"the chat template must be a string, got {type(template).__name__}")
         self.tokenizer = tokenizer
-        try:
-            self.template = _environment().from_string(template)
-        except Exception as e:  # jinja2.TemplateSyntaxError and the like: the checkpoint's template is broken
-            where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
-            raise ChatTemplateError(f"the chat template does not compile{where}: {type(e).__name__}: {e}") from None
+        env = _environment()
+        self.templates = {}  # name -> compiled: "default", and "tool_use" (used when tools are given) if there is one
+        for name in ("default", "tool_use"):
+            if name not in named:
+                continue
+            if not isinstance(named[name], str):
+                raise ChatTemplateError(f"the chat template must be a string, got {type(named[name]).__name__}")
+            try:
+                self.templates[name] = env.from_string(named[name])
+            except Exception as e:  # jinja2.TemplateSyntaxError and the like: the checkpoint's template is broken
+                where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+                raise ChatTemplateError(f"the chat template does not compile{where}: {type(e).__name__}: {e}") from None
+        self.template = self.templates["default"]
         self.special = tokenizer.added_tokens()
         longest_first = sorted(self.special, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(s) for s in longest_first)) if longest_first else None
@@ -114,10 +120,16 @@ class ChatFormat:
             value = config.get(key)
             self._token_strings[key] = value.get("content") if isinstance(value, dict) else value
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, tools=None) -> str:
-        """The template's output string for ``messages`` (what render-then-tokenize would tokenize)."""
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, tools=None,
+               template: Optional[str] = None) -> str:
+        """The template's output string for ``messages`` (what render-then-tokenize would tokenize).
+
+        ``template``: the named template to render; None picks as transformers does: "tool_use"
+        when ``tools`` are given and the checkpoint names one, else "default"."""
+        if template is None:
+            template = "tool_use" if tools is not None and "tool_use" in self.templates else "default"
         try:
-            return self.template.render(
+            return self.templates[template].render(
                 messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
                 tools=tools, documents=None, **self._token_strings,
             )
@@ -167,7 +179,8 @@ class ChatFormat:
                 "the chat template changes message contents beyond stripping whitespace; "
                 "minillama cannot encode it safely"
             )
-        if tools and expected == self.render(messages, add_generation_prompt):
+        template = "tool_use" if "tool_use" in self.templates else "default"
+        if tools and expected == self.render(messages, add_generation_prompt, template=template):
             raise ValueError("this checkpoint's chat template does not render tools: it has no tools branch")
         return self._encode_pieces(pieces)
 

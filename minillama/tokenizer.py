@@ -104,8 +104,9 @@ class Tokenizer:
         config_path = checkpoint_file(folder, "tokenizer_config.json")
         config = read_json(config_path) if config_path is not None else {}
         _check_tokenizer_config(config, config_path)
-        template_path = checkpoint_file(folder, "chat_template.jinja")  # newer checkpoints keep the template apart
-        if config.get("chat_template") is None and template_path is not None:
+        # newer checkpoints keep the template apart; as in transformers, that file wins over tokenizer_config.json's
+        template_path = checkpoint_file(folder, "chat_template.jinja")
+        if template_path is not None:
             config["chat_template"] = read_text(template_path)
         if checkpoint_file(folder, "tokenizer.json") is not None:
             return HFTokenizer(folder / "tokenizer.json", config)

@@ -134,3 +134,32 @@ def test_base_model_has_no_chat_format(tmp_path):
         tok.encode_chat([{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="no chat_template"):
         ChatFormat(tok)
+
+
+def test_chat_template_jinja_takes_priority_over_tokenizer_config(folder, tmp_path):
+    """As in transformers: a chat_template.jinja beside tokenizer_config.json is the template,
+    even when tokenizer_config.json still holds an (older) chat_template."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_text((folder / name).read_text())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert '"26 Jul 2024"' in config["chat_template"]
+    (tmp_path / "chat_template.jinja").write_text(config["chat_template"].replace('"26 Jul 2024"', '"01 Jan 2025"'))
+    tok = Tokenizer.from_dir(tmp_path)
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    assert "Today Date: 01 Jan 2025" in tok.decode(ids)
+
+
+def test_named_templates_use_tool_use_when_tools_are_given(folder, tmp_path):
+    """A chat_template list with "default" and "tool_use" (Hermes-3-Llama-3.1 style): as in
+    transformers, a call with tools renders "tool_use", one without renders "default"."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    plain = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+             "{{ m.content | trim }}<|eot_id|>{% endfor %}")
+    tok = _with_template(folder, tmp_path, [{"name": "default", "template": plain},
+                                            {"name": "tool_use", "template": config["chat_template"]}])
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather?"}]
+    with_tools = tok.decode(tok.encode_chat(messages, tools=tools))
+    assert "Environment: ipython" in with_tools and '"name": "get_weather"' in with_tools
+    assert tok.decode(tok.encode_chat(messages, add_generation_prompt=False)) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWeather?<|eot_id|>")
