@@ -110,7 +110,6 @@ class ChatFormat:
             except Exception as e:  # jinja2.TemplateSyntaxError and the like: the checkpoint's template is broken
                 where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
                 raise ChatTemplateError(f"the chat template does not compile{where}: {type(e).__name__}: {e}") from None
-        self.template = self.templates["default"]
         self.special = tokenizer.added_tokens()
         longest_first = sorted(self.special, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(s) for s in longest_first)) if longest_first else None
