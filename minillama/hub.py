@@ -15,7 +15,8 @@ from typing import List
 
 from minillama.files import checkpoint_file, read_json, read_text, shard_names
 
-# The small files minillama reads, by exact name at the top of the repo (the weights: _weight_files).
+# The small files minillama reads, by exact name at the top of the repo, and the named chat templates
+# (the weights: _weight_files).
 CHECKPOINT_FILES = [
     "config.json",
     "generation_config.json",
@@ -24,6 +25,7 @@ CHECKPOINT_FILES = [
     "tokenizer.model",
     "tokenizer_config.json",
     "chat_template.jinja",
+    "additional_chat_templates/*.jinja",
     "special_tokens_map.json",
 ]
 # The small trained model that ships inside the package: what runs when no model is named.

@@ -108,6 +108,13 @@ class Tokenizer:
         template_path = checkpoint_file(folder, "chat_template.jinja")
         if template_path is not None:
             config["chat_template"] = read_text(template_path)
+        named = sorted((folder / "additional_chat_templates").glob("*.jinja"))  # transformers 5: one file per name
+        if named:
+            base, names = config.get("chat_template"), {p.stem for p in named}
+            templates = ([{"name": "default", "template": base}] if isinstance(base, str) else
+                         [t for t in base if not (isinstance(t, dict) and t.get("name") in names)]
+                         if isinstance(base, list) else [])
+            config["chat_template"] = templates + [{"name": p.stem, "template": read_text(p)} for p in named]
         if checkpoint_file(folder, "tokenizer.json") is not None:
             return HFTokenizer(folder / "tokenizer.json", config)
         if checkpoint_file(folder, "tokenizer.model") is not None:

@@ -149,6 +149,25 @@ def test_chat_template_jinja_takes_priority_over_tokenizer_config(folder, tmp_pa
     assert "Today Date: 01 Jan 2025" in tok.decode(ids)
 
 
+def test_additional_chat_templates_folder_names_templates(folder, tmp_path):
+    """transformers 5 saves named templates as additional_chat_templates/<name>.jinja beside
+    chat_template.jinja (the default): a call with tools renders the "tool_use" one from there."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_text((folder / name).read_text())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    plain = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+             "{{ m.content | trim }}<|eot_id|>{% endfor %}")
+    (tmp_path / "chat_template.jinja").write_text(plain)
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(config["chat_template"])
+    tok = Tokenizer.from_dir(tmp_path)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather?"}]
+    assert '"name": "get_weather"' in tok.decode(tok.encode_chat(messages, tools=tools))
+    assert tok.decode(tok.encode_chat(messages, add_generation_prompt=False)) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWeather?<|eot_id|>")
+
+
 def test_named_templates_use_tool_use_when_tools_are_given(folder, tmp_path):
     """A chat_template list with "default" and "tool_use" (Hermes-3-Llama-3.1 style): as in
     transformers, a call with tools renders "tool_use", one without renders "default"."""

@@ -132,8 +132,8 @@ def fake_hub(monkeypatch, snapshot, repo_files: dict):
 
 
 def test_only_needed_files_are_downloaded(offline_cache, monkeypatch):
-    """The shards the index names and the small top-level files: not model.safetensors as well, not
-    a file in a subfolder that matches a pattern, not the original/ weights."""
+    """The shards the index names, the small top-level files and the named chat templates: not
+    model.safetensors as well, not a file in a subfolder that matches a pattern, not the original/ weights."""
     snapshot = cached_snapshot(offline_cache, "meta-llama/Llama-3.1-8B-Instruct")
     (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
@@ -143,11 +143,13 @@ def test_only_needed_files_are_downloaded(offline_cache, monkeypatch):
         "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
         "model.safetensors", "model-extra/model-00001-of-00002.safetensors", "sub/config.json", "pytorch_model.bin",
+        "chat_template.jinja", "additional_chat_templates/tool_use.jinja", "templates/chat_template.jinja",
     ]}
     repo["model.safetensors.index.json"] = json.dumps(index)
     fetched = fake_hub(monkeypatch, snapshot, repo)
     assert resolve_checkpoint("meta-llama/Llama-3.1-8B-Instruct") == snapshot
     assert sorted(fetched) == [
+        "additional_chat_templates/tool_use.jinja", "chat_template.jinja",
         "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
         "tokenizer.json", "tokenizer_config.json",
