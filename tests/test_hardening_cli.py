@@ -308,3 +308,32 @@ def test_save_is_atomic_and_refuses_other_files(chat_folder, tmp_path, monkeypat
         conv.save(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'nowhere' / 'c.json'}: the folder "):
         conv.save(tmp_path / "nowhere" / "c.json")
+
+
+# -- scripts/perplexity.py ------------------------------------------------------------------------
+
+PERPLEXITY = [sys.executable, str(ROOT / "scripts" / "perplexity.py")]
+
+
+@pytest.mark.parametrize("make_text, named", [
+    (None, "cannot read --text"),
+    (lambda p: p.write_text("\n\n   \n\n"), "holds no text to score"),
+    (lambda p: p.write_bytes(b"Lily caf\xe9\n"), "is not UTF-8"),
+])
+def test_perplexity_bad_text_is_a_one_line_error(sp_folder, tmp_path, make_text, named):
+    path = tmp_path / "text.txt"
+    if make_text is not None:
+        make_text(path)
+    proc = run(PERPLEXITY, "--model", sp_folder, "--text", path)
+    assert proc.returncode == 2
+    assert named in one_line_error(proc.stderr) and str(path) in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--model", "/nonexistent/model"], "/nonexistent/model does not exist"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_perplexity_bad_model_or_device_is_a_one_line_error(sp_folder, args, named):
+    proc = run(PERPLEXITY, *(["--model", sp_folder] if "--model" not in args else []), *args)
+    assert proc.returncode == 2
+    assert named in one_line_error(proc.stderr)
