@@ -310,6 +310,18 @@ def test_save_is_atomic_and_refuses_other_files(chat_folder, tmp_path, monkeypat
         conv.save(tmp_path / "nowhere" / "c.json")
 
 
+# -- scripts/generate.py: every prompt checked before any runs -------------------------------------
+
+def test_a_prompt_that_does_not_fit_in_a_later_batch_fails_before_the_first_runs(tmp_path):
+    """The bundled demo model (context 512): batch 1 fits, batch 2 does not."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n" + "hello world " * 300 + "\n")
+    proc = run(GENERATE, "--prompt-file", prompts, "--batch-size", 1, "--max-new-tokens", 3)
+    assert proc.returncode == 2
+    assert proc.stdout == b""  # nothing ran, nothing printed
+    assert one_line_error(proc.stderr).startswith("prompt 2: prompt has 1802 tokens, more than the model's context of 512")
+
+
 # -- scripts/perplexity.py ------------------------------------------------------------------------
 
 PERPLEXITY = [sys.executable, str(ROOT / "scripts" / "perplexity.py")]
