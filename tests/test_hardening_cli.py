@@ -349,3 +349,16 @@ def test_perplexity_bad_model_or_device_is_a_one_line_error(sp_folder, args, nam
     proc = run(PERPLEXITY, *(["--model", sp_folder] if "--model" not in args else []), *args)
     assert proc.returncode == 2
     assert named in one_line_error(proc.stderr)
+
+
+# -- --tp: the launcher adds nothing to rank 0's error --------------------------------------------
+
+@pytest.mark.parametrize("args, named", [
+    (["--max-new-tokens", -1, "Lily"], "max_new_tokens must be an integer >= 0, got -1"),
+    (["--device", "cuda", "Lily"], "CUDA is not available"),
+])
+def test_an_error_under_tp_is_still_one_line(args, named):
+    """The bundled demo model (6 heads, 2 KV heads) in 2 processes on the CPU (gloo)."""
+    proc = run(GENERATE, "--tp", 2, *args)
+    assert proc.returncode == 2
+    assert named in one_line_error(proc.stderr)
