@@ -201,6 +201,10 @@ def _main(argv) -> int:
     conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(512, conv.max_context // 2)
+    if args.max_new_tokens >= conv.max_context:  # no turn could ever fit: say so now, not at every turn
+        raise_context = " (or raise --max-context)" if conv.max_context < llm.config.max_position_embeddings else ""
+        raise cli.CommandError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the context "
+                               f"of {conv.max_context} tokens; lower it{raise_context}")
     interactive = sys.stdin.isatty() if group is None or group.rank == 0 else False
     note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s)")
     if not conv.chat:

@@ -362,3 +362,15 @@ def test_an_error_under_tp_is_still_one_line(args, named):
     proc = run(GENERATE, "--tp", 2, *args)
     assert proc.returncode == 2
     assert named in one_line_error(proc.stderr)
+
+
+# -- chat: a reply length that cannot fit, a turn that does not fit under --on-overflow error -------
+
+@pytest.mark.parametrize("args", [["--max-new-tokens", 512], ["--max-context", 64, "--max-new-tokens", 64]])
+def test_chat_refuses_a_max_new_tokens_that_leaves_no_room_for_a_message(args):
+    """The bundled demo model (context 512): no turn could ever fit, so the chat does not start."""
+    proc = run(CHAT, *args, stdin=b"Tell me a story about a cat.\n")
+    assert proc.returncode == 2 and proc.stdout == b""
+    last = proc.stderr.decode().splitlines()[-1]
+    assert last.startswith("error: --max-new-tokens") and "leaves no room" in last, proc.stderr
+
