@@ -149,9 +149,8 @@ def reply(conv, text: str, args, sampling, interactive: bool) -> None:
             stats = conv.send(text, args.max_new_tokens, sampling, on_text=show,
                               should_stop=None if conv.llm.model.tp else lambda: interrupt.requested)
     except ContextOverflowError as e:
-        if args.on_overflow == "error":
-            note(f"error: {e}")
-            sys.exit(1)
+        if args.on_overflow == "error":  # the chat ends: one line, exit status 2 (minillama/cli.py)
+            raise cli.CommandError(str(e)) from None
         note(f"error: {e}")  # too long even without history: the conversation is unchanged
         return
     except ChatTemplateError as e:  # raised before the turn starts: the conversation is unchanged

@@ -374,3 +374,11 @@ def test_chat_refuses_a_max_new_tokens_that_leaves_no_room_for_a_message(args):
     last = proc.stderr.decode().splitlines()[-1]
     assert last.startswith("error: --max-new-tokens") and "leaves no room" in last, proc.stderr
 
+
+def test_chat_on_overflow_error_exits_2_with_one_error_line():
+    proc = run(CHAT, "--max-context", 40, "--max-new-tokens", 10, "--on-overflow", "error",
+               stdin=b"Tell me a story about a cat.\nAnd one about a dog.\n")
+    assert proc.returncode == 2  # the documented status of an error (was 1)
+    lines = proc.stderr.decode().splitlines()
+    assert lines[-1].startswith("error: the conversation needs") and "Traceback" not in proc.stderr.decode()
+    assert len(proc.stdout.decode().splitlines()) == 1  # the first reply
