@@ -93,8 +93,10 @@ class Llama:
                 compressed-tensors format (e.g. the Llama 3.1 ``-FP8`` models) loads its 8-bit
                 weights as they are, with quantize=None. See ``minillama.quantization``.
         """
-        if quantize is not None and quantize not in QUANTIZE_DTYPES:
+        if quantize is not None and (not isinstance(quantize, str) or quantize not in QUANTIZE_DTYPES):
             raise ValueError(f"quantize must be None or one of {sorted(QUANTIZE_DTYPES)}, got {quantize!r}")
+        if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+            raise ValueError(f"tp must be None or an integer >= 1, got {tp!r}")
         device = _resolve_device(device)
         parallel = join_from_environment(device.type)
         world = parallel.world_size if parallel is not None else 1

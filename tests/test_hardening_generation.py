@@ -271,6 +271,18 @@ def test_unknown_devices_say_what_exists(sp_folder, device, named):
     assert str(e.value).startswith(named)
 
 
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(tp=0), "tp must be None or an integer >= 1, got 0"),  # was: "launch with torchrun --nproc-per-node 0"
+    (dict(tp="2"), "tp must be None or an integer >= 1, got '2'"),
+    (dict(quantize=["int8"]), "quantize must be None or one of ['fp8', 'int8'], got ['int8']"),  # was: unhashable type
+])
+def test_odd_loading_arguments_are_named(sp_folder, kwargs, named):
+    with pytest.raises(ValueError) as e:
+        Llama.from_pretrained(sp_folder, device="cpu", **kwargs)
+    assert str(e.value) == named
+
+
 # -- threads ------------------------------------------------------------------------------------
 
 def test_generations_in_two_threads_equal_running_alone(llm, monkeypatch):
