@@ -137,6 +137,8 @@ class Llama:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
         ids = _token_ids(prompt)
+        if not ids:
+            raise ValueError("a prompt of token ids is empty: give at least one id")
         limit = self.tokenizer.vocab_size if decodable else self.config.vocab_size  # tokenizer's <= config's
         bad = [t for t in ids if not 0 <= t < limit]
         if bad:

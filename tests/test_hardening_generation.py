@@ -283,6 +283,14 @@ def test_odd_loading_arguments_are_named(sp_folder, kwargs, named):
     assert str(e.value) == named
 
 
+def test_an_empty_list_of_ids_is_named_as_such(llm):
+    """Not "a prompt encodes to 0 tokens and the tokenizer adds no BOS": no text was given."""
+    for call in (lambda: llm.logits([]), lambda: llm.generate([[]], max_new_tokens=1),
+                 lambda: llm.stream([], max_new_tokens=1)):
+        with pytest.raises(ValueError, match=r"^a prompt of token ids is empty: give at least one id$"):
+            call()
+
+
 # -- threads ------------------------------------------------------------------------------------
 
 def test_generations_in_two_threads_equal_running_alone(llm, monkeypatch):
