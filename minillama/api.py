@@ -268,8 +268,8 @@ class Llama:
         bad = [t for t in extra if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"stop_ids {bad[:5]} are not token ids in [0, {self.config.vocab_size})")
-        if cache is not None and (not isinstance(cache, KVCache) or cache.batch != len(prompts)):
-            raise ValueError(f"cache must be a KVCache of {len(prompts)} row(s) (Llama.new_cache), got {cache!r:.80}")
+        if cache is not None:
+            self._check_cache(cache, len(prompts))
         cached = cache.seq_lens_cpu if cache is not None else [0] * len(prompts)
         ids = [self._prompt_ids(p, decodable=True) for p in prompts]
         if truncate_prompt == "left":
@@ -280,6 +280,23 @@ class Llama:
         loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, all_stop_ids, cache=cache,
                          decodable=self.decodable)
         return TextGeneration(loop, self.tokenizer, stops)
+
+    def _check_cache(self, cache, rows: int) -> None:
+        """A cache of ``rows`` rows that this model can run on (same layers, heads, dtype, device)."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache (Llama.new_cache), got {type(cache).__name__}")
+        if cache.batch != rows:
+            raise ValueError(f"cache has {cache.batch} row(s) but {rows} prompt(s) were given: make it with "
+                             f"Llama.new_cache({rows})")
+        ref = self.runner.new_cache(1, 1).k  # the layout this model's layers read
+        if (cache.k.shape[0], *cache.k.shape[3:], cache.k.dtype, cache.k.device) != (
+                ref.shape[0], *ref.shape[3:], ref.dtype, ref.device):
+            layers, _, _, heads, dim = ref.shape
+            raise ValueError(
+                f"cache was made for another model ({cache.k.dtype} on {cache.k.device}, K/V {tuple(cache.k.shape)}); "
+                f"this one needs {ref.dtype} on {ref.device}, K/V ({layers}, rows, tokens, {heads}, {dim}): "
+                f"make it with this model's new_cache"
+            )
 
     def _truncate_left(self, ids: List[int], max_new_tokens: int) -> List[int]:
         """The newest tokens of ``ids`` that leave room for max_new_tokens (a leading BOS stays)."""

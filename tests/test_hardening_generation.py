@@ -291,6 +291,21 @@ def test_an_empty_list_of_ids_is_named_as_such(llm):
             call()
 
 
+def test_a_cache_that_does_not_fit_the_call_is_named_before_any_work(llm, sp_folder):
+    with pytest.raises(ValueError) as e:
+        llm.generate(["Lily"], max_new_tokens=2, cache=llm.new_cache(2, 16))
+    assert str(e.value) == "cache has 2 row(s) but 1 prompt(s) were given: make it with Llama.new_cache(1)"
+    with pytest.raises(TypeError, match=r"^cache must be a KVCache \(Llama.new_cache\), got str$"):
+        llm.generate(["Lily"], max_new_tokens=2, cache="cache")
+    other = Llama.from_pretrained(sp_folder, device="cpu", dtype="bfloat16")  # the same model in another dtype
+    cache = other.new_cache(1, 16)
+    with pytest.raises(ValueError) as e:
+        llm.generate(["Lily"], max_new_tokens=2, cache=cache)
+    assert str(e.value).startswith("cache was made for another model (torch.bfloat16 on cpu, K/V (2, 1, 16, 2, 8)); "
+                                   "this one needs torch.float32 on cpu, K/V (2, rows, tokens, 2, 8)")
+    assert cache.seq_lens_cpu == [0]
+
+
 # -- threads ------------------------------------------------------------------------------------
 
 def test_generations_in_two_threads_equal_running_alone(llm, monkeypatch):
