@@ -244,8 +244,8 @@ class Llama:
 
         Arguments are checked here, before the first token; the model runs while iterating.
         """
-        if not isinstance(prompt, (str, Sequence)) or (
-                not isinstance(prompt, str) and any(isinstance(t, (str, bytes, Sequence)) for t in prompt)):
+        if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and any(
+                isinstance(t, (str, bytes, Sequence)) for t in prompt):
             raise TypeError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
         generation = self._start([prompt], max_new_tokens, temperature, top_k, top_p, min_p, seed,
                                  stop, stop_ids, truncate_prompt, cache)

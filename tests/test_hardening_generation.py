@@ -244,6 +244,12 @@ def test_integer_like_ids_are_fine(llm):
     expected = llm.generate([ids], max_new_tokens=3)[0].token_ids
     assert llm.generate([np.array(ids)], max_new_tokens=3)[0].token_ids == expected
     assert llm.generate([torch.tensor(ids)], max_new_tokens=3)[0].token_ids == expected
+    for ids_like in (np.array(ids), torch.tensor(ids)):  # stream takes what generate takes
+        stream = llm.stream(ids_like, max_new_tokens=3)
+        list(stream)
+        assert stream.result.token_ids == expected
+    with pytest.raises(TypeError, match="use generate for a batch"):
+        llm.stream(["Lily", "Tom"], max_new_tokens=3)
 
 
 @pytest.mark.parametrize("kwargs, error, named", [
