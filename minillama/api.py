@@ -93,8 +93,10 @@ class Llama:
                 compressed-tensors format (e.g. the Llama 3.1 ``-FP8`` models) loads its 8-bit
                 weights as they are, with quantize=None. See ``minillama.quantization``.
         """
-        if quantize is not None and quantize not in QUANTIZE_DTYPES:
+        if quantize is not None and (not isinstance(quantize, str) or quantize not in QUANTIZE_DTYPES):
             raise ValueError(f"quantize must be None or one of {sorted(QUANTIZE_DTYPES)}, got {quantize!r}")
+        if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+            raise ValueError(f"tp must be None or an integer >= 1, got {tp!r}")
         device = _resolve_device(device)
         parallel = join_from_environment(device.type)
         world = parallel.world_size if parallel is not None else 1
@@ -135,6 +137,8 @@ class Llama:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
         ids = _token_ids(prompt)
+        if not ids:
+            raise ValueError("a prompt of token ids is empty: give at least one id")
         limit = self.tokenizer.vocab_size if decodable else self.config.vocab_size  # tokenizer's <= config's
         bad = [t for t in ids if not 0 <= t < limit]
         if bad:
@@ -240,8 +244,8 @@ class Llama:
 
         Arguments are checked here, before the first token; the model runs while iterating.
         """
-        if not isinstance(prompt, (str, Sequence)) or (
-                not isinstance(prompt, str) and any(isinstance(t, (str, bytes, Sequence)) for t in prompt)):
+        if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and any(
+                isinstance(t, (str, bytes, Sequence)) for t in prompt):
             raise TypeError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
         generation = self._start([prompt], max_new_tokens, temperature, top_k, top_p, min_p, seed,
                                  stop, stop_ids, truncate_prompt, cache)
@@ -264,8 +268,8 @@ class Llama:
         bad = [t for t in extra if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"stop_ids {bad[:5]} are not token ids in [0, {self.config.vocab_size})")
-        if cache is not None and (not isinstance(cache, KVCache) or cache.batch != len(prompts)):
-            raise ValueError(f"cache must be a KVCache of {len(prompts)} row(s) (Llama.new_cache), got {cache!r:.80}")
+        if cache is not None:
+            self._check_cache(cache, len(prompts))
         cached = cache.seq_lens_cpu if cache is not None else [0] * len(prompts)
         ids = [self._prompt_ids(p, decodable=True) for p in prompts]
         if truncate_prompt == "left":
@@ -276,6 +280,23 @@ class Llama:
         loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, all_stop_ids, cache=cache,
                          decodable=self.decodable)
         return TextGeneration(loop, self.tokenizer, stops)
+
+    def _check_cache(self, cache, rows: int) -> None:
+        """A cache of ``rows`` rows that this model can run on (same layers, heads, dtype, device)."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache (Llama.new_cache), got {type(cache).__name__}")
+        if cache.batch != rows:
+            raise ValueError(f"cache has {cache.batch} row(s) but {rows} prompt(s) were given: make it with "
+                             f"Llama.new_cache({rows})")
+        ref = self.runner.new_cache(1, 1).k  # the layout this model's layers read
+        if (cache.k.shape[0], *cache.k.shape[3:], cache.k.dtype, cache.k.device) != (
+                ref.shape[0], *ref.shape[3:], ref.dtype, ref.device):
+            layers, _, _, heads, dim = ref.shape
+            raise ValueError(
+                f"cache was made for another model ({cache.k.dtype} on {cache.k.device}, K/V {tuple(cache.k.shape)}); "
+                f"this one needs {ref.dtype} on {ref.device}, K/V ({layers}, rows, tokens, {heads}, {dim}): "
+                f"make it with this model's new_cache"
+            )
 
     def _truncate_left(self, ids: List[int], max_new_tokens: int) -> List[int]:
         """The newest tokens of ``ids`` that leave room for max_new_tokens (a leading BOS stays)."""

@@ -149,9 +149,8 @@ def reply(conv, text: str, args, sampling, interactive: bool) -> None:
             stats = conv.send(text, args.max_new_tokens, sampling, on_text=show,
                               should_stop=None if conv.llm.model.tp else lambda: interrupt.requested)
     except ContextOverflowError as e:
-        if args.on_overflow == "error":
-            note(f"error: {e}")
-            sys.exit(1)
+        if args.on_overflow == "error":  # the chat ends: one line, exit status 2 (minillama/cli.py)
+            raise cli.CommandError(str(e)) from None
         note(f"error: {e}")  # too long even without history: the conversation is unchanged
         return
     except ChatTemplateError as e:  # raised before the turn starts: the conversation is unchanged
@@ -201,6 +200,10 @@ def _main(argv) -> int:
     conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(512, conv.max_context // 2)
+    if args.max_new_tokens >= conv.max_context:  # no turn could ever fit: say so now, not at every turn
+        raise_context = " (or raise --max-context)" if conv.max_context < llm.config.max_position_embeddings else ""
+        raise cli.CommandError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the context "
+                               f"of {conv.max_context} tokens; lower it{raise_context}")
     interactive = sys.stdin.isatty() if group is None or group.rank == 0 else False
     note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s)")
     if not conv.chat:

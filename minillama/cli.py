@@ -182,7 +182,8 @@ def launch_tensor_parallel(tp: int, model, entry: Sequence[str], argv: Sequence[
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed").setLevel(logging.ERROR)  # the launcher's notices are not output
+    # the launcher's notices are not output, nor its log of a failed rank: rank 0 has said why in one line
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=str(uuid.uuid4().int),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
     try:

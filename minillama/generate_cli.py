@@ -135,6 +135,11 @@ def run(args) -> None:
         cli.write("\n", flush=True)
         cli.note(report([stream.result], 0, 1))
         return
+    for n, prompt in enumerate(prompts, 1):  # every prompt fits before any batch runs
+        try:
+            llm._check_length(len(llm._prompt_ids(prompt, decodable=True)), max(args.max_new_tokens, 0))
+        except ValueError as e:
+            raise UserError(f"prompt {n}: {e}") from None
     size = args.batch_size or len(prompts)
     batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
     for k, batch in enumerate(batches):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 import torch  # noqa: E402
 
-from minillama import Llama  # noqa: E402
+from minillama import Llama, cli  # noqa: E402
 from minillama.hub import DEMO_MODEL_DIR  # noqa: E402
 
 DEFAULT_TEXT = Path(__file__).resolve().parent / "heldout_stories.txt"
@@ -70,10 +70,22 @@ def perplexity(llm: Llama, docs) -> dict:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0, or 2 after a one-line error (bad text, model or device), 130 on Ctrl-C."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     text_path = Path(args.text)
-    text = text_path.read_text(encoding="utf-8")
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise cli.CommandError(f"cannot read --text {text_path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise cli.CommandError(f"--text {text_path} is not UTF-8 (byte {e.start}: {e.reason})") from None
     docs = documents(text)
+    if not docs:
+        raise cli.CommandError(f"--text {text_path} holds no text to score (paragraphs are separated by blank lines)")
     rows = []
     for model in args.model or [str(DEMO_MODEL_DIR)]:
         base = None
@@ -101,4 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

@@ -26,6 +26,8 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from minillama import cli  # noqa: E402
+from minillama.api import _resolve_device  # noqa: E402
 from minillama.config import LlamaConfig, read_json  # noqa: E402
 from minillama.hub import resolve_checkpoint  # noqa: E402
 from minillama.quantization import QUANTIZE_DTYPES, QuantizationConfig, QuantScheme, module_schemes  # noqa: E402
@@ -51,10 +53,12 @@ def quantize_checkpoint(source, output, kind: str, activations: str = "dynamic",
     progress: optional callable(tensor_name) called after each quantized tensor.
     """
     source, output = Path(source), Path(output)
+    device = _resolve_device(device)  # a device that cannot run fails before the output folder exists
     raw = read_json(source / "config.json")
     if "quantization_config" in raw:
-        raise ValueError(f"{source} is already quantized ({raw['quantization_config'].get('quant_method')}); "
-                         f"start from a full-precision checkpoint")
+        method = raw["quantization_config"]
+        method = method.get("quant_method") if isinstance(method, dict) else method
+        raise ValueError(f"{source} is already quantized ({method}); start from a full-precision checkpoint")
     if output.exists():
         raise ValueError(f"{output} exists; choose a new folder")
     config = LlamaConfig.from_dict(raw)
@@ -66,6 +70,14 @@ def quantize_checkpoint(source, output, kind: str, activations: str = "dynamic",
     index_path = source / "model.safetensors.index.json"
     shards = sorted(set(read_json(index_path)["weight_map"].values())) if index_path.exists() else ["model.safetensors"]
     output.mkdir(parents=True)
+    try:
+        return _write(source, output, raw, qconfig, scheme, quantized, shards, index_path, device, progress)
+    except BaseException:  # a failure (or Ctrl-C) midway leaves no half-written checkpoint behind
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _write(source, output, raw, qconfig, scheme, quantized, shards, index_path, device, progress) -> dict:
     weight_map = {}
     for shard in shards:
         tensors = {}
@@ -86,7 +98,6 @@ def quantize_checkpoint(source, output, kind: str, activations: str = "dynamic",
         del tensors
     missing = quantized - set(weight_map)
     if missing:
-        shutil.rmtree(output)
         raise ValueError(f"{source} lacks projection weights {sorted(missing)[:3]}")
     if index_path.exists():
         index = read_json(index_path)
@@ -101,6 +112,11 @@ def quantize_checkpoint(source, output, kind: str, activations: str = "dynamic",
 
 
 def main(argv=None) -> int:
+    """Exit status: 0, or 2 after a one-line error (a bad source, device or output), 130 on Ctrl-C."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     source = resolve_checkpoint(args.source)
     count = [0]
@@ -109,14 +125,10 @@ def main(argv=None) -> int:
         count[0] += 1
         print(f"\rquantized {count[0]} tensors ({name})", end="", file=sys.stderr, flush=True)
 
-    try:
-        quantize_checkpoint(source, args.output, args.kind, args.activations, args.device, progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    quantize_checkpoint(source, args.output, args.kind, args.activations, args.device, progress)
     print(f"\nwrote {args.output}: {count[0]} projection weights in {args.kind}, per-channel scales", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

@@ -62,7 +62,7 @@ def test_generate_continues_from_a_cache(llm):
     assert cache.seq_lens_cpu == [len(prompt) + 7]  # the 8th token is sampled, not yet fed
     (second,) = llm.generate([first.token_ids[-1:]], max_new_tokens=12, cache=cache)
     assert first.token_ids + second.token_ids == whole.token_ids
-    with pytest.raises(ValueError, match="cache must be a KVCache of 2 row"):
+    with pytest.raises(ValueError, match=r"cache has 1 row\(s\) but 2 prompt\(s\) were given"):
         llm.generate([prompt, prompt], max_new_tokens=2, cache=cache)
     with pytest.raises(ValueError, match="row 0: 26 cached \\+ 1 prompt tokens \\+ 40 new tokens need 66 cache slots"):
         llm.generate([[5]], max_new_tokens=40, cache=cache)

@@ -308,3 +308,77 @@ def test_save_is_atomic_and_refuses_other_files(chat_folder, tmp_path, monkeypat
         conv.save(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'nowhere' / 'c.json'}: the folder "):
         conv.save(tmp_path / "nowhere" / "c.json")
+
+
+# -- scripts/generate.py: every prompt checked before any runs -------------------------------------
+
+def test_a_prompt_that_does_not_fit_in_a_later_batch_fails_before_the_first_runs(tmp_path):
+    """The bundled demo model (context 512): batch 1 fits, batch 2 does not."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n" + "hello world " * 300 + "\n")
+    proc = run(GENERATE, "--prompt-file", prompts, "--batch-size", 1, "--max-new-tokens", 3)
+    assert proc.returncode == 2
+    assert proc.stdout == b""  # nothing ran, nothing printed
+    assert one_line_error(proc.stderr).startswith("prompt 2: prompt has 1802 tokens, more than the model's context of 512")
+
+
+# -- scripts/perplexity.py ------------------------------------------------------------------------
+
+PERPLEXITY = [sys.executable, str(ROOT / "scripts" / "perplexity.py")]
+
+
+@pytest.mark.parametrize("make_text, named", [
+    (None, "cannot read --text"),
+    (lambda p: p.write_text("\n\n   \n\n"), "holds no text to score"),
+    (lambda p: p.write_bytes(b"Lily caf\xe9\n"), "is not UTF-8"),
+])
+def test_perplexity_bad_text_is_a_one_line_error(sp_folder, tmp_path, make_text, named):
+    path = tmp_path / "text.txt"
+    if make_text is not None:
+        make_text(path)
+    proc = run(PERPLEXITY, "--model", sp_folder, "--text", path)
+    assert proc.returncode == 2
+    assert named in one_line_error(proc.stderr) and str(path) in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--model", "/nonexistent/model"], "/nonexistent/model does not exist"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_perplexity_bad_model_or_device_is_a_one_line_error(sp_folder, args, named):
+    proc = run(PERPLEXITY, *(["--model", sp_folder] if "--model" not in args else []), *args)
+    assert proc.returncode == 2
+    assert named in one_line_error(proc.stderr)
+
+
+# -- --tp: the launcher adds nothing to rank 0's error --------------------------------------------
+
+@pytest.mark.parametrize("args, named", [
+    (["--max-new-tokens", -1, "Lily"], "max_new_tokens must be an integer >= 0, got -1"),
+    (["--device", "cuda", "Lily"], "CUDA is not available"),
+])
+def test_an_error_under_tp_is_still_one_line(args, named):
+    """The bundled demo model (6 heads, 2 KV heads) in 2 processes on the CPU (gloo)."""
+    proc = run(GENERATE, "--tp", 2, *args)
+    assert proc.returncode == 2
+    assert named in one_line_error(proc.stderr)
+
+
+# -- chat: a reply length that cannot fit, a turn that does not fit under --on-overflow error -------
+
+@pytest.mark.parametrize("args", [["--max-new-tokens", 512], ["--max-context", 64, "--max-new-tokens", 64]])
+def test_chat_refuses_a_max_new_tokens_that_leaves_no_room_for_a_message(args):
+    """The bundled demo model (context 512): no turn could ever fit, so the chat does not start."""
+    proc = run(CHAT, *args, stdin=b"Tell me a story about a cat.\n")
+    assert proc.returncode == 2 and proc.stdout == b""
+    last = proc.stderr.decode().splitlines()[-1]
+    assert last.startswith("error: --max-new-tokens") and "leaves no room" in last, proc.stderr
+
+
+def test_chat_on_overflow_error_exits_2_with_one_error_line():
+    proc = run(CHAT, "--max-context", 40, "--max-new-tokens", 10, "--on-overflow", "error",
+               stdin=b"Tell me a story about a cat.\nAnd one about a dog.\n")
+    assert proc.returncode == 2  # the documented status of an error (was 1)
+    lines = proc.stderr.decode().splitlines()
+    assert lines[-1].startswith("error: the conversation needs") and "Traceback" not in proc.stderr.decode()
+    assert len(proc.stdout.decode().splitlines()) == 1  # the first reply

@@ -244,6 +244,12 @@ def test_integer_like_ids_are_fine(llm):
     expected = llm.generate([ids], max_new_tokens=3)[0].token_ids
     assert llm.generate([np.array(ids)], max_new_tokens=3)[0].token_ids == expected
     assert llm.generate([torch.tensor(ids)], max_new_tokens=3)[0].token_ids == expected
+    for ids_like in (np.array(ids), torch.tensor(ids)):  # stream takes what generate takes
+        stream = llm.stream(ids_like, max_new_tokens=3)
+        list(stream)
+        assert stream.result.token_ids == expected
+    with pytest.raises(TypeError, match="use generate for a batch"):
+        llm.stream(["Lily", "Tom"], max_new_tokens=3)
 
 
 @pytest.mark.parametrize("kwargs, error, named", [
@@ -269,6 +275,41 @@ def test_unknown_devices_say_what_exists(sp_folder, device, named):
     with pytest.raises(ValueError) as e:
         Llama.from_pretrained(sp_folder, device=device)
     assert str(e.value).startswith(named)
+
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(tp=0), "tp must be None or an integer >= 1, got 0"),  # was: "launch with torchrun --nproc-per-node 0"
+    (dict(tp="2"), "tp must be None or an integer >= 1, got '2'"),
+    (dict(quantize=["int8"]), "quantize must be None or one of ['fp8', 'int8'], got ['int8']"),  # was: unhashable type
+])
+def test_odd_loading_arguments_are_named(sp_folder, kwargs, named):
+    with pytest.raises(ValueError) as e:
+        Llama.from_pretrained(sp_folder, device="cpu", **kwargs)
+    assert str(e.value) == named
+
+
+def test_an_empty_list_of_ids_is_named_as_such(llm):
+    """Not "a prompt encodes to 0 tokens and the tokenizer adds no BOS": no text was given."""
+    for call in (lambda: llm.logits([]), lambda: llm.generate([[]], max_new_tokens=1),
+                 lambda: llm.stream([], max_new_tokens=1)):
+        with pytest.raises(ValueError, match=r"^a prompt of token ids is empty: give at least one id$"):
+            call()
+
+
+def test_a_cache_that_does_not_fit_the_call_is_named_before_any_work(llm, sp_folder):
+    with pytest.raises(ValueError) as e:
+        llm.generate(["Lily"], max_new_tokens=2, cache=llm.new_cache(2, 16))
+    assert str(e.value) == "cache has 2 row(s) but 1 prompt(s) were given: make it with Llama.new_cache(1)"
+    with pytest.raises(TypeError, match=r"^cache must be a KVCache \(Llama.new_cache\), got str$"):
+        llm.generate(["Lily"], max_new_tokens=2, cache="cache")
+    other = Llama.from_pretrained(sp_folder, device="cpu", dtype="bfloat16")  # the same model in another dtype
+    cache = other.new_cache(1, 16)
+    with pytest.raises(ValueError) as e:
+        llm.generate(["Lily"], max_new_tokens=2, cache=cache)
+    assert str(e.value).startswith("cache was made for another model (torch.bfloat16 on cpu, K/V (2, 1, 16, 2, 8)); "
+                                   "this one needs torch.float32 on cpu, K/V (2, rows, tokens, 2, 8)")
+    assert cache.seq_lens_cpu == [0]
 
 
 # -- threads ------------------------------------------------------------------------------------

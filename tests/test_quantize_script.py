@@ -76,3 +76,43 @@ def test_refuses_a_quantized_source_and_an_existing_output(tmp_path, quantize_sc
         quantize_script.quantize_checkpoint(tmp_path / "out", tmp_path / "again", "fp8")
     with pytest.raises(ValueError, match="exists; choose a new folder"):
         quantize_script.quantize_checkpoint(tmp_path / "src", tmp_path / "out", "fp8")
+
+
+def run_script(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent.parent))
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--kind", "int8", "--device", "cuda"], "device cuda was requested but CUDA is not available"),
+    (["--kind", "int8", "--device", "tpu"], "device 'tpu' is not a device name"),
+])
+def test_a_bad_device_is_a_one_line_error_and_writes_nothing(tmp_path, args, named):
+    write_checkpoint(tmp_path / "src", **SMALL)
+    proc = run_script(tmp_path / "src", tmp_path / "out", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and named in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()  # a rerun with a good device is not refused with "out exists"
+
+
+def test_a_missing_source_is_a_one_line_error(tmp_path):
+    proc = run_script(tmp_path / "nothing", tmp_path / "out", "--kind", "fp8")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+
+
+def test_a_failure_while_writing_removes_the_partial_output(tmp_path, quantize_script, monkeypatch):
+    write_checkpoint(tmp_path / "src", **SMALL)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quantize_script, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        quantize_script.quantize_checkpoint(tmp_path / "src", tmp_path / "out", "int8")
+    assert not (tmp_path / "out").exists()
