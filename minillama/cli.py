@@ -15,12 +15,16 @@ of the bad bytes (:func:`text_arg`, and standard input is reconfigured so); stan
 "?" for what its encoding cannot hold. Library code never prints: only the command lines call this.
 """
 import os
+import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE
+ERROR_DIR = "MINILLAMA_TP_ERROR_DIR"  # set by launch_tensor_parallel for the processes it starts
 
 
 class CommandError(Exception):
@@ -106,13 +110,26 @@ def _run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence
     except (CommandError, OutputError, ValueError, OSError, NotImplementedError, MemoryError) as e:
         if isinstance(e, OutputError):
             _discard_stdout()
-        note(f"error: {_one_line(e)}")
+        _error(f"error: {_one_line(e)}")
         return EXIT_ERROR
     except RuntimeError as e:
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError; anything else is a bug
             raise
-        note(f"error: out of memory: {_one_line(e)}")
+        _error(f"error: out of memory: {_one_line(e)}")
         return EXIT_ERROR
+
+
+def _error(line: str) -> None:
+    """The command's one error line: on stderr, or, in a process of :func:`launch_tensor_parallel`,
+    into its rank's file there (the launcher prints one rank's line)."""
+    folder, rank = os.environ.get(ERROR_DIR), os.environ.get("RANK")
+    if folder and rank is not None:
+        try:
+            (Path(folder) / f"rank{rank}").write_text(line)
+            return
+        except OSError:
+            pass
+    note(line)
 
 
 def _one_line(e: BaseException) -> str:
@@ -165,7 +182,8 @@ def silence_followers() -> None:
 
 def launch_tensor_parallel(tp: int, model, entry: Sequence[str], argv: Sequence[str]) -> int:
     """Run this command in ``tp`` processes through torch's elastic launcher (what torchrun runs),
-    each joining the group from torchrun's environment; returns rank 0's exit status.
+    each joining the group from torchrun's environment; returns the exit status: rank 0's, or, when
+    the run failed, that of the lowest rank with an error line, which is printed here (one line).
 
     The degree is checked against the model's config first (exit 2 naming the numbers, before any
     process starts). ``entry``: what follows ``python`` (``["-m", "minillama.chat"]`` or a script
@@ -182,16 +200,47 @@ def launch_tensor_parallel(tp: int, model, entry: Sequence[str], argv: Sequence[
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # the launcher's notices are not output, nor its log of a failed rank: rank 0 has said why in one line
+    # the launcher's notices are not output, nor its log of a failed rank: the one error line is ours
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=str(uuid.uuid4().int),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
+    with tempfile.TemporaryDirectory() as errors:
+        os.environ[ERROR_DIR] = errors  # the ranks inherit it: each writes its error line there, not to stderr
+        try:
+            elastic_launch(config, entrypoint=sys.executable)(*entry, *argv)
+            return 0
+        except ChildFailedError as e:
+            return _report_failure(tp, e.failures or {}, Path(errors))
+        finally:
+            del os.environ[ERROR_DIR]
+
+
+def _report_failure(tp: int, failures: dict, errors: Path) -> int:
+    """One line for a tensor-parallel run that failed, and its exit status. The lowest rank's error
+    line, if a rank wrote one: the first rank to fail ends the others (they all check the same
+    arguments), so rank 0 may be stopped before it could print. Otherwise name the failed ranks."""
+    lines = sorted((int(p.name.removeprefix("rank")), p.read_text()) for p in errors.glob("rank*"))
+    if lines:
+        rank, line = lines[0]
+        note(line)
+        code = failures[rank].exitcode if rank in failures else EXIT_ERROR
+        return code if code > 0 else EXIT_ERROR
+    if 0 in failures and failures[0].exitcode > 0:  # rank 0 printed its own traceback or was interrupted
+        return failures[0].exitcode
+    ranks = ", ".join(f"{r} ({_exit_description(f.exitcode)})" for r, f in sorted(failures.items()))
+    oom = " (SIGKILL: usually the host ran out of memory)" if "SIGKILL" in ranks else ""
+    note(f"error: tensor-parallel rank {ranks} of {tp} failed with no error line; only rank 0's output is shown{oom}")
+    return EXIT_ERROR
+
+
+def _exit_description(code: int) -> str:
+    """A process's exit code as words: "exit status 3" or, for a negative code, the signal that ended it."""
+    if code >= 0:
+        return f"exit status {code}"
     try:
-        elastic_launch(config, entrypoint=sys.executable)(*entry, *argv)
-    except ChildFailedError as e:
-        failure = e.failures.get(min(e.failures)) if e.failures else None
-        return failure.exitcode if failure is not None and failure.exitcode > 0 else EXIT_ERROR
-    return 0
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def without_tp(argv: Sequence[str]) -> list:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from minillama import Llama
 from minillama.chat_format import ChatTemplateError
 from minillama.conversation import Conversation
+from minillama.hub import DEMO_MODEL_DIR
 from tests.checkpoints import checkpoint_factory  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,6 +363,19 @@ def test_an_error_under_tp_is_still_one_line(args, named):
     proc = run(GENERATE, "--tp", 2, *args)
     assert proc.returncode == 2
     assert named in one_line_error(proc.stderr)
+
+
+def test_a_rank_that_fails_alone_under_tp_is_reported(tmp_path, capsys):
+    """Only rank 0 prints, so a follower that fails while rank 0 does not must still be named: an
+    entry script that exits 3 in rank 1 and 0 in rank 0, launched as --tp 2 launches commands."""
+    from minillama.cli import EXIT_ERROR, launch_tensor_parallel
+
+    script = tmp_path / "fails_in_rank_1.py"
+    script.write_text("import os, sys\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
+    assert launch_tensor_parallel(2, str(DEMO_MODEL_DIR), [str(script)], []) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: tensor-parallel rank 1 (exit status 3) of 2 failed with no error line; "
+                   "only rank 0's output is shown"], err
 
 
 # -- chat: a reply length that cannot fit, a turn that does not fit under --on-overflow error -------
