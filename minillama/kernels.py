@@ -245,8 +245,10 @@ def _widen(w, ty: tl.constexpr):
 @triton.jit
 def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om, pid_m, pid_n, pid_k,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr):
-    """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_8bit_fwd``."""
+                      SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr):
+    """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_8bit_fwd``. UPCAST: x is
+    bfloat16 under Triton's interpreter, which keeps bfloat16 as raw uint16 bits (its int8 ->
+    bfloat16 cast and its bfloat16 tl.dot work on those bits): multiply in float32 there."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -261,12 +263,16 @@ def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, 
         if SWAP:
             w = W.load([pid_n * BLOCK_N, k0])
             x = X.load([pid_m * BLOCK_M, k0])
+            if UPCAST:
+                x = x.to(tl.float32)
             acc = tl.dot(_widen(w, x.dtype), tl.trans(x), acc)
         else:
             if EVEN_K:
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
             else:
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
             if W_TMA:
                 w = tl.trans(W.load([pid_n * BLOCK_N, k0]))
             elif EVEN_K:
@@ -291,7 +297,8 @@ def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, 
 @triton.jit
 def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr):
+                     SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
+                     UPCAST: tl.constexpr):
     """out (M, N) = x (M, K) @ (W (N, K) * Scale[:, None])^T for an 8-bit W (int8 / float8_e4m3fn).
 
     W tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16) and
@@ -311,11 +318,11 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, s
         for tile in tl.range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
             _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
                               tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
-                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP)
+                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, UPCAST)
     else:
         _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
                           tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP)
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, UPCAST)
 
 
 @triton.jit
@@ -559,6 +566,7 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
         x_arg, w_arg, scale, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split_k > 1:

@@ -296,6 +296,26 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
 
 @pytest.mark.triton
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("loads,split_k", [("pointers", 1), ("pointers", 2), ("tma_swapped", 1)])
+def test_matmul_8bit_bfloat16_activations(dtype, loads, split_k):
+    """bfloat16 activations, as a bfloat16 model's prefill and batched decode pass them: within
+    bfloat16 rounding of the float64 product. Triton's interpreter keeps bfloat16 as raw uint16
+    bits and its tl.dot multiplied those (errors ~1e9)."""
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(4)
+    M, K, N = 5, 96, 80
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    q, scale = quantize_per_channel(torch.randn(N, K, generator=g), dtype)
+    got = kernels.matmul_8bit(x, q, scale, config=kernels.INTERPRET_MATMUL_8BIT[:5] + (split_k, loads))
+    expected = x.double() @ dequantize(q, scale, torch.float64).T
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - expected).abs() <= 2 ** -7 * expected.abs() + 1e-6).all()
+
+
+@pytest.mark.triton
+@interpreted
 def test_matmul_prefill_tiling_without_tma():
     """A prefill tiling (256-row TMA tiles) on a weight whose rows TMA cannot load (90 bytes, not a
     multiple of 16) falls back to per-thread loads in tiles that fit without TMA: same product."""
