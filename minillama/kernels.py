@@ -380,18 +380,25 @@ def time_in_graph(fn, reps: int = 3) -> float:
     return best
 
 
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself where its last dimension is contiguous (the elementwise kernels read a row's values
+    at consecutive addresses), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
                  h_out: Optional[torch.Tensor] = None):
     """(normed, h) for rows of x (..., N): h = x + residual (x itself when residual is None),
     written into ``h_out`` when given (a contiguous tensor of x's shape)."""
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
+    x2 = _unit_stride_rows(x.reshape(-1, N))
+    weight = _unit_stride_rows(weight)
     normed = torch.empty_like(x2)
     if residual is None:
         h = x2
     else:
         h = h_out.view(x2.shape) if h_out is not None else torch.empty_like(x2)
-    r = residual.reshape(-1, N) if residual is not None else x2
+    r = _unit_stride_rows(residual.reshape(-1, N)) if residual is not None else x2
     _add_rmsnorm_fwd[(x2.shape[0],)](
         x2, r, h, normed, weight, x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps,
         ADD=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
@@ -415,6 +422,7 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up (T, 2F) = [gate | up] -> (T, F)."""
+    gate_up = _unit_stride_rows(gate_up)
     T, two_f = gate_up.shape
     F_dim = two_f // 2
     out = torch.empty((T, F_dim), dtype=gate_up.dtype, device=gate_up.device)
