@@ -453,6 +453,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     assert (add is None) == (h_out is None) and not (swiglu and rope is not None)
     assert (scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn)), (weight.dtype, scale is None)
     assert scale is None or (scale.dtype == torch.float32 and scale.shape == (weight.shape[0],) and scale.is_contiguous())
+    assert h_out is None or h_out.is_contiguous()  # written in place, at consecutive addresses
+    # the kernel reads these vectors at consecutive addresses: a strided view is copied (no-op otherwise)
+    add = add.contiguous() if add is not None else None
+    norm_weight = norm_weight.contiguous() if norm_weight is not None else None
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
@@ -461,7 +465,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     if rope is not None:
         cos, sin, n_heads, head_dim = rope
         half, n_rotated = head_dim // 2, n_heads * head_dim
-        cos, sin = cos.reshape(-1), sin.reshape(-1)
+        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         assert head_dim % 2 == 0 and N % head_dim == 0 and n_rotated <= N and cos.shape == sin.shape == (head_dim,)
         while half % block_n:
             block_n //= 2

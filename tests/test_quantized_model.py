@@ -296,6 +296,30 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
 
 @pytest.mark.triton
 @interpreted
+def test_gemv_reads_strided_vectors():
+    """The residual, the norm's gain and RoPE's cos/sin as strided views (every other value): the
+    GEMV read them at consecutive addresses and gave other numbers (max error ~6)."""
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(5)
+    K, head_dim = 40, 8
+    x, w = torch.randn(K, generator=g), torch.randn(3 * head_dim, K, generator=g)
+    add = torch.randn(2 * K, generator=g)[::2]
+    gain = (1 + 0.1 * torch.randn(2 * K, generator=g))[::2]
+    cos, sin = rope_inputs(g, head_dim)
+    rope = (torch.stack([cos, cos], -1).reshape(1, -1)[:, ::2], torch.stack([sin, sin], -1).reshape(1, -1)[:, ::2],
+            2, head_dim)
+    assert rope[0].stride(-1) == 2
+    h_out = torch.empty(K)
+    got = kernels.gemv(x, w, add=add, h_out=h_out, norm_weight=gain, eps=1e-5, rope=rope)
+    want = kernels.gemv(x, w, add=add.contiguous(), h_out=torch.empty(K), norm_weight=gain.contiguous(), eps=1e-5,
+                        rope=(cos, sin, 2, head_dim))
+    assert torch.equal(h_out, x + add)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.triton
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
 @pytest.mark.parametrize("loads,split_k", [("pointers", 1), ("pointers", 2), ("tma_swapped", 1)])
 def test_matmul_8bit_bfloat16_activations(dtype, loads, split_k):
