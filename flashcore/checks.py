@@ -32,6 +32,8 @@ def check_attention_inputs(
         )
     if S_q == 0:
         raise ValueError("S_q is 0: pass at least one new token")
+    if B == 0:
+        raise ValueError("B is 0: pass at least one cache row")
     _check_heads_dtypes_devices(q, k, v, k_cache, v_cache, H_q, H_kv, D)
     if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (B,):
         raise ValueError(f"seq_lens must be int32 of shape ({B},), got {seq_lens.dtype} {tuple(seq_lens.shape)}")

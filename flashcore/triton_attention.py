@@ -603,6 +603,15 @@ def _check_cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
             raise ValueError(f"{name} must be contiguous in head_dim (stride {t.stride(-1)}): it is written in place")
 
 
+def _check_kernel_dtype(q: torch.Tensor) -> None:
+    """float64 is the reference's alone: the kernels keep their softmax state in float32, and
+    Triton's compiler rejects them for float64 pointers (a CompilationError from the float64 dot
+    results meeting that state); only the interpreter (numpy) ran them."""
+    if q.dtype == torch.float64:
+        raise ValueError("dtype torch.float64 is not supported by the Triton kernel (float16, bfloat16 or float32); "
+                         "use implementation='reference' for float64")
+
+
 def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
                     config: KernelConfig) -> torch.Tensor:
     """The prefill kernel with a given tiling (tests and sweeps; the entry point plans its own)."""
@@ -642,6 +651,7 @@ def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_
     plan = _PLANS.get(key)
     if plan is None:
         check_attention_inputs(q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu)
+        _check_kernel_dtype(q)
         plan = _remember(key, _attention_plan(q, k, v, k_cache, v_cache, softmax_scale, causal))
     elif seq_lens_cpu is not None or seq_lens.is_cpu:
         check_capacity(seq_lens, seq_lens_cpu, q.shape[0], q.shape[1], k_cache.shape[1])
@@ -660,6 +670,7 @@ def triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, soft
     plan = _PLANS.get(key)
     if plan is None:
         check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
+        _check_kernel_dtype(q)
         _check_cache_strides(k_cache, v_cache)
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
         plan = _remember(key, _VarlenPlan(q, k, v, k_cache, v_cache, tiles, scale))

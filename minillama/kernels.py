@@ -245,8 +245,10 @@ def _widen(w, ty: tl.constexpr):
 @triton.jit
 def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om, pid_m, pid_n, pid_k,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr):
-    """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_8bit_fwd``."""
+                      SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr):
+    """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_8bit_fwd``. UPCAST: x is
+    bfloat16 under Triton's interpreter, which keeps bfloat16 as raw uint16 bits (its int8 ->
+    bfloat16 cast and its bfloat16 tl.dot work on those bits): multiply in float32 there."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -261,12 +263,16 @@ def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, 
         if SWAP:
             w = W.load([pid_n * BLOCK_N, k0])
             x = X.load([pid_m * BLOCK_M, k0])
+            if UPCAST:
+                x = x.to(tl.float32)
             acc = tl.dot(_widen(w, x.dtype), tl.trans(x), acc)
         else:
             if EVEN_K:
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
             else:
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
             if W_TMA:
                 w = tl.trans(W.load([pid_n * BLOCK_N, k0]))
             elif EVEN_K:
@@ -291,7 +297,8 @@ def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, 
 @triton.jit
 def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr):
+                     SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
+                     UPCAST: tl.constexpr):
     """out (M, N) = x (M, K) @ (W (N, K) * Scale[:, None])^T for an 8-bit W (int8 / float8_e4m3fn).
 
     W tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16) and
@@ -311,11 +318,11 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, s
         for tile in tl.range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
             _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
                               tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
-                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP)
+                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, UPCAST)
     else:
         _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
                           tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP)
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, UPCAST)
 
 
 @triton.jit
@@ -373,18 +380,25 @@ def time_in_graph(fn, reps: int = 3) -> float:
     return best
 
 
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself where its last dimension is contiguous (the elementwise kernels read a row's values
+    at consecutive addresses), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
                  h_out: Optional[torch.Tensor] = None):
     """(normed, h) for rows of x (..., N): h = x + residual (x itself when residual is None),
     written into ``h_out`` when given (a contiguous tensor of x's shape)."""
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
+    x2 = _unit_stride_rows(x.reshape(-1, N))
+    weight = _unit_stride_rows(weight)
     normed = torch.empty_like(x2)
     if residual is None:
         h = x2
     else:
         h = h_out.view(x2.shape) if h_out is not None else torch.empty_like(x2)
-    r = residual.reshape(-1, N) if residual is not None else x2
+    r = _unit_stride_rows(residual.reshape(-1, N)) if residual is not None else x2
     _add_rmsnorm_fwd[(x2.shape[0],)](
         x2, r, h, normed, weight, x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps,
         ADD=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
@@ -408,6 +422,7 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up (T, 2F) = [gate | up] -> (T, F)."""
+    gate_up = _unit_stride_rows(gate_up)
     T, two_f = gate_up.shape
     F_dim = two_f // 2
     out = torch.empty((T, F_dim), dtype=gate_up.dtype, device=gate_up.device)
@@ -438,6 +453,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     assert (add is None) == (h_out is None) and not (swiglu and rope is not None)
     assert (scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn)), (weight.dtype, scale is None)
     assert scale is None or (scale.dtype == torch.float32 and scale.shape == (weight.shape[0],) and scale.is_contiguous())
+    assert h_out is None or h_out.is_contiguous()  # written in place, at consecutive addresses
+    # the kernel reads these vectors at consecutive addresses: a strided view is copied (no-op otherwise)
+    add = add.contiguous() if add is not None else None
+    norm_weight = norm_weight.contiguous() if norm_weight is not None else None
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
@@ -446,7 +465,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     if rope is not None:
         cos, sin, n_heads, head_dim = rope
         half, n_rotated = head_dim // 2, n_heads * head_dim
-        cos, sin = cos.reshape(-1), sin.reshape(-1)
+        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         assert head_dim % 2 == 0 and N % head_dim == 0 and n_rotated <= N and cos.shape == sin.shape == (head_dim,)
         while half % block_n:
             block_n //= 2
@@ -559,6 +578,7 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
         x_arg, w_arg, scale, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split_k > 1:

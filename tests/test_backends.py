@@ -220,6 +220,28 @@ def test_swapped_linear_subclass_runs_under_both_backends():
         assert rel_err(got, expected) < 1e-5, backend
 
 
+@pytest.mark.triton
+@interpreted
+def test_elementwise_kernels_read_strided_rows():
+    """add_rms_norm and silu_mul on rows whose last dimension is not contiguous (every other value,
+    a transposed matrix) give the torch backend's numbers; they read such rows at consecutive
+    addresses and returned other values (max error 2-9e34)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    T, N = 3, 40
+    weight = (1 + 0.1 * torch.randn(2 * N, generator=g)).to(device)[::2]
+    x = torch.randn(T, 2 * N, generator=g).to(device)[:, ::2]
+    residual = torch.randn(N, T, generator=g).to(device).T
+    triton_backend, torch_backend = TritonBackend(), TorchBackend()
+    for res in (None, residual):
+        got, got_h = triton_backend.kernels.add_rms_norm(x, res, weight, 1e-5)
+        want, want_h = torch_backend.rms_norm(x, weight, 1e-5, res)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(got_h, want_h)
+    gate_up = torch.randn(4 * N, T, generator=g).to(device).T
+    torch.testing.assert_close(triton_backend.silu_mul(gate_up), torch_backend.silu_mul(gate_up), rtol=1e-6, atol=1e-6)
+
+
 def test_backend_choice():
     assert isinstance(make_backend("auto", "cpu"), TorchBackend)
     assert make_backend("torch", "cpu").name == "torch"

@@ -225,6 +225,30 @@ def test_capacity_error_names_both_numbers():
         flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, ok, seq_lens_cpu=[5, 9], implementation="triton")
 
 
+@pytest.mark.parametrize("implementation", ["reference", pytest.param("triton", marks=[pytest.mark.triton, interpreted])])
+def test_empty_batch_is_a_value_error(implementation):
+    """B = 0 is outside the contract (B >= 1): a ValueError naming it, before any launch (it was a
+    ZeroDivisionError planning the decode splits, and a RuntimeError from torch in the reference)."""
+    q, k, v, k_cache, v_cache, lens = make_inputs(1, 1, 4, 2, 16, [3], 8, torch.float32)
+    with pytest.raises(ValueError, match="B is 0"):
+        flashcore.attention_with_kv_cache(q[:0], k[:0], v[:0], k_cache[:0], v_cache[:0], lens[:0],
+                                          implementation=implementation)
+
+
+@pytest.mark.triton
+@interpreted
+def test_kernel_rejects_float64_before_launch():
+    """float64 is the reference's dtype only: compiled for a GPU the kernels fail inside Triton
+    (CompilationError: float64 dot results meet the float32 softmax state), while the interpreter
+    (numpy) ran them. Both entries raise a ValueError naming the dtype before any launch."""
+    q, k, v, k_cache, v_cache, lens = make_inputs(1, 2, 4, 2, 16, [3], 8, torch.float64)
+    with pytest.raises(ValueError, match="float64 is not supported by the Triton kernel"):
+        flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, implementation="triton")
+    tiles = torch.tensor([(0, 2, 0, 3)], dtype=torch.int64)
+    with pytest.raises(ValueError, match="float64 is not supported by the Triton kernel"):
+        flashcore.varlen_attention_with_kv_cache(q[0], k[0], v[0], k_cache, v_cache, tiles, implementation="triton")
+
+
 @pytest.mark.triton
 @interpreted
 def test_kernel_runs_in_the_interpreter(monkeypatch):

@@ -296,6 +296,50 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
 
 @pytest.mark.triton
 @interpreted
+def test_gemv_reads_strided_vectors():
+    """The residual, the norm's gain and RoPE's cos/sin as strided views (every other value): the
+    GEMV read them at consecutive addresses and gave other numbers (max error ~6)."""
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(5)
+    K, head_dim = 40, 8
+    x, w = torch.randn(K, generator=g), torch.randn(3 * head_dim, K, generator=g)
+    add = torch.randn(2 * K, generator=g)[::2]
+    gain = (1 + 0.1 * torch.randn(2 * K, generator=g))[::2]
+    cos, sin = rope_inputs(g, head_dim)
+    rope = (torch.stack([cos, cos], -1).reshape(1, -1)[:, ::2], torch.stack([sin, sin], -1).reshape(1, -1)[:, ::2],
+            2, head_dim)
+    assert rope[0].stride(-1) == 2
+    h_out = torch.empty(K)
+    got = kernels.gemv(x, w, add=add, h_out=h_out, norm_weight=gain, eps=1e-5, rope=rope)
+    want = kernels.gemv(x, w, add=add.contiguous(), h_out=torch.empty(K), norm_weight=gain.contiguous(), eps=1e-5,
+                        rope=(cos, sin, 2, head_dim))
+    assert torch.equal(h_out, x + add)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("loads,split_k", [("pointers", 1), ("pointers", 2), ("tma_swapped", 1)])
+def test_matmul_8bit_bfloat16_activations(dtype, loads, split_k):
+    """bfloat16 activations, as a bfloat16 model's prefill and batched decode pass them: within
+    bfloat16 rounding of the float64 product. Triton's interpreter keeps bfloat16 as raw uint16
+    bits and its tl.dot multiplied those (errors ~1e9)."""
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(4)
+    M, K, N = 5, 96, 80
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    q, scale = quantize_per_channel(torch.randn(N, K, generator=g), dtype)
+    got = kernels.matmul_8bit(x, q, scale, config=kernels.INTERPRET_MATMUL_8BIT[:5] + (split_k, loads))
+    expected = x.double() @ dequantize(q, scale, torch.float64).T
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - expected).abs() <= 2 ** -7 * expected.abs() + 1e-6).all()
+
+
+@pytest.mark.triton
+@interpreted
 def test_matmul_prefill_tiling_without_tma():
     """A prefill tiling (256-row TMA tiles) on a weight whose rows TMA cannot load (90 bytes, not a
     multiple of 16) falls back to per-thread loads in tiles that fit without TMA: same product."""
