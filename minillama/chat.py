@@ -235,7 +235,7 @@ def _main(argv) -> int:
         if line is None:
             break
         if not interactive:
-            line = line.rstrip("\n")
+            line = line.rstrip("\r\n")  # a piped file may end its lines with CRLF
         if not line.strip():
             continue
         if line.split(" ", 1)[0] in ("/exit", "/reset", "/system", "/save", "/load", "/help"):

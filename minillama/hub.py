@@ -39,6 +39,9 @@ class ModelNotFoundError(FileNotFoundError):
 
 def resolve_checkpoint(path_or_repo_id) -> Path:
     """A local folder holding the checkpoint: the path itself, or a snapshot of the hub repo."""
+    if not str(path_or_repo_id).strip():  # Path("") is the current folder: never what was meant
+        raise ModelNotFoundError(f"the model is {str(path_or_repo_id)!r}; pass a local model folder or a hub repo id "
+                                 f"like meta-llama/Llama-3.1-8B-Instruct")
     path = Path(os.path.expanduser(str(path_or_repo_id)))
     if path.exists():
         if not path.is_dir():

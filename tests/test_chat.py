@@ -195,7 +195,7 @@ def test_piped_stdin_end_to_end(llm, chat_folder, tmp_path):
         expected.send(text, max_new_tokens=5, on_text=lambda s: None)
         replies.append(expected.messages[-1]["content"])
     saved = tmp_path / "saved.json"
-    stdin = f"Hi Lily\n/save {saved}\n\n/load {tmp_path / 'nope.json'}\nThe dog ran.\n"
+    stdin = f"Hi Lily\r\n/save {saved}\n\n/load {tmp_path / 'nope.json'}\nThe dog ran.\n"  # CRLF: the same message
     proc = subprocess.run(
         [sys.executable, "-m", "minillama.chat", "--model", str(chat_folder), "--max-new-tokens", "5", "--device", "cpu"],
         input=stdin, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120,

@@ -49,6 +49,9 @@ def test_local_folder(tmp_path):
         resolve_checkpoint(tmp_path / "empty")
     with pytest.raises(ModelNotFoundError, match="does not exist; pass a local model folder or a hub repo id"):
         resolve_checkpoint(tmp_path / "missing")
+    for empty in ("", " "):  # Path("") would be the current folder
+        with pytest.raises(ModelNotFoundError, match="the model is '"):
+            resolve_checkpoint(empty)
 
 
 def test_offline_cache_hit_loads(offline_cache):
