@@ -97,6 +97,9 @@ class Llama:
             raise ValueError(f"quantize must be None or one of {sorted(QUANTIZE_DTYPES)}, got {quantize!r}")
         if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
             raise ValueError(f"tp must be None or an integer >= 1, got {tp!r}")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be None or a callable progress(bytes_loaded, bytes_total), got "
+                            f"{type(progress).__name__}")
         device = _resolve_device(device)
         parallel = join_from_environment(device.type)
         world = parallel.world_size if parallel is not None else 1

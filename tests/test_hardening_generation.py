@@ -289,6 +289,11 @@ def test_odd_loading_arguments_are_named(sp_folder, kwargs, named):
     assert str(e.value) == named
 
 
+def test_a_progress_that_is_not_callable_is_named_before_loading(sp_folder):
+    with pytest.raises(TypeError, match=r"^progress must be None or a callable .*, got str$"):
+        Llama.from_pretrained(sp_folder, device="cpu", progress="yes")
+
+
 def test_an_empty_list_of_ids_is_named_as_such(llm):
     """Not "a prompt encodes to 0 tokens and the tokenizer adds no BOS": no text was given."""
     for call in (lambda: llm.logits([]), lambda: llm.generate([[]], max_new_tokens=1),
