@@ -151,9 +151,15 @@ def _common(body) -> dict:
     if options is not None:
         if not stream:
             raise bad("stream_options", "stream_options is only allowed with stream: true")
-        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+        # include_obfuscation (OpenAI: random padding against length side channels) is read and not applied
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats",
+                                                             "include_obfuscation"}:
             raise bad("stream_options", f"stream_options must be {{\"include_usage\": bool}}, got {json.dumps(options)}")
         include_usage = _bool(options, "include_usage")
+        _bool(options, "include_obfuscation")
+        if _bool(options, "continuous_usage_stats"):  # vLLM's usage in every chunk
+            raise bad("stream_options", "stream_options.continuous_usage_stats=true is not supported by this server; "
+                                        "leave it out or use include_usage for the usage in the last chunk")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"model must be a string, got {json.dumps(model)}")

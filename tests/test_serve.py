@@ -474,3 +474,17 @@ def test_quantized_server_answers_as_the_quantized_model():
         assert done.choices[0].text == expected
     finally:
         _stop(proc)
+
+
+def test_stream_options_continuous_usage_is_refused_and_obfuscation_read(app):
+    """vLLM's continuous_usage_stats (usage in every chunk) is not served: a 400 naming it, not
+    silently ignored; OpenAI's include_obfuscation (padding against side channels) is read."""
+    body = {"prompt": "Max the dog was", "max_tokens": 2, "stream": True}
+    r = app.post("/v1/completions", json={**body, "stream_options": {"continuous_usage_stats": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+    assert "continuous_usage_stats=true is not supported" in r.json()["error"]["message"]
+    for options in ({"continuous_usage_stats": False}, {"include_obfuscation": True, "include_usage": True}):
+        r = app.post("/v1/completions", json={**body, "stream_options": options})
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+    r = app.post("/v1/completions", json={**body, "stream_options": {"include_obfuscation": "yes"}})
+    assert r.status_code == 400 and "include_obfuscation must be true or false" in r.text
