@@ -1,7 +1,7 @@
 """The public entry point: ``Llama.from_pretrained(path_or_repo_id)`` and what it returns."""
 import operator
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -47,6 +47,20 @@ def _resolve_dtype(dtype, config: LlamaConfig, device: torch.device) -> torch.dt
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
     return dtype
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, seed, stop) -> Tuple[SamplingParams, List[str]]:
+    """The arguments of :meth:`Llama.generate` that need no model, checked (ValueError / TypeError
+    naming the value): the sampling parameters and the stop strings, as a list. Command lines call
+    it before starting tensor-parallel processes, so a typo fails before any weight is read."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    if isinstance(stop, bytes) or not isinstance(stop, (type(None), str, Sequence)):
+        raise TypeError(f"stop must be a list (or None), got {type(stop).__name__}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    StopStrings(stops)  # checks them
+    return sampling, stops
 
 
 class Llama:
@@ -257,16 +271,11 @@ class Llama:
     def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_ids,
                truncate_prompt, cache: Optional[KVCache]) -> TextGeneration:
         """Check every argument, encode the prompts and set up the loop (nothing runs yet)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if truncate_prompt not in (None, "left"):
             raise ValueError(f"truncate_prompt must be None or 'left', got {truncate_prompt!r}")
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-        for name, value in (("stop", stop), ("stop_ids", stop_ids)):
-            if isinstance(value, bytes) or not isinstance(value, (type(None), str, Sequence)):
-                raise TypeError(f"{name} must be a list (or None), got {type(value).__name__}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        StopStrings(stops)  # checks them
+        sampling, stops = check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, seed, stop)
+        if isinstance(stop_ids, bytes) or not isinstance(stop_ids, (type(None), str, Sequence)):
+            raise TypeError(f"stop_ids must be a list (or None), got {type(stop_ids).__name__}")
         extra = list(stop_ids or [])
         bad = [t for t in extra if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
         if bad:

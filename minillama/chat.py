@@ -179,14 +179,14 @@ def _main(argv) -> int:
         raise cli.CommandError(f"--tp must be >= 1, got {args.tp}")
     from minillama.parallel import launched_by_torchrun
 
+    from minillama.sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, seed=args.seed)  # before --tp starts processes
     if args.tp and args.tp > 1 and not launched_by_torchrun():
         return cli.launch_tensor_parallel(args.tp, args.model, ["-m", "minillama.chat"], cli.without_tp(argv))
     cli.silence_followers()
     from minillama.hub import DEMO_MODEL_DIR, ModelNotFoundError
-    from minillama.sampling import SamplingParams
-
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              min_p=args.min_p, seed=args.seed)
     if args.model == str(DEMO_MODEL_DIR) and not DEMO_MODEL_DIR.exists():
         raise ModelNotFoundError(f"the bundled demo model is missing ({DEMO_MODEL_DIR}); pass --model PATH_OR_REPO_ID")
     from minillama import Llama  # torch loads here: Ctrl-C from now on exits 130 quietly

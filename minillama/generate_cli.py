@@ -178,6 +178,10 @@ def main(argv=None) -> int:
         from minillama.parallel import launched_by_torchrun
 
         if args.tp and args.tp > 1 and not launched_by_torchrun():
+            check_args(args, read_prompts(args))  # what needs no model fails before the processes start
+            from minillama.api import check_sampling_args
+
+            check_sampling_args(**sampling_kwargs(args))
             return cli.launch_tensor_parallel(args.tp, args.model or DEMO_MODEL_DIR, ["-m", "minillama.generate_cli"],
                                               cli.without_tp(argv))
         cli.silence_followers()

@@ -365,6 +365,23 @@ def test_an_error_under_tp_is_still_one_line(args, named):
     assert named in one_line_error(proc.stderr)
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_arguments_that_need_no_model_fail_before_tp_starts_processes(command, monkeypatch, capsys):
+    """A typo in a sampling flag must not wait for N processes to load a 70B model."""
+    from minillama import chat, cli, generate_cli
+
+    started = []
+    monkeypatch.setattr(cli, "launch_tensor_parallel", lambda *a: started.append(a) or 0)
+    main = generate_cli.main if command == "generate" else chat.main
+    extra = ["Lily"] if command == "generate" else []
+    assert main(["--tp", "2", "--temperature", "-1", *extra]) == 2
+    assert started == []
+    assert capsys.readouterr().err == "error: temperature must be >= 0 (0 means greedy), got -1.0\n"
+    if command == "generate":
+        assert main(["--tp", "2", "--stop", "", "Lily"]) == 2 and started == []
+        assert main(["--tp", "2", "Lily"]) == 0 and len(started) == 1  # good arguments do launch
+
+
 def test_a_rank_that_fails_alone_under_tp_is_reported(tmp_path, capsys):
     """Only rank 0 prints, so a follower that fails while rank 0 does not must still be named: an
     entry script that exits 3 in rank 1 and 0 in rank 0, launched as --tp 2 launches commands."""
