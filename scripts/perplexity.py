@@ -53,6 +53,9 @@ def perplexity(llm: Llama, docs) -> dict:
     """{'tokens': scored tokens, 'nll': mean negative log-likelihood (nats), 'ppl': exp(nll)}."""
     window = llm.config.max_position_embeddings
     bos = llm.tokenizer.bos_id
+    if bos is None or window < 2:  # each window is BOS + at least one scored token
+        raise ValueError(f"perplexity scores each window after a BOS token: this model's tokenizer has "
+                         f"{'no BOS' if bos is None else 'a BOS'} and a context of {window} tokens (needs a BOS and >= 2)")
     total, count = 0.0, 0
     for doc in docs:
         ids = llm.tokenizer.encode(doc, bos=False)
