@@ -590,8 +590,10 @@ class Scheduler:
 
     def _finish(self, seq: _Sequence, reason: str, stop) -> None:
         """(lock held) Release the held-back text, report the end, free the row."""
-        text, _ = seq.stops.push(seq.decoder.flush())
+        text, matched = seq.stops.push(seq.decoder.flush())
         text += seq.stops.flush()
+        if matched is not None and reason != "cancelled":  # completed by the held-back bytes, as in a solo run
+            reason, stop = "stop", matched
         self._emit(seq, Finished(reason, stop, text, len(seq.prompt), len(seq.tokens), seq.cached))
         self._counters["cancelled" if reason == "cancelled" else "finished"] += 1
         self._release(seq)

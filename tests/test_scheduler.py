@@ -187,6 +187,26 @@ def test_mistyped_requests_are_refused_at_submit_not_mid_batch(llm):
         scheduler.close()
 
 
+def test_a_stop_string_completed_by_held_back_bytes_stops_as_alone(tmp_path):
+    """The last token of a reply ends inside a character (held back, flushed as U+FFFD at the end)
+    and the flushed text completes a stop string spanning tokens: finish_reason "stop" and that
+    string, as the solo run reports (the scheduler said "length", stop None)."""
+    from tests.checkpoints import write_checkpoint
+
+    write_checkpoint(tmp_path, tokenizer="sentencepiece")  # random weights: byte-fallback tokens come out
+    tiny = Llama.from_pretrained(tmp_path, device="cpu")
+    prompt = tiny.tokenizer.encode("it was", bos=True)
+    ref = tiny.generate([prompt], max_new_tokens=2, stop=["l\ufffd"])[0]
+    assert (ref.finish_reason, ref.stop, len(ref.token_ids)) == ("stop", "l\ufffd", 2)  # "l", then a lead byte
+    scheduler = Scheduler(tiny, max_batch=2, max_seq_len=64)
+    try:
+        (got,) = run_all(scheduler, [Request(prompt, 2, stop=["l\ufffd"])])
+        assert got.ids == ref.token_ids and got.text == ref.text
+        assert (got.end.finish_reason, got.end.stop) == (ref.finish_reason, ref.stop)
+    finally:
+        scheduler.close()
+
+
 def test_a_pool_that_does_not_fit_is_a_clear_error(llm, monkeypatch):
     def out_of_memory(batch, max_len):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 68.00 GiB")
