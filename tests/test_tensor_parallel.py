@@ -73,11 +73,21 @@ def mixed_step_logits(llm, ids):
     return llm.runner.forward_packed(tokens, [(0, 1), (1, 1), (2, 7), (3, 2)], pool, [0, 1, 2 + 6, 2 + 7 + 1])
 
 
-def _rank_main(rank, world, port, folder, out_dir):
+def run_8bit(folder, out_path):
+    """Logits and greedy tokens with weights quantized at load, int8 and fp8."""
+    out = {}
+    for quantize in ("int8", "fp8"):
+        llm = Llama.from_pretrained(folder, device="cpu", quantize=quantize)
+        ids = llm.tokenizer.encode("the cat sat on the mat and then it", bos=True)
+        out[quantize] = (llm.logits(ids), [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)])
+    torch.save(out, out_path)
+
+
+def _rank_main(rank, world, port, folder, out_dir, work=run_everything):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    run_everything(folder, Path(out_dir) / f"rank{rank}.pt")
+    work(folder, Path(out_dir) / f"rank{rank}.pt")
     leave()  # every rank done, then the group torn down
     os._exit(0)  # as the CLIs do under torchrun: the interpreter's teardown can abort a gloo worker
 
@@ -130,6 +140,24 @@ def test_each_rank_holds_its_shard(case):
     assert shards["head"] == ((vocab // 2, hidden) if vocab % 2 == 0 else (vocab, hidden))
     assert shards["head_parallel"] == ("vocab" if vocab % 2 == 0 else None)
     assert ranks[1]["shards"] == shards
+
+
+def test_tp2_8bit_weights_equal_tp1(tmp_path):
+    """quantize="int8" / "fp8" under TP=2 computes what one process computes: a row-parallel rank
+    (o, down) quantizes its columns with the whole rows' scales. With each rank's own scales the
+    logits were 3.6e-3 (int8) off relative and greedy tokens changed."""
+    folder = tmp_path / "ckpt"
+    write_checkpoint(folder, tokenizer="sentencepiece", n_layers=2, seed=11, **CASES["untied gqa2 llama3 rope"])
+    run_8bit(folder, tmp_path / "single.pt")
+    mp.start_processes(_rank_main, args=(2, free_port(), str(folder), str(tmp_path), run_8bit), nprocs=2,
+                       start_method="spawn")
+    single = torch.load(tmp_path / "single.pt")
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        for quantize, (logits, greedy) in single.items():
+            err = ((out[quantize][0].double() - logits.double()).norm() / logits.double().norm()).item()
+            assert err < 1e-5, (quantize, err)
+            assert out[quantize][1] == greedy, quantize
 
 
 def test_degree_that_does_not_divide_names_the_numbers():
