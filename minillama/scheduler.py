@@ -406,7 +406,9 @@ class Scheduler:
 
     def follow(self) -> None:
         """On ranks other than 0 under tensor parallelism: run rank 0's device operations until its
-        scheduler closes. Their logits are rank 0's (the LM head is gathered), never sampled here."""
+        scheduler closes. Their logits are rank 0's (the LM head is gathered), never sampled here.
+        A step that fails here fails on rank 0 too (the same operation on the same shapes): rank 0
+        fails its requests and goes on, so this rank goes on with it, to the operations that follow."""
         if self._tp is None or self._tp.rank == 0:
             raise RuntimeError("follow() is for the ranks other than 0 of a tensor-parallel group")
         while True:
@@ -414,7 +416,10 @@ class Scheduler:
             if op is None:
                 return
             with self._step_lock, torch.inference_mode():
-                self._apply(op)
+                try:
+                    self._apply(op)
+                except Exception:  # as rank 0's _run: the group never dies on a request
+                    pass
 
     def _fed_ids(self, span: int) -> torch.Tensor:
         """(span, 1): what the first ``span`` rows feed, each its last sampled token; a row whose last

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,41 @@ def run_8bit(folder, out_path):
         ids = llm.tokenizer.encode("the cat sat on the mat and then it", bos=True)
         out[quantize] = (llm.logits(ids), [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)])
     torch.save(out, out_path)
+
+
+def serve_through_a_failed_step(folder, out_path):
+    """A scheduler under TP: every rank's second packed step raises (a simulated out-of-memory, before
+    any collective); rank 0 fails that request, then serves the next one; the other rank follows."""
+    from minillama.scheduler import Request, Scheduler, Token
+
+    llm = Llama.from_pretrained(folder, device="cpu")
+    real, calls = llm.runner.forward_packed, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    llm.runner.forward_packed = failing
+    scheduler = Scheduler(llm, max_batch=2, max_seq_len=64, prefill_chunk=4)
+    if int(os.environ["RANK"]) != 0:
+        scheduler.follow()
+        return
+    ends = []
+    for _ in range(2):
+        tokens, done = [], threading.Event()
+
+        def on_event(event, tokens=tokens, done=done):
+            if isinstance(event, Token):
+                tokens.append(event.id)
+            else:
+                ends.append((type(event).__name__, tokens))
+                done.set()
+        scheduler.submit(Request(list(range(1, 12)), 5), on_event)
+        assert done.wait(60)
+    scheduler.close()
+    torch.save(ends, out_path)
 
 
 def _rank_main(rank, world, port, folder, out_dir, work=run_everything):
@@ -158,6 +194,17 @@ def test_tp2_8bit_weights_equal_tp1(tmp_path):
             err = ((out[quantize][0].double() - logits.double()).norm() / logits.double().norm()).item()
             assert err < 1e-5, (quantize, err)
             assert out[quantize][1] == greedy, quantize
+
+
+def test_tp2_scheduler_survives_a_step_that_fails_on_every_rank(tmp_path):
+    """The other rank's follow() went on after a failed step as rank 0 does; it raised out, and rank 0's
+    next operation waited for it forever (or failed, the group gone)."""
+    write_checkpoint(tmp_path, tokenizer="sentencepiece", n_layers=2, seed=11, **CASES["untied gqa2 llama3 rope"])
+    mp.start_processes(_rank_main, args=(2, free_port(), str(tmp_path), str(tmp_path), serve_through_a_failed_step),
+                       nprocs=2, start_method="spawn")
+    (failed, _), (finished, tokens) = torch.load(tmp_path / "rank0.pt")
+    assert (failed, finished) == ("Failed", "Finished")
+    assert tokens == Llama.from_pretrained(tmp_path, device="cpu").generate([list(range(1, 12))], max_new_tokens=5)[0].token_ids
 
 
 def test_degree_that_does_not_divide_names_the_numbers():
