@@ -36,6 +36,11 @@ class TensorParallel:
         dist.all_reduce(t, group=self.group)
         return t
 
+    def all_reduce_max_(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise max of ``t`` over the ranks, in place."""
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """The ranks' ``t`` (..., n) side by side: (..., world_size * n), in rank order."""
         parts = [torch.empty_like(t) for _ in range(self.world_size)]

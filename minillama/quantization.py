@@ -40,7 +40,7 @@ References: compressed-tensors (``quantization/quant_args.py``, ``lifecycle/init
 """
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -287,7 +287,9 @@ def _parse_activations(args: Optional[dict], weight_kind: str, where: str) -> Op
 
 
 def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None,
-                         block_elements: int = 1 << 20) -> Tuple[torch.Tensor, torch.Tensor]:
+                         block_elements: int = 1 << 20,
+                         reduce_amax: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel quantization of ``weight`` (N, K).
 
     Returns (q (N, K) in ``dtype``, scale (N,) float32) with ``q * scale[:, None] ~ weight``:
@@ -298,6 +300,9 @@ def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, out: Optional
     stay one block's size whatever the matrix (the float32 copy of a whole 70B MLP matrix is 0.9 GB).
     ``out`` (N, K) in ``dtype``, on any device, receives q, and the work runs on its device,
     ``weight`` moving there one block at a time; without it q is a new tensor on ``weight``'s device.
+    ``reduce_amax``: takes each block's per-row max |w| (float32) and returns the whole rows' (a
+    row-parallel rank holds some columns of each row: its scales must be those one process
+    computes, or the ranks' partial products sum to another function).
     """
     if dtype not in QMAX:
         raise ValueError(f"cannot quantize to {dtype}; use torch.int8 or torch.float8_e4m3fn")
@@ -314,6 +319,8 @@ def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, out: Optional
     for r in range(0, N, rows):
         block = weight[r:r + rows].to(out.device)
         amax = torch.maximum(block.amax(dim=1), -block.amin(dim=1)).float()  # exact; no |block| copy
+        if reduce_amax is not None:
+            amax = reduce_amax(amax)
         w = work[:block.shape[0]].copy_(block)  # exact for bf16 and fp16 weights
         s = scale[r:r + rows]
         torch.where(amax > 0, amax / QMAX[dtype], torch.ones_like(amax), out=s)
@@ -484,7 +491,8 @@ class LoadPlan:
         """The loader's piece (a ``weights.Slice``) for checkpoint tensor ``name``, given the one of
         its module's weight (this rank's slice of that part): 8-bit weights are copied as they are;
         a full-precision weight is quantized as it is copied (a row-parallel rank quantizes its own
-        columns, with its own scales); scales are read whole and this rank's rows taken."""
+        columns with the whole rows' scales, their max |w| taken over the ranks); scales are read
+        whole and this rank's rows taken."""
         kind = self._kinds[name]
         if kind == "weight":
             return piece
@@ -493,8 +501,10 @@ class LoadPlan:
         index = part or 0
         rows = slice(sum(linear.parts[:index]), sum(linear.parts[:index + 1]))  # this rank's rows of the part
         if kind == "quantize":
+            reduce_amax = linear.tp.all_reduce_max_ if linear.parallel == "row" else None
+
             def quantize(src):
-                _, scale = quantize_per_channel(src, linear.weight.dtype, out=piece.target)
+                _, scale = quantize_per_channel(src, linear.weight.dtype, out=piece.target, reduce_amax=reduce_amax)
                 linear.weight_scale[rows].copy_(scale)
             return piece._replace(target=_Into(quantize, piece.target))
         if kind == "input_scale":

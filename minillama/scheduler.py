@@ -46,6 +46,7 @@ model. :meth:`Scheduler.submit` is thread-safe and returns at once; the request'
 (:class:`Token`, then :class:`Finished` or :class:`Failed`) go to its callback, once per iteration
 through ``deliver`` when set (e.g. onto an event loop), else from the scheduler thread.
 """
+import operator
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -258,11 +259,16 @@ class Scheduler:
                 f"the prompt has {n} tokens and max_tokens is {m}: {n + m} tokens, more than the {self.max_seq_len} "
                 f"a request may hold here; shorten the prompt or ask for at most {max(self.max_seq_len - n, 0)} tokens"
             )
-        bad = [t for t in list(request.prompt_ids) + list(request.stop_ids) if not 0 <= t < vocab]
+        ids = list(request.prompt_ids) + list(request.stop_ids)
+        bad = [t for t in ids if not _is_int(t)]  # a float id would be truncated on the device, silently
+        if bad:
+            raise ValueError(f"token ids must be integers, got {bad[:5]}")
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
+        k = request.logprobs  # not an int: topk would fail the whole step, every request in it
+        if k is not None and not (_is_int(k) and 0 <= k <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         StopStrings(request.stop)  # checks them
 
     def cancel(self, rid: int) -> None:
@@ -400,7 +406,9 @@ class Scheduler:
 
     def follow(self) -> None:
         """On ranks other than 0 under tensor parallelism: run rank 0's device operations until its
-        scheduler closes. Their logits are rank 0's (the LM head is gathered), never sampled here."""
+        scheduler closes. Their logits are rank 0's (the LM head is gathered), never sampled here.
+        A step that fails here fails on rank 0 too (the same operation on the same shapes): rank 0
+        fails its requests and goes on, so this rank goes on with it, to the operations that follow."""
         if self._tp is None or self._tp.rank == 0:
             raise RuntimeError("follow() is for the ranks other than 0 of a tensor-parallel group")
         while True:
@@ -408,7 +416,10 @@ class Scheduler:
             if op is None:
                 return
             with self._step_lock, torch.inference_mode():
-                self._apply(op)
+                try:
+                    self._apply(op)
+                except Exception:  # as rank 0's _run: the group never dies on a request
+                    pass
 
     def _fed_ids(self, span: int) -> torch.Tensor:
         """(span, 1): what the first ``span`` rows feed, each its last sampled token; a row whose last
@@ -584,8 +595,10 @@ class Scheduler:
 
     def _finish(self, seq: _Sequence, reason: str, stop) -> None:
         """(lock held) Release the held-back text, report the end, free the row."""
-        text, _ = seq.stops.push(seq.decoder.flush())
+        text, matched = seq.stops.push(seq.decoder.flush())
         text += seq.stops.flush()
+        if matched is not None and reason != "cancelled":  # completed by the held-back bytes, as in a solo run
+            reason, stop = "stop", matched
         self._emit(seq, Finished(reason, stop, text, len(seq.prompt), len(seq.tokens), seq.cached))
         self._counters["cancelled" if reason == "cancelled" else "finished"] += 1
         self._release(seq)
@@ -629,6 +642,17 @@ def _record_event(device) -> Optional["torch.cuda.Event"]:
     event = torch.cuda.Event()
     event.record()
     return event
+
+
+def _is_int(x) -> bool:
+    """An integer (a numpy one too), not a bool or a float."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _common_prefix(a: List[int], b: List[int], limit: int) -> int:

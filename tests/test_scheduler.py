@@ -168,6 +168,45 @@ def test_bad_requests_and_full_queue(llm):
         scheduler.close()
 
 
+def test_mistyped_requests_are_refused_at_submit_not_mid_batch(llm):
+    """logprobs or token ids that are not integers are a ValueError at submit: accepted, a float
+    logprobs failed every request of its step (topk(2.5)), and a float prompt id was truncated."""
+    scheduler = Scheduler(llm, max_batch=2, max_seq_len=64)
+    try:
+        prompt = llm.tokenizer.encode("Once upon a time there was a little girl named Lily. She")
+        for bad in (dict(logprobs=2.5), dict(logprobs=True), dict(prompt_ids=prompt[:1] + [3.7] + prompt[1:]),
+                    dict(stop_ids=[2.5])):
+            with pytest.raises(ValueError, match="must be (an )?integers?"):
+                scheduler.submit(Request(**{**dict(prompt_ids=prompt, max_tokens=5), **bad}), Collector())
+        import numpy as np
+
+        (ok,) = run_all(scheduler, [Request(np.array(prompt), 8, stop_ids=np.array([2]), logprobs=np.int64(1))])
+        assert ok.ids == llm.generate([prompt], max_new_tokens=8)[0].token_ids
+        assert scheduler.stats()["failed"] == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_stop_string_completed_by_held_back_bytes_stops_as_alone(tmp_path):
+    """The last token of a reply ends inside a character (held back, flushed as U+FFFD at the end)
+    and the flushed text completes a stop string spanning tokens: finish_reason "stop" and that
+    string, as the solo run reports (the scheduler said "length", stop None)."""
+    from tests.checkpoints import write_checkpoint
+
+    write_checkpoint(tmp_path, tokenizer="sentencepiece")  # random weights: byte-fallback tokens come out
+    tiny = Llama.from_pretrained(tmp_path, device="cpu")
+    prompt = tiny.tokenizer.encode("it was", bos=True)
+    ref = tiny.generate([prompt], max_new_tokens=2, stop=["l\ufffd"])[0]
+    assert (ref.finish_reason, ref.stop, len(ref.token_ids)) == ("stop", "l\ufffd", 2)  # "l", then a lead byte
+    scheduler = Scheduler(tiny, max_batch=2, max_seq_len=64)
+    try:
+        (got,) = run_all(scheduler, [Request(prompt, 2, stop=["l\ufffd"])])
+        assert got.ids == ref.token_ids and got.text == ref.text
+        assert (got.end.finish_reason, got.end.stop) == (ref.finish_reason, ref.stop)
+    finally:
+        scheduler.close()
+
+
 def test_a_pool_that_does_not_fit_is_a_clear_error(llm, monkeypatch):
     def out_of_memory(batch, max_len):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 68.00 GiB")
