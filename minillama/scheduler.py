@@ -300,8 +300,8 @@ class Scheduler:
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join()
-            if self._tp is not None:
-                self._tp.broadcast_object(None)
+        if self._tp is not None and self._tp.rank == 0:  # also after the thread died: follow() returns
+            self._tp.broadcast_object(None)
 
     # -- the scheduler thread -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,30 @@ def serve_through_a_failed_step(folder, out_path):
     torch.save(ends, out_path)
 
 
+def close_after_the_thread_died(folder, out_path):
+    """Rank 0's scheduler thread dies of a bug outside its per-step guard; close() must still tell
+    the other rank's follow() to return."""
+    from minillama.scheduler import Request, Scheduler
+
+    llm = Llama.from_pretrained(folder, device="cpu")
+    scheduler = Scheduler(llm, max_batch=2, max_seq_len=64, prefill_chunk=4)
+    if int(os.environ["RANK"]) != 0:
+        scheduler.follow()
+        torch.save("followed", out_path)
+        return
+
+    def broken():
+        raise RuntimeError("a bug in the scheduling loop (simulated)")
+
+    scheduler._admit = broken
+    threading.excepthook = lambda args: None  # the thread's death is the point here, not its traceback
+    scheduler.submit(Request(list(range(1, 12)), 5), lambda event: None)
+    scheduler._thread.join(60)
+    assert not scheduler._thread.is_alive()
+    scheduler.close()
+    torch.save("closed", out_path)
+
+
 def _rank_main(rank, world, port, folder, out_dir, work=run_everything):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
@@ -205,6 +230,20 @@ def test_tp2_scheduler_survives_a_step_that_fails_on_every_rank(tmp_path):
     (failed, _), (finished, tokens) = torch.load(tmp_path / "rank0.pt")
     assert (failed, finished) == ("Failed", "Finished")
     assert tokens == Llama.from_pretrained(tmp_path, device="cpu").generate([list(range(1, 12))], max_new_tokens=5)[0].token_ids
+
+
+def test_tp2_follower_returns_when_rank0_closes_after_its_thread_died(tmp_path):
+    write_checkpoint(tmp_path, tokenizer="sentencepiece", n_layers=2, seed=11, **CASES["untied gqa2 llama3 rope"])
+    context = mp.start_processes(_rank_main, args=(2, free_port(), str(tmp_path), str(tmp_path),
+                                                   close_after_the_thread_died),
+                                 nprocs=2, start_method="spawn", join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail("rank 1's follow() never returned: rank 0's close() did not tell it")
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == ["closed", "followed"]
 
 
 def test_degree_that_does_not_divide_names_the_numbers():
