@@ -178,7 +178,6 @@ def _main(argv) -> int:
     if args.tp is not None and args.tp < 1:
         raise cli.CommandError(f"--tp must be >= 1, got {args.tp}")
     from minillama.parallel import launched_by_torchrun
-
     from minillama.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -113,9 +113,18 @@ def report(results, batch_index: int, n_batches: int) -> str:
             f"time to first token {ttft * 1e3:.1f} ms; decode {per_seq}{aggregate}]")
 
 
-def run(args) -> None:
+def checked_prompts(args) -> list:
+    """The prompts, after every check that needs no model (flags, prompt file, sampling, stop strings)."""
     prompts = read_prompts(args)
     check_args(args, prompts)
+    from minillama.api import check_sampling_args  # imports torch: after the cheap checks
+
+    check_sampling_args(**sampling_kwargs(args))
+    return prompts
+
+
+def run(args) -> None:
+    prompts = checked_prompts(args)
     model = args.model
     if model is None:
         if not (DEMO_MODEL_DIR / "config.json").exists():
@@ -135,16 +144,18 @@ def run(args) -> None:
         cli.write("\n", flush=True)
         cli.note(report([stream.result], 0, 1))
         return
-    for n, prompt in enumerate(prompts, 1):  # every prompt fits before any batch runs
+    encoded = []  # every prompt fits before any batch runs
+    for n, prompt in enumerate(prompts, 1):
         try:
-            llm._check_length(len(llm._prompt_ids(prompt, decodable=True)), max(args.max_new_tokens, 0))
+            encoded.append(llm._prompt_ids(prompt, decodable=True))
+            llm._check_length(len(encoded[-1]), args.max_new_tokens)
         except ValueError as e:
             raise UserError(f"prompt {n}: {e}") from None
     size = args.batch_size or len(prompts)
-    batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    batches = [range(i, min(i + size, len(prompts))) for i in range(0, len(prompts), size)]
     for k, batch in enumerate(batches):
-        results = llm.generate(batch, **sampling_kwargs(args))
-        for i, (prompt, r) in enumerate(zip(batch, results)):
+        results = llm.generate([encoded[j] for j in batch], **sampling_kwargs(args))
+        for i, (prompt, r) in enumerate(zip([prompts[j] for j in batch], results)):
             if args.json:
                 cli.write(json.dumps({
                     "prompt": prompt,
@@ -178,10 +189,7 @@ def main(argv=None) -> int:
         from minillama.parallel import launched_by_torchrun
 
         if args.tp and args.tp > 1 and not launched_by_torchrun():
-            check_args(args, read_prompts(args))  # what needs no model fails before the processes start
-            from minillama.api import check_sampling_args
-
-            check_sampling_args(**sampling_kwargs(args))
+            checked_prompts(args)  # what needs no model fails before the processes start
             return cli.launch_tensor_parallel(args.tp, args.model or DEMO_MODEL_DIR, ["-m", "minillama.generate_cli"],
                                               cli.without_tp(argv))
         cli.silence_followers()
