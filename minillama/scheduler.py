@@ -523,7 +523,7 @@ class Scheduler:
         if with_lp:
             index = self._to_device(with_lp)
             logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # (n, V)
-            chosen = logprobs.gather(1, ids[index][:, None])[:, 0]
+            chosen = logprobs.gather(1, ids[index].clamp_min(0)[:, None])[:, 0]  # NON_FINITE: its row fails, unread
             k = max(seqs[i].request.logprobs for i in with_lp)
             top = logprobs.topk(k, dim=-1) if k else None
             lp = (with_lp, chosen, top.values if top else None, top.indices if top else None)
