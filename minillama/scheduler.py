@@ -87,7 +87,9 @@ class Token:
 
     id: int
     text: str
-    logprob: Optional[float] = None  # log-softmax of the model's raw logits (temperature 1, unfiltered)
+    # log-softmax of the model's raw logits (temperature 1, unfiltered) over the ids the tokenizer can
+    # decode: a padded vocabulary's extra ids and undecodable holes are left out, as in sampling
+    logprob: Optional[float] = None
     top_logprobs: List[Tuple[int, float]] = field(default_factory=list)
 
 
