@@ -1,10 +1,13 @@
 """Choosing the next token on the device: greedy, temperature, top-k, top-p (nucleus), min-p.
 
 The filters apply in this order: temperature, top-k, min-p, top-p (each on what the previous one
-kept; min-p compares with the most likely token, top-p with the mass that is left). Sampling draws
-with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which picks index i with
-probability p_i, needs no host sync and samples every row independently. A seed fixes the draws
-of a whole batch, so the same batch on the same device gives the same tokens.
+kept; min-p compares with the most likely token, top-p with the mass that is left). That is vLLM's
+order; transformers' generate applies min-p last, after top-p on the whole mass, so with both set it
+may keep more tokens. Tokens of equal probability across the top-p boundary: which of them stay is
+the sort's choice (transformers and vLLM may keep others of them); how many, and their mass, is not.
+Sampling draws with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which picks index i
+with probability p_i, needs no host sync and samples every row independently. A seed fixes the
+draws of a whole batch, so the same batch on the same device gives the same tokens.
 
 A row whose logits hold a NaN or +inf (or nothing but -inf) gets the id :data:`NON_FINITE` (-1)
 instead of a token, computed on the device: the caller, which reads the ids back anyway, sees it

@@ -87,7 +87,9 @@ class Token:
 
     id: int
     text: str
-    logprob: Optional[float] = None  # log-softmax of the model's raw logits (temperature 1, unfiltered)
+    # log-softmax of the model's raw logits (temperature 1, unfiltered) over the ids the tokenizer can
+    # decode: a padded vocabulary's extra ids and undecodable holes are left out, as in sampling
+    logprob: Optional[float] = None
     top_logprobs: List[Tuple[int, float]] = field(default_factory=list)
 
 
@@ -523,7 +525,7 @@ class Scheduler:
         if with_lp:
             index = self._to_device(with_lp)
             logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # (n, V)
-            chosen = logprobs.gather(1, ids[index][:, None])[:, 0]
+            chosen = logprobs.gather(1, ids[index].clamp_min(0)[:, None])[:, 0]  # NON_FINITE: its row fails, unread
             k = max(seqs[i].request.logprobs for i in with_lp)
             top = logprobs.topk(k, dim=-1) if k else None
             lp = (with_lp, chosen, top.values if top else None, top.indices if top else None)

@@ -287,6 +287,23 @@ def test_nan_logits_fail_their_request_alone(llm, monkeypatch):
         scheduler.close()
 
 
+def test_nan_logits_fail_their_request_alone_with_logprobs(llm, monkeypatch):
+    """The NaN row's id is NON_FINITE (-1): gathering its logprob must not fail the whole step
+    (on the CPU an index error failed every request of the step; on a GPU a device-side assert)."""
+    scheduler = Scheduler(llm, max_batch=2)
+    prompt = llm.tokenizer.encode("Once upon a time")
+    ref = llm.generate([prompt], max_new_tokens=6)[0]
+    try:
+        monkeypatch.setattr(llm, "runner", PoisonedRunner(llm.runner))
+        got = run_all(scheduler, [Request(prompt, 6, logprobs=2), Request(prompt + [5], 6, logprobs=2)])
+        assert got[0].ids == ref.token_ids and got[0].end.finish_reason == ref.finish_reason
+        assert all(t.logprob is not None and len(t.top_logprobs) == 2 for t in got[0].tokens)
+        assert isinstance(got[1].end, Failed) and "NaN/Inf" in got[1].end.message
+        assert scheduler.stats()["failed"] == 1
+    finally:
+        scheduler.close()
+
+
 def test_close_cancels_what_is_left(llm):
     scheduler = Scheduler(llm, max_batch=1)
     pending = [Collector() for _ in range(3)]
