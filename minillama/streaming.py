@@ -86,8 +86,12 @@ class IncrementalDecoder:
             # that later turned invalid (HF's ByteFallback then rewrites the whole run as U+FFFD).
             # Emitted text cannot be taken back, so the new ids are decoded on their own.
             delta = self.tokenizer.decode(self._ids[self._read:])
-        # the next window starts at the ids of this delta: a character boundary inside known text
-        self._start, self._read = self._read, len(self._ids)
+        # the next window starts at the ids of this delta: a character boundary inside known text.
+        # Not at ids that added no text (SentencePiece's <s>, </s>): a decode that begins there
+        # drops the leading space of the piece after them, as it does at the start of a text.
+        if delta:
+            self._start = self._read
+        self._read = len(self._ids)
         self._window_text = self.tokenizer.decode(self._ids[self._start:self._read])
         self.text += delta
         return delta

@@ -157,6 +157,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the library raises a bare Exception for bad files
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
         self._tok.encode_special_tokens = True  # text is text: "<|eot_id|>" in a message is not a marker
+        _check_added_token_ids(path, self._tok)
         self._ids = None  # (vocab_size, undecodable ids), see _id_range
         bos = _token_content(tokenizer_config.get("bos_token"))
         eos = _token_content(tokenizer_config.get("eos_token"))
@@ -208,6 +209,25 @@ class HFTokenizer(Tokenizer):
             size = max(known) + 1 if known else 0
             self._ids = (size, [] if len(known) == size else sorted(set(range(size)) - known))
         return self._ids
+
+
+def _check_added_token_ids(path: Path, tok) -> None:
+    """Every added token has the id tokenizer.json gives it. The tokenizers library numbers an added
+    token that model.vocab lacks from len(model.vocab) on, whatever the file says (it only logs a
+    warning), so holes in the vocabulary or a gap before an added token shift ids silently."""
+    import json
+
+    for entry in json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or []:
+        content, file_id = entry.get("content"), entry.get("id")
+        if isinstance(content, str) and isinstance(file_id, int):
+            got = tok.token_to_id(content)
+            if got != file_id:
+                raise ValueError(
+                    f"{path}: added token {content!r} has id {file_id} in the file, but the tokenizers library "
+                    f"gives it {got} (it numbers added tokens that model.vocab lacks from len(model.vocab) on, so "
+                    f"holes in the vocabulary or a gap before the added tokens shift them); list such a token in "
+                    f"model.vocab with its id"
+                )
 
 
 class SentencePieceTokenizer(Tokenizer):

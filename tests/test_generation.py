@@ -221,6 +221,21 @@ def test_decoder_flushes_an_unfinished_character(sp):
     assert "".join(deltas) == decoder.text
 
 
+def test_decoder_keeps_the_space_after_a_control_token(sp):
+    """SentencePiece decodes <s> and </s> to nothing and drops the leading space of the piece after
+    one that starts a decode, so a window that began at such a token lost the space of " and"."""
+    tok = sp.tokenizer
+    prompt, and_tom = continuation(tok, "Lily", "Lily and Tom")
+    for control in (BOS_SP, EOS_SP):
+        ids = [control] + and_tom
+        assert tok.decode(prompt[1:] + ids) == "Lily and Tom"
+        decoder = IncrementalDecoder(tok, prompt)
+        deltas = [decoder.push(t) for t in ids] + [decoder.flush()]
+        assert "".join(deltas) == " and Tom"
+        decoder = IncrementalDecoder(tok, prompt + [control])  # the prompt ends with one
+        assert "".join([decoder.push(t) for t in and_tom] + [decoder.flush()]) == " and Tom"
+
+
 def test_stop_strings_unit():
     s = StopStrings(["Tom", "\n\n"])
     assert s.push("Lily and T") == ("Lily and ", None)  # "T" may start "Tom": held back

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from minillama import Llama
 from minillama.config import LlamaConfig
-from tests.checkpoints import checkpoint_factory, llama3_rope_scaling  # noqa: F401  (fixture)
+from tests.checkpoints import checkpoint_factory, llama3_rope_scaling, llama3_tokenizer_json  # noqa: F401  (fixture)
 
 SMALL = dict(hidden_size=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=64, tokenizer="sentencepiece")
 
@@ -217,6 +217,26 @@ def test_vocab_smaller_than_the_tokenizer_is_an_error(folder):
     message = load_error(folder)
     assert message.startswith("config.json vocab_size 300 is smaller than the tokenizer's ")
     assert "ids 300.." in message
+
+
+@pytest.mark.parametrize("change, named", [
+    ("holes", "'<|begin_of_text|>' has id 128000 in the file, but the tokenizers library gives it 127997"),
+    ("gap", "'<|extra|>' has id 128300 in the file, but the tokenizers library gives it 128256"),
+])
+def test_added_token_ids_the_tokenizers_library_would_shift_are_an_error(checkpoint_factory, tmp_path, change,  # noqa: F811
+                                                                         named):
+    """tokenizers numbers an added token that model.vocab lacks from len(model.vocab) on, whatever id
+    tokenizer.json gives it: holes in the vocabulary moved BOS and every chat marker, silently."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_factory(tokenizer="llama3", n_layers=1, seed=6)[0], folder)
+    spec = json.loads(llama3_tokenizer_json())
+    if change == "holes":
+        spec["model"]["vocab"] = {t: i for t, i in spec["model"]["vocab"].items() if i not in (1000, 1001, 5000)}
+    else:
+        spec["added_tokens"].append(dict(spec["added_tokens"][-1], id=128300, content="<|extra|>"))
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    message = load_error(folder)
+    assert message.startswith(f"{folder / 'tokenizer.json'}: added token ") and named in message
 
 
 # -- a shard index pointing outside the folder ---------------------------------------------------

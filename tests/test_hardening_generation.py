@@ -214,12 +214,15 @@ def test_ids_missing_inside_the_tokenizer_are_never_sampled(checkpoint_factory, 
     spec = json.loads(llama3_tokenizer_json())
     holes = [1000, 1001, 5000]
     spec["model"]["vocab"] = {t: i for t, i in spec["model"]["vocab"].items() if i not in holes}
+    # the special tokens listed in model.vocab too: else the tokenizers library numbers them from
+    # len(model.vocab) on, 3 below their ids (an error at load)
+    spec["model"]["vocab"].update({t["content"]: t["id"] for t in spec["added_tokens"]})
     (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     state = load_file(str(folder / "model.safetensors"))
     state["lm_head.weight"][holes] = 50.0 * state["lm_head.weight"][:1].sign()
     save_file(state, str(folder / "model.safetensors"))
     llm = Llama.from_pretrained(folder, device="cpu")
-    assert llm.tokenizer.undecodable_ids() == holes
+    assert llm.tokenizer.undecodable_ids() == holes and llm.tokenizer.bos_id == 128000
     for kwargs in (dict(), dict(temperature=1.0, seed=0)):
         (r,) = llm.generate(["Lily"], max_new_tokens=6, **kwargs)
         assert len(r.token_ids) == 6 and not set(r.token_ids) & set(holes)
