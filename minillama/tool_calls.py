@@ -37,7 +37,7 @@ def parse_tool_calls(text: str) -> Optional[List[ToolCall]]:
             return None
         try:
             obj, end = decoder.raw_decode(rest)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (JSONDecodeError), an int over 4300 digits, deep nesting
             return None
         arguments = obj.get("parameters", obj.get("arguments", {}))
         if not isinstance(obj.get("name"), str) or not obj["name"] or not isinstance(arguments, dict):

@@ -131,3 +131,12 @@ def test_could_be_tool_call():
     assert could_be_tool_call("") and could_be_tool_call("  {") and could_be_tool_call("<|py")
     assert could_be_tool_call("<|python_tag|>{\"na")
     assert not could_be_tool_call("The") and not could_be_tool_call("<|eot")
+
+
+@pytest.mark.parametrize("reply", [
+    '{"name": "f", "parameters": {"x": 1' + "1" * 5000 + "}}",  # an int past Python's 4300-digit limit
+    '{"name": "f", "parameters": {"x": ' + "[" * 5000 + "]" * 5000 + "}}",  # nested past the recursion limit
+])
+def test_parse_tool_calls_takes_any_reply_without_raising(reply):
+    """A reply is the model's text: whatever it holds, it is calls or not (never a server error)."""
+    assert parse_tool_calls(reply) is None
