@@ -25,12 +25,16 @@ def could_be_tool_call(text: str) -> bool:
     return head == "" or head.startswith("{") or PYTHON_TAG.startswith(head[:len(PYTHON_TAG)])
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def parse_tool_calls(text: str) -> Optional[List[ToolCall]]:
     """The tool calls that make up the whole reply ``text``, or None when it is not (only) tool calls."""
     rest = text.strip()
     if rest.startswith(PYTHON_TAG):
         rest = rest[len(PYTHON_TAG):].lstrip()
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_not_json)  # NaN / Infinity: arguments must stay valid JSON
     calls: List[ToolCall] = []
     while rest:
         if not rest.startswith("{"):

@@ -122,6 +122,9 @@ def test_bad_tools_and_calls(tok, tmp_path):
     ('{"parameters": {}}', None),
     ('{"name": "f", "parameters": "x"}', None),
     ('{"name": "f", "param', None),
+    # NaN / Infinity are not JSON: function.arguments must be a JSON string a client can parse
+    ('{"name": "f", "parameters": {"x": NaN}}', None),
+    ('{"name": "f", "parameters": {"x": [-Infinity]}}', None),
 ])
 def test_parse_tool_calls(reply, calls):
     assert parse_tool_calls(reply) == calls
