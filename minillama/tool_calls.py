@@ -4,7 +4,7 @@ Given tools through its chat template, Llama 3.1 answers a call with one JSON ob
 ``{"name": "get_weather", "parameters": {"city": "Paris"}}``, sometimes after ``<|python_tag|>``,
 and ends the turn with ``<|eom_id|>`` or ``<|eot_id|>`` (stop ids: not part of the reply text). A
 few replies hold several objects separated by ``;``. Anything else (prose, prose around JSON, JSON
-without a name) is an ordinary reply.
+without a name or without "parameters" / "arguments") is an ordinary reply.
 """
 import json
 from dataclasses import dataclass
@@ -43,7 +43,7 @@ def parse_tool_calls(text: str) -> Optional[List[ToolCall]]:
             obj, end = decoder.raw_decode(rest)
         except (ValueError, RecursionError):  # not JSON (JSONDecodeError), an int over 4300 digits, deep nesting
             return None
-        arguments = obj.get("parameters", obj.get("arguments", {}))
+        arguments = obj.get("parameters", obj.get("arguments"))  # None: neither key, so not a call
         if not isinstance(obj.get("name"), str) or not obj["name"] or not isinstance(arguments, dict):
             return None
         calls.append(ToolCall(obj["name"], arguments))

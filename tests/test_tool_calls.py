@@ -120,6 +120,9 @@ def test_bad_tools_and_calls(tok, tmp_path):
     ("The weather is fine.", None),
     ('{"name": "f", "parameters": {}} and more', None),
     ('{"parameters": {}}', None),
+    # JSON that merely has a "name" (a reply asked to be JSON) is not a call: a call has its parameters
+    ('{"name": "Bob", "age": 30}', None),
+    ('{"name": "f"}', None),
     ('{"name": "f", "parameters": "x"}', None),
     ('{"name": "f", "param', None),
     # NaN / Infinity are not JSON: function.arguments must be a JSON string a client can parse
