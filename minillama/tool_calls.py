@@ -8,7 +8,7 @@ without a name or without "parameters" / "arguments") is an ordinary reply.
 """
 import json
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Collection, List, Optional
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -29,8 +29,10 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-def parse_tool_calls(text: str) -> Optional[List[ToolCall]]:
-    """The tool calls that make up the whole reply ``text``, or None when it is not (only) tool calls."""
+def parse_tool_calls(text: str, names: Optional[Collection[str]] = None) -> Optional[List[ToolCall]]:
+    """The tool calls that make up the whole reply ``text``, or None when it is not (only) tool calls.
+
+    ``names``: the functions the request declared; a reply calling any other is not a call (None: any name)."""
     rest = text.strip()
     if rest.startswith(PYTHON_TAG):
         rest = rest[len(PYTHON_TAG):].lstrip()
@@ -45,6 +47,8 @@ def parse_tool_calls(text: str) -> Optional[List[ToolCall]]:
             return None
         arguments = obj.get("parameters", obj.get("arguments"))  # None: neither key, so not a call
         if not isinstance(obj.get("name"), str) or not obj["name"] or not isinstance(arguments, dict):
+            return None
+        if names is not None and obj["name"] not in names:
             return None
         calls.append(ToolCall(obj["name"], arguments))
         rest = rest[end:].lstrip()

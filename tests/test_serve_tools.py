@@ -132,3 +132,20 @@ def test_prose_streams_at_once_and_tool_choice_none(setup):
     assert out["choices"][0]["message"]["content"] == CALL and out["choices"][0]["finish_reason"] == "stop"
     r = client.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "tool_choice": "required"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_a_call_to_an_undeclared_function_is_text(setup):
+    """OpenAI's tool_calls only name functions the request declared (a client could not run another):
+    a reply calling anything else comes back as content, whole and streamed."""
+    llm, script, client = setup
+    ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
+    other = '{"name": "launch_rockets", "parameters": {}}; ' + CALL
+    script.say(len(ids), llm.tokenizer.encode(other, bos=False) + [EOM])
+    choice = post(client, messages=ASK, tools=[WEATHER], max_tokens=200)["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": other} and choice["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": ASK, "tools": [WEATHER], "stream": True, "temperature": 0}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == other
+    assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
