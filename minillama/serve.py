@@ -125,8 +125,9 @@ class _Choice:
         if isinstance(event, Finished):
             if event.finish_reason == "stop" and isinstance(event.stop, int):
                 self.tool_calls = parse_tool_calls(whole, self.tool_names)
-            if self.tool_calls:
-                return "", []
+            if self.tool_calls:  # the held tokens go out with the tool_calls delta (their logprobs)
+                tokens, self.held_tokens = self.held_tokens, []
+                return "", tokens
         elif could_be_tool_call(whole):
             return "", []
         tokens, self.held, self.held_tokens = self.held_tokens, None, []

@@ -149,3 +149,20 @@ def test_a_call_to_an_undeclared_function_is_text(setup):
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == other
     assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_tool_call_keeps_logprobs(setup):
+    """The tokens held back while a reply may be a call carry their logprobs on the tool_calls chunk,
+    as the whole response has them."""
+    llm, script, client = setup
+    ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
+    reply = llm.tokenizer.encode(CALL, bos=False)
+    script.say(len(ids), reply + [EOM])
+    whole = post(client, messages=ASK, tools=[WEATHER], logprobs=True)["choices"][0]
+    assert whole["finish_reason"] == "tool_calls" and len(whole["logprobs"]["content"]) == len(reply)
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": ASK, "tools": [WEATHER], "stream": True, "temperature": 0,
+            "logprobs": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == whole["logprobs"]["content"]
