@@ -22,7 +22,11 @@ class ToolCall:
 def could_be_tool_call(text: str) -> bool:
     """False once the start of a reply shows it is not a tool call (for streaming: stop holding text)."""
     head = text.lstrip()
-    return head == "" or head.startswith("{") or PYTHON_TAG.startswith(head[:len(PYTHON_TAG)])
+    if head.startswith(PYTHON_TAG):
+        head = head[len(PYTHON_TAG):].lstrip()
+    elif PYTHON_TAG.startswith(head):  # "" or the start of the tag
+        return True
+    return head == "" or head.startswith("{")
 
 
 def _not_json(constant: str):

@@ -137,6 +137,10 @@ def test_could_be_tool_call():
     assert could_be_tool_call("") and could_be_tool_call("  {") and could_be_tool_call("<|py")
     assert could_be_tool_call("<|python_tag|>{\"na")
     assert not could_be_tool_call("The") and not could_be_tool_call("<|eot")
+    # after <|python_tag|>, only JSON can still be a call: a built-in tool call or code is text at once
+    assert could_be_tool_call("<|python_tag|>") and could_be_tool_call("<|python_tag|> \n")
+    assert not could_be_tool_call('<|python_tag|>brave_search.call(query="')
+    assert not could_be_tool_call("<|python_tag|>import math")
 
 
 @pytest.mark.parametrize("reply", [
