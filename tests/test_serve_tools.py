@@ -134,6 +134,16 @@ def test_prose_streams_at_once_and_tool_choice_none(setup):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
 
 
+def test_tool_choice_auto_needs_tools(setup):
+    """As OpenAI and vLLM: tool_choice "auto" without tools is a 400 naming it ("none" is harmless)."""
+    llm, script, client = setup
+    r = client.post("/v1/chat/completions", json={"messages": ASK, "tool_choice": "auto", "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    assert '"auto"' in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"messages": ASK, "tool_choice": "none", "max_tokens": 1})
+    assert r.status_code == 200
+
+
 def test_a_call_to_an_undeclared_function_is_text(setup):
     """OpenAI's tool_calls only name functions the request declared (a client could not run another):
     a reply calling anything else comes back as content, whole and streamed."""
