@@ -233,6 +233,8 @@ def parse_chat(body) -> ParsedRequest:
     if choice not in (None, "auto", "none"):
         raise bad("tool_choice", f"tool_choice {json.dumps(choice)} is not supported (nothing forces a call "
                                  "here); use \"auto\" or \"none\"")
+    if choice == "auto" and not tools:
+        raise bad("tool_choice", "tool_choice \"auto\" needs tools; give tools or leave tool_choice out")
     if choice == "none" or not tools:
         tools = None
     return ParsedRequest(prompts=[messages], max_tokens=max_tokens, logprobs=(top or 0) if logprobs else None,

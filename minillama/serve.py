@@ -12,7 +12,8 @@ is server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``).
 
 With ``tools`` (and ``tool_choice`` "auto"), messages go through the chat template's tools branch
 and a reply that is a Llama 3.1 tool call (JSON, maybe after ``<|python_tag|>``, ended by a stop
-id) comes back as ``tool_calls`` with finish_reason "tool_calls". When streaming, text that may
+id) of declared functions comes back as ``tool_calls`` with finish_reason "tool_calls" (a call to
+a function the request did not declare stays text, as OpenAI never returns one). When streaming, text that may
 still become a tool call is held back until it is decided.
 
 Needs the ``serve`` extra: ``pip install -e '.[serve]'`` (FastAPI and uvicorn).
@@ -98,10 +99,11 @@ def _run_callbacks(batch) -> None:
 class _Choice:
     """What one choice has produced so far; with tools, the text held back while it may be a tool call."""
 
-    def __init__(self, hold_for_tools: bool):
+    def __init__(self, tool_names: Optional[set]):  # the declared functions; None: no tools, nothing held
+        self.tool_names = tool_names
         self.text: List[str] = []
         self.tokens: List[Token] = []
-        self.held: Optional[List[str]] = [] if hold_for_tools else None  # None: nothing held
+        self.held: Optional[List[str]] = [] if tool_names is not None else None  # None: nothing held
         self.held_tokens: List[Token] = []
         self.finished: Optional[Finished] = None
         self.tool_calls = None
@@ -122,9 +124,10 @@ class _Choice:
         whole = "".join(self.held)
         if isinstance(event, Finished):
             if event.finish_reason == "stop" and isinstance(event.stop, int):
-                self.tool_calls = parse_tool_calls(whole)
-            if self.tool_calls:
-                return "", []
+                self.tool_calls = parse_tool_calls(whole, self.tool_names)
+            if self.tool_calls:  # the held tokens go out with the tool_calls delta (their logprobs)
+                tokens, self.held_tokens = self.held_tokens, []
+                return "", tokens
         elif could_be_tool_call(whole):
             return "", []
         tokens, self.held, self.held_tokens = self.held_tokens, None, []
@@ -286,7 +289,8 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             param = "tools" if str(e).startswith("tools") or str(e).endswith("no tools branch") else "messages"
             raise APIError(400, str(e), param=param) from None
         submission = _Submission(scheduler, engine_requests(parsed, [ids], "messages"), "messages")
-        choices = [_Choice(parsed.tools is not None) for _ in range(parsed.n)]
+        names = None if parsed.tools is None else {t["function"]["name"] for t in parsed.tools}
+        choices = [_Choice(names) for _ in range(parsed.n)]
         rid, when = proto.new_id("chatcmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
 
@@ -332,7 +336,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         except ValueError as e:  # e.g. a lone surrogate: not text
             raise APIError(400, str(e), param="prompt") from None
         submission = _Submission(scheduler, engine_requests(parsed, ids, "prompt"), "prompt")
-        choices = [_Choice(False) for _ in range(len(ids) * parsed.n)]
+        choices = [_Choice(None) for _ in range(len(ids) * parsed.n)]
         rid, when = proto.new_id("cmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
 

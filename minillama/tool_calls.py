@@ -4,11 +4,11 @@ Given tools through its chat template, Llama 3.1 answers a call with one JSON ob
 ``{"name": "get_weather", "parameters": {"city": "Paris"}}``, sometimes after ``<|python_tag|>``,
 and ends the turn with ``<|eom_id|>`` or ``<|eot_id|>`` (stop ids: not part of the reply text). A
 few replies hold several objects separated by ``;``. Anything else (prose, prose around JSON, JSON
-without a name) is an ordinary reply.
+without a name or without "parameters" / "arguments") is an ordinary reply.
 """
 import json
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Collection, List, Optional
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -22,25 +22,37 @@ class ToolCall:
 def could_be_tool_call(text: str) -> bool:
     """False once the start of a reply shows it is not a tool call (for streaming: stop holding text)."""
     head = text.lstrip()
-    return head == "" or head.startswith("{") or PYTHON_TAG.startswith(head[:len(PYTHON_TAG)])
+    if head.startswith(PYTHON_TAG):
+        head = head[len(PYTHON_TAG):].lstrip()
+    elif PYTHON_TAG.startswith(head):  # "" or the start of the tag
+        return True
+    return head == "" or head.startswith("{")
 
 
-def parse_tool_calls(text: str) -> Optional[List[ToolCall]]:
-    """The tool calls that make up the whole reply ``text``, or None when it is not (only) tool calls."""
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def parse_tool_calls(text: str, names: Optional[Collection[str]] = None) -> Optional[List[ToolCall]]:
+    """The tool calls that make up the whole reply ``text``, or None when it is not (only) tool calls.
+
+    ``names``: the functions the request declared; a reply calling any other is not a call (None: any name)."""
     rest = text.strip()
     if rest.startswith(PYTHON_TAG):
         rest = rest[len(PYTHON_TAG):].lstrip()
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_not_json)  # NaN / Infinity: arguments must stay valid JSON
     calls: List[ToolCall] = []
     while rest:
         if not rest.startswith("{"):
             return None
         try:
             obj, end = decoder.raw_decode(rest)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (JSONDecodeError), an int over 4300 digits, deep nesting
             return None
-        arguments = obj.get("parameters", obj.get("arguments", {}))
+        arguments = obj.get("parameters", obj.get("arguments"))  # None: neither key, so not a call
         if not isinstance(obj.get("name"), str) or not obj["name"] or not isinstance(arguments, dict):
+            return None
+        if names is not None and obj["name"] not in names:
             return None
         calls.append(ToolCall(obj["name"], arguments))
         rest = rest[end:].lstrip()

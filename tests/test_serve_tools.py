@@ -132,3 +132,47 @@ def test_prose_streams_at_once_and_tool_choice_none(setup):
     assert out["choices"][0]["message"]["content"] == CALL and out["choices"][0]["finish_reason"] == "stop"
     r = client.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "tool_choice": "required"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_tool_choice_auto_needs_tools(setup):
+    """As OpenAI and vLLM: tool_choice "auto" without tools is a 400 naming it ("none" is harmless)."""
+    llm, script, client = setup
+    r = client.post("/v1/chat/completions", json={"messages": ASK, "tool_choice": "auto", "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    assert '"auto"' in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"messages": ASK, "tool_choice": "none", "max_tokens": 1})
+    assert r.status_code == 200
+
+
+def test_a_call_to_an_undeclared_function_is_text(setup):
+    """OpenAI's tool_calls only name functions the request declared (a client could not run another):
+    a reply calling anything else comes back as content, whole and streamed."""
+    llm, script, client = setup
+    ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
+    other = '{"name": "launch_rockets", "parameters": {}}; ' + CALL
+    script.say(len(ids), llm.tokenizer.encode(other, bos=False) + [EOM])
+    choice = post(client, messages=ASK, tools=[WEATHER], max_tokens=200)["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": other} and choice["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": ASK, "tools": [WEATHER], "stream": True, "temperature": 0}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == other
+    assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_tool_call_keeps_logprobs(setup):
+    """The tokens held back while a reply may be a call carry their logprobs on the tool_calls chunk,
+    as the whole response has them."""
+    llm, script, client = setup
+    ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
+    reply = llm.tokenizer.encode(CALL, bos=False)
+    script.say(len(ids), reply + [EOM])
+    whole = post(client, messages=ASK, tools=[WEATHER], logprobs=True)["choices"][0]
+    assert whole["finish_reason"] == "tool_calls" and len(whole["logprobs"]["content"]) == len(reply)
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": ASK, "tools": [WEATHER], "stream": True, "temperature": 0,
+            "logprobs": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == whole["logprobs"]["content"]

@@ -120,8 +120,14 @@ def test_bad_tools_and_calls(tok, tmp_path):
     ("The weather is fine.", None),
     ('{"name": "f", "parameters": {}} and more', None),
     ('{"parameters": {}}', None),
+    # JSON that merely has a "name" (a reply asked to be JSON) is not a call: a call has its parameters
+    ('{"name": "Bob", "age": 30}', None),
+    ('{"name": "f"}', None),
     ('{"name": "f", "parameters": "x"}', None),
     ('{"name": "f", "param', None),
+    # NaN / Infinity are not JSON: function.arguments must be a JSON string a client can parse
+    ('{"name": "f", "parameters": {"x": NaN}}', None),
+    ('{"name": "f", "parameters": {"x": [-Infinity]}}', None),
 ])
 def test_parse_tool_calls(reply, calls):
     assert parse_tool_calls(reply) == calls
@@ -131,3 +137,16 @@ def test_could_be_tool_call():
     assert could_be_tool_call("") and could_be_tool_call("  {") and could_be_tool_call("<|py")
     assert could_be_tool_call("<|python_tag|>{\"na")
     assert not could_be_tool_call("The") and not could_be_tool_call("<|eot")
+    # after <|python_tag|>, only JSON can still be a call: a built-in tool call or code is text at once
+    assert could_be_tool_call("<|python_tag|>") and could_be_tool_call("<|python_tag|> \n")
+    assert not could_be_tool_call('<|python_tag|>brave_search.call(query="')
+    assert not could_be_tool_call("<|python_tag|>import math")
+
+
+@pytest.mark.parametrize("reply", [
+    '{"name": "f", "parameters": {"x": 1' + "1" * 5000 + "}}",  # an int past Python's 4300-digit limit
+    '{"name": "f", "parameters": {"x": ' + "[" * 5000 + "]" * 5000 + "}}",  # nested past the recursion limit
+])
+def test_parse_tool_calls_takes_any_reply_without_raising(reply):
+    """A reply is the model's text: whatever it holds, it is calls or not (never a server error)."""
+    assert parse_tool_calls(reply) is None
