@@ -118,7 +118,8 @@ class Conversation:
         it). The history is unchanged by a failed load."""
         messages = read_messages(path)
         try:
-            self.encode(messages, add_generation_prompt=False)
+            if messages or not self.chat:  # no message at all (a fresh or /reset conversation) is always valid
+                self.encode(messages, add_generation_prompt=False)
             if self.chat:
                 self.encode(messages + [{"role": "user", "content": "Hello"}])
         except ChatTemplateError as e:
