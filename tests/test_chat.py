@@ -283,3 +283,12 @@ def test_an_empty_conversation_saves_and_loads(llm, tmp_path):
     assert other.messages == []
     other.send("Hi", max_new_tokens=2)
     assert [m["role"] for m in other.messages] == ["user", "assistant"]
+
+
+def test_a_stop_string_given_as_a_str_is_one_stop_string(llm, scripted):
+    """send(stop="park") stops at "park", as Llama.generate does; it stopped at its first letter found."""
+    conv = Conversation(llm)
+    scripted("Lily ran to the park.")
+    stats = conv.send("Hi", max_new_tokens=16, stop="park")
+    assert stats.finish_reason == "stop"
+    assert conv.messages[-1]["content"] == "Lily ran to the "
