@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 from minillama.chat_format import ROLES, ChatTemplateError
 from minillama.concurrency import exclusive
@@ -118,7 +118,8 @@ class Conversation:
         it). The history is unchanged by a failed load."""
         messages = read_messages(path)
         try:
-            self.encode(messages, add_generation_prompt=False)
+            if messages or not self.chat:  # no message at all (a fresh or /reset conversation) is always valid
+                self.encode(messages, add_generation_prompt=False)
             if self.chat:
                 self.encode(messages + [{"role": "user", "content": "Hello"}])
         except ChatTemplateError as e:
@@ -144,7 +145,7 @@ class Conversation:
         sampling: SamplingParams = SamplingParams(),
         on_text: Optional[Callable[[str], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
-        stop: Sequence[str] = (),
+        stop: Union[str, Sequence[str], None] = (),
     ) -> TurnStats:
         """Add a user message, generate the reply, and keep both in the history and the cache.
 
@@ -156,7 +157,8 @@ class Conversation:
             should_stop: polled after each piece of text; True ends the reply ("interrupted"), which
                 is kept as it stands. A KeyboardInterrupt inside also keeps the partial reply, then
                 propagates.
-            stop: stop strings; the reply is cut before the first one found.
+            stop: a stop string or a list of them (as ``Llama.generate``); the reply is cut before
+                the first one found.
         Raises:
             ContextOverflowError: the turn does not fit (policy "error", or too long on its own).
         """
@@ -175,7 +177,7 @@ class Conversation:
 
         stream = self.llm.stream(
             target[keep:], max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-            top_p=sampling.top_p, min_p=sampling.min_p, seed=sampling.seed, stop=list(stop), cache=self.cache,
+            top_p=sampling.top_p, min_p=sampling.min_p, seed=sampling.seed, stop=stop, cache=self.cache,
         )
         pieces: List[str] = []
         start = time.perf_counter()

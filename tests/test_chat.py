@@ -272,3 +272,23 @@ def test_ctrl_c_in_a_terminal_keeps_a_usable_session(chat_folder, tmp_path):
     assert messages[0]["content"] == "Hi Lily" and messages[2]["content"] == "And then?"
     assert messages[1]["content"]  # the partial reply is in the history
     assert b"Traceback" not in out
+
+
+def test_an_empty_conversation_saves_and_loads(llm, tmp_path):
+    """A conversation with no message yet (a fresh one, or /reset without a system prompt) loads back."""
+    path = tmp_path / "empty.json"
+    Conversation(llm).save(path)
+    other = Conversation(llm, system="You are Max.")
+    other.load(path)
+    assert other.messages == []
+    other.send("Hi", max_new_tokens=2)
+    assert [m["role"] for m in other.messages] == ["user", "assistant"]
+
+
+def test_a_stop_string_given_as_a_str_is_one_stop_string(llm, scripted):
+    """send(stop="park") stops at "park", as Llama.generate does; it stopped at its first letter found."""
+    conv = Conversation(llm)
+    scripted("Lily ran to the park.")
+    stats = conv.send("Hi", max_new_tokens=16, stop="park")
+    assert stats.finish_reason == "stop"
+    assert conv.messages[-1]["content"] == "Lily ran to the "
