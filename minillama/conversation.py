@@ -70,7 +70,7 @@ class Conversation:
         limit = llm.config.max_position_embeddings
         if max_context is None:
             max_context = limit
-        if not isinstance(max_context, int) or not 0 < max_context <= limit:
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or not 0 < max_context <= limit:
             raise ValueError(f"max_context must be an integer in [1, {limit}] (the model's context), got {max_context!r}")
         if on_overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"on_overflow must be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
@@ -93,6 +93,8 @@ class Conversation:
     @exclusive
     def set_system(self, text: Optional[str]) -> None:
         """Set (or with None / "" remove) the system prompt; the rest of the history stays."""
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"the system prompt must be a string or None, got {type(text).__name__}")
         rest = self.messages[1:] if self.system is not None else self.messages
         self.messages = ([{"role": "system", "content": text}] if text else []) + rest
 

@@ -292,3 +292,12 @@ def test_a_stop_string_given_as_a_str_is_one_stop_string(llm, scripted):
     stats = conv.send("Hi", max_new_tokens=16, stop="park")
     assert stats.finish_reason == "stop"
     assert conv.messages[-1]["content"] == "Lily ran to the "
+
+
+def test_odd_conversation_arguments_are_named(llm):
+    with pytest.raises(ValueError, match=r"max_context must be an integer in \[1, \d+\] .*, got True"):
+        Conversation(llm, max_context=True)  # a bool is not a token count
+    conv = Conversation(llm, system="Be brief.")
+    with pytest.raises(TypeError, match="^the system prompt must be a string or None, got int$"):
+        conv.set_system(5)
+    assert conv.system == "Be brief."  # unchanged
