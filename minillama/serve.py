@@ -401,6 +401,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the kernels that run the model (default: Triton on CUDA, torch elsewhere)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be in [0, 65535], got {args.port}")
     for name in ("max_batch", "prefill_chunk", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

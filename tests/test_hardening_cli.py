@@ -413,3 +413,21 @@ def test_chat_on_overflow_error_exits_2_with_one_error_line():
     lines = proc.stderr.decode().splitlines()
     assert lines[-1].startswith("error: the conversation needs") and "Traceback" not in proc.stderr.decode()
     assert len(proc.stdout.decode().splitlines()) == 1  # the first reply
+
+
+# -- serve: bad flags are one error line, before the model loads ---------------------------------
+
+SERVE = [sys.executable, "-m", "minillama.serve", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--port", -1], "--port must be in [0, 65535], got -1"),
+    (["--port", 70000], "--port must be in [0, 65535], got 70000"),
+])
+def test_serve_refuses_bad_flags_before_loading(args, named):
+    """Each exits 2 with the value named, before the model loads (a typo must not wait for a 70B
+    load), and without starting a server (timeout: a flag that is wrongly accepted would serve)."""
+    proc = subprocess.run([*SERVE, *map(str, args)], capture_output=True, env=ENV, cwd=ROOT, timeout=30)
+    assert proc.returncode == 2 and proc.stdout == b"", proc.stderr
+    last = proc.stderr.decode().splitlines()[-1]
+    assert last.endswith(f"error: {named}") and "Traceback" not in proc.stderr.decode() and b"loaded" not in proc.stderr
