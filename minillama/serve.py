@@ -408,6 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_queue < 0 or args.request_timeout <= 0:
         p.error("--max-queue must be >= 0 and --request-timeout > 0")
+    if args.max_seq_len is not None and args.max_seq_len < 2:  # 0 was taken as "not given"
+        p.error(f"--max-seq-len must be >= 2 (a prompt token and an output token), got {args.max_seq_len}")
     if args.tp is not None and args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
     return args
@@ -443,7 +445,7 @@ def _main(argv) -> int:
     start = time.perf_counter()
     llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
                                 quantize=args.quantize)
-    max_seq_len = args.max_seq_len or min(llm.config.max_position_embeddings, 8192)
+    max_seq_len = args.max_seq_len if args.max_seq_len is not None else min(llm.config.max_position_embeddings, 8192)
     scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk)
     if is_follower():  # rank > 0: no HTTP; run rank 0's steps until its scheduler closes

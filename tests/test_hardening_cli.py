@@ -423,6 +423,7 @@ SERVE = [sys.executable, "-m", "minillama.serve", "--device", "cpu"]
 @pytest.mark.parametrize("args, named", [
     (["--port", -1], "--port must be in [0, 65535], got -1"),
     (["--port", 70000], "--port must be in [0, 65535], got 70000"),
+    (["--max-seq-len", 0], "--max-seq-len must be >= 2 (a prompt token and an output token), got 0"),
 ])
 def test_serve_refuses_bad_flags_before_loading(args, named):
     """Each exits 2 with the value named, before the model loads (a typo must not wait for a 70B
