@@ -406,8 +406,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_batch", "prefill_chunk", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_queue < 0 or args.request_timeout <= 0:
-        p.error("--max-queue must be >= 0 and --request-timeout > 0")
+    if args.max_queue < 0:
+        p.error(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not args.request_timeout > 0:  # also NaN, which timed every request out at once
+        p.error(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     if args.max_seq_len is not None and args.max_seq_len < 2:  # 0 was taken as "not given"
         p.error(f"--max-seq-len must be >= 2 (a prompt token and an output token), got {args.max_seq_len}")
     if args.tp is not None and args.tp < 1:

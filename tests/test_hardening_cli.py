@@ -423,6 +423,9 @@ SERVE = [sys.executable, "-m", "minillama.serve", "--device", "cpu"]
 @pytest.mark.parametrize("args, named", [
     (["--port", -1], "--port must be in [0, 65535], got -1"),
     (["--port", 70000], "--port must be in [0, 65535], got 70000"),
+    (["--max-queue", -1], "--max-queue must be >= 0, got -1"),
+    (["--request-timeout", 0], "--request-timeout must be > 0 seconds, got 0.0"),
+    (["--request-timeout", "nan"], "--request-timeout must be > 0 seconds, got nan"),
     (["--max-seq-len", 0], "--max-seq-len must be >= 2 (a prompt token and an output token), got 0"),
 ])
 def test_serve_refuses_bad_flags_before_loading(args, named):
