@@ -412,6 +412,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     if args.max_seq_len is not None and args.max_seq_len < 2:  # 0 was taken as "not given"
         p.error(f"--max-seq-len must be >= 2 (a prompt token and an output token), got {args.max_seq_len}")
+    if args.served_model_name is not None and not args.served_model_name.strip():  # was taken as "not given"
+        p.error(f"--served-model-name must not be empty, got {args.served_model_name!r}")
     if args.tp is not None and args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
     return args
@@ -456,7 +458,7 @@ def _main(argv) -> int:
     # The scheduler thread (launching device steps) and the event loop (HTTP) share the GIL; with
     # Python's default 5 ms switch interval a busy event loop could hold up the next decode step.
     sys.setswitchinterval(0.0005)
-    name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
+    name = args.served_model_name if args.served_model_name is not None else (Path(args.model).name if Path(args.model).exists() else args.model)
     app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
     cli.note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "
              f"http://{args.host}:{args.port} with {args.max_batch} rows of {max_seq_len} tokens)")

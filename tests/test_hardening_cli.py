@@ -426,6 +426,7 @@ SERVE = [sys.executable, "-m", "minillama.serve", "--device", "cpu"]
     (["--max-queue", -1], "--max-queue must be >= 0, got -1"),
     (["--request-timeout", 0], "--request-timeout must be > 0 seconds, got 0.0"),
     (["--request-timeout", "nan"], "--request-timeout must be > 0 seconds, got nan"),
+    (["--served-model-name", ""], "--served-model-name must not be empty, got ''"),
     (["--max-seq-len", 0], "--max-seq-len must be >= 2 (a prompt token and an output token), got 0"),
 ])
 def test_serve_refuses_bad_flags_before_loading(args, named):
