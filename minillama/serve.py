@@ -399,7 +399,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="8-bit projection weights (one scale per output channel), quantized while loading")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                    help="the kernels that run the model (default: Triton on CUDA, torch elsewhere)")
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn's log level")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {args.port}")
