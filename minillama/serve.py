@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import socket
 import sys
 import time
 from functools import partial
@@ -378,7 +379,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as 'model' (default: the folder's name or the repo id)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0: a free port (the startup line names it)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="cache rows: requests decoding at once (CUDA graphs come in buckets of 1, 2, 4, ..., 64, "
                         "then multiples of 64: the pool is allocated up to the next one)")
@@ -420,6 +421,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (not yet listening): taken before the model loads, so that a
+    host that does not resolve or a port in use is an error at once, not after a long load."""
+    try:
+        family, kind, proto_, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise cli.CommandError(f"--host {host!r} does not resolve: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto_)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise cli.CommandError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def main(argv=None) -> int:
     """Exit status: 0 after a clean shutdown, 2 after a one-line error (a missing model or extra, a
     cache pool that does not fit, ...), 130 on Ctrl-C while loading (see ``minillama/cli.py``)."""
@@ -447,6 +466,7 @@ def _main(argv) -> int:
         except SignalException as e:  # SIGTERM / SIGINT stopped the launcher, which stopped the workers
             return 128 + int(e.sigval)
     cli.silence_followers()
+    sock = None if is_follower() else _listen(args.host, args.port)  # rank 0 serves HTTP
     start = time.perf_counter()
     llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
                                 quantize=args.quantize)
@@ -461,12 +481,18 @@ def _main(argv) -> int:
     sys.setswitchinterval(0.0005)
     name = args.served_model_name if args.served_model_name is not None else (Path(args.model).name if Path(args.model).exists() else args.model)
     app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+    host, port = sock.getsockname()[:2]  # the port taken, with --port 0
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     cli.note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "
-             f"http://{args.host}:{args.port} with {args.max_batch} rows of {max_seq_len} tokens)")
+             f"{url} with {args.max_batch} rows of {max_seq_len} tokens)")
+    config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level, timeout_keep_alive=5,
+                            limit_concurrency=4 * (args.max_batch + args.max_queue) + 16)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
-                    limit_concurrency=4 * (args.max_batch + args.max_queue) + 16)
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is a clean shutdown
+        pass
     finally:
+        sock.close()
         scheduler.close()
     return 0
 

@@ -437,3 +437,18 @@ def test_serve_refuses_bad_flags_before_loading(args, named):
     assert proc.returncode == 2 and proc.stdout == b"", proc.stderr
     last = proc.stderr.decode().splitlines()[-1]
     assert f"error: {named}" in last and "Traceback" not in proc.stderr.decode() and b"loaded" not in proc.stderr
+
+
+def test_serve_fails_at_once_on_a_port_in_use_or_a_host_that_does_not_resolve():
+    """The socket is bound before the model loads: one error line naming the address, status 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, named in ((["--port", port], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+                            (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid' does not resolve")):
+            proc = subprocess.run([*SERVE, *map(str, args)], capture_output=True, env=ENV, cwd=ROOT, timeout=30)
+            assert proc.returncode == 2 and proc.stdout == b"" and b"loaded" not in proc.stderr, proc.stderr
+            assert one_line_error(proc.stderr).startswith(named)
