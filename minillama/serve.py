@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
 import socket
 import sys
 import time
@@ -421,6 +422,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets=sockets)
+            if self.force_exit:  # a second Ctrl-C: uvicorn skips the app's lifespan end, and the lifespan
+                await self.lifespan.shutdown()  # task, cancelled at exit, was logged as a traceback
+
+    return Server
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host``:``port`` (not yet listening): taken before the model loads, so that a
     host that does not resolve or a port in use is an error at once, not after a long load."""
@@ -487,11 +500,17 @@ def _main(argv) -> int:
              f"{url} with {args.max_batch} rows of {max_seq_len} tokens)")
     config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level, timeout_keep_alive=5,
                             limit_concurrency=4 * (args.max_batch + args.max_queue) + 16)
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again for the handler
+    # it replaced: with Python's, SIGTERM killed the process (status -15, the scheduler never closed)
+    # and a second Ctrl-C raised KeyboardInterrupt into the loop (a traceback). The shutdown done,
+    # the signal asks for nothing more: exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is a clean shutdown
-        pass
+        _server_class()(config).run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sock.close()
         scheduler.close()
     return 0

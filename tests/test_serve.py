@@ -100,6 +100,29 @@ def solo(llm, prompt, max_tokens, **kw):
     return llm.generate([prompt], max_new_tokens=max_tokens, **kw)[0]
 
 
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGTERM"], ["SIGINT", "SIGINT"]])
+def test_signals_shut_the_server_down_with_status_0(signals):
+    """Ctrl-C (once or twice, as a terminal sends it to the whole group) and SIGTERM (systemd, docker stop):
+    a clean shutdown, status 0, no traceback, the port free again at once."""
+    import signal
+
+    proc, url = _start_server()
+    try:
+        for name in signals:
+            proc.send_signal(getattr(signal, name))
+            time.sleep(0.05)  # two signals sent at once are delivered as one
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in out, (proc.returncode, out)
+    assert out.count("\n") == 1 and "serving 'demo_model' on " + url in out, out
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # a restart can take the port at once
+
+
 def test_chat_completion_equals_solo_run(client, llm):
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
