@@ -487,6 +487,11 @@ def _main(argv) -> int:
     scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk)
     if is_follower():  # rank > 0: no HTTP; run rank 0's steps until its scheduler closes
+        # The launcher passes SIGTERM / SIGINT to every rank: rank 0 shuts down gracefully and then
+        # closes its scheduler, which this rank must still be here to hear (dead, rank 0's close
+        # failed with a gloo traceback); it ends when rank 0's close reaches it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         scheduler.follow()
         return 0
     # The scheduler thread (launching device steps) and the event loop (HTTP) share the GIL; with

@@ -484,6 +484,8 @@ def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     finally:
         _stop(proc)
     assert proc.returncode == 143  # SIGTERM: the launcher stopped both ranks
+    out = proc.stdout.read()
+    assert "Traceback" not in out and "Error" not in out, out  # rank 1 waited for rank 0's close
 
 
 def test_quantized_server_answers_as_the_quantized_model():
