@@ -471,6 +471,13 @@ def _main(argv) -> int:
     from minillama.parallel import is_follower, launched_by_torchrun
     from minillama.scheduler import Scheduler
 
+    if args.max_seq_len is not None and not launched_by_torchrun():  # before any load or launch: from config.json
+        from minillama.config import LlamaConfig
+        from minillama.hub import resolve_checkpoint
+
+        context = LlamaConfig.from_file(resolve_checkpoint(args.model) / "config.json").max_position_embeddings
+        if args.max_seq_len > context:
+            raise cli.CommandError(f"--max-seq-len {args.max_seq_len} is more than the model's context of {context}")
     if args.tp and args.tp > 1 and not launched_by_torchrun():
         from torch.distributed.elastic.multiprocessing.api import SignalException
 

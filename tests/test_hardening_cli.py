@@ -428,6 +428,8 @@ SERVE = [sys.executable, "-m", "minillama.serve", "--device", "cpu"]
     (["--request-timeout", "nan"], "--request-timeout must be > 0 seconds, got nan"),
     (["--served-model-name", ""], "--served-model-name must not be empty, got ''"),
     (["--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
+    (["--max-seq-len", 100000], "--max-seq-len 100000 is more than the model's context of 512"),
+    (["--max-seq-len", 100000, "--tp", 2], "--max-seq-len 100000 is more than the model's context of 512"),
     (["--max-seq-len", 0], "--max-seq-len must be >= 2 (a prompt token and an output token), got 0"),
 ])
 def test_serve_refuses_bad_flags_before_loading(args, named):
@@ -452,3 +454,15 @@ def test_serve_fails_at_once_on_a_port_in_use_or_a_host_that_does_not_resolve():
             proc = subprocess.run([*SERVE, *map(str, args)], capture_output=True, env=ENV, cwd=ROOT, timeout=30)
             assert proc.returncode == 2 and proc.stdout == b"" and b"loaded" not in proc.stderr, proc.stderr
             assert one_line_error(proc.stderr).startswith(named)
+
+
+def test_serve_checks_max_seq_len_against_the_config_before_loading_the_weights(tmp_path):
+    """Weights that cannot load stand for a 70B load: the context check must come first."""
+    folder = tmp_path / "no_weights"
+    shutil.copytree(DEMO_MODEL_DIR, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    proc = subprocess.run([*SERVE, "--model", str(folder), "--max-seq-len", "100000"], capture_output=True, env=ENV,
+                          cwd=ROOT, timeout=30)
+    assert proc.returncode == 2
+    assert one_line_error(proc.stderr) == "--max-seq-len 100000 is more than the model's context of 512"
