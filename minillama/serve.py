@@ -453,8 +453,10 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 after a clean shutdown, 2 after a one-line error (a missing model or extra, a
-    cache pool that does not fit, ...), 130 on Ctrl-C while loading (see ``minillama/cli.py``)."""
+    """Exit status: 0 after a clean shutdown (Ctrl-C or SIGTERM while serving: requests in flight
+    finish first), 2 after a one-line error (a bad flag, a port in use, a missing model or extra, a
+    cache pool that does not fit, ...), 130 on Ctrl-C while loading (see ``minillama/cli.py``).
+    Under --tp the launcher's status: 128 + the signal that stopped it."""
     return cli.run(_main, argv)
 
 
@@ -504,7 +506,9 @@ def _main(argv) -> int:
     # The scheduler thread (launching device steps) and the event loop (HTTP) share the GIL; with
     # Python's default 5 ms switch interval a busy event loop could hold up the next decode step.
     sys.setswitchinterval(0.0005)
-    name = args.served_model_name if args.served_model_name is not None else (Path(args.model).name if Path(args.model).exists() else args.model)
+    name = args.served_model_name
+    if name is None:
+        name = Path(args.model).name if Path(args.model).exists() else args.model
     app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
     host, port = sock.getsockname()[:2]  # the port taken, with --port 0
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
