@@ -287,7 +287,7 @@ def _parse_activations(args: Optional[dict], weight_kind: str, where: str) -> Op
 
 
 def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None,
-                         block_elements: int = 1 << 20,
+                         block_elements: Optional[int] = None,
                          reduce_amax: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel quantization of ``weight`` (N, K).
@@ -298,6 +298,8 @@ def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, out: Optional
 
     Works in float32 on blocks of whole rows (about ``block_elements`` each), so its temporaries
     stay one block's size whatever the matrix (the float32 copy of a whole 70B MLP matrix is 0.9 GB).
+    Default: 2^20 elements on the CPU (host memory, where freed blocks stay with the process), 2^24
+    elsewhere (a 64 MB buffer on a GPU; smaller blocks would only multiply the launches).
     ``out`` (N, K) in ``dtype``, on any device, receives q, and the work runs on its device,
     ``weight`` moving there one block at a time; without it q is a new tensor on ``weight``'s device.
     ``reduce_amax``: takes each block's per-row max |w| (float32) and returns the whole rows' (a
@@ -314,6 +316,8 @@ def quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, out: Optional
         raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected {dtype} {tuple(weight.shape)}")
     N, K = weight.shape
     scale = torch.empty(N, dtype=torch.float32, device=out.device)
+    if block_elements is None:
+        block_elements = 1 << 20 if out.device.type == "cpu" else 1 << 24
     rows = max(1, min(N, block_elements // max(K, 1)))
     work = torch.empty(rows, K, dtype=torch.float32, device=out.device)  # one buffer for every block
     for r in range(0, N, rows):
@@ -501,10 +505,9 @@ class LoadPlan:
         index = part or 0
         rows = slice(sum(linear.parts[:index]), sum(linear.parts[:index + 1]))  # this rank's rows of the part
         if kind == "quantize":
-            reduce_amax = linear.tp.all_reduce_max_ if linear.parallel == "row" else None
-
             def quantize(src):
-                _, scale = quantize_per_channel(src, linear.weight.dtype, out=piece.target, reduce_amax=reduce_amax)
+                _, scale = quantize_per_channel(src, linear.weight.dtype, out=piece.target,
+                                                reduce_amax=whole_row_amax(linear))
                 linear.weight_scale[rows].copy_(scale)
             return piece._replace(target=_Into(quantize, piece.target))
         if kind == "input_scale":
@@ -529,6 +532,12 @@ def load_plan(config, quantize: Optional[str], names, model, weight_shape) -> Op
     return None if qconfig is None else LoadPlan(qconfig, config, names, model, weight_shape)
 
 
+def whole_row_amax(linear) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """``reduce_amax`` for quantizing ``linear``'s weight: a row-parallel rank holds some columns of
+    each row, so its rows' max |w| is taken over the ranks (the scales one process computes)."""
+    return linear.tp.all_reduce_max_ if linear.parallel == "row" else None
+
+
 def quantize_model(model, quantize: str) -> None:
     """Quantize a built model's projections in place, one matrix at a time, as loading with
     ``quantize=`` does (embedding and lm_head kept): for benchmarks on random weights and for
@@ -542,7 +551,7 @@ def quantize_model(model, quantize: str) -> None:
             linear = getattr(holder, attr)
             quantized = QuantizedLinear(linear, dtype)
             with torch.no_grad():
-                q, scale = quantize_per_channel(linear.weight, dtype)
-                quantized.weight.copy_(q)
+                _, scale = quantize_per_channel(linear.weight, dtype, out=quantized.weight,
+                                                reduce_amax=whole_row_amax(linear))
                 quantized.weight_scale.copy_(scale)
             setattr(holder, attr, quantized)

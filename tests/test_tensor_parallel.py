@@ -76,10 +76,17 @@ def mixed_step_logits(llm, ids):
 
 
 def run_8bit(folder, out_path):
-    """Logits and greedy tokens with weights quantized at load, int8 and fp8."""
+    """Logits and greedy tokens with weights quantized at load, int8 and fp8, and with the loaded
+    model quantized in memory (quantize_model), int8."""
+    from minillama.quantization import quantize_model
+
     out = {}
-    for quantize in ("int8", "fp8"):
-        llm = Llama.from_pretrained(folder, device="cpu", quantize=quantize)
+    for quantize in ("int8", "fp8", "int8 in memory"):
+        if quantize == "int8 in memory":
+            llm = Llama.from_pretrained(folder, device="cpu")
+            quantize_model(llm.model, "int8")
+        else:
+            llm = Llama.from_pretrained(folder, device="cpu", quantize=quantize)
         ids = llm.tokenizer.encode("the cat sat on the mat and then it", bos=True)
         out[quantize] = (llm.logits(ids), [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)])
     torch.save(out, out_path)
@@ -204,8 +211,8 @@ def test_each_rank_holds_its_shard(case):
 
 
 def test_tp2_8bit_weights_equal_tp1(tmp_path):
-    """quantize="int8" / "fp8" under TP=2 computes what one process computes: a row-parallel rank
-    (o, down) quantizes its columns with the whole rows' scales. With each rank's own scales the
+    """quantize="int8" / "fp8" under TP=2 (at load, or quantize_model in memory) computes what one
+    process computes: a row-parallel rank (o, down) quantizes its columns with the whole rows' scales. With each rank's own scales the
     logits were 3.6e-3 (int8) off relative and greedy tokens changed."""
     folder = tmp_path / "ckpt"
     write_checkpoint(folder, tokenizer="sentencepiece", n_layers=2, seed=11, **CASES["untied gqa2 llama3 rope"])
