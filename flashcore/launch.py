@@ -17,6 +17,13 @@ from triton.runtime import driver
 from flashcore import INTERPRET
 
 
+def current_stream() -> Optional[int]:
+    """The raw handle of the current CUDA stream (None under the interpreter): what a launch runs on."""
+    if INTERPRET:
+        return None
+    return driver.active.get_current_stream(driver.active.get_current_device())
+
+
 def _no_launch_hooks() -> bool:
     """No launch hooks (a profiler's) are set: Triton would pass them no launch metadata either."""
     return all(hook is None or getattr(hook, "calls", None) == []
@@ -25,7 +32,8 @@ def _no_launch_hooks() -> bool:
 
 class Launch:
     """``Launch(kernel, num_warps=..., num_stages=..., **constexprs)(grid, *args)`` runs
-    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``; grid is (x, y, z).
+    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``; grid is (x, y, z). A
+    caller that launches several kernels may pass ``stream=current_stream()``, looked up once.
 
     The caller guarantees that every call passes arguments of the same specialization as the
     first: the same dtypes, the same non-tensor values, the same 16-byte alignment of each pointer.
@@ -42,14 +50,15 @@ class Launch:
         self.compiled = None
         self.constexpr_values: Tuple = ()
 
-    def __call__(self, grid: Tuple[int, int, int], *args) -> None:
+    def __call__(self, grid: Tuple[int, int, int], *args, stream: Optional[int] = None) -> None:
         compiled = self.compiled
         if compiled is None:
             self._first_call(grid, args)
         elif _no_launch_hooks():
             # What CompiledKernel[grid](*args) does (triton 3.4-3.9), less building the launch
             # metadata that only hooks read: ~5 us of host time less per launch on the H200's host.
-            stream = driver.active.get_current_stream(driver.active.get_current_device())
+            if stream is None:
+                stream = current_stream()
             compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None,
                          None, None, *args, *self.constexpr_values)
         else:

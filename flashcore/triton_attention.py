@@ -39,7 +39,7 @@ import triton.language as tl
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
 from flashcore.checks import check_attention_inputs, check_capacity, check_varlen_inputs
-from flashcore.launch import Launch
+from flashcore.launch import Launch, current_stream
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 DECODE_MAX_ROWS = 64  # S_q * group up to this many rows runs the split-KV decode kernel
@@ -521,6 +521,10 @@ class _DecodePlan:
         self.direct = num_parts == 1
         lse_offset = B * H_kv * num_parts * num_rows * D  # Part: the partial outputs, then their lse
         self.part_numel = 0 if self.direct else lse_offset + B * H_kv * num_parts * num_rows
+        # The partials of one call are read by its reduce launch, the next kernel on the same stream,
+        # so every call on a stream can reuse one workspace: one allocation less per call (4-9 us of
+        # host time on the H200's host, 2026-12-01). Keyed by stream, so concurrent streams never share.
+        self.parts: dict = {}
         out_strides = _strides3(torch.empty_like(q))
         block_d = _block_d(D)
         self.split_grid = (num_parts, B * H_kv, 1)
@@ -544,9 +548,12 @@ class _DecodePlan:
         if self.direct:
             self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, out, out, *self.split_ints)
             return out
-        part = q.new_empty(self.part_numel, dtype=torch.float32)
-        self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints)
-        self.reduce(self.reduce_grid, part, out, *self.reduce_ints)
+        stream = current_stream()
+        part = self.parts.get(stream)
+        if part is None:
+            part = self.parts[stream] = q.new_empty(self.part_numel, dtype=torch.float32)
+        self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints, stream=stream)
+        self.reduce(self.reduce_grid, part, out, *self.reduce_ints, stream=stream)
         return out
 
 
@@ -575,8 +582,9 @@ class _VarlenPlan:
         out = torch.zeros_like(q)  # q's strides where q is dense, else contiguous: as at planning
         if self.grid[0] == 0:
             return out
-        self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints)
-        self.attend(self.grid, q, k_cache, v_cache, tiles, out, *self.attend_ints)
+        stream = current_stream()
+        self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints, stream=stream)
+        self.attend(self.grid, q, k_cache, v_cache, tiles, out, *self.attend_ints, stream=stream)
         return out
 
 

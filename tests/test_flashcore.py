@@ -193,6 +193,34 @@ def test_decode_kernel_splits(num_splits, causal, new_keys_apart):
 
 @pytest.mark.triton
 @interpreted
+def test_decode_workspace_is_one_per_stream(monkeypatch):
+    """A decode plan's split kernel writes its partials to a workspace that the reduce launch right
+    after it reads: calls on one stream reuse one workspace (fresh inputs, right answers every
+    call), calls on another stream get their own."""
+    from flashcore import triton_attention
+
+    triton_attention._PLANS.clear()
+    for seed, stream in enumerate([None, None, "side", "side", None]):
+        monkeypatch.setattr(triton_attention, "current_stream", lambda: stream)
+        run_and_check(decode_kernel_planned, 2, 1, 8, 2, 16, [130, 3], 140, seed=seed)
+    (plan,) = triton_attention._PLANS.values()
+    assert not plan.direct and sorted(plan.parts, key=str) == [None, "side"]
+
+
+def decode_kernel_planned(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
+    """The public entry point with a split count that needs the reduce launch, planned once."""
+    from flashcore import triton_attention
+
+    key = triton_attention._layout_key("kv_cache", q, k, v, k_cache, v_cache, lens) + (softmax_scale, causal)
+    if key not in triton_attention._PLANS:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        triton_attention._PLANS[key] = triton_attention._DecodePlan(
+            q, k, v, k_cache, v_cache, scale, causal, triton_attention.KernelConfig(0, 32, 4, 1), num_splits=3)
+    return public(q, k, v, k_cache, v_cache, lens, softmax_scale, causal)
+
+
+@pytest.mark.triton
+@interpreted
 @pytest.mark.parametrize("S_q,seq_lens", [(1, [0, 70]), (3, [35, 64]), (64, [0, 1])])
 def test_decode_kernel_many_rows(S_q, seq_lens):
     # S_q = 64 with group 1 fills all 64 packed rows: two tiles of new keys under the causal mask.
