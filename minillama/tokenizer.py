@@ -7,7 +7,7 @@ code that means to (BOS here, turn markers in the chat encoder).
 """
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from minillama.files import checkpoint_file, read_json, read_text
 
@@ -23,7 +23,7 @@ def _token_content(value) -> Optional[str]:
 
 
 class Tokenizer:
-    """Common interface. Subclasses implement _encode_plain, decode, token_to_id, vocab_size."""
+    """Common interface. Subclasses implement _encode_plain, _decode, token_to_id, vocab_size."""
 
     def __init__(self, tokenizer_config: dict, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool):
         self.tokenizer_config = tokenizer_config
@@ -66,7 +66,19 @@ class Tokenizer:
     def _encode_plain(self, text: str) -> List[int]:
         raise NotImplementedError
 
-    def decode(self, ids: List[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, special tokens included. An id outside [0, vocab_size) is a ValueError,
+        raised before anything is decoded (SentencePiece would raise IndexError, the tokenizers library
+        would skip the id or raise OverflowError)."""
+        ids = list(ids)
+        n = self.vocab_size
+        bad = next((t for t in ids if not 0 <= t < n), None)
+        if bad is not None:
+            raise ValueError(f"cannot decode token id {bad}: the tokenizer's vocab_size is {n} (ids 0..{n - 1}); "
+                             f"is it an id of another tokenizer or model?")
+        return self._decode(ids)
+
+    def _decode(self, ids: List[int]) -> str:
         raise NotImplementedError
 
     def token_to_id(self, token: str) -> Optional[int]:
@@ -175,8 +187,8 @@ class HFTokenizer(Tokenizer):
     def _encode_plain(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: List[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+    def _decode(self, ids: List[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
@@ -247,8 +259,8 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_plain(self, text: str) -> List[int]:
         return self._sp.EncodeAsIds(text)
 
-    def decode(self, ids: List[int]) -> str:
-        return self._sp.DecodeIds(list(ids))
+    def _decode(self, ids: List[int]) -> str:
+        return self._sp.DecodeIds(ids)
 
     def token_bytes(self, token_id: int) -> bytes:
         return _piece_bytes(self._sp.IdToPiece(int(token_id)))
