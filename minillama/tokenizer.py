@@ -175,14 +175,15 @@ class HFTokenizer(Tokenizer):
         eos = _token_content(tokenizer_config.get("eos_token"))
         bos_id = self._tok.token_to_id(bos) if bos else None
         eos_id = self._tok.token_to_id(eos) if eos else None
-        add_bos = tokenizer_config.get("add_bos_token")
-        if add_bos is None:  # Llama 3 style: the post-processor decides
-            with_special = self._tok.encode("a", add_special_tokens=True).ids
-            plain = self._tok.encode("a", add_special_tokens=False).ids
-            add_bos = len(with_special) > len(plain) and with_special[0] != plain[0]
-            if add_bos and bos_id is None:
-                bos_id = with_special[0]
-        super().__init__(tokenizer_config, bos_id, eos_id, bool(add_bos))
+        # The post-processor alone decides, as in transformers 5: with a tokenizer.json, from_pretrained
+        # drops tokenizer_config.json's add_bos_token (Llama 3.1 has none; its TemplateProcessing adds
+        # <|begin_of_text|>), so a BOS comes first exactly when the post-processor puts one there.
+        with_special = self._tok.encode("a", add_special_tokens=True).ids
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        add_bos = len(with_special) > len(plain) and with_special[0] != plain[0]
+        if add_bos and bos_id is None:
+            bos_id = with_special[0]
+        super().__init__(tokenizer_config, bos_id, eos_id, add_bos)
 
     def _encode_plain(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -253,6 +254,8 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
         bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        # absent: True, the default transformers' LlamaTokenizer documents and Llama 2 uses (a choice: the code
+        # of transformers 5.24 adds no BOS then, against its docstring)
         add_bos = tokenizer_config.get("add_bos_token", True)
         super().__init__(tokenizer_config, bos_id, eos_id, bool(add_bos))
 
