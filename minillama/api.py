@@ -300,13 +300,14 @@ class Llama:
         if cache.batch != rows:
             raise ValueError(f"cache has {cache.batch} row(s) but {rows} prompt(s) were given: make it with "
                              f"Llama.new_cache({rows})")
-        ref = self.runner.new_cache(1, 1).k  # the layout this model's layers read
+        # the layout this model's layers read (Transformer.new_cache): K/V (layers, B, max_len, KV heads, head_dim)
+        layers, dim = self.config.num_hidden_layers, self.config.head_dim
+        heads = self.model.layers[0].attention.n_kv_heads  # this rank's, under tensor parallelism
         if (cache.k.shape[0], *cache.k.shape[3:], cache.k.dtype, cache.k.device) != (
-                ref.shape[0], *ref.shape[3:], ref.dtype, ref.device):
-            layers, _, _, heads, dim = ref.shape
+                layers, heads, dim, self.dtype, self.device):
             raise ValueError(
                 f"cache was made for another model ({cache.k.dtype} on {cache.k.device}, K/V {tuple(cache.k.shape)}); "
-                f"this one needs {ref.dtype} on {ref.device}, K/V ({layers}, rows, tokens, {heads}, {dim}): "
+                f"this one needs {self.dtype} on {self.device}, K/V ({layers}, rows, tokens, {heads}, {dim}): "
                 f"make it with this model's new_cache"
             )
 

@@ -11,7 +11,9 @@ Two ways in, one representation out:
   ``float-quantized`` (``*.weight`` in float8_e4m3fn) and ``int-quantized`` (int8), weights
   symmetric with ``strategy`` "tensor" or "channel", input activations static per-tensor
   (``*.input_scale`` stored), dynamic per-token, or none; an ``ignore`` list (exact module names
-  or ``re:`` regexes, matched with ``re.match`` as compressed-tensors does). The 2024 Llama 3.1
+  or ``re:`` regexes, matched with ``re.match`` as compressed-tensors does). Zero points
+  (``*.weight_zero_point``, ``*.input_zero_point``), which some checkpoints keep for symmetric
+  schemes too, load when they are all zeros (the same math) and are never stored. The 2024 Llama 3.1
   FP8 checkpoints say ``"format": "naive-quantized"`` and ``"quantization_status": "frozen"`` but
   store 8-bit weights all the same: the stored dtypes decide, and a weight that is not 8-bit where
   the config says it is, is an error naming it.
@@ -54,6 +56,7 @@ SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what checkpoint
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}
 FORMATS = {"float-quantized": "float", "int-quantized": "int", "naive-quantized": None}
+TENSOR_SHAPES = [(1,), ()]  # of a per-tensor scale: (1,) is what compressed-tensors writes; () older files
 WEIGHT_DTYPES = {"float": torch.float8_e4m3fn, "int": torch.int8}
 
 SUPPORTED = (
@@ -80,15 +83,25 @@ class QuantScheme:
 
     def checkpoint_tensors(self, module: str, out_features: int, in_features: int) -> Dict[str, "TensorSpec"]:
         """The tensors a compressed checkpoint holds for ``module`` (an HF module name)."""
-        tensor_shapes = [(1,), ()]  # (1,) is what compressed-tensors writes; () older files
         specs = {
             f"{module}.weight": TensorSpec([(out_features, in_features)], (self.weight_dtype,)),
-            f"{module}.weight_scale": TensorSpec(
-                [(out_features, 1)] if self.weight_strategy == "channel" else tensor_shapes, SCALE_DTYPES),
+            f"{module}.weight_scale": TensorSpec(self._scale_shapes(out_features), SCALE_DTYPES),
         }
         if self.activations == "static":
-            specs[f"{module}.input_scale"] = TensorSpec(tensor_shapes, SCALE_DTYPES)
+            specs[f"{module}.input_scale"] = TensorSpec(TENSOR_SHAPES, SCALE_DTYPES)
         return specs
+
+    def zero_points(self, module: str, out_features: int) -> Dict[str, "TensorSpec"]:
+        """The zero points a compressed checkpoint may hold for ``module`` besides: compressed-tensors
+        makes them shaped like the scales, in the 8-bit dtype (``zp_dtype``, lifecycle/initialize.py),
+        and drops them when it saves a symmetric scheme; checkpoints saved otherwise keep them, all zeros."""
+        specs = {f"{module}.weight_zero_point": TensorSpec(self._scale_shapes(out_features), (self.weight_dtype,))}
+        if self.activations == "static":
+            specs[f"{module}.input_zero_point"] = TensorSpec(TENSOR_SHAPES, (self.weight_dtype,))
+        return specs
+
+    def _scale_shapes(self, out_features: int) -> List[tuple]:
+        return [(out_features, 1)] if self.weight_strategy == "channel" else TENSOR_SHAPES
 
 
 @dataclass(frozen=True)
@@ -456,7 +469,8 @@ class LoadPlan:
 
     Built on the meta model, whose quantized Linear modules it swaps for :class:`QuantizedLinear`.
     ``specs``: checkpoint tensor -> :class:`TensorSpec` for every tensor of a compressed
-    checkpoint's quantized modules (weights, scales); ``names``: the extra checkpoint tensors
+    checkpoint's quantized modules (weights, scales); ``zero_points``: the same for the zero points
+    it may also hold (checked, never loaded); ``names``: the extra checkpoint tensors
     (scales) -> (our parameter, part), to extend the loader's name table; :meth:`piece`: where
     each of them goes. ``weight_shape(ours, part)``: the checkpoint shape of that weight.
     """
@@ -464,6 +478,7 @@ class LoadPlan:
     def __init__(self, qconfig: QuantizationConfig, config, names: Dict[str, Tuple[str, Optional[int]]], model,
                  weight_shape):
         self.specs: Dict[str, TensorSpec] = {}
+        self.zero_points: Dict[str, TensorSpec] = {}
         self.names: Dict[str, Tuple[str, Optional[int]]] = {}
         self._kinds: Dict[str, str] = {}  # checkpoint tensor -> weight / weight_scale / input_scale / quantize
         modules: Dict[str, Tuple[torch.dtype, bool]] = {}  # our Linear -> (weight dtype, static input)
@@ -477,7 +492,9 @@ class LoadPlan:
             if not qconfig.compressed:
                 self._kinds[f"{hf_module}.weight"] = "quantize"
                 continue
-            for name, spec in scheme.checkpoint_tensors(hf_module, *weight_shape(ours, part)).items():
+            out_features, in_features = weight_shape(ours, part)
+            self.zero_points.update(scheme.zero_points(hf_module, out_features))
+            for name, spec in scheme.checkpoint_tensors(hf_module, out_features, in_features).items():
                 kind = name.rsplit(".", 1)[1]
                 self.specs[name] = spec
                 self._kinds[name] = kind

@@ -64,10 +64,12 @@ class IncrementalDecoder:
         self.text = ""  # everything emitted so far
 
     def push(self, token_id: int) -> str:
-        """Add one new id; return the text it completes ("" while a character is incomplete)."""
-        self._ids.append(int(token_id))
-        self.token_ids.append(int(token_id))
-        full = self.tokenizer.decode(self._ids[self._start:])
+        """Add one new id; return the text it completes ("" while a character is incomplete). An id
+        the tokenizer cannot decode raises its ValueError and leaves the decoder as it was."""
+        token_id = int(token_id)
+        full = self.tokenizer.decode(self._ids[self._start:] + [token_id])
+        self._ids.append(token_id)
+        self.token_ids.append(token_id)
         if full.endswith(REPLACEMENT_CHAR):
             return ""  # possibly the first bytes of a character: wait for the rest (or flush)
         return self._emit(full)

@@ -7,7 +7,7 @@ code that means to (BOS here, turn markers in the chat encoder).
 """
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from minillama.files import checkpoint_file, read_json, read_text
 
@@ -23,7 +23,7 @@ def _token_content(value) -> Optional[str]:
 
 
 class Tokenizer:
-    """Common interface. Subclasses implement _encode_plain, decode, token_to_id, vocab_size."""
+    """Common interface. Subclasses implement _encode_plain, _decode, token_to_id, vocab_size."""
 
     def __init__(self, tokenizer_config: dict, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool):
         self.tokenizer_config = tokenizer_config
@@ -66,7 +66,19 @@ class Tokenizer:
     def _encode_plain(self, text: str) -> List[int]:
         raise NotImplementedError
 
-    def decode(self, ids: List[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, special tokens included. An id outside [0, vocab_size) is a ValueError,
+        raised before anything is decoded (SentencePiece would raise IndexError, the tokenizers library
+        would skip the id or raise OverflowError)."""
+        ids = list(ids)
+        n = self.vocab_size
+        bad = next((t for t in ids if not 0 <= t < n), None)
+        if bad is not None:
+            raise ValueError(f"cannot decode token id {bad}: the tokenizer's vocab_size is {n} (ids 0..{n - 1}); "
+                             f"is it an id of another tokenizer or model?")
+        return self._decode(ids)
+
+    def _decode(self, ids: List[int]) -> str:
         raise NotImplementedError
 
     def token_to_id(self, token: str) -> Optional[int]:
@@ -163,20 +175,21 @@ class HFTokenizer(Tokenizer):
         eos = _token_content(tokenizer_config.get("eos_token"))
         bos_id = self._tok.token_to_id(bos) if bos else None
         eos_id = self._tok.token_to_id(eos) if eos else None
-        add_bos = tokenizer_config.get("add_bos_token")
-        if add_bos is None:  # Llama 3 style: the post-processor decides
-            with_special = self._tok.encode("a", add_special_tokens=True).ids
-            plain = self._tok.encode("a", add_special_tokens=False).ids
-            add_bos = len(with_special) > len(plain) and with_special[0] != plain[0]
-            if add_bos and bos_id is None:
-                bos_id = with_special[0]
-        super().__init__(tokenizer_config, bos_id, eos_id, bool(add_bos))
+        # The post-processor alone decides, as in transformers 5: with a tokenizer.json, from_pretrained
+        # drops tokenizer_config.json's add_bos_token (Llama 3.1 has none; its TemplateProcessing adds
+        # <|begin_of_text|>), so a BOS comes first exactly when the post-processor puts one there.
+        with_special = self._tok.encode("a", add_special_tokens=True).ids
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        add_bos = len(with_special) > len(plain) and with_special[0] != plain[0]
+        if add_bos and bos_id is None:
+            bos_id = with_special[0]
+        super().__init__(tokenizer_config, bos_id, eos_id, add_bos)
 
     def _encode_plain(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: List[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+    def _decode(self, ids: List[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
@@ -241,14 +254,16 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
         bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        # absent: True, the default transformers' LlamaTokenizer documents and Llama 2 uses (a choice: the code
+        # of transformers 5.24 adds no BOS then, against its docstring)
         add_bos = tokenizer_config.get("add_bos_token", True)
         super().__init__(tokenizer_config, bos_id, eos_id, bool(add_bos))
 
     def _encode_plain(self, text: str) -> List[int]:
         return self._sp.EncodeAsIds(text)
 
-    def decode(self, ids: List[int]) -> str:
-        return self._sp.DecodeIds(list(ids))
+    def _decode(self, ids: List[int]) -> str:
+        return self._sp.DecodeIds(ids)
 
     def token_bytes(self, token_id: int) -> bytes:
         return _piece_bytes(self._sp.IdToPiece(int(token_id)))

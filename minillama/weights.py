@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from minillama.config import LlamaConfig
 from minillama.files import checkpoint_file, read_json, shard_names
 from minillama.model import Transformer, rope_inv_freq
-from minillama.quantization import load_plan
+from minillama.quantization import TensorSpec, load_plan
 
 # safetensors dtypes a checkpoint without quantization may store (each is cast to the model dtype)
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -207,6 +207,8 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
     if tied_head:
         extra.remove("lm_head.weight")  # some tied checkpoints also store the (equal) head: checked below
     extra = [n for n in extra if not n.endswith("rotary_emb.inv_freq")]  # old HF saves; recomputed here
+    zero_points = [n for n in extra if plan is not None and n in plan.zero_points]  # checked below, never loaded
+    extra = [n for n in extra if n not in zero_points]
     if extra:
         path = found[extra[0]][0].name
         raise ValueError(f"unexpected tensor(s) {extra[:3]} in {path}: they do not belong to this config's model")
@@ -222,6 +224,8 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
         if stored not in FLOAT_DTYPES:  # an 8-bit tensor of a module the quantization_config does not cover
             raise ValueError(f"tensor {hf_name} in {path.name} has dtype {stored}, but the quantization_config "
                              f"does not quantize it; expected one of {', '.join(FLOAT_DTYPES)}")
+    if zero_points:
+        check_zero_points(found, {n: plan.zero_points[n] for n in zero_points})
 
     model.to_empty(device=device)
     model.tie_weights()
@@ -278,6 +282,24 @@ def save_checkpoint(model: Transformer, config: LlamaConfig, folder, dtype: torc
     if dtype is not None:
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def check_zero_points(found: Dict[str, Tuple[Path, tuple, str]], specs: Dict[str, TensorSpec]) -> None:
+    """A compressed checkpoint's zero points (``specs``: name -> TensorSpec) have their shape and dtype
+    and are all zeros: symmetric quantization, the math minillama does without them."""
+    by_file: Dict[Path, List[str]] = {}
+    for name in specs:
+        by_file.setdefault(found[name][0], []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in names:
+                specs[name].check(name, found[name][1], found[name][2], path.name)
+                nonzero = int(f.get_tensor(name).float().count_nonzero())  # a NaN counts
+                if nonzero:
+                    raise NotImplementedError(
+                        f"tensor {name} in {path.name} holds {nonzero} non-zero value(s): asymmetric quantization "
+                        f"(non-zero zero points) is not supported; minillama reads symmetric compressed-tensors "
+                        f"checkpoints, whose zero points are absent or all zeros")
 
 
 def check_layer_count(config: LlamaConfig, found: Dict[str, Tuple[Path, tuple, str]]) -> None:

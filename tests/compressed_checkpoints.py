@@ -10,7 +10,11 @@ compressed-tensors library does it, independently of minillama:
   ``scale = max|w| / (bit_range / 2)``: 448 for e4m3, 127.5 for int8 (its range is -128..127);
   values are quantized with the scale already rounded to that dtype, as the library does;
 * ``<module>.input_scale``: (1,) in the checkpoint's dtype, only for static per-tensor activations;
-* no zero points (symmetric), nothing for ignored modules (``lm_head`` by default).
+* no zero points (symmetric), unless ``zero_points``: then ``<module>.weight_zero_point`` (and
+  ``<module>.input_zero_point`` with static activations), all zeros, shaped like the scale and in
+  the 8-bit dtype, as the library creates them (``lifecycle/initialize.py``, ``zp_dtype``) and
+  some checkpoints keep them for symmetric schemes;
+* nothing for ignored modules (``lm_head`` by default).
 
 ``config.json`` gains the ``quantization_config`` written by compressed-tensors 0.1x. Nothing here
 imports minillama. ``dequantized_state_dict(dst)`` gives the float64 weights the checkpoint encodes.
@@ -83,7 +87,7 @@ def quantize_like_compressed_tensors(w: torch.Tensor, kind: str, strategy: str):
 
 def write_compressed_checkpoint(src, dst, kind: str = "float", weight_strategy: str = "channel",
                                 activations: Optional[str] = "dynamic", ignore: Sequence[str] = ("lm_head",),
-                                input_scale: float = 0.05) -> Dict[str, torch.Tensor]:
+                                input_scale: float = 0.05, zero_points: bool = False) -> Dict[str, torch.Tensor]:
     """Write dst = src with its (non-ignored) projections quantized; returns the written tensors."""
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst)
@@ -105,10 +109,12 @@ def write_compressed_checkpoint(src, dst, kind: str = "float", weight_strategy: 
                 out[name], out[f"{module}.weight_scale"] = q, scale
                 if activations == "static":
                     out[f"{module}.input_scale"] = torch.tensor([input_scale], dtype=t.dtype)
-                if weight_map is not None:
-                    weight_map[f"{module}.weight_scale"] = path.name
+                if zero_points:
+                    out[f"{module}.weight_zero_point"] = torch.zeros(scale.shape, dtype=q.dtype)
                     if activations == "static":
-                        weight_map[f"{module}.input_scale"] = path.name
+                        out[f"{module}.input_zero_point"] = torch.zeros(1, dtype=q.dtype)
+                if weight_map is not None:
+                    weight_map.update({n: path.name for n in out if n.startswith(f"{module}.")})
             else:
                 out[name] = t
         save_file(out, str(path), metadata={"format": "pt"})
@@ -126,7 +132,7 @@ def dequantized_state_dict(folder) -> Dict[str, torch.Tensor]:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})
     out = {}
     for name, t in tensors.items():
-        if name.endswith((".weight_scale", ".input_scale")):
+        if name.endswith((".weight_scale", ".input_scale", "_zero_point")):
             continue
         scale = tensors.get(name.removesuffix(".weight") + ".weight_scale")
         if scale is None:

@@ -320,6 +320,20 @@ def test_a_cache_that_does_not_fit_the_call_is_named_before_any_work(llm, sp_fol
     assert cache.seq_lens_cpu == [0]
 
 
+def test_a_given_cache_is_checked_without_allocating_one(llm, monkeypatch):
+    """The check of a cache passed in compares shapes, dtype and device; it used to allocate a
+    1-token cache of every layer on each call to learn this model's layout."""
+    (alone,) = llm.generate(["Lily"], max_new_tokens=3)
+    cache = llm.new_cache(1, 16)
+
+    def new_cache(batch, max_len):
+        raise AssertionError(f"new_cache({batch}, {max_len}) while a cache was given")
+
+    monkeypatch.setattr(llm.runner, "new_cache", new_cache)
+    (r,) = llm.generate(["Lily"], max_new_tokens=3, cache=cache)
+    assert r.token_ids == alone.token_ids
+
+
 # -- threads ------------------------------------------------------------------------------------
 
 def test_generations_in_two_threads_equal_running_alone(llm, monkeypatch):

@@ -163,7 +163,11 @@ L0 = "model.layers.0.self_attn.k_proj"
 @pytest.mark.parametrize("edit,message", [
     (lambda t: t.pop(f"{L0}.weight_scale"), f"lacks 1 tensor.*{L0}.weight_scale"),
     (lambda t: t.update({f"{L0}.input_scale": torch.ones(1)}), f"unexpected tensor.*{L0}.input_scale"),
-    (lambda t: t.update({f"{L0}.weight_zero_point": torch.zeros(16, 1, dtype=torch.int8)}), "weight_zero_point"),
+    (lambda t: t.update({f"{L0}.weight_zero_point": torch.zeros(16, 1, dtype=torch.int8)}),
+     f"tensor {L0}.weight_zero_point in model.safetensors has dtype I8, expected F8_E4M3"),
+    (lambda t: t.update({f"{L0}.weight_zero_point": torch.zeros(16, dtype=FP8)}),
+     rf"tensor {L0}.weight_zero_point in model.safetensors has shape \(16,\), expected \(16, 1\)"),
+    (lambda t: t.update({f"{L0}.input_zero_point": torch.zeros(1, dtype=FP8)}), f"unexpected tensor.*{L0}.input_zero_point"),
     (lambda t: t.update({f"{L0}.weight_scale": torch.ones(16)}),
      rf"tensor {L0}.weight_scale in model.safetensors has shape \(16,\), expected \(16, 1\)"),
     (lambda t: t.update({f"{L0}.weight": t[f"{L0}.weight"].to(torch.bfloat16)}),
@@ -176,6 +180,28 @@ def test_strict_compressed_loading(tmp_path, edit, message):
     edit_tensors(folder, edit)
     with pytest.raises(ValueError, match=message):
         Llama.from_pretrained(folder, device="cpu")
+
+
+@pytest.mark.parametrize("case", ["fp8 channel dynamic bf16 (FP8-dynamic)", "int8 tensor static tied"])
+def test_all_zero_zero_points_load_as_symmetric(tmp_path, case):
+    """Zero points that are all zeros (compressed-tensors creates them for symmetric schemes too, and
+    some checkpoints keep them) change nothing: the logits are those of the checkpoint without them."""
+    with_zp = make_ct(tmp_path / "zp", zero_points=True, **CT_CASES[case])
+    without = make_ct(tmp_path / "plain", **CT_CASES[case])
+    assert f"{L0}.weight_zero_point" in load_file(str(with_zp / "model.safetensors"))
+    got = Llama.from_pretrained(with_zp, device="cpu", dtype="float32").logits(IDS)
+    assert torch.equal(got, Llama.from_pretrained(without, device="cpu", dtype="float32").logits(IDS))
+
+
+@pytest.mark.parametrize("name, index", [("weight_zero_point", (3, 0)), ("input_zero_point", (0,))])
+def test_a_non_zero_zero_point_is_refused_naming_it(tmp_path, name, index):
+    folder = make_ct(tmp_path, kind="int", activations="static", zero_points=True)
+    edit_tensors(folder, lambda t: t[f"{L0}.{name}"].__setitem__(index, 2))
+    with pytest.raises(NotImplementedError) as e:
+        Llama.from_pretrained(folder, device="cpu")
+    assert str(e.value) == (f"tensor {L0}.{name} in model.safetensors holds 1 non-zero value(s): asymmetric "
+                            f"quantization (non-zero zero points) is not supported; minillama reads symmetric "
+                            f"compressed-tensors checkpoints, whose zero points are absent or all zeros")
 
 
 def test_8bit_tensor_the_config_does_not_quantize_is_an_error(tmp_path):

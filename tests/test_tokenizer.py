@@ -1,0 +1,86 @@
+"""The tokenizer classes on their own: ids they cannot decode, and which file decides the BOS."""
+import json
+import shutil
+
+import pytest
+from tokenizers import Tokenizer as RustTokenizer
+
+from minillama.streaming import IncrementalDecoder
+from minillama.tokenizer import Tokenizer
+from tests.checkpoints import BEGIN_OF_TEXT, LLAMA3_VOCAB_SIZE, sentencepiece_vocab_size, write_llama3_tokenizer, \
+    write_sentencepiece_tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama3_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama3_tok")
+    write_llama3_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizers(llama3_folder, tmp_path_factory):
+    sp_folder = tmp_path_factory.mktemp("sp_tok")
+    write_sentencepiece_tokenizer(sp_folder)
+    return {"llama3": Tokenizer.from_dir(llama3_folder), "sentencepiece": Tokenizer.from_dir(sp_folder)}
+
+
+# -- ids outside the vocabulary ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["llama3", "sentencepiece"])
+def test_an_id_outside_the_vocabulary_is_a_value_error_naming_it(tokenizers, kind):
+    """SentencePiece raised a bare IndexError; the tokenizers library skipped the id (or raised
+    OverflowError for a negative one), so both now raise the same ValueError before decoding."""
+    tok = tokenizers[kind]
+    n = {"llama3": LLAMA3_VOCAB_SIZE, "sentencepiece": sentencepiece_vocab_size()}[kind]
+    assert tok.vocab_size == n
+    lily = tok.encode("Lily", bos=False)
+    assert tok.decode(lily + [n - 1])  # the last id decodes
+    for bad in (n, n + 1000, -1):
+        message = (f"cannot decode token id {bad}: the tokenizer's vocab_size is {n} (ids 0..{n - 1}); "
+                   f"is it an id of another tokenizer or model?")
+        with pytest.raises(ValueError) as e:
+            tok.decode(lily + [bad])
+        assert str(e.value) == message
+        with pytest.raises(ValueError) as e:
+            IncrementalDecoder(tok, lily + [bad])
+        assert str(e.value) == message
+        # streaming: the same error, and the decoder is left as it was
+        decoder = IncrementalDecoder(tok, tok.encode("Lily", bos=True))
+        and_tom = tok.encode("Lily and Tom", bos=False)[len(lily):]
+        first = decoder.push(and_tom[0])
+        with pytest.raises(ValueError) as e:
+            decoder.push(bad)
+        assert str(e.value) == message
+        rest = [decoder.push(t) for t in and_tom[1:]] + [decoder.flush()]
+        assert first + "".join(rest) == decoder.text == " and Tom"
+        assert decoder.token_ids == and_tom
+
+
+# -- who decides the BOS -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("add_bos_token, post_processor_bos", [(False, True), (True, False)])
+def test_tokenizer_json_post_processor_decides_the_bos_over_add_bos_token(llama3_folder, tmp_path, add_bos_token,
+                                                                          post_processor_bos):
+    """transformers 5 drops tokenizer_config.json's add_bos_token when a tokenizer.json is there:
+    AutoTokenizer adds <|begin_of_text|> exactly when the post-processor does, whatever the flag says
+    (checked with transformers 5.24 for PreTrainedTokenizerFast, LlamaTokenizerFast, LlamaTokenizer)."""
+    folder = tmp_path / "tok"
+    shutil.copytree(llama3_folder, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    byte_level, template = spec["post_processor"]["processors"]  # Llama 3.1's: ByteLevel, then the BOS template
+    assert template["single"][0] == {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+    if not post_processor_bos:
+        spec["post_processor"]["processors"] = [byte_level]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "add_bos_token" not in config  # as in Llama-3.1-8B-Instruct
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, add_bos_token=add_bos_token)))
+
+    tok = Tokenizer.from_dir(folder)
+    text = tok.encode("Lily", bos=False)
+    assert tok.add_bos is post_processor_bos
+    assert tok.bos_id == BEGIN_OF_TEXT
+    assert tok.encode("Lily", bos=tok.add_bos) == ([BEGIN_OF_TEXT] if post_processor_bos else []) + text
+    assert tok.encode("Lily", bos=tok.add_bos) == RustTokenizer.from_file(str(folder / "tokenizer.json")).encode(
+        "Lily").ids  # what the post-processor itself gives
