@@ -28,6 +28,11 @@ from minillama.sampling import NON_FINITE, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 
+# Tokens per prefill forward at most: the activations of one forward grow with its tokens (Llama-3.1-70B:
+# ~0.25 MB per token in bf16), so a 128K-token prompt in one forward would need tens of GB beside the weights.
+PREFILL_TOKENS = 8192
+
+
 @dataclass
 class StepTimes:
     prefill_s: float = 0.0  # wall time from the start to the first tokens on the host
@@ -53,6 +58,9 @@ class TokenLoop:
             at that row's fill. None: a cache just large enough for the request is allocated.
         decodable: logits (B, V) -> the logits of the ids that may be sampled, e.g.
             ``minillama.sampling.DecodableIds`` (ids the tokenizer cannot decode are never sampled).
+        prefill_tokens: tokens per prefill forward at most (at least one column of the batch): a
+            longer prompt is prefilled in chunks of columns, each appended to the cache after the
+            one before, so a step's activations stay bounded whatever the prompt's length.
     After the loop: ``new_tokens[row]``, ``finish_reason[row]`` ("stop" or "length"),
     ``stop_token[row]``, ``finish_step[row]`` (the step that ended the row; 0 is the prefill's) and
     ``times``.
@@ -67,8 +75,12 @@ class TokenLoop:
         stop_ids: Sequence[int] = (),
         cache: Optional[KVCache] = None,
         decodable: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ):
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1, got {prefill_tokens}")
         self.runner = runner
+        self.prefill_tokens = prefill_tokens
         self.decodable = decodable or (lambda logits: logits)  # logits of the ids that may be sampled
         self.prompts = [list(p) for p in prompts]
         self.max_new_tokens = max_new_tokens
@@ -112,17 +124,30 @@ class TokenLoop:
             self.finish_step[row] = self._step
 
     def _prefill(self) -> torch.Tensor:
+        """The prompts, right-padded, in chunks of columns; each row advances by its own tokens of a
+        chunk (its padding lies past its fill). The logits of each row's last prompt token."""
         lengths = [len(p) for p in self.prompts]
-        width = max(lengths)
-        tokens = torch.zeros(len(self.prompts), width, dtype=torch.long)
+        batch, width = len(lengths), max(lengths)
+        tokens = torch.zeros(batch, width, dtype=torch.long)
         for b, p in enumerate(self.prompts):
             tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        last = torch.tensor(lengths, dtype=torch.long) - 1
+        tokens = tokens.to(self.device)
         cache = self.cache
-        with torch.inference_mode():
-            logits = self.runner(tokens.to(self.device), cache, logits_at=last)  # last on the host: no sync
-        cache.advance(lengths)
-        return self.decodable(logits[:, -1])
+        columns = max(1, self.prefill_tokens // batch)
+        last_logits = None
+        for start in range(0, width, columns):
+            end = min(width, start + columns)
+            ends_here = [start <= n - 1 < end for n in lengths]  # rows whose last prompt token is in this chunk
+            at = torch.tensor([min(max(n - 1 - start, 0), end - start - 1) for n in lengths])  # on the host: no sync
+            with torch.inference_mode():
+                logits = self.runner(tokens[:, start:end], cache, logits_at=at)[:, -1]  # (B, V)
+            if last_logits is None:  # a replayed graph's logits are its buffer, which the next chunk overwrites
+                last_logits = logits if end == width else logits.clone()
+            elif any(ends_here):
+                rows = torch.tensor([b for b in range(batch) if ends_here[b]], device=logits.device)
+                last_logits = last_logits.index_copy(0, rows, logits[rows])
+            cache.advance([min(max(n - start, 0), end - start) for n in lengths])
+        return self.decodable(last_logits)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache

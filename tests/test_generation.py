@@ -88,6 +88,46 @@ def test_ragged_batch_equals_each_prompt_alone(sp):
         assert row.prompt_ids == prompt
 
 
+def test_prefill_in_chunks_equals_one_forward(monkeypatch, sp):
+    """A prompt longer than ``prefill_tokens`` is prefilled in chunks of columns: each row's fill
+    advances by its own tokens, the first logits and all tokens equal one forward's, and no forward
+    takes more than max(prefill_tokens, rows) tokens; also after fills of earlier turns."""
+    from minillama.generate import TokenLoop
+
+    forward, shapes = sp.model.forward, []
+
+    def counting(tokens, *args, **kwargs):
+        shapes.append(tuple(tokens.shape))
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(sp.model, "forward", counting)
+    history = random_prompts(sp, (5, 1, 9), seed=3)
+    prompts = random_prompts(sp, (30, 1, 17), seed=4)
+
+    def cache_after(turn):
+        cache = sp.new_cache(3, 80)
+        if turn:  # each row continues an earlier turn of its own length
+            list(TokenLoop(sp.runner, history, 1, cache=cache))
+        return cache
+
+    for turn in (False, True):
+        fills = [len(h) for h in history] if turn else [0, 0, 0]
+        results = {}
+        for prefill_tokens, columns in ((10**6, 30), (40, 13), (9, 3), (2, 1)):
+            cache = cache_after(turn)
+            shapes.clear()
+            first = TokenLoop(sp.runner, prompts, 6, cache=cache, prefill_tokens=prefill_tokens)._prefill()
+            assert [s[1] for s in shapes] == [columns] * (30 // columns) + [30 % columns] * (30 % columns > 0)
+            assert cache.seq_lens_cpu == [f + len(p) for f, p in zip(fills, prompts)]
+            loop = TokenLoop(sp.runner, prompts, 6, cache=cache_after(turn), prefill_tokens=prefill_tokens)
+            list(loop)
+            results[prefill_tokens] = first, loop.new_tokens
+        whole, whole_tokens = results.pop(10**6)
+        for first, new_tokens in results.values():
+            assert torch.allclose(first, whole, rtol=1e-4, atol=1e-4)
+            assert new_tokens == whole_tokens
+
+
 def test_finished_row_changes_nothing_and_loop_stops_when_all_done(sp):
     prompts = random_prompts(sp, (1, 7, 30, 100), seed=1)
     solo = [sp.generate([p], max_new_tokens=12)[0].token_ids for p in prompts]
