@@ -354,7 +354,9 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             if text is None:
                 return None  # completions have no opening chunk
             logprobs = proto.completion_logprobs(tokenizer, tokens, offsets[index])
-            offsets[index] += len(text)
+            if logprobs is not None:  # offsets count the tokens' text, as in the whole response: ``text``
+                # lags behind the tokens while it is held back (a possible stop string, a partial character)
+                offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
             body = {**head, "object": "text_completion",
                     "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                  "finish_reason": done.finish_reason if done is not None else None}]}

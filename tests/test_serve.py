@@ -455,6 +455,27 @@ def test_completion_top_logprobs_hold_the_sampled_token(app):
     assert any(len(top) == 2 for top in lp["top_logprobs"])
 
 
+def test_streamed_text_offsets_equal_the_whole_responses(app):
+    """text_offset counts each token's text from the start of the completion (vLLM's offsets without
+    echo), streamed or not. A stop string that may be starting holds the streamed text back while its
+    tokens' logprobs go out: the streamed offsets counted only the text shown, so the tokens after a
+    held-back one got its offset."""
+    body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "logprobs": 0,
+            "stop": ["was a clever girl"]}  # "was a clever" is generated, then "boy": held back, then shown
+    whole = app.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert whole["text_offset"][0] == 0
+    for offset, token, following in zip(whole["text_offset"], whole["tokens"], whole["text_offset"][1:]):
+        assert following == offset + len(token)
+    streamed = {"tokens": [], "text_offset": []}
+    with app.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for lp in [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]:
+        streamed["tokens"] += lp["tokens"]
+        streamed["text_offset"] += lp["text_offset"]
+    assert "".join(whole["tokens"][:6]) == ", there was a clever boy"
+    assert streamed == {"tokens": whole["tokens"], "text_offset": whole["text_offset"]}
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
