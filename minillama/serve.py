@@ -13,8 +13,9 @@ is server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``).
 With ``tools`` (and ``tool_choice`` "auto"), messages go through the chat template's tools branch
 and a reply that is a Llama 3.1 tool call (JSON, maybe after ``<|python_tag|>``, ended by a stop
 id) of declared functions comes back as ``tool_calls`` with finish_reason "tool_calls" (a call to
-a function the request did not declare stays text, as OpenAI never returns one). When streaming, text that may
-still become a tool call is held back until it is decided.
+a function the request did not declare stays text, as OpenAI never returns one). A reply holding
+several calls gives several, or the first with ``parallel_tool_calls: false``. When streaming, text
+that may still become a tool call is held back until it is decided.
 
 Needs the ``serve`` extra: ``pip install -e '.[serve]'`` (FastAPI and uvicorn).
 """
@@ -101,8 +102,9 @@ def _run_callbacks(batch) -> None:
 class _Choice:
     """What one choice has produced so far; with tools, the text held back while it may be a tool call."""
 
-    def __init__(self, tool_names: Optional[set]):  # the declared functions; None: no tools, nothing held
-        self.tool_names = tool_names
+    def __init__(self, tool_names: Optional[set], parallel_tool_calls: bool = True):
+        self.tool_names = tool_names  # the declared functions; None: no tools, nothing held
+        self.parallel_tool_calls = parallel_tool_calls
         self.text: List[str] = []
         self.tokens: List[Token] = []
         self.held: Optional[List[str]] = [] if tool_names is not None else None  # None: nothing held
@@ -126,7 +128,8 @@ class _Choice:
         whole = "".join(self.held)
         if isinstance(event, Finished):
             if event.finish_reason == "stop" and isinstance(event.stop, int):
-                self.tool_calls = parse_tool_calls(whole, self.tool_names)
+                calls = parse_tool_calls(whole, self.tool_names)
+                self.tool_calls = calls if calls is None or self.parallel_tool_calls else calls[:1]  # as vLLM
             if self.tool_calls:  # the held tokens go out with the tool_calls delta (their logprobs)
                 tokens, self.held_tokens = self.held_tokens, []
                 return "", tokens
@@ -292,7 +295,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             raise APIError(400, str(e), param=param) from None
         submission = _Submission(scheduler, engine_requests(parsed, [ids], "messages"), "messages")
         names = None if parsed.tools is None else {t["function"]["name"] for t in parsed.tools}
-        choices = [_Choice(names) for _ in range(parsed.n)]
+        choices = [_Choice(names, parsed.parallel_tool_calls) for _ in range(parsed.n)]
         rid, when = proto.new_id("chatcmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
 
