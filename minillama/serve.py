@@ -5,10 +5,13 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /health`` (status plus the scheduler's counters, the prefix-cache hit rate among them).
+With an API key (``--api-key`` or ``MINILLAMA_API_KEY``), every ``/v1`` route needs the header
+``Authorization: Bearer <key>``; ``/health`` stays open.
 Requests are checked by :mod:`minillama.openai_protocol`; errors answer in OpenAI's error JSON
-(400 naming the field, 404 unknown model, 413 body too large, 429 queue full, 504 timeout). Each
-choice of a request is one scheduler request; a client that disconnects cancels them. Streaming
-is server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``).
+(400 naming the field, 401 missing or wrong API key, 404 unknown model, 413 body too large, 429
+queue full, 504 timeout). Each choice of a request is one scheduler request; a client that
+disconnects cancels them. Streaming is server-sent events (``data: {chunk}`` lines, then
+``data: [DONE]``).
 
 With ``tools`` (and ``tool_choice`` "auto"), messages go through the chat template's tools branch
 and a reply that is a Llama 3.1 tool call (JSON, maybe after ``<|python_tag|>``, ended by a stop
@@ -23,7 +26,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
+import os
 import signal
 import socket
 import sys
@@ -39,6 +45,8 @@ from minillama.tool_calls import could_be_tool_call, parse_tool_calls
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
+ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}
+API_KEY_ENV = "MINILLAMA_API_KEY"  # the API key when --api-key is not given (as vLLM reads VLLM_API_KEY)
 
 
 class _Submission:
@@ -143,9 +151,11 @@ class _Choice:
         return "tool_calls" if self.tool_calls else self.finished.finish_reason
 
 
-def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, request_timeout: float = 600.0):
-    """The FastAPI app serving ``llm`` through ``scheduler`` under the name ``model_name``."""
-    from fastapi import FastAPI, Request as HTTPRequest
+def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, request_timeout: float = 600.0,
+               api_key: Optional[str] = None):
+    """The FastAPI app serving ``llm`` through ``scheduler`` under the name ``model_name``; with
+    ``api_key``, the /v1 routes answer only requests with the header ``Authorization: Bearer <api_key>``."""
+    from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
@@ -164,8 +174,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     tokenizer = llm.tokenizer
 
     def error(e: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if e.status == 429 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        return JSONResponse(e.body(), status_code=e.status, headers=ERROR_HEADERS.get(e.status))
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -178,6 +187,21 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
         return error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
+
+    async def authorize(request: HTTPRequest) -> None:
+        """401 for a request without the API key (OpenAI's type and codes; no key is ever echoed)."""
+        if key_digest is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(401, "no API key given: send it in the header 'Authorization: Bearer <key>'")
+        # digests of equal length, compared in constant time: the time taken tells nothing of the key
+        if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), key_digest):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     async def read_json(request: HTTPRequest):
         length = request.headers.get("content-length")
@@ -276,12 +300,12 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     async def health():
         return {"status": "ok", "model": model_name, **scheduler.stats()}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "minillama", "max_model_len": scheduler.max_seq_len}]}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: HTTPRequest):
         parsed = proto.parse_chat(await read_json(request))
         check_model(parsed)
@@ -332,7 +356,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         return StreamingResponse(stream(submission, choices, chunk, final_usage if parsed.include_usage else None),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: HTTPRequest):
         parsed = proto.parse_completion(await read_json(request))
         check_model(parsed)
@@ -373,6 +397,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         return StreamingResponse(stream(submission, choices, chunk, final_usage if parsed.include_usage else None),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
+    app.include_router(v1)
     return app
 
 
@@ -396,6 +421,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt tokens prefilled per step at most, over all requests")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
+    p.add_argument("--api-key", default=None,
+                   help=f"/v1 answers only requests with the header 'Authorization: Bearer KEY' (default: "
+                        f"${API_KEY_ENV}, safer than a flag that process listings show; neither: open to all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
@@ -424,6 +452,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--served-model-name must not be empty, got {args.served_model_name!r}")
     if args.tp is not None and args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
+    where = "--api-key"
+    if args.api_key is None and API_KEY_ENV in os.environ:
+        args.api_key, where = os.environ[API_KEY_ENV], API_KEY_ENV
+    key = args.api_key  # never echoed
+    if key is not None and not (key and key == key.strip() and key.isascii() and key.isprintable()):
+        p.error(f"{where} must be printable ASCII, not empty and without spaces at its ends (clients send it "
+                "in an HTTP header)")
     return args
 
 
@@ -514,7 +549,8 @@ def _main(argv) -> int:
     name = args.served_model_name
     if name is None:
         name = Path(args.model).name if Path(args.model).exists() else args.model
-    app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+    app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                     api_key=args.api_key)
     host, port = sock.getsockname()[:2]  # the port taken, with --port 0
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     cli.note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "

@@ -476,6 +476,62 @@ def test_streamed_text_offsets_equal_the_whole_responses(app):
     assert streamed == {"tokens": whole["tokens"], "text_offset": whole["text_offset"]}
 
 
+def test_api_key_guards_the_v1_routes(llm):
+    """With an API key every /v1 route answers 401 (OpenAI's error JSON, the key never echoed) unless
+    the request carries 'Authorization: Bearer <key>'; /health stays open; the server keeps serving."""
+    from fastapi.testclient import TestClient
+
+    from minillama.scheduler import Scheduler
+    from minillama.serve import create_app
+
+    key, wrong = "sk-the-right-key", "sk-a-wrong-key"
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        with TestClient(create_app(llm, scheduler, MODEL, api_key=key)) as client:
+            assert client.get("/health").status_code == 200
+            body = {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}
+            for headers, code in (({}, None), ({"Authorization": key}, None), ({"Authorization": f"Basic {key}"}, None),
+                                  ({"Authorization": f"Bearer {wrong}"}, "invalid_api_key"),
+                                  ({"Authorization": f"Bearer {key}x"}, "invalid_api_key"),
+                                  ({"Authorization": "Bearer \xe9".encode("latin-1")}, "invalid_api_key")):
+                for r in (client.get("/v1/models", headers=headers), client.post("/v1/completions", json=body,
+                                                                                 headers=headers)):
+                    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (headers, r.text)
+                    error = r.json()["error"]
+                    assert error["type"] == "invalid_request_error" and error["code"] == code and error["param"] is None
+                    assert "key" in error["message"] and key not in r.text and wrong not in r.text
+            r = client.post("/v1/completions", json=body, headers={"Authorization": f"bearer {key}"})  # any case
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == solo(llm, body["prompt"], 3).text
+            right = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+            assert [m.id for m in right.models.list().data] == [MODEL]
+            with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+                openai.OpenAI(base_url="http://testserver/v1", api_key=wrong, http_client=client,
+                              max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=2)
+            assert right.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        scheduler.close()
+
+
+def test_api_key_from_the_flag_or_the_environment(monkeypatch, capsys):
+    from minillama.serve import API_KEY_ENV, parse_args
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert parse_args([]).api_key is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert parse_args([]).api_key == "from-env"
+    assert parse_args(["--api-key", "from-flag"]).api_key == "from-flag"
+    for value, where in (("", API_KEY_ENV), (" padded", API_KEY_ENV), ("caf\xe9", API_KEY_ENV)):
+        monkeypatch.setenv(API_KEY_ENV, value)  # an empty variable must not leave the server open
+        with pytest.raises(SystemExit) as exit:
+            parse_args([])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"error: {where} must be printable ASCII, not empty" in err
+        assert not value or value not in err
+    with pytest.raises(SystemExit):
+        parse_args(["--api-key", ""])
+    assert "error: --api-key must be printable ASCII, not empty" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     """--tp 2 on the CPU (gloo): rank 0 serves and schedules, rank 1 follows its steps; concurrent
