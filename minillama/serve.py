@@ -11,7 +11,8 @@ Requests are checked by :mod:`minillama.openai_protocol`; errors answer in OpenA
 (400 naming the field, 401 missing or wrong API key, 404 unknown model, 413 body too large, 429
 queue full, 504 timeout). Each choice of a request is one scheduler request; a client that
 disconnects cancels them. Streaming is server-sent events (``data: {chunk}`` lines, then
-``data: [DONE]``).
+``data: [DONE]``). On SIGTERM or Ctrl-C new requests get a 503 while those in flight have
+``--shutdown-timeout`` seconds to finish; the rest are cancelled (a 503, or an error chunk).
 
 With ``tools`` (and ``tool_choice`` "auto"), messages go through the chat template's tools branch
 and a reply that is a Llama 3.1 tool call (JSON, maybe after ``<|python_tag|>``, ended by a stop
@@ -35,7 +36,7 @@ import socket
 import sys
 import time
 from functools import partial
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 from minillama import cli
 from minillama import openai_protocol as proto
@@ -47,6 +48,7 @@ from minillama.tool_calls import could_be_tool_call, parse_tool_calls
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
 ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}
 API_KEY_ENV = "MINILLAMA_API_KEY"  # the API key when --api-key is not given (as vLLM reads VLLM_API_KEY)
+SHUTDOWN_GRACE = 5  # seconds the answers of the requests cancelled at shutdown get, at most
 
 
 class _Submission:
@@ -167,7 +169,10 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             loop.call_soon_threadsafe(_run_callbacks, batch)
 
         scheduler.deliver = deliver
-        yield
+        try:
+            yield
+        except asyncio.CancelledError:  # uvicorn skips the lifespan's end on a forced exit (a second Ctrl-C)
+            pass  # and cancels it as the loop closes: also an end, not an error to log with a traceback
 
     app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = proto.now()
@@ -222,6 +227,34 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         except RecursionError:
             raise APIError(400, "the request body nests JSON too deeply") from None
 
+    live = set()  # the submissions in flight: a shutdown waits for them, then cancels them
+    app.state.draining = False
+
+    async def drain(timeout: float, force: Callable[[], bool]) -> int:
+        """Begin a shutdown: refuse new requests (503), let those in flight run for up to ``timeout``
+        seconds (less once ``force()``), then cancel the rest and wait for their answers: 503, or,
+        streaming, an error chunk and ``[DONE]``. Returns how many were cancelled."""
+        app.state.draining = True
+        deadline = time.monotonic() + timeout
+        while live and time.monotonic() < deadline and not force():
+            await asyncio.sleep(0.05)
+        cancelled = len(live)
+        for submission in live:
+            submission.cancel()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return cancelled
+
+    app.state.drain = drain
+
+    def submit(parsed, prompt_ids: List[List[int]], param: str) -> _Submission:
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down; send the request to another one", type="server_error")
+        submission = _Submission(scheduler, engine_requests(parsed, prompt_ids, param), param)
+        live.add(submission)
+        return submission
+
     def check_model(parsed) -> None:
         if parsed.model is not None and parsed.model != model_name:
             raise APIError(404, f"the model {parsed.model!r} does not exist; this server serves {model_name!r}",
@@ -264,6 +297,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         finally:
             watcher.cancel()
             submission.cancel()
+            live.discard(submission)
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -288,6 +322,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             yield sse(e.body())
         finally:
             submission.cancel()
+            live.discard(submission)
         yield "data: [DONE]\n\n"
 
     def total_usage(choices: List[_Choice], n: int) -> dict:
@@ -298,7 +333,9 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **scheduler.stats()}
+        draining = app.state.draining
+        body = {"status": "shutting down" if draining else "ok", "model": model_name, **scheduler.stats()}
+        return JSONResponse(body, status_code=503 if draining else 200)
 
     @v1.get("/models")
     async def models():
@@ -317,7 +354,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         except (ValueError, TypeError) as e:  # about the tools: "tools..." or "... does not render tools"
             param = "tools" if str(e).startswith("tools") or str(e).endswith("no tools branch") else "messages"
             raise APIError(400, str(e), param=param) from None
-        submission = _Submission(scheduler, engine_requests(parsed, [ids], "messages"), "messages")
+        submission = submit(parsed, [ids], "messages")
         names = None if parsed.tools is None else {t["function"]["name"] for t in parsed.tools}
         choices = [_Choice(names, parsed.parallel_tool_calls) for _ in range(parsed.n)]
         rid, when = proto.new_id("chatcmpl"), proto.now()
@@ -364,7 +401,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else p for p in parsed.prompts]
         except ValueError as e:  # e.g. a lone surrogate: not text
             raise APIError(400, str(e), param="prompt") from None
-        submission = _Submission(scheduler, engine_requests(parsed, ids, "prompt"), "prompt")
+        submission = submit(parsed, ids, "prompt")
         choices = [_Choice(None) for _ in range(len(ids) * parsed.n)]
         rid, when = proto.new_id("cmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
@@ -421,6 +458,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt tokens prefilled per step at most, over all requests")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
+    p.add_argument("--shutdown-timeout", type=float, default=25.0,
+                   help="on SIGTERM or Ctrl-C, seconds the requests in flight may take to finish (new ones get "
+                        "503) before they are cancelled; a second Ctrl-C cancels them at once (default: 25, within "
+                        "the 30 s that Kubernetes and torch's launcher under --tp give before SIGKILL)")
     p.add_argument("--api-key", default=None,
                    help=f"/v1 answers only requests with the header 'Authorization: Bearer KEY' (default: "
                         f"${API_KEY_ENV}, safer than a flag that process listings show; neither: open to all)")
@@ -446,6 +487,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-queue must be >= 0, got {args.max_queue}")
     if not args.request_timeout > 0:  # also NaN, which timed every request out at once
         p.error(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if not args.shutdown_timeout >= 0:  # also NaN
+        p.error(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     if args.max_seq_len is not None and args.max_seq_len < 2:  # 0 was taken as "not given"
         p.error(f"--max-seq-len must be >= 2 (a prompt token and an output token), got {args.max_seq_len}")
     if args.served_model_name is not None and not args.served_model_name.strip():  # was taken as "not given"
@@ -462,14 +505,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _server_class():
+def _server_class(app, shutdown_timeout: float):
     import uvicorn
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
+            # uvicorn's shutdown stops listening, then waits for the connections to close: the app drains
+            # first, so that new requests get a 503 rather than a refused connection
+            cancelled = await app.state.drain(shutdown_timeout, lambda: self.force_exit)  # a second Ctrl-C
+            if cancelled:
+                cli.note(f"(shutting down: cancelled {cancelled} request(s) still running)")
             await super().shutdown(sockets=sockets)
-            if self.force_exit:  # a second Ctrl-C: uvicorn skips the app's lifespan end, and the lifespan
-                await self.lifespan.shutdown()  # task, cancelled at exit, was logged as a traceback
 
     return Server
 
@@ -494,9 +540,10 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def main(argv=None) -> int:
     """Exit status: 0 after a clean shutdown (Ctrl-C or SIGTERM while serving: requests in flight
-    finish first), 2 after a one-line error (a bad flag, a port in use, a missing model or extra, a
-    cache pool that does not fit, ...), 130 on Ctrl-C while loading (see ``minillama/cli.py``).
-    Under --tp the launcher's status: 128 + the signal that stopped it."""
+    get --shutdown-timeout seconds to finish, then are cancelled), 2 after a one-line error (a bad
+    flag, a port in use, a missing model or extra, a cache pool that does not fit, ...), 130 on
+    Ctrl-C while loading (see ``minillama/cli.py``). Under --tp the launcher's status: 128 + the
+    signal that stopped it."""
     return cli.run(_main, argv)
 
 
@@ -556,7 +603,8 @@ def _main(argv) -> int:
     cli.note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "
              f"{url} with {args.max_batch} rows of {max_seq_len} tokens)")
     config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level, timeout_keep_alive=5,
-                            limit_concurrency=4 * (args.max_batch + args.max_queue) + 16)
+                            limit_concurrency=4 * (args.max_batch + args.max_queue) + 16,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE)
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again for the handler
     # it replaced: with Python's, SIGTERM killed the process (status -15, the scheduler never closed)
     # and a second Ctrl-C raised KeyboardInterrupt into the loop (a traceback). The shutdown done,
@@ -564,7 +612,7 @@ def _main(argv) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        _server_class()(config).run(sockets=[sock])
+        _server_class(app, args.shutdown_timeout)(config).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -123,6 +123,81 @@ def test_signals_shut_the_server_down_with_status_0(signals):
         s.bind(("127.0.0.1", port))  # a restart can take the port at once
 
 
+LONG = {"prompt": "Once upon a time, " * 90, "max_tokens": 50, "temperature": 0}  # 450 steps with --prefill-chunk 1
+
+
+def _wait_running(url, n):
+    deadline = time.monotonic() + 10
+    while httpx.get(url + "/health").json()["running"] < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_shutdown_lets_requests_finish_and_refuses_new_ones(llm):
+    """SIGTERM: a request in flight finishes (within --shutdown-timeout); meanwhile new requests and
+    /health get a 503, so a load balancer sends them elsewhere; then status 0."""
+    import signal
+
+    proc, url = _start_server("--max-batch", "2", "--prefill-chunk", "1", "--shutdown-timeout", "60")
+    try:
+        done = []
+        holder = threading.Thread(target=lambda: done.append(httpx.post(url + "/v1/completions", json=LONG,
+                                                                         timeout=60)))
+        holder.start()
+        _wait_running(url, 1)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(url + "/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert health.status_code == 503 and health.json()["status"] == "shutting down" and health.json()["running"]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        holder.join(timeout=60)
+        assert done[0].status_code == 200 and done[0].json()["choices"][0]["text"] == solo(llm, LONG["prompt"], 50).text
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0 and out.count("\n") == 1 and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("signals, timeout", [(["SIGTERM"], "0.3"), (["SIGINT", "SIGINT"], "60")])
+def test_shutdown_cancels_what_runs_past_the_timeout(signals, timeout):
+    """Past --shutdown-timeout (or at a second Ctrl-C) the requests still running are cancelled: a
+    503 for a whole response, an error chunk and [DONE] for a stream, then status 0 (the server
+    waited for every request, however long)."""
+    import signal
+
+    proc, url = _start_server("--max-batch", "2", "--prefill-chunk", "1", "--shutdown-timeout", timeout)
+    try:
+        answers = {}
+
+        def whole():
+            answers["whole"] = httpx.post(url + "/v1/completions", json=LONG, timeout=60)
+
+        def streamed():
+            with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+                answers["stream"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        threads = [threading.Thread(target=whole), threading.Thread(target=streamed)]
+        for t in threads:
+            t.start()
+        _wait_running(url, 2)
+        start = time.monotonic()
+        for name in signals:
+            proc.send_signal(getattr(signal, name))
+            time.sleep(0.2)  # two signals sent at once are delivered as one
+        for t in threads:
+            t.join(timeout=30)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        _stop(proc)
+    assert time.monotonic() - start < 10
+    assert answers["whole"].status_code == 503 and "shutting down" in answers["whole"].json()["error"]["message"]
+    assert "shutting down" in json.loads(answers["stream"][-2][6:])["error"]["message"]
+    assert answers["stream"][-1] == "data: [DONE]"
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert out.splitlines()[1:] == ["(shutting down: cancelled 2 request(s) still running)"], out
+
+
 def test_chat_completion_equals_solo_run(client, llm):
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
