@@ -51,9 +51,10 @@ _NEUTRAL = {
     "response_format": (None, {"type": "text"}),
     "store": (False, None),
 }
-_IGNORED = {"user", "metadata", "parallel_tool_calls", "service_tier", "prompt_cache_key", "safety_identifier"}
+_IGNORED = {"user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-                "stream", "stream_options", "logprobs", "top_logprobs", "n", "tools", "tool_choice", "top_k", "min_p"}
+                "stream", "stream_options", "logprobs", "top_logprobs", "n", "tools", "tool_choice",
+                "parallel_tool_calls", "top_k", "min_p"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                       "stream_options", "logprobs", "n", "top_k", "min_p"}
 
@@ -70,6 +71,7 @@ class ParsedRequest:
     include_usage: bool
     logprobs: Optional[int]  # None: off; k: the chosen token's and the k best
     tools: Optional[List[dict]] = None  # chat: rendered and parsed (None with tool_choice "none")
+    parallel_tool_calls: bool = True  # chat: False keeps the first of the calls a reply holds
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -238,7 +240,7 @@ def parse_chat(body) -> ParsedRequest:
     if choice == "none" or not tools:
         tools = None
     return ParsedRequest(prompts=[messages], max_tokens=max_tokens, logprobs=(top or 0) if logprobs else None,
-                         tools=tools, **common)
+                         tools=tools, parallel_tool_calls=_bool(body, "parallel_tool_calls", True), **common)
 
 
 def parse_completion(body) -> ParsedRequest:

@@ -5,16 +5,21 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /health`` (status plus the scheduler's counters, the prefix-cache hit rate among them).
+With an API key (``--api-key`` or ``MINILLAMA_API_KEY``), every ``/v1`` route needs the header
+``Authorization: Bearer <key>``; ``/health`` stays open.
 Requests are checked by :mod:`minillama.openai_protocol`; errors answer in OpenAI's error JSON
-(400 naming the field, 404 unknown model, 413 body too large, 429 queue full, 504 timeout). Each
-choice of a request is one scheduler request; a client that disconnects cancels them. Streaming
-is server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``).
+(400 naming the field, 401 missing or wrong API key, 404 unknown model, 413 body too large, 429
+queue full, 504 timeout). Each choice of a request is one scheduler request; a client that
+disconnects cancels them. Streaming is server-sent events (``data: {chunk}`` lines, then
+``data: [DONE]``). On SIGTERM or Ctrl-C new requests get a 503 while those in flight have
+``--shutdown-timeout`` seconds to finish; the rest are cancelled (a 503, or an error chunk).
 
 With ``tools`` (and ``tool_choice`` "auto"), messages go through the chat template's tools branch
 and a reply that is a Llama 3.1 tool call (JSON, maybe after ``<|python_tag|>``, ended by a stop
 id) of declared functions comes back as ``tool_calls`` with finish_reason "tool_calls" (a call to
-a function the request did not declare stays text, as OpenAI never returns one). When streaming, text that may
-still become a tool call is held back until it is decided.
+a function the request did not declare stays text, as OpenAI never returns one). A reply holding
+several calls gives several, or the first with ``parallel_tool_calls: false``. When streaming, text
+that may still become a tool call is held back until it is decided.
 
 Needs the ``serve`` extra: ``pip install -e '.[serve]'`` (FastAPI and uvicorn).
 """
@@ -22,13 +27,16 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
+import os
 import signal
 import socket
 import sys
 import time
 from functools import partial
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 from minillama import cli
 from minillama import openai_protocol as proto
@@ -38,6 +46,9 @@ from minillama.tool_calls import could_be_tool_call, parse_tool_calls
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
+ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}
+API_KEY_ENV = "MINILLAMA_API_KEY"  # the API key when --api-key is not given (as vLLM reads VLLM_API_KEY)
+SHUTDOWN_GRACE = 5  # seconds the answers of the requests cancelled at shutdown get, at most
 
 
 class _Submission:
@@ -101,8 +112,9 @@ def _run_callbacks(batch) -> None:
 class _Choice:
     """What one choice has produced so far; with tools, the text held back while it may be a tool call."""
 
-    def __init__(self, tool_names: Optional[set]):  # the declared functions; None: no tools, nothing held
-        self.tool_names = tool_names
+    def __init__(self, tool_names: Optional[set], parallel_tool_calls: bool = True):
+        self.tool_names = tool_names  # the declared functions; None: no tools, nothing held
+        self.parallel_tool_calls = parallel_tool_calls
         self.text: List[str] = []
         self.tokens: List[Token] = []
         self.held: Optional[List[str]] = [] if tool_names is not None else None  # None: nothing held
@@ -126,7 +138,8 @@ class _Choice:
         whole = "".join(self.held)
         if isinstance(event, Finished):
             if event.finish_reason == "stop" and isinstance(event.stop, int):
-                self.tool_calls = parse_tool_calls(whole, self.tool_names)
+                calls = parse_tool_calls(whole, self.tool_names)
+                self.tool_calls = calls if calls is None or self.parallel_tool_calls else calls[:1]  # as vLLM
             if self.tool_calls:  # the held tokens go out with the tool_calls delta (their logprobs)
                 tokens, self.held_tokens = self.held_tokens, []
                 return "", tokens
@@ -140,9 +153,11 @@ class _Choice:
         return "tool_calls" if self.tool_calls else self.finished.finish_reason
 
 
-def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, request_timeout: float = 600.0):
-    """The FastAPI app serving ``llm`` through ``scheduler`` under the name ``model_name``."""
-    from fastapi import FastAPI, Request as HTTPRequest
+def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, request_timeout: float = 600.0,
+               api_key: Optional[str] = None):
+    """The FastAPI app serving ``llm`` through ``scheduler`` under the name ``model_name``; with
+    ``api_key``, the /v1 routes answer only requests with the header ``Authorization: Bearer <api_key>``."""
+    from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
@@ -154,15 +169,17 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             loop.call_soon_threadsafe(_run_callbacks, batch)
 
         scheduler.deliver = deliver
-        yield
+        try:
+            yield
+        except asyncio.CancelledError:  # uvicorn skips the lifespan's end on a forced exit (a second Ctrl-C)
+            pass  # and cancels it as the loop closes: also an end, not an error to log with a traceback
 
     app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = proto.now()
     tokenizer = llm.tokenizer
 
     def error(e: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if e.status == 429 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        return JSONResponse(e.body(), status_code=e.status, headers=ERROR_HEADERS.get(e.status))
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -175,6 +192,21 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
         return error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
+
+    async def authorize(request: HTTPRequest) -> None:
+        """401 for a request without the API key (OpenAI's type and codes; no key is ever echoed)."""
+        if key_digest is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(401, "no API key given: send it in the header 'Authorization: Bearer <key>'")
+        # digests of equal length, compared in constant time: the time taken tells nothing of the key
+        if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), key_digest):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     async def read_json(request: HTTPRequest):
         length = request.headers.get("content-length")
@@ -194,6 +226,34 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             raise APIError(400, f"the request body holds a number too long to read: {str(e).split(';')[0]}") from None
         except RecursionError:
             raise APIError(400, "the request body nests JSON too deeply") from None
+
+    live = set()  # the submissions in flight: a shutdown waits for them, then cancels them
+    app.state.draining = False
+
+    async def drain(timeout: float, force: Callable[[], bool]) -> int:
+        """Begin a shutdown: refuse new requests (503), let those in flight run for up to ``timeout``
+        seconds (less once ``force()``), then cancel the rest and wait for their answers: 503, or,
+        streaming, an error chunk and ``[DONE]``. Returns how many were cancelled."""
+        app.state.draining = True
+        deadline = time.monotonic() + timeout
+        while live and time.monotonic() < deadline and not force():
+            await asyncio.sleep(0.05)
+        cancelled = len(live)
+        for submission in live:
+            submission.cancel()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return cancelled
+
+    app.state.drain = drain
+
+    def submit(parsed, prompt_ids: List[List[int]], param: str) -> _Submission:
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down; send the request to another one", type="server_error")
+        submission = _Submission(scheduler, engine_requests(parsed, prompt_ids, param), param)
+        live.add(submission)
+        return submission
 
     def check_model(parsed) -> None:
         if parsed.model is not None and parsed.model != model_name:
@@ -237,6 +297,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         finally:
             watcher.cancel()
             submission.cancel()
+            live.discard(submission)
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -261,6 +322,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             yield sse(e.body())
         finally:
             submission.cancel()
+            live.discard(submission)
         yield "data: [DONE]\n\n"
 
     def total_usage(choices: List[_Choice], n: int) -> dict:
@@ -271,14 +333,16 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **scheduler.stats()}
+        draining = app.state.draining
+        body = {"status": "shutting down" if draining else "ok", "model": model_name, **scheduler.stats()}
+        return JSONResponse(body, status_code=503 if draining else 200)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "minillama", "max_model_len": scheduler.max_seq_len}]}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: HTTPRequest):
         parsed = proto.parse_chat(await read_json(request))
         check_model(parsed)
@@ -290,9 +354,9 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         except (ValueError, TypeError) as e:  # about the tools: "tools..." or "... does not render tools"
             param = "tools" if str(e).startswith("tools") or str(e).endswith("no tools branch") else "messages"
             raise APIError(400, str(e), param=param) from None
-        submission = _Submission(scheduler, engine_requests(parsed, [ids], "messages"), "messages")
+        submission = submit(parsed, [ids], "messages")
         names = None if parsed.tools is None else {t["function"]["name"] for t in parsed.tools}
-        choices = [_Choice(names) for _ in range(parsed.n)]
+        choices = [_Choice(names, parsed.parallel_tool_calls) for _ in range(parsed.n)]
         rid, when = proto.new_id("chatcmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
 
@@ -329,7 +393,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         return StreamingResponse(stream(submission, choices, chunk, final_usage if parsed.include_usage else None),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: HTTPRequest):
         parsed = proto.parse_completion(await read_json(request))
         check_model(parsed)
@@ -337,7 +401,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else p for p in parsed.prompts]
         except ValueError as e:  # e.g. a lone surrogate: not text
             raise APIError(400, str(e), param="prompt") from None
-        submission = _Submission(scheduler, engine_requests(parsed, ids, "prompt"), "prompt")
+        submission = submit(parsed, ids, "prompt")
         choices = [_Choice(None) for _ in range(len(ids) * parsed.n)]
         rid, when = proto.new_id("cmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
@@ -354,7 +418,9 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             if text is None:
                 return None  # completions have no opening chunk
             logprobs = proto.completion_logprobs(tokenizer, tokens, offsets[index])
-            offsets[index] += len(text)
+            if logprobs is not None:  # offsets count the tokens' text, as in the whole response: ``text``
+                # lags behind the tokens while it is held back (a possible stop string, a partial character)
+                offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
             body = {**head, "object": "text_completion",
                     "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                  "finish_reason": done.finish_reason if done is not None else None}]}
@@ -368,6 +434,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         return StreamingResponse(stream(submission, choices, chunk, final_usage if parsed.include_usage else None),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
+    app.include_router(v1)
     return app
 
 
@@ -391,6 +458,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt tokens prefilled per step at most, over all requests")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
+    p.add_argument("--shutdown-timeout", type=float, default=25.0,
+                   help="on SIGTERM or Ctrl-C, seconds the requests in flight may take to finish (new ones get "
+                        "503) before they are cancelled; a second Ctrl-C cancels them at once (default: 25, within "
+                        "the 30 s that Kubernetes and torch's launcher under --tp give before SIGKILL)")
+    p.add_argument("--api-key", default=None,
+                   help=f"/v1 answers only requests with the header 'Authorization: Bearer KEY' (default: "
+                        f"${API_KEY_ENV}, safer than a flag that process listings show; neither: open to all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
@@ -413,23 +487,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-queue must be >= 0, got {args.max_queue}")
     if not args.request_timeout > 0:  # also NaN, which timed every request out at once
         p.error(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if not args.shutdown_timeout >= 0:  # also NaN
+        p.error(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     if args.max_seq_len is not None and args.max_seq_len < 2:  # 0 was taken as "not given"
         p.error(f"--max-seq-len must be >= 2 (a prompt token and an output token), got {args.max_seq_len}")
     if args.served_model_name is not None and not args.served_model_name.strip():  # was taken as "not given"
         p.error(f"--served-model-name must not be empty, got {args.served_model_name!r}")
     if args.tp is not None and args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
+    where = "--api-key"
+    if args.api_key is None and API_KEY_ENV in os.environ:
+        args.api_key, where = os.environ[API_KEY_ENV], API_KEY_ENV
+    key = args.api_key  # never echoed
+    if key is not None and not (key and key == key.strip() and key.isascii() and key.isprintable()):
+        p.error(f"{where} must be printable ASCII, not empty and without spaces at its ends (clients send it "
+                "in an HTTP header)")
     return args
 
 
-def _server_class():
+def _server_class(app, shutdown_timeout: float):
     import uvicorn
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
+            # uvicorn's shutdown stops listening, then waits for the connections to close: the app drains
+            # first, so that new requests get a 503 rather than a refused connection
+            cancelled = await app.state.drain(shutdown_timeout, lambda: self.force_exit)  # a second Ctrl-C
+            if cancelled:
+                cli.note(f"(shutting down: cancelled {cancelled} request(s) still running)")
             await super().shutdown(sockets=sockets)
-            if self.force_exit:  # a second Ctrl-C: uvicorn skips the app's lifespan end, and the lifespan
-                await self.lifespan.shutdown()  # task, cancelled at exit, was logged as a traceback
 
     return Server
 
@@ -454,9 +540,10 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def main(argv=None) -> int:
     """Exit status: 0 after a clean shutdown (Ctrl-C or SIGTERM while serving: requests in flight
-    finish first), 2 after a one-line error (a bad flag, a port in use, a missing model or extra, a
-    cache pool that does not fit, ...), 130 on Ctrl-C while loading (see ``minillama/cli.py``).
-    Under --tp the launcher's status: 128 + the signal that stopped it."""
+    get --shutdown-timeout seconds to finish, then are cancelled), 2 after a one-line error (a bad
+    flag, a port in use, a missing model or extra, a cache pool that does not fit, ...), 130 on
+    Ctrl-C while loading (see ``minillama/cli.py``). Under --tp the launcher's status: 128 + the
+    signal that stopped it."""
     return cli.run(_main, argv)
 
 
@@ -509,13 +596,15 @@ def _main(argv) -> int:
     name = args.served_model_name
     if name is None:
         name = Path(args.model).name if Path(args.model).exists() else args.model
-    app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+    app = create_app(llm, scheduler, name, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                     api_key=args.api_key)
     host, port = sock.getsockname()[:2]  # the port taken, with --port 0
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     cli.note(f"(loaded {args.model} on {llm.device} in {time.perf_counter() - start:.1f} s; serving {name!r} on "
              f"{url} with {args.max_batch} rows of {max_seq_len} tokens)")
     config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level, timeout_keep_alive=5,
-                            limit_concurrency=4 * (args.max_batch + args.max_queue) + 16)
+                            limit_concurrency=4 * (args.max_batch + args.max_queue) + 16,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE)
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again for the handler
     # it replaced: with Python's, SIGTERM killed the process (status -15, the scheduler never closed)
     # and a second Ctrl-C raised KeyboardInterrupt into the loop (a traceback). The shutdown done,
@@ -523,7 +612,7 @@ def _main(argv) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        _server_class()(config).run(sockets=[sock])
+        _server_class(app, args.shutdown_timeout)(config).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -426,6 +426,8 @@ SERVE = [sys.executable, "-m", "minillama.serve", "--device", "cpu"]
     (["--max-queue", -1], "--max-queue must be >= 0, got -1"),
     (["--request-timeout", 0], "--request-timeout must be > 0 seconds, got 0.0"),
     (["--request-timeout", "nan"], "--request-timeout must be > 0 seconds, got nan"),
+    (["--shutdown-timeout", -1], "--shutdown-timeout must be >= 0 seconds, got -1.0"),
+    (["--shutdown-timeout", "nan"], "--shutdown-timeout must be >= 0 seconds, got nan"),
     (["--served-model-name", ""], "--served-model-name must not be empty, got ''"),
     (["--log-level", "bogus"], "argument --log-level: invalid choice: 'bogus'"),
     (["--max-seq-len", 100000], "--max-seq-len 100000 is more than the model's context of 512"),

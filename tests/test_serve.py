@@ -123,6 +123,81 @@ def test_signals_shut_the_server_down_with_status_0(signals):
         s.bind(("127.0.0.1", port))  # a restart can take the port at once
 
 
+LONG = {"prompt": "Once upon a time, " * 90, "max_tokens": 50, "temperature": 0}  # 450 steps with --prefill-chunk 1
+
+
+def _wait_running(url, n):
+    deadline = time.monotonic() + 10
+    while httpx.get(url + "/health").json()["running"] < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_shutdown_lets_requests_finish_and_refuses_new_ones(llm):
+    """SIGTERM: a request in flight finishes (within --shutdown-timeout); meanwhile new requests and
+    /health get a 503, so a load balancer sends them elsewhere; then status 0."""
+    import signal
+
+    proc, url = _start_server("--max-batch", "2", "--prefill-chunk", "1", "--shutdown-timeout", "60")
+    try:
+        done = []
+        holder = threading.Thread(target=lambda: done.append(httpx.post(url + "/v1/completions", json=LONG,
+                                                                         timeout=60)))
+        holder.start()
+        _wait_running(url, 1)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(url + "/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert health.status_code == 503 and health.json()["status"] == "shutting down" and health.json()["running"]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        holder.join(timeout=60)
+        assert done[0].status_code == 200 and done[0].json()["choices"][0]["text"] == solo(llm, LONG["prompt"], 50).text
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0 and out.count("\n") == 1 and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("signals, timeout", [(["SIGTERM"], "0.3"), (["SIGINT", "SIGINT"], "60")])
+def test_shutdown_cancels_what_runs_past_the_timeout(signals, timeout):
+    """Past --shutdown-timeout (or at a second Ctrl-C) the requests still running are cancelled: a
+    503 for a whole response, an error chunk and [DONE] for a stream, then status 0 (the server
+    waited for every request, however long)."""
+    import signal
+
+    proc, url = _start_server("--max-batch", "2", "--prefill-chunk", "1", "--shutdown-timeout", timeout)
+    try:
+        answers = {}
+
+        def whole():
+            answers["whole"] = httpx.post(url + "/v1/completions", json=LONG, timeout=60)
+
+        def streamed():
+            with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+                answers["stream"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        threads = [threading.Thread(target=whole), threading.Thread(target=streamed)]
+        for t in threads:
+            t.start()
+        _wait_running(url, 2)
+        start = time.monotonic()
+        for name in signals:
+            proc.send_signal(getattr(signal, name))
+            time.sleep(0.2)  # two signals sent at once are delivered as one
+        for t in threads:
+            t.join(timeout=30)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        _stop(proc)
+    assert time.monotonic() - start < 10
+    assert answers["whole"].status_code == 503 and "shutting down" in answers["whole"].json()["error"]["message"]
+    assert "shutting down" in json.loads(answers["stream"][-2][6:])["error"]["message"]
+    assert answers["stream"][-1] == "data: [DONE]"
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert out.splitlines()[1:] == ["(shutting down: cancelled 2 request(s) still running)"], out
+
+
 def test_chat_completion_equals_solo_run(client, llm):
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
@@ -453,6 +528,83 @@ def test_completion_top_logprobs_hold_the_sampled_token(app):
     for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert top[token] == logprob and 1 <= len(top) <= 2
     assert any(len(top) == 2 for top in lp["top_logprobs"])
+
+
+def test_streamed_text_offsets_equal_the_whole_responses(app):
+    """text_offset counts each token's text from the start of the completion (vLLM's offsets without
+    echo), streamed or not. A stop string that may be starting holds the streamed text back while its
+    tokens' logprobs go out: the streamed offsets counted only the text shown, so the tokens after a
+    held-back one got its offset."""
+    body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "logprobs": 0,
+            "stop": ["was a clever girl"]}  # "was a clever" is generated, then "boy": held back, then shown
+    whole = app.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert whole["text_offset"][0] == 0
+    for offset, token, following in zip(whole["text_offset"], whole["tokens"], whole["text_offset"][1:]):
+        assert following == offset + len(token)
+    streamed = {"tokens": [], "text_offset": []}
+    with app.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for lp in [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]:
+        streamed["tokens"] += lp["tokens"]
+        streamed["text_offset"] += lp["text_offset"]
+    assert "".join(whole["tokens"][:6]) == ", there was a clever boy"
+    assert streamed == {"tokens": whole["tokens"], "text_offset": whole["text_offset"]}
+
+
+def test_api_key_guards_the_v1_routes(llm):
+    """With an API key every /v1 route answers 401 (OpenAI's error JSON, the key never echoed) unless
+    the request carries 'Authorization: Bearer <key>'; /health stays open; the server keeps serving."""
+    from fastapi.testclient import TestClient
+
+    from minillama.scheduler import Scheduler
+    from minillama.serve import create_app
+
+    key, wrong = "sk-the-right-key", "sk-a-wrong-key"
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        with TestClient(create_app(llm, scheduler, MODEL, api_key=key)) as client:
+            assert client.get("/health").status_code == 200
+            body = {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}
+            for headers, code in (({}, None), ({"Authorization": key}, None), ({"Authorization": f"Basic {key}"}, None),
+                                  ({"Authorization": f"Bearer {wrong}"}, "invalid_api_key"),
+                                  ({"Authorization": f"Bearer {key}x"}, "invalid_api_key"),
+                                  ({"Authorization": "Bearer \xe9".encode("latin-1")}, "invalid_api_key")):
+                for r in (client.get("/v1/models", headers=headers), client.post("/v1/completions", json=body,
+                                                                                 headers=headers)):
+                    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (headers, r.text)
+                    error = r.json()["error"]
+                    assert error["type"] == "invalid_request_error" and error["code"] == code and error["param"] is None
+                    assert "key" in error["message"] and key not in r.text and wrong not in r.text
+            r = client.post("/v1/completions", json=body, headers={"Authorization": f"bearer {key}"})  # any case
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == solo(llm, body["prompt"], 3).text
+            right = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+            assert [m.id for m in right.models.list().data] == [MODEL]
+            with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+                openai.OpenAI(base_url="http://testserver/v1", api_key=wrong, http_client=client,
+                              max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=2)
+            assert right.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        scheduler.close()
+
+
+def test_api_key_from_the_flag_or_the_environment(monkeypatch, capsys):
+    from minillama.serve import API_KEY_ENV, parse_args
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert parse_args([]).api_key is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert parse_args([]).api_key == "from-env"
+    assert parse_args(["--api-key", "from-flag"]).api_key == "from-flag"
+    for value, where in (("", API_KEY_ENV), (" padded", API_KEY_ENV), ("caf\xe9", API_KEY_ENV)):
+        monkeypatch.setenv(API_KEY_ENV, value)  # an empty variable must not leave the server open
+        with pytest.raises(SystemExit) as exit:
+            parse_args([])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"error: {where} must be printable ASCII, not empty" in err
+        assert not value or value not in err
+    with pytest.raises(SystemExit):
+        parse_args(["--api-key", ""])
+    assert "error: --api-key must be printable ASCII, not empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow

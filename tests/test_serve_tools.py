@@ -176,3 +176,28 @@ def test_streamed_tool_call_keeps_logprobs(setup):
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
     assert streamed == whole["logprobs"]["content"]
+
+
+def test_parallel_tool_calls(setup):
+    """Llama 3.1 calls one function per reply as a rule; a reply holding several calls (";" between
+    them) gives several tool_calls, and parallel_tool_calls false keeps the first, as vLLM does. The
+    field was read and ignored, whatever its value (and on /v1/completions, which has no tools)."""
+    llm, script, client = setup
+    ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
+    rome = CALL.replace("Paris", "Rome")
+    script.say(len(ids), llm.tokenizer.encode(f"{CALL}; {rome}", bos=False) + [EOM])
+    for parallel, cities in ((None, ["Paris", "Rome"]), (True, ["Paris", "Rome"]), (False, ["Paris"])):
+        body = {"messages": ASK, "tools": [WEATHER], "max_tokens": 200, "temperature": 0,
+                "parallel_tool_calls": parallel}
+        calls = post(client, **body)["choices"][0]["message"]["tool_calls"]
+        assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == cities, parallel
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        (streamed,) = [d["tool_calls"] for d in (c["choices"][0]["delta"] for c in chunks) if "tool_calls" in d]
+        assert [c["index"] for c in streamed] == list(range(len(cities)))
+    r = client.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "parallel_tool_calls": "no"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"
+    assert r.json()["error"]["message"] == 'parallel_tool_calls must be true or false, got "no"'
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "parallel_tool_calls": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"
+    assert r.json()["error"]["message"] == "unknown field 'parallel_tool_calls'"
