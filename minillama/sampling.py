@@ -1,4 +1,12 @@
-"""Choosing the next token on the device: greedy, temperature, top-k, top-p (nucleus), min-p.
+"""Choosing the next token on the device: logit bias and repetition, presence and frequency
+penalties, then greedy, temperature, top-k, top-p (nucleus), min-p.
+
+As vLLM, the logits are first changed by :class:`LogitsProcessor` (when a request asks for it):
+``logit_bias`` is added, then the repetition penalty divides the positive logits and multiplies the
+negative ones of every id in the prompt or the output so far (transformers'
+``RepetitionPenaltyLogitsProcessor``), then ``frequency_penalty * count + presence_penalty * (count > 0)``
+is subtracted, ``count`` being how often the id was generated so far (OpenAI's definition, on the
+output only). Greedy decoding takes the argmax of these logits.
 
 The filters apply in this order: temperature, top-k, min-p, top-p (each on what the previous one
 kept; min-p compares with the most likely token, top-p with the mass that is left). That is vLLM's
@@ -19,24 +27,34 @@ are never sampled.
 """
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 
 NON_FINITE = -1  # the id sample() returns for a row with NaN / +inf logits
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties (OpenAI's range)
+BIAS_RANGE = (-100.0, 100.0)  # logit_bias values (OpenAI's range)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is chosen. ``logit_bias`` may be given as a dict ``{id: bias}``; it is kept
+    as a tuple of ``(id, bias)`` sorted by id, so that the parameters are hashable."""
+
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     min_p: float = 0.0  # 0: off
     seed: Optional[int] = None
+    presence_penalty: float = 0.0  # in [-2, 2]; 0: off
+    frequency_penalty: float = 0.0  # in [-2, 2]; 0: off
+    repetition_penalty: float = 1.0  # > 0; 1: off
+    logit_bias: Tuple[Tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); (): off
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "min_p"):
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -51,15 +69,52 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
         if not (0.0 <= self.min_p < 1.0):
             raise ValueError(f"min_p must be in [0, 1) (0 turns it off), got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not PENALTY_RANGE[0] <= getattr(self, name) <= PENALTY_RANGE[1]:
+                raise ValueError(f"{name} must be in [-2, 2] (0 turns it off), got {getattr(self, name)}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def changes_logits(self) -> bool:
+        """Whether a :class:`LogitsProcessor` must run: a logit bias or a penalty is set."""
+        return bool(self.logit_bias) or (self.presence_penalty, self.frequency_penalty,
+                                         self.repetition_penalty) != (0.0, 0.0, 1.0)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise ValueError when a ``logit_bias`` id is not below ``vocab_size`` (the tokenizer's)."""
+        bad = [t for t, _ in self.logit_bias if t >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
     def generator(self, device) -> Optional[torch.Generator]:
         if self.seed is None:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def _logit_bias(value) -> Tuple[Tuple[int, float], ...]:
+    """``logit_bias`` (a dict or (id, bias) pairs) checked, as a tuple of (id, float bias) sorted by id."""
+    if value is None:
+        return ()
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    try:
+        pairs = [(t, b) for t, b in pairs]
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {value!r}") from None
+    for t, b in pairs:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not BIAS_RANGE[0] <= b <= BIAS_RANGE[1]:
+            raise ValueError(f"logit_bias[{t}] must be a number in [-100, 100], got {b!r}")
+    ids = [t for t, _ in pairs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"logit_bias names a token id twice: {sorted(t for t in set(ids) if ids.count(t) > 1)}")
+    return tuple(sorted((t, float(b)) for t, b in pairs))
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -127,3 +182,88 @@ class DecodableIds:
                 self.holes = self.holes.to(logits.device)
             logits = logits.index_fill(-1, self.holes, float("-inf"))
         return logits
+
+
+def to_device(values: Sequence, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of ``values`` on ``device``, copied without making the host wait for the device."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def apply_penalties(logits: torch.Tensor, prompt: torch.Tensor, counts: torch.Tensor, repetition: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """The logits (n, V) float32 after the repetition penalty, then the frequency and presence penalties.
+
+    Args:
+        prompt: (n, V) bool, the ids of each row's prompt.
+        counts: (n, V) int32, how often each id was generated so far.
+        repetition, presence, frequency: (n, 1) float32, each row's penalties.
+    """
+    generated = counts > 0
+    seen = prompt | generated
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - frequency * counts - presence * generated
+
+
+class LogitsProcessor:
+    """``logit_bias`` and the penalties of ``rows`` rows, each with its own :class:`SamplingParams`,
+    and what they need on the device: per row, the bias over the vocabulary, the penalties, the ids
+    of its prompt and how often each id was generated.
+
+    :meth:`start` sets a row up for a request; calling the processor on logits (n, V) of some of its
+    rows returns the changed logits (a new float32 tensor); :meth:`add` counts the ids sampled from
+    them, on the device: the host never waits for the ids. Rows that were not started may hold
+    anything: leave them out.
+
+    Args:
+        rows: how many rows (e.g. the batch, or a scheduler's pool of cache rows).
+        vocab_size: the width of the logits (the ids that may be sampled).
+    """
+
+    def __init__(self, rows: int, vocab_size: int, device):
+        self.device = torch.device(device)
+        self.vocab_size = vocab_size
+        self.bias = torch.zeros(rows, vocab_size, device=device)
+        self.penalties = torch.zeros(rows, 3, device=device)  # repetition, presence, frequency
+        self.prompt = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
+
+    def start(self, rows: Sequence[int], params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]) -> None:
+        """Set ``rows`` up for requests: each its parameters and its prompt, nothing generated yet.
+        Prompt ids at or past ``vocab_size`` are left out (they are never sampled, so never penalized)."""
+        for p in params:
+            p.check_vocabulary(self.vocab_size)
+        index = to_device(list(rows), torch.long, self.device)
+        for state in (self.bias, self.prompt, self.counts):
+            state.index_fill_(0, index, 0)
+        self.penalties[index] = to_device([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+                                           for p in params], torch.float32, self.device)
+        bias = [(r, t, b) for r, p in zip(rows, params) for t, b in p.logit_bias]
+        if bias:
+            where, ids, values = zip(*bias)
+            self.bias.index_put_((to_device(where, torch.long, self.device), to_device(ids, torch.long, self.device)),
+                                 to_device(values, torch.float32, self.device))
+        seen = [(r, t) for r, p in zip(rows, prompts) for t in set(p) if t < self.vocab_size]
+        if seen:
+            where, ids = zip(*seen)
+            self.prompt.index_put_((to_device(where, torch.long, self.device), to_device(ids, torch.long, self.device)),
+                                   torch.ones(len(ids), dtype=torch.bool, device=self.device))
+
+    def __call__(self, logits: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(n, V) float32: ``logits`` (n, V) of ``rows`` (n,) on the device, after the logit bias and
+        the penalties. rows None: all rows, in order."""
+        def of_rows(state):
+            return state if rows is None else state[rows]
+
+        logits = logits.float() + of_rows(self.bias)  # a new tensor: the model's logits stay as they are
+        repetition, presence, frequency = of_rows(self.penalties).split(1, dim=1)
+        return apply_penalties(logits, of_rows(self.prompt), of_rows(self.counts), repetition, presence, frequency)
+
+    def add(self, ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+        """Count ``ids`` (n,), sampled for ``rows`` (n,) on the device (None: all rows, in order);
+        :data:`NON_FINITE` counts nothing."""
+        if rows is None:
+            rows = torch.arange(len(ids), device=ids.device)
+        self.counts.index_put_((rows, ids.clamp_min(0)), (ids >= 0).to(torch.int32), accumulate=True)

@@ -1,11 +1,14 @@
 """Sampling on known logits: each filter keeps exactly the right tokens, draws follow the
-filtered distribution, a seed reproduces them, and bad settings are errors naming the value."""
+filtered distribution, a seed reproduces them, the logit bias and penalties match a float64
+reference, and bad settings are errors naming the value."""
 import math
+import random
 
 import pytest
 import torch
 
-from minillama.sampling import SamplingParams, filtered_probs, sample
+from minillama.sampling import NON_FINITE, LogitsProcessor, SamplingParams, filtered_probs, sample
+from tests.reference_sampling import reference_logits
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])  # token 0 is the most likely
 LOGITS = PROBS.log()[None]  # (1, 4)
@@ -98,6 +101,17 @@ def test_zero_probability_is_never_drawn():
         (dict(min_p=1.0), "1.0"),
         (dict(min_p=-0.1), "-0.1"),
         (dict(seed="7"), "'7'"),
+        (dict(presence_penalty=2.5), "2.5"),
+        (dict(frequency_penalty=-2.01), "-2.01"),
+        (dict(frequency_penalty=math.nan), "nan"),
+        (dict(repetition_penalty=0.0), "0.0"),
+        (dict(repetition_penalty=-1), "-1"),
+        (dict(repetition_penalty=math.inf), "inf"),
+        (dict(logit_bias={5: 100.5}), "100.5"),
+        (dict(logit_bias={-1: 1.0}), "-1"),
+        (dict(logit_bias={"5": 1.0}), "'5'"),
+        (dict(logit_bias={5: math.nan}), "nan"),
+        (dict(logit_bias=[(5, 1.0), (5, 2.0)]), "[5]"),
     ],
 )
 def test_invalid_values_raise_naming_the_value(kwargs, named):
@@ -105,3 +119,75 @@ def test_invalid_values_raise_naming_the_value(kwargs, named):
     with pytest.raises(ValueError) as err:
         SamplingParams(**kwargs)
     assert name in str(err.value) and named in str(err.value)
+
+
+def reference(logits, params: SamplingParams, prompt, output):
+    return reference_logits(logits, params.logit_bias, params.repetition_penalty, params.presence_penalty,
+                            params.frequency_penalty, prompt, output)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    processor = LogitsProcessor(1, 5, "cpu")
+    processor.start([0], [SamplingParams(repetition_penalty=2.0)], [[0, 1, 2, 4]])
+    got = processor(torch.tensor([[2.0, -1.5, 0.0, 3.0, -0.25]]))
+    assert got.tolist() == [[1.0, -3.0, 0.0, 3.0, -0.5]]  # id 3 is not in the prompt
+
+
+def test_logit_bias_and_penalties_match_a_float64_reference():
+    """Rows of a pool, each its own parameters, prompt and generated ids (a NON_FINITE id counts
+    nothing), processed in an order other than the pool's; rows never started are left out."""
+    vocab, rng = 40, random.Random(0)
+    params = {
+        1: SamplingParams(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3),
+        4: SamplingParams(frequency_penalty=-2.0, logit_bias={3: -100.0, 7: 2.5, 39: 0.75}),
+        2: SamplingParams(repetition_penalty=0.7, presence_penalty=-0.5),
+        0: SamplingParams(logit_bias={0: 100.0}),
+    }
+    rows = list(params)
+    prompts = {r: [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))] for r in rows}
+    outputs = {r: [] for r in rows}
+    processor = LogitsProcessor(6, vocab, "cpu")
+    processor.start(rows, [params[r] for r in rows], [prompts[r] for r in rows])
+    index = torch.tensor(rows)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(12):
+        logits = torch.randn(len(rows), vocab, generator=generator) * 4
+        got = processor(logits, index)
+        assert got.dtype == torch.float32
+        for i, r in enumerate(rows):
+            expected = reference(logits[i], params[r], prompts[r], outputs[r])
+            torch.testing.assert_close(got[i].double(), expected, rtol=1e-6, atol=1e-5)
+        ids = [rng.randrange(8) if step % 2 else rng.randrange(vocab) for _ in rows]  # repeats often
+        ids[0] = NON_FINITE if step == 3 else ids[0]
+        processor.add(torch.tensor(ids), index)
+        for r, t in zip(rows, ids):
+            if t != NON_FINITE:
+                outputs[r].append(t)
+    assert processor.counts[[3, 5]].sum() == 0  # rows not in the step are untouched
+    # starting a row again forgets its prompt and output
+    processor.start([1], [params[1]], [[5]])
+    logits = torch.randn(1, vocab, generator=generator)
+    torch.testing.assert_close(processor(logits, torch.tensor([1]))[0].double(),
+                               reference(logits[0], params[1], [5], []), rtol=1e-6, atol=1e-5)
+
+
+def test_all_rows_in_order_equal_the_same_rows_by_index():
+    params = SamplingParams(frequency_penalty=1.0, repetition_penalty=1.2, logit_bias={1: -3.0})
+    processor = LogitsProcessor(3, 16, "cpu")
+    processor.start(range(3), [params] * 3, [[1, 2], [3], [4, 4, 5]])
+    processor.add(torch.tensor([6, 6, 1]))
+    logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(processor(logits), processor(logits, torch.arange(3)))
+    assert torch.equal(processor(logits)[2:], processor(logits[2:], torch.tensor([2])))
+
+
+def test_logit_bias_is_kept_sorted_and_hashable():
+    a = SamplingParams(logit_bias={9: 1, 2: -100})
+    assert a.logit_bias == ((2, -100.0), (9, 1.0))
+    b = SamplingParams(logit_bias=[(9, 1.0), (2, -100.0)])
+    assert a == b and hash(a) == hash(b)
+    assert not SamplingParams().changes_logits and SamplingParams(logit_bias=None).logit_bias == ()
+    assert all(SamplingParams(**kw).changes_logits for kw in (dict(presence_penalty=0.1), dict(frequency_penalty=-1),
+                                                              dict(repetition_penalty=1.1), dict(logit_bias={0: 0})))
+    with pytest.raises(ValueError, match=r"\[30\].*\[0, 30\)"):
+        SamplingParams(logit_bias={30: 1.0, 29: 1.0}).check_vocabulary(30)
