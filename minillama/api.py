@@ -1,7 +1,7 @@
 """The public entry point: ``Llama.from_pretrained(path_or_repo_id)`` and what it returns."""
 import operator
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -49,13 +49,17 @@ def _resolve_dtype(dtype, config: LlamaConfig, device: torch.device) -> torch.dt
     return dtype
 
 
-def check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, seed, stop) -> Tuple[SamplingParams, List[str]]:
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, presence_penalty=0.0,
+                        frequency_penalty=0.0, repetition_penalty=1.0,
+                        logit_bias=None) -> Tuple[SamplingParams, List[str]]:
     """The arguments of :meth:`Llama.generate` that need no model, checked (ValueError / TypeError
     naming the value): the sampling parameters and the stop strings, as a list. Command lines call
     it before starting tensor-parallel processes, so a typo fails before any weight is read."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              repetition_penalty=repetition_penalty, logit_bias=logit_bias)
     if isinstance(stop, bytes) or not isinstance(stop, (type(None), str, Sequence)):
         raise TypeError(f"stop must be a list (or None), got {type(stop).__name__}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -192,6 +196,10 @@ class Llama:
         top_p: float = 1.0,
         min_p: float = 0.0,
         seed: Optional[int] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Optional[Mapping[int, float]] = None,
         stop: Union[str, Sequence[str], None] = None,
         stop_ids: Sequence[int] = (),
         truncate_prompt: Optional[str] = None,
@@ -207,6 +215,17 @@ class Llama:
             top_p: sample among the most likely tokens that hold this much probability (1: off).
             min_p: drop tokens less likely than min_p times the most likely one (0: off).
             seed: makes sampling reproducible for the same batch on the same device.
+            presence_penalty: in [-2, 2]; subtracted from the logit of every id generated so far
+                (0: off).
+            frequency_penalty: in [-2, 2]; subtracted from the logit of every id generated so far,
+                times how often it was (0: off).
+            repetition_penalty: > 0; divides the positive logits and multiplies the negative ones
+                of every id in the prompt or generated so far (1: off). With ``cache``, the prompt
+                is this call's: the tokens cached before it are not seen.
+            logit_bias: ``{token id: bias in [-100, 100]}`` added to the logits first (None: off).
+                The order is vLLM's: logit bias, then the repetition, frequency and presence
+                penalties, then temperature, top-k, min-p and top-p; greedy takes the argmax of
+                the biased, penalized logits.
             stop: stop string(s); the text is cut before the first one found.
             stop_ids: token ids that end a row, besides the checkpoint's (``self.stop_ids``).
             truncate_prompt: None (a prompt that does not fit is an error) or "left" (drop the
@@ -227,8 +246,10 @@ class Llama:
             raise TypeError("prompts must be a list of strings or of token-id lists; wrap one prompt in a list")
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt")
-        generation = self._start(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed,
-                                 stop, stop_ids, truncate_prompt, cache)
+        generation = self._start(prompts, max_new_tokens, stop, stop_ids, truncate_prompt, cache,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 repetition_penalty=repetition_penalty, logit_bias=logit_bias)
         for _ in generation:
             pass
         return generation.results()
@@ -242,6 +263,10 @@ class Llama:
         top_p: float = 1.0,
         min_p: float = 0.0,
         seed: Optional[int] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Optional[Mapping[int, float]] = None,
         stop: Union[str, Sequence[str], None] = None,
         stop_ids: Sequence[int] = (),
         truncate_prompt: Optional[str] = None,
@@ -264,16 +289,20 @@ class Llama:
         if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and any(
                 isinstance(t, (str, bytes, Sequence)) for t in prompt):
             raise TypeError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
-        generation = self._start([prompt], max_new_tokens, temperature, top_k, top_p, min_p, seed,
-                                 stop, stop_ids, truncate_prompt, cache)
+        generation = self._start([prompt], max_new_tokens, stop, stop_ids, truncate_prompt, cache,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 repetition_penalty=repetition_penalty, logit_bias=logit_bias)
         return TextStream(generation)
 
-    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_ids,
-               truncate_prompt, cache: Optional[KVCache]) -> TextGeneration:
-        """Check every argument, encode the prompts and set up the loop (nothing runs yet)."""
+    def _start(self, prompts, max_new_tokens, stop, stop_ids, truncate_prompt, cache: Optional[KVCache],
+               **sampling) -> TextGeneration:
+        """Check every argument, encode the prompts and set up the loop (nothing runs yet); ``sampling``:
+        the keyword arguments of :class:`~minillama.sampling.SamplingParams`."""
         if truncate_prompt not in (None, "left"):
             raise ValueError(f"truncate_prompt must be None or 'left', got {truncate_prompt!r}")
-        sampling, stops = check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, seed, stop)
+        sampling, stops = check_sampling_args(max_new_tokens, stop=stop, **sampling)
+        sampling.check_vocabulary(self.tokenizer.vocab_size)
         if isinstance(stop_ids, bytes) or not isinstance(stop_ids, (type(None), str, Sequence)):
             raise TypeError(f"stop_ids must be a list (or None), got {type(stop_ids).__name__}")
         extra = list(stop_ids or [])

@@ -24,7 +24,7 @@ from minillama.concurrency import step_lock
 from minillama.errors import NonFiniteLogitsError
 from minillama.kv_cache import KVCache
 from minillama.runner import Runner
-from minillama.sampling import NON_FINITE, SamplingParams, sample
+from minillama.sampling import NON_FINITE, LogitsProcessor, SamplingParams, sample
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 
@@ -52,7 +52,8 @@ class TokenLoop:
         runner: runs the model (``minillama.runner.Runner``); its config, device and dtype size the cache.
         prompts: token ids per row, of any lengths (at least 1 each).
         max_new_tokens: new tokens per row at most (a stop id counts as the row's last step).
-        sampling: how the next token is chosen; its seed makes the loop reproducible.
+        sampling: how the next token is chosen; its seed makes the loop reproducible. Its
+            penalties see each row's prompt (without what ``cache`` held before) and new tokens.
         stop_ids: ids that end a row.
         cache: an existing cache to continue (e.g. a conversation): each row's prompt is appended
             at that row's fill. None: a cache just large enough for the request is allocated.
@@ -107,6 +108,7 @@ class TokenLoop:
                     )
         self.cache = cache
         self.generator = sampling.generator(device)
+        self.processor: Optional[LogitsProcessor] = None  # set at the prefill when the sampling changes logits
         self.done = [max_new_tokens == 0] * batch
         self.finish_reason: List[Optional[str]] = ["length" if d else None for d in self.done]
         self.stop_token: List[Optional[int]] = [None] * batch
@@ -157,12 +159,25 @@ class TokenLoop:
         cache.advance(1)
         return self.decodable(logits[:, -1])
 
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every row's next id (B,), after the logit bias and the penalties when the sampling has them."""
+        if self.processor is not None:
+            logits = self.processor(logits)
+        ids = self.runner.agree(sample(logits, self.sampling, self.generator))
+        if self.processor is not None:
+            self.processor.add(ids)
+        return ids
+
     def __iter__(self) -> Iterator[List[Optional[int]]]:
         if all(self.done):
             return
         start = time.perf_counter()
         with self._step_lock, torch.inference_mode():
-            next_ids = self.runner.agree(sample(self._prefill(), self.sampling, self.generator))
+            logits = self._prefill()
+            if self.sampling.changes_logits:
+                self.processor = LogitsProcessor(len(self.prompts), logits.shape[-1], self.device)
+                self.processor.start(range(len(self.prompts)), [self.sampling] * len(self.prompts), self.prompts)
+            next_ids = self._sample(logits)
         step = 0
         while True:
             ids = next_ids.tolist()  # the one host sync per step: the chosen ids
@@ -190,7 +205,7 @@ class TokenLoop:
             if all(self.done):
                 break
             with self._step_lock, torch.inference_mode():
-                next_ids = self.runner.agree(sample(self._decode(next_ids), self.sampling, self.generator))
+                next_ids = self._sample(self._decode(next_ids))
         self.times.decode_s = self.times.step_s[-1] - self.times.step_s[0]
         self.times.decode_steps = step - 1
 

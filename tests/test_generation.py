@@ -15,6 +15,7 @@ import torch
 from minillama import Llama
 from minillama.streaming import IncrementalDecoder, StopStrings
 from tests.checkpoints import EOM, EOT, END_OF_TEXT, write_checkpoint
+from tests.reference_sampling import reference_logits
 
 BOS_SP = 1  # <s> of the SentencePiece test tokenizer
 EOS_SP = 2  # </s>
@@ -153,6 +154,43 @@ def test_sampling_in_a_batch_is_seeded(sp):
     b = sp.generate(prompts, **kwargs)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert a[0].token_ids != sp.generate(prompts, **{**kwargs, "seed": 6})[0].token_ids
+
+
+# -- logit bias and penalties ---------------------------------------------------------------
+
+
+def test_frequency_penalty_moves_greedy_away_from_repeats(sp):
+    """Greedy on a random model repeats ids; a frequency penalty of 2 follows it up to the first
+    repeat, then avoids repeats altogether; -2 repeats one id over and over."""
+    (prompt,) = random_prompts(sp, (5,))
+    plain = sp.generate([prompt], max_new_tokens=24)[0].token_ids
+    away = sp.generate([prompt], max_new_tokens=24, frequency_penalty=2.0)[0].token_ids
+    toward = sp.generate([prompt], max_new_tokens=24, frequency_penalty=-2.0)[0].token_ids
+    first_repeat = next(i for i, t in enumerate(plain) if t in plain[:i])
+    assert away[:first_repeat] == plain[:first_repeat] and away[first_repeat] != plain[first_repeat]
+    assert len(set(away)) == 24 > len(set(plain)) > len(set(toward))
+    assert toward[-10:] == [toward[-1]] * 10
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(frequency_penalty=2.0),
+    dict(presence_penalty=1.5, repetition_penalty=1.3),
+    dict(repetition_penalty=0.5, frequency_penalty=-0.3),
+    dict(logit_bias={27: -100.0, 332: 5.0}, presence_penalty=-1.0),
+])
+def test_greedy_tokens_are_the_argmax_of_the_reference_logits(sp, kwargs):
+    """Each greedy token is the argmax of one full forward's logits, biased and penalized in float64
+    (the prompt counts for the repetition penalty only); a batch's rows equal their solo runs."""
+    prompts = random_prompts(sp, (5, 12))
+    batch = sp.generate(prompts, max_new_tokens=16, **kwargs)
+    assert any(r.token_ids != sp.generate([p], max_new_tokens=16)[0].token_ids for p, r in zip(prompts, batch))
+    for prompt, row in zip(prompts, batch):
+        assert row.token_ids == sp.generate([prompt], max_new_tokens=16, **kwargs)[0].token_ids
+        logits = sp.logits(prompt + row.token_ids)[len(prompt) - 1:]
+        for i, t in enumerate(row.token_ids):
+            expected = reference_logits(logits[i], prompt=prompt, output=row.token_ids[:i],
+                                        **{k: list(v.items()) if k == "logit_bias" else v for k, v in kwargs.items()})
+            assert t == int(expected.argmax()), f"step {i}"
 
 
 # -- stop ids --------------------------------------------------------------------------------
@@ -371,6 +409,10 @@ def test_truncate_left_keeps_bos_and_the_newest_tokens(monkeypatch, short):
         (dict(stop_ids=[10**9]), "1000000000"),
         (dict(truncate_prompt="right"), "'right'"),
         (dict(seed=1.5), "1.5"),
+        (dict(presence_penalty=3.0), "3.0"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(logit_bias={7: -101}), "-101"),
+        (dict(logit_bias={10**6: 1.0}), "1000000"),
     ],
 )
 def test_bad_arguments_raise_before_any_work(monkeypatch, short, kwargs, named):

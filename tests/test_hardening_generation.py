@@ -151,9 +151,16 @@ def test_finished_rows_may_go_non_finite_without_harm(llm, monkeypatch):
     assert live.token_ids == alone.token_ids and len(live.token_ids) == 6
 
 
-def test_non_finite_check_costs_no_host_sync(llm, monkeypatch):
+@pytest.mark.parametrize("sampling", [
+    dict(temperature=0.8, seed=2),
+    dict(temperature=0.8, seed=2, presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.2,
+         logit_bias={5: -3.0}),
+    dict(repetition_penalty=1.2),
+])
+def test_non_finite_check_costs_no_host_sync(llm, monkeypatch, sampling):
     """The loop reads tensors back once per step (the sampled ids), nothing more: the NaN/Inf check
-    rides on that read. (flashcore's reference attention, used on the CPU, reads lengths itself.)"""
+    rides on that read, and the penalties count the ids on the device. (flashcore's reference
+    attention, used on the CPU, reads lengths itself.)"""
     reads = []
     for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)
@@ -164,7 +171,7 @@ def test_non_finite_check_costs_no_host_sync(llm, monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    results = llm.generate(["Lily", "One day"], max_new_tokens=7, temperature=0.8, seed=2)
+    results = llm.generate(["Lily", "One day"], max_new_tokens=7, **sampling)
     steps = 1 + max(r.decode_steps for r in results)
     assert reads == ["tolist"] * steps
 
