@@ -15,7 +15,10 @@ reset and refilled without touching the others.
 
 Exactness: a row reads only its own cache, so a request's tokens equal its solo
 ``Llama.generate`` run (greedy, or sampled with its ``seed``): each request samples with its own
-generator, seeded as the solo run seeds its one, drawing once per token as it does. As in any
+generator, seeded as the solo run seeds its one, drawing once per token as it does. A request
+with a logit bias or penalties has its row of a :class:`~minillama.sampling.LogitsProcessor` over
+the pool (allocated when the first such request comes), set up when its prompt is prefilled and
+counting its tokens on the device; its logits are changed as its solo run's are. As in any
 batch, only the shapes of the matmuls change; on a GPU another shape may round a bf16 near-tie the
 other way.
 
@@ -57,7 +60,7 @@ import torch
 from minillama.concurrency import step_lock
 from minillama.errors import NonFiniteLogitsError
 from minillama.runner import bucket, packed_bucket
-from minillama.sampling import NON_FINITE, SamplingParams, sample
+from minillama.sampling import NON_FINITE, LogitsProcessor, SamplingParams, sample, to_device
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
@@ -87,8 +90,9 @@ class Token:
 
     id: int
     text: str
-    # log-softmax of the model's raw logits (temperature 1, unfiltered) over the ids the tokenizer can
-    # decode: a padded vocabulary's extra ids and undecodable holes are left out, as in sampling
+    # log-softmax of the model's raw logits (temperature 1, unfiltered, before any logit bias or penalty)
+    # over the ids the tokenizer can decode: a padded vocabulary's extra ids and undecodable holes are
+    # left out, as in sampling
     logprob: Optional[float] = None
     top_logprobs: List[Tuple[int, float]] = field(default_factory=list)
 
@@ -194,6 +198,7 @@ class Scheduler:
         self._outbox: List[Tuple[_Sequence, Event]] = []
         self.deliver = deliver  # may be set later, e.g. once an event loop runs
         self._next_ids = torch.zeros(self.cache.batch, dtype=torch.long, device=llm.device)  # fed by the next step
+        self._processor: Optional[LogitsProcessor] = None  # made for the first request with a bias or penalty
         self._counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0,
                               prefix_hits=0, generated_tokens=0, decode_steps=0, mixed_steps=0,
                               prefill_chunks=0)
@@ -272,6 +277,7 @@ class Scheduler:
         if k is not None and not (_is_int(k) and 0 <= k <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         StopStrings(request.stop)  # checks them
+        request.sampling.check_vocabulary(vocab)
 
     def cancel(self, rid: int) -> None:
         """End request ``rid`` (finish_reason "cancelled"); its row is free at the next iteration."""
@@ -430,10 +436,7 @@ class Scheduler:
 
     def _to_device(self, values: List[int]) -> torch.Tensor:
         """A small int64 tensor on the device, copied without making the host wait for the device."""
-        host = torch.tensor(values, dtype=torch.long)
-        if self.llm.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.llm.device, non_blocking=True)
+        return to_device(values, torch.long, self.llm.device)
 
     def _launch(self) -> Optional["_Step"]:
         """Launch this iteration's step: a mixed step when prompt tokens are pending, else a decode
@@ -482,6 +485,12 @@ class Scheduler:
                 seq.pos += len(chunk)
             if not rows:
                 return None
+            started = [s for s in completed if s.request.sampling.changes_logits]
+            if started:
+                if self._processor is None:
+                    self._processor = LogitsProcessor(self.cache.batch, logits.shape[-1], self.llm.device)
+                self._processor.start([s.row for s in started], [s.request.sampling for s in started],
+                                      [s.prompt for s in started])
             step = self._sample(decoding + completed, logits)
             for seq in completed:
                 seq.decoding = True  # the next step feeds its first token
@@ -502,7 +511,14 @@ class Scheduler:
             return self._sample(decoding, logits)
 
     def _sample(self, seqs: List[_Sequence], logits: torch.Tensor) -> "_Step":
-        """Sample each sequence's next token from its logits row, on the device; start the copy to the host."""
+        """Sample each sequence's next token from its logits row, on the device; start the copy to the host.
+        The log-probabilities are those of the model's logits, before any logit bias or penalty."""
+        raw = logits
+        changed = [i for i, s in enumerate(seqs) if s.request.sampling.changes_logits]
+        if changed:  # their logits, changed by the logit bias and penalties (a float32 copy of the step's)
+            changed_index = self._to_device(changed)
+            changed_rows = self._to_device([seqs[i].row for i in changed])
+            logits = logits.float().index_copy(0, changed_index, self._processor(logits[changed_index], changed_rows))
         ids = sample(logits, GREEDY)  # greedy rows (NON_FINITE where a row's logits are)
         unseeded: Dict[SamplingParams, List[int]] = {}
         for i, s in enumerate(seqs):
@@ -516,6 +532,8 @@ class Scheduler:
         for params, rows in unseeded.items():
             index = self._to_device(rows)
             ids[index] = sample(logits[index], params)
+        if changed:
+            self._processor.add(ids[changed_index], changed_rows)
         rows = self._to_device([s.row for s in seqs])
         self._next_ids.index_copy_(0, rows, ids)  # what the next decode step feeds
         if self._tp is not None:
@@ -524,7 +542,7 @@ class Scheduler:
         lp = None
         if with_lp:
             index = self._to_device(with_lp)
-            logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # (n, V)
+            logprobs = torch.log_softmax(raw[index].float(), dim=-1)  # (n, V)
             chosen = logprobs.gather(1, ids[index].clamp_min(0)[:, None])[:, 0]  # NON_FINITE: its row fails, unread
             k = max(seqs[i].request.logprobs for i in with_lp)
             top = logprobs.topk(k, dim=-1) if k else None

@@ -1,5 +1,6 @@
 """Continuous batching on the demo model: every request's output equals its solo ``Llama.generate``
 run, however requests share rows, queue, reuse prefixes, stop, get cancelled or fail."""
+import dataclasses
 import threading
 
 import pytest
@@ -105,6 +106,63 @@ def test_logprobs_are_the_models(llm):
         scheduler.close()
 
 
+def solo_kwargs(sampling: SamplingParams) -> dict:
+    """``Llama.generate``'s keyword arguments for ``sampling``."""
+    kwargs = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)}
+    return {**kwargs, "logit_bias": dict(sampling.logit_bias)}
+
+
+def test_logit_bias_and_penalties_equal_solo(llm):
+    """Greedy and seeded requests with a logit bias or penalties share 2 rows with plain ones (each
+    row serves several requests in turn), prompts prefilled 6 tokens at a time: each equals its solo
+    run, and the penalties change what comes out."""
+    first = llm.generate([llm.tokenizer.encode(PROMPTS[3])], max_new_tokens=1)[0].token_ids[0]  # request 3 bans it
+    samplings = [
+        SamplingParams(frequency_penalty=1.5),
+        SamplingParams(temperature=0.8, top_p=0.95, seed=3, presence_penalty=1.0, repetition_penalty=1.2),
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.5, logit_bias={first: -100.0}),
+        SamplingParams(temperature=1.0, seed=5),
+        SamplingParams(temperature=0.9, top_k=20, seed=7, frequency_penalty=-2.0, logit_bias={first: 15.0}),
+        SamplingParams(presence_penalty=2.0, frequency_penalty=0.5),
+    ]
+    scheduler = Scheduler(llm, max_batch=2, prefill_chunk=6)
+    try:
+        requests, refs, plain = [], [], []
+        for i, sampling in enumerate(samplings):
+            prompt = llm.tokenizer.encode(PROMPTS[i % 8])
+            requests.append(Request(prompt, 40, sampling))
+            refs.append(llm.generate([prompt], max_new_tokens=40, **solo_kwargs(sampling))[0])
+            neutral = dataclasses.replace(sampling, presence_penalty=0.0, frequency_penalty=0.0,
+                                          repetition_penalty=1.0, logit_bias=())
+            plain.append(llm.generate([prompt], max_new_tokens=40, **solo_kwargs(neutral))[0].token_ids)
+        for i, (ref, got) in enumerate(zip(refs, run_all(scheduler, requests))):
+            assert got.ids == ref.token_ids and got.text == ref.text and got.end.finish_reason == ref.finish_reason
+            assert (got.ids != plain[i]) == samplings[i].changes_logits, i
+    finally:
+        scheduler.close()
+
+
+def test_a_large_logit_bias_forces_its_token_and_logprobs_stay_the_models(llm):
+    """An unseeded sampled request and a greedy one, both with +100 on one id: every token is that id;
+    the log-probabilities are the model's raw ones, not those of the biased logits."""
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        prompt = llm.tokenizer.encode("Once upon a time")
+        forced = llm.tokenizer.encode(" cat", bos=False)[-1]
+        requests = [Request(prompt, 8, SamplingParams(temperature=1.0, logit_bias={forced: 100.0})),
+                    Request(prompt, 8, SamplingParams(logit_bias={forced: 100.0}), logprobs=2)]
+        sampled, greedy = run_all(scheduler, requests)
+        assert sampled.ids == greedy.ids == [forced] * 8
+        logits = llm.logits(prompt + greedy.ids).double()
+        for i, t in enumerate(greedy.tokens):
+            lp = logits[len(prompt) - 1 + i].log_softmax(-1)
+            assert t.logprob == pytest.approx(float(lp[forced]), abs=1e-4) and t.logprob < -1
+            assert [k for k, _ in t.top_logprobs] == lp.topk(2).indices.tolist()
+    finally:
+        scheduler.close()
+
+
 def test_prefix_reuse(llm):
     """A request that extends what a free row holds prefills only the rest, and its output is unchanged."""
     scheduler = Scheduler(llm, max_batch=2)
@@ -154,6 +212,8 @@ def test_bad_requests_and_full_queue(llm):
             scheduler.submit(Request([], 10), Collector())
         with pytest.raises(ValueError, match="stop strings"):
             scheduler.submit(Request([1], 10, stop=[""]), Collector())
+        with pytest.raises(ValueError, match=r"logit_bias has token id\(s\) \[1024\] outside the vocabulary"):
+            scheduler.submit(Request([1], 10, SamplingParams(logit_bias={1024: 1.0})), Collector())
         with pytest.raises(ValueError, match="more than the model's context"):
             Scheduler(llm, max_seq_len=100000)
         busy = Collector()
