@@ -5,8 +5,8 @@ and return a :class:`ParsedRequest` (or raise :class:`APIError` naming the field
 return dicts shaped as OpenAI's. ``minillama.serve`` puts them on the wire.
 
 Checking is strict, as the API is: a field OpenAI does not define is an error, and so is a defined
-one this server does not implement unless it has its neutral value (``presence_penalty: 0``,
-``echo: false``, ...). ``top_k`` and ``min_p`` are accepted as extras (as vLLM does).
+one this server does not implement unless it has its neutral value (``echo: false``, ``best_of: 1``,
+...). ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as extras (as vLLM does).
 """
 import json
 import math
@@ -42,9 +42,6 @@ def bad(param: str, message: str) -> APIError:
 
 # fields OpenAI defines that change nothing here at these values (anything else is an error)
 _NEUTRAL = {
-    "frequency_penalty": (0, 0.0, None),
-    "presence_penalty": (0, 0.0, None),
-    "logit_bias": (None, {}),
     "echo": (False, None),
     "suffix": (None, ""),
     "best_of": (1, None),
@@ -54,9 +51,11 @@ _NEUTRAL = {
 _IGNORED = {"user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
                 "stream", "stream_options", "logprobs", "top_logprobs", "n", "tools", "tool_choice",
-                "parallel_tool_calls", "top_k", "min_p"}
+                "parallel_tool_calls", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                "logit_bias"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                      "stream_options", "logprobs", "n", "top_k", "min_p"}
+                      "stream_options", "logprobs", "n", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                      "repetition_penalty", "logit_bias"}
 
 
 @dataclass
@@ -133,6 +132,12 @@ def _common(body) -> dict:
     min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
     if min_p == 1.0:
         raise bad("min_p", "min_p must be in [0, 1), got 1")
+    presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    repetition_penalty = _number(body, "repetition_penalty", 1.0, -math.inf, math.inf)
+    if repetition_penalty <= 0:
+        raise bad("repetition_penalty", f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
+    logit_bias = _logit_bias(body.get("logit_bias"))
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("seed", f"seed must be an integer, got {json.dumps(seed)}")
@@ -165,9 +170,32 @@ def _common(body) -> dict:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"model must be a string, got {json.dumps(model)}")
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              repetition_penalty=repetition_penalty, logit_bias=logit_bias)
     return dict(model=model, sampling=sampling, stop=stop, n=_int(body, "n", 1, MAX_N, default=1), stream=stream,
                 include_usage=include_usage)
+
+
+def _logit_bias(value) -> Dict[int, float]:
+    """OpenAI's ``logit_bias``: a JSON object of token ids (as strings) to biases in [-100, 100]. Whether
+    the ids are in the vocabulary is the server's check."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad("logit_bias", f"logit_bias must be an object {{\"token id\": bias}}, got {json.dumps(value)}")
+    out = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 18):  # 18 digits: past any vocabulary already
+            shown = json.dumps(key if len(key) <= 40 else key[:40] + "...")
+            raise bad("logit_bias", f"logit_bias key {shown} is not a token id (a non-negative integer)")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise bad("logit_bias", f"logit_bias[{json.dumps(key)}] must be a number in [-100, 100], "
+                                    f"got {json.dumps(bias)}")
+        if int(key) in out:
+            raise bad("logit_bias", f"logit_bias names token id {int(key)} twice")
+        out[int(key)] = float(bias)
+    return out
 
 
 def _message(i: int, m) -> dict:

@@ -261,6 +261,10 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                            param="model", code="model_not_found")
 
     def engine_requests(parsed, prompt_ids: List[List[int]], param: str) -> List[Request]:
+        try:
+            parsed.sampling.check_vocabulary(tokenizer.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param="logit_bias") from None
         out = []
         for ids in prompt_ids:
             room = scheduler.max_seq_len - len(ids)

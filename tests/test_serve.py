@@ -355,7 +355,16 @@ def test_32_streaming_clients_and_8_disconnects(server, client, llm):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature", "[0.0, 2.0]"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop", "string"),
     ({"messages": [{"role": "user", "content": "hi"}], "bogus_field": 1}, "bogus_field", "unknown field"),
-    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1.5}, "presence_penalty", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, "presence_penalty", "[-2.0, 2.0]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": "x"}, "frequency_penalty", "number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, "repetition_penalty", "> 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": [1]}, "logit_bias", "object"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"cat": 1}}, "logit_bias", '"cat"'),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"-3": 1}}, "logit_bias", '"-3"'),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"9" * 5000: 1}}, "logit_bias", "not a token id"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": -100.5}}, "logit_bias", "[-100, 100]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": 1, "07": 2}}, "logit_bias", "twice"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1024": 1}}, "logit_bias", "[1024]"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "role"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}, "max_tokens", "at most"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 100}, "n", "[1, 16]"),
@@ -451,6 +460,29 @@ def test_timeout_answers_504_and_cancels(llm):
         assert scheduler.stats()["cancelled"] == 2
     finally:
         scheduler.close()
+
+
+def test_penalties_and_logit_bias_equal_solo(app, llm):
+    """Both endpoints take presence_penalty, frequency_penalty, logit_bias and the extra
+    repetition_penalty, as Llama.generate does; a bias of -100 on the greedy token removes it."""
+    penalties = dict(presence_penalty=1.0, frequency_penalty=2.0, repetition_penalty=1.3)
+    prompt = "Mia wanted to"
+    r = app.post("/v1/completions", json={"prompt": prompt, "max_tokens": 20, "temperature": 0, **penalties})
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert text == solo(llm, prompt, 20, **penalties).text != solo(llm, prompt, 20).text
+
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    ids = llm.tokenizer.encode_chat(messages)
+    first = solo(llm, ids, 1).token_ids[0]
+    body = {"messages": messages, "max_tokens": 12, "temperature": 0, "logit_bias": {str(first): -100}}
+    r = app.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    ref = solo(llm, ids, 12, logit_bias={first: -100.0})
+    assert ref.token_ids[0] != first and r.json()["choices"][0]["message"]["content"] == ref.text
+    r = app.post("/v1/chat/completions", json={**body, "presence_penalty": 0, "frequency_penalty": None,
+                                                "logit_bias": {}})  # the neutral values
+    assert r.json()["choices"][0]["message"]["content"] == solo(llm, ids, 12).text
 
 
 def test_integer_literal_too_long_to_read_is_a_400(app):
