@@ -196,14 +196,14 @@ class Llama:
         top_p: float = 1.0,
         min_p: float = 0.0,
         seed: Optional[int] = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repetition_penalty: float = 1.0,
-        logit_bias: Optional[Mapping[int, float]] = None,
         stop: Union[str, Sequence[str], None] = None,
         stop_ids: Sequence[int] = (),
         truncate_prompt: Optional[str] = None,
         cache: Optional[KVCache] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Optional[Mapping[int, float]] = None,
     ) -> List[GenerationResult]:
         """Generate for a batch of prompts of any lengths, run as one batch.
 
@@ -215,6 +215,14 @@ class Llama:
             top_p: sample among the most likely tokens that hold this much probability (1: off).
             min_p: drop tokens less likely than min_p times the most likely one (0: off).
             seed: makes sampling reproducible for the same batch on the same device.
+            stop: stop string(s); the text is cut before the first one found.
+            stop_ids: token ids that end a row, besides the checkpoint's (``self.stop_ids``).
+            truncate_prompt: None (a prompt that does not fit is an error) or "left" (drop the
+                oldest prompt tokens, after a leading BOS, until prompt + max_new_tokens fits).
+            cache: continue from a cache (:meth:`new_cache`, one row per prompt): each prompt is
+                appended at its row's fill. Afterwards the cache holds the prompt and every new
+                token but the last one sampled (``cache.seq_lens_cpu`` says how many tokens), so
+                the next call's prompt starts with that token. None: a fresh cache per call.
             presence_penalty: in [-2, 2]; subtracted from the logit of every id generated so far
                 (0: off).
             frequency_penalty: in [-2, 2]; subtracted from the logit of every id generated so far,
@@ -226,14 +234,6 @@ class Llama:
                 The order is vLLM's: logit bias, then the repetition, frequency and presence
                 penalties, then temperature, top-k, min-p and top-p; greedy takes the argmax of
                 the biased, penalized logits.
-            stop: stop string(s); the text is cut before the first one found.
-            stop_ids: token ids that end a row, besides the checkpoint's (``self.stop_ids``).
-            truncate_prompt: None (a prompt that does not fit is an error) or "left" (drop the
-                oldest prompt tokens, after a leading BOS, until prompt + max_new_tokens fits).
-            cache: continue from a cache (:meth:`new_cache`, one row per prompt): each prompt is
-                appended at its row's fill. Afterwards the cache holds the prompt and every new
-                token but the last one sampled (``cache.seq_lens_cpu`` says how many tokens), so
-                the next call's prompt starts with that token. None: a fresh cache per call.
         Returns:
             One :class:`GenerationResult` per prompt, in order: ``token_ids`` (new tokens),
             ``text``, ``finish_reason`` ("stop" or "length"), ``stop`` (the id or string).
@@ -263,14 +263,14 @@ class Llama:
         top_p: float = 1.0,
         min_p: float = 0.0,
         seed: Optional[int] = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repetition_penalty: float = 1.0,
-        logit_bias: Optional[Mapping[int, float]] = None,
         stop: Union[str, Sequence[str], None] = None,
         stop_ids: Sequence[int] = (),
         truncate_prompt: Optional[str] = None,
         cache: Optional[KVCache] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Optional[Mapping[int, float]] = None,
     ) -> TextStream:
         """Generate for one prompt, yielding text as it is decided; arguments as :meth:`generate`.
 

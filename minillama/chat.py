@@ -41,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0 turns it off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 turns it off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 turns it off")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2], subtracted from the logits of the reply's tokens so far (0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2], times how often each token of the reply came so far (0: off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--max-context", type=int, default=None,
                    help="most tokens the conversation may hold (default: the model's context)")
@@ -180,8 +184,9 @@ def _main(argv) -> int:
     from minillama.parallel import launched_by_torchrun
     from minillama.sampling import SamplingParams
 
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              min_p=args.min_p, seed=args.seed)  # before --tp starts processes
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                              seed=args.seed)  # checked before --tp starts processes
     if args.tp and args.tp > 1 and not launched_by_torchrun():
         return cli.launch_tensor_parallel(args.tp, args.model, ["-m", "minillama.chat"], cli.without_tp(argv))
     cli.silence_followers()

@@ -168,6 +168,10 @@ class Conversation:
             raise TypeError(f"send takes a str, got {type(text).__name__}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if sampling.repetition_penalty != 1.0:  # it would see only the part of the history not cached
+            raise ValueError(f"repetition_penalty {sampling.repetition_penalty} is not supported in a "
+                             f"Conversation (a turn prefills only what the cache lacks); use 1, or "
+                             f"presence_penalty / frequency_penalty, which see the reply's tokens")
         messages, target, dropped = self._fit(self.messages + [{"role": "user", "content": text}], max_new_tokens)
         keep = 0
         for a, b in zip(self.cached_ids, target[:-1]):  # at least one token is prefilled, for logits
@@ -180,6 +184,8 @@ class Conversation:
         stream = self.llm.stream(
             target[keep:], max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p, min_p=sampling.min_p, seed=sampling.seed, stop=stop, cache=self.cache,
+            presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+            logit_bias=dict(sampling.logit_bias),
         )
         pieces: List[str] = []
         start = time.perf_counter()

@@ -38,6 +38,12 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=0, help="0 turns it off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 turns it off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 turns it off")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2], subtracted from the logits of the tokens generated so far (0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2], times how often each token was generated so far (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0, for the tokens of the prompt and the output (1: off; 1.1-1.3 is usual)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the text")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
@@ -95,7 +101,9 @@ def check_args(args, prompts) -> None:
 
 def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop)
+                top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty)
 
 
 def report(results, batch_index: int, n_batches: int) -> str:

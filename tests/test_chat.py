@@ -301,3 +301,26 @@ def test_odd_conversation_arguments_are_named(llm):
     with pytest.raises(TypeError, match="^the system prompt must be a string or None, got int$"):
         conv.set_system(5)
     assert conv.system == "Be brief."  # unchanged
+
+
+def test_a_turn_passes_the_bias_and_penalties_and_refuses_repetition_penalty(monkeypatch, llm):
+    """send(sampling=...) passes the logit bias and the presence / frequency penalties to the reply
+    (they see the reply's tokens only); the repetition penalty, which would see only the part of the
+    history that is not cached, is refused before any work."""
+    from minillama.sampling import SamplingParams
+
+    stream, seen = llm.stream, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return stream(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "stream", spy)
+    sampling = SamplingParams(presence_penalty=0.5, frequency_penalty=-0.25, logit_bias={7: -100.0, 3: 2.5})
+    Conversation(llm).send("Hi", max_new_tokens=4, sampling=sampling)
+    assert {k: seen[0][k] for k in ("presence_penalty", "frequency_penalty", "logit_bias")} == dict(
+        presence_penalty=0.5, frequency_penalty=-0.25, logit_bias={3: 2.5, 7: -100.0})
+    conv = Conversation(llm)
+    with pytest.raises(ValueError, match="repetition_penalty 1.3 is not supported in a Conversation"):
+        conv.send("Hi", max_new_tokens=4, sampling=SamplingParams(repetition_penalty=1.3))
+    assert conv.messages == [] and len(seen) == 1

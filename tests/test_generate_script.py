@@ -100,6 +100,8 @@ def test_missing_model_is_one_line_error(tmp_path):
         (["--max-new-tokens", "200000", "hi"], "exceeds the model's context of 131072"),
         (["--stream", "a", "b"], "--stream takes one prompt, got 2"),
         (["--batch-size", "0", "hi"], "--batch-size must be >= 1, got 0"),
+        (["--frequency-penalty", "3", "hi"], "frequency_penalty must be in [-2, 2]"),
+        (["--repetition-penalty", "0", "hi"], "repetition_penalty must be > 0"),
         ([], "no prompts"),
         (["--prompt-file", "MISSING.txt"], "cannot read --prompt-file MISSING.txt"),
         (["--prompt-file", "BAD.jsonl"], "BAD.jsonl:2 has no string field 'prompt'"),
@@ -113,6 +115,19 @@ def test_user_errors(script, folder, tmp_path, monkeypatch, capsys, args, messag
     assert captured.out == ""
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert message in captured.err
+
+
+@pytest.mark.parametrize("penalties", [dict(presence_penalty=-2.0, frequency_penalty=-1.5),
+                                       dict(repetition_penalty=0.1)])
+def test_penalties_reach_the_generation(script, folder, expected, capsys, penalties):
+    """--presence-penalty, --frequency-penalty and --repetition-penalty give the API's tokens for them
+    (negative penalties and a repetition penalty below 1 favour repeats: this greedy run changes)."""
+    want = Llama.from_pretrained(folder, device="cpu").generate(PROMPTS[:1], max_new_tokens=12, **penalties)[0]
+    assert want.token_ids != expected[0].token_ids
+    flags = [x for k, v in penalties.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    assert script.main(["--model", str(folder), "--device", "cpu", "--max-new-tokens", "12", "--json", *flags,
+                        PROMPTS[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == want.token_ids
 
 
 def test_plain_prompt_file(script, folder, expected, tmp_path, capsys):

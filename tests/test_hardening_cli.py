@@ -377,6 +377,8 @@ def test_arguments_that_need_no_model_fail_before_tp_starts_processes(command, m
     assert main(["--tp", "2", "--temperature", "-1", *extra]) == 2
     assert started == []
     assert capsys.readouterr().err == "error: temperature must be >= 0 (0 means greedy), got -1.0\n"
+    assert main(["--tp", "2", "--presence-penalty", "2.5", *extra]) == 2 and started == []
+    assert capsys.readouterr().err == "error: presence_penalty must be in [-2, 2] (0 turns it off), got 2.5\n"
     if command == "generate":
         assert main(["--tp", "2", "--stop", "", "Lily"]) == 2 and started == []
         assert main(["--tp", "2", "Lily"]) == 0 and len(started) == 1  # good arguments do launch
