@@ -28,7 +28,18 @@ free row holding the longest prefix of its prompt (chat clients resend the whole
 when that saves at least ``MIN_REUSE`` tokens over the lowest free row, cuts the row back to that
 prefix and prefills only the rest; :meth:`Scheduler.stats` reports the hit rate. Otherwise it
 takes the lowest free row: the decode step runs over the rows up to the last active one (the
-runner's CUDA graphs are bucketed by that count), so active rows are best kept at the front.
+runner's CUDA graphs are bucketed by that count), so active rows are best kept at the front. A
+request with ``prompt_logprobs`` takes no cached prefix: it prefills its whole prompt, whose every
+position's logits it needs.
+
+Prompt logprobs: the mixed step that prefills a chunk of such a request returns the logits of each
+of the chunk's tokens too (row j's give the log-probability of prompt token j + 1); their
+log-softmax, each token's entry and the top-k are computed on the device as a sampled token's and
+go to the host with the step's tokens, as one :class:`PromptLogprobs` event per chunk, before the
+request's first :class:`Token`. So the log-probabilities held at once are one step's rows, never a
+whole prompt's: at most ``prefill_chunk`` plus the decoding rows x the vocabulary in float32 (about
+260 MB for 512 x 128256; as much again for the float32 copy of bf16 logits). On a GPU such a step
+runs eagerly when it wants more logits rows than a packed graph holds (one per cache row).
 
 Overlap: each iteration first launches its device work (the step, the sampling of the decoding
 rows and of the first tokens of completed prompts; ids and fills move between host and device
@@ -46,9 +57,11 @@ them. (A rank that fails leaves the others waiting: the group is as alive as its
 The scheduler runs in one background thread; each step (forward and sampling) holds the runner's
 step lock (:func:`minillama.concurrency.step_lock`), as ``Llama.generate`` does, so both may share a
 model. :meth:`Scheduler.submit` is thread-safe and returns at once; the request's events
-(:class:`Token`, then :class:`Finished` or :class:`Failed`) go to its callback, once per iteration
-through ``deliver`` when set (e.g. onto an event loop), else from the scheduler thread.
+(:class:`PromptLogprobs` if asked, :class:`Token`, then :class:`Finished` or :class:`Failed`) go to
+its callback, once per iteration through ``deliver`` when set (e.g. onto an event loop), else from
+the scheduler thread.
 """
+import math
 import operator
 import threading
 from collections import deque
@@ -74,7 +87,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Request:
-    """What to generate. The prompt must leave room for ``max_tokens`` in a cache row."""
+    """What to generate. The prompt must leave room for ``max_tokens`` in a cache row; ``max_tokens``
+    0 prefills the prompt and generates nothing (with ``prompt_logprobs``: scores the prompt)."""
 
     prompt_ids: List[int]
     max_tokens: int
@@ -82,6 +96,7 @@ class Request:
     stop: Sequence[str] = ()  # stop strings: the text is cut before the first one
     stop_ids: Sequence[int] = ()  # ids that end the request, besides the checkpoint's
     logprobs: Optional[int] = None  # None: off; k: the chosen token's log-probability and the k best
+    prompt_logprobs: bool = False  # with logprobs: those of the prompt's tokens too (no prefix reuse)
 
 
 @dataclass
@@ -98,6 +113,15 @@ class Token:
 
 
 @dataclass
+class PromptLogprobs:
+    """With ``prompt_logprobs``: the log-probabilities of one prefilled chunk's prompt tokens, each
+    given the tokens before it, as a :class:`Token`'s (text ""). The events of a request cover its
+    prompt tokens 1, 2, ... in order (token 0 follows nothing); all come before its first Token."""
+
+    tokens: List[Token]
+
+
+@dataclass
 class Finished:
     finish_reason: str  # "stop", "length" or "cancelled"
     stop: Union[int, str, None]  # the stop id or string that ended the request
@@ -105,6 +129,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int  # new tokens, including one that completed a stop string; a stop id not
     cached_tokens: int  # prompt tokens whose cache entries came from an earlier request
+    stop_token: Optional[Token] = None  # with logprobs: the stop id that ended the request, its logprob
 
 
 @dataclass
@@ -112,7 +137,7 @@ class Failed:
     message: str
 
 
-Event = Union[Token, Finished, Failed]
+Event = Union[Token, PromptLogprobs, Finished, Failed]
 
 
 class _Sequence:
@@ -259,8 +284,8 @@ class Scheduler:
         vocab = self.llm.tokenizer.vocab_size  # ids the tokenizer can decode (<= the model's vocabulary)
         if n == 0:
             raise ValueError("the prompt is empty: give it at least one token")
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {m!r}")
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {m!r}")
         if n + m > self.max_seq_len:
             raise ValueError(
                 f"the prompt has {n} tokens and max_tokens is {m}: {n + m} tokens, more than the {self.max_seq_len} "
@@ -276,6 +301,9 @@ class Scheduler:
         k = request.logprobs  # not an int: topk would fail the whole step, every request in it
         if k is not None and not (_is_int(k) and 0 <= k <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
+        if request.prompt_logprobs and k is None:
+            raise ValueError("prompt_logprobs needs logprobs (the k best of each prompt token): give logprobs=0 "
+                             "for none of them")
         StopStrings(request.stop)  # checks them
         request.sampling.check_vocabulary(vocab)
 
@@ -354,8 +382,10 @@ class Scheduler:
         free = [i for i, r in enumerate(self.rows) if r.seq is None]
         while self._waiting and free:
             seq = self._waiting.popleft()
-            # at least one prompt token is prefilled, for the logits of the first new token
-            cached = [_common_prefix(self.rows[i].ids, seq.prompt, limit=len(seq.prompt) - 1) for i in free]
+            # at least one prompt token is prefilled, for the logits of the first new token; all of them
+            # for prompt logprobs
+            limit = 0 if seq.request.prompt_logprobs else len(seq.prompt) - 1
+            cached = [_common_prefix(self.rows[i].ids, seq.prompt, limit=limit) for i in free]
             k = max(range(len(free)), key=lambda j: cached[j])  # the first of the longest
             if cached[k] - cached[0] < MIN_REUSE:
                 k = 0
@@ -390,7 +420,7 @@ class Scheduler:
         elif kind == "mixed":  # ("mixed", decoding rows, [(row, prompt chunk)], logits rows, fill counts)
             _, decoding, chunks, rows, counts = op
             # each decoding row's next token, then each prompt chunk on its row; logits of the
-            # tokens that sample
+            # tokens that sample, then of those that score their prompt's next token
             n = len(decoding)
             ids = self._to_device(decoding + [t for _, chunk in chunks for t in chunk])  # one copy
             with torch.inference_mode():
@@ -464,26 +494,35 @@ class Scheduler:
 
     def _launch_mixed(self, decoding: List[_Sequence], chunks: List[Tuple[_Sequence, List[int]]]) -> Optional["_Step"]:
         """One forward of the decoding rows' next tokens and the prompt chunks; sample the decoding
-        rows and the first tokens of the prompts it completes."""
+        rows and the first tokens of the prompts it completes; score the prompt tokens of the
+        chunks that ask for prompt logprobs."""
         counts = [0] * self.cache.batch
         for s in decoding:
             counts[s.row] = 1
         rows = list(range(len(decoding)))  # logits rows among the forward's tokens: the decoding rows' first
-        completed, end = [], len(decoding)
+        completed, prefilled, end = [], [], len(decoding)
+        scored, scored_rows = [], []  # [(sequence, the prompt tokens its rows score)], their logits rows
         for seq, chunk in chunks:
             counts[seq.row] = len(chunk)
+            n = min(len(chunk), len(seq.prompt) - 1 - seq.pos) if seq.request.prompt_logprobs else 0
+            if n:  # the logits of prompt token j score token j + 1 (the last one's sample the first new token)
+                scored_rows += range(end, end + n)
+                scored.append((seq, seq.prompt[seq.pos + 1: seq.pos + 1 + n]))
             end += len(chunk)
             if seq.pos + len(chunk) == len(seq.prompt):
-                rows.append(end - 1)  # the chunk's last token
-                completed.append(seq)
+                if seq.request.max_tokens:
+                    rows.append(end - 1)  # the chunk's last token
+                    completed.append(seq)
+                else:
+                    prefilled.append(seq)  # generates nothing: finished when this step resolves
         with self._step_lock:
             logits = self._op(("mixed", [s.row for s in decoding], [(seq.row, chunk) for seq, chunk in chunks],
-                               rows, counts))
+                               rows + scored_rows, counts))
             self._counters["mixed_steps"] += 1
             self._counters["prefill_chunks"] += len(chunks)
             for seq, chunk in chunks:
                 seq.pos += len(chunk)
-            if not rows:
+            if not (rows or scored or prefilled):
                 return None
             started = [s for s in completed if s.request.sampling.changes_logits]
             if started:
@@ -491,7 +530,10 @@ class Scheduler:
                     self._processor = LogitsProcessor(self.cache.batch, logits.shape[-1], self.llm.device)
                 self._processor.start([s.row for s in started], [s.request.sampling for s in started],
                                       [s.prompt for s in started])
-            step = self._sample(decoding + completed, logits)
+            # scored first: the step's event, which _sample records, then follows their copies to the host
+            prompt = self._score(scored, logits[len(rows):]) if scored else None
+            step = self._sample(decoding + completed, logits[: len(rows)])
+            step.prompt, step.prefilled = prompt, prefilled
             for seq in completed:
                 seq.decoding = True  # the next step feeds its first token
             return step
@@ -542,13 +584,17 @@ class Scheduler:
         lp = None
         if with_lp:
             index = self._to_device(with_lp)
-            logprobs = torch.log_softmax(raw[index].float(), dim=-1)  # (n, V)
-            chosen = logprobs.gather(1, ids[index].clamp_min(0)[:, None])[:, 0]  # NON_FINITE: its row fails, unread
             k = max(seqs[i].request.logprobs for i in with_lp)
-            top = logprobs.topk(k, dim=-1) if k else None
-            lp = (with_lp, chosen, top.values if top else None, top.indices if top else None)
+            lp = (with_lp, *_logprobs(raw[index], ids[index], k))  # NON_FINITE: its row fails, unread
         return _Step(seqs, _to_host(ids), lp and tuple(_to_host(x) if torch.is_tensor(x) else x for x in lp),
                      _record_event(self.llm.device))
+
+    def _score(self, scored: List[Tuple[_Sequence, List[int]]], logits: torch.Tensor) -> tuple:
+        """The log-probabilities of the prompt tokens of ``scored``, one per row of ``logits``, as
+        :meth:`_sample`'s of a sampled token, on the device; start their copy to the host."""
+        targets = self._to_device([t for _, tokens in scored for t in tokens])
+        k = max(seq.request.logprobs for seq, _ in scored)
+        return (scored, *(x if x is None else _to_host(x) for x in _logprobs(logits, targets, k)))
 
     def _resolve(self, step: "_Step") -> None:
         """Wait for a step's tokens on the host; emit events; finish what is done."""
@@ -557,14 +603,23 @@ class Scheduler:
         ids = step.ids.tolist()
         lp_info: Dict[int, tuple] = {}
         if step.logprobs is not None:
-            with_lp, chosen, top_v, top_i = step.logprobs
-            chosen = chosen.tolist()
-            top_v = top_v.tolist() if top_v is not None else [[] for _ in with_lp]
-            top_i = top_i.tolist() if top_i is not None else [[] for _ in with_lp]
-            for j, i in enumerate(with_lp):
-                n = step.seqs[i].request.logprobs
-                lp_info[i] = (chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+            with_lp, *lp = step.logprobs
+            lp_info = dict(zip(with_lp, _listed(*lp, [step.seqs[i].request.logprobs for i in with_lp])))
+        scored = []  # [(sequence, its PromptLogprobs tokens)]
+        if step.prompt is not None:
+            chunks, *lp = step.prompt
+            listed = iter(_listed(*lp, [seq.request.logprobs for seq, tokens in chunks for _ in tokens]))
+            scored = [(seq, [Token(t, "", *next(listed)) for t in tokens]) for seq, tokens in chunks]
         with self._lock:
+            for seq, tokens in scored:
+                if seq.done:
+                    continue
+                if any(math.isnan(t.logprob) for t in tokens):  # NaN / Inf logits in its rows
+                    error = NonFiniteLogitsError.from_model(self.llm.model, seq.row, 0)
+                    self._emit(seq, Failed(str(error)))
+                    self._release(seq, failed=True)
+                else:
+                    self._emit(seq, PromptLogprobs(tokens))
             for i, (seq, t) in enumerate(zip(step.seqs, ids)):
                 if seq.done:  # finished (or cancelled) while this step ran
                     continue
@@ -576,7 +631,7 @@ class Scheduler:
                     self._emit(seq, Failed(str(error)))
                     self._release(seq, failed=True)
                 elif t in seq.stop_ids:
-                    self._finish(seq, "stop", t)
+                    self._finish(seq, "stop", t, Token(t, "", *lp_info[i]) if i in lp_info else None)
                 else:
                     seq.tokens.append(t)
                     self._counters["generated_tokens"] += 1
@@ -587,6 +642,9 @@ class Scheduler:
                         self._finish(seq, "stop", matched)
                     elif len(seq.tokens) >= seq.request.max_tokens:
                         self._finish(seq, "length", None)
+            for seq in step.prefilled:
+                if not seq.done:
+                    self._finish(seq, "cancelled" if seq.cancelled else "length", None)
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
         """(lock held) Queue an event; :meth:`_deliver` hands them over."""
@@ -613,13 +671,13 @@ class Scheduler:
             except Exception:  # a receiver that is gone cancels its request
                 seq.cancelled = True
 
-    def _finish(self, seq: _Sequence, reason: str, stop) -> None:
+    def _finish(self, seq: _Sequence, reason: str, stop, stop_token: Optional[Token] = None) -> None:
         """(lock held) Release the held-back text, report the end, free the row."""
         text, matched = seq.stops.push(seq.decoder.flush())
         text += seq.stops.flush()
         if matched is not None and reason != "cancelled":  # completed by the held-back bytes, as in a solo run
             reason, stop = "stop", matched
-        self._emit(seq, Finished(reason, stop, text, len(seq.prompt), len(seq.tokens), seq.cached))
+        self._emit(seq, Finished(reason, stop, text, len(seq.prompt), len(seq.tokens), seq.cached, stop_token))
         self._counters["cancelled" if reason == "cancelled" else "finished"] += 1
         self._release(seq)
 
@@ -647,6 +705,29 @@ class _Step:
     ids: torch.Tensor  # (n,) on the host once ``ready`` has completed
     logprobs: Optional[tuple]  # (indices into seqs, chosen (m,), top values (m, k), top ids (m, k))
     ready: Optional["torch.cuda.Event"]
+    prompt: Optional[tuple] = None  # ([(sequence, the prompt tokens scored)], chosen, top values, top ids)
+    prefilled: List[_Sequence] = field(default_factory=list)  # prompts completed that generate nothing
+
+
+def _logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple:
+    """From logits (n, V): the float32 log-softmax of each row at its id of ``ids`` (n,), and its k
+    largest values and their ids, (n, k) each (None for k 0)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    chosen = logprobs.gather(1, ids.clamp_min(0)[:, None])[:, 0]
+    if not k:
+        return chosen, None, None
+    top = logprobs.topk(k, dim=-1)
+    return chosen, top.values, top.indices
+
+
+def _listed(chosen: torch.Tensor, top_values: Optional[torch.Tensor], top_ids: Optional[torch.Tensor],
+            ks: List[int]) -> List[Tuple[float, List[Tuple[int, float]]]]:
+    """:func:`_logprobs`'s results on the host as (logprob, [(id, logprob) of the k best]) per row,
+    k from ``ks``."""
+    chosen = chosen.tolist()
+    top_values = top_values.tolist() if top_values is not None else [[] for _ in chosen]
+    top_ids = top_ids.tolist() if top_ids is not None else [[] for _ in chosen]
+    return [(c, list(zip(i[:k], v[:k]))) for c, v, i, k in zip(chosen, top_values, top_ids, ks)]
 
 
 def _to_host(x: torch.Tensor) -> torch.Tensor:

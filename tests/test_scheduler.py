@@ -10,7 +10,7 @@ from minillama import Llama
 from minillama.concurrency import step_lock
 from minillama.hub import DEMO_MODEL_DIR
 from minillama.sampling import SamplingParams
-from minillama.scheduler import Failed, Finished, QueueFull, Request, Scheduler, Token
+from minillama.scheduler import Failed, Finished, PromptLogprobs, QueueFull, Request, Scheduler, Token
 
 PROMPTS = ["Once upon a time", "One day, Lily found a", "Tom had a big red ball.", "The cat sat on the",
            "Max the dog was", "It was a sunny day.", "Mia wanted to", "In the park,"]
@@ -26,9 +26,13 @@ class Collector:
 
     def __init__(self):
         self.tokens, self.end, self.done = [], None, threading.Event()
+        self.prompt_events = []  # PromptLogprobs, each asserted to come before any Token
 
     def __call__(self, event):
-        if isinstance(event, Token):
+        if isinstance(event, PromptLogprobs):
+            assert not self.tokens and self.end is None
+            self.prompt_events.append(event)
+        elif isinstance(event, Token):
             self.tokens.append(event)
         else:
             self.end = event
@@ -37,6 +41,10 @@ class Collector:
     @property
     def ids(self):
         return [t.id for t in self.tokens]
+
+    @property
+    def prompt_tokens(self):
+        return [t for e in self.prompt_events for t in e.tokens]
 
     @property
     def text(self):
@@ -163,6 +171,159 @@ def test_a_large_logit_bias_forces_its_token_and_logprobs_stay_the_models(llm):
         scheduler.close()
 
 
+def prompt_reference(llm, prompt, k):
+    """(logprob, top-k ids, top-k logprobs) of prompt tokens 1, 2, ... from one full forward:
+    ``llm.logits`` over the ids the tokenizer can decode, log-softmax in float64."""
+    lp = llm.logits(prompt)[:, : llm.tokenizer.vocab_size].double().log_softmax(-1)
+    top = lp.topk(k) if k else None
+    return [(float(lp[j - 1, t]), top.indices[j - 1].tolist() if k else [], top.values[j - 1].tolist() if k else [])
+            for j, t in enumerate(prompt) if j]
+
+
+def assert_prompt_logprobs(llm, got, prompt, k):
+    assert [t.id for t in got.prompt_tokens] == prompt[1:]
+    for t, (logprob, top_ids, top_values) in zip(got.prompt_tokens, prompt_reference(llm, prompt, k)):
+        assert t.logprob == pytest.approx(logprob, abs=2e-5)
+        assert [i for i, _ in t.top_logprobs] == top_ids
+        assert [v for _, v in t.top_logprobs] == pytest.approx(top_values, abs=2e-5)
+
+
+def test_prompt_logprobs_are_the_models_across_chunks(llm, monkeypatch):
+    """A prompt scored 5 tokens per step, in mixed steps beside a decoding row: each prompt token's
+    logprob and top-k are one full forward's, in one event per chunk before the first token; each
+    step asks for the logits of its own tokens only; the tokens are the solo run's."""
+    scheduler = Scheduler(llm, max_batch=2, prefill_chunk=5)
+    try:
+        ops = spy_ops(scheduler, monkeypatch)
+        prompt = llm.tokenizer.encode(LONG)
+        decoding, got = Collector(), Collector()
+        scheduler.submit(Request(llm.tokenizer.encode(PROMPTS[3]), 40), decoding)
+        while not decoding.tokens:
+            decoding.done.wait(0.001)
+        scheduler.submit(Request(prompt, 6, logprobs=3, prompt_logprobs=True), got)
+        got.wait()
+        assert_prompt_logprobs(llm, got, prompt, 3)
+        assert len(got.prompt_events) >= len(prompt) // 5 and all(len(e.tokens) <= 5 for e in got.prompt_events)
+        assert got.ids == llm.generate([prompt], max_new_tokens=6)[0].token_ids and got.end.cached_tokens == 0
+        mixed = [op for op in ops if op[0] == "mixed"]
+        assert any(op[1] and op[2] for op in mixed)  # chunks beside the decoding row
+        assert all(len(op[3]) <= len(op[1]) + sum(len(chunk) for _, chunk in op[2]) for op in mixed)
+        decoding.wait()
+    finally:
+        scheduler.close()
+
+
+def test_prompt_logprobs_over_the_decodable_ids(tmp_path):
+    """A Llama 3 tokenizer (128256 ids) and a vocabulary padded past it: prompt logprobs are the
+    log-softmax over the decodable ids, as a sampled token's."""
+    from tests.checkpoints import write_checkpoint
+
+    write_checkpoint(tmp_path, tokenizer="llama3", vocab_size=128256 + 64)
+    tiny = Llama.from_pretrained(tmp_path, device="cpu")
+    scheduler = Scheduler(tiny, max_batch=2, max_seq_len=64, prefill_chunk=4)
+    try:
+        prompt = tiny.tokenizer.encode("It was a dark and stormy night; the rain fell in torrents.")
+        (got,) = run_all(scheduler, [Request(prompt, 2, logprobs=2, prompt_logprobs=True)])
+        assert_prompt_logprobs(tiny, got, prompt, 2)
+    finally:
+        scheduler.close()
+
+
+def test_prompt_logprobs_take_no_cached_prefix(llm):
+    """A request with prompt logprobs prefills its whole prompt even when a free row holds it (the
+    cached positions would have no logits); one without still reuses the prefix."""
+    scheduler = Scheduler(llm, max_batch=1)
+    try:
+        prompt = llm.tokenizer.encode(LONG)
+        first, again, plain = (run_all(scheduler, [r])[0] for r in (
+            Request(prompt, 2, logprobs=1, prompt_logprobs=True), Request(prompt, 2, logprobs=1, prompt_logprobs=True),
+            Request(prompt, 2)))
+        assert first.end.cached_tokens == again.end.cached_tokens == 0
+        assert again.prompt_tokens == first.prompt_tokens and len(first.prompt_tokens) == len(prompt) - 1
+        assert plain.end.cached_tokens == len(prompt) - 1 and plain.ids == first.ids
+    finally:
+        scheduler.close()
+
+
+def test_max_tokens_0_prefills_or_scores_the_prompt_only(llm):
+    """max_tokens 0 generates nothing: finish_reason "length" once the prompt is prefilled (with
+    prompt logprobs: scored); the row then holds the prompt for the next request."""
+    scheduler = Scheduler(llm, max_batch=2, prefill_chunk=4)
+    try:
+        prompt = llm.tokenizer.encode(PROMPTS[2])
+        scored, plain = run_all(scheduler, [Request(prompt, 0, logprobs=0, prompt_logprobs=True), Request(prompt, 0)])
+        for got in (scored, plain):
+            assert got.tokens == [] and got.end.text == ""
+            assert (got.end.finish_reason, got.end.prompt_tokens, got.end.completion_tokens) == ("length", len(prompt), 0)
+        assert_prompt_logprobs(llm, scored, prompt, 0)
+        assert plain.prompt_events == []
+        (after,) = run_all(scheduler, [Request(prompt, 5)])
+        assert after.ids == llm.generate([prompt], max_new_tokens=5)[0].token_ids
+        assert after.end.cached_tokens == len(prompt) - 1
+    finally:
+        scheduler.close()
+
+
+def test_a_stop_id_comes_with_its_logprob(llm):
+    """The stop id that ends a request with logprobs is in its Finished event, with its logprob and
+    top-k (vLLM's completions list it last); without logprobs it is not."""
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        prompt = llm.tokenizer.encode(PROMPTS[3])
+        ref = llm.generate([prompt], max_new_tokens=2)[0].token_ids
+        assert ref[1] != ref[0]
+        got, plain = run_all(scheduler, [Request(prompt, 5, stop_ids=[ref[1]], logprobs=2),
+                                         Request(prompt, 5, stop_ids=[ref[1]])])
+        assert got.ids == plain.ids == ref[:1] and got.end.stop == plain.end.stop == ref[1]
+        lp = llm.logits(prompt + ref).double().log_softmax(-1)[len(prompt)]  # what predicts ref[1]
+        stop = got.end.stop_token
+        assert stop.id == ref[1] and stop.logprob == pytest.approx(float(lp[ref[1]]), abs=2e-5)
+        assert [i for i, _ in stop.top_logprobs] == lp.topk(2).indices.tolist()
+        assert plain.end.stop_token is None
+    finally:
+        scheduler.close()
+
+
+class PoisonedPromptRunner:
+    """The runner, the last logits row of its packed steps that return more than two NaN (a row
+    that scores a prompt token)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.runner(*args, **kwargs)
+
+    def forward_packed(self, *args, **kwargs):
+        logits = self.runner.forward_packed(*args, **kwargs)
+        if logits.shape[0] > 2:
+            logits = logits.clone()
+            logits[-1] = float("nan")
+        return logits
+
+
+def test_nan_prompt_logits_fail_their_request_alone(llm, monkeypatch):
+    """NaN logits where a prompt is scored fail that request (max_tokens 0: no sampled token would
+    have caught them), not the request prefilled beside it."""
+    scheduler = Scheduler(llm, max_batch=2)
+    prompt = llm.tokenizer.encode("Once upon a time")
+    ref = llm.generate([prompt], max_new_tokens=6)[0]
+    try:
+        monkeypatch.setattr(llm, "runner", PoisonedPromptRunner(llm.runner))
+        with step_lock(llm.runner):  # both prefilled in one step
+            ok, failed = Collector(), Collector()
+            scheduler.submit(Request(prompt, 6), ok)
+            scheduler.submit(Request(llm.tokenizer.encode(LONG), 0, logprobs=0, prompt_logprobs=True), failed)
+        assert ok.wait().ids == ref.token_ids
+        assert isinstance(failed.wait().end, Failed) and "NaN/Inf logits (row 1, reading the prompt)" in failed.end.message
+        assert scheduler.stats()["failed"] == 1
+    finally:
+        scheduler.close()
+
+
 def test_prefix_reuse(llm):
     """A request that extends what a free row holds prefills only the rest, and its output is unchanged."""
     scheduler = Scheduler(llm, max_batch=2)
@@ -214,6 +375,10 @@ def test_bad_requests_and_full_queue(llm):
             scheduler.submit(Request([1], 10, stop=[""]), Collector())
         with pytest.raises(ValueError, match=r"logit_bias has token id\(s\) \[1024\] outside the vocabulary"):
             scheduler.submit(Request([1], 10, SamplingParams(logit_bias={1024: 1.0})), Collector())
+        with pytest.raises(ValueError, match="max_tokens must be an integer >= 0, got -1"):
+            scheduler.submit(Request([1], -1), Collector())
+        with pytest.raises(ValueError, match="prompt_logprobs needs logprobs"):
+            scheduler.submit(Request([1, 5], 2, prompt_logprobs=True), Collector())
         with pytest.raises(ValueError, match="more than the model's context"):
             Scheduler(llm, max_seq_len=100000)
         busy = Collector()
