@@ -5,8 +5,9 @@ and return a :class:`ParsedRequest` (or raise :class:`APIError` naming the field
 return dicts shaped as OpenAI's. ``minillama.serve`` puts them on the wire.
 
 Checking is strict, as the API is: a field OpenAI does not define is an error, and so is a defined
-one this server does not implement unless it has its neutral value (``echo: false``, ``best_of: 1``,
-...). ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as extras (as vLLM does).
+one this server does not implement unless it has its neutral value (chat's ``echo: false``,
+``best_of: 1``, ...). ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as extras (as vLLM
+does).
 """
 import json
 import math
@@ -54,8 +55,8 @@ _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "tem
                 "parallel_tool_calls", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                 "logit_bias"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                      "stream_options", "logprobs", "n", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                      "repetition_penalty", "logit_bias"}
+                      "stream_options", "logprobs", "n", "echo", "top_k", "min_p", "presence_penalty",
+                      "frequency_penalty", "repetition_penalty", "logit_bias"}
 
 
 @dataclass
@@ -71,6 +72,7 @@ class ParsedRequest:
     logprobs: Optional[int]  # None: off; k: the chosen token's and the k best
     tools: Optional[List[dict]] = None  # chat: rendered and parsed (None with tool_choice "none")
     parallel_tool_calls: bool = True  # chat: False keeps the first of the calls a reply holds
+    echo: bool = False  # completions: each choice starts with its prompt (its tokens' logprobs too)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -282,11 +284,15 @@ def parse_completion(body) -> ParsedRequest:
     else:
         raise bad("prompt", "prompt must be a string, a list of token ids, or a non-empty list of either")
     common = _common(body)
-    max_tokens = _int(body, "max_tokens", 1, default=16)  # OpenAI's default for completions
+    echo = _bool(body, "echo")
+    max_tokens = _int(body, "max_tokens", 0, default=16)  # OpenAI's default for completions
+    if max_tokens == 0 and not echo:
+        raise bad("max_tokens", "max_tokens=0 generates nothing: it needs echo: true (the prompt back, scored with "
+                                "logprobs); ask for at least 1 token")
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     if len(prompts) * common["n"] > MAX_N:
         raise bad("n", f"{len(prompts)} prompts x n={common['n']} choices is more than {MAX_N} per request")
-    return ParsedRequest(prompts=prompts, max_tokens=max_tokens, logprobs=logprobs, **common)
+    return ParsedRequest(prompts=prompts, max_tokens=max_tokens, logprobs=logprobs, echo=echo, **common)
 
 
 def _is_ids(p) -> bool:
@@ -332,18 +338,22 @@ def chat_logprobs(tokenizer, tokens) -> Optional[dict]:
 
 
 def completion_logprobs(tokenizer, tokens, offset: int) -> Optional[dict]:
-    """The legacy completions ``logprobs`` object; ``offset`` is the text offset of the first token."""
-    if not tokens or tokens[0].logprob is None:
+    """The legacy completions ``logprobs`` object of ``tokens`` (None for none); ``offset`` is the
+    text offset of the first. A token without a logprob (an echoed prompt's first: nothing predicts
+    it) has null ``token_logprobs`` and ``top_logprobs`` entries, as OpenAI's and vLLM's."""
+    if not tokens:
         return None
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
         text = tokenizer.token_bytes(t.id).decode("utf-8", errors="replace")
         out["tokens"].append(text)
         out["token_logprobs"].append(t.logprob)
-        top: Dict[str, float] = {}
-        for i, lp in t.top_logprobs:
-            top.setdefault(tokenizer.token_bytes(i).decode("utf-8", errors="replace"), lp)
-        top.setdefault(text, t.logprob)  # the sampled token always, as OpenAI's (up to logprobs + 1 entries)
+        top: Optional[Dict[str, float]] = None
+        if t.logprob is not None:
+            top = {}
+            for i, lp in t.top_logprobs:
+                top.setdefault(tokenizer.token_bytes(i).decode("utf-8", errors="replace"), lp)
+            top.setdefault(text, t.logprob)  # the chosen token always, as OpenAI's (up to logprobs + 1 entries)
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)

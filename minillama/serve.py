@@ -41,7 +41,7 @@ from typing import AsyncIterator, Callable, List, Optional, Tuple
 from minillama import cli
 from minillama import openai_protocol as proto
 from minillama.openai_protocol import APIError
-from minillama.scheduler import Failed, Finished, QueueFull, Request, Token
+from minillama.scheduler import Failed, Finished, PromptLogprobs, QueueFull, Request, Token
 from minillama.tool_calls import could_be_tool_call, parse_tool_calls
 
 
@@ -117,6 +117,7 @@ class _Choice:
         self.parallel_tool_calls = parallel_tool_calls
         self.text: List[str] = []
         self.tokens: List[Token] = []
+        self.prompt_tokens: List[Token] = []  # with prompt logprobs: the prompt's, from its second on
         self.held: Optional[List[str]] = [] if tool_names is not None else None  # None: nothing held
         self.held_tokens: List[Token] = []
         self.finished: Optional[Finished] = None
@@ -124,6 +125,9 @@ class _Choice:
 
     def add(self, event) -> Tuple[str, List[Token]]:
         """Take one event; return the text and tokens that may be shown now."""
+        if isinstance(event, PromptLogprobs):  # shown with the echoed prompt
+            self.prompt_tokens.extend(event.tokens)
+            return "", []
         if isinstance(event, Token):
             self.tokens.append(event)
             text, tokens = event.text, [event]
@@ -151,6 +155,12 @@ class _Choice:
     @property
     def finish_reason(self) -> str:
         return "tool_calls" if self.tool_calls else self.finished.finish_reason
+
+    @property
+    def stop_tokens(self) -> List[Token]:
+        """The stop id that ended the choice, with its logprob (listed last in the completions' logprobs)."""
+        stop = self.finished.stop_token
+        return [] if stop is None else [stop]
 
 
 def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, request_timeout: float = 600.0,
@@ -268,7 +278,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         out = []
         for ids in prompt_ids:
             room = scheduler.max_seq_len - len(ids)
-            if room < 1:
+            if room < (0 if parsed.max_tokens == 0 else 1):  # max_tokens 0: an echo that generates nothing
                 raise APIError(400, f"the prompt has {len(ids)} tokens; this server holds at most "
                                     f"{scheduler.max_seq_len} tokens per request (prompt + output)",
                                param=param, code="context_length_exceeded")
@@ -283,7 +293,8 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                 if k and sampling.seed is not None:  # choice k: the same request with seed + k
                     seed = sampling.seed + k
                     sampling = dataclasses.replace(sampling, seed=seed if seed < 2 ** 64 else seed - 2 ** 64)
-                out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, logprobs=parsed.logprobs))
+                out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, logprobs=parsed.logprobs,
+                                   prompt_logprobs=parsed.echo and parsed.logprobs is not None))
         return out
 
     async def watch_disconnect(request: HTTPRequest, submission: _Submission) -> None:
@@ -410,18 +421,39 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         rid, when = proto.new_id("cmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}
 
+        def logprobs_of(tokens: List[Token], offset: int) -> Optional[dict]:
+            return proto.completion_logprobs(tokenizer, tokens, offset) if parsed.logprobs is not None else None
+
+        def echoed(index: int, text: str, tokens: List[Token]) -> Tuple[str, List[Token]]:
+            """Choice ``index``'s prompt before ``text`` and ``tokens``: its text (as given, or its ids'),
+            and its tokens, the first without a logprob (nothing predicts it)."""
+            prompt, prompt_ids = parsed.prompts[index // parsed.n], ids[index // parsed.n]
+            prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+            return prompt_text + text, [Token(prompt_ids[0], "")] + choices[index].prompt_tokens + tokens
+
         if not parsed.stream:
             await collect(request, submission, choices)
-            out = [{"index": i, "text": "".join(c.text), "finish_reason": c.finish_reason,
-                    "logprobs": proto.completion_logprobs(tokenizer, c.tokens, 0)} for i, c in enumerate(choices)]
+            out = []
+            for i, c in enumerate(choices):
+                text, tokens = "".join(c.text), c.tokens + c.stop_tokens
+                if parsed.echo:
+                    text, tokens = echoed(i, text, tokens)
+                out.append({"index": i, "text": text, "finish_reason": c.finish_reason,
+                            "logprobs": logprobs_of(tokens, 0)})
             return {**head, "object": "text_completion", "choices": out, "usage": total_usage(choices, parsed.n)}
 
         offsets = [0] * len(choices)
+        unechoed = set(range(len(choices))) if parsed.echo else set()
 
         def chunk(index, text, tokens, done):
             if text is None:
                 return None  # completions have no opening chunk
-            logprobs = proto.completion_logprobs(tokenizer, tokens, offsets[index])
+            if index in unechoed:  # the prompt first, in the choice's first chunk (as vLLM's)
+                unechoed.discard(index)
+                text, tokens = echoed(index, text, tokens)
+            if done is not None:
+                tokens = tokens + done.stop_tokens
+            logprobs = logprobs_of(tokens, offsets[index])
             if logprobs is not None:  # offsets count the tokens' text, as in the whole response: ``text``
                 # lags behind the tokens while it is held back (a possible stop string, a partial character)
                 offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])

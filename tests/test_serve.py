@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -581,6 +582,133 @@ def test_streamed_text_offsets_equal_the_whole_responses(app):
         streamed["text_offset"] += lp["text_offset"]
     assert "".join(whole["tokens"][:6]) == ", there was a clever boy"
     assert streamed == {"tokens": whole["tokens"], "text_offset": whole["text_offset"]}
+
+
+def lm_eval_loglikelihoods(response, ctxlens):
+    """What lm-evaluation-harness's local-completions model reads from an echo response
+    (lm_eval/models/openai_completions.py, parse_logprobs): per choice, the sum of the continuation's
+    token_logprobs and whether each is the largest of its top_logprobs (greedy)."""
+    out = []
+    for choice, ctxlen in zip(sorted(response["choices"], key=lambda c: c["index"]), ctxlens):
+        logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        out.append((sum(logprobs), all(lp == max(top.values()) for lp, top in zip(logprobs, tops))))
+    return out
+
+
+def reference_loglikelihood(llm, context, continuation):
+    """(log-likelihood of ``continuation`` after ``context``, whether it is greedy) from one full
+    forward: ``llm.logits``, log-softmax in float64."""
+    lp = llm.logits(context + continuation).double().log_softmax(-1)[len(context) - 1: -1]
+    target = torch.tensor(continuation)
+    return float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())
+
+
+def test_lm_eval_loglikelihood_requests(app, llm):
+    """lm-eval's log-likelihood request (token ids, echo, max_tokens 1, logprobs 1) gives the model's
+    log-likelihoods and greedy flags: a greedy continuation, another, a prompt longer than the
+    scheduler's prefill chunk (256), and one whose next token is the stop id, which the logprobs
+    list last so that lm-eval's [ctxlen:-1] still drops only the generated token."""
+    encode = llm.tokenizer.encode
+    cat = encode(PROMPTS[3])
+    pairs = [(encode(PROMPTS[0]), solo(llm, encode(PROMPTS[0]), 6).token_ids),
+             (cat, encode(" big red ball.", bos=False)),
+             (encode("Once upon a time, " * 60), encode(" there was a dog.", bos=False)),
+             (cat, solo(llm, cat, 100).token_ids)]  # then the stop id 2, greedy
+    assert len(pairs[2][0]) > 256 and solo(llm, cat, 100).finish_reason == "stop"
+    prompts = [c + x for c, x in pairs]
+    body = {"model": MODEL, "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    r = app.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    got = lm_eval_loglikelihoods(r.json(), [len(c) for c, _ in pairs])
+    for (ll, greedy), (context, continuation) in zip(got, pairs):
+        ref_ll, ref_greedy = reference_loglikelihood(llm, context, continuation)
+        assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
+    assert [greedy for _, greedy in got] == [True, False, False, True]
+    for choice, ids in zip(r.json()["choices"], prompts):
+        lp, ref = choice["logprobs"], solo(llm, ids, 1)
+        assert choice["text"] == llm.tokenizer.decode(ids) + ref.text
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["text_offset"][0] == 0
+        for offset, token, following in zip(lp["text_offset"], lp["tokens"], lp["text_offset"][1:]):
+            assert following == offset + len(token)
+    last = r.json()["choices"][3]
+    assert last["finish_reason"] == "stop" and last["logprobs"]["tokens"][-1] == "</s>" and last["text"] == \
+        llm.tokenizer.decode(prompts[3])
+
+
+def test_echo_of_a_text_prompt_and_max_tokens_0(app, llm):
+    """A text prompt comes back as given before the completion; max_tokens 0 with echo scores the
+    prompt and generates nothing."""
+    prompt = "Once upon a time"
+    ids = llm.tokenizer.encode(prompt)
+    r = app.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}).json()
+    (choice,) = r["choices"]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert r["usage"]["prompt_tokens"] == len(ids) and r["usage"]["completion_tokens"] == 0
+    lp = llm.logits(ids).double().log_softmax(-1)
+    expected = [None] + [float(lp[j - 1, t]) for j, t in enumerate(ids) if j]
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected, abs=1e-5)
+    assert all(2 <= len(top) <= 3 for top in choice["logprobs"]["top_logprobs"][1:])
+    r = app.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True}).json()
+    assert r["choices"][0]["text"] == prompt and r["choices"][0]["logprobs"] is None
+    r = app.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0, "echo": True}).json()
+    assert r["choices"][0]["text"] == prompt + solo(llm, prompt, 12).text
+
+
+def test_echo_streams_the_prompt_first(app):
+    """Streaming with echo: the choice's first chunk starts with its prompt and its logprobs; the
+    chunks add up to the whole response."""
+    body = {"prompt": "The cat sat on the", "max_tokens": 10, "temperature": 0, "logprobs": 1, "echo": True}
+    whole = app.post("/v1/completions", json=body).json()["choices"][0]
+    with app.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["text"].startswith("The cat sat on the") and chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    for key in ("tokens", "text_offset", "token_logprobs", "top_logprobs"):
+        assert [x for c in chunks if c["logprobs"] for x in c["logprobs"][key]] == whole["logprobs"][key]
+
+
+def test_echo_with_several_prompts_and_n(app, llm):
+    """Each choice echoes its own prompt: text prompts as given, token ids as their text."""
+    ids = llm.tokenizer.encode(PROMPTS[5])
+    body = {"prompt": [PROMPTS[0], ids], "n": 2, "max_tokens": 6, "temperature": 0.8, "seed": 5}
+    plain = app.post("/v1/completions", json=body).json()["choices"]
+    echoed = app.post("/v1/completions", json={**body, "echo": True}).json()["choices"]
+    prompts = [PROMPTS[0], PROMPTS[0], llm.tokenizer.decode(ids), llm.tokenizer.decode(ids)]
+    assert [c["text"] for c in echoed] == [p + c["text"] for p, c in zip(prompts, plain)]
+
+
+def test_a_stop_id_is_listed_last_in_the_completions_logprobs(app, llm):
+    """As vLLM's: the stop id that ends a completion has its entry in logprobs (streamed in the last
+    chunk), though the text leaves it out."""
+    body = {"prompt": PROMPTS[3], "max_tokens": 100, "temperature": 0, "logprobs": 1}
+    ref = solo(llm, PROMPTS[3], 100)
+    r = app.post("/v1/completions", json=body).json()
+    (choice,) = r["choices"]
+    assert choice["finish_reason"] == "stop" and choice["text"] == ref.text and r["usage"]["completion_tokens"] == \
+        len(ref.token_ids)
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ref.token_ids) + 1 and lp["tokens"][-1] == "</s>"
+    expected = llm.logits(llm.tokenizer.encode(PROMPTS[3]) + ref.token_ids).double().log_softmax(-1)[-1, 2]
+    assert lp["token_logprobs"][-1] == pytest.approx(float(expected), abs=1e-5)
+    with app.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        chunks = [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["logprobs"]["tokens"] == ["</s>"]
+
+
+@pytest.mark.parametrize("path, body, param, words", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", "echo: true"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1, "echo": True}, "max_tokens", ">= 0"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo", "true or false"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo",
+     "not supported"),
+])
+def test_bad_echo_requests(app, path, body, param, words):
+    r = app.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and words in r.json()["error"]["message"], r.text
 
 
 def test_api_key_guards_the_v1_routes(llm):
