@@ -229,6 +229,21 @@ def test_prompt_logprobs_over_the_decodable_ids(tmp_path):
         scheduler.close()
 
 
+def test_prompt_logprobs_are_the_models_under_a_logit_bias(llm):
+    """A logit bias changes what is sampled, not the prompt's logprobs (the model's raw ones, as a
+    sampled token's)."""
+    scheduler = Scheduler(llm, max_batch=2, prefill_chunk=7)
+    try:
+        prompt = llm.tokenizer.encode(LONG)
+        forced = llm.tokenizer.encode(" cat", bos=False)[-1]
+        (got,) = run_all(scheduler, [Request(prompt, 3, SamplingParams(logit_bias={forced: 100.0}), logprobs=2,
+                                             prompt_logprobs=True)])
+        assert got.ids == [forced] * 3
+        assert_prompt_logprobs(llm, got, prompt, 2)
+    finally:
+        scheduler.close()
+
+
 def test_prompt_logprobs_take_no_cached_prefix(llm):
     """A request with prompt logprobs prefills its whole prompt even when a free row holds it (the
     cached positions would have no logits); one without still reuses the prefix."""
