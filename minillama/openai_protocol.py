@@ -324,6 +324,15 @@ def tool_calls_json(calls: Sequence[ToolCall], stream: bool = False) -> List[dic
     return out
 
 
+LOGPROB_FLOOR = -9999.0  # what a log-probability of -inf is sent as (JSON has no infinity), as vLLM's
+
+
+def _wire(logprob: Optional[float]) -> Optional[float]:
+    """A log-probability as JSON carries it: -inf (an id the tokenizer cannot decode, in an echoed
+    prompt) becomes LOGPROB_FLOOR."""
+    return logprob if logprob is None else max(logprob, LOGPROB_FLOOR)
+
+
 def chat_logprobs(tokenizer, tokens) -> Optional[dict]:
     """OpenAI's chat ``logprobs`` for :class:`minillama.scheduler.Token` events (None when off)."""
     if not tokens or tokens[0].logprob is None:
@@ -331,7 +340,7 @@ def chat_logprobs(tokenizer, tokens) -> Optional[dict]:
 
     def entry(token_id: int, logprob: float) -> dict:
         raw = tokenizer.token_bytes(token_id)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": _wire(logprob), "bytes": list(raw)}
 
     return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]}
                         for t in tokens]}
@@ -347,13 +356,13 @@ def completion_logprobs(tokenizer, tokens, offset: int) -> Optional[dict]:
     for t in tokens:
         text = tokenizer.token_bytes(t.id).decode("utf-8", errors="replace")
         out["tokens"].append(text)
-        out["token_logprobs"].append(t.logprob)
+        out["token_logprobs"].append(_wire(t.logprob))
         top: Optional[Dict[str, float]] = None
         if t.logprob is not None:
             top = {}
             for i, lp in t.top_logprobs:
-                top.setdefault(tokenizer.token_bytes(i).decode("utf-8", errors="replace"), lp)
-            top.setdefault(text, t.logprob)  # the chosen token always, as OpenAI's (up to logprobs + 1 entries)
+                top.setdefault(tokenizer.token_bytes(i).decode("utf-8", errors="replace"), _wire(lp))
+            top.setdefault(text, _wire(t.logprob))  # the chosen token always, as OpenAI's (up to logprobs + 1)
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)

@@ -825,3 +825,24 @@ def test_stream_options_continuous_usage_is_refused_and_obfuscation_read(app):
         assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
     r = app.post("/v1/completions", json={**body, "stream_options": {"include_obfuscation": "yes"}})
     assert r.status_code == 400 and "include_obfuscation must be true or false" in r.text
+
+
+def test_an_infinite_logprob_goes_out_as_vllms_floor():
+    """A log-probability of -inf (an echoed prompt's id that the tokenizer cannot decode) is sent as
+    -9999.0, as vLLM's: JSON has no infinity, and the response must still encode strictly."""
+    from minillama import openai_protocol as proto
+    from minillama.scheduler import Token
+
+    class Bytes:
+        def token_bytes(self, i):
+            return f"<{i}>".encode()
+
+    tokens = [Token(5, "", None), Token(7, "", float("-inf"), [(3, -0.5), (7, float("-inf"))]),
+              Token(9, "", -1.25, [(9, -1.25)])]
+    out = proto.completion_logprobs(Bytes(), tokens, 0)
+    assert out["token_logprobs"] == [None, -9999.0, -1.25]
+    assert out["top_logprobs"] == [None, {"<3>": -0.5, "<7>": -9999.0}, {"<9>": -1.25}]
+    chat = proto.chat_logprobs(Bytes(), tokens[1:])
+    assert [c["logprob"] for c in chat["content"]] == [-9999.0, -1.25]
+    assert chat["content"][0]["top_logprobs"][1]["logprob"] == -9999.0
+    json.dumps([out, chat], allow_nan=False)
