@@ -197,6 +197,12 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
+        path = request.url.path
+        if path == "/v1" or path.startswith("/v1/"):  # no path or method under /v1 answers before the key, as vLLM's
+            try:
+                await authorize(request)
+            except APIError as denied:
+                return error(denied)
         return error(APIError(e.status_code, str(e.detail), type="invalid_request_error"))
 
     @app.exception_handler(Exception)

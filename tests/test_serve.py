@@ -735,6 +735,11 @@ def test_api_key_guards_the_v1_routes(llm):
                     error = r.json()["error"]
                     assert error["type"] == "invalid_request_error" and error["code"] == code and error["param"] is None
                     assert "key" in error["message"] and key not in r.text and wrong not in r.text
+            for path in ("/v1/nothing", "/v1"):  # an unknown path under /v1 asks for the key first, as vLLM's
+                assert client.get(path).status_code == 401
+                assert client.get(path, headers={"Authorization": f"Bearer {key}"}).status_code == 404
+            assert client.post("/v1/models").status_code == 401  # a wrong method too
+            assert client.get("/nothing").status_code == 404
             r = client.post("/v1/completions", json=body, headers={"Authorization": f"bearer {key}"})  # any case
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == solo(llm, body["prompt"], 3).text
             right = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
