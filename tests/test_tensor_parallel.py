@@ -127,6 +127,50 @@ def serve_through_a_failed_step(folder, out_path):
     torch.save(ends, out_path)
 
 
+def scheduled_with_scores_and_penalties(folder, out_path=None):
+    """A scheduler (2 rows, 5 prompt tokens per step) serving requests with penalties and a logit bias
+    (greedy and seeded) beside one that scores a prompt of several chunks and one with max_tokens 0:
+    rank 0 saves each request's tokens, prompt logprobs and end; the other rank follows. Without
+    out_path (one process): returns them."""
+    from minillama.sampling import SamplingParams
+    from minillama.scheduler import Finished, PromptLogprobs, Request, Scheduler, Token
+
+    llm = Llama.from_pretrained(folder, device="cpu")
+    scheduler = Scheduler(llm, max_batch=2, max_seq_len=96, prefill_chunk=5)
+    if out_path is not None and int(os.environ["RANK"]) != 0:
+        scheduler.follow()
+        return None
+    encode = llm.tokenizer.encode
+    long = encode("once upon a time there was a little girl who lived near the forest " * 2, bos=True)
+    requests = [Request(encode(PROMPTS[0], bos=True), 12, SamplingParams(repetition_penalty=1.5, frequency_penalty=0.7)),
+                Request(encode(PROMPTS[1], bos=True), 12,
+                        SamplingParams(temperature=0.9, seed=4, presence_penalty=1.0, logit_bias={5: 4.0})),
+                Request(long, 6, SamplingParams(repetition_penalty=1.3), logprobs=2, prompt_logprobs=True),
+                Request(long, 0, logprobs=1, prompt_logprobs=True),
+                Request(encode(PROMPTS[0], bos=True), 10)]
+    outs, dones = [], []
+    for request in requests:
+        out, done = {"tokens": [], "prompt": [], "end": None}, threading.Event()
+
+        def on_event(event, out=out, done=done):
+            if isinstance(event, Token):
+                out["tokens"].append((event.id, event.logprob))
+            elif isinstance(event, PromptLogprobs):
+                out["prompt"] += [(t.id, t.logprob, [i for i, _ in t.top_logprobs]) for t in event.tokens]
+            else:
+                out["end"] = (type(event).__name__, event.finish_reason if isinstance(event, Finished) else None)
+                done.set()
+        scheduler.submit(request, on_event)
+        outs.append(out)
+        dones.append(done)
+    for done in dones:
+        assert done.wait(120)
+    scheduler.close()
+    if out_path is None:
+        return outs
+    torch.save(outs, out_path)
+
+
 def close_after_the_thread_died(folder, out_path):
     """Rank 0's scheduler thread dies of a bug outside its per-step guard; close() must still tell
     the other rank's follow() to return."""
@@ -237,6 +281,25 @@ def test_tp2_scheduler_survives_a_step_that_fails_on_every_rank(tmp_path):
     (failed, _), (finished, tokens) = torch.load(tmp_path / "rank0.pt")
     assert (failed, finished) == ("Failed", "Finished")
     assert tokens == Llama.from_pretrained(tmp_path, device="cpu").generate([list(range(1, 12))], max_new_tokens=5)[0].token_ids
+
+
+def test_tp2_scheduler_with_scored_prompts_and_penalties_equals_one_process(tmp_path):
+    """Mixed steps that score prompt tokens (logits rows past the sampling ones) and rows whose logits
+    the processor changes run the same on the follower: rank 0's tokens, prompt logprobs and ends
+    are one process's (tied head, padded vocabulary: the head is replicated)."""
+    write_checkpoint(tmp_path, tokenizer="sentencepiece", n_layers=2, seed=11,
+                     **CASES["tied, padded vocabulary (head replicated)"])
+    single = scheduled_with_scores_and_penalties(tmp_path)
+    mp.start_processes(_rank_main, args=(2, free_port(), str(tmp_path), str(tmp_path),
+                                         scheduled_with_scores_and_penalties), nprocs=2, start_method="spawn")
+    ranks = torch.load(tmp_path / "rank0.pt")
+    assert [len(out["prompt"]) for out in single] == [0, 0, 55, 55, 0]  # 11 chunks of 5
+    for one, tp in zip(single, ranks):
+        assert [t for t, _ in tp["tokens"]] == [t for t, _ in one["tokens"]] and tp["end"] == one["end"] == \
+            ("Finished", "length")
+        assert [(t, top) for t, _, top in tp["prompt"]] == [(t, top) for t, _, top in one["prompt"]]
+        assert [lp for _, lp, _ in tp["prompt"]] == pytest.approx([lp for _, lp, _ in one["prompt"]], abs=1e-4)
+        assert [lp for _, lp in tp["tokens"]] == pytest.approx([lp for _, lp in one["tokens"]], abs=1e-4)
 
 
 def test_tp2_follower_returns_when_rank0_closes_after_its_thread_died(tmp_path):
