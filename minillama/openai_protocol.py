@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from minillama.sampling import SamplingParams
+from minillama.sampling import REPETITION_RANGE, SamplingParams
 from minillama.scheduler import MAX_LOGPROBS
 from minillama.tool_calls import ToolCall
 
@@ -137,8 +137,9 @@ def _common(body) -> dict:
     presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
     repetition_penalty = _number(body, "repetition_penalty", 1.0, -math.inf, math.inf)
-    if repetition_penalty <= 0:
-        raise bad("repetition_penalty", f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
+    if not REPETITION_RANGE[0] <= repetition_penalty <= REPETITION_RANGE[1]:
+        raise bad("repetition_penalty", f"repetition_penalty must be > 0 (1 turns it off) and at most "
+                                        f"{REPETITION_RANGE[1]:.3g}, at least {REPETITION_RANGE[0]:.3g}; got {repetition_penalty}")
     logit_bias = _logit_bias(body.get("logit_bias"))
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

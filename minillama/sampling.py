@@ -34,6 +34,8 @@ import torch
 NON_FINITE = -1  # the id sample() returns for a row with NaN / +inf logits
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
 PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties (OpenAI's range)
+# repetition_penalty: a normal float32 (what the processor computes in), so that it is never 0, inf or NaN there
+REPETITION_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 BIAS_RANGE = (-100.0, 100.0)  # logit_bias values (OpenAI's range)
 
 
@@ -72,8 +74,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not PENALTY_RANGE[0] <= getattr(self, name) <= PENALTY_RANGE[1]:
                 raise ValueError(f"{name} must be in [-2, 2] (0 turns it off), got {getattr(self, name)}")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        if not REPETITION_RANGE[0] <= self.repetition_penalty <= REPETITION_RANGE[1]:
+            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off) and a normal float32, in "
+                             f"[{REPETITION_RANGE[0]:.3g}, {REPETITION_RANGE[1]:.3g}], got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -203,8 +206,12 @@ def apply_penalties(logits: torch.Tensor, prompt: torch.Tensor, counts: torch.Te
     """
     generated = counts > 0
     seen = prompt | generated
-    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
-    return logits - frequency * counts - presence * generated
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    # a finite logit stays finite however extreme the penalty (an overflow would read as the model's own
+    # +inf, which sample() reports as non-finite logits); a non-finite one stays as it is, for that report
+    largest = torch.finfo(torch.float32).max
+    penalized = torch.where(torch.isfinite(logits), penalized.clamp(-largest, largest), logits)
+    return torch.where(seen, penalized, logits) - frequency * counts - presence * generated
 
 
 class LogitsProcessor:

@@ -107,6 +107,8 @@ def test_zero_probability_is_never_drawn():
         (dict(repetition_penalty=0.0), "0.0"),
         (dict(repetition_penalty=-1), "-1"),
         (dict(repetition_penalty=math.inf), "inf"),
+        (dict(repetition_penalty=1e-39), "1e-39"),  # 0 or subnormal in float32
+        (dict(repetition_penalty=1e39), "1e+39"),  # inf in float32
         (dict(logit_bias={5: 100.5}), "100.5"),
         (dict(logit_bias={-1: 1.0}), "-1"),
         (dict(logit_bias={"5": 1.0}), "'5'"),
@@ -131,6 +133,23 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     processor.start([0], [SamplingParams(repetition_penalty=2.0)], [[0, 1, 2, 4]])
     got = processor(torch.tensor([[2.0, -1.5, 0.0, 3.0, -0.25]]))
     assert got.tolist() == [[1.0, -3.0, 0.0, 3.0, -0.5]]  # id 3 is not in the prompt
+
+
+def test_an_extreme_repetition_penalty_keeps_finite_logits_finite():
+    """The smallest and largest repetition penalties push a seen logit past float32's range: it is held
+    at float32's largest magnitude, so that sample() does not report the model's logits as non-finite;
+    the model's own non-finite logits stay as they are, and are reported."""
+    largest, tiny = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
+    logits = torch.tensor([[10.0, -1.5, 0.0, 3.0]])  # ids 0-2 in the prompt
+    for r, held, greedy in ((tiny, (0, largest), 0), (largest, (1, -largest), 3)):
+        processor = LogitsProcessor(1, 4, "cpu")
+        processor.start([0], [SamplingParams(repetition_penalty=r)], [[0, 1, 2]])
+        got = processor(logits)
+        assert torch.isfinite(got).all() and got[0, held[0]].item() == held[1] and got[0, 3].item() == 3.0
+        assert sample(got, SamplingParams()).item() == greedy
+    got = processor(torch.tensor([[math.inf, math.nan, 1.0, 0.5]]))
+    assert got[0, 0].item() == math.inf and math.isnan(got[0, 1].item())
+    assert sample(got, SamplingParams()).item() == NON_FINITE
 
 
 def test_logit_bias_and_penalties_match_a_float64_reference():

@@ -359,6 +359,8 @@ def test_32_streaming_clients_and_8_disconnects(server, client, llm):
     ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, "presence_penalty", "[-2.0, 2.0]"),
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": "x"}, "frequency_penalty", "number"),
     ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, "repetition_penalty", "> 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-39}, "repetition_penalty", "1e-39"),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e39}, "repetition_penalty", "at most 3.4e+38"),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": [1]}, "logit_bias", "object"),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"cat": 1}}, "logit_bias", '"cat"'),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"-3": 1}}, "logit_bias", '"-3"'),
