@@ -26,6 +26,7 @@ however small never overflows: it tends to greedy (equal top logits share the dr
 are never sampled.
 """
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -109,15 +110,18 @@ def _logit_bias(value) -> Tuple[Tuple[int, float], ...]:
         pairs = [(t, b) for t, b in pairs]
     except (TypeError, ValueError):
         raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {value!r}") from None
-    for t, b in pairs:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+    checked = []
+    for t, b in pairs:  # numpy and torch integers and numbers too, as prompts of token ids take them
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
             raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not BIAS_RANGE[0] <= b <= BIAS_RANGE[1]:
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not BIAS_RANGE[0] <= b <= BIAS_RANGE[1]:
             raise ValueError(f"logit_bias[{t}] must be a number in [-100, 100], got {b!r}")
+        checked.append((int(t), float(b)))
+    pairs = checked
     ids = [t for t, _ in pairs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"logit_bias names a token id twice: {sorted(t for t in set(ids) if ids.count(t) > 1)}")
-    return tuple(sorted((t, float(b)) for t, b in pairs))
+    return tuple(sorted(pairs))
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

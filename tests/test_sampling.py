@@ -4,6 +4,7 @@ reference, and bad settings are errors naming the value."""
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -205,6 +206,8 @@ def test_logit_bias_is_kept_sorted_and_hashable():
     assert a.logit_bias == ((2, -100.0), (9, 1.0))
     b = SamplingParams(logit_bias=[(9, 1.0), (2, -100.0)])
     assert a == b and hash(a) == hash(b)
+    c = SamplingParams(logit_bias={np.int64(9): np.float32(1.0), np.int32(2): -100})  # numpy ids, as prompts take
+    assert c == a and all(type(t) is int and type(v) is float for t, v in c.logit_bias)
     assert not SamplingParams().changes_logits and SamplingParams(logit_bias=None).logit_bias == ()
     assert all(SamplingParams(**kw).changes_logits for kw in (dict(presence_penalty=0.1), dict(frequency_penalty=-1),
                                                               dict(repetition_penalty=1.1), dict(logit_bias={0: 0})))
