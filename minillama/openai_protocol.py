@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from minillama.sampling import REPETITION_RANGE, SamplingParams
 from minillama.scheduler import MAX_LOGPROBS
@@ -294,6 +294,35 @@ def parse_completion(body) -> ParsedRequest:
     if len(prompts) * common["n"] > MAX_N:
         raise bad("n", f"{len(prompts)} prompts x n={common['n']} choices is more than {MAX_N} per request")
     return ParsedRequest(prompts=prompts, max_tokens=max_tokens, logprobs=logprobs, echo=echo, **common)
+
+
+_TOKENIZE_FIELDS = {"model", "prompt", "add_special_tokens"}
+_TOKENIZE_CHAT_FIELDS = {"model", "messages", "add_generation_prompt"}
+
+
+def parse_tokenize(body) -> Tuple[str, Any, bool]:
+    """Check a /tokenize body (vLLM's): ``{"prompt": text, "add_special_tokens": true}`` or
+    ``{"messages": [...], "add_generation_prompt": true}``. Returns ("prompt", text,
+    add_special_tokens) or ("messages", messages, add_generation_prompt)."""
+    if isinstance(body, dict) and "messages" in body:
+        _check_fields(body, _TOKENIZE_CHAT_FIELDS)
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise bad("messages", "messages must be a non-empty list of {\"role\", \"content\"} objects")
+        return "messages", [_message(i, m) for i, m in enumerate(messages)], _bool(body, "add_generation_prompt", True)
+    _check_fields(body, _TOKENIZE_FIELDS)
+    if not isinstance(body.get("prompt"), str):
+        raise bad("prompt", f"prompt must be a string (or give messages), got {json.dumps(body.get('prompt'))}")
+    return "prompt", body["prompt"], _bool(body, "add_special_tokens", True)
+
+
+def parse_detokenize(body) -> List[int]:
+    """Check a /detokenize body (vLLM's): ``{"tokens": [ids]}``."""
+    _check_fields(body, {"model", "tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad("tokens", "tokens must be a list of token ids (integers)")
+    return tokens
 
 
 def _is_ids(p) -> bool:

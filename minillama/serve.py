@@ -4,9 +4,10 @@
     python -m minillama.serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch 64 --port 8000
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health`` (status plus the scheduler's counters, the prefix-cache hit rate among them).
-With an API key (``--api-key`` or ``MINILLAMA_API_KEY``), every ``/v1`` route needs the header
-``Authorization: Bearer <key>``; ``/health`` stays open.
+``GET /health`` (status plus the scheduler's counters, the prefix-cache hit rate among them), and
+vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``.
+With an API key (``--api-key`` or ``MINILLAMA_API_KEY``), every route but ``/health`` needs the
+header ``Authorization: Bearer <key>``.
 Requests are checked by :mod:`minillama.openai_protocol`; errors answer in OpenAI's error JSON
 (400 naming the field, 401 missing or wrong API key, 404 unknown model, 413 body too large, 429
 queue full, 504 timeout). Each choice of a request is one scheduler request; a client that
@@ -357,6 +358,49 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         draining = app.state.draining
         body = {"status": "shutting down" if draining else "ok", "model": model_name, **scheduler.stats()}
         return JSONResponse(body, status_code=503 if draining else 200)
+
+    # vLLM's tokenizer endpoints (at the root, as vLLM's; behind the API key when one is set), which
+    # lm-evaluation-harness uses in place of a Hugging Face tokenizer when the server has them
+    def check_named_model(body) -> None:
+        if isinstance(body, dict) and body.get("model") is not None and body["model"] != model_name:
+            raise APIError(404, f"the model {body['model']!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(request: HTTPRequest):
+        body = await read_json(request)
+        kind, value, flag = proto.parse_tokenize(body)
+        check_named_model(body)
+        try:
+            if kind == "messages":
+                ids = tokenizer.encode_chat(value, add_generation_prompt=flag)
+            else:
+                ids = tokenizer.encode(value, bos=flag and tokenizer.add_bos)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), param=kind) from None
+        return {"count": len(ids), "max_model_len": scheduler.max_seq_len, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(request: HTTPRequest):
+        body = await read_json(request)
+        ids = proto.parse_detokenize(body)
+        check_named_model(body)
+        try:
+            return {"prompt": tokenizer.decode(ids)}
+        except ValueError as e:  # an id outside the vocabulary
+            raise APIError(400, str(e), param="tokens") from None
+
+    @app.get("/tokenizer_info", dependencies=[Depends(authorize)])
+    async def tokenizer_info():
+        def token(i: Optional[int]) -> Optional[str]:
+            return None if i is None else tokenizer.decode([i])
+
+        template = tokenizer.chat_template
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return {"tokenizer_class": type(tokenizer).__name__, "bos_token": token(tokenizer.bos_id),
+                "eos_token": token(tokenizer.eos_id), "pad_token": None, "add_bos_token": tokenizer.add_bos,
+                "chat_template": template, "model_max_length": scheduler.max_seq_len}
 
     @v1.get("/models")
     async def models():

@@ -742,6 +742,8 @@ def test_api_key_guards_the_v1_routes(llm):
                 assert client.get(path, headers={"Authorization": f"Bearer {key}"}).status_code == 404
             assert client.post("/v1/models").status_code == 401  # a wrong method too
             assert client.get("/nothing").status_code == 404
+            assert client.post("/tokenize", json={"prompt": "x"}).status_code == 401  # the tokenizer's too
+            assert client.get("/tokenizer_info", headers={"Authorization": f"Bearer {key}"}).status_code == 200
             r = client.post("/v1/completions", json=body, headers={"Authorization": f"bearer {key}"})  # any case
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == solo(llm, body["prompt"], 3).text
             right = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
@@ -853,3 +855,32 @@ def test_an_infinite_logprob_goes_out_as_vllms_floor():
     assert [c["logprob"] for c in chat["content"]] == [-9999.0, -1.25]
     assert chat["content"][0]["top_logprobs"][1]["logprob"] == -9999.0
     json.dumps([out, chat], allow_nan=False)
+
+
+def test_tokenizer_endpoints_as_vllms(app, llm):
+    """/tokenize, /detokenize and /tokenizer_info answer as vLLM's, which lm-evaluation-harness uses in
+    place of a Hugging Face tokenizer when a server has them (its check: /tokenizer_info holds
+    "eos_token", /tokenize gives a list of tokens)."""
+    tok = llm.tokenizer
+    text = "Once upon a time, Lily"
+    r = app.post("/tokenize", json={"prompt": text})
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode(text, bos=True)
+    assert r.json()["count"] == len(r.json()["tokens"]) and r.json()["max_model_len"] > 0
+    plain = app.post("/tokenize", json={"prompt": text, "add_special_tokens": False, "model": MODEL}).json()["tokens"]
+    assert plain == tok.encode(text, bos=False)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    for add in (True, False):
+        r = app.post("/tokenize", json={"messages": messages, "add_generation_prompt": add})
+        assert r.json()["tokens"] == tok.encode_chat(messages, add_generation_prompt=add)
+    assert app.post("/detokenize", json={"tokens": plain}).json() == {"prompt": tok.decode(plain)}
+    info = app.get("/tokenizer_info").json()
+    assert info["eos_token"] == tok.decode([tok.eos_id]) and info["bos_token"] == tok.decode([tok.bos_id])
+    assert info["chat_template"] == tok.chat_template and info["add_bos_token"] is True
+    for path, body, param in (("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"text": "x"}, "text"),
+                              ("/tokenize", {"messages": []}, "messages"),
+                              ("/tokenize", {"prompt": "x", "add_special_tokens": "yes"}, "add_special_tokens"),
+                              ("/detokenize", {"tokens": [1, "2"]}, "tokens"),
+                              ("/detokenize", {"tokens": [tok.vocab_size]}, "tokens")):
+        r = app.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+    assert app.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404
