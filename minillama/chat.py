@@ -30,7 +30,7 @@ COMMANDS = """\
 def parse_args(argv=None) -> argparse.Namespace:
     from minillama.hub import DEMO_MODEL_DIR
 
-    p = argparse.ArgumentParser(prog="python -m minillama.chat", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m minillama.chat", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMANDS)
     p.add_argument("--model", default=str(DEMO_MODEL_DIR),
                    help="local checkpoint folder or hub repo id (default: the bundled demo model)")

@@ -14,6 +14,7 @@ Text: an argument or a line of piped input that is not valid UTF-8 is decoded wi
 of the bad bytes (:func:`text_arg`, and standard input is reconfigured so); standard output writes
 "?" for what its encoding cannot hold. Library code never prints: only the command lines call this.
 """
+import argparse
 import os
 import signal
 import sys
@@ -25,6 +26,15 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE
 ERROR_DIR = "MINILLAMA_TP_ERROR_DIR"  # set by launch_tensor_parallel for the processes it starts
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are a :class:`CommandError`: under :func:`run`, one line
+    ``error: ...`` with exit status 2, as every other error of the command lines (argparse prints
+    its whole usage block before the error and exits)."""
+
+    def error(self, message: str):
+        raise CommandError(f"{message} (see {self.prog} --help)")
 
 
 class CommandError(Exception):

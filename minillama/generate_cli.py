@@ -27,7 +27,7 @@ class UserError(cli.CommandError):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="prompt texts (or use --prompt-file)")
     p.add_argument("--model", help=f"local folder or hub repo id (default: the bundled demo model, {DEMO_MODEL_DIR})")

@@ -527,7 +527,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 def parse_args(argv=None) -> argparse.Namespace:
     from minillama.hub import DEMO_MODEL_DIR
 
-    p = argparse.ArgumentParser(prog="python -m minillama.serve", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m minillama.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(DEMO_MODEL_DIR),
                    help="local checkpoint folder or hub repo id (default: the bundled demo model)")
     p.add_argument("--served-model-name", default=None,

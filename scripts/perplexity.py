@@ -32,7 +32,7 @@ DEFAULT_TEXT = Path(__file__).resolve().parent / "heldout_stories.txt"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help=f"folder or hub repo id, repeatable (default: {DEMO_MODEL_DIR})")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text; paragraphs are documents")

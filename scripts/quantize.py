@@ -35,7 +35,7 @@ from minillama.quantization import quantize_per_channel  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="full-precision checkpoint: local folder or hub repo id")
     p.add_argument("output", help="folder to create (must not exist)")

@@ -102,6 +102,7 @@ def test_missing_model_is_one_line_error(tmp_path):
         (["--batch-size", "0", "hi"], "--batch-size must be >= 1, got 0"),
         (["--frequency-penalty", "3", "hi"], "frequency_penalty must be in [-2, 2]"),
         (["--repetition-penalty", "0", "hi"], "repetition_penalty must be > 0"),
+        (["--temperature", "hot", "hi"], "argument --temperature: invalid float value: 'hot' (see "),
         ([], "no prompts"),
         (["--prompt-file", "MISSING.txt"], "cannot read --prompt-file MISSING.txt"),
         (["--prompt-file", "BAD.jsonl"], "BAD.jsonl:2 has no string field 'prompt'"),
