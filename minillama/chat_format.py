@@ -91,12 +91,9 @@ class ChatFormat:
     def __init__(self, tokenizer):
         if not tokenizer.chat_template:
             raise ValueError("this tokenizer has no chat_template (a base model): encode plain text instead")
-        template = tokenizer.chat_template
-        named = {"default": template}
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            if "default" not in named:
-                raise ChatTemplateError(f"chat_template lists {sorted(map(str, named))} but no 'default' template")
+        named = named_templates(tokenizer.chat_template)
+        if "default" not in named:
+            raise ChatTemplateError(f"chat_template lists {sorted(map(str, named))} but no 'default' template")
         self.tokenizer = tokenizer
         env = _environment()
         self.templates = {}  # name -> compiled: "default", and "tool_use" (used when tools are given) if there is one
@@ -251,6 +248,14 @@ class ChatFormat:
             if text:
                 ids.extend(self.tokenizer.encode(text, bos=False))
         return ids
+
+
+def named_templates(chat_template) -> dict:
+    """A checkpoint's ``chat_template`` by name: one string is the "default" one; a list
+    ``[{"name": "default", "template": ...}, {"name": "tool_use", ...}, ...]`` names each."""
+    if isinstance(chat_template, list):
+        return {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
+    return {"default": chat_template}
 
 
 def _check_messages(messages: Sequence[dict]) -> List[dict]:

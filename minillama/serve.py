@@ -41,6 +41,7 @@ from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 from minillama import cli
 from minillama import openai_protocol as proto
+from minillama.chat_format import named_templates
 from minillama.openai_protocol import APIError
 from minillama.scheduler import Failed, Finished, PromptLogprobs, QueueFull, Request, Token
 from minillama.tool_calls import could_be_tool_call, parse_tool_calls
@@ -272,9 +273,10 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         live.add(submission)
         return submission
 
-    def check_model(parsed) -> None:
-        if parsed.model is not None and parsed.model != model_name:
-            raise APIError(404, f"the model {parsed.model!r} does not exist; this server serves {model_name!r}",
+    def check_model(model) -> None:
+        """404 for a request that names another model than this server's (None: names none)."""
+        if model is not None and model != model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
     def engine_requests(parsed, prompt_ids: List[List[int]], param: str) -> List[Request]:
@@ -361,16 +363,11 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
     # vLLM's tokenizer endpoints (at the root, as vLLM's; behind the API key when one is set), which
     # lm-evaluation-harness uses in place of a Hugging Face tokenizer when the server has them
-    def check_named_model(body) -> None:
-        if isinstance(body, dict) and body.get("model") is not None and body["model"] != model_name:
-            raise APIError(404, f"the model {body['model']!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
-
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(request: HTTPRequest):
         body = await read_json(request)
         kind, value, flag = proto.parse_tokenize(body)
-        check_named_model(body)
+        check_model(body.get("model"))
         try:
             if kind == "messages":
                 ids = tokenizer.encode_chat(value, add_generation_prompt=flag)
@@ -384,7 +381,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     async def detokenize(request: HTTPRequest):
         body = await read_json(request)
         ids = proto.parse_detokenize(body)
-        check_named_model(body)
+        check_model(body.get("model"))
         try:
             return {"prompt": tokenizer.decode(ids)}
         except ValueError as e:  # an id outside the vocabulary
@@ -395,9 +392,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         def token(i: Optional[int]) -> Optional[str]:
             return None if i is None else tokenizer.decode([i])
 
-        template = tokenizer.chat_template
-        if isinstance(template, list):  # named templates: the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = named_templates(tokenizer.chat_template).get("default") if tokenizer.chat_template else None
         return {"tokenizer_class": type(tokenizer).__name__, "bos_token": token(tokenizer.bos_id),
                 "eos_token": token(tokenizer.eos_id), "pad_token": None, "add_bos_token": tokenizer.add_bos,
                 "chat_template": template, "model_max_length": scheduler.max_seq_len}
@@ -410,7 +405,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     @v1.post("/chat/completions")
     async def chat_completions(request: HTTPRequest):
         parsed = proto.parse_chat(await read_json(request))
-        check_model(parsed)
+        check_model(parsed.model)
         if not tokenizer.chat_template:
             raise APIError(400, "this model has no chat template (a base model); use /v1/completions",
                            param="messages")
@@ -461,7 +456,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     @v1.post("/completions")
     async def completions(request: HTTPRequest):
         parsed = proto.parse_completion(await read_json(request))
-        check_model(parsed)
+        check_model(parsed.model)
         try:
             ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else p for p in parsed.prompts]
         except ValueError as e:  # e.g. a lone surrogate: not text
