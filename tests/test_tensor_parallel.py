@@ -39,12 +39,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_everything(folder, out_path):
-    """What each rank (and the single process) computes; saved for the parent to compare."""
-    llm = Llama.from_pretrained(folder, device="cpu")
+def run_everything(folder, out_path, device="cpu", dtype=None):
+    """What each rank (and the single process) computes; saved (on the CPU) for the parent to compare."""
+    llm = Llama.from_pretrained(folder, device=device, dtype=dtype)
     ids = llm.tokenizer.encode("the cat sat on the mat and then it", bos=True)
-    out = {"logits": llm.logits(ids)}
-    out["segments"] = mixed_step_logits(llm, ids)
+    out = {"logits": llm.logits(ids).cpu()}
+    out["segments"] = mixed_step_logits(llm, ids).cpu()
     out["greedy"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)]
     out["seeded"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=7)]
     out["unseeded"] = [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12, temperature=1.5, top_p=0.95)]
@@ -53,6 +53,7 @@ def run_everything(folder, out_path):
     cache = llm.new_cache(1, 64)  # the chat's path: continue on one cache
     first = llm.generate([ids], max_new_tokens=6, cache=cache)[0]
     out["continued"] = first.token_ids + llm.generate([first.token_ids[-1:]], max_new_tokens=6, cache=cache)[0].token_ids
+    out["graph_kinds"] = sorted({key[0] for key in llm.runner._graphs})  # CUDA graphs replayed ("decode", "packed")
     model = llm.model
     out["shards"] = {
         "wqkv": tuple(model.layers[0].attention.wqkv.weight.shape),
@@ -68,10 +69,10 @@ def mixed_step_logits(llm, ids):
     """A scheduler's mixed step: rows 0-1 decode one token each, rows 2 and 3 get prompt chunks of 7
     and 2 tokens, in one forward; logits of the decoding rows and the chunks' last tokens."""
     pool = llm.new_cache(4, 32)
-    llm.runner(torch.tensor([ids[:5]]), pool.rows(0, 1))
-    llm.runner(torch.tensor([ids[:3]]), pool.rows(1, 2))
+    llm.runner(torch.tensor([ids[:5]], device=llm.device), pool.rows(0, 1))
+    llm.runner(torch.tensor([ids[:3]], device=llm.device), pool.rows(1, 2))
     pool.set_lengths([5, 3, 0, 0])
-    tokens = torch.tensor([ids[5], ids[3]] + ids[:7] + ids[1:3])
+    tokens = torch.tensor([ids[5], ids[3]] + ids[:7] + ids[1:3], device=llm.device)
     return llm.runner.forward_packed(tokens, [(0, 1), (1, 1), (2, 7), (3, 2)], pool, [0, 1, 2 + 6, 2 + 7 + 1])
 
 
@@ -127,7 +128,7 @@ def serve_through_a_failed_step(folder, out_path):
     torch.save(ends, out_path)
 
 
-def scheduled_with_scores_and_penalties(folder, out_path=None):
+def scheduled_with_scores_and_penalties(folder, out_path=None, device="cpu"):
     """A scheduler (2 rows, 5 prompt tokens per step) serving requests with penalties and a logit bias
     (greedy and seeded) beside one that scores a prompt of several chunks and one with max_tokens 0:
     rank 0 saves each request's tokens, prompt logprobs and end; the other rank follows. Without
@@ -135,7 +136,7 @@ def scheduled_with_scores_and_penalties(folder, out_path=None):
     from minillama.sampling import SamplingParams
     from minillama.scheduler import Finished, PromptLogprobs, Request, Scheduler, Token
 
-    llm = Llama.from_pretrained(folder, device="cpu")
+    llm = Llama.from_pretrained(folder, device=device)
     scheduler = Scheduler(llm, max_batch=2, max_seq_len=96, prefill_chunk=5)
     if out_path is not None and int(os.environ["RANK"]) != 0:
         scheduler.follow()
@@ -342,8 +343,8 @@ def test_row_parallel_linear_needs_a_group_to_split():
 # -- the command lines ----------------------------------------------------------------------------
 
 
-def run_cli(args, stdin=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def run_cli(args, stdin=None, env=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, env=env, timeout=240,
                           cwd=str(ROOT))
 
