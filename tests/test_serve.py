@@ -690,15 +690,47 @@ def test_a_stop_id_is_listed_last_in_the_completions_logprobs(app, llm):
     ref = solo(llm, PROMPTS[3], 100)
     r = app.post("/v1/completions", json=body).json()
     (choice,) = r["choices"]
-    assert choice["finish_reason"] == "stop" and choice["text"] == ref.text and r["usage"]["completion_tokens"] == \
-        len(ref.token_ids)
+    assert choice["finish_reason"] == "stop" and choice["text"] == ref.text
     lp = choice["logprobs"]
-    assert len(lp["tokens"]) == len(ref.token_ids) + 1 and lp["tokens"][-1] == "</s>"
+    assert len(lp["tokens"]) == len(ref.token_ids) + 1 == r["usage"]["completion_tokens"] and lp["tokens"][-1] == "</s>"
     expected = llm.logits(llm.tokenizer.encode(PROMPTS[3]) + ref.token_ids).double().log_softmax(-1)[-1, 2]
     assert lp["token_logprobs"][-1] == pytest.approx(float(expected), abs=1e-5)
     with app.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
         chunks = [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
     assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["logprobs"]["tokens"] == ["</s>"]
+
+
+def test_usage_counts_the_stop_id_that_ended_a_choice(app, llm):
+    """As vLLM's usage (its outputs' token ids hold the stop id that ended them): completion_tokens
+    counts the stop id, as many tokens as the completions' logprobs list; with and without logprobs,
+    whole and streamed (include_usage), summed over n choices, for chat too; total_tokens follows."""
+    def completion_tokens(path, body):
+        """usage.completion_tokens of the whole response and of the streamed one; the whole response."""
+        whole = app.post(path, json=body).json()
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with app.stream("POST", path, json=stream) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert chunks[-1]["choices"] == []
+        usages = [whole["usage"], chunks[-1]["usage"]]
+        for usage in usages:
+            assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        return [usage["completion_tokens"] for usage in usages], whole
+
+    ref = solo(llm, PROMPTS[3], 100)
+    assert ref.finish_reason == "stop" and ref.stop == 2  # the stop id, greedy
+    with_stop_id = len(ref.token_ids) + 1
+    body = {"prompt": PROMPTS[3], "max_tokens": 100, "temperature": 0}
+    counts, whole = completion_tokens("/v1/completions", {**body, "logprobs": 1})
+    assert counts == [with_stop_id] * 2 and len(whole["choices"][0]["logprobs"]["tokens"]) == with_stop_id
+    assert completion_tokens("/v1/completions", body)[0] == [with_stop_id] * 2
+    assert completion_tokens("/v1/completions", {**body, "n": 2})[0] == [2 * with_stop_id] * 2
+    messages = [{"role": "user", "content": "Who is Lily?"}]
+    ref = solo(llm, llm.tokenizer.encode_chat(messages), 100)
+    assert ref.finish_reason == "stop" and ref.stop == 2
+    body = {"messages": messages, "max_tokens": 100, "temperature": 0}
+    for logprobs in (False, True):
+        assert completion_tokens("/v1/chat/completions", {**body, "logprobs": logprobs})[0] == \
+            [len(ref.token_ids) + 1] * 2
 
 
 @pytest.mark.parametrize("path, body, param, words", [
