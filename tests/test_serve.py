@@ -840,6 +840,37 @@ def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     assert "Traceback" not in out and "Error" not in out, out  # rank 1 waited for rank 0's close
 
 
+@pytest.mark.slow
+def test_tensor_parallel_server_lets_a_request_finish_past_the_launchers_own_grace(tmp_path, monkeypatch):
+    """torch's launcher kills the processes of --tp a grace after passing SIGTERM on (30 s, or
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT: 0 here, which would cut the request in flight at once): the
+    server tells it --shutdown-timeout plus SHUTDOWN_GRACE instead, and the request finishes."""
+    import signal
+
+    from tests.checkpoints import write_checkpoint
+
+    folder = tmp_path / "tp"
+    write_checkpoint(folder, tokenizer="sentencepiece", n_heads=4, n_kv_heads=2, rope_scaling="llama3", seed=5)
+    prompt = "the cat " * 45  # 182 tokens: 242 steps with --prefill-chunk 1
+    ref = Llama.from_pretrained(folder, device="cpu").generate([prompt], max_new_tokens=60)[0]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "0")
+    proc, url = _start_server("--model", str(folder), "--tp", "2", "--max-seq-len", "256", "--max-batch", "2",
+                              "--prefill-chunk", "1", "--shutdown-timeout", "60")
+    try:
+        done = []
+        body = {"prompt": prompt, "max_tokens": 60, "temperature": 0}
+        holder = threading.Thread(target=lambda: done.append(httpx.post(url + "/v1/completions", json=body,
+                                                                         timeout=60)))
+        holder.start()
+        _wait_running(url, 1)
+        proc.send_signal(signal.SIGTERM)
+        holder.join(timeout=60)
+        assert done and done[0].status_code == 200 and done[0].json()["choices"][0]["text"] == ref.text
+        assert proc.wait(timeout=30) == 143
+    finally:
+        _stop(proc)
+
+
 def test_quantized_server_answers_as_the_quantized_model():
     """--quantize int8: the served completion is what Llama.generate gives with quantize="int8"."""
     quantized = Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu", quantize="int8")
