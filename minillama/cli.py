@@ -15,6 +15,7 @@ of the bad bytes (:func:`text_arg`, and standard input is reconfigured so); stan
 "?" for what its encoding cannot hold. Library code never prints: only the command lines call this.
 """
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -26,6 +27,7 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE
 ERROR_DIR = "MINILLAMA_TP_ERROR_DIR"  # set by launch_tensor_parallel for the processes it starts
+FIXED_LAUNCHER_GRACE = 30  # seconds torch's launcher waits after passing SIGTERM on, where it cannot be set
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -190,14 +192,29 @@ def silence_followers() -> None:
         os.close(devnull)
 
 
-def launch_tensor_parallel(tp: int, model, entry: Sequence[str], argv: Sequence[str]) -> int:
+def fixed_launcher_grace() -> Optional[int]:
+    """The seconds torch's elastic launcher waits for its processes to end after it passes SIGTERM or
+    SIGINT on to them, before it kills them, where that cannot be set: None where its LaunchConfig
+    takes a ``shutdown_timeout``, else :data:`FIXED_LAUNCHER_GRACE`."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if any(f.name == "shutdown_timeout" for f in dataclasses.fields(LaunchConfig)):
+        return None
+    return FIXED_LAUNCHER_GRACE
+
+
+def launch_tensor_parallel(tp: int, model, entry: Sequence[str], argv: Sequence[str],
+                           shutdown_timeout: Optional[float] = None) -> int:
     """Run this command in ``tp`` processes through torch's elastic launcher (what torchrun runs),
     each joining the group from torchrun's environment; returns the exit status: rank 0's, or, when
     the run failed, that of the lowest rank with an error line, which is printed here (one line).
 
     The degree is checked against the model's config first (exit 2 naming the numbers, before any
     process starts). ``entry``: what follows ``python`` (``["-m", "minillama.chat"]`` or a script
-    path); ``argv``: the arguments, without ``--tp``.
+    path); ``argv``: the arguments, without ``--tp``. ``shutdown_timeout``: the seconds the launcher
+    gives the processes to end after it passes SIGTERM or SIGINT on to them, before it kills them
+    (only where :func:`fixed_launcher_grace` is None); None: torch's default (30, or
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``).
     """
     import logging
     import uuid
@@ -213,7 +230,8 @@ def launch_tensor_parallel(tp: int, model, entry: Sequence[str], argv: Sequence[
     # the launcher's notices are not output, nor its log of a failed rank: the one error line is ours
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=str(uuid.uuid4().int),
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                          **({} if shutdown_timeout is None else {"shutdown_timeout": shutdown_timeout}))
     with tempfile.TemporaryDirectory() as errors:
         os.environ[ERROR_DIR] = errors  # the ranks inherit it: each writes its error line there, not to stderr
         try:

@@ -127,7 +127,7 @@ class Finished:
     stop: Union[int, str, None]  # the stop id or string that ended the request
     text: str  # held-back text released at the end (part of the reply)
     prompt_tokens: int
-    completion_tokens: int  # new tokens, including one that completed a stop string; a stop id not
+    completion_tokens: int  # new tokens, including one that completed a stop string and a stop id that ended it
     cached_tokens: int  # prompt tokens whose cache entries came from an earlier request
     stop_token: Optional[Token] = None  # with logprobs: the stop id that ended the request, its logprob
 
@@ -317,8 +317,9 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Counters since the start, the queue, and the prefix-cache hit rate (cached / prompt tokens).
-        Steps: ``decode_steps`` (decoding rows only), ``mixed_steps`` (with prompt chunks, of which
-        ``prefill_chunks`` counts one per request per step)."""
+        ``generated_tokens`` counts new tokens as :class:`Finished`'s ``completion_tokens`` does (a stop
+        id that ended a request too). Steps: ``decode_steps`` (decoding rows only), ``mixed_steps``
+        (with prompt chunks, of which ``prefill_chunks`` counts one per request per step)."""
         with self._lock:
             out = dict(self._counters)
             out["waiting"] = len(self._waiting)
@@ -631,6 +632,7 @@ class Scheduler:
                     self._emit(seq, Failed(str(error)))
                     self._release(seq, failed=True)
                 elif t in seq.stop_ids:
+                    self._counters["generated_tokens"] += 1
                     self._finish(seq, "stop", t, Token(t, "", *lp_info[i]) if i in lp_info else None)
                 else:
                     seq.tokens.append(t)
@@ -673,11 +675,12 @@ class Scheduler:
 
     def _finish(self, seq: _Sequence, reason: str, stop, stop_token: Optional[Token] = None) -> None:
         """(lock held) Release the held-back text, report the end, free the row."""
+        completion_tokens = len(seq.tokens) + (1 if isinstance(stop, int) else 0)  # a stop id counts, as in vLLM
         text, matched = seq.stops.push(seq.decoder.flush())
         text += seq.stops.flush()
         if matched is not None and reason != "cancelled":  # completed by the held-back bytes, as in a solo run
             reason, stop = "stop", matched
-        self._emit(seq, Finished(reason, stop, text, len(seq.prompt), len(seq.tokens), seq.cached, stop_token))
+        self._emit(seq, Finished(reason, stop, text, len(seq.prompt), completion_tokens, seq.cached, stop_token))
         self._counters["cancelled" if reason == "cancelled" else "finished"] += 1
         self._release(seq)
 

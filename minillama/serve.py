@@ -542,7 +542,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=25.0,
                    help="on SIGTERM or Ctrl-C, seconds the requests in flight may take to finish (new ones get "
                         "503) before they are cancelled; a second Ctrl-C cancels them at once (default: 25, within "
-                        "the 30 s that Kubernetes and torch's launcher under --tp give before SIGKILL)")
+                        "the 30 s that Kubernetes gives before SIGKILL; under --tp, torch's launcher is told to "
+                        f"wait this plus {SHUTDOWN_GRACE} s before it kills the processes)")
     p.add_argument("--api-key", default=None,
                    help=f"/v1 answers only requests with the header 'Authorization: Bearer KEY' (default: "
                         f"${API_KEY_ENV}, safer than a flag that process listings show; neither: open to all)")
@@ -651,8 +652,19 @@ def _main(argv) -> int:
     if args.tp and args.tp > 1 and not launched_by_torchrun():
         from torch.distributed.elastic.multiprocessing.api import SignalException
 
+        # the launcher passes SIGTERM / SIGINT on to the processes and kills them after a grace: rank 0 needs
+        # --shutdown-timeout, then SHUTDOWN_GRACE to answer the requests it cancels and close
+        grace = args.shutdown_timeout + SHUTDOWN_GRACE
+        fixed = cli.fixed_launcher_grace()
+        if fixed is not None and grace > fixed:
+            raise cli.CommandError(
+                f"--shutdown-timeout {args.shutdown_timeout:g} does not fit under --tp: this torch's launcher kills "
+                f"the processes {fixed} s after passing SIGTERM on and the server needs {SHUTDOWN_GRACE} s more to "
+                f"close; give --shutdown-timeout {fixed - SHUTDOWN_GRACE} or less, or upgrade torch to a release "
+                "whose launcher takes a shutdown_timeout")
         try:
-            return cli.launch_tensor_parallel(args.tp, args.model, ["-m", "minillama.serve"], cli.without_tp(argv))
+            return cli.launch_tensor_parallel(args.tp, args.model, ["-m", "minillama.serve"], cli.without_tp(argv),
+                                              shutdown_timeout=grace if fixed is None else None)
         except SignalException as e:  # SIGTERM / SIGINT stopped the launcher, which stopped the workers
             return 128 + int(e.sigval)
     cli.silence_followers()

@@ -397,6 +397,75 @@ def test_a_rank_that_fails_alone_under_tp_is_reported(tmp_path, capsys):
                    "only rank 0's output is shown"], err
 
 
+# Ends on SIGTERM 0.5 s later in rank 0 and 3 s later in rank 1, leaving a file named after its rank in
+# the folder of argv[1] when it does; "ready<rank>" there once it waits.
+SLOW_TO_END = """import os, signal, sys, time
+from pathlib import Path
+folder, rank = Path(sys.argv[1]), os.environ["RANK"]
+def end(*_):
+    time.sleep(0.5 if rank == "0" else 3)
+    (folder / ("ended" + rank)).touch()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, end)
+(folder / ("ready" + rank)).touch()
+while True:
+    time.sleep(0.05)
+"""
+# Runs that script in 2 processes as --tp runs commands, telling the launcher the grace argv[2].
+LAUNCH_SLOW_TO_END = """import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from minillama.cli import launch_tensor_parallel
+from minillama.hub import DEMO_MODEL_DIR
+folder, grace = sys.argv[1], float(sys.argv[2])
+try:
+    launch_tensor_parallel(2, DEMO_MODEL_DIR, [folder + "/slow_to_end.py"], [folder], shutdown_timeout=grace)
+except SignalException as e:
+    sys.exit(128 + int(e.sigval))
+"""
+
+
+def test_the_launcher_kills_the_processes_after_the_shutdown_timeout_it_is_given(tmp_path):
+    """launch_tensor_parallel's shutdown_timeout is the grace torch's launcher gives the processes after
+    passing SIGTERM on (30 s when not told): with 1.5 s, the rank that takes 0.5 s to end ends, the one
+    that takes 3 s is killed."""
+    (tmp_path / "slow_to_end.py").write_text(SLOW_TO_END)
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH_SLOW_TO_END, str(tmp_path), "1.5"], env=ENV, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "ended0").exists() and not (tmp_path / "ended1").exists()
+
+
+def test_serve_under_tp_has_the_launcher_wait_out_its_shutdown_timeout(monkeypatch, capsys):
+    """The server of --tp needs --shutdown-timeout after SIGTERM, then SHUTDOWN_GRACE to close: the
+    launcher is told to wait that long. A torch whose launcher cannot be told (it waits 30 s) refuses
+    a --shutdown-timeout that does not fit, before any process starts."""
+    import math
+
+    from minillama import cli, serve
+
+    graces = []
+    monkeypatch.setattr(cli, "launch_tensor_parallel", lambda *_, shutdown_timeout: graces.append(shutdown_timeout) or 0)
+    for value in ("60", "0", "inf"):
+        assert serve.main(["--tp", "2", "--shutdown-timeout", value]) == 0
+    assert graces == [60 + serve.SHUTDOWN_GRACE, serve.SHUTDOWN_GRACE, math.inf]
+    graces.clear()
+    monkeypatch.setattr(cli, "fixed_launcher_grace", lambda: 30)
+    assert serve.main(["--tp", "2", "--shutdown-timeout", "60"]) == 2 and graces == []
+    assert capsys.readouterr().err == (
+        "error: --shutdown-timeout 60 does not fit under --tp: this torch's launcher kills the processes 30 s after "
+        "passing SIGTERM on and the server needs 5 s more to close; give --shutdown-timeout 25 or less, or upgrade "
+        "torch to a release whose launcher takes a shutdown_timeout\n")
+    assert serve.main(["--tp", "2"]) == 0 and graces == [None]  # the default, 25 s, fits in the launcher's 30 s
+
+
 # -- chat: a reply length that cannot fit, a turn that does not fit under --on-overflow error -------
 
 @pytest.mark.parametrize("args", [["--max-new-tokens", 512], ["--max-context", 64, "--max-new-tokens", 64]])

@@ -89,12 +89,17 @@ def test_batched_equals_solo(llm):
             requests.append(Request(prompt, max_tokens, sampling, stop=stop))
             refs.append(llm.generate([prompt], max_new_tokens=max_tokens, temperature=sampling.temperature,
                                      top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed, stop=stop)[0])
-        for ref, got in zip(refs, run_all(scheduler, requests)):
+        done = run_all(scheduler, requests)
+        for ref, got in zip(refs, done):
             assert got.ids == ref.token_ids and got.text == ref.text
             assert got.end.finish_reason == ref.finish_reason and got.end.stop == ref.stop
-            assert got.end.completion_tokens == len(ref.token_ids) and got.end.prompt_tokens == len(ref.prompt_ids)
+            stop_id = 1 if isinstance(ref.stop, int) else 0  # counted, as vLLM's usage counts it
+            assert got.end.completion_tokens == len(ref.token_ids) + stop_id
+            assert got.end.prompt_tokens == len(ref.prompt_ids)
+        assert any(isinstance(ref.stop, int) for ref in refs)
         stats = scheduler.stats()
         assert stats["finished"] == 10 and stats["running"] == stats["waiting"] == 0 and stats["failed"] == 0
+        assert stats["generated_tokens"] == sum(got.end.completion_tokens for got in done)
     finally:
         scheduler.close()
 

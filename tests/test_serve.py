@@ -690,15 +690,47 @@ def test_a_stop_id_is_listed_last_in_the_completions_logprobs(app, llm):
     ref = solo(llm, PROMPTS[3], 100)
     r = app.post("/v1/completions", json=body).json()
     (choice,) = r["choices"]
-    assert choice["finish_reason"] == "stop" and choice["text"] == ref.text and r["usage"]["completion_tokens"] == \
-        len(ref.token_ids)
+    assert choice["finish_reason"] == "stop" and choice["text"] == ref.text
     lp = choice["logprobs"]
-    assert len(lp["tokens"]) == len(ref.token_ids) + 1 and lp["tokens"][-1] == "</s>"
+    assert len(lp["tokens"]) == len(ref.token_ids) + 1 == r["usage"]["completion_tokens"] and lp["tokens"][-1] == "</s>"
     expected = llm.logits(llm.tokenizer.encode(PROMPTS[3]) + ref.token_ids).double().log_softmax(-1)[-1, 2]
     assert lp["token_logprobs"][-1] == pytest.approx(float(expected), abs=1e-5)
     with app.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
         chunks = [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
     assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["logprobs"]["tokens"] == ["</s>"]
+
+
+def test_usage_counts_the_stop_id_that_ended_a_choice(app, llm):
+    """As vLLM's usage (its outputs' token ids hold the stop id that ended them): completion_tokens
+    counts the stop id, as many tokens as the completions' logprobs list; with and without logprobs,
+    whole and streamed (include_usage), summed over n choices, for chat too; total_tokens follows."""
+    def completion_tokens(path, body):
+        """usage.completion_tokens of the whole response and of the streamed one; the whole response."""
+        whole = app.post(path, json=body).json()
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with app.stream("POST", path, json=stream) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert chunks[-1]["choices"] == []
+        usages = [whole["usage"], chunks[-1]["usage"]]
+        for usage in usages:
+            assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        return [usage["completion_tokens"] for usage in usages], whole
+
+    ref = solo(llm, PROMPTS[3], 100)
+    assert ref.finish_reason == "stop" and ref.stop == 2  # the stop id, greedy
+    with_stop_id = len(ref.token_ids) + 1
+    body = {"prompt": PROMPTS[3], "max_tokens": 100, "temperature": 0}
+    counts, whole = completion_tokens("/v1/completions", {**body, "logprobs": 1})
+    assert counts == [with_stop_id] * 2 and len(whole["choices"][0]["logprobs"]["tokens"]) == with_stop_id
+    assert completion_tokens("/v1/completions", body)[0] == [with_stop_id] * 2
+    assert completion_tokens("/v1/completions", {**body, "n": 2})[0] == [2 * with_stop_id] * 2
+    messages = [{"role": "user", "content": "Who is Lily?"}]
+    ref = solo(llm, llm.tokenizer.encode_chat(messages), 100)
+    assert ref.finish_reason == "stop" and ref.stop == 2
+    body = {"messages": messages, "max_tokens": 100, "temperature": 0}
+    for logprobs in (False, True):
+        assert completion_tokens("/v1/chat/completions", {**body, "logprobs": logprobs})[0] == \
+            [len(ref.token_ids) + 1] * 2
 
 
 @pytest.mark.parametrize("path, body, param, words", [
@@ -806,6 +838,37 @@ def test_tensor_parallel_server_answers_as_one_process(tmp_path):
     assert proc.returncode == 143  # SIGTERM: the launcher stopped both ranks
     out = proc.stdout.read()
     assert "Traceback" not in out and "Error" not in out, out  # rank 1 waited for rank 0's close
+
+
+@pytest.mark.slow
+def test_tensor_parallel_server_lets_a_request_finish_past_the_launchers_own_grace(tmp_path, monkeypatch):
+    """torch's launcher kills the processes of --tp a grace after passing SIGTERM on (30 s, or
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT: 0 here, which would cut the request in flight at once): the
+    server tells it --shutdown-timeout plus SHUTDOWN_GRACE instead, and the request finishes."""
+    import signal
+
+    from tests.checkpoints import write_checkpoint
+
+    folder = tmp_path / "tp"
+    write_checkpoint(folder, tokenizer="sentencepiece", n_heads=4, n_kv_heads=2, rope_scaling="llama3", seed=5)
+    prompt = "the cat " * 45  # 182 tokens: 242 steps with --prefill-chunk 1
+    ref = Llama.from_pretrained(folder, device="cpu").generate([prompt], max_new_tokens=60)[0]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "0")
+    proc, url = _start_server("--model", str(folder), "--tp", "2", "--max-seq-len", "256", "--max-batch", "2",
+                              "--prefill-chunk", "1", "--shutdown-timeout", "60")
+    try:
+        done = []
+        body = {"prompt": prompt, "max_tokens": 60, "temperature": 0}
+        holder = threading.Thread(target=lambda: done.append(httpx.post(url + "/v1/completions", json=body,
+                                                                         timeout=60)))
+        holder.start()
+        _wait_running(url, 1)
+        proc.send_signal(signal.SIGTERM)
+        holder.join(timeout=60)
+        assert done and done[0].status_code == 200 and done[0].json()["choices"][0]["text"] == ref.text
+        assert proc.wait(timeout=30) == 143
+    finally:
+        _stop(proc)
 
 
 def test_quantized_server_answers_as_the_quantized_model():
