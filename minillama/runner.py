@@ -47,11 +47,12 @@ def packed_bucket(tokens: int) -> int:
     return -(-tokens // 64) * 64
 
 
-def packed_capacity(tokens: int, rows: int) -> Tuple[int, int]:
+def packed_capacity(tokens: int, rows: int, scored: bool = False) -> Tuple[int, int]:
     """(tiles, logits rows) that a packed graph of ``tokens`` tokens over a cache of ``rows`` rows
     holds: each row's tokens cut into tiles of ``VARLEN_TILE`` (one partial tile per row at most),
-    one logits row per cache row at most (each samples once)."""
-    return min(tokens, tokens // flashcore.VARLEN_TILE + rows), min(tokens, rows)
+    one logits row per cache row at most (each samples once), or, ``scored``, one per token (a step
+    that scores prompt tokens wants the logits of each)."""
+    return min(tokens, tokens // flashcore.VARLEN_TILE + rows), tokens if scored else min(tokens, rows)
 
 
 class _Graph:
@@ -79,10 +80,11 @@ class _Graph:
 
 
 class _PackedGraph:
-    """One captured packed step of ``tokens`` tokens over a fixed cache."""
+    """One captured packed step of ``tokens`` tokens over a fixed cache (``scored``: with a logits
+    row for every token)."""
 
-    def __init__(self, model: Transformer, cache: KVCache, tokens: int, pool):
-        n_tiles, n_logits = packed_capacity(tokens, cache.batch)
+    def __init__(self, model: Transformer, cache: KVCache, tokens: int, pool, scored: bool = False):
+        n_tiles, n_logits = packed_capacity(tokens, cache.batch, scored)
         device = cache.k.device
         self.tokens = torch.zeros(tokens, dtype=torch.long, device=device)  # static inputs
         self.meta = torch.zeros(tokens + 4 * n_tiles + n_logits, dtype=torch.long, device=device)
@@ -120,6 +122,8 @@ class Runner:
     """
 
     max_packed_tokens = 4096  # larger packed steps run eagerly (a graph's buffers grow with its tokens)
+    max_scored_tokens = 1024  # and larger steps that score prompt tokens (logits of every token: 256 MB
+    # for Llama 3.1's vocabulary in bf16 at 1024)
 
     def __init__(self, model: Transformer, cuda_graphs: Optional[bool] = None, max_graphs: int = 16):
         self.model = model
@@ -200,7 +204,9 @@ class Runner:
 
         With CUDA graphs on, a step replays the graph of its token bucket over this cache (the
         logits are then the graph's buffer: the next step overwrites them) when the bucket was
-        captured (:meth:`capture_packed`) or is seen a second time (:meth:`_recurs`)."""
+        captured (:meth:`capture_packed`) or is seen a second time (:meth:`_recurs`). A step that
+        wants more logits rows than cache rows (it scores prompt tokens) has graphs of its own, with
+        a logits row per token, up to ``max_scored_tokens``."""
         T = tokens.shape[0]
         lens, seen, flat, start = cache.seq_lens_cpu, set(), [], 0
         for row, n in spans:
@@ -221,11 +227,13 @@ class Runner:
         rows = list(range(T)) if logits_rows is None else [int(r) for r in logits_rows]
         if self.cuda_graphs and T <= self.max_packed_tokens:
             size = packed_bucket(T)
-            n_tiles, n_logits = packed_capacity(size, cache.batch)
-            if len(tiles) <= n_tiles and len(rows) <= n_logits and self._recurs(size, cache):
+            scored = len(rows) > min(size, cache.batch)
+            n_tiles, n_logits = packed_capacity(size, cache.batch, scored)
+            if len(tiles) <= n_tiles and (not scored or size <= self.max_scored_tokens) \
+                    and self._recurs(size, cache, scored):
                 meta = (positions + [0] * (size - T) + [x for t in tiles for x in t] + [0] * (4 * (n_tiles - len(tiles)))
                         + rows + [0] * (n_logits - len(rows)))
-                return self._packed_graph(size, cache).replay(tokens, _host(meta, self.device), len(rows))
+                return self._packed_graph(size, cache, scored).replay(tokens, _host(meta, self.device), len(rows))
         meta = _host(positions + [x for t in tiles for x in t] + rows, self.device).to(self.device, non_blocking=True)
         positions, tiles, rows = meta.split([T, 4 * len(tiles), len(rows)])
         return self.model.forward_packed(tokens, positions, tiles.view(-1, 4), cache, rows)
@@ -240,24 +248,24 @@ class Runner:
             size = packed_bucket(size + 1)
             self._packed_graph(size, cache)
 
-    def _recurs(self, size: int, cache: KVCache) -> bool:
-        """Whether packed steps of this token bucket over this cache have a graph or ran before
-        (then the next one captures it); marks them as seen. A shape seen once (a chat turn's
-        prompt) runs eagerly and pays no capture."""
-        key = _packed_key(size, cache)
+    def _recurs(self, size: int, cache: KVCache, scored: bool = False) -> bool:
+        """Whether packed steps of this token bucket (scored or not) over this cache have a graph or
+        ran before (then the next one captures it); marks them as seen. A shape seen once (a chat
+        turn's prompt) runs eagerly and pays no capture."""
+        key = _packed_key(size, cache, scored)
         if key in self._graphs or key in self._packed_seen:
             return True
         self._packed_seen.add(key)
         return False
 
-    def _packed_graph(self, size: int, cache: KVCache) -> _PackedGraph:
-        key = _packed_key(size, cache)
+    def _packed_graph(self, size: int, cache: KVCache, scored: bool = False) -> _PackedGraph:
+        key = _packed_key(size, cache, scored)
         graph = self._graphs.get(key)
         if graph is None:
             self.tune_gemv()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = self._graphs[key] = _PackedGraph(self.model, cache, size, self._pool)
+            graph = self._graphs[key] = _PackedGraph(self.model, cache, size, self._pool, scored)
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
@@ -344,8 +352,9 @@ class Runner:
                 self.gemv_timings[role] = {f"{c}{'' if fused else ' norm apart'}": ms for (c, fused), ms in times.items()}
 
 
-def _packed_key(size: int, cache: KVCache) -> tuple:
-    return ("packed", size, cache.k.data_ptr(), cache.k.stride(), cache.k.shape, cache.v.data_ptr())
+def _packed_key(size: int, cache: KVCache, scored: bool = False) -> tuple:
+    return ("scored" if scored else "packed", size, cache.k.data_ptr(), cache.k.stride(), cache.k.shape,
+            cache.v.data_ptr())
 
 
 def _host(values: List[int], device: torch.device) -> torch.Tensor:

@@ -39,7 +39,8 @@ go to the host with the step's tokens, as one :class:`PromptLogprobs` event per 
 request's first :class:`Token`. So the log-probabilities held at once are one step's rows, never a
 whole prompt's: at most ``prefill_chunk`` plus the decoding rows x the vocabulary in float32 (about
 260 MB for 512 x 128256; as much again for the float32 copy of bf16 logits). On a GPU such a step
-runs eagerly when it wants more logits rows than a packed graph holds (one per cache row).
+replays a packed graph with a logits row per token (``Runner.max_scored_tokens`` tokens at most;
+larger ones run eagerly).
 
 Overlap: each iteration first launches its device work (the step, the sampling of the decoding
 rows and of the first tokens of completed prompts; ids and fills move between host and device

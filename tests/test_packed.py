@@ -102,6 +102,32 @@ def test_packed_graphs_equal_the_eager_forward():
 
 
 @pytest.mark.gpu
+def test_scored_steps_replay_graphs_with_a_logits_row_per_token():
+    """A step that wants the logits of more tokens than the cache has rows (it scores a prompt chunk)
+    runs eagerly the first time, then replays a graph of its bucket with a logits row per token, equal
+    to the eager forward; a larger one than max_scored_tokens stays eager."""
+    model = tiny_model(9, backend="triton", device="cuda", layers=3)
+    graphs, eager = Runner(model), Runner(model, cuda_graphs=False)
+    gen = torch.Generator().manual_seed(9)
+    pool = graphs.new_cache(2, 400)
+    pool.k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))  # row 0's 5 cached tokens
+    pool.v.normal_(generator=torch.Generator(device="cuda").manual_seed(10))
+    for T in (40, 37, 40):  # one bucket (64), scored three times: eager, captured, replayed
+        pool.set_lengths([5, 0])
+        tokens = torch.randint(0, VOCAB, (T,), generator=gen).cuda()
+        spans, logits_rows = [(0, 1), (1, T - 1)], list(range(T))
+        before = copy_of(pool)
+        got = graphs.forward_packed(tokens, spans, pool, logits_rows).float()
+        want = eager.forward_packed(tokens, spans, before, logits_rows).float()
+        assert got.shape == (T, VOCAB) and rel_err(got, want) < 1e-5
+    assert [k[:2] for k in graphs._graphs] == [("scored", 64)]
+    graphs.max_scored_tokens = 32
+    for _ in range(2):
+        graphs.forward_packed(tokens, spans, pool, logits_rows)
+    assert [k[:2] for k in graphs._graphs] == [("scored", 64)]
+
+
+@pytest.mark.gpu
 def test_a_prefill_bucket_is_captured_when_it_recurs():
     """A prefill of a new token bucket runs eagerly; the same bucket again replays a new graph."""
     runner = Runner(tiny_model(8, backend="triton", device="cuda"))
@@ -152,3 +178,4 @@ def test_packed_buckets_hold_every_step_of_their_size():
             spans = min(T, R)
             worst_tiles = (T - spans) // flashcore.VARLEN_TILE + spans  # partial tiles: one per span
             assert worst_tiles <= n_tiles and min(T, R) <= n_logits
+            assert packed_capacity(size, R, scored=True) == (n_tiles, size)  # a logits row per token

@@ -729,7 +729,7 @@ def test_serving_on_the_gpu_replays_only_graphs_captured_at_start(monkeypatch):
 
 @pytest.mark.gpu
 def test_penalties_and_prompt_logprobs_on_the_gpu():
-    """On CUDA (pinned copies, replayed graphs, a step that scores a prompt chunk running eagerly):
+    """On CUDA (pinned copies, replayed graphs, steps that score prompt chunks in graphs of their own):
     requests with a logit bias and penalties, greedy and seeded, equal their solo runs beside a
     request whose prompt is scored, and the scores equal one full forward's."""
     gpu = Llama.from_pretrained(DEMO_MODEL_DIR, device="cuda", dtype=torch.float32)
@@ -748,5 +748,6 @@ def test_penalties_and_prompt_logprobs_on_the_gpu():
         for t, (logprob, top_ids, top_values) in zip(scored.prompt_tokens, prompt_reference(gpu, scored_prompt, 2)):
             assert t.logprob == pytest.approx(logprob, abs=1e-3)  # float32 on the GPU, other shapes than logits'
             assert [v for _, v in t.top_logprobs] == pytest.approx(top_values, abs=1e-3)
+        assert any(key[0] == "scored" for key in gpu.runner._graphs)  # the scored chunks' bucket recurred
     finally:
         scheduler.close()
