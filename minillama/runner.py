@@ -80,11 +80,13 @@ class _Graph:
 
 
 class _PackedGraph:
-    """One captured packed step of ``tokens`` tokens over a fixed cache (``scored``: with a logits
-    row for every token)."""
+    """One captured packed step of ``tokens`` tokens over a fixed cache. With ``logits_out`` (a
+    scored step's graph: a logits row for every token), the logits go to its first rows, a buffer
+    that every scored graph shares, instead of a buffer of the graph's own."""
 
-    def __init__(self, model: Transformer, cache: KVCache, tokens: int, pool, scored: bool = False):
-        n_tiles, n_logits = packed_capacity(tokens, cache.batch, scored)
+    def __init__(self, model: Transformer, cache: KVCache, tokens: int, pool,
+                 logits_out: Optional[torch.Tensor] = None):
+        n_tiles, n_logits = packed_capacity(tokens, cache.batch, scored=logits_out is not None)
         device = cache.k.device
         self.tokens = torch.zeros(tokens, dtype=torch.long, device=device)  # static inputs
         self.meta = torch.zeros(tokens + 4 * n_tiles + n_logits, dtype=torch.long, device=device)
@@ -98,7 +100,10 @@ class _PackedGraph:
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = model.forward_packed(*args)  # static output (n_logits, V)
+            logits = model.forward_packed(*args)  # static output (n_logits, V)
+            if logits_out is not None:  # the graph's own logits are freed for the pool's later captures
+                logits = logits_out[:n_logits].copy_(logits)
+        self.logits = logits
 
     def replay(self, tokens: torch.Tensor, meta: torch.Tensor, n_logits: int) -> torch.Tensor:
         """meta: the step's metadata on the host (pinned), laid out and padded as ``self.meta``."""
@@ -122,8 +127,8 @@ class Runner:
     """
 
     max_packed_tokens = 4096  # larger packed steps run eagerly (a graph's buffers grow with its tokens)
-    max_scored_tokens = 1024  # and larger steps that score prompt tokens (logits of every token: 256 MB
-    # for Llama 3.1's vocabulary in bf16 at 1024)
+    max_scored_tokens = 1024  # and larger steps that score prompt tokens: their graphs share one logits
+    # buffer of this many rows (256 MB for Llama 3.1's vocabulary in bf16)
 
     def __init__(self, model: Transformer, cuda_graphs: Optional[bool] = None, max_graphs: int = 16):
         self.model = model
@@ -139,6 +144,7 @@ class Runner:
         self._graphs: "OrderedDict[tuple, _Graph]" = OrderedDict()
         self._pool = None
         self._packed_seen = set()  # keys of packed steps run once (eagerly)
+        self._scored_logits: Optional[torch.Tensor] = None  # (max_scored_tokens, V): scored graphs' output
         self.gemv_timings: Optional[dict] = None  # {role: {config: ms per matrix}}, by tune_gemv
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -265,7 +271,13 @@ class Runner:
             self.tune_gemv()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = self._graphs[key] = _PackedGraph(self.model, cache, size, self._pool, scored)
+            logits_out = None
+            if scored:
+                if self._scored_logits is None or self._scored_logits.shape[0] < size:
+                    self._scored_logits = torch.empty(self.max_scored_tokens, self.config.vocab_size,
+                                                      dtype=self.dtype, device=self.device)
+                logits_out = self._scored_logits
+            graph = self._graphs[key] = _PackedGraph(self.model, cache, size, self._pool, logits_out)
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
@@ -288,6 +300,7 @@ class Runner:
         self._graphs.clear()
         self._packed_seen.clear()
         self._pool = None
+        self._scored_logits = None
 
     def gemv_roles(self) -> dict:
         """{role: [(linear, the norm before it or None)]}: the single-token products by matrix kind."""

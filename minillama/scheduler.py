@@ -247,7 +247,8 @@ class Scheduler:
         decode = {min(bucket(b), self.cache.batch) for b in range(1, self.cache.batch + 1)}
         packed = {packed_bucket(t) for t in range(1, self.max_batch + self.prefill_chunk + 1)
                   if t <= runner.max_packed_tokens}
-        runner.max_graphs = max(runner.max_graphs, len(decode) + len(packed) + 8)  # keep them all
+        # keep them all, beside a scored step's graph (a logits row per token) for each packed bucket
+        runner.max_graphs = max(runner.max_graphs, len(decode) + 2 * len(packed) + 8)
         rows = 1
         while True:
             with self._step_lock, torch.inference_mode():

@@ -105,26 +105,35 @@ def test_packed_graphs_equal_the_eager_forward():
 def test_scored_steps_replay_graphs_with_a_logits_row_per_token():
     """A step that wants the logits of more tokens than the cache has rows (it scores a prompt chunk)
     runs eagerly the first time, then replays a graph of its bucket with a logits row per token, equal
-    to the eager forward; a larger one than max_scored_tokens stays eager."""
+    to the eager forward; the scored graphs of two buckets share one logits buffer; a step larger than
+    max_scored_tokens stays eager."""
     model = tiny_model(9, backend="triton", device="cuda", layers=3)
     graphs, eager = Runner(model), Runner(model, cuda_graphs=False)
     gen = torch.Generator().manual_seed(9)
     pool = graphs.new_cache(2, 400)
     pool.k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))  # row 0's 5 cached tokens
     pool.v.normal_(generator=torch.Generator(device="cuda").manual_seed(10))
-    for T in (40, 37, 40):  # one bucket (64), scored three times: eager, captured, replayed
+
+    def scored_step(T):
         pool.set_lengths([5, 0])
         tokens = torch.randint(0, VOCAB, (T,), generator=gen).cuda()
         spans, logits_rows = [(0, 1), (1, T - 1)], list(range(T))
         before = copy_of(pool)
         got = graphs.forward_packed(tokens, spans, pool, logits_rows).float()
         want = eager.forward_packed(tokens, spans, before, logits_rows).float()
-        assert got.shape == (T, VOCAB) and rel_err(got, want) < 1e-5
+        assert got.shape == (T, VOCAB) and rel_err(got, want) < 1e-5, T
+
+    for T in (40, 37, 40):  # one bucket (64), scored three times: eager, captured, replayed
+        scored_step(T)
     assert [k[:2] for k in graphs._graphs] == [("scored", 64)]
-    graphs.max_scored_tokens = 32
+    for T in (20, 20, 20, 40):  # bucket 32's graph writes the buffer of bucket 64's, which replays after it
+        scored_step(T)
+    assert sorted(k[:2] for k in graphs._graphs) == [("scored", 32), ("scored", 64)]
+    assert {g.logits.data_ptr() for g in graphs._graphs.values()} == {graphs._scored_logits.data_ptr()}
+    graphs.max_scored_tokens = 8
     for _ in range(2):
-        graphs.forward_packed(tokens, spans, pool, logits_rows)
-    assert [k[:2] for k in graphs._graphs] == [("scored", 64)]
+        scored_step(12)  # bucket 16: eager, never captured
+    assert sorted(k[:2] for k in graphs._graphs) == [("scored", 32), ("scored", 64)]
 
 
 @pytest.mark.gpu
