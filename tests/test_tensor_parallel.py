@@ -76,20 +76,20 @@ def mixed_step_logits(llm, ids):
     return llm.runner.forward_packed(tokens, [(0, 1), (1, 1), (2, 7), (3, 2)], pool, [0, 1, 2 + 6, 2 + 7 + 1])
 
 
-def run_8bit(folder, out_path):
-    """Logits and greedy tokens with weights quantized at load, int8 and fp8, and with the loaded
-    model quantized in memory (quantize_model), int8."""
+def run_8bit(folder, out_path, device="cpu", dtype=None):
+    """Logits (on the CPU) and greedy tokens with weights quantized at load, int8 and fp8, and with
+    the loaded model quantized in memory (quantize_model), int8."""
     from minillama.quantization import quantize_model
 
     out = {}
     for quantize in ("int8", "fp8", "int8 in memory"):
         if quantize == "int8 in memory":
-            llm = Llama.from_pretrained(folder, device="cpu")
+            llm = Llama.from_pretrained(folder, device=device, dtype=dtype)
             quantize_model(llm.model, "int8")
         else:
-            llm = Llama.from_pretrained(folder, device="cpu", quantize=quantize)
+            llm = Llama.from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
         ids = llm.tokenizer.encode("the cat sat on the mat and then it", bos=True)
-        out[quantize] = (llm.logits(ids), [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)])
+        out[quantize] = (llm.logits(ids).cpu(), [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)])
     torch.save(out, out_path)
 
 
