@@ -17,6 +17,11 @@ client has received its first token (the opening burst of all clients' first pro
 until the first client runs out of requests: the engine's steady state at that concurrency, which
 a run long enough (``--requests-per-client``) approaches; null when that window is empty.
 
+``--score`` sends lm-evaluation-harness's log-likelihood requests instead: each a /v1/completions
+call (not streamed) with ``echo``, ``logprobs: 1`` and ``max_tokens: 0``, whose prompt the server
+scores token by token. Its ``tokens`` are then prompt tokens scored, ``tok_s`` their rate, its TTFT
+the whole request's latency; there is no static baseline.
+
 ``--queue per-client`` (the default) gives each client its own list of requests;
 ``--queue shared`` puts all of a level's requests in one queue that every client takes its next
 request from (what vLLM's ``benchmark_serving.py --max-concurrency N`` does): the same requests, but
@@ -65,6 +70,8 @@ def parse_args():
     p.add_argument("--max-batch", type=int, default=None, help="server cache rows (default: the largest level)")
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--no-static", action="store_true", help="skip the static-batching baseline")
+    p.add_argument("--score", action="store_true",
+                   help="lm-eval's log-likelihood requests (echo, logprobs 1, max_tokens 0): prompt tokens scored")
     p.add_argument("--vocab", type=int, default=128000, help="prompt ids are drawn below this (with --url)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_serve.json")
@@ -129,16 +136,28 @@ def write_random_checkpoint(folder: Path) -> Path:
 
 
 def workload(args, clients: int, vocab_high: int):
-    """Per client, its requests: (prompt ids, max_tokens). Ids avoid the special tokens."""
+    """Per client, its requests: (prompt ids, max_tokens). Ids avoid the special tokens. With
+    ``--score`` every max_tokens is 0."""
     rng = random.Random(args.seed * 1000 + clients)
     low = 1000 if vocab_high > 2000 else 3
     p_lo, p_hi = map(int, args.prompt_lens.split(","))
     o_lo, o_hi = map(int, args.output_lens.split(","))
-    return [[([rng.randrange(low, vocab_high) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(o_lo, o_hi))
+    return [[([rng.randrange(low, vocab_high) for _ in range(rng.randint(p_lo, p_hi))],
+              0 if args.score else rng.randint(o_lo, o_hi))
              for _ in range(args.requests_per_client)] for _ in range(clients)]
 
 
-async def one_request(client, url, prompt, max_tokens, record):
+async def one_request(client, url, prompt, max_tokens, record, score=False):
+    if score:  # the prompt's log-likelihood, as lm-eval asks for it
+        body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+        start = time.perf_counter()
+        r = await client.post(url + "/v1/completions", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]!r}")
+        done = time.perf_counter()
+        record.append({"ttft": done - start, "gaps": [], "tokens": r.json()["usage"]["prompt_tokens"], "chunks": 1,
+                       "chunk_times": [done]})
+        return
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -161,9 +180,10 @@ async def one_request(client, url, prompt, max_tokens, record):
                    "tokens": usage["completion_tokens"], "chunks": len(times), "chunk_times": times})
 
 
-async def run_level(url, requests, queue="per-client"):
+async def run_level(url, requests, queue="per-client", score=False):
     """Run one level: ``requests`` holds each client's list; with ``queue="shared"`` the clients
-    instead take their next request from one queue of all of them, in round order."""
+    instead take their next request from one queue of all of them, in round order; ``score``: the
+    requests are log-likelihood requests (--score)."""
     import httpx
 
     record = []
@@ -181,7 +201,7 @@ async def run_level(url, requests, queue="per-client"):
                     prompt, max_tokens = items[len(mine)]
                 else:
                     break
-                await one_request(client, url, prompt, max_tokens, mine)
+                await one_request(client, url, prompt, max_tokens, mine, score)
             record.extend(mine)
             first_token = mine[0]["chunk_times"][0] if mine and mine[0]["chunk_times"] else None
             return sum(r["tokens"] for r in mine), time.perf_counter(), first_token
@@ -286,7 +306,7 @@ def main():
         vocab_high = min(128000, Tokenizer.from_dir(resolve_checkpoint(model)).vocab_size)
         results["model"] = args.model or "random Llama-3.1-8B shapes, bf16"
         results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        if not args.no_static:
+        if not (args.no_static or args.score):
             from minillama import Llama
 
             llm = Llama.from_pretrained(model)
@@ -307,9 +327,16 @@ def main():
         warm = [[(prompt[:16], min(24, o_lo)) for prompt, _ in items[:1]]
                 for items in workload(args, max(levels), vocab_high)]
         asyncio.run(run_level(url, warm))
+        if args.score:  # and a first pass of the scoring requests, so steps that recur replay graphs
+            asyncio.run(run_level(url, workload(args, max(levels), vocab_high), args.queue, score=True))
         for level in levels:
-            served = asyncio.run(run_level(url, workload(args, level, vocab_high), args.queue))
+            served = asyncio.run(run_level(url, workload(args, level, vocab_high), args.queue, args.score))
             results["levels"].setdefault(str(level), {})["continuous"] = served
+            if args.score:
+                log(f"scored  {level:4d} clients: {served['tok_s']:8.0f} prompt tok/s over {served['wall_s']:.1f} s, "
+                    f"latency p50/p99 {served['ttft_p50_ms']:.0f}/{served['ttft_p99_ms']:.0f} ms")
+                Path(args.out).write_text(json.dumps(results, indent=2))
+                continue
             steady = f"{served['tok_s_steady']:.0f}" if served["tok_s_steady"] else "-"
             log(f"served  {level:4d} clients: {served['tok_s']:8.0f} tok/s ({served['tok_s_all_busy']:.0f} while all "
                 f"were busy, {served['all_busy_s']:.1f} s of {served['wall_s']:.1f}; steady {steady} over "

@@ -51,3 +51,15 @@ def test_bench_serve_shared_queue_serves_every_request_once(tmp_path):
     served = results["levels"]["3"]["continuous"]
     assert served["queue"] == "shared" and served["requests"] == 6 and served["tokens"] > 0
     assert 0 < served["all_busy_s"] <= served["wall_s"]
+
+
+@pytest.mark.slow
+def test_bench_serve_score_sends_log_likelihood_requests(tmp_path):
+    """--score: 2 clients x 2 requests of echo + logprobs + max_tokens 0; their tokens are the prompt
+    tokens the server scored."""
+    results = bench_serve(tmp_path, "--concurrency", "2", "--requests-per-client", "2", "--score", "--max-batch", "2")
+    served = results["levels"]["2"]["continuous"]
+    assert "static" not in results["levels"]["2"]
+    assert served["requests"] == 4 and served["tok_s"] > 0 and served["ttft_p50_ms"] > 0
+    assert 4 * 4 <= served["tokens"] <= 4 * (12 + 1)  # prompts of 4-12 ids, maybe a BOS each
+    assert results["server_stats"]["failed"] == 0
