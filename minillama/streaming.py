@@ -52,7 +52,7 @@ class IncrementalDecoder:
         self.tokenizer = tokenizer
         context = list(prompt_ids)
         if context and tokenizer.bos_id is not None and context[0] == tokenizer.bos_id:
-            context = context[1:]  # "<s>" is not text: HF tokenizers would decode it, SentencePiece not
+            context = context[1:]  # "<s>" is not text, though decode writes it
         start = max(0, len(context) - PROMPT_CONTEXT)
         while start > 0 and tokenizer.decode(context[start:]).startswith(REPLACEMENT_CHAR):
             start -= 1  # begin at a character, not inside the bytes of one

@@ -258,12 +258,40 @@ class SentencePieceTokenizer(Tokenizer):
         # of transformers 5.24 adds no BOS then, against its docstring)
         add_bos = tokenizer_config.get("add_bos_token", True)
         super().__init__(tokenizer_config, bos_id, eos_id, bool(add_bos))
+        self._anchor_id: Optional[int] = None  # see _anchor
 
     def _encode_plain(self, text: str) -> List[int]:
         return self._sp.EncodeAsIds(text)
 
     def _decode(self, ids: List[int]) -> str:
-        return self._sp.DecodeIds(ids)
+        """As transformers decodes a SentencePiece vocabulary: control and unknown ids as their piece
+        ("<s>", "</s>", "<unk>"; SentencePiece drops the first two and shows the last as " ⁇ "), the
+        ids between them by SentencePiece, which drops the leading space of the text only. (Byte
+        pieces that are not UTF-8 stay SentencePiece's: fewer U+FFFD than transformers' one per byte.)"""
+        sp, text, run = self._sp, [], []
+        for i in ids + [None]:
+            if i is not None and not (sp.IsControl(i) or sp.IsUnknown(i)):
+                run.append(i)
+                continue
+            if run:
+                if text:  # within the text: decoded after a piece of no space, which is then cut off
+                    anchor = self._anchor()
+                    text.append(sp.DecodeIds([anchor] + run)[len(sp.DecodeIds([anchor])):])
+                else:
+                    text.append(sp.DecodeIds(run))
+                run = []
+            if i is not None:
+                text.append(sp.IdToPiece(i))
+        return "".join(text)
+
+    def _anchor(self) -> int:
+        """A normal piece that does not begin with a space (SentencePiece's "\u2581")."""
+        if self._anchor_id is None:
+            sp = self._sp
+            self._anchor_id = next(i for i in range(sp.GetPieceSize())
+                                   if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or sp.IsUnused(i))
+                                   and not sp.IdToPiece(i).startswith("\u2581"))
+        return self._anchor_id
 
     def token_bytes(self, token_id: int) -> bytes:
         return _piece_bytes(self._sp.IdToPiece(int(token_id)))

@@ -300,16 +300,19 @@ def test_decoder_flushes_an_unfinished_character(sp):
 
 
 def test_decoder_keeps_the_space_after_a_control_token(sp):
-    """SentencePiece decodes <s> and </s> to nothing and drops the leading space of the piece after
-    one that starts a decode, so a window that began at such a token lost the space of " and"."""
+    """A control token decodes as its piece, as transformers decodes it (SentencePiece itself decodes
+    <s> and </s> to nothing), and the piece after it keeps its leading space, also where a decode (a
+    streaming window) begins at the control token: SentencePiece drops the leading space of what it
+    decodes, so such a window lost the space of " and"."""
     tok = sp.tokenizer
     prompt, and_tom = continuation(tok, "Lily", "Lily and Tom")
-    for control in (BOS_SP, EOS_SP):
+    for control, piece in ((BOS_SP, "<s>"), (EOS_SP, "</s>")):
         ids = [control] + and_tom
-        assert tok.decode(prompt[1:] + ids) == "Lily and Tom"
+        assert tok.decode(prompt[1:] + ids) == f"Lily{piece} and Tom"
+        assert tok.decode(ids) == f"{piece} and Tom"
         decoder = IncrementalDecoder(tok, prompt)
         deltas = [decoder.push(t) for t in ids] + [decoder.flush()]
-        assert "".join(deltas) == " and Tom"
+        assert "".join(deltas) == f"{piece} and Tom"
         decoder = IncrementalDecoder(tok, prompt + [control])  # the prompt ends with one
         assert "".join([decoder.push(t) for t in and_tom] + [decoder.flush()]) == " and Tom"
 
