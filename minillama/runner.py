@@ -233,8 +233,10 @@ class Runner:
         rows = list(range(T)) if logits_rows is None else [int(r) for r in logits_rows]
         if self.cuda_graphs and T <= self.max_packed_tokens:
             size = packed_bucket(T)
-            scored = len(rows) > min(size, cache.batch)
-            n_tiles, n_logits = packed_capacity(size, cache.batch, scored)
+            n_tiles, n_logits = packed_capacity(size, cache.batch)
+            scored = len(rows) > n_logits
+            if scored:
+                n_tiles, n_logits = packed_capacity(size, cache.batch, scored=True)
             if len(tiles) <= n_tiles and (not scored or size <= self.max_scored_tokens) \
                     and self._recurs(size, cache, scored):
                 meta = (positions + [0] * (size - T) + [x for t in tiles for x in t] + [0] * (4 * (n_tiles - len(tiles)))

@@ -258,7 +258,7 @@ class SentencePieceTokenizer(Tokenizer):
         # of transformers 5.24 adds no BOS then, against its docstring)
         add_bos = tokenizer_config.get("add_bos_token", True)
         super().__init__(tokenizer_config, bos_id, eos_id, bool(add_bos))
-        self._anchor_id: Optional[int] = None  # see _anchor
+        self._anchor: Optional[Tuple[int, str]] = None  # see _anchor_piece
 
     def _encode_plain(self, text: str) -> List[int]:
         return self._sp.EncodeAsIds(text)
@@ -275,8 +275,8 @@ class SentencePieceTokenizer(Tokenizer):
                 continue
             if run:
                 if text:  # within the text: decoded after a piece of no space, which is then cut off
-                    anchor = self._anchor()
-                    text.append(sp.DecodeIds([anchor] + run)[len(sp.DecodeIds([anchor])):])
+                    anchor, anchor_text = self._anchor_piece()
+                    text.append(sp.DecodeIds([anchor] + run)[len(anchor_text):])
                 else:
                     text.append(sp.DecodeIds(run))
                 run = []
@@ -284,14 +284,15 @@ class SentencePieceTokenizer(Tokenizer):
                 text.append(sp.IdToPiece(i))
         return "".join(text)
 
-    def _anchor(self) -> int:
-        """A normal piece that does not begin with a space (SentencePiece's "\u2581")."""
-        if self._anchor_id is None:
+    def _anchor_piece(self) -> Tuple[int, str]:
+        """A normal piece that does not begin with a space (SentencePiece's "\u2581"): its id and text."""
+        if self._anchor is None:
             sp = self._sp
-            self._anchor_id = next(i for i in range(sp.GetPieceSize())
-                                   if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or sp.IsUnused(i))
-                                   and not sp.IdToPiece(i).startswith("\u2581"))
-        return self._anchor_id
+            anchor = next(i for i in range(sp.GetPieceSize())
+                          if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or sp.IsUnused(i))
+                          and not sp.IdToPiece(i).startswith("\u2581"))
+            self._anchor = (anchor, sp.DecodeIds([anchor]))
+        return self._anchor
 
     def token_bytes(self, token_id: int) -> bytes:
         return _piece_bytes(self._sp.IdToPiece(int(token_id)))
