@@ -5,6 +5,7 @@ SentencePiece ``tokenizer.model`` when that is all a checkpoint ships.
 spelled out as ordinary tokens, never turned into a special id. Special ids are inserted only by
 code that means to (BOS here, turn markers in the chat encoder).
 """
+import functools
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -162,7 +163,7 @@ def _check_tokenizer_config(config: dict, path: Optional[Path]) -> None:
 
 class HFTokenizer(Tokenizer):
     def __init__(self, path: Path, tokenizer_config: dict):
-        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import Tokenizer as RustTokenizer, decoders
 
         try:
             self._tok = RustTokenizer.from_file(str(path))
@@ -171,6 +172,10 @@ class HFTokenizer(Tokenizer):
         self._tok.encode_special_tokens = True  # text is text: "<|eot_id|>" in a message is not a marker
         _check_added_token_ids(path, self._tok)
         self._ids = None  # (vocab_size, undecodable ids), see _id_range
+        # read once for token_bytes, which runs for every token of a logprobs response: the library
+        # builds a new dict of every added token on each get_added_tokens_decoder() (~0.2 ms)
+        self._added_ids = frozenset(self._tok.get_added_tokens_decoder())
+        self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)  # GPT-2 style: a character per byte
         bos = _token_content(tokenizer_config.get("bos_token"))
         eos = _token_content(tokenizer_config.get("eos_token"))
         bos_id = self._tok.token_to_id(bos) if bos else None
@@ -198,12 +203,10 @@ class HFTokenizer(Tokenizer):
         return {t.content: (i, t.lstrip, t.rstrip) for i, t in self._tok.get_added_tokens_decoder().items()}
 
     def token_bytes(self, token_id: int) -> bytes:
-        from tokenizers import decoders
-
         piece = self._tok.id_to_token(int(token_id)) or ""
-        if int(token_id) in self._tok.get_added_tokens_decoder():
+        if int(token_id) in self._added_ids:
             return piece.encode()
-        if isinstance(self._tok.decoder, decoders.ByteLevel):  # GPT-2 style: one character per byte
+        if self._byte_level:
             table = _byte_level_decoder()
             return bytes(table[c] for c in piece) if all(c in table for c in piece) else piece.encode()
         return _piece_bytes(piece)
@@ -316,6 +319,7 @@ def _piece_bytes(piece: str) -> bytes:
     return piece.replace("\u2581", " ").encode()
 
 
+@functools.cache
 def _byte_level_decoder() -> Dict[str, int]:
     """GPT-2's byte-to-unicode table, inverted: the character a byte-level piece uses -> the byte."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
