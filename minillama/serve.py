@@ -160,7 +160,8 @@ class _Choice:
 
     @property
     def stop_tokens(self) -> List[Token]:
-        """The stop id that ended the choice, with its logprob (listed last in the completions' logprobs)."""
+        """The stop id that ended the choice, with its logprob: the last entry of the logprobs, chat's and
+        completions' (as vLLM's, whose outputs hold the id; ``usage.completion_tokens`` counts it too)."""
         stop = self.finished.stop_token
         return [] if stop is None else [stop]
 
@@ -428,14 +429,14 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                 if c.tool_calls:
                     message["tool_calls"] = proto.tool_calls_json(c.tool_calls)
                 out.append({"index": i, "message": message, "finish_reason": c.finish_reason,
-                            "logprobs": proto.chat_logprobs(tokenizer, c.tokens)})
+                            "logprobs": proto.chat_logprobs(tokenizer, c.tokens + c.stop_tokens)})
             return {**head, "object": "chat.completion", "choices": out, "usage": total_usage(choices, parsed.n)}
 
         def chunk(index, text, tokens, done):
             if text is None:
                 delta = {"role": "assistant", "content": ""}
             elif done is not None:
-                delta = {}
+                delta, tokens = {}, tokens + done.stop_tokens
             elif choices[index].tool_calls and not text:
                 delta = {"tool_calls": proto.tool_calls_json(choices[index].tool_calls, stream=True)}
             else:

@@ -733,6 +733,46 @@ def test_usage_counts_the_stop_id_that_ended_a_choice(app, llm):
             [len(ref.token_ids) + 1] * 2
 
 
+def test_a_stop_id_is_listed_last_in_the_chat_logprobs(app, llm):
+    """As the completions' (and vLLM's chat): the stop id that ends a chat choice has the last entry of
+    logprobs.content (streamed in the chunk with finish_reason), its token the id's text, so that the
+    entries count usage.completion_tokens; a choice ended by a stop string or by max_tokens has none."""
+    messages = [{"role": "user", "content": "Who is Lily?"}]
+    ids = llm.tokenizer.encode_chat(messages)
+    ref = solo(llm, ids, 100)
+    assert ref.finish_reason == "stop" and ref.stop == 2  # </s>, the demo model's EOS, greedy
+    body = {"messages": messages, "max_tokens": 100, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    r = app.post("/v1/chat/completions", json=body).json()
+    (choice,) = r["choices"]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == ref.text
+    content = choice["logprobs"]["content"]
+    assert len(content) == len(ref.token_ids) + 1 == r["usage"]["completion_tokens"]
+    lp = llm.logits(ids + ref.token_ids).double().log_softmax(-1)[-1]
+    stop = content[-1]
+    assert stop["token"] == "</s>" and stop["bytes"] == list(b"</s>")
+    assert stop["logprob"] == pytest.approx(float(lp[2]), abs=1e-5)
+    best = lp.topk(2).indices.tolist()
+    assert best[0] == 2 and [e["logprob"] for e in stop["top_logprobs"]] == pytest.approx(lp[best].tolist(), abs=1e-5)
+    assert stop["top_logprobs"][0] == {k: stop[k] for k in ("token", "logprob", "bytes")}
+    assert [e["token"] for e in content[:-1]] == [llm.tokenizer.token_bytes(t).decode() for t in ref.token_ids]
+    with app.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        chunks = [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["delta"] == {}
+    assert [e["token"] for e in chunks[-1]["logprobs"]["content"]] == ["</s>"]
+    streamed = [e for c in chunks if c["logprobs"] for e in c["logprobs"]["content"]]
+    # (the streamed request may take the cached prompt: the same tokens, the logprobs to float32 rounding)
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-5)
+    # ended by a stop string (the reply's fifth token completes it) or by max_tokens: no stop id to list
+    stop_string = llm.tokenizer.decode(ref.token_ids[:5])[-3:]
+    for ended in ({"stop": [stop_string]}, {"max_tokens": 5}):
+        r = app.post("/v1/chat/completions", json={**body, **ended}).json()
+        (choice,) = r["choices"]
+        assert choice["finish_reason"] == ("stop" if "stop" in ended else "length")
+        assert [e["token"] for e in choice["logprobs"]["content"]] == [e["token"] for e in content[:5]]
+        assert r["usage"]["completion_tokens"] == 5
+
+
 @pytest.mark.parametrize("path, body, param, words", [
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", "echo: true"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -1, "echo": True}, "max_tokens", ">= 0"),

@@ -163,13 +163,15 @@ def test_a_call_to_an_undeclared_function_is_text(setup):
 
 def test_streamed_tool_call_keeps_logprobs(setup):
     """The tokens held back while a reply may be a call carry their logprobs on the tool_calls chunk,
-    as the whole response has them."""
+    as the whole response has them; the stop id that ended the reply comes last (in the last chunk)."""
     llm, script, client = setup
     ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
     reply = llm.tokenizer.encode(CALL, bos=False)
     script.say(len(ids), reply + [EOM])
     whole = post(client, messages=ASK, tools=[WEATHER], logprobs=True)["choices"][0]
-    assert whole["finish_reason"] == "tool_calls" and len(whole["logprobs"]["content"]) == len(reply)
+    assert whole["finish_reason"] == "tool_calls" and len(whole["logprobs"]["content"]) == len(reply) + 1
+    assert "".join(e["token"] for e in whole["logprobs"]["content"]) == CALL + "<|eom_id|>"
+    assert whole["logprobs"]["content"][-1]["bytes"] == list(b"<|eom_id|>")
     with client.stream("POST", "/v1/chat/completions", json={
             "model": "tiny", "messages": ASK, "tools": [WEATHER], "stream": True, "temperature": 0,
             "logprobs": True}) as r:
