@@ -19,13 +19,14 @@ With ``tools`` (and ``tool_choice`` "auto"), messages go through the chat templa
 and a reply that is a Llama 3.1 tool call (JSON, maybe after ``<|python_tag|>``, ended by a stop
 id) of declared functions comes back as ``tool_calls`` with finish_reason "tool_calls" (a call to
 a function the request did not declare stays text, as OpenAI never returns one). A reply holding
-several calls gives several, or the first with ``parallel_tool_calls: false``. When streaming, text
-that may still become a tool call is held back until it is decided.
+several calls gives several, or the first with ``parallel_tool_calls: false`` (and the logprobs of
+its tokens only). When streaming, text that may still become a tool call is held back until it is decided.
 
 Needs the ``serve`` extra: ``pip install -e '.[serve]'`` (FastAPI and uvicorn).
 """
 import argparse
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -37,6 +38,7 @@ import socket
 import sys
 import time
 from functools import partial
+from itertools import accumulate
 from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 from minillama import cli
@@ -44,7 +46,7 @@ from minillama import openai_protocol as proto
 from minillama.chat_format import named_templates
 from minillama.openai_protocol import APIError
 from minillama.scheduler import Failed, Finished, PromptLogprobs, QueueFull, Request, Token
-from minillama.tool_calls import could_be_tool_call, parse_tool_calls
+from minillama.tool_calls import ToolCall, could_be_tool_call, locate_tool_calls
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
@@ -123,7 +125,8 @@ class _Choice:
         self.held: Optional[List[str]] = [] if tool_names is not None else None  # None: nothing held
         self.held_tokens: List[Token] = []
         self.finished: Optional[Finished] = None
-        self.tool_calls = None
+        self.tool_calls: Optional[List[ToolCall]] = None
+        self.calls_dropped = False  # parallel_tool_calls false kept the first of several calls
 
     def add(self, event) -> Tuple[str, List[Token]]:
         """Take one event; return the text and tokens that may be shown now."""
@@ -144,8 +147,7 @@ class _Choice:
         whole = "".join(self.held)
         if isinstance(event, Finished):
             if event.finish_reason == "stop" and isinstance(event.stop, int):
-                calls = parse_tool_calls(whole, self.tool_names)
-                self.tool_calls = calls if calls is None or self.parallel_tool_calls else calls[:1]  # as vLLM
+                self.tool_calls = self._tool_calls(whole)
             if self.tool_calls:  # the held tokens go out with the tool_calls delta (their logprobs)
                 tokens, self.held_tokens = self.held_tokens, []
                 return "", tokens
@@ -154,6 +156,27 @@ class _Choice:
         tokens, self.held, self.held_tokens = self.held_tokens, None, []
         return whole, tokens
 
+    def _tool_calls(self, reply: str) -> Optional[List[ToolCall]]:
+        """The calls the whole ``reply`` makes (None: it is not calls). With ``parallel_tool_calls``
+        false, the first of several (as vLLM), and the tokens shown (their logprobs) cut to what is
+        returned: up to the token whose released text completes that call; neither the dropped calls'
+        tokens nor the stop id after them (``usage.completion_tokens`` still counts every token made).
+        That last token's text may hold more than the call: a token spanning its end ("};"), or, when
+        a stop string that the call's end may begin held that end back, all the text released once
+        the hold was decided (";" releasing "}};"). So the tokens listed are never fewer than those
+        whose text makes up the call, as the server released it, and end where that release did."""
+        located = locate_tool_calls(reply, self.tool_names)
+        if located is None:
+            return None
+        if self.parallel_tool_calls or len(located) == 1:
+            return [call for call, _ in located]
+        call, end = located[0]
+        released = list(accumulate(len(t.text) for t in self.tokens))  # the reply's text up to each token
+        kept = bisect.bisect_left(released, end) + 1  # the token that released the call's last character
+        del self.tokens[kept:], self.held_tokens[kept:]  # held from the start: the same tokens
+        self.calls_dropped = True
+        return [call]
+
     @property
     def finish_reason(self) -> str:
         return "tool_calls" if self.tool_calls else self.finished.finish_reason
@@ -161,9 +184,10 @@ class _Choice:
     @property
     def stop_tokens(self) -> List[Token]:
         """The stop id that ended the choice, with its logprob: the last entry of the logprobs, chat's and
-        completions' (as vLLM's, whose outputs hold the id; ``usage.completion_tokens`` counts it too)."""
+        completions' (as vLLM's, whose outputs hold the id; ``usage.completion_tokens`` counts it too).
+        None listed after dropped tool calls: the reply returned ends with the first call, not with the id."""
         stop = self.finished.stop_token
-        return [] if stop is None else [stop]
+        return [] if stop is None or self.calls_dropped else [stop]
 
 
 def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, request_timeout: float = 600.0,
