@@ -121,7 +121,7 @@ class _Choice:
         self.parallel_tool_calls = parallel_tool_calls
         self.text: List[str] = []
         self.tokens: List[Token] = []
-        self.prompt_tokens: List[Token] = []  # with prompt logprobs: the prompt's, from its second on
+        self.prompt_tokens: List[Token] = []  # an echo's first choice, with logprobs: the prompt's from its second on
         self.held: Optional[List[str]] = [] if tool_names is not None else None  # None: nothing held
         self.held_tokens: List[Token] = []
         self.finished: Optional[Finished] = None
@@ -327,8 +327,10 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                 if k and sampling.seed is not None:  # choice k: the same request with seed + k
                     seed = sampling.seed + k
                     sampling = dataclasses.replace(sampling, seed=seed if seed < 2 ** 64 else seed - 2 ** 64)
+                # an echo's prompt logprobs are the same for every choice: the first scores the prompt, the
+                # others only prefill it (and may take a cached prefix); each choice echoes the first's
                 out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, logprobs=parsed.logprobs,
-                                   prompt_logprobs=parsed.echo and parsed.logprobs is not None))
+                                   prompt_logprobs=parsed.echo and parsed.logprobs is not None and k == 0))
         return out
 
     async def watch_disconnect(request: HTTPRequest, submission: _Submission) -> None:
@@ -496,10 +498,15 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
         def echoed(index: int, text: str, tokens: List[Token]) -> Tuple[str, List[Token]]:
             """Choice ``index``'s prompt before ``text`` and ``tokens``: its text (as given, or its ids'),
-            and its tokens, the first without a logprob (nothing predicts it)."""
+            and its tokens, the first without a logprob (nothing predicts it), the others with those the
+            prompt's first choice got. It has them all before any other choice of the prompt has a token:
+            the scheduler prefills the oldest request first and sends a step's prompt logprobs before
+            its tokens, and a request's before its first token."""
             prompt, prompt_ids = parsed.prompts[index // parsed.n], ids[index // parsed.n]
             prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
-            return prompt_text + text, [Token(prompt_ids[0], "")] + choices[index].prompt_tokens + tokens
+            scorer = choices[index - index % parsed.n]
+            assert scorer.tokens or scorer.finished is not None, "a choice overtook its prompt's scoring"
+            return prompt_text + text, [Token(prompt_ids[0], "")] + scorer.prompt_tokens + tokens
 
         if not parsed.stream:
             await collect(request, submission, choices)
