@@ -19,13 +19,14 @@ With ``tools`` (and ``tool_choice`` "auto"), messages go through the chat templa
 and a reply that is a Llama 3.1 tool call (JSON, maybe after ``<|python_tag|>``, ended by a stop
 id) of declared functions comes back as ``tool_calls`` with finish_reason "tool_calls" (a call to
 a function the request did not declare stays text, as OpenAI never returns one). A reply holding
-several calls gives several, or the first with ``parallel_tool_calls: false``. When streaming, text
-that may still become a tool call is held back until it is decided.
+several calls gives several, or the first with ``parallel_tool_calls: false`` (and the logprobs of
+its tokens only). When streaming, text that may still become a tool call is held back until it is decided.
 
 Needs the ``serve`` extra: ``pip install -e '.[serve]'`` (FastAPI and uvicorn).
 """
 import argparse
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -37,6 +38,7 @@ import socket
 import sys
 import time
 from functools import partial
+from itertools import accumulate
 from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 from minillama import cli
@@ -44,7 +46,7 @@ from minillama import openai_protocol as proto
 from minillama.chat_format import named_templates
 from minillama.openai_protocol import APIError
 from minillama.scheduler import Failed, Finished, PromptLogprobs, QueueFull, Request, Token
-from minillama.tool_calls import could_be_tool_call, parse_tool_calls
+from minillama.tool_calls import ToolCall, could_be_tool_call, locate_tool_calls
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
@@ -119,11 +121,12 @@ class _Choice:
         self.parallel_tool_calls = parallel_tool_calls
         self.text: List[str] = []
         self.tokens: List[Token] = []
-        self.prompt_tokens: List[Token] = []  # with prompt logprobs: the prompt's, from its second on
+        self.prompt_tokens: List[Token] = []  # an echo's first choice, with logprobs: the prompt's from its second on
         self.held: Optional[List[str]] = [] if tool_names is not None else None  # None: nothing held
         self.held_tokens: List[Token] = []
         self.finished: Optional[Finished] = None
-        self.tool_calls = None
+        self.tool_calls: Optional[List[ToolCall]] = None
+        self.calls_dropped = False  # parallel_tool_calls false kept the first of several calls
 
     def add(self, event) -> Tuple[str, List[Token]]:
         """Take one event; return the text and tokens that may be shown now."""
@@ -144,8 +147,7 @@ class _Choice:
         whole = "".join(self.held)
         if isinstance(event, Finished):
             if event.finish_reason == "stop" and isinstance(event.stop, int):
-                calls = parse_tool_calls(whole, self.tool_names)
-                self.tool_calls = calls if calls is None or self.parallel_tool_calls else calls[:1]  # as vLLM
+                self.tool_calls = self._tool_calls(whole)
             if self.tool_calls:  # the held tokens go out with the tool_calls delta (their logprobs)
                 tokens, self.held_tokens = self.held_tokens, []
                 return "", tokens
@@ -154,15 +156,38 @@ class _Choice:
         tokens, self.held, self.held_tokens = self.held_tokens, None, []
         return whole, tokens
 
+    def _tool_calls(self, reply: str) -> Optional[List[ToolCall]]:
+        """The calls the whole ``reply`` makes (None: it is not calls). With ``parallel_tool_calls``
+        false, the first of several (as vLLM), and the tokens shown (their logprobs) cut to what is
+        returned: up to the token whose released text completes that call; neither the dropped calls'
+        tokens nor the stop id after them (``usage.completion_tokens`` still counts every token made).
+        That last token's text may hold more than the call: a token spanning its end ("};"), or, when
+        a stop string that the call's end may begin held that end back, all the text released once
+        the hold was decided (";" releasing "}};"). So the tokens listed are never fewer than those
+        whose text makes up the call, as the server released it, and end where that release did."""
+        located = locate_tool_calls(reply, self.tool_names)
+        if located is None:
+            return None
+        if self.parallel_tool_calls or len(located) == 1:
+            return [call for call, _ in located]
+        call, end = located[0]
+        released = list(accumulate(len(t.text) for t in self.tokens))  # the reply's text up to each token
+        kept = bisect.bisect_left(released, end) + 1  # the token that released the call's last character
+        del self.tokens[kept:], self.held_tokens[kept:]  # held from the start: the same tokens
+        self.calls_dropped = True
+        return [call]
+
     @property
     def finish_reason(self) -> str:
         return "tool_calls" if self.tool_calls else self.finished.finish_reason
 
     @property
     def stop_tokens(self) -> List[Token]:
-        """The stop id that ended the choice, with its logprob (listed last in the completions' logprobs)."""
+        """The stop id that ended the choice, with its logprob: the last entry of the logprobs, chat's and
+        completions' (as vLLM's, whose outputs hold the id; ``usage.completion_tokens`` counts it too).
+        None listed after dropped tool calls: the reply returned ends with the first call, not with the id."""
         stop = self.finished.stop_token
-        return [] if stop is None else [stop]
+        return [] if stop is None or self.calls_dropped else [stop]
 
 
 def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, request_timeout: float = 600.0,
@@ -302,8 +327,10 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                 if k and sampling.seed is not None:  # choice k: the same request with seed + k
                     seed = sampling.seed + k
                     sampling = dataclasses.replace(sampling, seed=seed if seed < 2 ** 64 else seed - 2 ** 64)
+                # an echo's prompt logprobs are the same for every choice: the first scores the prompt, the
+                # others only prefill it (and may take a cached prefix); each choice echoes the first's
                 out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, logprobs=parsed.logprobs,
-                                   prompt_logprobs=parsed.echo and parsed.logprobs is not None))
+                                   prompt_logprobs=parsed.echo and parsed.logprobs is not None and k == 0))
         return out
 
     async def watch_disconnect(request: HTTPRequest, submission: _Submission) -> None:
@@ -428,14 +455,14 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                 if c.tool_calls:
                     message["tool_calls"] = proto.tool_calls_json(c.tool_calls)
                 out.append({"index": i, "message": message, "finish_reason": c.finish_reason,
-                            "logprobs": proto.chat_logprobs(tokenizer, c.tokens)})
+                            "logprobs": proto.chat_logprobs(tokenizer, c.tokens + c.stop_tokens)})
             return {**head, "object": "chat.completion", "choices": out, "usage": total_usage(choices, parsed.n)}
 
         def chunk(index, text, tokens, done):
             if text is None:
                 delta = {"role": "assistant", "content": ""}
             elif done is not None:
-                delta = {}
+                delta, tokens = {}, tokens + done.stop_tokens
             elif choices[index].tool_calls and not text:
                 delta = {"tool_calls": proto.tool_calls_json(choices[index].tool_calls, stream=True)}
             else:
@@ -471,10 +498,15 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
         def echoed(index: int, text: str, tokens: List[Token]) -> Tuple[str, List[Token]]:
             """Choice ``index``'s prompt before ``text`` and ``tokens``: its text (as given, or its ids'),
-            and its tokens, the first without a logprob (nothing predicts it)."""
+            and its tokens, the first without a logprob (nothing predicts it), the others with those the
+            prompt's first choice got. It has them all before any other choice of the prompt has a token:
+            the scheduler prefills the oldest request first and sends a step's prompt logprobs before
+            its tokens, and a request's before its first token."""
             prompt, prompt_ids = parsed.prompts[index // parsed.n], ids[index // parsed.n]
             prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
-            return prompt_text + text, [Token(prompt_ids[0], "")] + choices[index].prompt_tokens + tokens
+            scorer = choices[index - index % parsed.n]
+            assert scorer.tokens or scorer.finished is not None, "a choice overtook its prompt's scoring"
+            return prompt_text + text, [Token(prompt_ids[0], "")] + scorer.prompt_tokens + tokens
 
         if not parsed.stream:
             await collect(request, submission, choices)

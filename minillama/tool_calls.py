@@ -8,7 +8,7 @@ without a name or without "parameters" / "arguments") is an ordinary reply.
 """
 import json
 from dataclasses import dataclass
-from typing import Collection, List, Optional
+from typing import Collection, List, Optional, Tuple
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -37,11 +37,18 @@ def parse_tool_calls(text: str, names: Optional[Collection[str]] = None) -> Opti
     """The tool calls that make up the whole reply ``text``, or None when it is not (only) tool calls.
 
     ``names``: the functions the request declared; a reply calling any other is not a call (None: any name)."""
-    rest = text.strip()
+    located = locate_tool_calls(text, names)
+    return None if located is None else [call for call, _ in located]
+
+
+def locate_tool_calls(text: str, names: Optional[Collection[str]] = None) -> Optional[List[Tuple[ToolCall, int]]]:
+    """:func:`parse_tool_calls`'s calls, each with the offset in ``text`` just past its JSON object (its
+    closing brace), e.g. to cut a reply after its first call; None when ``text`` is not (only) tool calls."""
+    rest = text.lstrip()  # a suffix of text, for the offsets (trailing space goes with the lstrip after a call)
     if rest.startswith(PYTHON_TAG):
         rest = rest[len(PYTHON_TAG):].lstrip()
     decoder = json.JSONDecoder(parse_constant=_not_json)  # NaN / Infinity: arguments must stay valid JSON
-    calls: List[ToolCall] = []
+    calls: List[Tuple[ToolCall, int]] = []
     while rest:
         if not rest.startswith("{"):
             return None
@@ -54,7 +61,7 @@ def parse_tool_calls(text: str, names: Optional[Collection[str]] = None) -> Opti
             return None
         if names is not None and obj["name"] not in names:
             return None
-        calls.append(ToolCall(obj["name"], arguments))
+        calls.append((ToolCall(obj["name"], arguments), len(text) - len(rest) + end))
         rest = rest[end:].lstrip()
         if rest.startswith(";"):
             rest = rest[1:].lstrip()

@@ -683,6 +683,63 @@ def test_echo_with_several_prompts_and_n(app, llm):
     assert [c["text"] for c in echoed] == [p + c["text"] for p, c in zip(prompts, plain)]
 
 
+def assert_same_completion_choice(got, expected):
+    """Two completions choices alike: text, finish_reason and tokens exactly, logprobs to float32
+    rounding (the same tokens scored in other batches)."""
+    assert {k: got[k] for k in ("text", "finish_reason")} == {k: expected[k] for k in ("text", "finish_reason")}
+    got, expected = got["logprobs"], expected["logprobs"]
+    assert {k: got[k] for k in ("tokens", "text_offset")} == {k: expected[k] for k in ("tokens", "text_offset")}
+    assert got["token_logprobs"][0] is None and expected["token_logprobs"][0] is None
+    assert got["token_logprobs"][1:] == pytest.approx(expected["token_logprobs"][1:], abs=1e-5)
+    assert got["top_logprobs"][0] is None and expected["top_logprobs"][0] is None
+    for top, expected_top in zip(got["top_logprobs"][1:], expected["top_logprobs"][1:]):
+        assert top == pytest.approx(expected_top, abs=1e-5)
+
+
+def test_echo_with_n_scores_each_prompt_once(app, llm, monkeypatch):
+    """Echo with logprobs and n choices: a prompt's logprobs are the same for every choice, so only the
+    first choice of each prompt asks the scheduler for them (the others prefill without scoring, and
+    may take a cached prefix) and every choice echoes them: each choice is the one-choice request of
+    its seed (seed + k), whole and streamed, for a prompt longer than the prefill chunk (256) too."""
+    from minillama.scheduler import Scheduler
+
+    submitted = []
+    submit = Scheduler.submit
+
+    def spy(self, request, on_event):
+        submitted.append(request)
+        return submit(self, request, on_event)
+
+    monkeypatch.setattr(Scheduler, "submit", spy)
+    long = llm.tokenizer.encode("Once upon a time, " * 60)
+    assert len(long) > 256
+    body = {"prompt": [PROMPTS[1], long], "n": 3, "max_tokens": 5, "temperature": 0.8, "seed": 5, "echo": True,
+            "logprobs": 2}
+    r = app.post("/v1/completions", json=body).json()
+    assert [request.prompt_logprobs for request in submitted] == [True, False, False] * 2
+    assert r["usage"]["prompt_tokens"] == len(llm.tokenizer.encode(PROMPTS[1])) + len(long)
+    assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # the scoring choices': none cached
+    with app.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        chunks = [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
+    assert [request.prompt_logprobs for request in submitted] == [True, False, False] * 4
+    prompt_ids = [llm.tokenizer.encode(PROMPTS[1]), long]
+    prompt_texts = [PROMPTS[1], llm.tokenizer.decode(long)]
+    for i, choice in enumerate(r["choices"]):
+        prompt, k = body["prompt"][i // 3], i % 3
+        submitted.clear()
+        one = app.post("/v1/completions", json={**body, "prompt": prompt, "n": 1, "seed": 5 + k}).json()["choices"][0]
+        assert [request.prompt_logprobs for request in submitted] == [True]
+        assert choice["index"] == i and choice["text"].startswith(prompt_texts[i // 3])
+        assert_same_completion_choice(choice, one)
+        mine = [c for c in chunks if c["index"] == i]  # the first holds the echoed prompt and its logprobs
+        assert mine[0]["text"].startswith(prompt_texts[i // 3])
+        assert len(mine[0]["logprobs"]["tokens"]) >= len(prompt_ids[i // 3])
+        streamed = {"text": "".join(c["text"] for c in mine), "finish_reason": mine[-1]["finish_reason"],
+                    "logprobs": {key: [x for c in mine if c["logprobs"] for x in c["logprobs"][key]]
+                                 for key in ("tokens", "text_offset", "token_logprobs", "top_logprobs")}}
+        assert_same_completion_choice(streamed, one)
+
+
 def test_a_stop_id_is_listed_last_in_the_completions_logprobs(app, llm):
     """As vLLM's: the stop id that ends a completion has its entry in logprobs (streamed in the last
     chunk), though the text leaves it out."""
@@ -731,6 +788,46 @@ def test_usage_counts_the_stop_id_that_ended_a_choice(app, llm):
     for logprobs in (False, True):
         assert completion_tokens("/v1/chat/completions", {**body, "logprobs": logprobs})[0] == \
             [len(ref.token_ids) + 1] * 2
+
+
+def test_a_stop_id_is_listed_last_in_the_chat_logprobs(app, llm):
+    """As the completions' (and vLLM's chat): the stop id that ends a chat choice has the last entry of
+    logprobs.content (streamed in the chunk with finish_reason), its token the id's text, so that the
+    entries count usage.completion_tokens; a choice ended by a stop string or by max_tokens has none."""
+    messages = [{"role": "user", "content": "Who is Lily?"}]
+    ids = llm.tokenizer.encode_chat(messages)
+    ref = solo(llm, ids, 100)
+    assert ref.finish_reason == "stop" and ref.stop == 2  # </s>, the demo model's EOS, greedy
+    body = {"messages": messages, "max_tokens": 100, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    r = app.post("/v1/chat/completions", json=body).json()
+    (choice,) = r["choices"]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == ref.text
+    content = choice["logprobs"]["content"]
+    assert len(content) == len(ref.token_ids) + 1 == r["usage"]["completion_tokens"]
+    lp = llm.logits(ids + ref.token_ids).double().log_softmax(-1)[-1]
+    stop = content[-1]
+    assert stop["token"] == "</s>" and stop["bytes"] == list(b"</s>")
+    assert stop["logprob"] == pytest.approx(float(lp[2]), abs=1e-5)
+    best = lp.topk(2).indices.tolist()
+    assert best[0] == 2 and [e["logprob"] for e in stop["top_logprobs"]] == pytest.approx(lp[best].tolist(), abs=1e-5)
+    assert stop["top_logprobs"][0] == {k: stop[k] for k in ("token", "logprob", "bytes")}
+    assert [e["token"] for e in content[:-1]] == [llm.tokenizer.token_bytes(t).decode() for t in ref.token_ids]
+    with app.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        chunks = [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["delta"] == {}
+    assert [e["token"] for e in chunks[-1]["logprobs"]["content"]] == ["</s>"]
+    streamed = [e for c in chunks if c["logprobs"] for e in c["logprobs"]["content"]]
+    # (the streamed request may take the cached prompt: the same tokens, the logprobs to float32 rounding)
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-5)
+    # ended by a stop string (the reply's fifth token completes it) or by max_tokens: no stop id to list
+    stop_string = llm.tokenizer.decode(ref.token_ids[:5])[-3:]
+    for ended in ({"stop": [stop_string]}, {"max_tokens": 5}):
+        r = app.post("/v1/chat/completions", json={**body, **ended}).json()
+        (choice,) = r["choices"]
+        assert choice["finish_reason"] == ("stop" if "stop" in ended else "length")
+        assert [e["token"] for e in choice["logprobs"]["content"]] == [e["token"] for e in content[:5]]
+        assert r["usage"]["completion_tokens"] == 5
 
 
 @pytest.mark.parametrize("path, body, param, words", [

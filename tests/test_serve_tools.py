@@ -163,13 +163,15 @@ def test_a_call_to_an_undeclared_function_is_text(setup):
 
 def test_streamed_tool_call_keeps_logprobs(setup):
     """The tokens held back while a reply may be a call carry their logprobs on the tool_calls chunk,
-    as the whole response has them."""
+    as the whole response has them; the stop id that ended the reply comes last (in the last chunk)."""
     llm, script, client = setup
     ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
     reply = llm.tokenizer.encode(CALL, bos=False)
     script.say(len(ids), reply + [EOM])
     whole = post(client, messages=ASK, tools=[WEATHER], logprobs=True)["choices"][0]
-    assert whole["finish_reason"] == "tool_calls" and len(whole["logprobs"]["content"]) == len(reply)
+    assert whole["finish_reason"] == "tool_calls" and len(whole["logprobs"]["content"]) == len(reply) + 1
+    assert "".join(e["token"] for e in whole["logprobs"]["content"]) == CALL + "<|eom_id|>"
+    assert whole["logprobs"]["content"][-1]["bytes"] == list(b"<|eom_id|>")
     with client.stream("POST", "/v1/chat/completions", json={
             "model": "tiny", "messages": ASK, "tools": [WEATHER], "stream": True, "temperature": 0,
             "logprobs": True}) as r:
@@ -201,3 +203,37 @@ def test_parallel_tool_calls(setup):
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "parallel_tool_calls": False})
     assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls"
     assert r.json()["error"]["message"] == "unknown field 'parallel_tool_calls'"
+
+
+def test_parallel_tool_calls_false_lists_the_logprobs_of_the_kept_call(setup):
+    """parallel_tool_calls false returns the first of several calls, so the logprobs stop with it: the
+    entries of the tokens up to the one whose text completes that call, neither the dropped calls' nor
+    the stop id after them (usage.completion_tokens still counts every token generated), whole and
+    streamed. Where that token's text holds more than the call (here: a stop string that the call's end
+    may begin holds "}}" back until ";" comes), the entries run up to it: the tokens whose text makes up
+    the call, as the server released it."""
+    llm, script, client = setup
+    ids = llm.tokenizer.encode_chat(ASK, tools=[WEATHER])
+    rome = CALL.replace("Paris", "Rome")
+    first = [PYTHON_TAG] + llm.tokenizer.encode(" " + CALL, bos=False)
+    reply = [PYTHON_TAG] + llm.tokenizer.encode(f" {CALL}; {rome}", bos=False)
+    assert reply[:len(first)] == first and llm.tokenizer.decode(reply[len(first):len(first) + 1]) == ";"
+    script.say(len(ids), reply + [EOM])
+    body = {"messages": ASK, "tools": [WEATHER], "max_tokens": 200, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2}
+    every = post(client, **body)["choices"][0]["logprobs"]["content"]  # parallel: both calls, then <|eom_id|>
+    assert len(every) == len(reply) + 1 and every[-1]["token"] == "<|eom_id|>"
+    for stop, kept in ((None, len(first)), (["}}}"], len(first) + 1)):
+        out = post(client, **body, parallel_tool_calls=False, stop=stop)
+        choice = out["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) == 1
+        assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+        content = choice["logprobs"]["content"]
+        assert content == every[:kept], stop
+        assert "".join(e["token"] for e in content) == "<|python_tag|> " + CALL + ";" * (kept - len(first))
+        assert out["usage"]["completion_tokens"] == len(reply) + 1
+        with client.stream("POST", "/v1/chat/completions", json={**body, "parallel_tool_calls": False, "stop": stop,
+                                                                 "stream": True}) as r:
+            chunks = [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+        assert [e for c in chunks if c["logprobs"] for e in c["logprobs"]["content"]] == content
+        assert chunks[-1]["finish_reason"] == "tool_calls" and chunks[-1]["logprobs"] is None

@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 
 from minillama.tokenizer import Tokenizer
-from minillama.tool_calls import ToolCall, could_be_tool_call, parse_tool_calls
+from minillama.tool_calls import ToolCall, could_be_tool_call, locate_tool_calls, parse_tool_calls
 from tests.checkpoints import write_llama3_tokenizer, write_sentencepiece_tokenizer
 
 BOT = 128000  # <|begin_of_text|>
@@ -131,6 +131,16 @@ def test_bad_tools_and_calls(tok, tmp_path):
 ])
 def test_parse_tool_calls(reply, calls):
     assert parse_tool_calls(reply) == calls
+
+
+def test_locate_tool_calls_gives_where_each_call_ends():
+    """Each call's offset is just past its closing brace in the reply as given (its leading space and
+    tag counted; a brace inside a string is not the end)."""
+    reply = ' <|python_tag|> {"name": "a", "parameters": {"x": "}"}}; {"name": "b", "parameters": {}}\n'
+    located = locate_tool_calls(reply)
+    assert [call for call, _ in located] == parse_tool_calls(reply) == [ToolCall("a", {"x": "}"}), ToolCall("b", {})]
+    assert [reply[:end] for _, end in located] == [reply[:reply.index(";")], reply.rstrip()]
+    assert locate_tool_calls('{"name": "f", "parameters": {}} and more') is None
 
 
 def test_could_be_tool_call():
