@@ -7,6 +7,7 @@ metadata on the device so that a CUDA graph can replay it for any such step.
 ``flashcore.reference`` holds the plain-PyTorch version of both contracts (the CPU path and the
 test oracle). flashcore knows nothing of minillama.
 """
+import functools
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -96,14 +97,14 @@ def attention_with_kv_cache(
     Callers on a hot path resolve ``implementation`` once (:func:`resolve_implementation`) and
     pass "triton" or "reference"; nothing here reads the environment per call.
     """
-    if resolve_implementation(implementation, q.device) == "reference":
+    # "triton" on CUDA (what a hot path passes, resolved once) skips the resolving: ~1 us per call
+    if not (implementation == "triton" and q.is_cuda) and resolve_implementation(implementation, q.device) != "triton":
         return reference.attention_with_kv_cache(
             q, k, v, k_cache, v_cache, seq_lens,
             softmax_scale=softmax_scale, causal=causal, seq_lens_cpu=seq_lens_cpu,
         )
-    from flashcore.triton_attention import triton_attention_with_kv_cache
-
-    return triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal, seq_lens_cpu)
+    return _kernels().triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_scale, causal,
+                                                     seq_lens_cpu)
 
 
 def varlen_tiles(spans: Sequence[Tuple[int, int, int, int]]) -> List[Tuple[int, int, int, int]]:
@@ -155,9 +156,16 @@ def varlen_attention_with_kv_cache(
         (T, H_q, D) in q's dtype. Depends on shapes only besides the tensors' contents, so one CUDA
         graph capture serves every step of the same T and tile count.
     """
-    if resolve_implementation(implementation, q.device) == "reference":
+    if not (implementation == "triton" and q.is_cuda) and resolve_implementation(implementation, q.device) != "triton":
         return reference.varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles,
                                                         softmax_scale=softmax_scale)
-    from flashcore.triton_attention import triton_varlen_attention_with_kv_cache
+    return _kernels().triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale)
 
-    return triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale)
+
+@functools.cache
+def _kernels():
+    """``flashcore.triton_attention``, imported at the first kernel call (it imports Triton, which
+    reads TRITON_INTERPRET then) and kept: an import statement costs ~1 us per eager call."""
+    from flashcore import triton_attention
+
+    return triton_attention

@@ -26,14 +26,20 @@ def current_stream() -> Optional[int]:
 
 def _no_launch_hooks() -> bool:
     """No launch hooks (a profiler's) are set: Triton would pass them no launch metadata either."""
-    return all(hook is None or getattr(hook, "calls", None) == []
-               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+    runtime = knobs.runtime
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return ((enter is None or getattr(enter, "calls", None) == [])
+            and (exit_ is None or getattr(exit_, "calls", None) == []))
 
 
 class Launch:
     """``Launch(kernel, num_warps=..., num_stages=..., **constexprs)(grid, *args)`` runs
     ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``; grid is (x, y, z). A
     caller that launches several kernels may pass ``stream=current_stream()``, looked up once.
+    A caller that has read the leading tensor arguments' ``data_ptr()`` passes them as
+    ``pointers``: launches of the compiled kernel pass those integers in the tensors' place, which
+    Triton's launcher takes as they are (for a tensor it calls ``data_ptr()`` and asks the driver
+    whether the pointer is a device pointer: ~0.25 us per pointer on the H200's host, 2026-12-02).
 
     The caller guarantees that every call passes arguments of the same specialization as the
     first: the same dtypes, the same non-tensor values, the same 16-byte alignment of each pointer.
@@ -50,7 +56,8 @@ class Launch:
         self.compiled = None
         self.constexpr_values: Tuple = ()
 
-    def __call__(self, grid: Tuple[int, int, int], *args, stream: Optional[int] = None) -> None:
+    def __call__(self, grid: Tuple[int, int, int], *args, stream: Optional[int] = None,
+                 pointers: Optional[Tuple[int, ...]] = None) -> None:
         compiled = self.compiled
         if compiled is None:
             self._first_call(grid, args)
@@ -59,6 +66,8 @@ class Launch:
             # metadata that only hooks read: ~5 us of host time less per launch on the H200's host.
             if stream is None:
                 stream = current_stream()
+            if pointers is not None:
+                args = (*pointers, *args[len(pointers):])
             compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None,
                          None, None, *args, *self.constexpr_values)
         else:

@@ -31,7 +31,7 @@ even inf/nan, in unfilled cache slots never reaches a product) and their scores 
 Every query row sees at least key 0, so no row's maximum stays -inf.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -482,7 +482,9 @@ def _varlen_config(block_m: int, head_dim: int, dtype: torch.dtype, interpret: b
 # layout only (shapes, strides, dtypes, 16-byte alignment of each pointer): grids, integer
 # arguments, tilings, and the compiled kernels (flashcore.launch). The entry points key plans on
 # exactly that layout, so an eager call costs a dictionary lookup, the output allocation and the
-# launches (H200, 2026-12-01: an eager decode call took ~110 us of host time before plans).
+# launches (H200, 2026-12-01: an eager decode call took ~110 us of host time before plans). A plan's
+# call takes the inputs' data_ptr()s where its caller has read them (the entry points do, for the
+# key's alignment) and launches with those integers (flashcore.launch).
 
 
 class _PrefillPlan:
@@ -499,9 +501,10 @@ class _PrefillPlan:
             UPCAST=_interpreting(q.device) and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
         )
 
-    def __call__(self, q, k, v, k_cache, v_cache, seq_lens) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None) -> torch.Tensor:
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
-        self.launch(self.grid, q, k, v, k_cache, v_cache, seq_lens, out, *self.ints)
+        self.launch(self.grid, q, k, v, k_cache, v_cache, seq_lens, out, *self.ints,
+                    pointers=None if pointers is None else (*pointers, out.data_ptr()))
         return out
 
 
@@ -543,17 +546,24 @@ class _DecodePlan:
             self.reduce = Launch(_attn_fwd_decode_reduce, num_warps=4 if D >= 128 else 1, GROUP=group,
                                  BLOCK_PARTS=triton.next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
 
-    def __call__(self, q, k, v, k_cache, v_cache, seq_lens) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None) -> torch.Tensor:
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
         if self.direct:
-            self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, out, out, *self.split_ints)
+            self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, out, out, *self.split_ints,
+                       pointers=None if pointers is None else (*pointers, out.data_ptr(), out.data_ptr()))
             return out
         stream = current_stream()
         part = self.parts.get(stream)
         if part is None:
             part = self.parts[stream] = q.new_empty(self.part_numel, dtype=torch.float32)
-        self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints, stream=stream)
-        self.reduce(self.reduce_grid, part, out, *self.reduce_ints, stream=stream)
+        if pointers is None:
+            self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints, stream=stream)
+            self.reduce(self.reduce_grid, part, out, *self.reduce_ints, stream=stream)
+            return out
+        part_ptr, out_ptr = part.data_ptr(), out.data_ptr()
+        self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints, stream=stream,
+                   pointers=(*pointers, part_ptr, out_ptr))
+        self.reduce(self.reduce_grid, part, out, *self.reduce_ints, stream=stream, pointers=(part_ptr, out_ptr))
         return out
 
 
@@ -578,13 +588,20 @@ class _VarlenPlan:
             UPCAST=interpret and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
         )
 
-    def __call__(self, q, k, v, k_cache, v_cache, tiles) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, tiles, pointers: Optional[tuple] = None) -> torch.Tensor:
         out = torch.zeros_like(q)  # q's strides where q is dense, else contiguous: as at planning
         if self.grid[0] == 0:
             return out
         stream = current_stream()
-        self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints, stream=stream)
-        self.attend(self.grid, q, k_cache, v_cache, tiles, out, *self.attend_ints, stream=stream)
+        if pointers is None:
+            self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints, stream=stream)
+            self.attend(self.grid, q, k_cache, v_cache, tiles, out, *self.attend_ints, stream=stream)
+            return out
+        p_q, p_k, p_v, p_k_cache, p_v_cache, p_tiles = pointers
+        self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints, stream=stream,
+                    pointers=(p_k, p_v, p_k_cache, p_v_cache, p_tiles))
+        self.attend(self.grid, q, k_cache, v_cache, tiles, out, *self.attend_ints, stream=stream,
+                    pointers=(p_q, p_k_cache, p_v_cache, p_tiles, out.data_ptr()))
         return out
 
 
@@ -592,10 +609,19 @@ _PLANS: dict = {}
 _MAX_PLANS = 4096  # bounded: a process that meets more layouts (prompt lengths) starts over
 
 
-def _layout_key(kind: str, *tensors: torch.Tensor) -> tuple:
-    """What decides a plan, the validity of the inputs' shapes and Triton's specialization of the
-    launches: each tensor's shape, strides, dtype, device and 16-byte alignment."""
-    return (kind, *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors])
+def _layout(kind: str, tensors: tuple, options: tuple) -> Tuple[tuple, tuple]:
+    """(key, pointers) of an entry point's six input tensors: the key is what decides a plan, the
+    validity of the inputs' shapes and Triton's specialization of the launches (each tensor's
+    shape, strides, dtype, device and 16-byte alignment, then the call's ``options``); the pointers
+    are the tensors' data_ptr()s, for the launches. Written out rather than looped: this runs on
+    every eager call."""
+    a, b, c, d, e, f = tensors
+    pointers = pa, pb, pc, pd, pe, pf = (a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr(), e.data_ptr(),
+                                         f.data_ptr())
+    return (kind, a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype, b.device,
+            c.shape, c.stride(), c.dtype, c.device, d.shape, d.stride(), d.dtype, d.device,
+            e.shape, e.stride(), e.dtype, e.device, f.shape, f.stride(), f.dtype, f.device,
+            pa % 16 == 0, pb % 16 == 0, pc % 16 == 0, pd % 16 == 0, pe % 16 == 0, pf % 16 == 0, *options), pointers
 
 
 def _remember(key: tuple, plan):
@@ -650,36 +676,38 @@ def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_
     """Kernel entry of :func:`flashcore.attention_with_kv_cache`. Inputs of a layout seen before
     were validated then (``flashcore.checks``); only the fills' capacity is checked every call.
     No host sync."""
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if seq_lens.dim() == 1 and seq_lens.stride(0) != 1:  # the kernels read seq_lens[b] at Seq_lens + b
-        seq_lens = seq_lens.contiguous()
-
-    key = _layout_key("kv_cache", q, k, v, k_cache, v_cache, seq_lens) + (softmax_scale, causal)
+    key, pointers = _layout("kv_cache", (q, k, v, k_cache, v_cache, seq_lens), (softmax_scale, causal))
     plan = _PLANS.get(key)
+    if plan is None and (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1
+                         or seq_lens.dim() == 1 and seq_lens.stride(0) != 1):  # seq_lens[b] is read at Seq_lens + b
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        seq_lens = seq_lens.contiguous()
+        key, pointers = _layout("kv_cache", (q, k, v, k_cache, v_cache, seq_lens), (softmax_scale, causal))
+        plan = _PLANS.get(key)
     if plan is None:
         check_attention_inputs(q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu)
         _check_kernel_dtype(q)
         plan = _remember(key, _attention_plan(q, k, v, k_cache, v_cache, softmax_scale, causal))
     elif seq_lens_cpu is not None or seq_lens.is_cpu:
         check_capacity(seq_lens, seq_lens_cpu, q.shape[0], q.shape[1], k_cache.shape[1])
-    return plan(q, k, v, k_cache, v_cache, seq_lens)
+    return plan(q, k, v, k_cache, v_cache, seq_lens, pointers)
 
 
 def triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale: Optional[float]):
     """Kernel entry of :func:`flashcore.varlen_attention_with_kv_cache`; inputs validated at the
     first call of their layout. Two launches: the append, then the attention (a tile reads slots
     that other tiles' programs write, so the writes must all land first). No host sync."""
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    tiles = tiles.contiguous()
-
-    key = _layout_key("varlen", q, k, v, k_cache, v_cache, tiles) + (softmax_scale,)
+    key, pointers = _layout("varlen", (q, k, v, k_cache, v_cache, tiles), (softmax_scale,))
     plan = _PLANS.get(key)
+    if plan is None and (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or not tiles.is_contiguous()):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        tiles = tiles.contiguous()
+        key, pointers = _layout("varlen", (q, k, v, k_cache, v_cache, tiles), (softmax_scale,))
+        plan = _PLANS.get(key)
     if plan is None:
         check_varlen_inputs(q, k, v, k_cache, v_cache, tiles)
         _check_kernel_dtype(q)
         _check_cache_strides(k_cache, v_cache)
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
         plan = _remember(key, _VarlenPlan(q, k, v, k_cache, v_cache, tiles, scale))
-    return plan(q, k, v, k_cache, v_cache, tiles)
+    return plan(q, k, v, k_cache, v_cache, tiles, pointers)

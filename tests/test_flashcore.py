@@ -211,7 +211,7 @@ def decode_kernel_planned(q, k, v, k_cache, v_cache, lens, softmax_scale, causal
     """The public entry point with a split count that needs the reduce launch, planned once."""
     from flashcore import triton_attention
 
-    key = triton_attention._layout_key("kv_cache", q, k, v, k_cache, v_cache, lens) + (softmax_scale, causal)
+    key, _ = triton_attention._layout("kv_cache", (q, k, v, k_cache, v_cache, lens), (softmax_scale, causal))
     if key not in triton_attention._PLANS:
         scale = 1.0 / math.sqrt(q.shape[-1])
         triton_attention._PLANS[key] = triton_attention._DecodePlan(
@@ -384,7 +384,8 @@ def test_varlen_shape_errors_name_the_shapes():
 def test_launch_keeps_the_compiled_kernel(monkeypatch):
     """flashcore.launch.Launch: the first call goes through Triton (kernel[grid](*args, **constexprs,
     num_warps, num_stages)) and keeps what it returns; later calls launch that compiled kernel with
-    every parameter in declaration order (its launcher directly, or its runner where a profiler's
+    every parameter in declaration order (its launcher directly, with the caller's pointers in place
+    of the leading tensors where it passes them, or its runner with the tensors where a profiler's
     launch hooks are set). Under the interpreter every call goes through Triton."""
     from types import SimpleNamespace
 
@@ -413,12 +414,14 @@ def test_launch_keeps_the_compiled_kernel(monkeypatch):
         get_current_device=lambda: 0, get_current_stream=lambda device: f"stream{device}")))
     monkeypatch.setattr(launch, "INTERPRET", False)
     site = launch.Launch(Kernel(), num_warps=4, num_stages=2, EVEN=True, BLOCK=64)
-    site((3, 1, 1), "x", 7)
+    site((3, 1, 1), "x", 7, pointers=(1000,))
     site((3, 2, 1), "y", 7)
+    site((3, 2, 1), "y", 7, pointers=(2000,), stream="side")
     hooks.launch_exit_hook = print  # a profiler's hook
-    site((3, 2, 1), "z", 7)
+    site((3, 2, 1), "z", 7, pointers=(3000,))
     assert calls == [("triton", (3, 1, 1), ("x", 7), dict(EVEN=True, BLOCK=64, num_warps=4, num_stages=2)),
                      ("run", (3, 2, 1, "stream0", "function", "metadata", None, None, None, "y", 7, 64, True)),
+                     ("run", (3, 2, 1, "side", "function", "metadata", None, None, None, 2000, 7, 64, True)),
                      ("runner", (3, 2, 1), ("z", 7, 64, True))]
 
     calls.clear()
