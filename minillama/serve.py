@@ -4,10 +4,11 @@
     python -m minillama.serve --model meta-llama/Llama-3.1-8B-Instruct --max-batch 64 --port 8000
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health`` (status plus the scheduler's counters, the prefix-cache hit rate among them), and
+``GET /health`` (status plus the scheduler's counters, the prefix-cache hit rate among them),
+``GET /metrics`` (vLLM's Prometheus metrics, named ``minillama:...``: :mod:`minillama.metrics`), and
 vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``.
-With an API key (``--api-key`` or ``MINILLAMA_API_KEY``), every route but ``/health`` needs the
-header ``Authorization: Bearer <key>``.
+With an API key (``--api-key`` or ``MINILLAMA_API_KEY``), every route but ``/health`` and ``/metrics``
+needs the header ``Authorization: Bearer <key>``.
 Requests are checked by :mod:`minillama.openai_protocol`; errors answer in OpenAI's error JSON
 (400 naming the field, 401 missing or wrong API key, 404 unknown model, 413 body too large, 429
 queue full, 504 timeout). Each choice of a request is one scheduler request; a client that
@@ -44,6 +45,7 @@ from typing import AsyncIterator, Callable, List, Optional, Tuple
 from minillama import cli
 from minillama import openai_protocol as proto
 from minillama.chat_format import named_templates
+from minillama.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RequestTimer, ServerMetrics
 from minillama.openai_protocol import APIError
 from minillama.scheduler import Failed, Finished, PromptLogprobs, QueueFull, Request, Token
 from minillama.tool_calls import ToolCall, could_be_tool_call, locate_tool_calls
@@ -56,11 +58,13 @@ SHUTDOWN_GRACE = 5  # seconds the answers of the requests cancelled at shutdown 
 
 
 class _Submission:
-    """The scheduler requests of one HTTP request (one per choice), their events in one asyncio queue;
-    ``param`` is the field a request the scheduler refuses is blamed on (its prompt)."""
+    """The scheduler requests of one HTTP request (one per choice), their events in one asyncio queue,
+    each measured by ``timer`` on its way in; ``param`` is the field a request the scheduler refuses is
+    blamed on (its prompt)."""
 
-    def __init__(self, scheduler, requests: List[Request], param: str):
+    def __init__(self, scheduler, requests: List[Request], param: str, timer: RequestTimer):
         self.scheduler = scheduler
+        self.timer = timer
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: List[int] = []
         self.open = len(requests)
@@ -79,10 +83,11 @@ class _Submission:
             raise APIError(400, str(e), param=param) from None
 
     def _put(self, index: int, event) -> None:  # called on the event loop (the scheduler's deliver hook)
+        self.timer.record(index, event)  # also the events that come after the handler stopped reading
         self.queue.put_nowait((index, event))
 
     def _put_threadsafe(self, index: int, event) -> None:  # called from the scheduler thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        self.loop.call_soon_threadsafe(self._put, index, event)
 
     def cancel(self) -> None:
         for rid in self.ids:
@@ -195,7 +200,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     """The FastAPI app serving ``llm`` through ``scheduler`` under the name ``model_name``; with
     ``api_key``, the /v1 routes answer only requests with the header ``Authorization: Bearer <api_key>``."""
     from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     @contextlib.asynccontextmanager
@@ -214,6 +219,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
     app = FastAPI(title="minillama", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = proto.now()
     tokenizer = llm.tokenizer
+    metrics = ServerMetrics(scheduler.max_seq_len)
 
     def error(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=ERROR_HEADERS.get(e.status))
@@ -291,10 +297,12 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
     app.state.drain = drain
 
-    def submit(parsed, prompt_ids: List[List[int]], param: str) -> _Submission:
+    def submit(parsed, prompt_ids: List[List[int]], param: str, arrival: float) -> _Submission:
+        """Submit the request that arrived at ``arrival`` (``time.monotonic()``)."""
         if app.state.draining:
             raise APIError(503, "the server is shutting down; send the request to another one", type="server_error")
-        submission = _Submission(scheduler, engine_requests(parsed, prompt_ids, param), param)
+        requests = engine_requests(parsed, prompt_ids, param)
+        submission = _Submission(scheduler, requests, param, RequestTimer(metrics, arrival, len(requests)))
         live.add(submission)
         return submission
 
@@ -388,6 +396,11 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         body = {"status": "shutting down" if draining else "ok", "model": model_name, **scheduler.stats()}
         return JSONResponse(body, status_code=503 if draining else 200)
 
+    @app.get("/metrics")  # open, as /health and vLLM's /metrics: Prometheus scrapes without a key
+    async def prometheus_metrics():
+        text = metrics.render(model_name, scheduler.stats(), scheduler.max_batch)
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
+
     # vLLM's tokenizer endpoints (at the root, as vLLM's; behind the API key when one is set), which
     # lm-evaluation-harness uses in place of a Hugging Face tokenizer when the server has them
     @app.post("/tokenize", dependencies=[Depends(authorize)])
@@ -431,6 +444,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
     @v1.post("/chat/completions")
     async def chat_completions(request: HTTPRequest):
+        arrival = time.monotonic()
         parsed = proto.parse_chat(await read_json(request))
         check_model(parsed.model)
         if not tokenizer.chat_template:
@@ -441,7 +455,7 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
         except (ValueError, TypeError) as e:  # about the tools: "tools..." or "... does not render tools"
             param = "tools" if str(e).startswith("tools") or str(e).endswith("no tools branch") else "messages"
             raise APIError(400, str(e), param=param) from None
-        submission = submit(parsed, [ids], "messages")
+        submission = submit(parsed, [ids], "messages", arrival)
         names = None if parsed.tools is None else {t["function"]["name"] for t in parsed.tools}
         choices = [_Choice(names, parsed.parallel_tool_calls) for _ in range(parsed.n)]
         rid, when = proto.new_id("chatcmpl"), proto.now()
@@ -482,13 +496,14 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
 
     @v1.post("/completions")
     async def completions(request: HTTPRequest):
+        arrival = time.monotonic()
         parsed = proto.parse_completion(await read_json(request))
         check_model(parsed.model)
         try:
             ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else p for p in parsed.prompts]
         except ValueError as e:  # e.g. a lone surrogate: not text
             raise APIError(400, str(e), param="prompt") from None
-        submission = submit(parsed, ids, "prompt")
+        submission = submit(parsed, ids, "prompt", arrival)
         choices = [_Choice(None) for _ in range(len(ids) * parsed.n)]
         rid, when = proto.new_id("cmpl"), proto.now()
         head = {"id": rid, "created": when, "model": model_name, "system_fingerprint": None}

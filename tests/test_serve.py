@@ -4,6 +4,7 @@ run of the same prompt in this process."""
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -344,6 +345,13 @@ def test_32_streaming_clients_and_8_disconnects(server, client, llm):
         time.sleep(0.2)
     assert health["running"] == 0 and health["waiting"] == 0 and health["cancelled"] >= 8
     assert health["failed"] == 0
+    # /metrics (through uvicorn) counts the disconnected requests as aborted: their ends reach the server
+    # after their handlers stopped reading; every request's end is counted once, as the scheduler did
+    r = httpx.get(server + "/metrics")
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    ended = {labels["finished_reason"]: value for labels, value in parse_metrics(r.text)["request_success_total"]}
+    assert ended == {"stop": ended["stop"], "length": ended["length"], "abort": health["cancelled"], "error": 0}
+    assert ended["stop"] + ended["length"] == health["finished"]
     # and the server serves afterwards
     r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
     assert r.choices[0].text == solo(llm, "Once upon a time", 10).text
@@ -463,6 +471,199 @@ def test_timeout_answers_504_and_cancels(llm):
         assert scheduler.stats()["cancelled"] == 2
     finally:
         scheduler.close()
+
+
+METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+SAMPLE = re.compile(rf"({METRIC_NAME})\{{(.*)\}} (\S+)")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')  # a value: \\, \" and \n escaped
+GO_FLOAT = re.compile(r"[+-]?(?:Inf|NaN|[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)")
+
+
+def parse_metrics(text):
+    """The samples of a Prometheus text exposition (format 0.0.4), checked strictly: each family is a
+    '# HELP name text' line, a '# TYPE name kind' line, then its samples 'name{labels} value'; every name
+    starts with 'minillama:', a counter's ends with '_total', every sample has model_name="demo_model"; a
+    histogram's _bucket samples have increasing 'le' bounds up to +Inf and cumulative counts, the last
+    equal to its _count. Returns {name without the prefix: [(labels but model_name, value)]}."""
+    assert text.endswith("\n") and "\n\n" not in text
+    families, samples, family = {}, {}, None
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            family, help_text = line[len("# HELP "):].split(" ", 1)
+            assert family.startswith("minillama:") and family not in families and help_text.strip(), line
+            families[family] = None
+        elif line.startswith("# TYPE "):
+            name, kind = line[len("# TYPE "):].split(" ")
+            assert name == family and families[name] is None and kind in ("counter", "gauge", "histogram"), line
+            assert kind != "counter" or name.endswith("_total"), line
+            families[name] = kind
+        else:
+            name, labels, value = SAMPLE.fullmatch(line).groups()
+            parts = ("_bucket", "_sum", "_count") if families[family] == "histogram" else ("",)
+            assert name in [family + part for part in parts], (family, line)
+            pairs = LABEL.findall(labels)
+            assert ",".join(f'{k}="{v}"' for k, v in pairs) == labels, line
+            labels = dict(pairs)
+            assert len(labels) == len(pairs) and labels.pop("model_name") == MODEL, line
+            assert GO_FLOAT.fullmatch(value), line
+            samples.setdefault(name[len("minillama:"):], []).append((labels, float(value)))
+    for family, kind in families.items():
+        name = family[len("minillama:"):]
+        if kind != "histogram":
+            assert samples[name], family
+            continue
+        bounds = [float(labels.pop("le")) for labels, _ in samples[f"{name}_bucket"]]
+        counts = [count for _, count in samples[f"{name}_bucket"]]
+        assert all(labels == {} for labels, _ in samples[f"{name}_bucket"]), family
+        assert bounds == sorted(set(bounds)) and bounds[-1] == math.inf, family
+        assert counts == sorted(counts) and samples[f"{name}_count"] == [({}, counts[-1])], family
+        (labels, total), = samples[f"{name}_sum"]
+        assert labels == {} and total >= 0, family
+    return samples
+
+
+def metric(samples, name, **labels):
+    (value,) = [v for got, v in samples[name] if got == labels]
+    return value
+
+
+def test_metrics_text_escapes_label_values_and_buckets_by_upper_bound():
+    """A served name with a quote, a backslash and a newline is escaped in the label; an observation
+    equal to a bound counts in that bound's bucket (le: less or equal); the KV-cache usage is rows in use
+    over the pool's rows."""
+    from minillama.metrics import ServerMetrics
+
+    metrics = ServerMetrics(max_seq_len=512)
+    metrics.time_to_first_token.observe(0.01)
+    metrics.time_to_first_token.observe(3000.0)
+    stats = {"running": 1, "waiting": 2, "prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0}
+    lines = metrics.render('say "hi"\\\n', stats, max_batch=4).splitlines()
+    label = 'model_name="say \\"hi\\"\\\\\\n"'
+    assert f"minillama:num_requests_waiting{{{label}}} 2" in lines
+    assert f"minillama:kv_cache_usage_perc{{{label}}} 0.25" in lines
+    ttft = "minillama:time_to_first_token_seconds"
+    assert [line for line in lines if line.startswith(ttft)][1:5] == [
+        f'{ttft}_bucket{{{label},le="0.005"}} 0', f'{ttft}_bucket{{{label},le="0.01"}} 1',
+        f'{ttft}_bucket{{{label},le="0.02"}} 1', f'{ttft}_bucket{{{label},le="0.04"}} 1']
+    assert f'{ttft}_bucket{{{label},le="2560.0"}} 1' in lines and f'{ttft}_bucket{{{label},le="+Inf"}} 2' in lines
+    assert f"{ttft}_sum{{{label}}} 3000.01" in lines and f"{ttft}_count{{{label}}} 2" in lines
+    assert [line for line in lines if line.startswith("minillama:request_prompt_tokens_bucket")][-2:] == [
+        f'minillama:request_prompt_tokens_bucket{{{label},le="500.0"}} 0',
+        f'minillama:request_prompt_tokens_bucket{{{label},le="+Inf"}} 0']  # 1, 2, 5, ... up to the context
+
+
+def test_metrics_count_what_the_responses_got(llm, monkeypatch):
+    """GET /metrics after whole and streamed requests of both endpoints, ended by a stop id, a stop string,
+    max_tokens and a failing step: valid exposition; the token counters are the responses' usage (a prompt
+    counted once per choice), the requests by finished_reason their finish_reasons; TTFT, e2e and the
+    per-request histograms count the choices, ITL the gaps between their tokens; the gauges are 0 when idle."""
+    from fastapi.testclient import TestClient
+
+    from minillama.scheduler import Scheduler
+    from minillama.serve import create_app
+
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        with TestClient(create_app(llm, scheduler, MODEL)) as client:
+            r = client.get("/metrics")
+            assert r.status_code == 200 and r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+            idle = parse_metrics(r.text)
+            assert all(value == 0 for name, got in idle.items() for _, value in got), r.text
+            assert [labels["finished_reason"] for labels, _ in idle["request_success_total"]] == \
+                ["stop", "length", "abort", "error"]
+            got = []  # (path, body, usage, finish_reasons) of each request
+
+            def whole(path, body):
+                response = client.post(path, json=body).json()
+                got.append((body, response["usage"], [c["finish_reason"] for c in response["choices"]]))
+
+            def streamed(path, body):
+                body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+                with client.stream("POST", path, json=body) as s:
+                    chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+                got.append((body, chunks[-1]["usage"], [c["finish_reason"] for chunk in chunks
+                                                        for c in chunk["choices"] if c["finish_reason"]]))
+
+            greedy = {"temperature": 0}
+            whole("/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 100, **greedy})  # the stop id
+            streamed("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 60, "stop": ["Kai", "mom"],
+                                         **greedy})  # a stop string
+            whole("/v1/chat/completions", {"messages": [{"role": "user", "content": "Who is Lily?"}], "n": 2,
+                                           "max_tokens": 100, **greedy})  # the stop id, twice
+            streamed("/v1/chat/completions", {"messages": [{"role": "user", "content": "A dog?"}], "max_tokens": 5,
+                                              **greedy})
+            whole("/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 3, **greedy})
+            assert [reasons for _, _, reasons in got] == [["stop"], ["stop"], ["stop", "stop"], ["length"],
+                                                          ["length", "length"]]
+            failing = llm.tokenizer.encode(PROMPTS[5])
+            launch = scheduler._launch
+
+            def launch_failing():  # the step that would prefill the failing prompt raises
+                if any(row.seq is not None and row.seq.prompt == failing for row in scheduler.rows):
+                    raise RuntimeError("simulated")
+                return launch()
+
+            monkeypatch.setattr(scheduler, "_launch", launch_failing)
+            assert client.post("/v1/completions", json={"prompt": failing, "max_tokens": 5}).status_code == 500
+            samples = parse_metrics(client.get("/metrics").text)
+    finally:
+        scheduler.close()
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert metric(samples, name) == 0, name
+    choices = sum(len(reasons) for _, _, reasons in got)
+    prompt_tokens = sum(usage["prompt_tokens"] * body.get("n", 1) for body, usage, _ in got)  # once per prompt
+    completion_tokens = sum(usage["completion_tokens"] for _, usage, _ in got)
+    assert metric(samples, "prompt_tokens_total") == prompt_tokens + len(failing)  # the failed one took a row
+    assert metric(samples, "prefix_cache_queries_total") == prompt_tokens + len(failing)
+    assert metric(samples, "prefix_cache_hits_total") == scheduler.stats()["cached_tokens"] >= \
+        sum(usage["prompt_tokens_details"]["cached_tokens"] for _, usage, _ in got)
+    assert metric(samples, "generation_tokens_total") == completion_tokens
+    ended = {labels["finished_reason"]: value for labels, value in samples["request_success_total"]}
+    assert ended == {"stop": 4, "length": 3, "abort": 0, "error": 1}
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_prompt_tokens",
+                 "request_generation_tokens"):
+        assert metric(samples, f"{name}_count") == choices, name
+    assert metric(samples, "inter_token_latency_seconds_count") == completion_tokens - choices
+    assert metric(samples, "request_prompt_tokens_sum") == prompt_tokens
+    assert metric(samples, "request_generation_tokens_sum") == completion_tokens
+    e2e = metric(samples, "e2e_request_latency_seconds_sum")
+    assert 0 < metric(samples, "time_to_first_token_seconds_sum") < e2e
+    assert 0 < metric(samples, "inter_token_latency_seconds_sum") < e2e
+
+
+def test_metrics_count_timed_out_requests_as_aborted(llm):
+    """Requests cancelled at their timeout (a 504, and an error chunk) end as finished_reason abort, their
+    end counted once it reaches the server (after their handlers stopped reading); their tokens as any."""
+    from fastapi.testclient import TestClient
+
+    from minillama.scheduler import Scheduler
+    from minillama.serve import create_app
+
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        with TestClient(create_app(llm, scheduler, MODEL, request_timeout=0.02)) as client:
+            body = {"prompt": "Once upon a time", "max_tokens": 500, "temperature": 0.7, "seed": 1}
+            assert client.post("/v1/completions", json=body).status_code == 504
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+                assert "out of time" in [line for line in s.iter_lines() if line.startswith("data: ")][-2]
+            deadline = time.monotonic() + 10
+            while True:
+                samples = parse_metrics(client.get("/metrics").text)
+                if metric(samples, "request_success_total", finished_reason="abort") == 2:
+                    break
+                assert time.monotonic() < deadline, "the cancelled requests did not end"
+                time.sleep(0.01)
+    finally:
+        scheduler.close()
+    ended = {labels["finished_reason"]: value for labels, value in samples["request_success_total"]}
+    assert ended == {"stop": 0, "length": 0, "abort": 2, "error": 0}
+    assert metric(samples, "num_requests_running") == 0 and metric(samples, "kv_cache_usage_perc") == 0
+    assert metric(samples, "e2e_request_latency_seconds_count") == 2
+    generated = metric(samples, "generation_tokens_total")
+    assert metric(samples, "request_generation_tokens_sum") == generated
+    tokens_timed = metric(samples, "time_to_first_token_seconds_count") + \
+        metric(samples, "inter_token_latency_seconds_count")
+    assert tokens_timed == generated
 
 
 def test_penalties_and_logit_bias_equal_solo(app, llm):
@@ -844,7 +1045,7 @@ def test_bad_echo_requests(app, path, body, param, words):
 
 def test_api_key_guards_the_v1_routes(llm):
     """With an API key every /v1 route answers 401 (OpenAI's error JSON, the key never echoed) unless
-    the request carries 'Authorization: Bearer <key>'; /health stays open; the server keeps serving."""
+    the request carries 'Authorization: Bearer <key>'; /health and /metrics stay open; the server keeps serving."""
     from fastapi.testclient import TestClient
 
     from minillama.scheduler import Scheduler
@@ -854,7 +1055,7 @@ def test_api_key_guards_the_v1_routes(llm):
     scheduler = Scheduler(llm, max_batch=2)
     try:
         with TestClient(create_app(llm, scheduler, MODEL, api_key=key)) as client:
-            assert client.get("/health").status_code == 200
+            assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
             body = {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}
             for headers, code in (({}, None), ({"Authorization": key}, None), ({"Authorization": f"Basic {key}"}, None),
                                   ({"Authorization": f"Bearer {wrong}"}, "invalid_api_key"),
