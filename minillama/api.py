@@ -50,8 +50,8 @@ def _resolve_dtype(dtype, config: LlamaConfig, device: torch.device) -> torch.dt
 
 
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, presence_penalty=0.0,
-                        frequency_penalty=0.0, repetition_penalty=1.0,
-                        logit_bias=None) -> Tuple[SamplingParams, List[str]]:
+                        frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None, min_tokens=0,
+                        ignore_eos=False) -> Tuple[SamplingParams, List[str]]:
     """The arguments of :meth:`Llama.generate` that need no model, checked (ValueError / TypeError
     naming the value): the sampling parameters and the stop strings, as a list. Command lines call
     it before starting tensor-parallel processes, so a typo fails before any weight is read."""
@@ -59,7 +59,11 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, seed, 
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                              repetition_penalty=repetition_penalty, logit_bias=logit_bias)
+                              repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_tokens=min_tokens,
+                              ignore_eos=ignore_eos)
+    if sampling.min_tokens > max_new_tokens:
+        raise ValueError(f"min_tokens {min_tokens} is more than max_new_tokens {max_new_tokens}: lower min_tokens "
+                         f"or raise max_new_tokens")
     if isinstance(stop, bytes) or not isinstance(stop, (type(None), str, Sequence)):
         raise TypeError(f"stop must be a list (or None), got {type(stop).__name__}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -204,6 +208,8 @@ class Llama:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logit_bias: Optional[Mapping[int, float]] = None,
+        min_tokens: int = 0,
+        ignore_eos: bool = False,
     ) -> List[GenerationResult]:
         """Generate for a batch of prompts of any lengths, run as one batch.
 
@@ -234,6 +240,14 @@ class Llama:
                 The order is vLLM's: logit bias, then the repetition, frequency and presence
                 penalties, then temperature, top-k, min-p and top-p; greedy takes the argmax of
                 the biased, penalized logits.
+            min_tokens: at most ``max_new_tokens``; a row's first ``min_tokens`` new tokens are
+                none of the ids that may end it (``self.stop_ids`` and ``stop_ids``; their logits
+                are -inf, greedy too), and no stop string ends in their text (it may begin there),
+                as vLLM's ``min_tokens`` (0: off).
+            ignore_eos: the checkpoint's stop ids (``self.stop_ids``) end no row: a row runs to
+                ``max_new_tokens``, ``stop_ids`` or a stop string, and a sampled EOS is a token of
+                ``token_ids`` and ``text`` (its special-token text, such as "<|eot_id|>"), as vLLM's
+                ``ignore_eos``. ``min_tokens`` still holds the EOS ids back, as vLLM's does.
         Returns:
             One :class:`GenerationResult` per prompt, in order: ``token_ids`` (new tokens),
             ``text``, ``finish_reason`` ("stop" or "length"), ``stop`` (the id or string).
@@ -249,7 +263,8 @@ class Llama:
         generation = self._start(prompts, max_new_tokens, stop, stop_ids, truncate_prompt, cache,
                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                 repetition_penalty=repetition_penalty, logit_bias=logit_bias)
+                                 repetition_penalty=repetition_penalty, logit_bias=logit_bias,
+                                 min_tokens=min_tokens, ignore_eos=ignore_eos)
         for _ in generation:
             pass
         return generation.results()
@@ -271,6 +286,8 @@ class Llama:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logit_bias: Optional[Mapping[int, float]] = None,
+        min_tokens: int = 0,
+        ignore_eos: bool = False,
     ) -> TextStream:
         """Generate for one prompt, yielding text as it is decided; arguments as :meth:`generate`.
 
@@ -292,7 +309,8 @@ class Llama:
         generation = self._start([prompt], max_new_tokens, stop, stop_ids, truncate_prompt, cache,
                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                 repetition_penalty=repetition_penalty, logit_bias=logit_bias)
+                                 repetition_penalty=repetition_penalty, logit_bias=logit_bias,
+                                 min_tokens=min_tokens, ignore_eos=ignore_eos)
         return TextStream(generation)
 
     def _start(self, prompts, max_new_tokens, stop, stop_ids, truncate_prompt, cache: Optional[KVCache],
@@ -317,8 +335,7 @@ class Llama:
             ids = [self._truncate_left(p, max_new_tokens + n) for p, n in zip(ids, cached)]
         for p, n in zip(ids, cached):
             self._check_length(len(p), max_new_tokens, n)
-        all_stop_ids = self.stop_ids + [t for t in extra if t not in self.stop_ids]
-        loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, all_stop_ids, cache=cache,
+        loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, extra, eos_ids=self.stop_ids, cache=cache,
                          decodable=self.decodable)
         return TextGeneration(loop, self.tokenizer, stops)
 

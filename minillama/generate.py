@@ -44,9 +44,10 @@ class StepTimes:
 class TokenLoop:
     """Iterate to run the loop: each step yields the new token of every row (None once a row is done).
 
-    A row is done when it samples one of ``stop_ids`` (that token is not yielded; it is kept in
-    ``stop_token[row]``), when it has ``max_new_tokens`` tokens, or when the caller calls
-    :meth:`finish` (e.g. a stop string matched). The loop ends as soon as every row is done.
+    A row is done when it samples an id that ends it (one of ``stop_ids``, or of ``eos_ids`` unless
+    ``sampling.ignore_eos``; that token is not yielded; it is kept in ``stop_token[row]``), when it
+    has ``max_new_tokens`` tokens, or when the caller calls :meth:`finish` (e.g. a stop string
+    matched). The loop ends as soon as every row is done.
 
     Args:
         runner: runs the model (``minillama.runner.Runner``); its config, device and dtype size the cache.
@@ -54,7 +55,11 @@ class TokenLoop:
         max_new_tokens: new tokens per row at most (a stop id counts as the row's last step).
         sampling: how the next token is chosen; its seed makes the loop reproducible. Its
             penalties see each row's prompt (without what ``cache`` held before) and new tokens.
+            Its ``min_tokens``: no id of ``stop_ids`` or ``eos_ids`` is sampled before a row has
+            that many new tokens (``eos_ids`` too with ``ignore_eos``, as vLLM).
         stop_ids: ids that end a row.
+        eos_ids: the checkpoint's end-of-sequence ids (``Llama.stop_ids``): they end a row too,
+            unless ``sampling.ignore_eos`` (then they are tokens as any other).
         cache: an existing cache to continue (e.g. a conversation): each row's prompt is appended
             at that row's fill. None: a cache just large enough for the request is allocated.
         decodable: logits (B, V) -> the logits of the ids that may be sampled, e.g.
@@ -74,6 +79,7 @@ class TokenLoop:
         max_new_tokens: int,
         sampling: SamplingParams = SamplingParams(),
         stop_ids: Sequence[int] = (),
+        eos_ids: Sequence[int] = (),
         cache: Optional[KVCache] = None,
         decodable: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         prefill_tokens: int = PREFILL_TOKENS,
@@ -86,7 +92,8 @@ class TokenLoop:
         self.prompts = [list(p) for p in prompts]
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
-        self.stop_ids = set(stop_ids)
+        self.stop_ids = sampling.ending_ids(eos_ids, stop_ids)
+        self.min_tokens_ids = sampling.min_tokens_ids(eos_ids, stop_ids)
         device = runner.device
         self.device = device
         batch = len(self.prompts)
@@ -176,7 +183,8 @@ class TokenLoop:
             logits = self._prefill()
             if self.sampling.changes_logits:
                 self.processor = LogitsProcessor(len(self.prompts), logits.shape[-1], self.device)
-                self.processor.start(range(len(self.prompts)), [self.sampling] * len(self.prompts), self.prompts)
+                self.processor.start(range(len(self.prompts)), [self.sampling] * len(self.prompts), self.prompts,
+                                     [self.min_tokens_ids] * len(self.prompts))
             next_ids = self._sample(logits)
         step = 0
         while True:
@@ -234,8 +242,9 @@ class TextGeneration:
 
     Each row has an :class:`~minillama.streaming.IncrementalDecoder` (whole characters only) and a
     :class:`~minillama.streaming.StopStrings` (text that may begin a stop string waits until it is
-    decided). A matched stop string finishes the row in the loop. A row's held-back text is
-    released as soon as the row is done, so the deltas of a row concatenate to its result's text.
+    decided). A matched stop string finishes the row in the loop; as in vLLM, none ends in the text
+    of a row's first ``sampling.min_tokens`` tokens. A row's held-back text is released as soon as
+    the row is done, so the deltas of a row concatenate to its result's text.
     """
 
     def __init__(self, loop: TokenLoop, tokenizer, stop: Sequence[str] = ()):
@@ -252,7 +261,8 @@ class TextGeneration:
             for b, t in enumerate(ids):
                 if t is None:
                     continue
-                text, matched = self._stops[b].push(self._decoders[b].push(t))
+                text, matched = self._stops[b].push(self._decoders[b].push(t),
+                                                    loop.sampling.may_stop(len(loop.new_tokens[b])))
                 if matched is not None:
                     loop.finish(b, "stop")
                 if text:
@@ -271,7 +281,8 @@ class TextGeneration:
         """The text row b held back, now that no more tokens come."""
         self._released[b] = True
         stops = self._stops[b]
-        text, matched = stops.push(self._decoders[b].flush())
+        loop = self.loop
+        text, matched = stops.push(self._decoders[b].flush(), loop.sampling.may_stop(len(loop.new_tokens[b])))
         text += stops.flush()
         if text:
             self._texts[b].append(text)

@@ -6,8 +6,8 @@ return dicts shaped as OpenAI's. ``minillama.serve`` puts them on the wire.
 
 Checking is strict, as the API is: a field OpenAI does not define is an error, and so is a defined
 one this server does not implement unless it has its neutral value (chat's ``echo: false``,
-``best_of: 1``, ...). ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as extras (as vLLM
-does).
+``best_of: 1``, ...). ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens`` and ``ignore_eos``
+are accepted as extras (as vLLM does).
 """
 import json
 import math
@@ -53,10 +53,10 @@ _IGNORED = {"user", "metadata", "service_tier", "prompt_cache_key", "safety_iden
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
                 "stream", "stream_options", "logprobs", "top_logprobs", "n", "tools", "tool_choice",
                 "parallel_tool_calls", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                "logit_bias"}
+                "logit_bias", "min_tokens", "ignore_eos"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                       "stream_options", "logprobs", "n", "echo", "top_k", "min_p", "presence_penalty",
-                      "frequency_penalty", "repetition_penalty", "logit_bias"}
+                      "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos"}
 
 
 @dataclass
@@ -141,6 +141,8 @@ def _common(body) -> dict:
         raise bad("repetition_penalty", f"repetition_penalty must be > 0 (1 turns it off) and at most "
                                         f"{REPETITION_RANGE[1]:.3g}, at least {REPETITION_RANGE[0]:.3g}; got {repetition_penalty}")
     logit_bias = _logit_bias(body.get("logit_bias"))
+    min_tokens = _int(body, "min_tokens", 0, default=0)
+    ignore_eos = _bool(body, "ignore_eos")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("seed", f"seed must be an integer, got {json.dumps(seed)}")
@@ -175,9 +177,18 @@ def _common(body) -> dict:
         raise bad("model", f"model must be a string, got {json.dumps(model)}")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                              repetition_penalty=repetition_penalty, logit_bias=logit_bias)
+                              repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_tokens=min_tokens,
+                              ignore_eos=ignore_eos)
     return dict(model=model, sampling=sampling, stop=stop, n=_int(body, "n", 1, MAX_N, default=1), stream=stream,
                 include_usage=include_usage)
+
+
+def _check_min_tokens(sampling: SamplingParams, key: str, max_tokens: Optional[int]) -> None:
+    """A 400 for ``min_tokens`` above the request's max_tokens (None: as many as fit, checked by the
+    server against the room the prompt leaves)."""
+    if max_tokens is not None and sampling.min_tokens > max_tokens:
+        raise bad("min_tokens", f"min_tokens {sampling.min_tokens} is more than {key} {max_tokens}: lower "
+                                f"min_tokens or raise {key}")
 
 
 def _logit_bias(value) -> Dict[int, float]:
@@ -253,6 +264,7 @@ def parse_chat(body) -> ParsedRequest:
         raise bad("max_tokens", "give max_tokens or max_completion_tokens, not both")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key, 1)
+    _check_min_tokens(common["sampling"], key, max_tokens)
     logprobs = _bool(body, "logprobs")
     top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
     if top is not None and not logprobs:
@@ -290,6 +302,7 @@ def parse_completion(body) -> ParsedRequest:
     if max_tokens == 0 and not echo:
         raise bad("max_tokens", "max_tokens=0 generates nothing: it needs echo: true (the prompt back, scored with "
                                 "logprobs); ask for at least 1 token")
+    _check_min_tokens(common["sampling"], "max_tokens", max_tokens)
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     if len(prompts) * common["n"] > MAX_N:
         raise bad("n", f"{len(prompts)} prompts x n={common['n']} choices is more than {MAX_N} per request")

@@ -1,12 +1,13 @@
-"""Choosing the next token on the device: logit bias and repetition, presence and frequency
-penalties, then greedy, temperature, top-k, top-p (nucleus), min-p.
+"""Choosing the next token on the device: min_tokens, logit bias and repetition, presence and
+frequency penalties, then greedy, temperature, top-k, top-p (nucleus), min-p.
 
 As vLLM, the logits are first changed by :class:`LogitsProcessor` (when a request asks for it):
-``logit_bias`` is added, then the repetition penalty divides the positive logits and multiplies the
-negative ones of every id in the prompt or the output so far (transformers'
-``RepetitionPenaltyLogitsProcessor``), then ``frequency_penalty * count + presence_penalty * (count > 0)``
-is subtracted, ``count`` being how often the id was generated so far (OpenAI's definition, on the
-output only). Greedy decoding takes the argmax of these logits.
+the ids that may end a row are -inf until it has ``min_tokens`` new tokens, ``logit_bias`` is
+added, then the repetition penalty divides the positive logits and multiplies the negative ones of
+every id in the prompt or the output so far (transformers' ``RepetitionPenaltyLogitsProcessor``),
+then ``frequency_penalty * count + presence_penalty * (count > 0)`` is subtracted, ``count`` being
+how often the id was generated so far (OpenAI's definition, on the output only). Greedy decoding
+takes the argmax of these logits.
 
 The filters apply in this order: temperature, top-k, min-p, top-p (each on what the previous one
 kept; min-p compares with the most likely token, top-p with the mass that is left). That is vLLM's
@@ -28,7 +29,7 @@ are never sampled.
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Iterable, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -42,8 +43,9 @@ BIAS_RANGE = (-100.0, 100.0)  # logit_bias values (OpenAI's range)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. ``logit_bias`` may be given as a dict ``{id: bias}``; it is kept
-    as a tuple of ``(id, bias)`` sorted by id, so that the parameters are hashable."""
+    """How the next token is chosen, and which ids end a row (vLLM's ``min_tokens`` and ``ignore_eos``
+    are sampling parameters there too). ``logit_bias`` may be given as a dict ``{id: bias}``; it is
+    kept as a tuple of ``(id, bias)`` sorted by id, so that the parameters are hashable."""
 
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
@@ -54,6 +56,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]; 0: off
     repetition_penalty: float = 1.0  # > 0; 1: off
     logit_bias: Tuple[Tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); (): off
+    min_tokens: int = 0  # new tokens before any id that may end the row can be sampled; 0: off
+    ignore_eos: bool = False  # the checkpoint's EOS ids end no row: they are text (:meth:`ending_ids`)
 
     def __post_init__(self):
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
@@ -78,6 +82,10 @@ class SamplingParams:
         if not REPETITION_RANGE[0] <= self.repetition_penalty <= REPETITION_RANGE[1]:
             raise ValueError(f"repetition_penalty must be > 0 (1 turns it off) and a normal float32, in "
                              f"[{REPETITION_RANGE[0]:.3g}, {REPETITION_RANGE[1]:.3g}], got {self.repetition_penalty}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0 (0 turns it off), got {self.min_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
@@ -85,9 +93,24 @@ class SamplingParams:
 
     @property
     def changes_logits(self) -> bool:
-        """Whether a :class:`LogitsProcessor` must run: a logit bias or a penalty is set."""
-        return bool(self.logit_bias) or (self.presence_penalty, self.frequency_penalty,
-                                         self.repetition_penalty) != (0.0, 0.0, 1.0)
+        """Whether a :class:`LogitsProcessor` must run: min_tokens, a logit bias or a penalty is set."""
+        return bool(self.logit_bias) or self.min_tokens > 0 or (
+            self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (0.0, 0.0, 1.0)
+
+    def ending_ids(self, eos_ids: Iterable[int], stop_ids: Iterable[int]) -> Set[int]:
+        """The ids that end a row: its own ``stop_ids`` and, unless ``ignore_eos``, the checkpoint's
+        ``eos_ids`` (``Llama.stop_ids``)."""
+        return set(stop_ids) | (set() if self.ignore_eos else set(eos_ids))
+
+    def may_stop(self, new_tokens: int) -> bool:
+        """Whether a stop string may end in the text of a row's ``new_tokens``-th token: only past
+        ``min_tokens`` (vLLM's detokenizer searches for stop strings from there)."""
+        return new_tokens > self.min_tokens
+
+    def min_tokens_ids(self, eos_ids: Iterable[int], stop_ids: Iterable[int]) -> Set[int]:
+        """The ids that ``min_tokens`` holds back (none when it is 0): ``stop_ids`` and ``eos_ids``,
+        these also with ``ignore_eos`` (vLLM's rule: "before EOS or stop_token_ids can be generated")."""
+        return set(stop_ids) | set(eos_ids) if self.min_tokens else set()
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Raise ValueError when a ``logit_bias`` id is not below ``vocab_size`` (the tokenizer's)."""
@@ -219,9 +242,10 @@ def apply_penalties(logits: torch.Tensor, prompt: torch.Tensor, counts: torch.Te
 
 
 class LogitsProcessor:
-    """``logit_bias`` and the penalties of ``rows`` rows, each with its own :class:`SamplingParams`,
-    and what they need on the device: per row, the bias over the vocabulary, the penalties, the ids
-    of its prompt and how often each id was generated.
+    """``min_tokens``, ``logit_bias`` and the penalties of ``rows`` rows, each with its own
+    :class:`SamplingParams`, and what they need on the device: per row, the ids ``min_tokens`` holds
+    back, its ``min_tokens``, how many tokens it has, the bias over the vocabulary, the penalties,
+    the ids of its prompt and how often each id was generated.
 
     :meth:`start` sets a row up for a request; calling the processor on logits (n, V) of some of its
     rows returns the changed logits (a new float32 tensor); :meth:`add` counts the ids sampled from
@@ -240,17 +264,23 @@ class LogitsProcessor:
         self.penalties = torch.zeros(rows, 3, device=device)  # repetition, presence, frequency
         self.prompt = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
         self.counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=device)
+        self.min_tokens_ids = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        self.min_tokens = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.generated = torch.zeros(rows, dtype=torch.int32, device=device)  # tokens sampled so far
 
-    def start(self, rows: Sequence[int], params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]) -> None:
-        """Set ``rows`` up for requests: each its parameters and its prompt, nothing generated yet.
-        Prompt ids at or past ``vocab_size`` are left out (they are never sampled, so never penalized)."""
+    def start(self, rows: Sequence[int], params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]],
+              min_tokens_ids: Sequence[Iterable[int]]) -> None:
+        """Set ``rows`` up for requests: each its parameters, its prompt and the ids that its
+        ``min_tokens`` holds back (:meth:`SamplingParams.min_tokens_ids`), nothing generated yet.
+        Ids at or past ``vocab_size`` are left out (they are never sampled, so never penalized)."""
         for p in params:
             p.check_vocabulary(self.vocab_size)
         index = to_device(list(rows), torch.long, self.device)
-        for state in (self.bias, self.prompt, self.counts):
+        for state in (self.bias, self.prompt, self.counts, self.min_tokens_ids, self.generated):
             state.index_fill_(0, index, 0)
         self.penalties[index] = to_device([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
                                            for p in params], torch.float32, self.device)
+        self.min_tokens[index] = to_device([p.min_tokens for p in params], torch.int32, self.device)
         bias = [(r, t, b) for r, p in zip(rows, params) for t, b in p.logit_bias]
         if bias:
             where, ids, values = zip(*bias)
@@ -261,14 +291,23 @@ class LogitsProcessor:
             where, ids = zip(*seen)
             self.prompt.index_put_((to_device(where, torch.long, self.device), to_device(ids, torch.long, self.device)),
                                    torch.ones(len(ids), dtype=torch.bool, device=self.device))
+        held = [(r, t) for r, ids in zip(rows, min_tokens_ids) for t in set(ids) if t < self.vocab_size]
+        if held:
+            where, ids = zip(*held)
+            self.min_tokens_ids.index_put_(
+                (to_device(where, torch.long, self.device), to_device(ids, torch.long, self.device)),
+                torch.ones(len(ids), dtype=torch.bool, device=self.device))
 
     def __call__(self, logits: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(n, V) float32: ``logits`` (n, V) of ``rows`` (n,) on the device, after the logit bias and
-        the penalties. rows None: all rows, in order."""
+        """(n, V) float32: ``logits`` (n, V) of ``rows`` (n,) on the device, after min_tokens (-inf for
+        the ids it holds back), the logit bias and the penalties. rows None: all rows, in order."""
         def of_rows(state):
             return state if rows is None else state[rows]
 
-        logits = logits.float() + of_rows(self.bias)  # a new tensor: the model's logits stay as they are
+        short = of_rows(self.generated) < of_rows(self.min_tokens)  # (n,): rows short of their min_tokens
+        # added, not filled in: a NaN or +inf of the model at a held-back id still reads as non-finite
+        bias = of_rows(self.bias).masked_fill(of_rows(self.min_tokens_ids) & short[:, None], float("-inf"))
+        logits = logits.float() + bias  # a new tensor: the model's logits stay as they are
         repetition, presence, frequency = of_rows(self.penalties).split(1, dim=1)
         return apply_penalties(logits, of_rows(self.prompt), of_rows(self.counts), repetition, presence, frequency)
 
@@ -277,4 +316,6 @@ class LogitsProcessor:
         :data:`NON_FINITE` counts nothing."""
         if rows is None:
             rows = torch.arange(len(ids), device=ids.device)
-        self.counts.index_put_((rows, ids.clamp_min(0)), (ids >= 0).to(torch.int32), accumulate=True)
+        sampled = (ids >= 0).to(torch.int32)
+        self.counts.index_put_((rows, ids.clamp_min(0)), sampled, accumulate=True)
+        self.generated.index_add_(0, rows, sampled)

@@ -16,11 +16,12 @@ reset and refilled without touching the others.
 Exactness: a row reads only its own cache, so a request's tokens equal its solo
 ``Llama.generate`` run (greedy, or sampled with its ``seed``): each request samples with its own
 generator, seeded as the solo run seeds its one, drawing once per token as it does. A request
-with a logit bias or penalties has its row of a :class:`~minillama.sampling.LogitsProcessor` over
-the pool (allocated when the first such request comes), set up when its prompt is prefilled and
-counting its tokens on the device; its logits are changed as its solo run's are. As in any
-batch, only the shapes of the matmuls change; on a GPU another shape may round a bf16 near-tie the
-other way.
+with ``min_tokens``, a logit bias or penalties has its row of a
+:class:`~minillama.sampling.LogitsProcessor` over the pool (allocated when the first such request
+comes), set up when its prompt is prefilled and counting its tokens on the device; its logits are
+changed as its solo run's are (``min_tokens`` holds back the same ids, and its stop strings are
+searched for from the same token). As in any batch, only the shapes of the matmuls change; on a
+GPU another shape may round a bf16 near-tie the other way.
 
 Prefix reuse: a free row keeps the ids whose keys and values it holds (a request cancelled while
 its prompt was prefilled leaves the chunks it got). A new request takes the
@@ -95,7 +96,7 @@ class Request:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()  # stop strings: the text is cut before the first one
-    stop_ids: Sequence[int] = ()  # ids that end the request, besides the checkpoint's
+    stop_ids: Sequence[int] = ()  # ids that end the request, besides the checkpoint's (unless sampling.ignore_eos)
     logprobs: Optional[int] = None  # None: off; k: the chosen token's log-probability and the k best
     prompt_logprobs: bool = False  # with logprobs: those of the prompt's tokens too (no prefix reuse)
 
@@ -144,12 +145,13 @@ Event = Union[Token, PromptLogprobs, Finished, Failed]
 class _Sequence:
     """A request in flight: its row, prefill position, sampled tokens and text state."""
 
-    def __init__(self, rid: int, request: Request, on_event: Callable[[Event], None], stop_ids, tokenizer, device):
+    def __init__(self, rid: int, request: Request, on_event: Callable[[Event], None], eos_ids, tokenizer, device):
         self.rid = rid
         self.request = request
         self.prompt = list(request.prompt_ids)
         self.on_event = on_event
-        self.stop_ids = set(stop_ids) | set(request.stop_ids)
+        self.stop_ids = request.sampling.ending_ids(eos_ids, request.stop_ids)
+        self.min_tokens_ids = request.sampling.min_tokens_ids(eos_ids, request.stop_ids)
         self.generator = request.sampling.generator(device)
         self.decoder = IncrementalDecoder(tokenizer, self.prompt)
         self.stops = StopStrings(request.stop)
@@ -288,6 +290,9 @@ class Scheduler:
             raise ValueError("the prompt is empty: give it at least one token")
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {m!r}")
+        if request.sampling.min_tokens > m:
+            raise ValueError(f"min_tokens {request.sampling.min_tokens} is more than max_tokens {m}: lower min_tokens "
+                             f"or raise max_tokens")
         if n + m > self.max_seq_len:
             raise ValueError(
                 f"the prompt has {n} tokens and max_tokens is {m}: {n + m} tokens, more than the {self.max_seq_len} "
@@ -532,7 +537,7 @@ class Scheduler:
                 if self._processor is None:
                     self._processor = LogitsProcessor(self.cache.batch, logits.shape[-1], self.llm.device)
                 self._processor.start([s.row for s in started], [s.request.sampling for s in started],
-                                      [s.prompt for s in started])
+                                      [s.prompt for s in started], [s.min_tokens_ids for s in started])
             # scored first: the step's event, which _sample records, then follows their copies to the host
             prompt = self._score(scored, logits[len(rows):]) if scored else None
             step = self._sample(decoding + completed, logits[: len(rows)])
@@ -639,7 +644,7 @@ class Scheduler:
                 else:
                     seq.tokens.append(t)
                     self._counters["generated_tokens"] += 1
-                    text, matched = seq.stops.push(seq.decoder.push(t))
+                    text, matched = seq.stops.push(seq.decoder.push(t), seq.request.sampling.may_stop(len(seq.tokens)))
                     logprob, top = lp_info.get(i, (None, []))
                     self._emit(seq, Token(t, text, logprob, top))
                     if matched is not None:
@@ -678,7 +683,7 @@ class Scheduler:
     def _finish(self, seq: _Sequence, reason: str, stop, stop_token: Optional[Token] = None) -> None:
         """(lock held) Release the held-back text, report the end, free the row."""
         completion_tokens = len(seq.tokens) + (1 if isinstance(stop, int) else 0)  # a stop id counts, as in vLLM
-        text, matched = seq.stops.push(seq.decoder.flush())
+        text, matched = seq.stops.push(seq.decoder.flush(), seq.request.sampling.may_stop(len(seq.tokens)))
         text += seq.stops.flush()
         if matched is not None and reason != "cancelled":  # completed by the held-back bytes, as in a solo run
             reason, stop = "stop", matched

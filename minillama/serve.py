@@ -330,6 +330,11 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                                     f"{len(ids) + max_tokens} tokens, more than the {scheduler.max_seq_len} this "
                                     f"server holds per request; ask for at most {room}",
                                param="max_tokens", code="context_length_exceeded")
+            if parsed.sampling.min_tokens > max_tokens:  # max_tokens not given: the room the prompt leaves
+                raise APIError(400, f"the prompt has {len(ids)} tokens and min_tokens is {parsed.sampling.min_tokens}: "
+                                    f"more than the {room} tokens this server can add to it (it holds "
+                                    f"{scheduler.max_seq_len} per request); ask for at most {room}",
+                               param="min_tokens", code="context_length_exceeded")
             for k in range(parsed.n):
                 sampling = parsed.sampling
                 if k and sampling.seed is not None:  # choice k: the same request with seed + k

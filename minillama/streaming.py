@@ -18,7 +18,8 @@ Two small pieces, used by ``Llama.generate``, ``Llama.stream`` and the chat fron
 
 - :class:`StopStrings` watches that text for stop strings. It holds back any tail that could be
   the start of a stop string until the next text decides it, and cuts the text before the first
-  stop string found.
+  stop string found. Text pushed with ``may_stop=False`` (vLLM's ``min_tokens``: the text of a
+  row's first tokens) ends no stop string, though one may begin in it.
 
 Typical use (one row)::
 
@@ -106,7 +107,9 @@ class StopStrings:
     the returned text is everything before it, and later pushes return nothing). When several stop
     strings occur, the one whose last character comes first wins. Text that might
     be the start of a stop string is held back until it is decided; :meth:`flush` releases it at
-    the end of generation.
+    the end of generation. A stop string counts only where it ends in text pushed with ``may_stop``
+    (as vLLM's detokenizer searches for them after ``min_tokens`` tokens: from the first character
+    that may end one).
     """
 
     def __init__(self, stops: Sequence[str] = ()):
@@ -117,19 +120,22 @@ class StopStrings:
         self.stops = stops
         self.matched: Optional[str] = None
         self._pending = ""  # text received but not yet returned
+        self._no_end = 0  # characters at the start of _pending that end no stop string (pushed without may_stop)
 
-    def push(self, text: str) -> Tuple[str, Optional[str]]:
+    def push(self, text: str, may_stop: bool = True) -> Tuple[str, Optional[str]]:
+        """Take the next text; ``may_stop`` False: no stop string may end in it."""
         if self.matched is not None:
             return "", self.matched
         pending = self._pending + text
         if not self.stops:
             self._pending = ""
             return pending, None
+        no_end = self._no_end if may_stop else len(pending)
         # the stop that is complete first (smallest end; then the longest) wins, however the
         # text was split into pieces
         first = None  # (end, -len, start, stop)
         for s in self.stops:
-            i = pending.find(s)
+            i = pending.find(s, max(no_end - len(s) + 1, 0))  # the first one that ends past no_end
             if i >= 0:
                 key = (i + len(s), -len(s), i, s)
                 first = key if first is None else min(first, key)
@@ -139,6 +145,7 @@ class StopStrings:
             return pending[: first[2]], self.matched
         hold = self._partial_len(pending)
         self._pending = pending[len(pending) - hold:]
+        self._no_end = max(no_end - (len(pending) - hold), 0)
         return pending[: len(pending) - hold], None
 
     def flush(self) -> str:

@@ -4,6 +4,7 @@ text that is exact to the character, and context limits checked before any work.
 Two kinds of model are used: tiny random-weight checkpoints (real forward passes, for the batch
 and cache behaviour) and the same checkpoint with a scripted forward that emits a chosen token
 sequence (for text: emoji and CJK spelled with byte-fallback tokens, stop strings across tokens).
+The bundled demo model, which ends its stories with its EOS, tests ``ignore_eos`` and ``min_tokens``.
 """
 import json
 import random
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from minillama import Llama
+from minillama.hub import DEMO_MODEL_DIR
 from minillama.streaming import IncrementalDecoder, StopStrings
 from tests.checkpoints import EOM, EOT, END_OF_TEXT, write_checkpoint
 from tests.reference_sampling import reference_logits
@@ -331,6 +333,17 @@ def test_stop_strings_unit():
     assert s.push("xabc") == ("xa", "bc")
     s = StopStrings(["abcd", "bc"])
     assert s.push("xab") == ("x", None) and s.push("cd") == ("a", "bc")
+    # text pushed with may_stop False (the first min_tokens tokens') ends no stop string; one may begin there
+    s = StopStrings(["Tom"])
+    assert s.push("a Tom", may_stop=False) == ("a Tom", None) and s.push(" T") == (" ", None)
+    assert s.push("om") == ("", "Tom")
+    s = StopStrings(["Tom"])
+    assert s.push("a T", may_stop=False) == ("a ", None) and s.push("o", may_stop=False) == ("", None)
+    assert s.push("m") == ("", "Tom")
+    s = StopStrings(["b", "abc"])  # "ab" is held back (it may begin "abc"); its "b" ends in the first text
+    assert s.push("ab", may_stop=False) == ("", None) and s.push("x") == ("abx", None)
+    s = StopStrings(["b", "abc"])
+    assert s.push("ab", may_stop=False) == ("", None) and s.push("ab") == ("aba", "b")
     for bad in ("", None, 3):
         with pytest.raises(ValueError, match="stop strings"):
             StopStrings([bad])
@@ -354,12 +367,120 @@ def test_stop_string_spanning_tokens(request, monkeypatch, model):
     assert (r.text, r.finish_reason, r.stop) == (" and Tom went to the park.", "stop", llm.stop_ids[0])
 
 
+@pytest.mark.parametrize("min_tokens, stop, tokens, text", [
+    (0, "Tom", 2, " and "),
+    (1, "Tom", 2, " and "),  # " Tom", the second token, ends it
+    (2, "Tom", 4, " and Tom and "),  # the first "Tom" ends in the text of the first 2 tokens
+    (2, "m an", 3, " and To"),  # begins in the second token's text, ends in the third's
+    (4, "Tom", 7, " and Tom and Tom went home"),  # then </s> ends the row
+])
+def test_no_stop_string_ends_in_the_first_min_tokens_tokens(monkeypatch, sp, min_tokens, stop, tokens, text):
+    """As vLLM's detokenizer: a stop string counts only where it ends in the text of a token after
+    the first min_tokens; streamed the same."""
+    prompt, ids = continuation(sp.tokenizer, "Lily", "Lily and Tom and Tom went home")
+    assert len(ids) == 7  # " and", " Tom", " and", " Tom", " w", "ent", " home"
+    script_forward(monkeypatch, sp, ids + [EOS_SP])
+    (r,) = sp.generate(["Lily"], max_new_tokens=20, stop=stop, min_tokens=min_tokens)
+    expected_stop = stop if tokens < 7 else EOS_SP
+    assert (r.token_ids, r.text, r.finish_reason, r.stop) == (ids[:tokens], text, "stop", expected_stop)
+    stream = sp.stream("Lily", max_new_tokens=20, stop=stop, min_tokens=min_tokens)
+    assert "".join(stream) == text and outcome(stream.result) == outcome(r)
+
+
 def test_stop_strings_per_row_of_a_batch(monkeypatch, sp):
     prompt, ids = continuation(sp.tokenizer, "Lily", "Lily and Tom went home")
     script_forward(monkeypatch, sp, ids + [EOS_SP])
     rows = sp.generate(["Lily", [BOS_SP, 300, 301]], max_new_tokens=50, stop=["went"])
     assert [r.stop for r in rows] == ["went", "went"]
     assert rows[0].text == " and Tom "
+
+
+# -- ignore_eos and min_tokens (vLLM's) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu")  # trained: greedy ends its stories with </s>
+
+
+def greedy_loop(llm, prompt, steps, held=(), held_steps=0):
+    """Greedy ids of a plain loop of full forwards (no cache, nothing stops it): the logits of the
+    ``held`` ids -inf for the first ``held_steps`` steps."""
+    out = []
+    for step in range(steps):
+        logits = llm.logits(prompt + out)[-1].clone()
+        if step < held_steps:
+            logits[list(held)] = float("-inf")
+        out.append(int(logits.argmax()))
+    return out
+
+
+def new_text(tok, prompt, ids):
+    """What ``ids`` add to the decoded prompt (its BOS left out)."""
+    before, after = tok.decode(prompt[1:]), tok.decode(prompt[1:] + ids)
+    assert after.startswith(before)
+    return after[len(before):]
+
+
+def test_ignore_eos_runs_to_max_new_tokens_with_the_eos_as_text(demo):
+    """The demo model's greedy story ends with </s> after 27 tokens; with ignore_eos it goes on to
+    max_new_tokens, the tokens of a plain forward loop, the </s> among them (its text "</s>"), whole
+    and streamed, alone and in a batch. The call's own stop ids and stop strings still stop it."""
+    prompt = demo.tokenizer.encode("The cat sat on the")
+    (plain,) = demo.generate([prompt], max_new_tokens=40)
+    assert (len(plain.token_ids), plain.finish_reason, plain.stop) == (27, "stop", EOS_SP)
+    reference = greedy_loop(demo, prompt, 40)
+    assert reference[:27] == plain.token_ids and reference[27] == EOS_SP and EOS_SP not in reference[28:]
+    (r,) = demo.generate([prompt], max_new_tokens=40, ignore_eos=True)
+    assert (r.token_ids, r.finish_reason, r.stop) == (reference, "length", None)
+    assert r.text == new_text(demo.tokenizer, prompt, reference) and r.text.startswith(plain.text + "</s><s> Once")
+    stream = demo.stream(prompt, max_new_tokens=40, ignore_eos=True)
+    assert "".join(stream) == r.text and outcome(stream.result) == outcome(r)
+    other = demo.tokenizer.encode("It was a sunny day.")  # greedy: </s> first
+    batch = demo.generate([other, prompt], max_new_tokens=40, ignore_eos=True)
+    assert outcome(batch[1]) == outcome(r) and batch[0].token_ids == greedy_loop(demo, other, 40)
+    assert batch[0].token_ids[0] == EOS_SP and batch[0].text.startswith("</s>")
+    stop = reference[30]
+    (r,) = demo.generate([prompt], max_new_tokens=40, ignore_eos=True, stop_ids=[stop])
+    cut = reference.index(stop)
+    assert cut > 27 and (r.token_ids, r.finish_reason, r.stop) == (reference[:cut], "stop", stop)
+    (r,) = demo.generate([prompt], max_new_tokens=40, ignore_eos=True, stop="</s>")
+    assert (r.token_ids, r.text, r.finish_reason, r.stop) == (reference[:28], plain.text, "stop", "</s>")
+
+
+@pytest.mark.parametrize("min_tokens, ends_after", [(27, 27), (28, 33), (30, 33)])
+def test_min_tokens_holds_the_eos_back_then_lets_it_end(demo, min_tokens, ends_after):
+    """Greedy, the demo model's story ends with </s> after 27 tokens. min_tokens 27 lets it end there;
+    28 and 30 take the tokens of a forward loop with the EOS -inf for their first min_tokens steps,
+    up to the </s> it then samples (after 33 tokens). Whole and streamed."""
+    prompt = demo.tokenizer.encode("The cat sat on the")
+    reference = greedy_loop(demo, prompt, ends_after + 1, held=[EOS_SP], held_steps=min_tokens)
+    assert reference[ends_after] == EOS_SP and EOS_SP not in reference[:ends_after]
+    (r,) = demo.generate([prompt], max_new_tokens=60, min_tokens=min_tokens)
+    assert (r.token_ids, r.finish_reason, r.stop) == (reference[:ends_after], "stop", EOS_SP)
+    assert r.text == new_text(demo.tokenizer, prompt, reference[:ends_after])
+    stream = demo.stream(prompt, max_new_tokens=60, min_tokens=min_tokens)
+    assert "".join(stream) == r.text and outcome(stream.result) == outcome(r)
+
+
+def test_min_tokens_holds_back_the_calls_stop_ids_and_the_eos_with_ignore_eos(demo):
+    """min_tokens holds back every id that may end a row: the call's stop_ids too, and the EOS also
+    with ignore_eos (as vLLM's); rows of a batch count their own tokens."""
+    prompt = demo.tokenizer.encode("It was a sunny day.")  # greedy: </s> first
+    stop = demo.tokenizer.encode("a")[-1]  # "▁a"
+    free = greedy_loop(demo, prompt, 16, held=[EOS_SP], held_steps=1)
+    assert free.index(stop) == 4  # "[/INST] Once upon a"
+    (r,) = demo.generate([prompt], max_new_tokens=16, min_tokens=1, stop_ids=[stop])
+    assert (r.token_ids, r.stop) == (free[:4], stop)
+    reference = greedy_loop(demo, prompt, 16, held=[EOS_SP, stop], held_steps=6)
+    assert reference.index(stop) == 9 and EOS_SP not in reference  # "... upon ite story, there was a"
+    (r,) = demo.generate([prompt], max_new_tokens=16, min_tokens=6, stop_ids=[stop])
+    assert (r.token_ids, r.finish_reason, r.stop) == (reference[:9], "stop", stop)
+    cat = demo.tokenizer.encode("The cat sat on the")
+    rows = demo.generate([cat, prompt], max_new_tokens=40, min_tokens=30, ignore_eos=True)
+    assert rows[0].token_ids == greedy_loop(demo, cat, 40, held=[EOS_SP], held_steps=30)
+    assert rows[0].token_ids[33] == EOS_SP and rows[0].finish_reason == "length"  # text once past min_tokens
+    assert rows[1].token_ids == greedy_loop(demo, prompt, 40, held=[EOS_SP], held_steps=30)
 
 
 # -- context limits and argument errors ------------------------------------------------------
@@ -416,6 +537,9 @@ def test_truncate_left_keeps_bos_and_the_newest_tokens(monkeypatch, short):
         (dict(repetition_penalty=0), "repetition_penalty"),
         (dict(logit_bias={7: -101}), "-101"),
         (dict(logit_bias={10**6: 1.0}), "1000000"),
+        (dict(min_tokens=-1), "min_tokens must be an integer >= 0"),
+        (dict(min_tokens=11, max_new_tokens=10), "min_tokens 11 is more than max_new_tokens 10"),
+        (dict(ignore_eos="yes"), "'yes'"),
     ],
 )
 def test_bad_arguments_raise_before_any_work(monkeypatch, short, kwargs, named):

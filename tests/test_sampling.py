@@ -115,6 +115,11 @@ def test_zero_probability_is_never_drawn():
         (dict(logit_bias={"5": 1.0}), "'5'"),
         (dict(logit_bias={5: math.nan}), "nan"),
         (dict(logit_bias=[(5, 1.0), (5, 2.0)]), "[5]"),
+        (dict(min_tokens=-1), "-1"),
+        (dict(min_tokens=2.0), "2.0"),
+        (dict(min_tokens=True), "True"),
+        (dict(ignore_eos=1), "1"),
+        (dict(ignore_eos="true"), "'true'"),
     ],
 )
 def test_invalid_values_raise_naming_the_value(kwargs, named):
@@ -124,14 +129,14 @@ def test_invalid_values_raise_naming_the_value(kwargs, named):
     assert name in str(err.value) and named in str(err.value)
 
 
-def reference(logits, params: SamplingParams, prompt, output):
+def reference(logits, params: SamplingParams, prompt, output, min_tokens_ids=()):
     return reference_logits(logits, params.logit_bias, params.repetition_penalty, params.presence_penalty,
-                            params.frequency_penalty, prompt, output)
+                            params.frequency_penalty, prompt, output, params.min_tokens, min_tokens_ids)
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     processor = LogitsProcessor(1, 5, "cpu")
-    processor.start([0], [SamplingParams(repetition_penalty=2.0)], [[0, 1, 2, 4]])
+    processor.start([0], [SamplingParams(repetition_penalty=2.0)], [[0, 1, 2, 4]], [()])
     got = processor(torch.tensor([[2.0, -1.5, 0.0, 3.0, -0.25]]))
     assert got.tolist() == [[1.0, -3.0, 0.0, 3.0, -0.5]]  # id 3 is not in the prompt
 
@@ -144,7 +149,7 @@ def test_an_extreme_repetition_penalty_keeps_finite_logits_finite():
     logits = torch.tensor([[10.0, -1.5, 0.0, 3.0]])  # ids 0-2 in the prompt
     for r, held, greedy in ((tiny, (0, largest), 0), (largest, (1, -largest), 3)):
         processor = LogitsProcessor(1, 4, "cpu")
-        processor.start([0], [SamplingParams(repetition_penalty=r)], [[0, 1, 2]])
+        processor.start([0], [SamplingParams(repetition_penalty=r)], [[0, 1, 2]], [()])
         got = processor(logits)
         assert torch.isfinite(got).all() and got[0, held[0]].item() == held[1] and got[0, 3].item() == 3.0
         assert sample(got, SamplingParams()).item() == greedy
@@ -153,21 +158,24 @@ def test_an_extreme_repetition_penalty_keeps_finite_logits_finite():
     assert sample(got, SamplingParams()).item() == NON_FINITE
 
 
-def test_logit_bias_and_penalties_match_a_float64_reference():
-    """Rows of a pool, each its own parameters, prompt and generated ids (a NON_FINITE id counts
-    nothing), processed in an order other than the pool's; rows never started are left out."""
+def test_min_tokens_bias_and_penalties_match_a_float64_reference():
+    """Rows of a pool, each its own parameters, prompt, ids held back by min_tokens (one of them also
+    biased, one a prompt id) and generated ids (a NON_FINITE id counts nothing), processed in an order
+    other than the pool's; rows never started are left out."""
     vocab, rng = 40, random.Random(0)
     params = {
-        1: SamplingParams(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3),
-        4: SamplingParams(frequency_penalty=-2.0, logit_bias={3: -100.0, 7: 2.5, 39: 0.75}),
+        1: SamplingParams(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3, min_tokens=5),
+        4: SamplingParams(frequency_penalty=-2.0, logit_bias={3: -100.0, 7: 2.5, 39: 0.75}, min_tokens=9),
         2: SamplingParams(repetition_penalty=0.7, presence_penalty=-0.5),
         0: SamplingParams(logit_bias={0: 100.0}),
     }
+    held = {r: params[r].min_tokens_ids([2], [7, r]) for r in params}  # an EOS id 2, a stop id per row
+    assert held == {1: {1, 2, 7}, 4: {2, 4, 7}, 2: set(), 0: set()}
     rows = list(params)
-    prompts = {r: [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))] for r in rows}
+    prompts = {r: [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))] + [7] for r in rows}
     outputs = {r: [] for r in rows}
     processor = LogitsProcessor(6, vocab, "cpu")
-    processor.start(rows, [params[r] for r in rows], [prompts[r] for r in rows])
+    processor.start(rows, [params[r] for r in rows], [prompts[r] for r in rows], [held[r] for r in rows])
     index = torch.tensor(rows)
     generator = torch.Generator().manual_seed(0)
     for step in range(12):
@@ -175,8 +183,10 @@ def test_logit_bias_and_penalties_match_a_float64_reference():
         got = processor(logits, index)
         assert got.dtype == torch.float32
         for i, r in enumerate(rows):
-            expected = reference(logits[i], params[r], prompts[r], outputs[r])
+            expected = reference(logits[i], params[r], prompts[r], outputs[r], held[r])
             torch.testing.assert_close(got[i].double(), expected, rtol=1e-6, atol=1e-5)
+            assert got[i, 7].item() == -math.inf if r in (1, 4) and len(outputs[r]) < params[r].min_tokens \
+                else math.isfinite(got[i, 7].item())
         ids = [rng.randrange(8) if step % 2 else rng.randrange(vocab) for _ in rows]  # repeats often
         ids[0] = NON_FINITE if step == 3 else ids[0]
         processor.add(torch.tensor(ids), index)
@@ -184,21 +194,53 @@ def test_logit_bias_and_penalties_match_a_float64_reference():
             if t != NON_FINITE:
                 outputs[r].append(t)
     assert processor.counts[[3, 5]].sum() == 0  # rows not in the step are untouched
-    # starting a row again forgets its prompt and output
-    processor.start([1], [params[1]], [[5]])
+    assert processor.generated.tolist() == [12, 11, 12, 0, 12, 0]  # row 1's NON_FINITE counts nothing
+    # starting a row again forgets its prompt and output, and min_tokens holds its ids back again
+    processor.start([1], [params[1]], [[5]], [held[1]])
     logits = torch.randn(1, vocab, generator=generator)
     torch.testing.assert_close(processor(logits, torch.tensor([1]))[0].double(),
-                               reference(logits[0], params[1], [5], []), rtol=1e-6, atol=1e-5)
+                               reference(logits[0], params[1], [5], [], held[1]), rtol=1e-6, atol=1e-5)
+    assert processor(logits, torch.tensor([1]))[0, [1, 2, 7]].tolist() == [-math.inf] * 3
 
 
 def test_all_rows_in_order_equal_the_same_rows_by_index():
     params = SamplingParams(frequency_penalty=1.0, repetition_penalty=1.2, logit_bias={1: -3.0})
     processor = LogitsProcessor(3, 16, "cpu")
-    processor.start(range(3), [params] * 3, [[1, 2], [3], [4, 4, 5]])
+    processor.start(range(3), [params] * 3, [[1, 2], [3], [4, 4, 5]], [()] * 3)
     processor.add(torch.tensor([6, 6, 1]))
     logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
     assert torch.equal(processor(logits), processor(logits, torch.arange(3)))
     assert torch.equal(processor(logits)[2:], processor(logits[2:], torch.tensor([2])))
+
+
+def test_min_tokens_holds_its_ids_back_from_greedy_until_then():
+    """Greedy takes the next best id while the argmax is held back: for min_tokens tokens; then the
+    argmax again. A NaN or +inf of the model at a held-back id is still reported as non-finite."""
+    params = SamplingParams(min_tokens=2)
+    logits = torch.tensor([[0.0, 1.0, 5.0, 4.0, 2.0]])  # id 2: the EOS, the argmax
+    processor = LogitsProcessor(1, 5, "cpu")
+    processor.start([0], [params], [[1]], [params.min_tokens_ids([2], [3])])
+    chosen = []
+    for _ in range(3):
+        ids = sample(processor(logits), params)
+        processor.add(ids)
+        chosen += ids.tolist()
+    assert chosen == [4, 4, 2]  # neither 2 (EOS) nor 3 (a stop id) for 2 tokens
+    processor.start([0], [params], [[1]], [{2}])
+    for bad in (math.nan, math.inf):
+        poisoned = logits.clone()
+        poisoned[0, 2] = bad
+        assert sample(processor(poisoned), params).item() == NON_FINITE
+
+
+def test_ending_ids_and_min_tokens_ids():
+    """The EOS ids end a row unless ignore_eos; a row's own stop ids always do. min_tokens holds back
+    both, the EOS ids also with ignore_eos (as vLLM's); min_tokens 0 holds back nothing."""
+    assert SamplingParams().ending_ids([2, 9], [5]) == {2, 5, 9}
+    assert SamplingParams(ignore_eos=True).ending_ids([2, 9], [5, 9]) == {5, 9}
+    assert SamplingParams(ignore_eos=True, min_tokens=3).min_tokens_ids([2, 9], [5]) == {2, 5, 9}
+    assert SamplingParams(ignore_eos=True).min_tokens_ids([2, 9], [5]) == set()
+    assert SamplingParams(min_tokens=1).changes_logits and not SamplingParams(ignore_eos=True).changes_logits
 
 
 def test_logit_bias_is_kept_sorted_and_hashable():

@@ -156,6 +156,57 @@ def test_logit_bias_and_penalties_equal_solo(llm):
         scheduler.close()
 
 
+def test_ignore_eos_and_min_tokens_equal_solo(llm):
+    """Requests with ignore_eos, min_tokens (greedy and seeded, with penalties, the request's stop ids
+    and stop strings) and plain ones share 3 rows (each row serves several requests in turn), prompts
+    prefilled 6 tokens at a time: each equals its solo run. With ignore_eos the demo model's </s> is a
+    token of the output, its text "</s>", counted in completion_tokens."""
+    cat, sunny, once = (llm.tokenizer.encode(p) for p in ("The cat sat on the", "It was a sunny day.", PROMPTS[0]))
+    a = llm.tokenizer.encode("a")[-1]  # "▁a"
+    requests = [
+        Request(cat, 40, SamplingParams()),  # greedy: </s> after 27 tokens
+        Request(cat, 40, SamplingParams(ignore_eos=True)),
+        Request(cat, 60, SamplingParams(min_tokens=30)),
+        Request(sunny, 16, SamplingParams(temperature=0.8, seed=3, min_tokens=4, ignore_eos=True)),
+        Request(sunny, 16, SamplingParams(min_tokens=6), stop_ids=[a]),
+        Request(once, 30, SamplingParams(frequency_penalty=1.0, min_tokens=5), stop=[" a"]),
+        Request(sunny, 16, SamplingParams(ignore_eos=True, repetition_penalty=1.2)),
+    ]
+    refs = [llm.generate([r.prompt_ids], max_new_tokens=r.max_tokens, stop_ids=r.stop_ids, stop=r.stop,
+                         **solo_kwargs(r.sampling))[0] for r in requests]
+    assert [len(ref.token_ids) for ref in refs[:3]] == [27, 40, 33] and refs[1].token_ids[27] == 2
+    assert (refs[4].stop, refs[5].stop) == (a, " a") and len(refs[4].token_ids) >= 6
+    assert llm.generate([once], max_new_tokens=30, frequency_penalty=1.0, stop=" a")[0].text == ", there was"
+    scheduler = Scheduler(llm, max_batch=3, prefill_chunk=6)
+    try:
+        done = run_all(scheduler, requests)
+        for ref, got in zip(refs, done):
+            assert got.ids == ref.token_ids and got.text == ref.text
+            assert got.end.finish_reason == ref.finish_reason and got.end.stop == ref.stop
+            assert got.end.completion_tokens == len(ref.token_ids) + isinstance(ref.stop, int)
+        ignored = done[1]
+        assert [t.text for t in ignored.tokens if t.id == 2] == ["</s>"] and ignored.end.completion_tokens == 40
+        assert scheduler.stats()["failed"] == 0
+    finally:
+        scheduler.close()
+
+
+def test_min_tokens_leaves_the_logprobs_the_models(llm):
+    """The demo model's greedy reply to "It was a sunny day." is </s>: min_tokens holds it back from
+    sampling, while the logprobs stay those of the model's logits, </s> the most likely."""
+    prompt = llm.tokenizer.encode("It was a sunny day.")
+    scheduler = Scheduler(llm, max_batch=2)
+    try:
+        (got,) = run_all(scheduler, [Request(prompt, 3, SamplingParams(min_tokens=3), logprobs=2)])
+        assert got.ids == llm.generate([prompt], max_new_tokens=3, min_tokens=3)[0].token_ids and 2 not in got.ids
+        lp = llm.logits(prompt).double().log_softmax(-1)[-1]
+        first = got.tokens[0]
+        assert first.top_logprobs[0][0] == 2 and first.top_logprobs[0][1] == pytest.approx(float(lp[2]), abs=1e-5)
+        assert first.logprob == pytest.approx(float(lp[first.id]), abs=1e-5)
+    finally:
+        scheduler.close()
+
+
 def test_a_large_logit_bias_forces_its_token_and_logprobs_stay_the_models(llm):
     """An unseeded sampled request and a greedy one, both with +100 on one id: every token is that id;
     the log-probabilities are the model's raw ones, not those of the biased logits."""
@@ -399,6 +450,8 @@ def test_bad_requests_and_full_queue(llm):
             scheduler.submit(Request([1], -1), Collector())
         with pytest.raises(ValueError, match="prompt_logprobs needs logprobs"):
             scheduler.submit(Request([1, 5], 2, prompt_logprobs=True), Collector())
+        with pytest.raises(ValueError, match="min_tokens 11 is more than max_tokens 10: lower min_tokens"):
+            scheduler.submit(Request([1], 10, SamplingParams(min_tokens=11)), Collector())
         with pytest.raises(ValueError, match="more than the model's context"):
             Scheduler(llm, max_seq_len=100000)
         busy = Collector()

@@ -376,6 +376,15 @@ def test_32_streaming_clients_and_8_disconnects(server, client, llm):
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": -100.5}}, "logit_bias", "[-100, 100]"),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": 1, "07": 2}}, "logit_bias", "twice"),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1024": 1}}, "logit_bias", "[1024]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_tokens": "5"}, "min_tokens", "must be an integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_tokens": -1}, "min_tokens", "min_tokens must be >= 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": "yes"}, "ignore_eos", "true or false"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 20, "max_tokens": 10}, "min_tokens",
+     "min_tokens 20 is more than max_tokens 10: lower min_tokens or raise max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 20, "max_completion_tokens": 10}, "min_tokens",
+     "more than max_completion_tokens 10"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 600}, "min_tokens",
+     "min_tokens is 600: more than"),  # no max_tokens: more than fit in the 512 tokens of a request
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "role"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}, "max_tokens", "at most"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 100}, "n", "[1, 16]"),
@@ -687,6 +696,56 @@ def test_penalties_and_logit_bias_equal_solo(app, llm):
     r = app.post("/v1/chat/completions", json={**body, "presence_penalty": 0, "frequency_penalty": None,
                                                 "logit_bias": {}})  # the neutral values
     assert r.json()["choices"][0]["message"]["content"] == solo(llm, ids, 12).text
+
+
+def test_ignore_eos_and_min_tokens_equal_solo(app, llm):
+    """vLLM's extras on both endpoints, whole and streamed, as Llama.generate: ignore_eos runs to
+    max_tokens, the demo model's </s> a token of the text, the logprobs and the usage; min_tokens holds
+    the </s> back, then lets it end the choice; null is off."""
+    def streamed(path, body):
+        with app.stream("POST", path, json={**body, "stream": True}) as s:
+            return [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
+
+    prompt = PROMPTS[3]  # greedy: </s> after 27 tokens
+    ref = solo(llm, prompt, 40, ignore_eos=True)
+    assert (ref.finish_reason, ref.token_ids[27]) == ("length", 2) and solo(llm, prompt, 40).finish_reason == "stop"
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    r = app.post("/v1/completions", json=body).json()
+    (choice,) = r["choices"]
+    assert (choice["text"], choice["finish_reason"], r["usage"]["completion_tokens"]) == (ref.text, "length", 40)
+    tokens = choice["logprobs"]["tokens"]
+    assert "</s>" in choice["text"] and tokens[27] == "</s>" and len(tokens) == 40
+    chunks = streamed("/v1/completions", body)
+    assert "".join(c["text"] for c in chunks) == ref.text and chunks[-1]["finish_reason"] == "length"
+    ref = solo(llm, prompt, 60, min_tokens=30)
+    assert (ref.finish_reason, len(ref.token_ids)) == ("stop", 33)
+    body = {"prompt": prompt, "max_tokens": 60, "temperature": 0, "min_tokens": 30}
+    r = app.post("/v1/completions", json=body).json()
+    assert r["choices"][0]["text"] == ref.text and r["usage"]["completion_tokens"] == 34  # with the </s>
+
+    messages = [{"role": "user", "content": "Who is Lily?"}]
+    ids = llm.tokenizer.encode_chat(messages)
+    plain = solo(llm, ids, 100)
+    assert (plain.finish_reason, len(plain.token_ids)) == ("stop", 37)
+    for extras, max_tokens in ((dict(ignore_eos=True), 47), (dict(min_tokens=40), 100)):
+        ref = solo(llm, ids, max_tokens, **extras)
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extras}
+        r = app.post("/v1/chat/completions", json=body).json()
+        (choice,) = r["choices"]
+        assert choice["message"]["content"] == ref.text != plain.text and choice["finish_reason"] == ref.finish_reason
+        assert r["usage"]["completion_tokens"] == len(ref.token_ids) + (ref.finish_reason == "stop")
+        chunks = streamed("/v1/chat/completions", body)
+        assert "".join(c["delta"].get("content", "") for c in chunks) == ref.text
+        assert chunks[-1]["finish_reason"] == ref.finish_reason
+    assert solo(llm, ids, 47, ignore_eos=True).text.startswith(plain.text + "</s>")
+    body = {"messages": messages, "max_tokens": 100, "temperature": 0, "ignore_eos": None, "min_tokens": None}
+    assert app.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == plain.text
+
+
+def test_min_tokens_past_the_completions_default_max_tokens_is_a_400(app):
+    r = app.post("/v1/completions", json={"prompt": "x", "min_tokens": 17})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    assert "min_tokens 17 is more than max_tokens 16" in r.json()["error"]["message"]
 
 
 def test_integer_literal_too_long_to_read_is_a_400(app):
