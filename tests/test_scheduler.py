@@ -783,16 +783,17 @@ def test_serving_on_the_gpu_replays_only_graphs_captured_at_start(monkeypatch):
 @pytest.mark.gpu
 def test_penalties_and_prompt_logprobs_on_the_gpu():
     """On CUDA (pinned copies, replayed graphs, steps that score prompt chunks in graphs of their own):
-    requests with a logit bias and penalties, greedy and seeded, equal their solo runs beside a
-    request whose prompt is scored, and the scores equal one full forward's."""
+    requests with a logit bias and penalties, greedy and seeded, or min_tokens and ignore_eos, equal
+    their solo runs beside a request whose prompt is scored, and the scores equal one full forward's."""
     gpu = Llama.from_pretrained(DEMO_MODEL_DIR, device="cuda", dtype=torch.float32)
     prompts = [gpu.tokenizer.encode(p) for p in PROMPTS[:3]] + [gpu.tokenizer.encode(LONG)]
     settings = [dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.2, logit_bias={5: 3.0}),
-                dict(repetition_penalty=1.5, temperature=0.8, top_k=40, seed=3)]
-    solo = [gpu.generate([p], max_new_tokens=12, **settings[i % 2])[0].token_ids for i, p in enumerate(prompts)]
+                dict(repetition_penalty=1.5, temperature=0.8, top_k=40, seed=3),
+                dict(min_tokens=10, ignore_eos=True)]
+    solo = [gpu.generate([p], max_new_tokens=12, **settings[i % 3])[0].token_ids for i, p in enumerate(prompts)]
     scheduler = Scheduler(gpu, max_batch=3, max_seq_len=128, prefill_chunk=24)
     try:
-        requests = [Request(p, 12, SamplingParams(**settings[i % 2])) for i, p in enumerate(prompts)]
+        requests = [Request(p, 12, SamplingParams(**settings[i % 3])) for i, p in enumerate(prompts)]
         scored_prompt = prompts[-1]
         got = run_all(scheduler, requests + [Request(scored_prompt, 1, logprobs=2, prompt_logprobs=True)])
         assert [g.ids for g in got[:-1]] == solo
