@@ -945,15 +945,16 @@ def test_echo_with_several_prompts_and_n(app, llm):
 
 def assert_same_completion_choice(got, expected):
     """Two completions choices alike: text, finish_reason and tokens exactly, logprobs to float32
-    rounding (the same tokens scored in other batches)."""
+    rounding (the same tokens scored in other batches, which the requests' timing decides: 1.1e-5
+    apart on logprobs near -4 in one CI run)."""
     assert {k: got[k] for k in ("text", "finish_reason")} == {k: expected[k] for k in ("text", "finish_reason")}
     got, expected = got["logprobs"], expected["logprobs"]
     assert {k: got[k] for k in ("tokens", "text_offset")} == {k: expected[k] for k in ("tokens", "text_offset")}
     assert got["token_logprobs"][0] is None and expected["token_logprobs"][0] is None
-    assert got["token_logprobs"][1:] == pytest.approx(expected["token_logprobs"][1:], abs=1e-5)
+    assert got["token_logprobs"][1:] == pytest.approx(expected["token_logprobs"][1:], abs=1e-4)
     assert got["top_logprobs"][0] is None and expected["top_logprobs"][0] is None
     for top, expected_top in zip(got["top_logprobs"][1:], expected["top_logprobs"][1:]):
-        assert top == pytest.approx(expected_top, abs=1e-5)
+        assert top == pytest.approx(expected_top, abs=1e-4)
 
 
 def test_echo_with_n_scores_each_prompt_once(app, llm, monkeypatch):
@@ -1079,7 +1080,7 @@ def test_a_stop_id_is_listed_last_in_the_chat_logprobs(app, llm):
     streamed = [e for c in chunks if c["logprobs"] for e in c["logprobs"]["content"]]
     # (the streamed request may take the cached prompt: the same tokens, the logprobs to float32 rounding)
     assert [e["token"] for e in streamed] == [e["token"] for e in content]
-    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-5)
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-4)
     # ended by a stop string (the reply's fifth token completes it) or by max_tokens: no stop id to list
     stop_string = llm.tokenizer.decode(ref.token_ids[:5])[-3:]
     for ended in ({"stop": [stop_string]}, {"max_tokens": 5}):
