@@ -44,6 +44,13 @@ def parse_args(argv):
                    help="in [-2, 2], times how often each token was generated so far (0: off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 0, for the tokens of the prompt and the output (1: off; 1.1-1.3 is usual)")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="new tokens before the checkpoint's EOS ids may end a completion or a --stop string end "
+                        "in their text "
+                        "(0: off; at most --max-new-tokens)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="the checkpoint's EOS ids end nothing: run to --max-new-tokens or a --stop string (an EOS "
+                        "is then text, such as </s> or <|eot_id|>)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the text")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
@@ -103,7 +110,7 @@ def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                repetition_penalty=args.repetition_penalty)
+                repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens, ignore_eos=args.ignore_eos)
 
 
 def report(results, batch_index: int, n_batches: int) -> str:

@@ -6,8 +6,8 @@ return dicts shaped as OpenAI's. ``minillama.serve`` puts them on the wire.
 
 Checking is strict, as the API is: a field OpenAI does not define is an error, and so is a defined
 one this server does not implement unless it has its neutral value (chat's ``echo: false``,
-``best_of: 1``, ...). ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens`` and ``ignore_eos``
-are accepted as extras (as vLLM does).
+``best_of: 1``, ...). ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos`` and
+``stop_token_ids`` are accepted as extras (as vLLM does).
 """
 import json
 import math
@@ -22,6 +22,9 @@ from minillama.tool_calls import ToolCall
 
 MAX_N = 16  # choices per request at most
 MAX_STOP = 16  # stop strings per request at most
+# stop ids per request at most: 4x Llama 3's 256 special tokens (clients send a few: <|eot_id|>,
+# <|eom_id|>); each id is checked and put in the min_tokens mask per request, so the count is bounded
+MAX_STOP_TOKEN_IDS = 1024
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
@@ -53,10 +56,11 @@ _IGNORED = {"user", "metadata", "service_tier", "prompt_cache_key", "safety_iden
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
                 "stream", "stream_options", "logprobs", "top_logprobs", "n", "tools", "tool_choice",
                 "parallel_tool_calls", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                "logit_bias", "min_tokens", "ignore_eos"}
+                "logit_bias", "min_tokens", "ignore_eos", "stop_token_ids"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                       "stream_options", "logprobs", "n", "echo", "top_k", "min_p", "presence_penalty",
-                      "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos"}
+                      "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos",
+                      "stop_token_ids"}
 
 
 @dataclass
@@ -66,6 +70,7 @@ class ParsedRequest:
     max_tokens: Optional[int]  # None: as many as fit
     sampling: SamplingParams
     stop: List[str]
+    stop_token_ids: List[int]  # ids that end a choice, besides the checkpoint's (vLLM's extra)
     n: int
     stream: bool
     include_usage: bool
@@ -157,6 +162,7 @@ def _common(body) -> dict:
         raise bad("stop", f"stop must be a non-empty string or a list of them, got {json.dumps(body.get('stop'))}")
     if len(stop) > MAX_STOP:
         raise bad("stop", f"stop holds {len(stop)} strings, at most {MAX_STOP} are allowed")
+    stop_token_ids = _stop_token_ids(body.get("stop_token_ids"))
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     include_usage = False
@@ -179,7 +185,7 @@ def _common(body) -> dict:
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_tokens=min_tokens,
                               ignore_eos=ignore_eos)
-    return dict(model=model, sampling=sampling, stop=stop, n=_int(body, "n", 1, MAX_N, default=1), stream=stream,
+    return dict(model=model, sampling=sampling, stop=stop, stop_token_ids=stop_token_ids, n=_int(body, "n", 1, MAX_N, default=1), stream=stream,
                 include_usage=include_usage)
 
 
@@ -189,6 +195,24 @@ def _check_min_tokens(sampling: SamplingParams, key: str, max_tokens: Optional[i
     if max_tokens is not None and sampling.min_tokens > max_tokens:
         raise bad("min_tokens", f"min_tokens {sampling.min_tokens} is more than {key} {max_tokens}: lower "
                                 f"min_tokens or raise {key}")
+
+
+def _stop_token_ids(value) -> List[int]:
+    """vLLM's ``stop_token_ids``: a list of token ids (null: none). Whether the ids are in the
+    vocabulary is the server's check, as for ``logit_bias``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad("stop_token_ids", f"stop_token_ids must be a list of token ids (integers >= 0), "
+                                    f"got {json.dumps(value)}")
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise bad("stop_token_ids", f"stop_token_ids holds {len(value)} ids, at most {MAX_STOP_TOKEN_IDS} are "
+                                    "allowed")
+    for i, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise bad("stop_token_ids", f"stop_token_ids[{i}] must be a token id (an integer >= 0), "
+                                        f"got {json.dumps(t)}")
+    return value
 
 
 def _logit_bias(value) -> Dict[int, float]:

@@ -317,6 +317,11 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             parsed.sampling.check_vocabulary(tokenizer.vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), param="logit_bias") from None
+        outside = [t for t in parsed.stop_token_ids if t >= tokenizer.vocab_size]
+        if outside:
+            raise APIError(400, f"stop_token_ids has token id(s) {outside[:5]} outside the vocabulary "
+                                f"[0, {tokenizer.vocab_size}); give ids of this model's tokenizer (POST /tokenize)",
+                           param="stop_token_ids")
         out = []
         for ids in prompt_ids:
             room = scheduler.max_seq_len - len(ids)
@@ -342,7 +347,8 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                     sampling = dataclasses.replace(sampling, seed=seed if seed < 2 ** 64 else seed - 2 ** 64)
                 # an echo's prompt logprobs are the same for every choice: the first scores the prompt, the
                 # others only prefill it (and may take a cached prefix); each choice echoes the first's
-                out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, logprobs=parsed.logprobs,
+                out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, stop_ids=parsed.stop_token_ids,
+                                   logprobs=parsed.logprobs,
                                    prompt_logprobs=parsed.echo and parsed.logprobs is not None and k == 0))
         return out
 

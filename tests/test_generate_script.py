@@ -102,6 +102,10 @@ def test_missing_model_is_one_line_error(tmp_path):
         (["--batch-size", "0", "hi"], "--batch-size must be >= 1, got 0"),
         (["--frequency-penalty", "3", "hi"], "frequency_penalty must be in [-2, 2]"),
         (["--repetition-penalty", "0", "hi"], "repetition_penalty must be > 0"),
+        (["--min-tokens", "-1", "hi"], "min_tokens must be an integer >= 0 (0 turns it off), got -1"),
+        (["--min-tokens", "20", "--max-new-tokens", "10", "hi"],
+         "min_tokens 20 is more than max_new_tokens 10: lower min_tokens or raise max_new_tokens"),
+        (["--min-tokens", "x", "hi"], "argument --min-tokens: invalid int value: 'x'"),
         (["--temperature", "hot", "hi"], "argument --temperature: invalid float value: 'hot' (see "),
         ([], "no prompts"),
         (["--prompt-file", "MISSING.txt"], "cannot read --prompt-file MISSING.txt"),
@@ -129,6 +133,35 @@ def test_penalties_reach_the_generation(script, folder, expected, capsys, penalt
     assert script.main(["--model", str(folder), "--device", "cpu", "--max-new-tokens", "12", "--json", *flags,
                         PROMPTS[0]]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == want.token_ids
+
+
+def test_ignore_eos_and_min_tokens_reach_the_generation(script, capsys):
+    """On the demo model, whose greedy completion of this prompt ends on </s> (id 2) after 27 tokens:
+    --ignore-eos runs to --max-new-tokens with the </s> in the text, --min-tokens holds it back, as the API."""
+    from minillama.hub import DEMO_MODEL_DIR
+
+    prompt = "The cat sat on the"
+
+    def completion(*flags):
+        assert script.main(["--device", "cpu", "--max-new-tokens", "40", "--json", *flags, prompt]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    llm = Llama.from_pretrained(DEMO_MODEL_DIR, device="cpu")
+    plain = completion()
+    assert (len(plain["token_ids"]), plain["finish_reason"], plain["stop"]) == (27, "stop", 2)
+    ignored = completion("--ignore-eos")
+    want = llm.generate([prompt], max_new_tokens=40, ignore_eos=True)[0]
+    assert (ignored["token_ids"], ignored["text"], ignored["finish_reason"]) == (want.token_ids, want.text, "length")
+    assert len(ignored["token_ids"]) == 40 and ignored["token_ids"][27] == 2
+    assert ignored["text"].startswith(plain["text"] + "</s>")
+    held = completion("--min-tokens", "30")
+    want = llm.generate([prompt], max_new_tokens=40, min_tokens=30)[0]
+    assert (held["token_ids"], held["finish_reason"]) == (want.token_ids, "stop") and len(want.token_ids) == 33
+
+
+def test_a_bad_min_tokens_fails_before_any_weight_is_read(script, tmp_path, capsys):
+    assert script.main(["--model", str(tmp_path / "nowhere"), "--min-tokens", "-3", "hi"]) == 2
+    assert capsys.readouterr().err == "error: min_tokens must be an integer >= 0 (0 turns it off), got -3\n"
 
 
 def test_plain_prompt_file(script, folder, expected, tmp_path, capsys):

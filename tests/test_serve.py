@@ -742,6 +742,79 @@ def test_ignore_eos_and_min_tokens_equal_solo(app, llm):
     assert app.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == plain.text
 
 
+def test_stop_token_ids_equal_solo(app, llm):
+    """vLLM's stop_token_ids on both endpoints, whole and streamed, as Llama.generate's stop_ids: the id
+    ends the choice with finish_reason "stop", is left out of the text (as an EOS), listed last in the
+    logprobs and counted in usage; min_tokens holds it back; with ignore_eos, the EOS given here ends."""
+    def streamed(path, body):
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with app.stream("POST", path, json=stream) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        return [c["choices"][0] for c in chunks[:-1]], chunks[-1]["usage"]
+
+    prompt = PROMPTS[0]
+    plain = solo(llm, prompt, 40)
+    kai = 656  # "Kai": the greedy reply's 8th token (index 7), first there
+    assert plain.token_ids.index(kai) == 7
+    ref = solo(llm, prompt, 40, stop_ids=[kai])
+    assert (ref.token_ids, ref.finish_reason, ref.stop) == (plain.token_ids[:7], "stop", kai)
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "stop_token_ids": [kai], "logprobs": 0}
+    r = app.post("/v1/completions", json=body).json()
+    (choice,) = r["choices"]
+    assert (choice["text"], choice["finish_reason"], r["usage"]["completion_tokens"]) == (ref.text, "stop", 8)
+    assert choice["logprobs"]["tokens"][-1] == " Kai" and len(choice["logprobs"]["tokens"]) == 8
+    chunks, usage = streamed("/v1/completions", body)
+    assert "".join(c["text"] for c in chunks) == ref.text and chunks[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["logprobs"]["tokens"] == [" Kai"] and usage["completion_tokens"] == 8
+    ref = solo(llm, prompt, 40, stop_ids=[kai], min_tokens=10)  # "Theo" in place of the first Kai; the next ends
+    assert (len(ref.token_ids), ref.finish_reason, ref.stop) == (34, "stop", kai) and "Theo" in ref.text
+    r = app.post("/v1/completions", json={**body, "min_tokens": 10}).json()
+    assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (ref.text, "stop")
+    assert r["usage"]["completion_tokens"] == 35
+    ref = solo(llm, PROMPTS[3], 40, ignore_eos=True, stop_ids=[2])  # </s> ends the choice again
+    r = app.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 40, "temperature": 0,
+                                          "ignore_eos": True, "stop_token_ids": [2]}).json()
+    assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (ref.text, "stop") == \
+        (solo(llm, PROMPTS[3], 40).text, "stop")
+
+    messages = [{"role": "user", "content": "Who is Lily?"}]
+    ids = llm.tokenizer.encode_chat(messages)
+    plain = solo(llm, ids, 100)
+    about = 430  # "about": the greedy reply's 9th token (index 8), first there
+    assert plain.token_ids.index(about) == 8
+    ref = solo(llm, ids, 100, stop_ids=[about])
+    assert (ref.token_ids, ref.finish_reason) == (plain.token_ids[:8], "stop")
+    body = {"messages": messages, "max_tokens": 100, "temperature": 0, "stop_token_ids": [about], "logprobs": True}
+    r = app.post("/v1/chat/completions", json=body).json()
+    (choice,) = r["choices"]
+    assert (choice["message"]["content"], choice["finish_reason"], r["usage"]["completion_tokens"]) == \
+        (ref.text, "stop", 9)
+    assert [e["token"] for e in choice["logprobs"]["content"]][-1] == " about"
+    chunks, usage = streamed("/v1/chat/completions", body)
+    assert "".join(c["delta"].get("content", "") for c in chunks) == ref.text
+    assert chunks[-1]["finish_reason"] == "stop" and usage["completion_tokens"] == 9
+    body = {"messages": messages, "max_tokens": 100, "temperature": 0, "stop_token_ids": None}
+    assert app.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == plain.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("value, words", [
+    (5, "stop_token_ids must be a list of token ids (integers >= 0), got 5"),
+    ([1, "2"], 'stop_token_ids[1] must be a token id (an integer >= 0), got "2"'),
+    ([-1], "stop_token_ids[0] must be a token id (an integer >= 0), got -1"),
+    ([True], "stop_token_ids[0] must be a token id (an integer >= 0), got true"),
+    ([3, 1024, 5000], "stop_token_ids has token id(s) [1024, 5000] outside the vocabulary [0, 1024); give ids of "
+                      "this model's tokenizer"),
+    ([7] * 1025, "stop_token_ids holds 1025 ids, at most 1024 are allowed"),
+])
+def test_bad_stop_token_ids_are_a_400(app, path, value, words):
+    prompt = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    r = app.post(path, json={**prompt, "max_tokens": 2, "stop_token_ids": value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "stop_token_ids" and words in error["message"], error
+
+
 def test_min_tokens_past_the_completions_default_max_tokens_is_a_400(app):
     r = app.post("/v1/completions", json={"prompt": "x", "min_tokens": 17})
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
