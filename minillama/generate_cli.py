@@ -46,8 +46,7 @@ def parse_args(argv):
                    help="> 0, for the tokens of the prompt and the output (1: off; 1.1-1.3 is usual)")
     p.add_argument("--min-tokens", type=int, default=0,
                    help="new tokens before the checkpoint's EOS ids may end a completion or a --stop string end "
-                        "in their text "
-                        "(0: off; at most --max-new-tokens)")
+                        "in their text (0: off; at most --max-new-tokens)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="the checkpoint's EOS ids end nothing: run to --max-new-tokens or a --stop string (an EOS "
                         "is then text, such as </s> or <|eot_id|>)")

@@ -185,8 +185,8 @@ def _common(body) -> dict:
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_tokens=min_tokens,
                               ignore_eos=ignore_eos)
-    return dict(model=model, sampling=sampling, stop=stop, stop_token_ids=stop_token_ids, n=_int(body, "n", 1, MAX_N, default=1), stream=stream,
-                include_usage=include_usage)
+    return dict(model=model, sampling=sampling, stop=stop, stop_token_ids=stop_token_ids,
+                n=_int(body, "n", 1, MAX_N, default=1), stream=stream, include_usage=include_usage)
 
 
 def _check_min_tokens(sampling: SamplingParams, key: str, max_tokens: Optional[int]) -> None:
