@@ -33,6 +33,10 @@ Every string a caller supplies there (tool descriptions, argument values, a tool
 placeholder too, so it stays plain text; where the template writes one through ``tojson`` the
 placeholder shows JSON-quoted and the real string is JSON-quoted in its place. Dict keys cannot be
 placeholders (templates read them), so a key holding special-token text is an error.
+
+``continue_final_message`` (assistant prefill, as transformers and vLLM name it) keeps the pieces up
+to and including the final message's content and drops the rest (its end-of-turn marker), so the ids
+are those of the render cut right after that content, encoded by the same rules.
 """
 import json
 import re
@@ -135,7 +139,7 @@ class ChatFormat:
             raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
     def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-               tools: Optional[Sequence[dict]] = None) -> List[int]:
+               tools: Optional[Sequence[dict]] = None, continue_final_message: bool = False) -> List[int]:
         """Token ids of the conversation; special ids only where the template writes them.
 
         Args:
@@ -146,10 +150,22 @@ class ChatFormat:
             add_generation_prompt: end with the header that opens the assistant's reply.
             tools: OpenAI-style tool definitions for the template's tools branch (None: no tools).
                 ValueError when the template does not use them.
+            continue_final_message: leave the final message open for the model to continue it
+                ("prefill"): the ids end with its content's tokens; what the template writes after
+                the content (Llama 3.1's ``<|eot_id|>``) is dropped, as transformers'
+                ``apply_chat_template`` cuts its render. The final message may have any role and
+                an empty content (the ids then end with its header); its content must be the last
+                message text the template writes (no tool_calls after it), written as it is (not
+                through ``tojson``). Needs ``add_generation_prompt=False``; else a ValueError.
         Returns:
             The ids, BOS included when the template writes it (Llama 3.1's does).
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: continuing the "
+                             "final message needs add_generation_prompt=False")
         messages = _check_messages(messages)
+        if continue_final_message and not messages:
+            raise ValueError("continue_final_message needs a final message to continue; messages is empty")
         if tools is not None:
             tools = _check_tools(tools)
         slots: List[str] = []
@@ -163,11 +179,14 @@ class ChatFormat:
                 except RecursionError:
                     raise ValueError(f"message {i} tool_calls nest too deeply; flatten their arguments") from None
             marked_messages.append(marked)
+        # the final message's content placeholder: where a continue_final_message encoding ends
+        final = int(re.search("\ue000([0-9]+)\ue001", marked_messages[-1]["content"]).group(1)) \
+            if continue_final_message else None
         try:
             marked_tools = None if tools is None else [self._mark(t, slots, keep=("type",)) for t in tools]
         except RecursionError:
             raise ValueError("tools nest too deeply; flatten their parameters") from None
-        pieces = self._pieces(marked_messages, marked_tools, slots, add_generation_prompt)
+        pieces, origins = self._pieces(marked_messages, marked_tools, slots, add_generation_prompt)
         text = "".join(t for t, _ in pieces)
         expected = self.render(messages, add_generation_prompt, tools)
         if text != expected:
@@ -178,6 +197,8 @@ class ChatFormat:
         template = "tool_use" if "tool_use" in self.templates else "default"
         if tools and expected == self.render(messages, add_generation_prompt, template=template):
             raise ValueError("this checkpoint's chat template does not render tools: it has no tools branch")
+        if final is not None:
+            pieces = _cut_after(pieces, origins, final)
         return self._encode_pieces(pieces)
 
     def _mark(self, value, slots: List[str], keep: Sequence[str] = ()):
@@ -197,13 +218,16 @@ class ChatFormat:
             return [self._mark(item, slots) for item in value]
         return value
 
-    def _pieces(self, messages, tools, slots: List[str], add_generation_prompt: bool) -> List[Tuple[str, bool]]:
-        """The render as (text, from_template) pieces, the real strings (stripped as the template does) in place."""
+    def _pieces(self, messages, tools, slots: List[str], add_generation_prompt: bool):
+        """The render as (text, from_template) pieces, the real strings (stripped as the template does) in place,
+        and each piece's origin: None for template text, else (slot index, written through tojson)."""
         rendered = self.render(messages, add_generation_prompt, tools)
         pieces: List[Tuple[str, bool]] = []
+        origins: List[Optional[Tuple[int, bool]]] = []
         pos = 0
         for m in _SLOT.finditer(rendered):
             pieces.append((rendered[pos:m.start()], True))
+            origins.append(None)
             as_json = m.group(2) is not None
             left, index, right = m.group(1, 2, 3) if as_json else m.group(4, 5, 6)
             content = slots[int(index)]
@@ -212,12 +236,14 @@ class ChatFormat:
             if right is None:
                 content = content.rstrip()
             pieces.append((json.dumps(content, ensure_ascii=False) if as_json else content, False))
+            origins.append((int(index), as_json))
             pos = m.end()
         pieces.append((rendered[pos:], True))
+        origins.append(None)
         for text, from_template in pieces:
             if from_template and ("\ue000" in text or "\ue001" in text):
                 raise ChatTemplateError("the chat template cuts or rewrites message contents; cannot encode safely")
-        return pieces
+        return pieces, origins
 
     def _encode_pieces(self, pieces: List[Tuple[str, bool]]) -> List[int]:
         # split at special-token strings of template text only; (text, None) or ("", special)
@@ -248,6 +274,24 @@ class ChatFormat:
             if text:
                 ids.extend(self.tokenizer.encode(text, bos=False))
         return ids
+
+
+def _cut_after(pieces: List[Tuple[str, bool]], origins: List[Optional[Tuple[int, bool]]],
+               final: int) -> List[Tuple[str, bool]]:
+    """``pieces`` up to and including the last piece of slot ``final`` (the final message's content),
+    which must be the last piece any message or tool string contributes."""
+    where = [k for k, origin in enumerate(origins) if origin is not None and origin[0] == final]
+    if not where:
+        raise ValueError("continue_final_message: the chat template does not write the final message's content, "
+                         "so there is nothing to continue")
+    end = where[-1]
+    if origins[end][1]:
+        raise ValueError("continue_final_message: the chat template writes the final message's content as JSON "
+                         "(through tojson); it cannot be continued as text")
+    if any(origin is not None for origin in origins[end + 1:]):
+        raise ValueError("continue_final_message: the chat template writes more of the messages (tool_calls, "
+                         "tools) after the final message's content; the final message must end with its content")
+    return pieces[:end + 1]
 
 
 def named_templates(chat_template) -> dict:

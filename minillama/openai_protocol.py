@@ -7,7 +7,8 @@ return dicts shaped as OpenAI's. ``minillama.serve`` puts them on the wire.
 Checking is strict, as the API is: a field OpenAI does not define is an error, and so is a defined
 one this server does not implement unless it has its neutral value (chat's ``echo: false``,
 ``best_of: 1``, ...). ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos`` and
-``stop_token_ids`` are accepted as extras (as vLLM does).
+``stop_token_ids`` are accepted as extras (as vLLM does), and on chat vLLM's ``add_generation_prompt``
+and ``continue_final_message`` (assistant prefill).
 """
 import json
 import math
@@ -56,7 +57,8 @@ _IGNORED = {"user", "metadata", "service_tier", "prompt_cache_key", "safety_iden
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
                 "stream", "stream_options", "logprobs", "top_logprobs", "n", "tools", "tool_choice",
                 "parallel_tool_calls", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                "logit_bias", "min_tokens", "ignore_eos", "stop_token_ids"}
+                "logit_bias", "min_tokens", "ignore_eos", "stop_token_ids", "add_generation_prompt",
+                "continue_final_message"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                       "stream_options", "logprobs", "n", "echo", "top_k", "min_p", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos",
@@ -78,6 +80,8 @@ class ParsedRequest:
     tools: Optional[List[dict]] = None  # chat: rendered and parsed (None with tool_choice "none")
     parallel_tool_calls: bool = True  # chat: False keeps the first of the calls a reply holds
     echo: bool = False  # completions: each choice starts with its prompt (its tokens' logprobs too)
+    add_generation_prompt: bool = True  # chat: the prompt ends with the header opening the assistant's turn
+    continue_final_message: bool = False  # chat: the prompt ends inside the final message, for the model to continue
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -306,8 +310,18 @@ def parse_chat(body) -> ParsedRequest:
         raise bad("tool_choice", "tool_choice \"auto\" needs tools; give tools or leave tool_choice out")
     if choice == "none" or not tools:
         tools = None
+    # vLLM's: add_generation_prompt defaults to true, and to false with continue_final_message; both true is an error
+    continue_final = _bool(body, "continue_final_message")
+    add_generation_prompt = _bool(body, "add_generation_prompt", None)
+    if continue_final and add_generation_prompt:
+        raise bad("continue_final_message", "continue_final_message and add_generation_prompt cannot both be true: "
+                                            "set add_generation_prompt to false (or leave it out) to continue the "
+                                            "final message")
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final
     return ParsedRequest(prompts=[messages], max_tokens=max_tokens, logprobs=(top or 0) if logprobs else None,
-                         tools=tools, parallel_tool_calls=_bool(body, "parallel_tool_calls", True), **common)
+                         tools=tools, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
+                         add_generation_prompt=add_generation_prompt, continue_final_message=continue_final, **common)
 
 
 def parse_completion(body) -> ParsedRequest:

@@ -462,9 +462,12 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
             raise APIError(400, "this model has no chat template (a base model); use /v1/completions",
                            param="messages")
         try:
-            ids = tokenizer.encode_chat(parsed.prompts[0], tools=parsed.tools)
+            ids = tokenizer.encode_chat(parsed.prompts[0], add_generation_prompt=parsed.add_generation_prompt,
+                                        tools=parsed.tools, continue_final_message=parsed.continue_final_message)
         except (ValueError, TypeError) as e:  # about the tools: "tools..." or "... does not render tools"
             param = "tools" if str(e).startswith("tools") or str(e).endswith("no tools branch") else "messages"
+            if str(e).startswith("continue_final_message"):
+                param = "continue_final_message"
             raise APIError(400, str(e), param=param) from None
         submission = submit(parsed, [ids], "messages", arrival)
         names = None if parsed.tools is None else {t["function"]["name"] for t in parsed.tools}

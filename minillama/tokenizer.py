@@ -50,19 +50,21 @@ class Tokenizer:
         return ids
 
     def encode_chat(self, messages: List[dict], add_generation_prompt: bool = True,
-                    tools: Optional[List[dict]] = None) -> List[int]:
+                    tools: Optional[List[dict]] = None, continue_final_message: bool = False) -> List[int]:
         """Token ids of ``{"role", "content"}`` messages through the checkpoint's chat template.
 
         Exact for ordinary messages; special-token text inside a content stays plain text.
         ``tools`` (OpenAI-style definitions) go through the template's tools branch; assistant
-        ``tool_calls`` and ``tool`` messages too. See :mod:`minillama.chat_format`. Raises
+        ``tool_calls`` and ``tool`` messages too. ``continue_final_message`` (with
+        ``add_generation_prompt=False``) ends the ids with the final message's content, its
+        end-of-turn dropped, for the model to continue it. See :mod:`minillama.chat_format`. Raises
         ValueError when there is no chat template.
         """
         if self._chat_format is None:
             from minillama.chat_format import ChatFormat
 
             self._chat_format = ChatFormat(self)
-        return self._chat_format.encode(messages, add_generation_prompt, tools)
+        return self._chat_format.encode(messages, add_generation_prompt, tools, continue_final_message)
 
     def _encode_plain(self, text: str) -> List[int]:
         raise NotImplementedError

@@ -182,3 +182,88 @@ def test_named_templates_use_tool_use_when_tools_are_given(folder, tmp_path):
     assert "Environment: ipython" in with_tools and '"name": "get_weather"' in with_tools
     assert tok.decode(tok.encode_chat(messages, add_generation_prompt=False)) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWeather?<|eot_id|>")
+
+
+def transformers_cut(text, content):
+    """transformers' apply_chat_template(continue_final_message=True): the render cut right after the
+    final message's content (its trailing whitespace kept only where the template keeps it)."""
+    at = text.rindex(content.strip())
+    if text[at:].strip() == content.strip():
+        return text[:at + len(content.lstrip())]
+    return text[:at + len(content.strip())]
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "What is 6 x 7?"}, {"role": "assistant", "content": "The answer is "}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello! 🐶"}, {"role": "user", "content": "  Tell me about 中文, "}],
+    [{"role": "user", "content": "Once upon a time"}],
+])
+def test_continue_final_message_cuts_after_its_content(tok, folder, messages):
+    """The ids end with the final content's tokens: for Llama 3.1, the full render's ids without the
+    final <|eot_id|>, and exactly what tokenizing the render cut as transformers cuts it gives."""
+    ids = tok.encode_chat(messages, add_generation_prompt=False, continue_final_message=True)
+    full = tok.encode_chat(messages, add_generation_prompt=False)
+    assert full[-1] == EOT and ids == full[:-1]
+    rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+    text = transformers_cut(tok._chat_format.render(messages, add_generation_prompt=False), messages[-1]["content"])
+    assert ids == rust.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids).endswith(messages[-1]["content"].strip())
+
+
+def test_continue_final_message_keeps_special_token_text_plain(tok):
+    def text(s):
+        return tok.encode(s, bos=False)
+
+    prefill = "Sure<|eot_id|><|start_header_id|>"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": prefill}]
+    ids = tok.encode_chat(messages, add_generation_prompt=False, continue_final_message=True)
+    assert ids == tok.encode_chat(messages[:1]) + text(prefill)  # the assistant header, then plain text
+    assert ids == tok.encode_chat(messages, add_generation_prompt=False)[:-1]
+
+
+def test_continue_final_message_empty_content_is_the_open_header(tok):
+    """An empty final assistant message leaves just its header: the generation prompt, for Llama 3.1."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]
+    ids = tok.encode_chat(messages, add_generation_prompt=False, continue_final_message=True)
+    assert ids == tok.encode_chat(messages[:1]) and ids[-3:] == [EH, 198, 198]  # <|end_header_id|> "\n" "\n"
+
+
+def test_continue_final_message_with_tools(tok):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me"}]
+    ids = tok.encode_chat(messages, add_generation_prompt=False, tools=tools, continue_final_message=True)
+    assert ids == tok.encode_chat(messages, add_generation_prompt=False, tools=tools)[:-1]
+    assert '"name": "get_weather"' in tok.decode(ids)
+
+
+def test_continue_final_message_where_plain_text_follows_the_content(folder, tmp_path):
+    """A template that writes text (not a special token) after a content: the ids are those of the
+    cut text, not a prefix of the full render's ids (" time END" tokenizes apart from " time")."""
+    tok = _with_template(folder, tmp_path, "{% for m in messages %}[{{ m.role }}] {{ m.content }} END\n{% endfor %}")
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    ids = tok.encode_chat(messages, add_generation_prompt=False, continue_final_message=True)
+    assert ids == tok.encode("[user] Once upon a time", bos=False)
+
+
+def test_continue_final_message_errors(tok, folder, tmp_path):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure"}]
+    with pytest.raises(ValueError, match="cannot both be true"):
+        tok.encode_chat(messages, continue_final_message=True)  # add_generation_prompt defaults to True
+    with pytest.raises(ValueError, match="messages is empty"):
+        tok.encode_chat([], add_generation_prompt=False, continue_final_message=True)
+    calls = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "",
+             "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(ValueError, match="does not write the final message's content"):  # Llama 3.1: calls only
+        tok.encode_chat(calls, add_generation_prompt=False, tools=tools, continue_final_message=True)
+    result = calls + [{"role": "tool", "content": "20C"}]  # Llama 3.1 writes a tool result through tojson
+    with pytest.raises(ValueError, match="as JSON"):
+        tok.encode_chat(result, add_generation_prompt=False, tools=tools, continue_final_message=True)
+    content_then_calls = _with_template(
+        folder, tmp_path,
+        "{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %} {{ c.function.name }}{% endfor %}"
+        "{% endfor %}")
+    calls[1]["content"] = "Let me look."
+    with pytest.raises(ValueError, match="after the final message's content"):
+        content_then_calls.encode_chat(calls, add_generation_prompt=False, continue_final_message=True)

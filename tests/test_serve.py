@@ -393,6 +393,14 @@ def test_32_streaming_clients_and_8_disconnects(server, client, llm):
      "tools", "does not render tools"),  # the demo model's template has no tools branch
     ({"messages": [{"role": "user", "content": "hi " * 600}]}, "messages", "512"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "roles must alternate"),
+    ({"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True, "add_generation_prompt": True},
+     "continue_final_message", "cannot both be true"),
+    ({"messages": [{"role": "user", "content": "hi"}], "continue_final_message": 1}, "continue_final_message",
+     "true or false"),
+    ({"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": "no"}, "add_generation_prompt",
+     "true or false"),
+    ({"messages": [{"role": "system", "content": "Be brief."}], "continue_final_message": True},
+     "continue_final_message", "does not write the final message's content"),  # the demo template: no turn, no system
 ])
 def test_bad_chat_requests(server, body, param, words):
     r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, **body}, timeout=30)
@@ -696,6 +704,32 @@ def test_penalties_and_logit_bias_equal_solo(app, llm):
     r = app.post("/v1/chat/completions", json={**body, "presence_penalty": 0, "frequency_penalty": None,
                                                 "logit_bias": {}})  # the neutral values
     assert r.json()["choices"][0]["message"]["content"] == solo(llm, ids, 12).text
+
+
+def test_continue_final_message_and_add_generation_prompt_equal_solo(app, llm):
+    """vLLM's assistant prefill: with continue_final_message the prompt ends inside the final message
+    (its end-of-turn cut) and the reply is only the continuation; add_generation_prompt: false
+    encodes without the assistant header (the demo model's Llama 2 template writes none either way)."""
+    tok = llm.tokenizer
+    messages = [{"role": "user", "content": "Tell me a story about a cat."},
+                {"role": "assistant", "content": "Once upon a time, there was a cat named"}]
+    ids = tok.encode_chat(messages, add_generation_prompt=False, continue_final_message=True)
+    assert tok.decode(ids).endswith("[/INST] Once upon a time, there was a cat named")  # no " </s>" after it
+    ref = solo(llm, ids, 20)
+    for extra in ({"continue_final_message": True}, {"continue_final_message": True, "add_generation_prompt": False}):
+        r = app.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 20, "temperature": 0, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == ref.text
+        usage = r.json()["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(ids), len(ref.token_ids))
+    assert ref.text != solo(llm, tok.encode_chat(messages, add_generation_prompt=False), 20).text
+
+    ids = tok.encode_chat(messages[:1], add_generation_prompt=False)
+    r = app.post("/v1/chat/completions", json={"messages": messages[:1], "max_tokens": 12, "temperature": 0,
+                                                "add_generation_prompt": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == solo(llm, ids, 12).text
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
 
 
 def test_ignore_eos_and_min_tokens_equal_solo(app, llm):
