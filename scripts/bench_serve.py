@@ -3,7 +3,9 @@
 For each number of concurrent clients (default 1, 8, 32, 128) every client sends requests one
 after another (``--requests-per-client``), each a streamed /v1/completions call with a prompt of
 random token ids (length uniform in ``--prompt-lens``) and ``max_tokens`` uniform in
-``--output-lens``, greedy. Measured: aggregate generated tok/s (all tokens of all requests over the
+``--output-lens``, greedy, with ``ignore_eos`` (as vLLM's benchmark with ``--ignore-eos``), so that
+every request generates its ``max_tokens`` whatever the model, and runs of other checkpoints or
+servers (``--model``, ``--url``) compare the same work. Measured: aggregate generated tok/s (all tokens of all requests over the
 wall time of the level), time to first token p50/p99 and inter-token latency p50/p99 (gaps between
 consecutive streamed chunks; ``tokens_per_chunk`` says how close that is to one token per chunk:
 a token that ends inside a character or may begin a stop string sends no chunk of its own).
@@ -158,7 +160,7 @@ async def one_request(client, url, prompt, max_tokens, record, score=False):
         record.append({"ttft": done - start, "gaps": [], "tokens": r.json()["usage"]["prompt_tokens"], "chunks": 1,
                        "chunk_times": [done]})
         return
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     times, usage = [], None
@@ -250,7 +252,8 @@ def run_static(llm, requests):
     start = time.perf_counter()
     for g in range(0, len(flat), size):
         group = flat[g: g + size]
-        results = llm.generate([p for p, _ in group], max_new_tokens=max(m for _, m in group), temperature=0.0)
+        results = llm.generate([p for p, _ in group], max_new_tokens=max(m for _, m in group), temperature=0.0,
+                               ignore_eos=True)
         useful += sum(min(len(r.token_ids), m) for r, (_, m) in zip(results, group))
         ttfts += [r.prefill_s for r in results]
         longest = max(results, key=lambda r: r.decode_steps)
