@@ -556,14 +556,13 @@ class _DecodePlan:
         part = self.parts.get(stream)
         if part is None:
             part = self.parts[stream] = q.new_empty(self.part_numel, dtype=torch.float32)
-        if pointers is None:
-            self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints, stream=stream)
-            self.reduce(self.reduce_grid, part, out, *self.reduce_ints, stream=stream)
-            return out
-        part_ptr, out_ptr = part.data_ptr(), out.data_ptr()
+        split_pointers = reduce_pointers = None
+        if pointers is not None:
+            reduce_pointers = (part.data_ptr(), out.data_ptr())
+            split_pointers = (*pointers, *reduce_pointers)
         self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints, stream=stream,
-                   pointers=(*pointers, part_ptr, out_ptr))
-        self.reduce(self.reduce_grid, part, out, *self.reduce_ints, stream=stream, pointers=(part_ptr, out_ptr))
+                   pointers=split_pointers)
+        self.reduce(self.reduce_grid, part, out, *self.reduce_ints, stream=stream, pointers=reduce_pointers)
         return out
 
 
@@ -593,15 +592,14 @@ class _VarlenPlan:
         if self.grid[0] == 0:
             return out
         stream = current_stream()
-        if pointers is None:
-            self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints, stream=stream)
-            self.attend(self.grid, q, k_cache, v_cache, tiles, out, *self.attend_ints, stream=stream)
-            return out
-        p_q, p_k, p_v, p_k_cache, p_v_cache, p_tiles = pointers
-        self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints, stream=stream,
-                    pointers=(p_k, p_v, p_k_cache, p_v_cache, p_tiles))
+        append_pointers = attend_pointers = None
+        if pointers is not None:
+            p_q, p_k, p_v, p_k_cache, p_v_cache, p_tiles = pointers
+            append_pointers = (p_k, p_v, p_k_cache, p_v_cache, p_tiles)
+            attend_pointers = (p_q, p_k_cache, p_v_cache, p_tiles, out.data_ptr())
+        self.append(self.grid, k, v, k_cache, v_cache, tiles, *self.append_ints, stream=stream, pointers=append_pointers)
         self.attend(self.grid, q, k_cache, v_cache, tiles, out, *self.attend_ints, stream=stream,
-                    pointers=(p_q, p_k_cache, p_v_cache, p_tiles, out.data_ptr()))
+                    pointers=attend_pointers)
         return out
 
 
