@@ -1331,7 +1331,8 @@ def test_tensor_parallel_server_lets_a_request_finish_past_the_launchers_own_gra
         proc.send_signal(signal.SIGTERM)
         holder.join(timeout=60)
         assert done and done[0].status_code == 200 and done[0].json()["choices"][0]["text"] == ref.text
-        assert proc.wait(timeout=30) == 143
+        code = proc.wait(timeout=30)
+        assert code == 143, f"the server exited with {code}; its output ends:\n{proc.stdout.read()[-4000:]}"
     finally:
         _stop(proc)
 
