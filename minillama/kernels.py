@@ -549,13 +549,27 @@ def tma_ready(*tensors) -> bool:
                for t in tensors)
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_matmul():
+    from minillama import hopper_matmul  # imported where it may run: Gluon is experimental
+
+    return hopper_matmul
+
+
 def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config=None) -> torch.Tensor:
     """x (M, K) @ (weight (N, K) * scale[:, None])^T for an 8-bit weight; (M, N) in x's dtype.
-    config: the tiling (default :func:`matmul_8bit_config`)."""
+    config: the tiling of the Triton kernel (default :func:`matmul_8bit_config`). Without one, a
+    prefill chunk of 65-512 rows on a Hopper GPU runs ``minillama.hopper_matmul``'s Gluon kernel
+    where its :func:`~minillama.hopper_matmul.tiling` says it is faster."""
     M, K = x.shape
     N = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K
     assert weight.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32 and scale.shape == (N,)
+    if config is None and not INTERPRET and M > 64:  # prefill chunks on Hopper: the Gluon kernel where faster
+        hopper = _hopper_matmul()
+        hopper_tiling = hopper.tiling(M, N, K) if hopper.usable(x, weight) else None
+        if hopper_tiling is not None:
+            return hopper.matmul_8bit(x, weight, scale, hopper_tiling)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if config is None:
         config = INTERPRET_MATMUL_8BIT if INTERPRET else matmul_8bit_config(M, N, K, weight.dtype)

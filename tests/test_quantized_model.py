@@ -569,15 +569,15 @@ def test_gpu_dequantize_kernel_equals_the_torch_dequantize(dtype):
         assert torch.equal(kernels.dequantize(q, scale, out_dtype), dequantize(q, scale, out_dtype)), out_dtype
 
 
-# (M, N, K) of the multi-row GPU check: between them, every tiling that ``matmul_8bit_config`` picks
-# for Llama-3.1-8B / 70B matrices (and their TP=2 shares) at 2-512 rows (some tilings compile to
+# (M, N, K) of the multi-row GPU check: between them, every tiling that ``matmul_8bit_config`` and
+# ``hopper_matmul.tiling`` pick for Llama-3.1-8B / 70B matrices (and their TP=2 shares) at 2-512 rows (some tilings compile to
 # wrong products: test_every_8bit_tiling_picked_is_one_the_gpu_test_runs keeps this list complete)
 MULTIROW_CASES = [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28672, 4096), (64, 6144, 4096),
                   (64, 4096, 14336), (64, 28672, 4096), (40, 6144, 4096), (40, 28672, 4096), (512, 6144, 4096),
                   (512, 4096, 14336), (512, 28672, 4096), (512, 4096, 4096), (200, 28672, 4096),
                   (300, 4096, 14336), (77, 6144, 4096), (100, 4096, 4096), (130, 4096, 14336),
                   (384, 4096, 4096), (128, 4096, 14336), (256, 4096, 14336), (128, 4096, 4096),
-                  (256, 4096, 4096), (128, 6144, 4096)]
+                  (256, 4096, 4096), (128, 6144, 4096), (300, 6144, 4096), (100, 28672, 4096), (300, 3072, 4096)]
 
 
 @pytest.mark.gpu
@@ -605,9 +605,32 @@ def test_gpu_multirow_8bit_paths_agree(dtype, M, N, K):
         assert ((got - expected).norm() / expected.norm()).item() < 6e-2
 
 
-def _tiling(M, N, K, dtype):
-    from minillama import kernels
+@pytest.mark.gpu
+def test_gpu_hopper_prefill_chunks_run_the_gluon_kernel(monkeypatch):
+    """On a Hopper GPU a 512-row 8-bit matmul runs ``minillama.hopper_matmul``'s Gluon kernel (so the
+    multi-row check above covers it)."""
+    from minillama import hopper_matmul, kernels
 
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    assert hopper_matmul.AVAILABLE, hopper_matmul.UNAVAILABLE_REASON
+    calls = []
+    gluon_matmul = hopper_matmul.matmul_8bit
+    monkeypatch.setattr(hopper_matmul, "matmul_8bit", lambda *args: calls.append(args[3]) or gluon_matmul(*args))
+    for dtype in (torch.int8, FP8):
+        q, scale = quantize_per_channel(torch.randn(6144, 4096, device="cuda") / 64, dtype)
+        x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(kernels.matmul_8bit(x, q, scale), gluon_matmul(x, q, scale, calls[-1]))
+    assert calls == [hopper_matmul.tiling(512, 6144, 4096)] * 2
+
+
+def _tiling(M, N, K, dtype):
+    """The kernel and tiling that ``kernels.matmul_8bit`` runs on the H200 for (M, N, K)."""
+    from minillama import hopper_matmul, kernels
+
+    hopper = hopper_matmul.tiling(M, N, K)
+    if hopper is not None:
+        return "gluon", hopper, dtype
     config = kernels.matmul_8bit_config(M, N, K, dtype)
     return config, dtype, K % config[2] == 0  # EVEN_K is a constexpr too
 
