@@ -150,18 +150,15 @@ if AVAILABLE:
         gl.store(Out + cols.to(gl.int64)[None, :] * stride_om + rows[:, None], y, mask=mask)
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this kernel can run these operands: Gluon, a Hopper GPU (sm_90: wgmma), bfloat16 x,
-    and TMA's alignment (16-byte bases and row strides, unit stride along K)."""
-    return (AVAILABLE and x.is_cuda and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device)[0] == 9
-            and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1
-                    for t in (x, weight)))
+def usable(x: torch.Tensor) -> bool:
+    """Whether this kernel can run for x, whose operands passed ``kernels.tma_ready``: Gluon, a
+    Hopper GPU (sm_90: wgmma) and bfloat16 activations."""
+    return AVAILABLE and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9
 
 
 def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: Tiling) -> torch.Tensor:
     """x (M, K) bf16 @ (weight (N, K) * scale[:, None])^T, (M, N) bf16, in tiling ``config``
-    (:func:`tiling`); the caller checks :func:`usable`."""
+    (:func:`tiling`); the caller checks ``kernels.tma_ready`` and :func:`usable`."""
     block_m, block_n, block_k, num_warps, num_stages = config
     M, K = x.shape
     N = weight.shape[0]

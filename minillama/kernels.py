@@ -511,7 +511,8 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     without it prefill takes the copy, see ``minillama.backend``). Some tilings compile to wrong
     products in Triton 3.6 (the persistent form in (256, 128, 64) tiles 4 stages deep; (256, 64,
     64) tiles 3 deep): the GPU tests run every tiling picked here. Measured on the H200 over Llama-3.1-8B's matrices
-    (BENCHMARKS.md, 8-bit weights)."""
+    (BENCHMARKS.md, 8-bit weights). On a Hopper GPU most products past 64 rows run the Gluon kernel
+    of ``minillama.hopper_matmul`` instead (see :func:`matmul_8bit`)."""
     if M <= 16:
         if N >= 16384:
             return 16, 128, 256, 4, 3, 1, "tma"
@@ -565,9 +566,10 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     N = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K
     assert weight.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32 and scale.shape == (N,)
-    if config is None and not INTERPRET and M > 64:  # prefill chunks on Hopper: the Gluon kernel where faster
+    # prefill chunks on Hopper: the Gluon kernel, where it was measured faster
+    if config is None and not INTERPRET and M > 64 and tma_ready(x, weight):
         hopper = _hopper_matmul()
-        hopper_tiling = hopper.tiling(M, N, K) if hopper.usable(x, weight) else None
+        hopper_tiling = hopper.tiling(M, N, K) if hopper.usable(x) else None
         if hopper_tiling is not None:
             return hopper.matmul_8bit(x, weight, scale, hopper_tiling)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
