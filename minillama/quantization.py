@@ -31,8 +31,8 @@ rows into prefill steps, so math that changed with the step's row count (W8A8 wh
 cores pay, prefills) would make a request's tokens depend on the requests beside it. The torch
 backend dequantizes and multiplies; the Triton backend reads the 8-bit weights in its GEMV
 (single-token steps) and in an 8-bit matmul (up to 64 rows; up to 512 on Hopper, where TMA loads
-its tiles and a Gluon kernel, ``minillama.hopper_matmul``, runs most prefill chunks); a longer step multiplies a model-dtype copy of each weight, made in one pass, with
-cuBLAS. Or, as the
+its tiles and a Gluon kernel, ``minillama.hopper_matmul``, runs most prefill chunks); a longer
+step multiplies a model-dtype copy of each weight, made in one pass, with cuBLAS. Or, as the
 ``TritonBackend(matmul_8bit="scaled_mm")`` ablation, it runs fp8 prefill as W8A8 through
 ``torch._scaled_mm`` with per-token activation scales (``minillama.backend``).
 

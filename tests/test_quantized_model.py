@@ -570,8 +570,9 @@ def test_gpu_dequantize_kernel_equals_the_torch_dequantize(dtype):
 
 
 # (M, N, K) of the multi-row GPU check: between them, every tiling that ``matmul_8bit_config`` and
-# ``hopper_matmul.tiling`` pick for Llama-3.1-8B / 70B matrices (and their TP=2 shares) at 2-512 rows (some tilings compile to
-# wrong products: test_every_8bit_tiling_picked_is_one_the_gpu_test_runs keeps this list complete)
+# ``hopper_matmul.tiling`` pick for Llama-3.1-8B / 70B matrices (and their TP=2 shares) at 2-512 rows
+# (some tilings compile to wrong products: test_every_8bit_tiling_picked_is_one_the_gpu_test_runs keeps
+# this list complete)
 MULTIROW_CASES = [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28672, 4096), (64, 6144, 4096),
                   (64, 4096, 14336), (64, 28672, 4096), (40, 6144, 4096), (40, 28672, 4096), (512, 6144, 4096),
                   (512, 4096, 14336), (512, 28672, 4096), (512, 4096, 4096), (200, 28672, 4096),
