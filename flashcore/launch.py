@@ -33,8 +33,9 @@ def _no_launch_hooks() -> bool:
 
 
 class Launch:
-    """``Launch(kernel, num_warps=..., num_stages=..., **constexprs)(grid, *args)`` runs
-    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``; grid is (x, y, z). A
+    """``Launch(kernel, num_warps=..., num_stages=..., maxnreg=..., **constexprs)(grid, *args)`` runs
+    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., maxnreg=...)`` (the options
+    given); grid is (x, y, z). A
     caller that launches several kernels may pass ``stream=current_stream()``, looked up once.
     A caller that has read the leading tensor arguments' ``data_ptr()`` passes them as
     ``pointers``: launches of the compiled kernel pass those integers in the tensors' place, which
@@ -48,11 +49,15 @@ class Launch:
 
     __slots__ = ("kernel", "constexprs", "options", "compiled", "constexpr_values")
 
-    def __init__(self, kernel, *, num_warps: int, num_stages: Optional[int] = None, **constexprs):
+    def __init__(self, kernel, *, num_warps: int, num_stages: Optional[int] = None, maxnreg: Optional[int] = None,
+                 **constexprs):
         self.kernel = kernel
         self.constexprs = constexprs
-        self.options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps,
-                                                                             "num_stages": num_stages}
+        self.options = {"num_warps": num_warps}
+        if num_stages is not None:
+            self.options["num_stages"] = num_stages
+        if maxnreg is not None:  # registers per thread at launch (warp-specialized kernels move them)
+            self.options["maxnreg"] = maxnreg
         self.compiled = None
         self.constexpr_values: Tuple = ()
 

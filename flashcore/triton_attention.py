@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
+from flashcore import INTERPRET, hopper_attention  # INTERPRET: Triton's interpreter switch, read once at import
 from flashcore.checks import check_attention_inputs, check_capacity, check_varlen_inputs
 from flashcore.launch import Launch, current_stream
 
@@ -488,8 +488,12 @@ def _varlen_config(block_m: int, head_dim: int, dtype: torch.dtype, interpret: b
 
 
 class _PrefillPlan:
-    def __init__(self, q, k, v, k_cache, v_cache, softmax_scale: float, causal: bool, config: KernelConfig):
+    def __init__(self, q, k, v, k_cache, v_cache, softmax_scale: float, causal: bool, config: KernelConfig,
+                 hopper: bool = True):
         B, S_q, H_q, D = q.shape
+        # fresh rows of this layout on Hopper: the Gluon kernel (flashcore.hopper_attention)
+        self.hopper = (hopper_attention.HopperPrefillPlan(q, k, v, softmax_scale, LOG2E)
+                       if hopper and hopper_attention.supports(q, k, v, k_cache, v_cache, causal) else None)
         H_kv = k.shape[2]
         self.grid = (triton.cdiv(S_q, config.block_m), B * H_q, 1)
         self.ints = (softmax_scale * LOG2E, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(k_cache),
@@ -501,7 +505,10 @@ class _PrefillPlan:
             UPCAST=_interpreting(q.device) and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
         )
 
-    def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None,
+                 seq_lens_cpu=None) -> torch.Tensor:
+        if self.hopper is not None and hopper_attention.fresh(seq_lens_cpu):
+            return self.hopper(q, k, v, k_cache, v_cache)
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
         self.launch(self.grid, q, k, v, k_cache, v_cache, seq_lens, out, *self.ints,
                     pointers=None if pointers is None else (*pointers, out.data_ptr()))
@@ -546,7 +553,8 @@ class _DecodePlan:
             self.reduce = Launch(_attn_fwd_decode_reduce, num_warps=4 if D >= 128 else 1, GROUP=group,
                                  BLOCK_PARTS=triton.next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
 
-    def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None,
+                 seq_lens_cpu=None) -> torch.Tensor:
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
         if self.direct:
             self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, out, out, *self.split_ints,
@@ -647,7 +655,8 @@ def _check_kernel_dtype(q: torch.Tensor) -> None:
 def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
                     config: KernelConfig) -> torch.Tensor:
     """The prefill kernel with a given tiling (tests and sweeps; the entry point plans its own)."""
-    return _PrefillPlan(q, k, v, k_cache, v_cache, softmax_scale, causal, config)(q, k, v, k_cache, v_cache, seq_lens)
+    return _PrefillPlan(q, k, v, k_cache, v_cache, softmax_scale, causal, config, hopper=False)(
+        q, k, v, k_cache, v_cache, seq_lens)
 
 
 def _launch_decode(q, k, v, k_cache, v_cache, seq_lens, softmax_scale: float, causal: bool,
@@ -688,7 +697,7 @@ def triton_attention_with_kv_cache(q, k, v, k_cache, v_cache, seq_lens, softmax_
         plan = _remember(key, _attention_plan(q, k, v, k_cache, v_cache, softmax_scale, causal))
     elif seq_lens_cpu is not None or seq_lens.is_cpu:
         check_capacity(seq_lens, seq_lens_cpu, q.shape[0], q.shape[1], k_cache.shape[1])
-    return plan(q, k, v, k_cache, v_cache, seq_lens, pointers)
+    return plan(q, k, v, k_cache, v_cache, seq_lens, pointers, seq_lens_cpu)
 
 
 def triton_varlen_attention_with_kv_cache(q, k, v, k_cache, v_cache, tiles, softmax_scale: Optional[float]):

@@ -430,3 +430,17 @@ def test_launch_keeps_the_compiled_kernel(monkeypatch):
     site((1, 1, 1), "x", 1)
     site((1, 1, 1), "x", 1)
     assert [c[0] for c in calls] == ["triton", "triton"] and calls[0][3] == dict(BLOCK=16, EVEN=False, num_warps=1)
+
+
+def test_hopper_prefill_kernel_serves_fresh_rows_with_tma_ready_views():
+    """What decides whether the Gluon prefill kernel (flashcore.hopper_attention) may run: the host
+    copy of the fills says nothing is cached, and q/k/v are (B * S, H * D) row views TMA can read."""
+    from flashcore import hopper_attention as ha
+
+    assert ha.fresh([0, 0]) and not ha.fresh([0, 3]) and not ha.fresh(None)
+    qkv = torch.empty(2, 300, 48, 128, dtype=torch.bfloat16)
+    q, k, _ = qkv.split([32, 8, 8], dim=2)  # views of one projection, as the model passes them
+    assert ha._rows_view_ok(q) and ha._rows_view_ok(k)
+    assert not ha._rows_view_ok(q.transpose(1, 2).contiguous().transpose(1, 2))  # heads not contiguous
+    assert not ha._rows_view_ok(torch.empty(2, 400, 48, 128, dtype=torch.bfloat16)[:, :300])  # uneven rows
+    assert not ha.supports(q, k, k, k, k, causal=True)  # CPU tensors: the Triton kernel (or the reference)

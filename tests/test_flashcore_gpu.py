@@ -51,8 +51,12 @@ def attention_in(dtype, q, k, v, k_cache, v_cache, seq_lens, softmax_scale, caus
     return out
 
 
-def check_against_torch(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype=torch.bfloat16, causal=True, seed=0):
+def check_against_torch(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype=torch.bfloat16, causal=True, seed=0,
+                        seq_lens_cpu=None, fused_qkv=False):
     q, k, v, k_cache, v_cache, lens = make_inputs(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype, seed)
+    if fused_qkv:  # q, k, v as views of one projection's output, as the model passes them
+        qkv = torch.cat([q, k, v], dim=2)
+        q, k, v = qkv.split([H_q, H_kv, H_kv], dim=2)
     scale = 1.0 / math.sqrt(D)
     ref = attention_in(torch.float32 if dtype != torch.float32 else torch.float64,
                        q, k, v, k_cache, v_cache, lens, scale, causal)
@@ -61,7 +65,7 @@ def check_against_torch(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype=torch.bfloa
         want_k[b, n:n + S_q], want_v[b, n:n + S_q] = k[b], v[b]
     lens_before = lens.clone()
 
-    out = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, causal=causal)
+    out = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens, causal=causal, seq_lens_cpu=seq_lens_cpu)
     torch.cuda.synchronize()
 
     assert torch.isfinite(out).all()
@@ -244,3 +248,50 @@ def test_varlen_cuda_graph_replays_new_tiles():
         graph.replay()
         want = flashcore.varlen_attention_with_kv_cache(q, k, v, k_cache.clone(), v_cache.clone(), tiles.clone())
         assert torch.equal(out, want)
+
+
+def _hopper_kernel_runs():
+    from flashcore import hopper_attention
+
+    return hopper_attention.AVAILABLE and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
+@pytest.mark.parametrize("B,S_q,H_q,H_kv,dtype,fused", [
+    (1, 4096, 32, 8, torch.bfloat16, True), (1, 777, 32, 8, torch.bfloat16, True), (2, 300, 32, 8, torch.bfloat16, False),
+    (1, 65, 32, 8, torch.float16, False), (3, 200, 8, 8, torch.bfloat16, True), (1, 1000, 64, 8, torch.bfloat16, True),
+    (2, 513, 8, 1, torch.float16, True),
+])
+def test_hopper_fresh_prefill(B, S_q, H_q, H_kv, dtype, fused, monkeypatch):
+    """Fresh rows with the host copy of seq_lens (what the model passes) run the Gluon kernel: the
+    same error budget, the same cache writes (slots past the fill keep their nan/inf), fresh inputs
+    per seed (the two consumer warpgroups and the loader synchronize by mbarriers: a race shows as
+    a seed-dependent error)."""
+    from flashcore import hopper_attention
+
+    calls = []
+    launch = hopper_attention.HopperPrefillPlan.__call__
+    monkeypatch.setattr(hopper_attention.HopperPrefillPlan, "__call__",
+                        lambda self, *args: calls.append(1) or launch(self, *args))
+    seeds = range(3) if S_q >= 4096 else range(8)
+    for seed in seeds:
+        check_against_torch(B, S_q, H_q, H_kv, 128, [0] * B, S_q + 37, dtype, seed=seed, seq_lens_cpu=[0] * B,
+                            fused_qkv=fused)
+    assert len(calls) == len(seeds)
+
+
+@pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
+def test_hopper_prefill_only_for_fresh_rows(monkeypatch):
+    """A row with cached keys, or no host copy of the fills, runs the Triton kernel (which reads the
+    cache): the Gluon kernel reads new keys only."""
+    from flashcore import hopper_attention
+
+    calls = []
+    launch = hopper_attention.HopperPrefillPlan.__call__
+    monkeypatch.setattr(hopper_attention.HopperPrefillPlan, "__call__",
+                        lambda self, *args: calls.append(1) or launch(self, *args))
+    check_against_torch(2, 300, 32, 8, 128, [0, 17], 400, seq_lens_cpu=[0, 17])
+    check_against_torch(2, 300, 32, 8, 128, [0, 0], 400)
+    assert calls == []
+    check_against_torch(2, 300, 32, 8, 128, [0, 0], 400, seq_lens_cpu=[0, 0])
+    assert calls == [1]

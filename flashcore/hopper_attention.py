@@ -1,0 +1,279 @@
+"""Causal prefill attention over fresh rows on Hopper GPUs, written in Gluon (Triton's lower-level
+language: layouts, shared memory, barriers, wgmma and warp specialization by hand).
+
+It computes what ``_attn_fwd_prefill`` computes for rows with nothing cached yet (every
+``seq_lens[b] == 0``, known on the host): append the new keys/values to the cache, attend causally.
+FlashAttention-3's schedule, without its persistent scheduler:
+
+* one loader warp issues the TMA loads of Q and of a ring of K/V tiles (3 deep, 128 keys each);
+* two consumer warpgroups own 64 query rows each of a 128-row block and share every K/V tile;
+  registers move from the loader to them (``setmaxnreg``: 240 each, 24 for the loader);
+* each consumer issues tile j's S = Q K^T together with tile j-1's O += P V, then runs tile j's
+  softmax while they execute; the two consumers take turns issuing (two mbarriers), so one's
+  exponentials run during the other's products ("ping-pong").
+
+Measured on the H200 (BENCHMARKS.md, 2026-12-02, B=1, 32 query / 8 KV heads of 128, TFLOP/s of
+causal attention): S=4096 536 (flashcore's Triton kernel 424, cuDNN 539), S=16384 702 (526, 656).
+
+New keys are read from k/v, never from the cache (the cache slots are written by this launch: the
+program of the group's first query head copies its block's 128 keys/values from shared memory).
+Keys past a row's end in the last tile are other rows' keys or TMA's zero fill, finite either way,
+and the causal mask hides them; nothing past a row's fill in the cache is read.
+
+Gluon is experimental: where it is missing or its API differs, :data:`AVAILABLE` is False (with
+:data:`UNAVAILABLE_REASON`) and the Triton kernel runs.
+"""
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from flashcore.launch import Launch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # the TMA load's name: async_copy_global_to_shared in Triton 3.6, async_load in later ones
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _warp_specialize = gl.warp_specialize
+    AVAILABLE, UNAVAILABLE_REASON = True, None
+except (ImportError, AttributeError) as e:  # an older Triton, or another Gluon API
+    AVAILABLE, UNAVAILABLE_REASON = False, f"triton {triton.__version__} has no usable Gluon for Hopper: {e}"
+
+HEAD_DIM = 128
+BLOCK_M = 64  # query rows per consumer warpgroup (two per program)
+BLOCK_N = 128  # keys per tile
+STAGES = 3  # K/V tiles in flight
+CONSUMER_REGS, LOADER_REGS, MAXNREG = 240, 24, 168  # 2 x 128 x 240 + 128 x 24 <= 64K registers
+
+
+if AVAILABLE:
+    @gluon.jit
+    def _loader(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, Out, K_cache, V_cache,
+                strides, q_row, k_row, q_col, kv_col, S_q, append, qk_scale):
+        """Q's two 64-row tiles, then every K/V tile of the block's keys, each slot refilled once both
+        consumers released it."""
+        q_ready, k_ready, v_ready, kv_empty, turns = bars
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+        start_m = q_row - k_row
+        for i in gl.static_range(2):
+            mbarrier.expect(q_ready.index(i), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_row + i * BM, q_col], q_ready.index(i), q_smem.index(i))
+        n_tiles = gl.cdiv(gl.minimum(start_m + 2 * BM, S_q), BN)
+        for j in range(n_tiles):
+            slot = j % NUM_STAGES
+            mbarrier.wait(kv_empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [k_row + j * BN, kv_col], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [k_row + j * BN, kv_col], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, qk_scale, offs_m, offs_n, n_start, MASK: gl.constexpr):
+        """One tile's online-softmax step on raw scores s (m_i, l_i in the scaled log2 domain)."""
+        if MASK:
+            s = gl.where(offs_m[:, None] >= (n_start + offs_n)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, qk_scale, offs_m, offs_n, j, first_masked, BN: gl.constexpr):
+        if j >= first_masked:
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, offs_m, offs_n, j * BN, True)
+        else:
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, offs_m, offs_n, j * BN, False)
+        return p, alpha, m_i, l_i
+
+    @gluon.jit
+    def _append_rows(src, dst, keys, mine, cols, stride_s, layout: gl.constexpr):
+        """Copy this warpgroup's rows (``mine``) of a K or V tile from shared memory to the cache."""
+        x = src.load(layout)
+        gl.store(dst + keys.to(gl.int64)[:, None] * stride_s + cols[None, :], x, mask=mine[:, None])
+
+    @gluon.jit
+    def _consumer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, Out, K_cache, V_cache,
+                  strides, q_row, k_row, q_col, kv_col, S_q, append, qk_scale):
+        q_ready, k_ready, v_ready, kv_empty, turns = bars
+        stride_os, stride_kcs, stride_vcs, out_base, kc_base, vc_base = strides
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        D: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        NUM_STAGES: gl.constexpr = k_smem.type.shape[0]
+        dtype: gl.constexpr = q_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        start_m = q_row - k_row
+        row0 = start_m + wg * BM  # this warpgroup's first query (= key index of the diagonal)
+        n_tiles = gl.cdiv(gl.minimum(row0 + BM, S_q), BN)
+        first_masked = row0 // BN  # tiles from here on reach past the warpgroup's first query
+        offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+        offs_n = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        o = gl.zeros([BM, D], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
+        q = q_smem.index(wg)
+        mbarrier.wait(q_ready.index(wg), 0)
+
+        # turn 0: tile 0's scores
+        mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(turns.index(wg), 0)
+        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(turns.index(1 - wg), count=1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, offs_m, offs_n, 0, first_masked, BN)
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        # turn j: tile j's scores and tile j-1's P V, then tile j's softmax while they run
+        for j in range(1, n_tiles):
+            slot = j % NUM_STAGES
+            prev = (j - 1) % NUM_STAGES
+            mbarrier.wait(k_ready.index(slot), (j // NUM_STAGES) & 1)
+            mbarrier.wait(turns.index(wg), j & 1)
+            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_STAGES) & 1)
+            o = warpgroup_mma(p16, v_smem.index(prev), o, is_async=True)
+            mbarrier.arrive(turns.index(1 - wg), count=1)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, offs_m, offs_n, j, first_masked, BN)
+            o, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(o, p16))  # P's registers live until here
+            mbarrier.arrive(kv_empty.index(prev), count=1)
+            p16 = gl.convert_layout(p.to(dtype), p_layout)
+        # turn n_tiles: the last tile's P V
+        last = (n_tiles - 1) % NUM_STAGES
+        mbarrier.wait(turns.index(wg), n_tiles & 1)
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // NUM_STAGES) & 1)
+        o = warpgroup_mma(p16, v_smem.index(last), o, is_async=True)
+        mbarrier.arrive(turns.index(1 - wg), count=1)
+        o, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(o, p16))
+
+        # the last tile holds this block's new keys (BN == 2 * BM): this warpgroup's 64 go to the cache
+        if append:
+            copy_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+            tile_rows = gl.arange(0, BN, layout=gl.SliceLayout(1, copy_layout))
+            cols = gl.arange(0, D, layout=gl.SliceLayout(0, copy_layout))
+            keys = start_m + tile_rows
+            mine = (tile_rows // BM == wg) & (keys < S_q)
+            _append_rows(k_smem.index(last), K_cache + kc_base + kv_col, keys, mine, cols, stride_kcs, copy_layout)
+            _append_rows(v_smem.index(last), V_cache + vc_base + kv_col, keys, mine, cols, stride_vcs, copy_layout)
+        mbarrier.arrive(kv_empty.index(last), count=1)
+
+        o = o / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+        rows_o = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
+        cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        gl.store(Out + out_base + rows_o.to(gl.int64)[:, None] * stride_os + q_col + cols_o[None, :],
+                 o.to(Out.dtype.element_ty), mask=(rows_o < S_q)[:, None])
+
+    @gluon.jit
+    def _attn_fwd_prefill_hopper(q_desc, k_desc, v_desc, Out, K_cache, V_cache, qk_scale,
+                                 stride_ob, stride_os, stride_kcb, stride_kcs, stride_vcb, stride_vcs,
+                                 S_q, H_q, GROUP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                 LOADER_REGS: gl.constexpr):
+        """Program (m, (b, h)): queries [m * 128, +128) of row b, head h; the heaviest blocks first.
+        Tensors are 2-D views: q (B * S_q, H_q * D), k/v (B * S_q, H_kv * D) by TMA; out and the
+        caches by pointer, head h's columns at h * D (the caches' head stride is D)."""
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        D: gl.constexpr = q_desc.block_type.shape[1]
+        NUM_STAGES: gl.constexpr = 3
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // H_q
+        h = pid_bh % H_q
+        start_m = pid_m * 2 * BM
+        k_row = b * S_q
+        q_row = k_row + start_m
+        q_col = h * D
+        kv_col = (h // GROUP) * D
+        b64 = b.to(gl.int64)
+        strides = (stride_os, stride_kcs, stride_vcs, b64 * stride_ob, b64 * stride_kcb, b64 * stride_vcb)
+        append = h % GROUP == 0
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(turns.index(i), count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a tile
+        mbarrier.arrive(turns.index(0), count=1)  # the first consumer issues first
+        bars = (q_ready, k_ready, v_ready, kv_empty, turns)
+        # Literal tuples: arguments built by concatenation in here lose their constexpr-ness.
+        _warp_specialize([
+            (_consumer, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, Out, K_cache, V_cache, strides,
+                         q_row, k_row, q_col, kv_col, S_q, append, qk_scale)),
+            (_consumer, (1, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, Out, K_cache, V_cache, strides,
+                         q_row, k_row, q_col, kv_col, S_q, append, qk_scale)),
+            (_loader, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, Out, K_cache, V_cache, strides,
+                       q_row, k_row, q_col, kv_col, S_q, append, qk_scale)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def _rows_view_ok(t: torch.Tensor) -> bool:
+    """t (B, S, H, D) is a 2-D (B * S, H * D) TMA view: heads contiguous, rows evenly strided,
+    16-byte aligned."""
+    B, S, H, D = t.shape
+    return (t.stride(3) == 1 and t.stride(2) == D and (B == 1 or t.stride(0) == S * t.stride(1))
+            and t.stride(1) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+def supports(q, k, v, k_cache, v_cache, causal: bool) -> bool:
+    """Whether this kernel runs the layout of these inputs (the fills are checked per call:
+    :func:`fresh`): Gluon on a Hopper GPU (sm_90), bf16/fp16, head_dim 128, causal, more queries
+    than one warpgroup's block, TMA-ready views of q/k/v, caches whose heads are contiguous."""
+    return (AVAILABLE and causal and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] == HEAD_DIM and q.shape[1] > BLOCK_M
+            and torch.cuda.get_device_capability(q.device)[0] == 9
+            and all(_rows_view_ok(t) for t in (q, k, v))
+            and all(c.stride(3) == 1 and c.stride(2) == HEAD_DIM for c in (k_cache, v_cache)))
+
+
+def fresh(seq_lens_cpu: Optional[Sequence[int]]) -> bool:
+    """Nothing cached in any row (host copy known): the case this kernel serves."""
+    return seq_lens_cpu is not None and not any(seq_lens_cpu)
+
+
+class HopperPrefillPlan:
+    """A launch of :func:`_attn_fwd_prefill_hopper` for one layout (see flashcore.triton_attention)."""
+
+    def __init__(self, q, k, v, softmax_scale: float, log2e: float):
+        B, S_q, H_q, D = q.shape
+        H_kv = k.shape[2]
+        self.grid = (triton.cdiv(S_q, 2 * BLOCK_M), B * H_q, 1)
+        self.qk_scale = softmax_scale * log2e
+        gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        self.q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl_dtype)
+        self.kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl_dtype)
+        self.launch = Launch(_attn_fwd_prefill_hopper, num_warps=4, maxnreg=MAXNREG, GROUP=H_q // H_kv,
+                             CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS)
+
+    @staticmethod
+    def _desc(t: torch.Tensor, block_rows: int, layout):
+        B, S, H, D = t.shape
+        return TensorDescriptor(base=t, shape=[B * S, H * D], strides=[t.stride(1), 1], block_shape=[block_rows, D],
+                                layout=layout)
+
+    def __call__(self, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        out = torch.empty_like(q)
+        self.launch(self.grid, self._desc(q, BLOCK_M, self.q_layout), self._desc(k, BLOCK_N, self.kv_layout),
+                    self._desc(v, BLOCK_N, self.kv_layout), out, k_cache, v_cache, self.qk_scale,
+                    out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                    v_cache.stride(1), q.shape[1], q.shape[2])
+        return out
