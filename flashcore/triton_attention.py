@@ -5,7 +5,9 @@ Two paths, one contract (read the public docstring in ``flashcore/__init__.py``)
 
 * Prefill (many new queries): ``_attn_fwd_prefill``, FlashAttention-2 style. One program per
   (block of BLOCK_M queries, row, query head) walks the keys in BLOCK_N tiles with an online
-  softmax. Heaviest causal blocks are launched first.
+  softmax. Heaviest causal blocks are launched first. On Hopper GPUs, causal prefill of rows with
+  nothing cached (known from ``seq_lens_cpu``) runs ``flashcore.hopper_attention`` instead (Gluon,
+  FlashAttention-3's schedule; the plan holds both and picks per call).
 * Decode (S_q * group <= DECODE_MAX_ROWS): flash-decoding. One program per (kv split, row, kv head)
   packs the GQA group's query heads and the S_q new queries into the M dimension, so each K/V tile
   is loaded once per group; ``_attn_fwd_decode_reduce`` combines the partial (out, lse). The
