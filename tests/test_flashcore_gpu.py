@@ -253,7 +253,7 @@ def test_varlen_cuda_graph_replays_new_tiles():
 def _hopper_kernel_runs():
     from flashcore import hopper_attention
 
-    return hopper_attention.AVAILABLE and torch.cuda.get_device_capability()[0] == 9
+    return hopper_attention.AVAILABLE and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
 @pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
