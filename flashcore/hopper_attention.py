@@ -177,14 +177,13 @@ if AVAILABLE:
     @gluon.jit
     def _attn_fwd_prefill_hopper(q_desc, k_desc, v_desc, Out, K_cache, V_cache, qk_scale,
                                  stride_ob, stride_os, stride_kcb, stride_kcs, stride_vcb, stride_vcs,
-                                 S_q, H_q, GROUP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                 LOADER_REGS: gl.constexpr):
+                                 S_q, H_q, GROUP: gl.constexpr, NUM_STAGES: gl.constexpr,
+                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
         """Program (m, (b, h)): queries [m * 128, +128) of row b, head h; the heaviest blocks first.
         Tensors are 2-D views: q (B * S_q, H_q * D), k/v (B * S_q, H_kv * D) by TMA; out and the
         caches by pointer, head h's columns at h * D (the caches' head stride is D)."""
         BM: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
-        NUM_STAGES: gl.constexpr = 3
         pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
         pid_bh = gl.program_id(1)
         b = pid_bh // H_q
@@ -262,7 +261,7 @@ class HopperPrefillPlan:
         self.q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl_dtype)
         self.kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl_dtype)
         self.launch = Launch(_attn_fwd_prefill_hopper, num_warps=4, maxnreg=MAXNREG, GROUP=H_q // H_kv,
-                             CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS)
+                             NUM_STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS)
 
     @staticmethod
     def _desc(t: torch.Tensor, block_rows: int, layout):

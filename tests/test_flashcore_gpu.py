@@ -256,42 +256,42 @@ def _hopper_kernel_runs():
     return hopper_attention.AVAILABLE and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """A list that gets an entry per launch of the Gluon prefill kernel (flashcore.hopper_attention)."""
+    from flashcore import hopper_attention
+
+    calls = []
+    launch = hopper_attention.HopperPrefillPlan.__call__
+    monkeypatch.setattr(hopper_attention.HopperPrefillPlan, "__call__",
+                        lambda self, *args: calls.append(1) or launch(self, *args))
+    return calls
+
+
 @pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
 @pytest.mark.parametrize("B,S_q,H_q,H_kv,dtype,fused", [
     (1, 4096, 32, 8, torch.bfloat16, True), (1, 777, 32, 8, torch.bfloat16, True), (2, 300, 32, 8, torch.bfloat16, False),
     (1, 65, 32, 8, torch.float16, False), (3, 200, 8, 8, torch.bfloat16, True), (1, 1000, 64, 8, torch.bfloat16, True),
     (2, 513, 8, 1, torch.float16, True),
 ])
-def test_hopper_fresh_prefill(B, S_q, H_q, H_kv, dtype, fused, monkeypatch):
+def test_hopper_fresh_prefill(B, S_q, H_q, H_kv, dtype, fused, hopper_calls):
     """Fresh rows with the host copy of seq_lens (what the model passes) run the Gluon kernel: the
     same error budget, the same cache writes (slots past the fill keep their nan/inf), fresh inputs
     per seed (the two consumer warpgroups and the loader synchronize by mbarriers: a race shows as
     a seed-dependent error)."""
-    from flashcore import hopper_attention
-
-    calls = []
-    launch = hopper_attention.HopperPrefillPlan.__call__
-    monkeypatch.setattr(hopper_attention.HopperPrefillPlan, "__call__",
-                        lambda self, *args: calls.append(1) or launch(self, *args))
     seeds = range(3) if S_q >= 4096 else range(8)
     for seed in seeds:
         check_against_torch(B, S_q, H_q, H_kv, 128, [0] * B, S_q + 37, dtype, seed=seed, seq_lens_cpu=[0] * B,
                             fused_qkv=fused)
-    assert len(calls) == len(seeds)
+    assert len(hopper_calls) == len(seeds)
 
 
 @pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
-def test_hopper_prefill_only_for_fresh_rows(monkeypatch):
+def test_hopper_prefill_only_for_fresh_rows(hopper_calls):
     """A row with cached keys, or no host copy of the fills, runs the Triton kernel (which reads the
     cache): the Gluon kernel reads new keys only."""
-    from flashcore import hopper_attention
-
-    calls = []
-    launch = hopper_attention.HopperPrefillPlan.__call__
-    monkeypatch.setattr(hopper_attention.HopperPrefillPlan, "__call__",
-                        lambda self, *args: calls.append(1) or launch(self, *args))
     check_against_torch(2, 300, 32, 8, 128, [0, 17], 400, seq_lens_cpu=[0, 17])
     check_against_torch(2, 300, 32, 8, 128, [0, 0], 400)
-    assert calls == []
+    assert hopper_calls == []
     check_against_torch(2, 300, 32, 8, 128, [0, 0], 400, seq_lens_cpu=[0, 0])
-    assert calls == [1]
+    assert hopper_calls == [1]
