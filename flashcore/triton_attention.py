@@ -494,7 +494,7 @@ class _PrefillPlan:
                  hopper: bool = True):
         B, S_q, H_q, D = q.shape
         # fresh rows of this layout on Hopper: the Gluon kernel (flashcore.hopper_attention)
-        self.hopper = (hopper_attention.HopperPrefillPlan(q, k, v, softmax_scale, LOG2E)
+        self.hopper = (hopper_attention.HopperPrefillPlan(q, k, v, k_cache, v_cache, softmax_scale, LOG2E)
                        if hopper and hopper_attention.supports(q, k, v, k_cache, v_cache, causal) else None)
         H_kv = k.shape[2]
         self.grid = (triton.cdiv(S_q, config.block_m), B * H_q, 1)

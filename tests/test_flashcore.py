@@ -444,3 +444,31 @@ def test_hopper_prefill_kernel_serves_fresh_rows_with_tma_ready_views():
     assert not ha._rows_view_ok(q.transpose(1, 2).contiguous().transpose(1, 2))  # heads not contiguous
     assert not ha._rows_view_ok(torch.empty(2, 400, 48, 128, dtype=torch.bfloat16)[:, :300])  # uneven rows
     assert not ha.supports(q, k, k, k, k, causal=True)  # CPU tensors: the Triton kernel (or the reference)
+
+
+@pytest.mark.skipif(not __import__("flashcore.hopper_attention").hopper_attention.AVAILABLE,
+                    reason="this Triton has no usable Gluon for Hopper")
+def test_hopper_prefill_plan_descriptors_match_checked_ones():
+    """A Hopper prefill plan makes each call's TMA descriptors from fields checked once per layout:
+    they must equal what TensorDescriptor (with its checks) builds for that call's tensors."""
+    from flashcore import hopper_attention as ha
+    from triton.experimental.gluon import language as gl
+
+    def views():
+        qkv = torch.empty(1, 300, 48, 128, dtype=torch.bfloat16)
+        return qkv.split([32, 8, 8], dim=2)
+
+    q, k, v = views()
+    caches = torch.empty(2, 1, 512, 8, 128, dtype=torch.bfloat16)
+    plan = ha.HopperPrefillPlan(q, k, v, caches[0], caches[1], 0.1, 1.44)
+    assert plan.grid == (3, 32, 1) and plan.ints[1:] == (300 * 32 * 128, 32 * 128, 512 * 8 * 128, 8 * 128,
+                                                         512 * 8 * 128, 8 * 128, 300, 32)
+    assert all("base" not in fields for fields in plan.fields)  # the plan keeps no tensor alive
+    for t, fields, rows in zip(views(), plan.fields, (ha.BLOCK_M, ha.BLOCK_N, ha.BLOCK_N)):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.bfloat16)
+        checked = ha.TensorDescriptor(base=t, shape=[300, t.shape[2] * 128], strides=[48 * 128, 1],
+                                      block_shape=[rows, 128], layout=layout)
+        made = ha.HopperPrefillPlan._desc(t, fields)
+        assert type(made) is ha.TensorDescriptor and made.base is t
+        assert made.__dict__.keys() == checked.__dict__.keys()
+        assert all(made.__dict__[name] == value for name, value in checked.__dict__.items() if name != "base")
