@@ -4,7 +4,7 @@ One Triton kernel serves prefill and decode, GQA and causal masking, for rows of
 (``attention_with_kv_cache``: S_q new tokens on each row); another serves new tokens of several rows
 packed along one dimension, each row its own count (``varlen_attention_with_kv_cache``), with its
 metadata on the device so that a CUDA graph can replay it for any such step. On Hopper GPUs a Gluon
-kernel (``flashcore.hopper_attention``) takes causal prefill of rows with nothing cached yet.
+kernel (``flashcore.hopper_attention``) takes causal prefill of one row, or of rows with nothing cached yet.
 ``flashcore.reference`` holds the plain-PyTorch version of both contracts (the CPU path and the
 test oracle). flashcore knows nothing of minillama.
 """
@@ -73,8 +73,9 @@ def attention_with_kv_cache(
             query sees all ``seq_lens[b] + S_q`` filled positions of its row.
         seq_lens_cpu: optional host copy of seq_lens (list of ints). When given, the capacity check
             uses it, so a CUDA caller never syncs; when seq_lens is on the CPU it is checked itself.
-            It also tells the kernel entry that no row has anything cached (all zeros): on Hopper,
-            causal prefill of such rows runs the Gluon kernel of ``flashcore.hopper_attention``.
+            It also tells the kernel entry the fills before any launch: on Hopper, causal prefill
+            of one row, or of rows with nothing cached, runs the Gluon kernel of
+            ``flashcore.hopper_attention``.
         implementation: "triton" (the kernel), "reference" (plain PyTorch, ``flashcore.reference``)
             or "auto" (the kernel on CUDA, the reference elsewhere). "triton" on the CPU runs the
             kernel in Triton's interpreter and needs ``TRITON_INTERPRET=1`` (ValueError otherwise).

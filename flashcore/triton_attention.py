@@ -6,8 +6,8 @@ Two paths, one contract (read the public docstring in ``flashcore/__init__.py``)
 * Prefill (many new queries): ``_attn_fwd_prefill``, FlashAttention-2 style. One program per
   (block of BLOCK_M queries, row, query head) walks the keys in BLOCK_N tiles with an online
   softmax. Heaviest causal blocks are launched first. On Hopper GPUs, causal prefill of rows with
-  nothing cached (known from ``seq_lens_cpu``) runs ``flashcore.hopper_attention`` instead (Gluon,
-  FlashAttention-3's schedule; the plan holds both and picks per call).
+  nothing cached, or of one row (known from ``seq_lens_cpu``), runs ``flashcore.hopper_attention``
+  instead (Gluon, FlashAttention-3's schedule; the plan holds both and picks per call).
 * Decode (S_q * group <= DECODE_MAX_ROWS): flash-decoding. One program per (kv split, row, kv head)
   packs the GQA group's query heads and the S_q new queries into the M dimension, so each K/V tile
   is loaded once per group; ``_attn_fwd_decode_reduce`` combines the partial (out, lse). The
@@ -493,7 +493,7 @@ class _PrefillPlan:
     def __init__(self, q, k, v, k_cache, v_cache, softmax_scale: float, causal: bool, config: KernelConfig,
                  hopper: bool = True):
         B, S_q, H_q, D = q.shape
-        # fresh rows of this layout on Hopper: the Gluon kernel (flashcore.hopper_attention)
+        # on Hopper, the fills it serves (one row, or fresh rows): the Gluon kernel (flashcore.hopper_attention)
         self.hopper = (hopper_attention.HopperPrefillPlan(q, k, v, k_cache, v_cache, softmax_scale, LOG2E)
                        if hopper and hopper_attention.supports(q, k, v, k_cache, v_cache, causal) else None)
         H_kv = k.shape[2]
@@ -509,8 +509,8 @@ class _PrefillPlan:
 
     def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None,
                  seq_lens_cpu=None) -> torch.Tensor:
-        if self.hopper is not None and hopper_attention.fresh(seq_lens_cpu):
-            return self.hopper(q, k, v, k_cache, v_cache)
+        if self.hopper is not None and hopper_attention.serves(seq_lens_cpu):
+            return self.hopper(q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu)
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
         self.launch(self.grid, q, k, v, k_cache, v_cache, seq_lens, out, *self.ints,
                     pointers=None if pointers is None else (*pointers, out.data_ptr()))

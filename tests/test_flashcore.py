@@ -432,17 +432,23 @@ def test_launch_keeps_the_compiled_kernel(monkeypatch):
     assert [c[0] for c in calls] == ["triton", "triton"] and calls[0][3] == dict(BLOCK=16, EVEN=False, num_warps=1)
 
 
-def test_hopper_prefill_kernel_serves_fresh_rows_with_tma_ready_views():
+def test_hopper_prefill_kernel_serves_one_row_or_fresh_rows_with_tma_ready_views():
     """What decides whether the Gluon prefill kernel (flashcore.hopper_attention) may run: the host
-    copy of the fills says nothing is cached, and q/k/v are (B * S, H * D) row views TMA can read."""
+    copy of the fills is known and is one row's (cached keys or not) or says nothing is cached, and
+    q/k/v and the caches' rows are 2-D views TMA can read."""
     from flashcore import hopper_attention as ha
 
-    assert ha.fresh([0, 0]) and not ha.fresh([0, 3]) and not ha.fresh(None)
+    assert ha.serves([0, 0]) and ha.serves([0]) and ha.serves([5000]) and ha.serves((3,))
+    assert not ha.serves([0, 3]) and not ha.serves(None)
     qkv = torch.empty(2, 300, 48, 128, dtype=torch.bfloat16)
     q, k, _ = qkv.split([32, 8, 8], dim=2)  # views of one projection, as the model passes them
     assert ha._rows_view_ok(q) and ha._rows_view_ok(k)
     assert not ha._rows_view_ok(q.transpose(1, 2).contiguous().transpose(1, 2))  # heads not contiguous
     assert not ha._rows_view_ok(torch.empty(2, 400, 48, 128, dtype=torch.bfloat16)[:, :300])  # uneven rows
+    caches = torch.empty(2, 2, 512, 8, 128, dtype=torch.bfloat16)
+    assert ha._cache_view_ok(caches[0]) and ha._cache_view_ok(caches[1, :, :300])
+    assert not ha._cache_view_ok(caches[0].transpose(1, 2))  # slot-major rows are what TMA reads
+    assert not ha._cache_view_ok(torch.empty(2, 512, 1, 3, dtype=torch.bfloat16))  # 6-byte slots
     assert not ha.supports(q, k, k, k, k, causal=True)  # CPU tensors: the Triton kernel (or the reference)
 
 
@@ -464,11 +470,15 @@ def test_hopper_prefill_plan_descriptors_match_checked_ones():
     assert plan.grid == (3, 32, 1) and plan.ints[1:] == (300 * 32 * 128, 32 * 128, 512 * 8 * 128, 8 * 128,
                                                          512 * 8 * 128, 8 * 128, 300, 32)
     assert all("base" not in fields for fields in plan.fields)  # the plan keeps no tensor alive
-    for t, fields, rows in zip(views(), plan.fields, (ha.BLOCK_M, ha.BLOCK_N, ha.BLOCK_N)):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.bfloat16)
-        checked = ha.TensorDescriptor(base=t, shape=[300, t.shape[2] * 128], strides=[48 * 128, 1],
-                                      block_shape=[rows, 128], layout=layout)
-        made = ha.HopperPrefillPlan._desc(t, fields)
+    other_caches = torch.empty(2, 1, 512, 8, 128, dtype=torch.bfloat16)
+    tensors = (*views(), other_caches[0], other_caches[1])
+    # q, k, v: every row of the call; a cache: row 0's first 77 slots (its fill)
+    for t, fields, rows, block in zip(tensors, plan.fields, (300, 300, 300, 77, 77),
+                                      (ha.BLOCK_M, ha.BLOCK_N, ha.BLOCK_N, ha.BLOCK_N, ha.BLOCK_N)):
+        layout = gl.NVMMASharedLayout.get_default_for([block, 128], gl.bfloat16)
+        checked = ha.TensorDescriptor(base=t, shape=[rows, t.shape[2] * 128], strides=[t.stride(1), 1],
+                                      block_shape=[block, 128], layout=layout)
+        made = ha.HopperPrefillPlan._desc(t, fields, None if t.shape[1] == 300 else 77)
         assert type(made) is ha.TensorDescriptor and made.base is t
         assert made.__dict__.keys() == checked.__dict__.keys()
         assert all(made.__dict__[name] == value for name, value in checked.__dict__.items() if name != "base")

@@ -287,11 +287,31 @@ def test_hopper_fresh_prefill(B, S_q, H_q, H_kv, dtype, fused, hopper_calls):
 
 
 @pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
-def test_hopper_prefill_only_for_fresh_rows(hopper_calls):
-    """A row with cached keys, or no host copy of the fills, runs the Triton kernel (which reads the
-    cache): the Gluon kernel reads new keys only."""
+@pytest.mark.parametrize("S_q,cached,S_max,H_q,H_kv,dtype,fused", [
+    (300, 17, 400, 32, 8, torch.bfloat16, True), (65, 1, 128, 32, 8, torch.float16, False),
+    (128, 128, 300, 32, 8, torch.bfloat16, True), (1000, 3000, 4100, 32, 8, torch.bfloat16, True),
+    (4096, 4096, 8192, 32, 8, torch.bfloat16, True), (513, 255, 1000, 8, 1, torch.float16, True),
+    (200, 129, 400, 64, 8, torch.bfloat16, False),
+])
+def test_hopper_prefill_after_a_cached_prefix(S_q, cached, S_max, H_q, H_kv, dtype, fused, hopper_calls):
+    """One row with cached keys (a long prompt's later chunks, a chat's next turn) runs the Gluon
+    kernel too: the cached keys come through descriptors that end at the fill, so the nan/inf past
+    it (make_inputs) must never reach the output; the new keys land right after the fill."""
+    seeds = range(3) if S_q >= 4096 else range(6)
+    for seed in seeds:
+        check_against_torch(1, S_q, H_q, H_kv, 128, [cached], S_max, dtype, seed=seed, seq_lens_cpu=[cached],
+                            fused_qkv=fused)
+    assert len(hopper_calls) == len(seeds)
+
+
+@pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
+def test_hopper_prefill_only_where_it_serves(hopper_calls):
+    """Several rows with cached keys, or no host copy of the fills, run the Triton kernel; one row,
+    or fresh rows, with the host copy run the Gluon kernel."""
     check_against_torch(2, 300, 32, 8, 128, [0, 17], 400, seq_lens_cpu=[0, 17])
     check_against_torch(2, 300, 32, 8, 128, [0, 0], 400)
+    check_against_torch(1, 300, 32, 8, 128, [17], 400)
     assert hopper_calls == []
     check_against_torch(2, 300, 32, 8, 128, [0, 0], 400, seq_lens_cpu=[0, 0])
-    assert hopper_calls == [1]
+    check_against_torch(1, 300, 32, 8, 128, [17], 400, seq_lens_cpu=[17])
+    assert hopper_calls == [1, 1]
