@@ -52,6 +52,13 @@ BLOCK_M = 64  # query rows per consumer warpgroup (two per program)
 BLOCK_N = 128  # keys per tile
 STAGES = 3  # K/V tiles in flight
 CONSUMER_REGS, LOADER_REGS, MAXNREG = 240, 24, 168  # 2 x 128 x 240 + 128 x 24 <= 64K registers
+# Smaller calls run the Triton kernel: an eager call of this kernel costs ~35 us of host time (five
+# TMA descriptors encoded per launch) against ~20 for the Triton kernel, and below about this many
+# (query, key) pairs per head the GPU work takes less than that, so the host time is the call's.
+# H200, 2026-12-02, eager calls back to back, one row of 32 query / 8 KV heads, (new, cached) tokens:
+# this kernel slower at (1024, 0) 50 vs 39 us, (512, 512) 52 vs 27, (300, 1000) 52 vs 31; faster at
+# (2048, 0) 92 vs 107, (300, 4000) 57 vs 82, (1024, 1024) 59 vs 72 (BENCHMARKS.md).
+MIN_PAIRS = 1 << 20
 
 
 if AVAILABLE:
@@ -281,10 +288,19 @@ def supports(q, k, v, k_cache, v_cache, causal: bool) -> bool:
             and all(_rows_view_ok(t) for t in (q, k, v)) and all(_cache_view_ok(c) for c in (k_cache, v_cache)))
 
 
-def serves(seq_lens_cpu: Optional[Sequence[int]]) -> bool:
-    """The fills this kernel serves (host copy known): one row, whatever it holds (its cached keys
-    are read through descriptors that end at its fill), or several with nothing cached."""
-    return seq_lens_cpu is not None and (len(seq_lens_cpu) == 1 or not any(seq_lens_cpu))
+def serves(seq_lens_cpu: Optional[Sequence[int]], S_q: int) -> bool:
+    """Whether this kernel takes a call of S_q new tokens per row over these fills (host copy
+    known): one row, whatever it holds (its cached keys are read through descriptors that end at
+    its fill), or several with nothing cached; and at least MIN_PAIRS (query, key) pairs per head."""
+    if seq_lens_cpu is None:
+        return False
+    if len(seq_lens_cpu) == 1:
+        pairs = S_q * (seq_lens_cpu[0] + (S_q + 1) / 2)
+    elif any(seq_lens_cpu):
+        return False
+    else:
+        pairs = len(seq_lens_cpu) * S_q * (S_q + 1) / 2
+    return pairs >= MIN_PAIRS
 
 
 class HopperPrefillPlan:
@@ -334,7 +350,7 @@ class HopperPrefillPlan:
         return desc
 
     def __call__(self, q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu: Sequence[int]) -> torch.Tensor:
-        """seq_lens_cpu: what :func:`serves` accepts. The caches' descriptors cover row 0's filled
+        """seq_lens_cpu: fills that :func:`serves` accepts. The caches' descriptors cover row 0's filled
         slots (a fresh row reads none of them; TMA takes no empty box, hence at least 1 row)."""
         out = torch.empty_like(q)
         q_fields, k_fields, v_fields, kc_fields, vc_fields = self.fields

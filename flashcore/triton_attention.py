@@ -509,7 +509,7 @@ class _PrefillPlan:
 
     def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None,
                  seq_lens_cpu=None) -> torch.Tensor:
-        if self.hopper is not None and hopper_attention.serves(seq_lens_cpu):
+        if self.hopper is not None and hopper_attention.serves(seq_lens_cpu, q.shape[1]):
             return self.hopper(q, k, v, k_cache, v_cache, seq_lens, seq_lens_cpu)
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
         self.launch(self.grid, q, k, v, k_cache, v_cache, seq_lens, out, *self.ints,

@@ -438,8 +438,11 @@ def test_hopper_prefill_kernel_serves_one_row_or_fresh_rows_with_tma_ready_views
     q/k/v and the caches' rows are 2-D views TMA can read."""
     from flashcore import hopper_attention as ha
 
-    assert ha.serves([0, 0]) and ha.serves([0]) and ha.serves([5000]) and ha.serves((3,))
-    assert not ha.serves([0, 3]) and not ha.serves(None)
+    assert ha.serves([0, 0], 1024) and ha.serves([0], 2048) and ha.serves([5000], 300) and ha.serves((3000,), 512)
+    assert not ha.serves([0, 3], 4096) and not ha.serves(None, 4096)
+    # below MIN_PAIRS (query, key) pairs per head the host time of a launch is the call's: Triton's kernel
+    assert ha.serves([0], 1448) and not ha.serves([0], 1447) and ha.serves([0, 0], 1024) and not ha.serves([0], 1024)
+    assert ha.serves([1000], 800) and not ha.serves([1000], 700)
     qkv = torch.empty(2, 300, 48, 128, dtype=torch.bfloat16)
     q, k, _ = qkv.split([32, 8, 8], dim=2)  # views of one projection, as the model passes them
     assert ha._rows_view_ok(q) and ha._rows_view_ok(k)

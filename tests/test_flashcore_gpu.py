@@ -256,9 +256,7 @@ def _hopper_kernel_runs():
     return hopper_attention.AVAILABLE and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
-@pytest.fixture
-def hopper_calls(monkeypatch):
-    """A list that gets an entry per launch of the Gluon prefill kernel (flashcore.hopper_attention)."""
+def _count_hopper_calls(monkeypatch):
     from flashcore import hopper_attention
 
     calls = []
@@ -266,6 +264,16 @@ def hopper_calls(monkeypatch):
     monkeypatch.setattr(hopper_attention.HopperPrefillPlan, "__call__",
                         lambda self, *args: calls.append(1) or launch(self, *args))
     return calls
+
+
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """A list that gets an entry per launch of the Gluon prefill kernel (flashcore.hopper_attention),
+    which runs every call whose fills it serves, however small (MIN_PAIRS = 0): its tests."""
+    from flashcore import hopper_attention
+
+    monkeypatch.setattr(hopper_attention, "MIN_PAIRS", 0)
+    return _count_hopper_calls(monkeypatch)
 
 
 @pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
@@ -315,3 +323,16 @@ def test_hopper_prefill_only_where_it_serves(hopper_calls):
     check_against_torch(2, 300, 32, 8, 128, [0, 0], 400, seq_lens_cpu=[0, 0])
     check_against_torch(1, 300, 32, 8, 128, [17], 400, seq_lens_cpu=[17])
     assert hopper_calls == [1, 1]
+
+
+@pytest.mark.skipif(not _hopper_kernel_runs(), reason="the Gluon prefill kernel needs Gluon and a Hopper GPU")
+def test_hopper_prefill_only_from_min_pairs(monkeypatch):
+    """Calls of fewer (query, key) pairs per head than MIN_PAIRS run the Triton kernel (an eager
+    launch's host time is theirs); larger ones the Gluon kernel."""
+    calls = _count_hopper_calls(monkeypatch)
+    check_against_torch(1, 1024, 32, 8, 128, [0], 1100, seq_lens_cpu=[0])
+    check_against_torch(1, 300, 32, 8, 128, [1000], 1400, seq_lens_cpu=[1000])
+    assert calls == []
+    check_against_torch(1, 1500, 32, 8, 128, [0], 1600, seq_lens_cpu=[0])
+    check_against_torch(1, 300, 32, 8, 128, [4000], 4400, seq_lens_cpu=[4000])
+    assert calls == [1, 1]
