@@ -83,9 +83,11 @@ class Launch:
         if INTERPRET or not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
             return
         # The compiled kernel takes every parameter in order; in flashcore's kernels the
-        # constexprs follow the positional arguments.
+        # constexprs follow the positional arguments. A Gluon kernel may take a launch option
+        # (num_warps) as a constexpr parameter too: Triton binds the option's value to it.
         names = [p.name for p in self.kernel.params[len(args):]]
-        if sorted(names) != sorted(self.constexprs):
+        values = {**self.options, **self.constexprs}
+        if not set(self.constexprs) <= set(names) or not set(names) <= set(values):
             return
-        self.constexpr_values = tuple(self.constexprs[name] for name in names)
+        self.constexpr_values = tuple(values[name] for name in names)
         self.compiled = compiled

@@ -30,6 +30,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from flashcore.launch import Launch
+from minillama.kernels import compute_capability
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -153,23 +156,50 @@ if AVAILABLE:
 def usable(x: torch.Tensor) -> bool:
     """Whether this kernel can run for x, whose operands passed ``kernels.tma_ready``: Gluon, a
     Hopper GPU (sm_90: wgmma) and bfloat16 activations."""
-    return AVAILABLE and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9
+    return AVAILABLE and x.dtype == torch.bfloat16 and compute_capability(x.device)[0] == 9
+
+
+class _Plan:
+    """A launch of :func:`_matmul_8bit_hopper_fwd` for one layout: grid, shared-memory layouts and
+    integer arguments computed once, and the compiled kernel launched without Triton binding its
+    arguments again (``flashcore.launch``). An eager call of the kernel cost ~50 us of host time
+    before (Triton's binding, two layouts built per call at ~5 us each on this CPU)."""
+
+    def __init__(self, M: int, N: int, K: int, weight_dtype: torch.dtype, config: Tiling):
+        block_m, block_n, block_k, num_warps, num_stages = config
+        w_type = gl.float8e4nv if weight_dtype == torch.float8_e4m3fn else gl.int8
+        self.w_block, self.x_block = [block_n, block_k], [block_m, block_k]
+        self.w_layout = gl.NVMMASharedLayout.get_default_for(self.w_block, w_type)
+        self.x_layout = gl.NVMMASharedLayout.get_default_for(self.x_block, gl.bfloat16)
+        self.grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), 1)
+        self.shape = (M, N)
+        self.ints = (M, N, K, N)  # M, N, K, out's row stride
+        self.launch = Launch(_matmul_8bit_hopper_fwd, num_warps=num_warps, BLOCK_N=block_n, BLOCK_M=block_m,
+                             BLOCK_K=block_k, STAGES=num_stages)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=x.dtype, device=x.device)
+        self.launch(self.grid, TensorDescriptor.from_tensor(weight, self.w_block, self.w_layout),
+                    TensorDescriptor.from_tensor(x, self.x_block, self.x_layout), scale, out, *self.ints)
+        return out
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096  # bounded: a process that meets more shapes (prompt lengths) starts over
 
 
 def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: Tiling) -> torch.Tensor:
     """x (M, K) bf16 @ (weight (N, K) * scale[:, None])^T, (M, N) bf16, in tiling ``config``
     (:func:`tiling`); the caller checks ``kernels.tma_ready`` and :func:`usable`."""
-    block_m, block_n, block_k, num_warps, num_stages = config
     M, K = x.shape
     N = weight.shape[0]
-    assert K % (2 * block_k) == 0 and block_n == 16 * num_warps, (K, config)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    w_type = gl.float8e4nv if weight.dtype == torch.float8_e4m3fn else gl.int8
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k],
-                                          gl.NVMMASharedLayout.get_default_for([block_n, block_k], w_type))
-    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k],
-                                          gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16))
-    _matmul_8bit_hopper_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        w_desc, x_desc, scale, out, M, N, K, out.stride(0), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
-        STAGES=num_stages, num_warps=num_warps)
-    return out
+    assert K % (2 * config[2]) == 0 and config[1] == 16 * config[3], (K, config)
+    # what Triton specializes a launch on: shapes and strides (the descriptors' and the integers'),
+    # dtypes, the scale's 16-byte alignment (x and weight are aligned: tma_ready), the device
+    key = (M, N, K, x.stride(0), weight.stride(0), weight.dtype, scale.data_ptr() % 16 == 0, x.device, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(M, N, K, weight.dtype, config)
+    return plan(x, weight, scale)

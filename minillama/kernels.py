@@ -541,10 +541,16 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def compute_capability(device: torch.device) -> tuple:
+    """A CUDA device's (major, minor), asked once per device: each 8-bit matmul of a prefill asks."""
+    return torch.cuda.get_device_capability(device)
+
+
 def tma_ready(*tensors) -> bool:
     """Whether TMA can load tiles of these 2-D tensors: a Hopper (or newer) GPU, 16-byte aligned
     bases and row strides (or Triton's interpreter, which emulates it)."""
-    if not INTERPRET and not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
+    if not INTERPRET and not (tensors[0].is_cuda and compute_capability(tensors[0].device)[0] >= 9):
         return False
     return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1
                for t in tensors)

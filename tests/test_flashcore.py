@@ -424,6 +424,22 @@ def test_launch_keeps_the_compiled_kernel(monkeypatch):
                      ("run", (3, 2, 1, "side", "function", "metadata", None, None, None, 2000, 7, 64, True)),
                      ("runner", (3, 2, 1), ("z", 7, 64, True))]
 
+    # a kernel that takes its warp count as a constexpr parameter (Gluon's layouts need it)
+    calls.clear()
+    Kernel.params = [SimpleNamespace(name=name) for name in ("X", "n", "BLOCK", "num_warps")]
+    site = launch.Launch(Kernel(), num_warps=8, BLOCK=64)
+    site((1, 1, 1), "x", 7)
+    site((1, 1, 1), "y", 7)
+    assert calls == [("triton", (1, 1, 1), ("x", 7), dict(BLOCK=64, num_warps=8)),
+                     ("runner", (1, 1, 1), ("y", 7, 64, 8))]
+    # a parameter the launch has no value for: every call goes through Triton
+    calls.clear()
+    site = launch.Launch(Kernel(), num_warps=8, num_stages=2)
+    site((1, 1, 1), "x", 7)
+    site((1, 1, 1), "y", 7)
+    assert [c[0] for c in calls] == ["triton", "triton"]
+    Kernel.params = [SimpleNamespace(name=name) for name in ("X", "n", "BLOCK", "EVEN")]
+
     calls.clear()
     monkeypatch.setattr(launch, "INTERPRET", True)
     site = launch.Launch(Kernel(), num_warps=1, BLOCK=16, EVEN=False)
