@@ -8,7 +8,9 @@ Checking is strict, as the API is: a field OpenAI does not define is an error, a
 one this server does not implement unless it has its neutral value (chat's ``echo: false``,
 ``best_of: 1``, ...). ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos`` and
 ``stop_token_ids`` are accepted as extras (as vLLM does), and on chat vLLM's ``add_generation_prompt``
-and ``continue_final_message`` (assistant prefill).
+and ``continue_final_message`` (assistant prefill). vLLM's ``skip_special_tokens`` too, default false
+here (vLLM's default is true): the text keeps what special tokens the model writes (Llama 3's
+``<|python_tag|>``, a reserved token) unless it is true. Stop ids (``<|eot_id|>``) are never text.
 """
 import json
 import math
@@ -58,11 +60,11 @@ _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "tem
                 "stream", "stream_options", "logprobs", "top_logprobs", "n", "tools", "tool_choice",
                 "parallel_tool_calls", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                 "logit_bias", "min_tokens", "ignore_eos", "stop_token_ids", "add_generation_prompt",
-                "continue_final_message"}
+                "continue_final_message", "skip_special_tokens"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                       "stream_options", "logprobs", "n", "echo", "top_k", "min_p", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos",
-                      "stop_token_ids"}
+                      "stop_token_ids", "skip_special_tokens"}
 
 
 @dataclass
@@ -82,6 +84,7 @@ class ParsedRequest:
     echo: bool = False  # completions: each choice starts with its prompt (its tokens' logprobs too)
     add_generation_prompt: bool = True  # chat: the prompt ends with the header opening the assistant's turn
     continue_final_message: bool = False  # chat: the prompt ends inside the final message, for the model to continue
+    skip_special_tokens: bool = False  # the text leaves out special tokens' (vLLM's extra)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -190,7 +193,8 @@ def _common(body) -> dict:
                               repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_tokens=min_tokens,
                               ignore_eos=ignore_eos)
     return dict(model=model, sampling=sampling, stop=stop, stop_token_ids=stop_token_ids,
-                n=_int(body, "n", 1, MAX_N, default=1), stream=stream, include_usage=include_usage)
+                n=_int(body, "n", 1, MAX_N, default=1), stream=stream, include_usage=include_usage,
+                skip_special_tokens=_bool(body, "skip_special_tokens"))
 
 
 def _check_min_tokens(sampling: SamplingParams, key: str, max_tokens: Optional[int]) -> None:

@@ -99,6 +99,7 @@ class Request:
     stop_ids: Sequence[int] = ()  # ids that end the request, besides the checkpoint's (unless sampling.ignore_eos)
     logprobs: Optional[int] = None  # None: off; k: the chosen token's log-probability and the k best
     prompt_logprobs: bool = False  # with logprobs: those of the prompt's tokens too (no prefix reuse)
+    skip_special_tokens: bool = False  # the text leaves out special tokens' (tokenizer.special_ids)
 
 
 @dataclass
@@ -153,7 +154,8 @@ class _Sequence:
         self.stop_ids = request.sampling.ending_ids(eos_ids, request.stop_ids)
         self.min_tokens_ids = request.sampling.min_tokens_ids(eos_ids, request.stop_ids)
         self.generator = request.sampling.generator(device)
-        self.decoder = IncrementalDecoder(tokenizer, self.prompt)
+        self.decoder = IncrementalDecoder(tokenizer, self.prompt,
+                                          tokenizer.special_ids if request.skip_special_tokens else frozenset())
         self.stops = StopStrings(request.stop)
         self.row: Optional[int] = None
         self.pos = 0  # prompt tokens in the cache

@@ -349,7 +349,8 @@ def create_app(llm, scheduler, model_name: str, max_body_bytes: int = 8 << 20, r
                 # others only prefill it (and may take a cached prefix); each choice echoes the first's
                 out.append(Request(ids, max_tokens, sampling, stop=parsed.stop, stop_ids=parsed.stop_token_ids,
                                    logprobs=parsed.logprobs,
-                                   prompt_logprobs=parsed.echo and parsed.logprobs is not None and k == 0))
+                                   prompt_logprobs=parsed.echo and parsed.logprobs is not None and k == 0,
+                                   skip_special_tokens=parsed.skip_special_tokens))
         return out
 
     async def watch_disconnect(request: HTTPRequest, submission: _Submission) -> None:

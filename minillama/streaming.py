@@ -33,7 +33,7 @@ Typical use (one row)::
     else:
         print(stops.push(decoder.flush())[0] + stops.flush(), end="")
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import AbstractSet, List, Optional, Sequence, Tuple
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for bytes that are not (yet) valid UTF-8
 PROMPT_CONTEXT = 8  # prompt ids decoded in front of the first new ids; any count >= 1 gives the same text
@@ -47,10 +47,13 @@ class IncrementalDecoder:
             ``bos_id``).
         prompt_ids: the ids the new ones continue (the prompt, or a whole conversation so far);
             only their last few are decoded.
+        skip_ids: new ids that add no text (``tokenizer.special_ids`` for transformers'
+            ``skip_special_tokens=True``): the text is that of the other new ids.
     """
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), skip_ids: AbstractSet[int] = frozenset()):
         self.tokenizer = tokenizer
+        self.skip_ids = skip_ids
         context = list(prompt_ids)
         if context and tokenizer.bos_id is not None and context[0] == tokenizer.bos_id:
             context = context[1:]  # "<s>" is not text, though decode writes it
@@ -68,6 +71,9 @@ class IncrementalDecoder:
         """Add one new id; return the text it completes ("" while a character is incomplete). An id
         the tokenizer cannot decode raises its ValueError and leaves the decoder as it was."""
         token_id = int(token_id)
+        if token_id in self.skip_ids:
+            self.token_ids.append(token_id)
+            return ""
         full = self.tokenizer.decode(self._ids[self._start:] + [token_id])
         self._ids.append(token_id)
         self.token_ids.append(token_id)

@@ -8,7 +8,7 @@ code that means to (BOS here, turn markers in the chat encoder).
 import functools
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from minillama.files import checkpoint_file, read_json, read_text
 
@@ -24,7 +24,7 @@ def _token_content(value) -> Optional[str]:
 
 
 class Tokenizer:
-    """Common interface. Subclasses implement _encode_plain, _decode, token_to_id, vocab_size."""
+    """Common interface. Subclasses implement _encode_plain, _decode, token_to_id, vocab_size, special_ids."""
 
     def __init__(self, tokenizer_config: dict, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool):
         self.tokenizer_config = tokenizer_config
@@ -107,6 +107,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """One more than the largest id the tokenizer knows: ids >= this cannot be decoded."""
+        raise NotImplementedError
+
+    @property
+    def special_ids(self) -> FrozenSet[int]:
+        """The ids of special tokens (markers such as BOS, end of turn, headers, reserved ones): what
+        a decode with transformers' ``skip_special_tokens=True`` leaves out."""
         raise NotImplementedError
 
     def undecodable_ids(self) -> List[int]:
@@ -203,6 +209,11 @@ class HFTokenizer(Tokenizer):
 
     def added_tokens(self) -> Dict[str, Tuple[int, bool, bool]]:
         return {t.content: (i, t.lstrip, t.rstrip) for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    @functools.cached_property
+    def special_ids(self) -> FrozenSet[int]:
+        """The added tokens marked special in tokenizer.json (Llama 3: all 256 of 128000-128255)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._tok.id_to_token(int(token_id)) or ""
@@ -309,6 +320,12 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
+
+    @functools.cached_property
+    def special_ids(self) -> FrozenSet[int]:
+        """Control and unknown pieces ("<s>", "</s>", "<unk>"), as transformers' LlamaTokenizer skips them."""
+        sp = self._sp
+        return frozenset(i for i in range(sp.GetPieceSize()) if sp.IsControl(i) or sp.IsUnknown(i))
 
 
 def _piece_bytes(piece: str) -> bytes:

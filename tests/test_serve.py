@@ -399,6 +399,8 @@ def test_32_streaming_clients_and_8_disconnects(server, client, llm):
      "true or false"),
     ({"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": "no"}, "add_generation_prompt",
      "true or false"),
+    ({"messages": [{"role": "user", "content": "hi"}], "skip_special_tokens": 0}, "skip_special_tokens",
+     "true or false"),
     ({"messages": [{"role": "system", "content": "Be brief."}], "continue_final_message": True},
      "continue_final_message", "does not write the final message's content"),  # the demo template: no turn, no system
 ])
@@ -454,6 +456,34 @@ def test_full_queue_answers_429():
         assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
     finally:
         _stop(proc)
+
+
+def test_skip_special_tokens_leaves_their_text_out(app, llm):
+    """vLLM's skip_special_tokens: special tokens the model writes (forced here by logit_bias: the
+    demo tokenizer's <s>, a control piece) are in the text by default and left out with true, in
+    the text, the stream and a chat reply alike; they still count as completion tokens."""
+    bos = llm.tokenizer.bos_id
+    assert bos in llm.tokenizer.special_ids
+    lily = llm.tokenizer.encode("Lily", bos=False)[0]
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
+            "logit_bias": {str(bos): 100}}
+    kept = app.post("/v1/completions", json=body).json()
+    skipped = app.post("/v1/completions", json={**body, "skip_special_tokens": True}).json()
+    assert kept["choices"][0]["text"] == "<s>" * 4 and kept["usage"]["completion_tokens"] == 4
+    assert skipped["choices"][0]["text"] == "" and skipped["usage"]["completion_tokens"] == 4
+    # no special token written: the same text either way
+    body = {**body, "logit_bias": {str(lily): 100}, "max_tokens": 2}
+    two_lily = app.post("/v1/completions", json={**body, "skip_special_tokens": True}).json()["choices"][0]["text"]
+    assert two_lily == app.post("/v1/completions", json=body).json()["choices"][0]["text"] and "Lily" in two_lily
+    with app.stream("POST", "/v1/completions", json={**body, "logit_bias": {str(bos): 100}, "stream": True,
+                                                      "skip_special_tokens": True}) as r:
+        chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks and all('"text":""' in c.replace(" ", "") for c in chunks)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+            "logit_bias": {str(bos): 100}}
+    assert app.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"] == "<s>" * 3
+    reply = app.post("/v1/chat/completions", json={**chat, "skip_special_tokens": True}).json()
+    assert reply["choices"][0]["message"]["content"] == "" and reply["usage"]["completion_tokens"] == 3
 
 
 def test_logprob_values_are_probabilities(client):

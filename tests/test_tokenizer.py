@@ -101,3 +101,37 @@ def test_sentencepiece_decodes_special_tokens_as_transformers_does(tokenizers):
     assert tok.decode(lily + [eos] + tom) == "Lily</s> and Tom"
     assert tok.decode(lily + [unk, eos, bos] + tom) == "Lily<unk></s><s> and Tom"
     assert tok.decode(lily + tom) == "Lily and Tom"  # no special token: SentencePiece's own decode
+
+
+# -- special tokens left out of the text (vLLM's skip_special_tokens) -------------------------------
+
+@pytest.mark.parametrize("kind", ["llama3", "sentencepiece"])
+def test_a_decoder_that_skips_special_ids_gives_the_text_without_them(tokenizers, llama3_folder, kind):
+    """``special_ids`` are what transformers' skip_special_tokens leaves out: Llama 3's 256 added
+    tokens (checked against the tokenizers library's own decode), SentencePiece's control and
+    unknown pieces. A decoder given them as skip_ids streams the text of the other new ids."""
+    tok = tokenizers[kind]
+    if kind == "llama3":
+        assert tok.special_ids == frozenset(range(128000, 128256))
+        rust = RustTokenizer.from_file(str(llama3_folder / "tokenizer.json"))
+
+        def without_specials(ids):
+            return rust.decode(ids, skip_special_tokens=True)
+    else:
+        sp = tok._sp
+        assert tok.special_ids == {sp.unk_id(), sp.bos_id(), sp.eos_id()}
+
+        def without_specials(ids):
+            return tok.decode([i for i in ids if i not in tok.special_ids])
+    s0, s1, s2 = sorted(tok.special_ids)[:3]
+    prompt = tok.encode("Once upon a time", bos=True)
+    space = " " if kind == "llama3" else ""  # SentencePiece starts each encoded text with one
+    new = (tok.encode(space + "Lily and", bos=False) + [s1] + tok.encode(space + "Tom ran", bos=False) + [s2, s0]
+           + tok.encode(space + "home!", bos=False) + [s1])
+    decoder = IncrementalDecoder(tok, prompt, tok.special_ids)
+    text = "".join(decoder.push(i) for i in new) + decoder.flush()
+    assert text == without_specials(prompt + new)[len(without_specials(prompt)):] == " Lily and Tom ran home!"
+    assert decoder.token_ids == new
+    kept = IncrementalDecoder(tok, prompt)  # the default: special tokens' text included
+    text = "".join(kept.push(i) for i in new) + kept.flush()
+    assert text == tok.decode(prompt + new)[len(tok.decode(prompt)):] and tok.decode([s1]) in text
