@@ -210,6 +210,7 @@ class Llama:
         logit_bias: Optional[Mapping[int, float]] = None,
         min_tokens: int = 0,
         ignore_eos: bool = False,
+        skip_special_tokens: bool = False,
     ) -> List[GenerationResult]:
         """Generate for a batch of prompts of any lengths, run as one batch.
 
@@ -248,6 +249,10 @@ class Llama:
                 ``max_new_tokens``, ``stop_ids`` or a stop string, and a sampled EOS is a token of
                 ``token_ids`` and ``text`` (its special-token text, such as "<|eot_id|>"), as vLLM's
                 ``ignore_eos``. ``min_tokens`` still holds the EOS ids back, as vLLM's does.
+            skip_special_tokens: ``text`` leaves out the text of special tokens the model writes
+                (``self.tokenizer.special_ids``: Llama 3's ``<|python_tag|>``, reserved tokens,
+                an EOS under ``ignore_eos``), as vLLM's ``skip_special_tokens`` (whose default is
+                True); ``token_ids`` still hold them. False: the text as the tokenizer decodes it.
         Returns:
             One :class:`GenerationResult` per prompt, in order: ``token_ids`` (new tokens),
             ``text``, ``finish_reason`` ("stop" or "length"), ``stop`` (the id or string).
@@ -260,7 +265,7 @@ class Llama:
             raise TypeError("prompts must be a list of strings or of token-id lists; wrap one prompt in a list")
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt")
-        generation = self._start(prompts, max_new_tokens, stop, stop_ids, truncate_prompt, cache,
+        generation = self._start(prompts, max_new_tokens, stop, stop_ids, truncate_prompt, cache, skip_special_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                  repetition_penalty=repetition_penalty, logit_bias=logit_bias,
@@ -288,6 +293,7 @@ class Llama:
         logit_bias: Optional[Mapping[int, float]] = None,
         min_tokens: int = 0,
         ignore_eos: bool = False,
+        skip_special_tokens: bool = False,
     ) -> TextStream:
         """Generate for one prompt, yielding text as it is decided; arguments as :meth:`generate`.
 
@@ -306,7 +312,7 @@ class Llama:
         if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and any(
                 isinstance(t, (str, bytes, Sequence)) for t in prompt):
             raise TypeError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
-        generation = self._start([prompt], max_new_tokens, stop, stop_ids, truncate_prompt, cache,
+        generation = self._start([prompt], max_new_tokens, stop, stop_ids, truncate_prompt, cache, skip_special_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                  repetition_penalty=repetition_penalty, logit_bias=logit_bias,
@@ -314,11 +320,13 @@ class Llama:
         return TextStream(generation)
 
     def _start(self, prompts, max_new_tokens, stop, stop_ids, truncate_prompt, cache: Optional[KVCache],
-               **sampling) -> TextGeneration:
+               skip_special_tokens: bool, **sampling) -> TextGeneration:
         """Check every argument, encode the prompts and set up the loop (nothing runs yet); ``sampling``:
         the keyword arguments of :class:`~minillama.sampling.SamplingParams`."""
         if truncate_prompt not in (None, "left"):
             raise ValueError(f"truncate_prompt must be None or 'left', got {truncate_prompt!r}")
+        if not isinstance(skip_special_tokens, bool):
+            raise TypeError(f"skip_special_tokens must be True or False, got {skip_special_tokens!r}")
         sampling, stops = check_sampling_args(max_new_tokens, stop=stop, **sampling)
         sampling.check_vocabulary(self.tokenizer.vocab_size)
         if isinstance(stop_ids, bytes) or not isinstance(stop_ids, (type(None), str, Sequence)):
@@ -337,7 +345,8 @@ class Llama:
             self._check_length(len(p), max_new_tokens, n)
         loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, extra, eos_ids=self.stop_ids, cache=cache,
                          decodable=self.decodable)
-        return TextGeneration(loop, self.tokenizer, stops)
+        return TextGeneration(loop, self.tokenizer, stops,
+                              self.tokenizer.special_ids if skip_special_tokens else frozenset())
 
     def _check_cache(self, cache, rows: int) -> None:
         """A cache of ``rows`` rows that this model can run on (same layers, heads, dtype, device)."""

@@ -548,3 +548,21 @@ def test_bad_arguments_raise_before_any_work(monkeypatch, short, kwargs, named):
         with pytest.raises(ValueError, match=named.replace("(", r"\(")) as err:
             call()
         assert named in str(err.value)
+
+
+def test_skip_special_tokens_leaves_their_text_out(demo):
+    """With ignore_eos the demo story runs past its </s> and the <s> after it; skip_special_tokens
+    leaves their text out (the text of the other tokens, as decoded without them), whole and
+    streamed, and keeps the tokens."""
+    prompt = demo.tokenizer.encode("The cat sat on the")
+    special = demo.tokenizer.special_ids
+    (kept,) = demo.generate([prompt], max_new_tokens=40, ignore_eos=True)
+    (skipped,) = demo.generate([prompt], max_new_tokens=40, ignore_eos=True, skip_special_tokens=True)
+    assert skipped.token_ids == kept.token_ids and EOS_SP in kept.token_ids
+    others = [t for t in kept.token_ids if t not in special]
+    assert skipped.text == new_text(demo.tokenizer, prompt, others)
+    assert "</s><s>" in kept.text and "</s>" not in skipped.text and "<s>" not in skipped.text
+    stream = demo.stream(prompt, max_new_tokens=40, ignore_eos=True, skip_special_tokens=True)
+    assert "".join(stream) == skipped.text and stream.result.token_ids == kept.token_ids
+    with pytest.raises(TypeError, match="skip_special_tokens must be True or False, got 'yes'"):
+        demo.generate([prompt], skip_special_tokens="yes")
