@@ -50,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--ignore-eos", action="store_true",
                    help="the checkpoint's EOS ids end nothing: run to --max-new-tokens or a --stop string (an EOS "
                         "is then text, such as </s> or <|eot_id|>)")
+    p.add_argument("--skip-special-tokens", action="store_true",
+                   help="leave the text of special tokens the model writes (<|python_tag|>, an EOS under "
+                        "--ignore-eos) out of the output; their ids stay in --json's token_ids")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the text")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
@@ -151,7 +154,7 @@ def run(args) -> None:
     llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
                                 progress=cli.load_progress(), quantize=args.quantize)
     if args.stream:
-        stream = llm.stream(prompts[0], **sampling_kwargs(args))
+        stream = llm.stream(prompts[0], **sampling_kwargs(args), skip_special_tokens=args.skip_special_tokens)
         cli.write(prompts[0], flush=True)
         for delta in stream:
             cli.write(delta, flush=True)
@@ -168,7 +171,8 @@ def run(args) -> None:
     size = args.batch_size or len(prompts)
     batches = [range(i, min(i + size, len(prompts))) for i in range(0, len(prompts), size)]
     for k, batch in enumerate(batches):
-        results = llm.generate([encoded[j] for j in batch], **sampling_kwargs(args))
+        results = llm.generate([encoded[j] for j in batch], **sampling_kwargs(args),
+                               skip_special_tokens=args.skip_special_tokens)
         for i, (prompt, r) in enumerate(zip([prompts[j] for j in batch], results)):
             if args.json:
                 cli.write(json.dumps({

@@ -154,6 +154,9 @@ def test_ignore_eos_and_min_tokens_reach_the_generation(script, capsys):
     assert (ignored["token_ids"], ignored["text"], ignored["finish_reason"]) == (want.token_ids, want.text, "length")
     assert len(ignored["token_ids"]) == 40 and ignored["token_ids"][27] == 2
     assert ignored["text"].startswith(plain["text"] + "</s>")
+    skipped = completion("--ignore-eos", "--skip-special-tokens")
+    want = llm.generate([prompt], max_new_tokens=40, ignore_eos=True, skip_special_tokens=True)[0]
+    assert (skipped["token_ids"], skipped["text"]) == (ignored["token_ids"], want.text) and "</s>" not in want.text
     held = completion("--min-tokens", "30")
     want = llm.generate([prompt], max_new_tokens=40, min_tokens=30)[0]
     assert (held["token_ids"], held["finish_reason"]) == (want.token_ids, "stop") and len(want.token_ids) == 33
