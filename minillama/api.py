@@ -345,8 +345,7 @@ class Llama:
             self._check_length(len(p), max_new_tokens, n)
         loop = TokenLoop(self.runner, ids, max_new_tokens, sampling, extra, eos_ids=self.stop_ids, cache=cache,
                          decodable=self.decodable)
-        return TextGeneration(loop, self.tokenizer, stops,
-                              self.tokenizer.special_ids if skip_special_tokens else frozenset())
+        return TextGeneration(loop, self.tokenizer, stops, skip_special_tokens)
 
     def _check_cache(self, cache, rows: int) -> None:
         """A cache of ``rows`` rows that this model can run on (same layers, heads, dtype, device)."""

@@ -16,7 +16,7 @@ detokenizing and stop strings, from :mod:`minillama.streaming`) and builds the r
 """
 import time
 from dataclasses import dataclass, field
-from typing import AbstractSet, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -247,10 +247,10 @@ class TextGeneration:
     the row is done, so the deltas of a row concatenate to its result's text.
     """
 
-    def __init__(self, loop: TokenLoop, tokenizer, stop: Sequence[str] = (), skip_ids: AbstractSet[int] = frozenset()):
+    def __init__(self, loop: TokenLoop, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = False):
         self.loop = loop
         batch = len(loop.prompts)
-        self._decoders = [IncrementalDecoder(tokenizer, p, skip_ids) for p in loop.prompts]
+        self._decoders = [IncrementalDecoder(tokenizer, p, skip_special_tokens) for p in loop.prompts]
         self._stops = [StopStrings(stop) for _ in range(batch)]
         self._texts: List[List[str]] = [[] for _ in range(batch)]
         self._released = [False] * batch

@@ -154,8 +154,7 @@ class _Sequence:
         self.stop_ids = request.sampling.ending_ids(eos_ids, request.stop_ids)
         self.min_tokens_ids = request.sampling.min_tokens_ids(eos_ids, request.stop_ids)
         self.generator = request.sampling.generator(device)
-        self.decoder = IncrementalDecoder(tokenizer, self.prompt,
-                                          tokenizer.special_ids if request.skip_special_tokens else frozenset())
+        self.decoder = IncrementalDecoder(tokenizer, self.prompt, request.skip_special_tokens)
         self.stops = StopStrings(request.stop)
         self.row: Optional[int] = None
         self.pos = 0  # prompt tokens in the cache

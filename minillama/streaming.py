@@ -47,13 +47,13 @@ class IncrementalDecoder:
             ``bos_id``).
         prompt_ids: the ids the new ones continue (the prompt, or a whole conversation so far);
             only their last few are decoded.
-        skip_ids: new ids that add no text (``tokenizer.special_ids`` for transformers'
-            ``skip_special_tokens=True``): the text is that of the other new ids.
+        skip_special_tokens: new ids of ``tokenizer.special_ids`` add no text, as transformers'
+            ``skip_special_tokens=True`` decodes: the text is that of the other new ids.
     """
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), skip_ids: AbstractSet[int] = frozenset()):
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = False):
         self.tokenizer = tokenizer
-        self.skip_ids = skip_ids
+        self.skip_ids: AbstractSet[int] = tokenizer.special_ids if skip_special_tokens else frozenset()
         context = list(prompt_ids)
         if context and tokenizer.bos_id is not None and context[0] == tokenizer.bos_id:
             context = context[1:]  # "<s>" is not text, though decode writes it

@@ -109,7 +109,7 @@ def test_sentencepiece_decodes_special_tokens_as_transformers_does(tokenizers):
 def test_a_decoder_that_skips_special_ids_gives_the_text_without_them(tokenizers, llama3_folder, kind):
     """``special_ids`` are what transformers' skip_special_tokens leaves out: Llama 3's 256 added
     tokens (checked against the tokenizers library's own decode), SentencePiece's control and
-    unknown pieces. A decoder given them as skip_ids streams the text of the other new ids."""
+    unknown pieces. A decoder told to skip them streams the text of the other new ids."""
     tok = tokenizers[kind]
     if kind == "llama3":
         assert tok.special_ids == frozenset(range(128000, 128256))
@@ -128,7 +128,7 @@ def test_a_decoder_that_skips_special_ids_gives_the_text_without_them(tokenizers
     space = " " if kind == "llama3" else ""  # SentencePiece starts each encoded text with one
     new = (tok.encode(space + "Lily and", bos=False) + [s1] + tok.encode(space + "Tom ran", bos=False) + [s2, s0]
            + tok.encode(space + "home!", bos=False) + [s1])
-    decoder = IncrementalDecoder(tok, prompt, tok.special_ids)
+    decoder = IncrementalDecoder(tok, prompt, skip_special_tokens=True)
     text = "".join(decoder.push(i) for i in new) + decoder.flush()
     assert text == without_specials(prompt + new)[len(without_specials(prompt)):] == " Lily and Tom ran home!"
     assert decoder.token_ids == new
