@@ -20,6 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
+from flashcore.launch import Launch
 
 
 @triton.jit
@@ -380,6 +381,27 @@ def time_in_graph(fn, reps: int = 3) -> float:
     return best
 
 
+_LAUNCHES: dict = {}
+_MAX_LAUNCHES = 4096  # bounded: a process that meets more layouts starts over
+
+
+def _launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, num_warps: int, **constexprs) -> None:
+    """``kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps)``, launched through a
+    ``flashcore.launch.Launch`` kept per specialization: the tensors' dtypes and 16-byte alignment,
+    the scalars' values, the constexprs and the device (what Triton specializes a launch on). A call
+    of a known specialization skips Triton's binding of every argument (15-40 us of host time per
+    launch on the H200's host): it counts in eager prefills, a few launches per layer. grid: 1-3
+    integers."""
+    key = (kernel, tensors[0].device, num_warps, scalars, *constexprs.items(), *(t.dtype for t in tensors),
+           *(t.data_ptr() % 16 == 0 for t in tensors))
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = Launch(kernel, num_warps=num_warps, **constexprs)
+    launch((*grid, 1, 1)[:3], *tensors, *scalars)
+
+
 def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     """t itself where its last dimension is contiguous (the elementwise kernels read a row's values
     at consecutive addresses), else a contiguous copy."""
@@ -399,10 +421,9 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
     else:
         h = h_out.view(x2.shape) if h_out is not None else torch.empty_like(x2)
     r = _unit_stride_rows(residual.reshape(-1, N)) if residual is not None else x2
-    _add_rmsnorm_fwd[(x2.shape[0],)](
-        x2, r, h, normed, weight, x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps,
-        ADD=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4,
-    )
+    _launch(_add_rmsnorm_fwd, (x2.shape[0],), (x2, r, h, normed, weight),
+            (x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps), num_warps=8 if N >= 2048 else 4,
+            ADD=residual is not None, BLOCK=triton.next_power_of_2(N))
     return normed.view(x.shape), h.view(x.shape)
 
 
@@ -413,11 +434,8 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, 
     """
     T = qk.shape[0]
     assert qk.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
-    _rope_fwd[(T,)](
-        qk, cos, sin, qk.stride(0), cos.stride(0), n_heads, D=head_dim,
-        BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-        num_warps=4,
-    )
+    _launch(_rope_fwd, (T,), (qk, cos, sin), (qk.stride(0), cos.stride(0), n_heads), num_warps=4, D=head_dim,
+            BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2))
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -427,9 +445,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     F_dim = two_f // 2
     out = torch.empty((T, F_dim), dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = 1024
-    _silu_mul_fwd[(T, triton.cdiv(F_dim, BLOCK))](
-        gate_up, out, gate_up.stride(0), out.stride(0), F_dim, BLOCK=BLOCK, num_warps=4
-    )
+    _launch(_silu_mul_fwd, (T, triton.cdiv(F_dim, BLOCK)), (gate_up, out), (gate_up.stride(0), out.stride(0), F_dim),
+            num_warps=4, BLOCK=BLOCK)
     return out
 
 
@@ -617,7 +634,6 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     assert weight.stride(1) == 1 and scale.dtype == torch.float32 and scale.shape == (N,)
     out = torch.empty((N, K), dtype=dtype, device=weight.device)
     block_n, block_k = (64, 64) if INTERPRET else (8, 1024)
-    _dequantize_fwd[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
-        weight, scale, out, N, K, weight.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-    )
+    _launch(_dequantize_fwd, (triton.cdiv(N, block_n), triton.cdiv(K, block_k)), (weight, scale, out),
+            (N, K, weight.stride(0), out.stride(0)), num_warps=4, BLOCK_N=block_n, BLOCK_K=block_k)
     return out

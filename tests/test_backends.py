@@ -242,6 +242,35 @@ def test_elementwise_kernels_read_strided_rows():
     torch.testing.assert_close(triton_backend.silu_mul(gate_up), torch_backend.silu_mul(gate_up), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.triton
+@interpreted
+def test_elementwise_launches_are_kept_per_specialization():
+    """The elementwise kernels launch through one kept launch per specialization (dtypes, 16-byte
+    alignment of each pointer, scalar values): other row counts share it; a misaligned view or
+    another eps gets its own, and every call gives the torch backend's numbers."""
+    from minillama import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    N = 64
+    weight = (1 + 0.1 * torch.randn(N, generator=g)).to(device)
+    rows = torch.randn(9, N + 1, generator=g).to(device)
+    torch_backend = TorchBackend()
+    kernels._LAUNCHES.clear()
+    cases = [(rows[:3, :N], 1e-5), (rows[:7, :N], 1e-5),  # one launch: other row counts
+             (rows[:3, 1:], 1e-5), (rows[1:8, 1:], 1e-5),  # one more: bases 4 and 8 bytes past alignment
+             (rows[:3, :N], 1e-6)]  # and another eps
+    for x, eps in cases:
+        got, _ = kernels.add_rms_norm(x, None, weight, eps)
+        want, _ = torch_backend.rms_norm(x, weight, eps)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert [x.data_ptr() % 16 for x, _ in cases] == [0, 0, 4, 8, 0]  # rows of 65 floats = 260 bytes
+    assert len(kernels._LAUNCHES) == 3
+    x = rows[:4, :N].clone()
+    for _ in range(2):
+        torch.testing.assert_close(TritonBackend().silu_mul(x), torch_backend.silu_mul(x), rtol=1e-6, atol=1e-6)
+
+
 def test_backend_choice():
     assert isinstance(make_backend("auto", "cpu"), TorchBackend)
     assert make_backend("torch", "cpu").name == "torch"
