@@ -1,8 +1,8 @@
 """The 8-bit-weight matmul of prefill chunks on Hopper GPUs, written in Gluon (Triton's lower-level
 language: layouts, shared memory, barriers and wgmma issued by hand).
 
-It computes what ``minillama.kernels.matmul_8bit`` computes, out (M, N) = x (M, K) @ (W (N, K) *
-scale[:, None])^T with bf16 x and int8 / float8_e4m3fn W, in the same swapped form (out^T tiles
+It computes what ``minillama.kernels.matmul`` computes for 8-bit weights, out (M, N) = x (M, K) @
+(W (N, K) * scale[:, None])^T with bf16 x and int8 / float8_e4m3fn W, in the same swapped form (out^T tiles
 W @ x^T: each converted weight tile is wgmma's register operand, x^T comes from shared memory by
 TMA), and differs only in how the loop is scheduled:
 

@@ -84,8 +84,15 @@ def _silu_mul_fwd(GU, Out, stride_gu, stride_o, F_dim, BLOCK: tl.constexpr):
     ty = Out.dtype.element_ty
     g = tl.load(GU + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + row * stride_gu + F_dim + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + offs, _swiglu(g, u, ty).to(ty), mask=mask)
+
+
+@triton.jit
+def _swiglu(g, u, ty: tl.constexpr):
+    """silu(g) * u in float32 for float32 g, u that hold values of dtype ty; silu(g) is rounded to
+    ty first, as the plain model's tensor ops round it. The caller rounds the result to ty."""
     s = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
-    tl.store(Out + row * stride_o + offs, (s * u).to(ty), mask=mask)
+    return s * u
 
 # int8 weights to float32 in registers, four per 32-bit register (inline PTX; CUDA only): each
 # byte ^ 0x80 placed by PRMT under the exponent of 2^23 is the float32 2^23 + (q + 128), and one
@@ -216,9 +223,7 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, N, K, stride_wn, ep
     ty = Out.dtype.element_ty
     # -- epilogue --
     if SWIGLU:
-        g = y.to(ty).to(tl.float32)
-        s = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
-        y = s * y_u.to(ty).to(tl.float32)
+        y = _swiglu(y.to(ty).to(tl.float32), y_u.to(ty).to(tl.float32), ty)
     if ROPE:  # x * cos + rotate_half(x) * sin, each product rounded as _rope_fwd does
         x1 = y.to(ty).to(tl.float32)
         x2 = y_u.to(ty).to(tl.float32)
@@ -244,10 +249,11 @@ def _widen(w, ty: tl.constexpr):
 
 
 @triton.jit
-def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om, pid_m, pid_n, pid_k,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr):
-    """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_8bit_fwd``. UPCAST: x is
+def _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om, pid_m, pid_n, pid_k,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, SCALE: tl.constexpr,
+                 SWIGLU: tl.constexpr, UPCAST: tl.constexpr):
+    """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_fwd``. UPCAST: x is
     bfloat16 under Triton's interpreter, which keeps bfloat16 as raw uint16 bits (its int8 ->
     bfloat16 cast and its bfloat16 tl.dot work on those bits): multiply in float32 there."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,16 +263,21 @@ def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, 
     n_mask = offs_n < N
     x_rows = offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = offs_n.to(tl.int64)[None, :] * stride_wn  # a W^T tile (BLOCK_K, BLOCK_N)
+    u_cols = w_cols + N * stride_wn  # SWIGLU: the up rows, N rows on
     acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * K_split
     for k0 in tl.range(k_lo, tl.minimum(k_lo + K_split, K), BLOCK_K):
         kk = k0 + offs_k
         if SWAP:
-            w = W.load([pid_n * BLOCK_N, k0])
             x = X.load([pid_m * BLOCK_M, k0])
             if UPCAST:
                 x = x.to(tl.float32)
+            w = W.load([pid_n * BLOCK_N, k0])
             acc = tl.dot(_widen(w, x.dtype), tl.trans(x), acc)
+            if SWIGLU:
+                u = W.load([N + pid_n * BLOCK_N, k0])
+                acc_u = tl.dot(_widen(u, x.dtype), tl.trans(x), acc_u)
         else:
             if EVEN_K:
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
@@ -281,6 +292,14 @@ def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, 
             else:
                 w = tl.load(W + w_cols + kk[:, None], mask=n_mask[None, :] & (kk < K)[:, None], other=0.0)
             acc = tl.dot(x, _widen(w, x.dtype), acc)
+            if SWIGLU:
+                if W_TMA:
+                    u = tl.trans(W.load([N + pid_n * BLOCK_N, k0]))
+                elif EVEN_K:
+                    u = tl.load(W + u_cols + kk[:, None], mask=n_mask[None, :], other=0.0)
+                else:
+                    u = tl.load(W + u_cols + kk[:, None], mask=n_mask[None, :] & (kk < K)[:, None], other=0.0)
+                acc_u = tl.dot(x, _widen(u, x.dtype), acc_u)
     if SWAP:  # acc[n, m]
         rows = offs_m.to(tl.int64)[None, :]
         cols = offs_n[:, None]
@@ -288,28 +307,41 @@ def _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, 
         rows = offs_m.to(tl.int64)[:, None]
         cols = offs_n[None, :]
     mask = (rows < M) & (cols < N)
-    if SPLIT_K == 1:  # -- epilogue: the per-column scale --
-        y = acc * tl.load(Scale + cols, mask=cols < N, other=0.0)
-        tl.store(Out + rows * stride_om + cols, y.to(Out.dtype.element_ty), mask=mask)
+    if SPLIT_K == 1:  # -- epilogue: the per-column scale, SwiGLU --
+        ty = Out.dtype.element_ty
+        y = acc
+        if SCALE:
+            y = y * tl.load(Scale + cols, mask=cols < N, other=0.0)
+        if SWIGLU:
+            y_u = acc_u
+            if SCALE:
+                y_u = y_u * tl.load(Scale + N + cols, mask=cols < N, other=0.0)
+            y = _swiglu(y.to(ty).to(tl.float32), y_u.to(ty).to(tl.float32), ty)
+        tl.store(Out + rows * stride_om + cols, y.to(ty), mask=mask)
     else:
         tl.store(Out + (pid_k * M + rows) * N + cols, acc, mask=mask)
 
 
 @triton.jit
-def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    """out (M, N) = x (M, K) @ (W (N, K) * Scale[:, None])^T for an 8-bit W (int8 / float8_e4m3fn).
+def _matmul_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
+                SCALE: tl.constexpr, SWIGLU: tl.constexpr, UPCAST: tl.constexpr):
+    """out (M, N) = x (M, K) @ W (N, K)^T with float32 accumulation, for a few rows of x (batched
+    decode, short prefill chunks).
 
-    W tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16) and
-    fed to tl.dot with float32 accumulation; the per-column scale multiplies the accumulator once.
+    SCALE: W is 8-bit (int8 / float8_e4m3fn) with a per-row scale: out = x @ (W * Scale[:, None])^T.
+    Its tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16)
+    and the scale multiplies the accumulator once. Otherwise W has x's dtype. SWIGLU: W holds
+    [gate; up] (2N rows) and out = silu(gate) * up, as :func:`silu_mul` of the (M, 2N) product
+    (a program loads both rows blocks and keeps two accumulators).
     W_TMA: W is a TensorDescriptor of (BLOCK_N, BLOCK_K) tiles, loaded by the TMA unit (zero past
     N and K) instead of per-thread addresses. SWAP (with W_TMA): X is a descriptor of (BLOCK_M,
-    BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the converted weight is
-    the dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
-    SPLIT_K > 1: the tile (m, n, s) takes K columns [s * K_split, (s + 1) * K_split) and writes its
-    float32 partial sums to Out, a (SPLIT_K, M, N) workspace that ``_split_k_sum_fwd`` reduces.
+    BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the weight tile is the
+    dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
+    SPLIT_K > 1 (not with SWIGLU): the tile (m, n, s) takes K columns [s * K_split, (s + 1) *
+    K_split) and writes its float32 partial sums to Out, a (SPLIT_K, M, N) workspace that
+    ``_split_k_sum_fwd`` reduces.
     PERSISTENT: a 1-D grid of programs (one per SM) walks the tiles, m fastest (the tiles that share
     a weight tile run together); otherwise program (m, n, s) computes tile (m, n, s).
     """
@@ -317,25 +349,27 @@ def _matmul_8bit_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, s
         num_m = tl.cdiv(M, BLOCK_M)
         num_mn = num_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
-            _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
-                              tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
-                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, UPCAST)
+            _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                         tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
+                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, UPCAST)
     else:
-        _matmul_8bit_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
-                          tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, UPCAST)
+        _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                     tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, UPCAST)
 
 
 @triton.jit
-def _split_k_sum_fwd(Part, Scale, Out, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[m, n] = Scale[n] * sum_s Part[s, m, n], the K splits summed in order (deterministic)."""
+def _split_k_sum_fwd(Part, Scale, Out, M, N, stride_om, SPLIT_K: tl.constexpr, SCALE: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """out[m, n] = sum_s Part[s, m, n] (times Scale[n] with SCALE), the K splits summed in order
+    (deterministic)."""
     m = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(Part + (s * M + m) * N + offs_n, mask=n_mask, other=0.0)
-    y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0)
+    y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0) if SCALE else acc
     tl.store(Out + m * stride_om + offs_n, y.to(Out.dtype.element_ty), mask=n_mask)
 
 
@@ -498,16 +532,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     return out
 
 
-INTERPRET_MATMUL_8BIT = (16, 64, 64, 4, 1, 1, "pointers")
-MATMUL_8BIT_LOADS = ("pointers", "tma", "tma_swapped", "tma_swapped_persistent")
+INTERPRET_MATMUL = (16, 64, 64, 4, 1, 1, "pointers")
+# Rows up to which :func:`matmul` fuses SiLU x up into its epilogue (``matmul_config``'s swiglu
+# tilings); more rows run ``silu_mul`` after it. At 64 rows fused was slower in every tiling timed
+# (H200, Llama-3.1-8B's gate/up, us per layer: int8 54.8 unfused, 57.2 fused at best; fp8 45.1, 54.0):
+# two weight tiles per program halve the programs that fit on the GPU at once.
+SWIGLU_FUSED_ROWS = 16
+MATMUL_LOADS = ("pointers", "tma", "tma_swapped", "tma_swapped_persistent")
 
 
-def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, loads) of the 8-bit matmul for an
-    (M, K) x (N, K)^T product; loads is one of ``MATMUL_8BIT_LOADS`` (see ``_matmul_8bit_fwd``;
-    the TMA forms need a Hopper GPU: :func:`matmul_8bit` falls back to "pointers" elsewhere).
+def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8, swiglu: bool = False) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, loads) of :func:`matmul` for an
+    (M, K) x (N, K)^T product; loads is one of ``MATMUL_LOADS`` (see ``_matmul_fwd``; the TMA
+    forms need a Hopper GPU: :func:`matmul` falls back to "pointers" elsewhere).
 
-    Batched decode (M <= 64) is bound by the weight stream. At M <= 16: 64-column tiles with K
+    swiglu: SiLU x up fused (M <= ``SWIGLU_FUSED_ROWS``): two weight tiles per step, K not split.
+    Llama-3.1-8B's gate/up at 16 rows, us per layer, matmul + ``silu_mul`` -> fused in these
+    tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8 34.4 -> 32.8.
+
+    Weights of the model's dtype (the backend runs them here at M <= ``MODEL_DTYPE_ROWS``, else
+    cuBLAS): the swapped form, us per matrix at 16 rows (one CUDA graph over 32 layers' copies)
+    against cuBLAS: qkv 15.0 vs 15.3, o 11.3 vs 13.3, gate/up 57.4 vs 57.3, down 31.7 vs 32.9 (K
+    split in 4). 8-bit weights: batched decode (M <= 64) is bound by the weight stream. At M <= 16: 64-column tiles with K
     split in 4 (more programs than SMs; qkv 12.5 -> 11.3 us), and the wide gate/up matrix loaded by
     TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us,
     fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made
@@ -529,7 +575,15 @@ def matmul_8bit_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch
     products in Triton 3.6 (the persistent form in (256, 128, 64) tiles 4 stages deep; (256, 64,
     64) tiles 3 deep): the GPU tests run every tiling picked here. Measured on the H200 over Llama-3.1-8B's matrices
     (BENCHMARKS.md, 8-bit weights). On a Hopper GPU most products past 64 rows run the Gluon kernel
-    of ``minillama.hopper_matmul`` instead (see :func:`matmul_8bit`)."""
+    of ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
+    eight_bit = weight_dtype in (torch.int8, torch.float8_e4m3fn)
+    if swiglu:
+        assert M <= SWIGLU_FUSED_ROWS, M
+        return (16, 64, 256, 4, 3, 1, "pointers") if eight_bit else (16, 64, 128, 4, 3, 1, "tma_swapped")
+    if not eight_bit:
+        if N >= 16384:
+            return 16, 128, 128, 4, 3, 1, "tma_swapped"
+        return (16, 64, 128, 4, 4, 4, "tma_swapped") if K >= 8192 else (16, 64, 256, 4, 4, 1, "tma_swapped")
     if M <= 16:
         if N >= 16384:
             return 16, 128, 256, 4, 3, 1, "tma"
@@ -580,32 +634,43 @@ def _hopper_matmul():
     return hopper_matmul
 
 
-def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config=None) -> torch.Tensor:
-    """x (M, K) @ (weight (N, K) * scale[:, None])^T for an 8-bit weight; (M, N) in x's dtype.
-    config: the tiling of the Triton kernel (default :func:`matmul_8bit_config`). Without one, a
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, *, swiglu: bool = False,
+           config=None) -> torch.Tensor:
+    """x (M, K) @ weight (N_w, K)^T for a few rows x, in x's dtype: weight has x's dtype (scale
+    None), or is 8-bit (int8 / float8_e4m3fn) with per-row float32 scales (N_w,):
+    x @ (weight * scale[:, None])^T. swiglu: weight holds [gate; up] and the result is
+    ``silu_mul`` of the product, (M, N_w / 2): in the matmul's epilogue up to ``SWIGLU_FUSED_ROWS``
+    rows, by ``silu_mul`` after it past that.
+    config: the tiling of the Triton kernel (default :func:`matmul_config`). Without one, an 8-bit
     prefill chunk of 65-512 rows on a Hopper GPU runs ``minillama.hopper_matmul``'s Gluon kernel
     where its :func:`~minillama.hopper_matmul.tiling` says it is faster."""
     M, K = x.shape
-    N = weight.shape[0]
-    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K
-    assert weight.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32 and scale.shape == (N,)
-    # prefill chunks on Hopper: the Gluon kernel, where it was measured faster
-    if config is None and not INTERPRET and M > 64 and tma_ready(x, weight):
+    N_w = weight.shape[0]
+    if swiglu and M > SWIGLU_FUSED_ROWS:
+        return silu_mul(matmul(x, weight, scale, config=config))
+    N = N_w // 2 if swiglu else N_w
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K and N_w % (2 if swiglu else 1) == 0
+    assert (scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn)), (weight.dtype, scale is None)
+    assert scale is None or (scale.dtype == torch.float32 and scale.shape == (N_w,))
+    assert scale is not None or weight.dtype == x.dtype, (weight.dtype, x.dtype)
+    # 8-bit prefill chunks on Hopper: the Gluon kernel, where it was measured faster
+    if config is None and scale is not None and not INTERPRET and M > 64 and tma_ready(x, weight):
         hopper = _hopper_matmul()
-        hopper_tiling = hopper.tiling(M, N, K) if hopper.usable(x) else None
+        hopper_tiling = hopper.tiling(M, N_w, K) if hopper.usable(x) else None
         if hopper_tiling is not None:
             return hopper.matmul_8bit(x, weight, scale, hopper_tiling)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if config is None:
-        config = INTERPRET_MATMUL_8BIT if INTERPRET else matmul_8bit_config(M, N, K, weight.dtype)
+        config = INTERPRET_MATMUL if INTERPRET else matmul_config(M, N_w, K, weight.dtype, swiglu)
     block_m, block_n, block_k, num_warps, num_stages, split_k, loads = config
-    assert loads in MATMUL_8BIT_LOADS, loads
+    assert loads in MATMUL_LOADS, loads
     if loads != "pointers" and not tma_ready(x, weight):
         loads = "pointers"
         if block_m > 64:  # the prefill tiles need TMA's shared-memory layout; these fit any recent GPU
             block_m, block_n, block_k, num_stages = 128, 128, 64, 3
     k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole K tiles per split
     split_k = triton.cdiv(K, k_split)
+    assert not (swiglu and split_k > 1), config  # SiLU x up takes whole sums
     partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     w_arg = weight if loads == "pointers" else TensorDescriptor.from_tensor(weight, [block_n, block_k])
     x_arg = TensorDescriptor.from_tensor(x, [block_m, block_k]) if loads.startswith("tma_swapped") else x
@@ -613,16 +678,17 @@ def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, conf
     persistent = loads == "tma_swapped_persistent"
     if persistent:  # one program per SM (two in the interpreter, so that its loop is tested)
         grid = (min(grid[0] * grid[1] * split_k, 2 if INTERPRET else num_sms(x.device)),)
-    _matmul_8bit_fwd[grid](
-        x_arg, w_arg, scale, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
+    scale_arg = scale if scale is not None else x
+    _matmul_fwd[grid](
+        x_arg, w_arg, scale_arg, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
-        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+        SCALE=scale is not None, SWIGLU=swiglu, UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split_k > 1:
-        _split_k_sum_fwd[(M, triton.cdiv(N, 1024))](partial, scale, out, M, N, out.stride(0), SPLIT_K=split_k,
-                                                    BLOCK_N=1024, num_warps=4)
+        _split_k_sum_fwd[(M, triton.cdiv(N, 1024))](partial, scale_arg, out, M, N, out.stride(0), SPLIT_K=split_k,
+                                                    SCALE=scale is not None, BLOCK_N=1024, num_warps=4)
     return out
 
 
