@@ -553,29 +553,30 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     Weights of the model's dtype (the backend runs them here at M <= ``MODEL_DTYPE_ROWS``, else
     cuBLAS): the swapped form, us per matrix at 16 rows (one CUDA graph over 32 layers' copies)
     against cuBLAS: qkv 15.0 vs 15.3, o 11.3 vs 13.3, gate/up 57.4 vs 57.3, down 31.7 vs 32.9 (K
-    split in 4). 8-bit weights: batched decode (M <= 64) is bound by the weight stream. At M <= 16: 64-column tiles with K
-    split in 4 (more programs than SMs; qkv 12.5 -> 11.3 us), and the wide gate/up matrix loaded by
-    TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us,
-    fp8 gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made
-    the swap slower (gate/up, down). At 65-256 rows (batched decode past 64 rows, short prefill
-    chunks), and for fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split in 4
-    with 4 warps for down and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows),
-    else one split with 8 warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv
-    40 / 37 -> 30 / 27, o 40 / 37 -> 17 / 16, down 129 / 76 -> 38 / 35 (a split in 2 was faster for
-    some but once gave fp8 o a 4% error). With 8 warps the split tiles race in Triton 3.6's code:
-    fp8 got wrong sums for part of a tile in ~2% of calls (1.6-4.7% max error, gone on a rerun of
-    the same inputs); none in 1400 calls with 4 warps, as fast to within 1 us. fp8 down at 320 /
-    384 rows: 91 / 96 us against 97 / 101 in the (128, 128, 64) tiles split in 2 used past that
-    (70B's down 349 / 361 against 395 / 413); slower at 512 (127 against 112). Prefill chunks
-    (257-512 rows) are bound by tl.dot: the swapped form in 256-token tiles, K split in 2 for the
-    long rows of down; at 512 rows, us per matrix fp8 / int8 against a model-dtype copy + cuBLAS:
-    gate/up 208 / 226 vs 244, qkv 53 / 57 vs 55, o 33 / 39 vs 38, down 101 / 109 vs 120, and with
-    one program per SM walking the tiles (persistent) fp8 gate/up 198, qkv 50 (this needs TMA:
-    without it prefill takes the copy, see ``minillama.backend``). Some tilings compile to wrong
-    products in Triton 3.6 (the persistent form in (256, 128, 64) tiles 4 stages deep; (256, 64,
-    64) tiles 3 deep): the GPU tests run every tiling picked here. Measured on the H200 over Llama-3.1-8B's matrices
-    (BENCHMARKS.md, 8-bit weights). On a Hopper GPU most products past 64 rows run the Gluon kernel
-    of ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
+    split in 4).
+
+    8-bit weights: batched decode (M <= 64) is bound by the weight stream. At M <= 16: 64-column tiles
+    with K split in 4 (more programs than SMs; qkv 12.5 -> 11.3 us), and the wide gate/up matrix loaded
+    by TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us, fp8
+    gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made the swap
+    slower (gate/up, down). At 65-256 rows (batched decode past 64 rows, short prefill chunks), and for
+    fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split in 4 with 4 warps for down
+    and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows), else one split with 8
+    warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37
+    -> 17 / 16, down 129 / 76 -> 38 / 35 (a split in 2 was faster for some but once gave fp8 o a 4%
+    error). With 8 warps the split tiles race in Triton 3.6's code: fp8 got wrong sums for part of a
+    tile in ~2% of calls (1.6-4.7% max error, gone on a rerun of the same inputs); none in 1400 calls
+    with 4 warps, as fast to within 1 us. fp8 down at 320 / 384 rows: 91 / 96 us against 97 / 101 in the
+    (128, 128, 64) tiles split in 2 used past that (70B's down 349 / 361 against 395 / 413); slower at
+    512 (127 against 112). Prefill chunks (257-512 rows) are bound by tl.dot: the swapped form in
+    256-token tiles, K split in 2 for the long rows of down; at 512 rows, us per matrix fp8 / int8
+    against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244, qkv 53 / 57 vs 55, o 33 / 39 vs 38,
+    down 101 / 109 vs 120, and with one program per SM walking the tiles (persistent) fp8 gate/up 198,
+    qkv 50 (this needs TMA: without it prefill takes the copy, see ``minillama.backend``). Some tilings
+    compile to wrong products in Triton 3.6 (the persistent form in (256, 128, 64) tiles 4 stages deep;
+    (256, 64, 64) tiles 3 deep): the GPU tests run every tiling picked here. Measured on the H200 over
+    Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights). On a Hopper GPU most products past 64 rows
+    run the Gluon kernel of ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
     eight_bit = weight_dtype in (torch.int8, torch.float8_e4m3fn)
     if swiglu:
         assert M <= SWIGLU_FUSED_ROWS, M
@@ -649,7 +650,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     if swiglu and M > SWIGLU_FUSED_ROWS:
         return silu_mul(matmul(x, weight, scale, config=config))
     N = N_w // 2 if swiglu else N_w
-    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K and N_w % (2 if swiglu else 1) == 0
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K and not (swiglu and N_w % 2)
     assert (scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn)), (weight.dtype, scale is None)
     assert scale is None or (scale.dtype == torch.float32 and scale.shape == (N_w,))
     assert scale is not None or weight.dtype == x.dtype, (weight.dtype, x.dtype)
