@@ -258,8 +258,8 @@ def _widen(w, ty: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tile(X, W, Scale, Out, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om, stride_cs, n_rotated,
-                 pid_m, pid_n, pid_k,
+def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                 stride_cs, n_rotated, pid_m, pid_n, pid_k,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, SCALE: tl.constexpr,
                  SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr):
@@ -326,9 +326,21 @@ def _matmul_tile(X, W, Scale, Out, Cos, Sin, M, N, K, K_split, stride_xm, stride
         rows = offs_m.to(tl.int64)[:, None]
         cols = offs_n[None, :]
     mask = (rows < M) & (cols < N)
-    if SPLIT_K == 1:  # -- epilogue: the per-column scale, SwiGLU or RoPE --
+    y = acc
+    if SPLIT_K > 1:  # -- the tile's last split to arrive sums the partials, in split order --
+        tl.store(Part + (pid_k * M + rows) * N + cols, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+        arrival = Arrivals + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        last = tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+        if last:
+            y = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                y += tl.load(Part + (s * M + rows) * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(arrival, 0)  # zero again for the next product
+    else:
+        last = True
+    if last:  # -- epilogue: the per-column scale, SwiGLU or RoPE --
         ty = Out.dtype.element_ty
-        y = acc
         if SCALE:
             y = y * tl.load(Scale + cols, mask=cols < N, other=0.0)
         if PAIRED:
@@ -351,12 +363,11 @@ def _matmul_tile(X, W, Scale, Out, Cos, Sin, M, N, K, K_split, stride_xm, stride
             y = tl.where(rotated, o1, x1)
             tl.store(Out + rows * stride_om + cols + pair, tl.where(rotated, o2, x2).to(ty), mask=mask)
         tl.store(Out + rows * stride_om + cols, y.to(ty), mask=mask)
-    else:
-        tl.store(Out + (pid_k * M + rows) * N + cols, acc, mask=mask)
 
 
 @triton.jit
-def _matmul_fwd(X, W, Scale, Out, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om, stride_cs, n_rotated,
+def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                stride_cs, n_rotated,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
                 SCALE: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
@@ -377,8 +388,10 @@ def _matmul_fwd(X, W, Scale, Out, Cos, Sin, M, N, K, K_split, stride_xm, stride_
     BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the weight tile is the
     dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
     SPLIT_K > 1 (not with SWIGLU or ROPE): the tile (m, n, s) takes K columns [s * K_split, (s + 1) *
-    K_split) and writes its float32 partial sums to Out, a (SPLIT_K, M, N) workspace that
-    ``_split_k_sum_fwd`` reduces.
+    K_split) and writes its float32 partial sums to Part, a (SPLIT_K, M, N) workspace; then counts
+    its arrival in Arrivals[tile] (int32, zero before the launch). The split that arrives last
+    reads the tile's partials in split order (so the sum is the same whichever arrives last), runs
+    the epilogue and sets the counter back to zero: no second launch to reduce the splits.
     PERSISTENT: a 1-D grid of programs (one per SM) walks the tiles, m fastest (the tiles that share
     a weight tile run together); otherwise program (m, n, s) computes tile (m, n, s).
     """
@@ -386,28 +399,13 @@ def _matmul_fwd(X, W, Scale, Out, Cos, Sin, M, N, K, K_split, stride_xm, stride_
         num_m = tl.cdiv(M, BLOCK_M)
         num_mn = num_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
-            _matmul_tile(X, W, Scale, Out, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om, stride_cs,
-                         n_rotated, tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
+            _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn,
+                         stride_om, stride_cs, n_rotated, tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF, UPCAST)
     else:
-        _matmul_tile(X, W, Scale, Out, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om, stride_cs,
-                     n_rotated, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn,
+                     stride_om, stride_cs, n_rotated, tl.program_id(0), tl.program_id(1), tl.program_id(2),
                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF, UPCAST)
-
-
-@triton.jit
-def _split_k_sum_fwd(Part, Scale, Out, M, N, stride_om, SPLIT_K: tl.constexpr, SCALE: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """out[m, n] = sum_s Part[s, m, n] (times Scale[n] with SCALE), the K splits summed in order
-    (deterministic)."""
-    m = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(Part + (s * M + m) * N + offs_n, mask=n_mask, other=0.0)
-    y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0) if SCALE else acc
-    tl.store(Out + m * stride_om + offs_n, y.to(Out.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -732,16 +730,21 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     split_k = triton.cdiv(K, k_split)
     assert not ((swiglu or rope is not None) and split_k > 1), config  # the epilogues take whole sums
     assert not (rope is not None and loads == "tma_swapped_persistent"), config
-    partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(M, block_m), N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n), split_k)
+    if split_k > 1:
+        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        arrivals = _split_arrivals(x.device, grid[0] * grid[1])
+    else:
+        partial = arrivals = out  # not read
     w_arg = weight if loads == "pointers" else TensorDescriptor.from_tensor(weight, [block_n, block_k])
     x_arg = TensorDescriptor.from_tensor(x, [block_m, block_k]) if loads.startswith("tma_swapped") else x
-    grid = (triton.cdiv(M, block_m), N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n), split_k)
     persistent = loads == "tma_swapped_persistent"
     if persistent:  # one program per SM (two in the interpreter, so that its loop is tested)
         grid = (min(grid[0] * grid[1] * split_k, 2 if INTERPRET else num_sms(x.device)),)
     scale_arg = scale if scale is not None else x
     _matmul_fwd[grid](
-        x_arg, w_arg, scale_arg, partial, cos, sin, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
+        x_arg, w_arg, scale_arg, out, partial, arrivals, cos, sin, M, N, K, k_split, x.stride(0), weight.stride(0),
+        out.stride(0),
         cos.stride(0), n_rotated,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
@@ -749,10 +752,26 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
         UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if split_k > 1:
-        _split_k_sum_fwd[(M, triton.cdiv(N, 1024))](partial, scale_arg, out, M, N, out.stride(0), SPLIT_K=split_k,
-                                                    SCALE=scale is not None, BLOCK_N=1024, num_warps=4)
     return out
+
+
+_ARRIVALS: dict = {}
+MAX_SPLIT_TILES = 1 << 16  # output tiles of one split-K product; the 8B / 70B's need a few hundred
+
+
+def _split_arrivals(device: torch.device, tiles: int) -> torch.Tensor:
+    """The per-tile arrival counters of split-K products on ``device``: int32 zeros, allocated once
+    and kept (CUDA graphs bake its address in; the kernel sets each counter back to zero). Products
+    on one device share them, so they must not run concurrently on two streams."""
+    if tiles > MAX_SPLIT_TILES:
+        raise ValueError(f"a split-K product of {tiles} output tiles exceeds MAX_SPLIT_TILES={MAX_SPLIT_TILES}")
+    arrivals = _ARRIVALS.get(device)
+    if arrivals is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the split-K counters are allocated by a product run before any CUDA graph "
+                               "capture (a warm-up run does it)")
+        arrivals = _ARRIVALS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return arrivals
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -318,6 +318,8 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
     got = kernels.matmul(x, q, scale, config=kernels.INTERPRET_MATMUL[:5] + (split_k, loads))
     expected = x.double() @ dequantize(q, scale, torch.float64).T
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
+    if split_k > 1:  # the last split of each tile summed the partials and zeroed its arrival counter
+        assert not kernels._split_arrivals(x.device, 1).any()
 
 
 @pytest.mark.triton
@@ -656,10 +658,11 @@ def test_gpu_multirow_paths_agree(dtype, M, N, K):
     """The matmul's tiling for (M, N, K) against float32 math on the (dequantized) weight, in every
     element and over 40 calls with fresh inputs: a race in compiled code (Triton 3.6 had one in fp8's
     split tiles with 8 warps) gives a wrong part of a tile in a few calls in a hundred, far under a
-    norm-relative bound. Then 10 calls with SiLU x up fused and 10 with RoPE fused (compiled kernels
-    of their own), against silu(gate) * up and the rotation (heads of 128, the last sixth not
-    rotated, as v in Llama-3.1-8B's qkv) of the float32 product. The W8A8 path (fp8) is checked
-    once, to its activation rounding."""
+    norm-relative bound (split-K tiles are summed by the split that arrives last, found by an atomic
+    counter: a memory-ordering fault would show here too). Then 10 calls with SiLU x up fused and 10
+    with RoPE fused (compiled kernels of their own), against silu(gate) * up and the rotation (heads of
+    128, the last sixth not rotated, as v in Llama-3.1-8B's qkv) of the float32 product. The W8A8 path
+    (fp8) is checked once, to its activation rounding."""
     from minillama import kernels
     from minillama.backend import rotate_half_rope, scaled_mm_w8a8
 
@@ -689,6 +692,7 @@ def test_gpu_multirow_paths_agree(dtype, M, N, K):
         err = (got.float() - expected).abs().max() / expected.abs().max()
         bound = 1.6e-2 if swiglu or rope else 8e-3  # bfloat16 roundings: ~2e-3 each
         assert err.item() < bound, (seed, call, err.item())
+    assert not kernels._split_arrivals(x.device, 1).any()  # a split-K product zeroes its arrival counters
     if dtype == FP8:
         expected = x.float() @ w.T
         got = scaled_mm_w8a8(x, q, scale).float()
