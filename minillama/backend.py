@@ -222,25 +222,27 @@ class TritonBackend(TorchBackend):
         x2 = x.reshape(-1, x.shape[-1])
         eight_bit = weight_scale is not None and bias is None
         rows = x2.shape[0]
-        swiglu_applied = False  # by the matmul's epilogue
+        epilogue_applied = False  # SiLU x up and RoPE, by kernels.matmul
         if (eight_bit and self.matmul_8bit == "scaled_mm" and rows > FUSED_8BIT_ROWS
                 and weight.dtype == torch.float8_e4m3fn and x.is_cuda):
             y = scaled_mm_w8a8(x2, weight, weight_scale)
         elif eight_bit and self.matmul_8bit != "dequantize" and (
                 rows <= FUSED_8BIT_ROWS
                 or rows <= FUSED_8BIT_ROWS_TMA and self.kernels.tma_ready(x2, weight)):
-            y = self.kernels.matmul(x2.contiguous(), weight, weight_scale, swiglu=swiglu)
-            swiglu_applied = swiglu
+            y = self.kernels.matmul(x2.contiguous(), weight, weight_scale, swiglu=swiglu, rope=rope)
+            epilogue_applied = True
         elif (weight_scale is None and bias is None and rows <= MODEL_DTYPE_ROWS and weight.dtype == x.dtype
               and weight.dtype in (torch.bfloat16, torch.float16) and self.kernels.tma_ready(x2, weight)):
-            y = self.kernels.matmul(x2.contiguous(), weight, swiglu=swiglu)
-            swiglu_applied = swiglu
+            y = self.kernels.matmul(x2.contiguous(), weight, swiglu=swiglu, rope=rope)
+            epilogue_applied = True
         else:
             if weight_scale is not None:  # a model-dtype copy of the weight, then cuBLAS
                 weight = self.kernels.dequantize(weight, weight_scale, x.dtype)
             y = F.linear(x2, weight, bias)
         y = y.view(*x.shape[:-1], -1)
-        y = self.silu_mul(y) if swiglu and not swiglu_applied else y
+        if epilogue_applied:
+            return y
+        y = self.silu_mul(y) if swiglu else y
         if rope is not None:
             self.rope_(y, *rope)
         return y

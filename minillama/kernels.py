@@ -68,11 +68,19 @@ def _rope_fwd(QK, Cos, Sin, stride_t, stride_cs, H, D: tl.constexpr,
     c2 = tl.load(Cos + t * stride_cs + HALF + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(Sin + t * stride_cs + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(Sin + t * stride_cs + HALF + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
-    # x * cos + rotate_half(x) * sin, each product rounded as the plain model's tensor ops do
-    o1 = (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)
-    o2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
+    o1, o2 = _rotate_pairs(x1, x2, c1, c2, s1, s2, ty)
     tl.store(p1, o1.to(ty), mask=mask)
     tl.store(p2, o2.to(ty), mask=mask)
+
+
+@triton.jit
+def _rotate_pairs(x1, x2, c1, c2, s1, s2, ty: tl.constexpr):
+    """RoPE of the pairs (x1, x2) (float32 values of dtype ty, dims i and i + D/2 of a head):
+    x * cos + rotate_half(x) * sin, each product rounded to ty as the plain model's tensor ops round
+    it. Returns float32 (o1, o2), for the caller to round to ty."""
+    o1 = (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)
+    o2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
+    return o1, o2
 
 
 @triton.jit
@@ -232,8 +240,9 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, N, K, stride_wn, ep
         s1 = tl.load(Sin + offs_i).to(tl.float32)
         s2 = tl.load(Sin + HALF + offs_i).to(tl.float32)
         rotated = offs_n < n_rotated
-        y = tl.where(rotated, (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32), x1)
-        y_u = tl.where(rotated, (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32), x2)
+        o1, o2 = _rotate_pairs(x1, x2, c1, c2, s1, s2, ty)
+        y = tl.where(rotated, o1, x1)
+        y_u = tl.where(rotated, o2, x2)
         tl.store(Out + pair_offset + offs_n, y_u.to(ty), mask=n_mask)
     tl.store(Out + offs_n, y.to(ty), mask=n_mask)
 
@@ -249,21 +258,31 @@ def _widen(w, ty: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om, pid_m, pid_n, pid_k,
+def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                 stride_cs, n_rotated, pid_m, pid_n, pid_k,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, SCALE: tl.constexpr,
-                 SWIGLU: tl.constexpr, UPCAST: tl.constexpr):
+                 SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr):
     """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_fwd``. UPCAST: x is
     bfloat16 under Triton's interpreter, which keeps bfloat16 as raw uint16 bits (its int8 ->
     bfloat16 cast and its bfloat16 tl.dot work on those bits): multiply in float32 there."""
+    if ROPE:  # head pid_n // (HALF // BLOCK_N), rows i0 .. i0 + BLOCK_N of its first half
+        HALF_BLOCKS: tl.constexpr = HALF // BLOCK_N
+        i0 = (pid_n % HALF_BLOCKS) * BLOCK_N
+        n0 = (pid_n // HALF_BLOCKS) * (2 * HALF) + i0
+        pair = HALF  # the partner rows: out = rotate(first, second)
+    else:
+        n0 = pid_n * BLOCK_N
+        pair = N  # SWIGLU's up rows
+    PAIRED: tl.constexpr = SWIGLU or ROPE
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
     x_rows = offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = offs_n.to(tl.int64)[None, :] * stride_wn  # a W^T tile (BLOCK_K, BLOCK_N)
-    u_cols = w_cols + N * stride_wn  # SWIGLU: the up rows, N rows on
+    u_cols = w_cols + pair * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * K_split
@@ -273,10 +292,10 @@ def _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, strid
             x = X.load([pid_m * BLOCK_M, k0])
             if UPCAST:
                 x = x.to(tl.float32)
-            w = W.load([pid_n * BLOCK_N, k0])
+            w = W.load([n0, k0])
             acc = tl.dot(_widen(w, x.dtype), tl.trans(x), acc)
-            if SWIGLU:
-                u = W.load([N + pid_n * BLOCK_N, k0])
+            if PAIRED:
+                u = W.load([n0 + pair, k0])
                 acc_u = tl.dot(_widen(u, x.dtype), tl.trans(x), acc_u)
         else:
             if EVEN_K:
@@ -286,15 +305,15 @@ def _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, strid
             if UPCAST:
                 x = x.to(tl.float32)
             if W_TMA:
-                w = tl.trans(W.load([pid_n * BLOCK_N, k0]))
+                w = tl.trans(W.load([n0, k0]))
             elif EVEN_K:
                 w = tl.load(W + w_cols + kk[:, None], mask=n_mask[None, :], other=0.0)
             else:
                 w = tl.load(W + w_cols + kk[:, None], mask=n_mask[None, :] & (kk < K)[:, None], other=0.0)
             acc = tl.dot(x, _widen(w, x.dtype), acc)
-            if SWIGLU:
+            if PAIRED:
                 if W_TMA:
-                    u = tl.trans(W.load([N + pid_n * BLOCK_N, k0]))
+                    u = tl.trans(W.load([n0 + pair, k0]))
                 elif EVEN_K:
                     u = tl.load(W + u_cols + kk[:, None], mask=n_mask[None, :], other=0.0)
                 else:
@@ -307,26 +326,52 @@ def _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, strid
         rows = offs_m.to(tl.int64)[:, None]
         cols = offs_n[None, :]
     mask = (rows < M) & (cols < N)
-    if SPLIT_K == 1:  # -- epilogue: the per-column scale, SwiGLU --
+    y = acc
+    if SPLIT_K > 1:  # -- the tile's last split to arrive sums the partials, in split order --
+        tl.store(Part + (pid_k * M + rows) * N + cols, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+        arrival = Arrivals + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        last = tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+        if last:
+            y = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                y += tl.load(Part + (s * M + rows) * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(arrival, 0)  # zero again for the next product
+    else:
+        last = True
+    if last:  # -- epilogue: the per-column scale, SwiGLU or RoPE --
         ty = Out.dtype.element_ty
-        y = acc
         if SCALE:
             y = y * tl.load(Scale + cols, mask=cols < N, other=0.0)
-        if SWIGLU:
+        if PAIRED:
             y_u = acc_u
             if SCALE:
-                y_u = y_u * tl.load(Scale + N + cols, mask=cols < N, other=0.0)
+                y_u = y_u * tl.load(Scale + pair + cols, mask=cols < N, other=0.0)
+        if SWIGLU:
             y = _swiglu(y.to(ty).to(tl.float32), y_u.to(ty).to(tl.float32), ty)
+        if ROPE:  # cos / sin of each token row m, dims i and i + HALF
+            x1 = y.to(ty).to(tl.float32)
+            x2 = y_u.to(ty).to(tl.float32)
+            dims = cols - n0 + i0
+            cs = rows * stride_cs + dims
+            c1 = tl.load(Cos + cs, mask=rows < M, other=0.0).to(tl.float32)
+            c2 = tl.load(Cos + cs + HALF, mask=rows < M, other=0.0).to(tl.float32)
+            s1 = tl.load(Sin + cs, mask=rows < M, other=0.0).to(tl.float32)
+            s2 = tl.load(Sin + cs + HALF, mask=rows < M, other=0.0).to(tl.float32)
+            o1, o2 = _rotate_pairs(x1, x2, c1, c2, s1, s2, ty)
+            rotated = cols < n_rotated
+            y = tl.where(rotated, o1, x1)
+            tl.store(Out + rows * stride_om + cols + pair, tl.where(rotated, o2, x2).to(ty), mask=mask)
         tl.store(Out + rows * stride_om + cols, y.to(ty), mask=mask)
-    else:
-        tl.store(Out + (pid_k * M + rows) * N + cols, acc, mask=mask)
 
 
 @triton.jit
-def _matmul_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om,
+                stride_cs, n_rotated,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
-                SCALE: tl.constexpr, SWIGLU: tl.constexpr, UPCAST: tl.constexpr):
+                SCALE: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+                UPCAST: tl.constexpr):
     """out (M, N) = x (M, K) @ W (N, K)^T with float32 accumulation, for a few rows of x (batched
     decode, short prefill chunks).
 
@@ -334,14 +379,19 @@ def _matmul_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride
     Its tiles are converted to x's dtype in registers (exact: int8 and e4m3 values fit bfloat16)
     and the scale multiplies the accumulator once. Otherwise W has x's dtype. SWIGLU: W holds
     [gate; up] (2N rows) and out = silu(gate) * up, as :func:`silu_mul` of the (M, 2N) product
-    (a program loads both rows blocks and keeps two accumulators).
+    (a program loads both rows blocks and keeps two accumulators). ROPE: the rows are heads of
+    2 * HALF rows; a program takes BLOCK_N rows of a head's first half and their partners HALF rows
+    on, and rotates the pairs of the first ``n_rotated`` rows with token row m's Cos[m], Sin[m]
+    (2 * HALF values each, rows stride_cs apart), as :func:`rope_` of the product would.
     W_TMA: W is a TensorDescriptor of (BLOCK_N, BLOCK_K) tiles, loaded by the TMA unit (zero past
     N and K) instead of per-thread addresses. SWAP (with W_TMA): X is a descriptor of (BLOCK_M,
     BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the weight tile is the
     dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
-    SPLIT_K > 1 (not with SWIGLU): the tile (m, n, s) takes K columns [s * K_split, (s + 1) *
-    K_split) and writes its float32 partial sums to Out, a (SPLIT_K, M, N) workspace that
-    ``_split_k_sum_fwd`` reduces.
+    SPLIT_K > 1 (not with SWIGLU or ROPE): the tile (m, n, s) takes K columns [s * K_split, (s + 1) *
+    K_split) and writes its float32 partial sums to Part, a (SPLIT_K, M, N) workspace; then counts
+    its arrival in Arrivals[tile] (int32, zero before the launch). The split that arrives last
+    reads the tile's partials in split order (so the sum is the same whichever arrives last), runs
+    the epilogue and sets the counter back to zero: no second launch to reduce the splits.
     PERSISTENT: a 1-D grid of programs (one per SM) walks the tiles, m fastest (the tiles that share
     a weight tile run together); otherwise program (m, n, s) computes tile (m, n, s).
     """
@@ -349,28 +399,13 @@ def _matmul_fwd(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride
         num_m = tl.cdiv(M, BLOCK_M)
         num_mn = num_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
-            _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
-                         tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
-                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, UPCAST)
+            _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn,
+                         stride_om, stride_cs, n_rotated, tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
+                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF, UPCAST)
     else:
-        _matmul_tile(X, W, Scale, Out, M, N, K, K_split, stride_xm, stride_wn, stride_om,
-                     tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, UPCAST)
-
-
-@triton.jit
-def _split_k_sum_fwd(Part, Scale, Out, M, N, stride_om, SPLIT_K: tl.constexpr, SCALE: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """out[m, n] = sum_s Part[s, m, n] (times Scale[n] with SCALE), the K splits summed in order
-    (deterministic)."""
-    m = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(Part + (s * M + m) * N + offs_n, mask=n_mask, other=0.0)
-    y = acc * tl.load(Scale + offs_n, mask=n_mask, other=0.0) if SCALE else acc
-    tl.store(Out + m * stride_om + offs_n, y.to(Out.dtype.element_ty), mask=n_mask)
+        _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn,
+                     stride_om, stride_cs, n_rotated, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF, UPCAST)
 
 
 @triton.jit
@@ -533,22 +568,27 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
 
 
 INTERPRET_MATMUL = (16, 64, 64, 4, 1, 1, "pointers")
-# Rows up to which :func:`matmul` fuses SiLU x up into its epilogue (``matmul_config``'s swiglu
-# tilings); more rows run ``silu_mul`` after it. At 64 rows fused was slower in every tiling timed
-# (H200, Llama-3.1-8B's gate/up, us per layer: int8 54.8 unfused, 57.2 fused at best; fp8 45.1, 54.0):
-# two weight tiles per program halve the programs that fit on the GPU at once.
-SWIGLU_FUSED_ROWS = 16
+# Rows up to which :func:`matmul` fuses SiLU x up or RoPE into its epilogue (``matmul_config``'s
+# tilings for them); more rows run ``silu_mul`` or ``rope_`` after it. At 64 rows fused SiLU x up
+# was slower in every tiling timed (H200, Llama-3.1-8B's gate/up, us per layer: int8 54.8 unfused,
+# 57.2 fused at best; fp8 45.1, 54.0): two weight tiles per program halve the programs that fit on
+# the GPU at once.
+FUSED_EPILOGUE_ROWS = 16
 MATMUL_LOADS = ("pointers", "tma", "tma_swapped", "tma_swapped_persistent")
 
 
-def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8, swiglu: bool = False) -> tuple:
+def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8, swiglu: bool = False,
+                  rope: bool = False) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, loads) of :func:`matmul` for an
     (M, K) x (N, K)^T product; loads is one of ``MATMUL_LOADS`` (see ``_matmul_fwd``; the TMA
     forms need a Hopper GPU: :func:`matmul` falls back to "pointers" elsewhere).
 
-    swiglu: SiLU x up fused (M <= ``SWIGLU_FUSED_ROWS``): two weight tiles per step, K not split.
+    swiglu: SiLU x up fused (M <= ``FUSED_EPILOGUE_ROWS``): two weight tiles per step, K not split.
     Llama-3.1-8B's gate/up at 16 rows, us per layer, matmul + ``silu_mul`` -> fused in these
-    tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8 34.4 -> 32.8.
+    tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8 34.4 -> 32.8. rope: RoPE fused, the same
+    work split (blocks of a head's two halves; BLOCK_N divides head_dim / 2 and the caller halves it
+    further for smaller heads): bf16 qkv at 16 rows, matmul + ``rope_`` 16.7 us -> 15.5 for that
+    split's best tiling (the fused epilogue itself not timed yet).
 
     Weights of the model's dtype (the backend runs them here at M <= ``MODEL_DTYPE_ROWS``, else
     cuBLAS): the swapped form, us per matrix at 16 rows (one CUDA graph over 32 layers' copies)
@@ -578,8 +618,10 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights). On a Hopper GPU most products past 64 rows
     run the Gluon kernel of ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
     eight_bit = weight_dtype in (torch.int8, torch.float8_e4m3fn)
-    if swiglu:
-        assert M <= SWIGLU_FUSED_ROWS, M
+    if swiglu or rope:
+        assert M <= FUSED_EPILOGUE_ROWS and not (swiglu and rope), (M, swiglu, rope)
+        if rope:
+            return 16, 32, 256, 4, 4, 1, "pointers"
         return (16, 64, 256, 4, 3, 1, "pointers") if eight_bit else (16, 64, 128, 4, 3, 1, "tma_swapped")
     if not eight_bit:
         if N >= 16384:
@@ -636,19 +678,26 @@ def _hopper_matmul():
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, *, swiglu: bool = False,
-           config=None) -> torch.Tensor:
+           rope=None, config=None) -> torch.Tensor:
     """x (M, K) @ weight (N_w, K)^T for a few rows x, in x's dtype: weight has x's dtype (scale
     None), or is 8-bit (int8 / float8_e4m3fn) with per-row float32 scales (N_w,):
     x @ (weight * scale[:, None])^T. swiglu: weight holds [gate; up] and the result is
-    ``silu_mul`` of the product, (M, N_w / 2): in the matmul's epilogue up to ``SWIGLU_FUSED_ROWS``
-    rows, by ``silu_mul`` after it past that.
+    ``silu_mul`` of the product, (M, N_w / 2). rope: (cos, sin, n_heads, head_dim), cos and sin
+    (M, head_dim): the product's first n_heads heads rotated as :func:`rope_` rotates them. Both in
+    the matmul's epilogue up to ``FUSED_EPILOGUE_ROWS`` rows (and heads of 32 dims or more), by
+    their own kernel after it past that.
     config: the tiling of the Triton kernel (default :func:`matmul_config`). Without one, an 8-bit
     prefill chunk of 65-512 rows on a Hopper GPU runs ``minillama.hopper_matmul``'s Gluon kernel
     where its :func:`~minillama.hopper_matmul.tiling` says it is faster."""
     M, K = x.shape
     N_w = weight.shape[0]
-    if swiglu and M > SWIGLU_FUSED_ROWS:
+    assert not (swiglu and rope is not None)
+    if swiglu and M > FUSED_EPILOGUE_ROWS:
         return silu_mul(matmul(x, weight, scale, config=config))
+    if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32):
+        y = matmul(x, weight, scale, config=config)
+        rope_(y, *rope)
+        return y
     N = N_w // 2 if swiglu else N_w
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K and not (swiglu and N_w % 2)
     assert (scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn)), (weight.dtype, scale is None)
@@ -662,8 +711,16 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
             return hopper.matmul_8bit(x, weight, scale, hopper_tiling)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if config is None:
-        config = INTERPRET_MATMUL if INTERPRET else matmul_config(M, N_w, K, weight.dtype, swiglu)
+        config = INTERPRET_MATMUL if INTERPRET else matmul_config(M, N_w, K, weight.dtype, swiglu, rope is not None)
     block_m, block_n, block_k, num_warps, num_stages, split_k, loads = config
+    half, n_rotated, cos, sin = 1, 0, x, x
+    if rope is not None:
+        cos, sin, n_heads, head_dim = rope
+        half, n_rotated = head_dim // 2, n_heads * head_dim
+        assert N % head_dim == 0 and n_rotated <= N and cos.shape == sin.shape == (M, head_dim), (N, rope)
+        assert cos.stride(1) == 1 and cos.stride(0) == sin.stride(0) and sin.stride(1) == 1
+        while half % block_n:
+            block_n //= 2
     assert loads in MATMUL_LOADS, loads
     if loads != "pointers" and not tma_ready(x, weight):
         loads = "pointers"
@@ -671,26 +728,50 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
             block_m, block_n, block_k, num_stages = 128, 128, 64, 3
     k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole K tiles per split
     split_k = triton.cdiv(K, k_split)
-    assert not (swiglu and split_k > 1), config  # SiLU x up takes whole sums
-    partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    assert not ((swiglu or rope is not None) and split_k > 1), config  # the epilogues take whole sums
+    assert not (rope is not None and loads == "tma_swapped_persistent"), config
+    grid = (triton.cdiv(M, block_m), N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n), split_k)
+    if split_k > 1:
+        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        arrivals = _split_arrivals(x.device, grid[0] * grid[1])
+    else:
+        partial = arrivals = out  # not read
     w_arg = weight if loads == "pointers" else TensorDescriptor.from_tensor(weight, [block_n, block_k])
     x_arg = TensorDescriptor.from_tensor(x, [block_m, block_k]) if loads.startswith("tma_swapped") else x
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     persistent = loads == "tma_swapped_persistent"
     if persistent:  # one program per SM (two in the interpreter, so that its loop is tested)
         grid = (min(grid[0] * grid[1] * split_k, 2 if INTERPRET else num_sms(x.device)),)
     scale_arg = scale if scale is not None else x
     _matmul_fwd[grid](
-        x_arg, w_arg, scale_arg, partial, M, N, K, k_split, x.stride(0), weight.stride(0), out.stride(0),
+        x_arg, w_arg, scale_arg, out, partial, arrivals, cos, sin, M, N, K, k_split, x.stride(0), weight.stride(0),
+        out.stride(0),
+        cos.stride(0), n_rotated,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
-        SCALE=scale is not None, SWIGLU=swiglu, UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+        SCALE=scale is not None, SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if split_k > 1:
-        _split_k_sum_fwd[(M, triton.cdiv(N, 1024))](partial, scale_arg, out, M, N, out.stride(0), SPLIT_K=split_k,
-                                                    SCALE=scale is not None, BLOCK_N=1024, num_warps=4)
     return out
+
+
+_ARRIVALS: dict = {}
+MAX_SPLIT_TILES = 1 << 16  # output tiles of one split-K product; the 8B / 70B's need a few hundred
+
+
+def _split_arrivals(device: torch.device, tiles: int) -> torch.Tensor:
+    """The per-tile arrival counters of split-K products on ``device``: int32 zeros, allocated once
+    and kept (CUDA graphs bake its address in; the kernel sets each counter back to zero). Products
+    on one device share them, so they must not run concurrently on two streams."""
+    if tiles > MAX_SPLIT_TILES:
+        raise ValueError(f"a split-K product of {tiles} output tiles exceeds MAX_SPLIT_TILES={MAX_SPLIT_TILES}")
+    arrivals = _ARRIVALS.get(device)
+    if arrivals is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the split-K counters are allocated by a product run before any CUDA graph "
+                               "capture (a warm-up run does it)")
+        arrivals = _ARRIVALS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return arrivals
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -186,13 +186,13 @@ def test_triton_backend_without_gemv_matches_torch_float32():
 @interpreted
 def test_bfloat16_rows_run_the_triton_matmul_up_to_its_row_count(monkeypatch):
     """A bfloat16 model's projections of up to ``MODEL_DTYPE_ROWS`` rows (batched decode, short
-    prompts) run ``kernels.matmul``, SiLU x up fused in gate/up's; more rows run cuBLAS. The logits
-    are the float32 model's within bfloat16's error (Triton's interpreter rounds to bfloat16 by
-    truncation: a 5e-2 bound, as for other bfloat16 checks)."""
+    prompts) run ``kernels.matmul``, SiLU x up fused in gate/up's and RoPE in qkv's; more rows run
+    cuBLAS. The logits are the float32 model's within bfloat16's error (Triton's interpreter rounds
+    to bfloat16 by truncation: a 5e-2 bound, as for other bfloat16 checks)."""
     from minillama import kernels
     from minillama.backend import MODEL_DTYPE_ROWS
 
-    model = tiny_model(15)
+    model = tiny_model(15, head_dim=32)  # heads of 32 dims or more: RoPE in the matmul's epilogue
     prompts = prompts_for(16, [5, 3], model.config.vocab_size)
     cont = torch.tensor(prompts_for(17, [3, 3], model.config.vocab_size))
     long_prompts = prompts_for(18, [9, 9], model.config.vocab_size)  # an 18-row prefill
@@ -201,15 +201,16 @@ def test_bfloat16_rows_run_the_triton_matmul_up_to_its_row_count(monkeypatch):
     calls = []
     matmul = kernels.matmul
     monkeypatch.setattr(kernels, "matmul", lambda x, w, scale=None, **kw: calls.append(
-        (x.shape[0], w.dtype, kw.get("swiglu", False))) or matmul(x, w, scale, **kw))
+        (x.shape[0], w.dtype, kw.get("swiglu", False), kw.get("rope") is not None)) or matmul(x, w, scale, **kw))
     fast = with_backend(model.to(torch.bfloat16), "triton")
     assert rel_err(teacher_forced_logits(Runner(fast), prompts, cont), ref) < 5e-2
     assert rel_err(teacher_forced_logits(Runner(fast), long_prompts, cont), ref_long) < 5e-2
-    assert all(w == torch.bfloat16 and rows <= MODEL_DTYPE_ROWS for rows, w, _ in calls), calls
-    gate_up = model.config.num_hidden_layers
-    assert calls.count((10, torch.bfloat16, True)) == gate_up  # the first prefill: 2 rows of 5 tokens
-    assert calls.count((2, torch.bfloat16, True)) == 2 * 2 * gate_up  # two decode steps of 2 rows, twice
-    assert not any(rows == 18 for rows, _, _ in calls)  # the longer prefill: cuBLAS
+    assert all(w == torch.bfloat16 and rows <= MODEL_DTYPE_ROWS for rows, w, _, _ in calls), calls
+    layers = model.config.num_hidden_layers
+    for swiglu, rope in ((True, False), (False, True)):  # gate/up, qkv
+        assert calls.count((10, torch.bfloat16, swiglu, rope)) == layers  # the first prefill: 2 rows of 5 tokens
+        assert calls.count((2, torch.bfloat16, swiglu, rope)) == 2 * 2 * layers  # two decode steps of 2 rows, twice
+    assert not any(rows == 18 for rows, _, _, _ in calls)  # the longer prefill: cuBLAS
 
 
 @pytest.mark.triton

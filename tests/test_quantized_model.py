@@ -318,6 +318,8 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
     got = kernels.matmul(x, q, scale, config=kernels.INTERPRET_MATMUL[:5] + (split_k, loads))
     expected = x.double() @ dequantize(q, scale, torch.float64).T
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
+    if split_k > 1:  # the last split of each tile summed the partials and zeroed its arrival counter
+        assert not kernels._split_arrivals(x.device, 1).any()
 
 
 @pytest.mark.triton
@@ -332,7 +334,7 @@ def test_matmul_swiglu_epilogue(dtype, loads):
     from minillama import kernels
 
     g = torch.Generator().manual_seed(6)
-    M, K, N = 12, 96, 40  # fused up to kernels.SWIGLU_FUSED_ROWS rows
+    M, K, N = 12, 96, 40  # fused up to kernels.FUSED_EPILOGUE_ROWS rows
     x = torch.randn(M, K, generator=g)
     if dtype in (torch.int8, FP8):
         w, scale = quantize_per_channel(torch.randn(2 * N, K, generator=g), dtype)
@@ -351,6 +353,40 @@ def test_matmul_swiglu_epilogue(dtype, loads):
     else:  # gate, up and silu(gate) rounded to x's dtype, as the model's tensor ops round them (the
         # interpreter rounds to bfloat16 by truncation: twice the error of rounding to nearest)
         assert ((got.double() - want).norm() / want.norm()).item() < (2e-2 if x.dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.int8, FP8, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma_swapped"])
+def test_matmul_rope_epilogue(dtype, loads):
+    """The matmul's RoPE epilogue: the product's first two heads of three (q, k; then v, untouched)
+    rotated with each token row's cos / sin, bit for bit what the matmul then ``rope_`` give, and
+    for float32 the float64 rotation of the float64 product."""
+    from minillama import kernels
+    from minillama.backend import rotate_half_rope
+
+    g = torch.Generator().manual_seed(7)
+    M, K, D = 12, 96, 32  # fused up to kernels.FUSED_EPILOGUE_ROWS rows, for heads of 32 dims or more
+    x = torch.randn(M, K, generator=g)
+    cos, sin = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)
+    if dtype in (torch.int8, FP8):
+        w, scale = quantize_per_channel(torch.randn(3 * D, K, generator=g), dtype)
+        w64 = dequantize(w, scale, torch.float64)
+    else:
+        x, w, scale = x.to(dtype), (torch.randn(3 * D, K, generator=g) / 4).to(dtype), None
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        w64 = w.double()
+    config = kernels.INTERPRET_MATMUL[:5] + (1, loads)
+    got = kernels.matmul(x, w, scale, rope=(cos, sin, 2, D), config=config)
+    want = kernels.matmul(x, w, scale, config=config)
+    kernels.rope_(want, cos, sin, 2, D)
+    assert torch.equal(got, want)
+    if x.dtype == torch.float32:
+        y = x.double() @ w64.T
+        rotated = rotate_half_rope(y[:, : 2 * D].view(M, 2, D), cos.double()[:, None], sin.double()[:, None])
+        assert torch.allclose(got.double(), torch.cat([rotated.reshape(M, 2 * D), y[:, 2 * D:]], 1), rtol=1e-5,
+                              atol=1e-5)
 
 
 @pytest.mark.triton
@@ -622,11 +658,13 @@ def test_gpu_multirow_paths_agree(dtype, M, N, K):
     """The matmul's tiling for (M, N, K) against float32 math on the (dequantized) weight, in every
     element and over 40 calls with fresh inputs: a race in compiled code (Triton 3.6 had one in fp8's
     split tiles with 8 warps) gives a wrong part of a tile in a few calls in a hundred, far under a
-    norm-relative bound. Then 10 calls with SiLU x up fused (its own compiled kernel), against
-    silu(gate) * up of the float32 product. The W8A8 path (fp8) is checked once, to its activation
-    rounding."""
+    norm-relative bound (split-K tiles are summed by the split that arrives last, found by an atomic
+    counter: a memory-ordering fault would show here too). Then 10 calls with SiLU x up fused and 10
+    with RoPE fused (compiled kernels of their own), against silu(gate) * up and the rotation (heads of
+    128, the last sixth not rotated, as v in Llama-3.1-8B's qkv) of the float32 product. The W8A8 path
+    (fp8) is checked once, to its activation rounding."""
     from minillama import kernels
-    from minillama.backend import scaled_mm_w8a8
+    from minillama.backend import rotate_half_rope, scaled_mm_w8a8
 
     g = torch.Generator(device="cuda")
     seed = g.seed()  # fresh inputs each run; the seed is in the failure message
@@ -636,16 +674,25 @@ def test_gpu_multirow_paths_agree(dtype, M, N, K):
     else:
         q, scale = quantize_per_channel(torch.randn(N, K, device="cuda", generator=g) / 64, dtype)
         w = dequantize(q, scale, torch.float32)
-    for call in range(50):
-        swiglu = call >= 40
+    D, rotated_heads = 128, (N // 128) * 5 // 6
+    for call in range(60):
+        swiglu, rope = 40 <= call < 50, call >= 50
         x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
         expected = x.float() @ w.T
+        cos_sin = None
         if swiglu:
             gate, up = expected.chunk(2, dim=1)
             expected = torch.nn.functional.silu(gate) * up
-        got = kernels.matmul(x, q, scale, swiglu=swiglu).float()
-        err = (got - expected).abs().max() / expected.abs().max()
-        assert err.item() < (1.6e-2 if swiglu else 8e-3), (seed, call, err.item())  # bfloat16 roundings: ~2e-3 each
+        if rope:
+            angles = torch.rand(M, D // 2, device="cuda", generator=g) * 100
+            cos_sin = [torch.cat([t, t], 1).to(torch.bfloat16) for t in (angles.cos(), angles.sin())]
+            heads = expected[:, : rotated_heads * D].view(M, rotated_heads, D)
+            expected[:, : rotated_heads * D] = rotate_half_rope(heads, *(t.float()[:, None] for t in cos_sin)).flatten(1)
+        got = kernels.matmul(x, q, scale, swiglu=swiglu, rope=None if cos_sin is None else (*cos_sin, rotated_heads, D))
+        err = (got.float() - expected).abs().max() / expected.abs().max()
+        bound = 1.6e-2 if swiglu or rope else 8e-3  # bfloat16 roundings: ~2e-3 each
+        assert err.item() < bound, (seed, call, err.item())
+    assert not kernels._split_arrivals(x.device, 1).any()  # a split-K product zeroes its arrival counters
     if dtype == FP8:
         expected = x.float() @ w.T
         got = scaled_mm_w8a8(x, q, scale).float()
@@ -671,37 +718,41 @@ def test_gpu_hopper_prefill_chunks_run_the_gluon_kernel(monkeypatch):
     assert calls == [hopper_matmul.tiling(512, 6144, 4096)] * 2
 
 
-def _tiling(M, N, K, dtype, swiglu):
-    """The kernel and tiling that ``kernels.matmul`` runs on the H200 for (M, N, K)."""
+def _tiling(M, N, K, dtype, epilogue):
+    """The kernel and tiling that ``kernels.matmul`` runs on the H200 for (M, N, K) with epilogue
+    None, "swiglu" or "rope" (heads of 128)."""
     from minillama import hopper_matmul, kernels
 
-    swiglu = swiglu and M <= kernels.SWIGLU_FUSED_ROWS  # past that, silu_mul after the plain product
-    hopper = hopper_matmul.tiling(M, N, K) if dtype != torch.bfloat16 and not swiglu else None
+    if M > kernels.FUSED_EPILOGUE_ROWS:  # silu_mul or rope_ after the plain product
+        epilogue = None
+    hopper = hopper_matmul.tiling(M, N, K) if dtype != torch.bfloat16 and epilogue is None else None
     if hopper is not None:
         return "gluon", hopper, dtype
-    config = kernels.matmul_config(M, N, K, dtype, swiglu)
-    return config, dtype, K % config[2] == 0, swiglu  # EVEN_K is a constexpr too
+    config = kernels.matmul_config(M, N, K, dtype, epilogue == "swiglu", epilogue == "rope")
+    return config, dtype, K % config[2] == 0, epilogue  # EVEN_K is a constexpr too
 
 
 def test_every_matmul_tiling_picked_is_one_the_gpu_test_runs():
-    """Each (tiling, weight dtype, EVEN_K, SiLU x up) that the matmul picks for Llama-3.1's matrices,
-    8B and 70B, whole or split over 2 ranks: 8-bit at 2-512 rows, bfloat16 at 2-``MODEL_DTYPE_ROWS``
-    (SiLU x up fused in gate/up's), compiles a kernel that test_gpu_multirow_paths_agree checks on
-    the GPU."""
+    """Each (tiling, weight dtype, EVEN_K, fused epilogue) that the matmul picks for Llama-3.1's
+    matrices, 8B and 70B, whole or split over 2 ranks: 8-bit at 2-512 rows, bfloat16 at
+    2-``MODEL_DTYPE_ROWS`` (SiLU x up fused in gate/up's, RoPE in qkv's), compiles a kernel that
+    test_gpu_multirow_paths_agree checks on the GPU."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from llama31_shapes import LLAMA31_8B, LLAMA31_70B
 
-    tested = {_tiling(M, N, K, dtype, swiglu) for dtype, M, N, K in MULTIROW_GPU_CASES for swiglu in (False, True)}
+    tested = {_tiling(M, N, K, dtype, epilogue) for dtype, M, N, K in MULTIROW_GPU_CASES
+              for epilogue in (None, "swiglu", "rope")}
     shapes = []
     for c in (LLAMA31_8B, LLAMA31_70B):
         hidden, ffn = c["hidden_size"], c["intermediate_size"]
         qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * c["head_dim"]
         for tp in (1, 2):  # column-parallel qkv and gate/up split N, row-parallel o and down split K
-            shapes += [(qkv // tp, hidden, False), (hidden, hidden // tp, False), (2 * ffn // tp, hidden, True),
-                       (hidden, ffn // tp, False)]
-    untested = {(M, N, K, str(dtype), swiglu) for N, K, swiglu in shapes for dtype in (torch.int8, FP8, torch.bfloat16)
+            shapes += [(qkv // tp, hidden, "rope"), (hidden, hidden // tp, None), (2 * ffn // tp, hidden, "swiglu"),
+                       (hidden, ffn // tp, None)]
+    untested = {(M, N, K, str(dtype), epilogue) for N, K, epilogue in shapes
+                for dtype in (torch.int8, FP8, torch.bfloat16)
                 for M in range(2, (MODEL_DTYPE_ROWS if dtype == torch.bfloat16 else 512) + 1)
-                if _tiling(M, N, K, dtype, swiglu) not in tested}
+                if _tiling(M, N, K, dtype, epilogue) not in tested}
     assert not untested, sorted(untested)[:5]
 
 
