@@ -10,10 +10,9 @@ Two paths, one contract (read the public docstring in ``flashcore/__init__.py``)
   instead (Gluon, FlashAttention-3's schedule; the plan holds both and picks per call).
 * Decode (S_q * group <= DECODE_MAX_ROWS): flash-decoding. One program per (kv split, row, kv head)
   packs the GQA group's query heads and the S_q new queries into the M dimension, so each K/V tile
-  is loaded once per group; the split of a (row, kv head) that finishes last (an atomic counter
-  per pair) combines the partial (out, lse) in split order, in the same launch. The number of
-  splits depends on shapes only (B, H_kv, S_max): one CUDA-graph capture serves every decode
-  step, and splits past a row's fill do no work.
+  is loaded once per group; ``_attn_fwd_decode_reduce`` combines the partial (out, lse). The
+  number of splits depends on shapes only (B, H_kv, S_max): one CUDA-graph capture serves every
+  decode step, and splits past a row's fill do no work.
 
 Varlen: ``_varlen_append`` copies every tile's new k/v to its cache slots, then
 ``_attn_fwd_varlen`` runs one program per (tile, kv head), packing the tile's tokens (16 at most)
@@ -203,7 +202,7 @@ def _attn_fwd_prefill(
 
 @triton.jit
 def _attn_fwd_decode_split(
-    Q, K, V, K_cache, V_cache, Seq_lens, Part, Out, Arrivals, qk_scale,
+    Q, K, V, K_cache, V_cache, Seq_lens, Part, Out, qk_scale,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -220,9 +219,7 @@ def _attn_fwd_decode_split(
     # (New_split == Num_splits - 1) or a program of its own (New_split == Num_splits, no cached
     # tiles). DIRECT (one program per (row, kv head)): write the output itself, no partials.
     # Part (float32) holds the partial outputs (B * H_kv, parts, S_q * GROUP, HEAD_DIM), then from
-    # Lse_offset on their log2-sum-exps (B * H_kv, parts, S_q * GROUP). Arrivals (int32, B * H_kv,
-    # zero before the launch): the splits of a (row, kv head) that have written their partials; the
-    # last one combines them into the output and sets the counter back to zero.
+    # Lse_offset on their log2-sum-exps (B * H_kv, parts, S_q * GROUP).
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -288,35 +285,46 @@ def _attn_fwd_decode_split(
     # gives (0, -inf)) --
     has_keys = l_i > 0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    out_ptrs = Out + b64 * stride_ob + offs_i[:, None] * stride_os + offs_h[:, None] * stride_oh + offs_d[None, :]
     if DIRECT:
+        out_ptrs = Out + b64 * stride_ob + offs_i[:, None] * stride_os + offs_h[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask)
     else:
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        num_parts = tl.num_programs(0)
-        first = pid_bh * num_parts
-        tl.store(Part + Lse_offset + (first + split) * num_rows + offs_r, lse, mask=row_mask)
-        tl.store(Part + ((first + split) * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
+        part = pid_bh * tl.num_programs(0) + split
+        tl.store(Part + Lse_offset + part * num_rows + offs_r, lse, mask=row_mask)
+        tl.store(Part + (part * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_mask[:, None] & d_mask)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-        if tl.atomic_add(Arrivals + pid_bh, 1, sem="acq_rel", scope="gpu") == num_parts - 1:
-            # the last split: out = sum_p w_p o_p / sum_p w_p, w_p = exp2(lse_p - max lse), parts in
-            # order. One part holds the new keys (every query sees new key 0): max lse is finite.
-            m = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-            for p in range(0, num_parts):
-                m = tl.maximum(m, tl.load(Part + Lse_offset + (first + p) * num_rows + offs_r, mask=row_mask,
-                                          other=0.0, cache_modifier=".cg"))
-            num = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            den = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for p in range(0, num_parts):
-                w = tl.math.exp2(tl.load(Part + Lse_offset + (first + p) * num_rows + offs_r, mask=row_mask,
-                                         other=0.0, cache_modifier=".cg") - m)
-                o = tl.load(Part + ((first + p) * num_rows + offs_r)[:, None] * HEAD_DIM + offs_d[None, :],
-                            mask=row_mask[:, None] & d_mask, other=0.0, cache_modifier=".cg")
-                num += w[:, None] * o
-                den += w
-            tl.store(out_ptrs, (num / den[:, None]).to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask)
-            tl.store(Arrivals + pid_bh, 0)  # zero again for the next call on this stream
+
+
+@triton.jit
+def _attn_fwd_decode_reduce(
+    Part, Out,
+    stride_ob, stride_os, stride_oh,
+    S_q, H_kv, Num_parts, Lse_offset,
+    GROUP: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (row, kv head, packed query row r): out = sum_s w_s o_s / sum_s w_s with
+    # w_s = exp2(lse_s - max lse). One part holds the new keys (every query sees new key 0), so
+    # max lse is finite.
+    num_rows = S_q * GROUP
+    pid = tl.program_id(0)
+    r = pid % num_rows
+    pid_bh = pid // num_rows
+    b = pid_bh // H_kv
+    h = (pid_bh % H_kv) * GROUP + r % GROUP
+    offs_p = tl.arange(0, BLOCK_PARTS)
+    offs_d = tl.arange(0, BLOCK_D)
+    p_mask = offs_p < Num_parts
+    d_mask = offs_d < HEAD_DIM
+    parts = pid_bh * Num_parts + offs_p
+    lse = tl.load(Part + Lse_offset + parts * num_rows + r, mask=p_mask, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))
+    o = tl.load(Part + (parts * num_rows + r)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    out_ptrs = Out + b.to(tl.int64) * stride_ob + (r // GROUP) * stride_os + h * stride_oh + offs_d
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -525,11 +533,9 @@ class _DecodePlan:
         self.direct = num_parts == 1
         lse_offset = B * H_kv * num_parts * num_rows * D  # Part: the partial outputs, then their lse
         self.part_numel = 0 if self.direct else lse_offset + B * H_kv * num_parts * num_rows
-        self.pairs = B * H_kv
-        # The partials of one call are read within its launch, so every call on a stream can reuse one
-        # workspace and one set of arrival counters (the kernel zeroes them again): one allocation
-        # less per call (4-9 us of host time on the H200's host, 2026-12-01). Keyed by stream, so
-        # concurrent streams never share.
+        # The partials of one call are read by its reduce launch, the next kernel on the same stream,
+        # so every call on a stream can reuse one workspace: one allocation less per call (4-9 us of
+        # host time on the H200's host, 2026-12-01). Keyed by stream, so concurrent streams never share.
         self.parts: dict = {}
         out_strides = _strides3(torch.empty_like(q))
         block_d = _block_d(D)
@@ -543,23 +549,30 @@ class _DecodePlan:
             BLOCK_NEW=max(16, triton.next_power_of_2(S_q)), CAUSAL=causal, DIRECT=self.direct,
             UPCAST=_interpreting(q.device) and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
         )
+        if not self.direct:
+            self.reduce_grid = (B * H_kv * num_rows, 1, 1)
+            self.reduce_ints = (*out_strides, S_q, H_kv, num_parts, lse_offset)
+            self.reduce = Launch(_attn_fwd_decode_reduce, num_warps=4 if D >= 128 else 1, GROUP=group,
+                                 BLOCK_PARTS=triton.next_power_of_2(num_parts), HEAD_DIM=D, BLOCK_D=block_d)
 
     def __call__(self, q, k, v, k_cache, v_cache, seq_lens, pointers: Optional[tuple] = None,
                  seq_lens_cpu=None) -> torch.Tensor:
         out = torch.empty_like(q)  # q's strides where q is dense, else contiguous: as at planning
         if self.direct:
-            self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, out, out, out, *self.split_ints,
-                       pointers=None if pointers is None else (*pointers, *(out.data_ptr(),) * 3))
+            self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, out, out, *self.split_ints,
+                       pointers=None if pointers is None else (*pointers, out.data_ptr(), out.data_ptr()))
             return out
         stream = current_stream()
-        workspace = self.parts.get(stream)
-        if workspace is None:
-            workspace = self.parts[stream] = (q.new_empty(self.part_numel, dtype=torch.float32),
-                                              torch.zeros(self.pairs, dtype=torch.int32, device=q.device))
-        part, arrivals = workspace
-        self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, arrivals, *self.split_ints,
-                   stream=stream, pointers=None if pointers is None else
-                   (*pointers, part.data_ptr(), out.data_ptr(), arrivals.data_ptr()))
+        part = self.parts.get(stream)
+        if part is None:
+            part = self.parts[stream] = q.new_empty(self.part_numel, dtype=torch.float32)
+        split_pointers = reduce_pointers = None
+        if pointers is not None:
+            reduce_pointers = (part.data_ptr(), out.data_ptr())
+            split_pointers = (*pointers, *reduce_pointers)
+        self.split(self.split_grid, q, k, v, k_cache, v_cache, seq_lens, part, out, *self.split_ints, stream=stream,
+                   pointers=split_pointers)
+        self.reduce(self.reduce_grid, part, out, *self.reduce_ints, stream=stream, pointers=reduce_pointers)
         return out
 
 
