@@ -585,10 +585,11 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
 
     swiglu: SiLU x up fused (M <= ``FUSED_EPILOGUE_ROWS``): two weight tiles per step, K not split.
     Llama-3.1-8B's gate/up at 16 rows, us per layer, matmul + ``silu_mul`` -> fused in these
-    tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8 34.4 -> 32.8. rope: RoPE fused, the same
-    work split (blocks of a head's two halves; BLOCK_N divides head_dim / 2 and the caller halves it
-    further for smaller heads): bf16 qkv at 16 rows, matmul + ``rope_`` 16.7 us -> 15.5 for that
-    split's best tiling (the fused epilogue itself not timed yet).
+    tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8 34.4 -> 32.8. rope: RoPE fused, a program
+    taking blocks of a head's two halves (BLOCK_N divides head_dim / 2; the caller halves it further
+    for smaller heads). Llama-3.1-8B's bf16 qkv at 4 / 16 rows, matmul + ``rope_`` 16.8 / 16.6 us ->
+    fused 16.4 / 16.7. 8-bit weights lose their K split to it and run ``rope_`` apart (the default):
+    at 4 rows fp8 12.2 -> 15.7 us fused (14.1 in the best of 16 other tilings), int8 12.8 -> 15.6.
 
     Weights of the model's dtype (the backend runs them here at M <= ``MODEL_DTYPE_ROWS``, else
     cuBLAS): the swapped form, us per matrix at 16 rows (one CUDA graph over 32 layers' copies)
@@ -685,7 +686,9 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     ``silu_mul`` of the product, (M, N_w / 2). rope: (cos, sin, n_heads, head_dim), cos and sin
     (M, head_dim): the product's first n_heads heads rotated as :func:`rope_` rotates them. Both in
     the matmul's epilogue up to ``FUSED_EPILOGUE_ROWS`` rows (and heads of 32 dims or more), by
-    their own kernel after it past that.
+    their own kernel after it past that; RoPE of 8-bit weights' products too unless a config is
+    given (the epilogue needs whole sums, and without their K split they were slower: see
+    :func:`matmul_config`).
     config: the tiling of the Triton kernel (default :func:`matmul_config`). Without one, an 8-bit
     prefill chunk of 65-512 rows on a Hopper GPU runs ``minillama.hopper_matmul``'s Gluon kernel
     where its :func:`~minillama.hopper_matmul.tiling` says it is faster."""
@@ -694,7 +697,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     assert not (swiglu and rope is not None)
     if swiglu and M > FUSED_EPILOGUE_ROWS:
         return silu_mul(matmul(x, weight, scale, config=config))
-    if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32):
+    if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32 or (scale is not None and config is None)):
         y = matmul(x, weight, scale, config=config)
         rope_(y, *rope)
         return y

@@ -660,7 +660,7 @@ def test_gpu_multirow_paths_agree(dtype, M, N, K):
     split tiles with 8 warps) gives a wrong part of a tile in a few calls in a hundred, far under a
     norm-relative bound (split-K tiles are summed by the split that arrives last, found by an atomic
     counter: a memory-ordering fault would show here too). Then 10 calls with SiLU x up fused and 10
-    with RoPE fused (compiled kernels of their own), against silu(gate) * up and the rotation (heads of
+    with RoPE (fused for bfloat16 weights; compiled kernels of their own), against silu(gate) * up and the rotation (heads of
     128, the last sixth not rotated, as v in Llama-3.1-8B's qkv) of the float32 product. The W8A8 path
     (fp8) is checked once, to its activation rounding."""
     from minillama import kernels
@@ -723,8 +723,8 @@ def _tiling(M, N, K, dtype, epilogue):
     None, "swiglu" or "rope" (heads of 128)."""
     from minillama import hopper_matmul, kernels
 
-    if M > kernels.FUSED_EPILOGUE_ROWS:  # silu_mul or rope_ after the plain product
-        epilogue = None
+    if M > kernels.FUSED_EPILOGUE_ROWS or (epilogue == "rope" and dtype != torch.bfloat16):
+        epilogue = None  # silu_mul or rope_ after the plain product
     hopper = hopper_matmul.tiling(M, N, K) if dtype != torch.bfloat16 and epilogue is None else None
     if hopper is not None:
         return "gluon", hopper, dtype
