@@ -327,15 +327,24 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, s
         cols = offs_n[None, :]
     mask = (rows < M) & (cols < N)
     y = acc
+    y_u = acc_u
     if SPLIT_K > 1:  # -- the tile's last split to arrive sums the partials, in split order --
-        tl.store(Part + (pid_k * M + rows) * N + cols, acc, mask=mask)
+        N_W: tl.constexpr = 2 if SWIGLU else 1  # Part's rows are the weight's: N, or 2N for [gate; up]
+        part = Part + (pid_k * M + rows) * (N_W * N) + cols
+        tl.store(part, acc, mask=mask)
+        if PAIRED:
+            tl.store(part + pair, acc_u, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the arrival is counted
         arrival = Arrivals + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
         last = tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
         if last:
             y = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+            y_u = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
-                y += tl.load(Part + (s * M + rows) * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+                part = Part + (s * M + rows) * (N_W * N) + cols
+                y += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+                if PAIRED:
+                    y_u += tl.load(part + pair, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(arrival, 0)  # zero again for the next product
     else:
         last = True
@@ -343,10 +352,8 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, s
         ty = Out.dtype.element_ty
         if SCALE:
             y = y * tl.load(Scale + cols, mask=cols < N, other=0.0)
-        if PAIRED:
-            y_u = acc_u
-            if SCALE:
-                y_u = y_u * tl.load(Scale + pair + cols, mask=cols < N, other=0.0)
+        if PAIRED and SCALE:
+            y_u = y_u * tl.load(Scale + pair + cols, mask=cols < N, other=0.0)
         if SWIGLU:
             y = _swiglu(y.to(ty).to(tl.float32), y_u.to(ty).to(tl.float32), ty)
         if ROPE:  # cos / sin of each token row m, dims i and i + HALF
@@ -387,11 +394,12 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, st
     N and K) instead of per-thread addresses. SWAP (with W_TMA): X is a descriptor of (BLOCK_M,
     BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the weight tile is the
     dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
-    SPLIT_K > 1 (not with SWIGLU or ROPE): the tile (m, n, s) takes K columns [s * K_split, (s + 1) *
-    K_split) and writes its float32 partial sums to Part, a (SPLIT_K, M, N) workspace; then counts
-    its arrival in Arrivals[tile] (int32, zero before the launch). The split that arrives last
-    reads the tile's partials in split order (so the sum is the same whichever arrives last), runs
-    the epilogue and sets the counter back to zero: no second launch to reduce the splits.
+    SPLIT_K > 1: the tile (m, n, s) takes K columns [s * K_split, (s + 1) * K_split) and writes its
+    float32 partial sums to Part, a (SPLIT_K, M, rows of W) workspace (the partner rows' too, with
+    SWIGLU or ROPE); then counts its arrival in Arrivals[tile] (int32, zero before the launch). The
+    split that arrives last reads the tile's partials in split order (so the sum is the same
+    whichever arrives last), runs the epilogue on the whole sums and sets the counter back to zero:
+    no second launch to reduce the splits.
     PERSISTENT: a 1-D grid of programs (one per SM) walks the tiles, m fastest (the tiles that share
     a weight tile run together); otherwise program (m, n, s) computes tile (m, n, s).
     """
@@ -587,9 +595,10 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     Llama-3.1-8B's gate/up at 16 rows, us per layer, matmul + ``silu_mul`` -> fused in these
     tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8 34.4 -> 32.8. rope: RoPE fused, a program
     taking blocks of a head's two halves (BLOCK_N divides head_dim / 2; the caller halves it further
-    for smaller heads). Llama-3.1-8B's bf16 qkv at 4 / 16 rows, matmul + ``rope_`` 16.8 / 16.6 us ->
-    fused 16.4 / 16.7. 8-bit weights lose their K split to it and run ``rope_`` apart (the default):
-    at 4 rows fp8 12.2 -> 15.7 us fused (14.1 in the best of 16 other tilings), int8 12.8 -> 15.6.
+    for smaller heads). Llama-3.1-8B's qkv at 4 / 16 rows, us, matmul + ``rope_`` -> fused: bf16
+    16.9 / 16.7 -> 16.4 / 16.6 (K whole); 8-bit with the plain product's K split in 4 (the last split
+    sums both halves' partials, then rotates): fp8 12.2 / 13.0 -> 11.0 / 11.2, int8 12.7 / 13.1 ->
+    11.1 / 11.3 (K whole: 15.3-15.7; splits of 2 or 8, 256-deep or TMA tiles: 11.3-14.2).
 
     Weights of the model's dtype (the backend runs them here at M <= ``MODEL_DTYPE_ROWS``, else
     cuBLAS): the swapped form, us per matrix at 16 rows (one CUDA graph over 32 layers' copies)
@@ -621,8 +630,8 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     eight_bit = weight_dtype in (torch.int8, torch.float8_e4m3fn)
     if swiglu or rope:
         assert M <= FUSED_EPILOGUE_ROWS and not (swiglu and rope), (M, swiglu, rope)
-        if rope:
-            return 16, 32, 256, 4, 4, 1, "pointers"
+        if rope:  # 8-bit: the plain product's tiles and K split, each program a head's two half-blocks
+            return (16, 32, 128, 4, 4, 4, "pointers") if eight_bit else (16, 32, 256, 4, 4, 1, "pointers")
         return (16, 64, 256, 4, 3, 1, "pointers") if eight_bit else (16, 64, 128, 4, 3, 1, "tma_swapped")
     if not eight_bit:
         if N >= 16384:
@@ -686,9 +695,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     ``silu_mul`` of the product, (M, N_w / 2). rope: (cos, sin, n_heads, head_dim), cos and sin
     (M, head_dim): the product's first n_heads heads rotated as :func:`rope_` rotates them. Both in
     the matmul's epilogue up to ``FUSED_EPILOGUE_ROWS`` rows (and heads of 32 dims or more), by
-    their own kernel after it past that; RoPE of 8-bit weights' products too unless a config is
-    given (the epilogue needs whole sums, and without their K split they were slower: see
-    :func:`matmul_config`).
+    their own kernel after it past that.
     config: the tiling of the Triton kernel (default :func:`matmul_config`). Without one, an 8-bit
     prefill chunk of 65-512 rows on a Hopper GPU runs ``minillama.hopper_matmul``'s Gluon kernel
     where its :func:`~minillama.hopper_matmul.tiling` says it is faster."""
@@ -697,7 +704,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     assert not (swiglu and rope is not None)
     if swiglu and M > FUSED_EPILOGUE_ROWS:
         return silu_mul(matmul(x, weight, scale, config=config))
-    if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32 or (scale is not None and config is None)):
+    if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32):
         y = matmul(x, weight, scale, config=config)
         rope_(y, *rope)
         return y
@@ -731,11 +738,10 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
             block_m, block_n, block_k, num_stages = 128, 128, 64, 3
     k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole K tiles per split
     split_k = triton.cdiv(K, k_split)
-    assert not ((swiglu or rope is not None) and split_k > 1), config  # the epilogues take whole sums
     assert not (rope is not None and loads == "tma_swapped_persistent"), config
     grid = (triton.cdiv(M, block_m), N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n), split_k)
     if split_k > 1:
-        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        partial = torch.empty((split_k, M, N_w), dtype=torch.float32, device=x.device)
         arrivals = _split_arrivals(x.device, grid[0] * grid[1])
     else:
         partial = arrivals = out  # not read

@@ -326,11 +326,12 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.int8, FP8, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("loads", ["pointers", "tma", "tma_swapped", "tma_swapped_persistent"])
-def test_matmul_swiglu_epilogue(dtype, loads):
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_matmul_swiglu_epilogue(dtype, loads, split_k):
     """The matmul's SiLU x up epilogue, over 8-bit weights and weights of x's dtype: silu(gate) * up
     of the (M, 2N) product, bit for bit what the matmul then ``silu_mul`` give. N = 40 with
     64-column tiles: the gate tile's last rows are up rows (masked), the up tile's reach past the
-    weight (zeros by TMA)."""
+    weight (zeros by TMA). With K split in 2, the last split sums gate and up partials first."""
     from minillama import kernels
 
     g = torch.Generator().manual_seed(6)
@@ -342,7 +343,7 @@ def test_matmul_swiglu_epilogue(dtype, loads):
     else:
         x, w, scale = x.to(dtype), (torch.randn(2 * N, K, generator=g) / 4).to(dtype), None
         w64 = w.double()
-    config = kernels.INTERPRET_MATMUL[:5] + (1, loads)
+    config = kernels.INTERPRET_MATMUL[:5] + (split_k, loads)
     got = kernels.matmul(x, w, scale, swiglu=True, config=config)
     assert got.shape == (M, N) and got.dtype == x.dtype
     assert torch.equal(got, kernels.silu_mul(kernels.matmul(x, w, scale, config=config)))
@@ -359,10 +360,12 @@ def test_matmul_swiglu_epilogue(dtype, loads):
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.int8, FP8, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("loads", ["pointers", "tma", "tma_swapped"])
-def test_matmul_rope_epilogue(dtype, loads):
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_matmul_rope_epilogue(dtype, loads, split_k):
     """The matmul's RoPE epilogue: the product's first two heads of three (q, k; then v, untouched)
     rotated with each token row's cos / sin, bit for bit what the matmul then ``rope_`` give, and
-    for float32 the float64 rotation of the float64 product."""
+    for float32 the float64 rotation of the float64 product. With K split in 2, the last split sums
+    both halves' partials first."""
     from minillama import kernels
     from minillama.backend import rotate_half_rope
 
@@ -377,7 +380,7 @@ def test_matmul_rope_epilogue(dtype, loads):
         x, w, scale = x.to(dtype), (torch.randn(3 * D, K, generator=g) / 4).to(dtype), None
         cos, sin = cos.to(dtype), sin.to(dtype)
         w64 = w.double()
-    config = kernels.INTERPRET_MATMUL[:5] + (1, loads)
+    config = kernels.INTERPRET_MATMUL[:5] + (split_k, loads)
     got = kernels.matmul(x, w, scale, rope=(cos, sin, 2, D), config=config)
     want = kernels.matmul(x, w, scale, config=config)
     kernels.rope_(want, cos, sin, 2, D)
@@ -660,7 +663,7 @@ def test_gpu_multirow_paths_agree(dtype, M, N, K):
     split tiles with 8 warps) gives a wrong part of a tile in a few calls in a hundred, far under a
     norm-relative bound (split-K tiles are summed by the split that arrives last, found by an atomic
     counter: a memory-ordering fault would show here too). Then 10 calls with SiLU x up fused and 10
-    with RoPE (fused for bfloat16 weights; compiled kernels of their own), against silu(gate) * up and the rotation (heads of
+    with RoPE fused (compiled kernels of their own; 8-bit qkv's K split too), against silu(gate) * up and the rotation (heads of
     128, the last sixth not rotated, as v in Llama-3.1-8B's qkv) of the float32 product. The W8A8 path
     (fp8) is checked once, to its activation rounding."""
     from minillama import kernels
@@ -723,8 +726,8 @@ def _tiling(M, N, K, dtype, epilogue):
     None, "swiglu" or "rope" (heads of 128)."""
     from minillama import hopper_matmul, kernels
 
-    if M > kernels.FUSED_EPILOGUE_ROWS or (epilogue == "rope" and dtype != torch.bfloat16):
-        epilogue = None  # silu_mul or rope_ after the plain product
+    if M > kernels.FUSED_EPILOGUE_ROWS:  # silu_mul or rope_ after the plain product
+        epilogue = None
     hopper = hopper_matmul.tiling(M, N, K) if dtype != torch.bfloat16 and epilogue is None else None
     if hopper is not None:
         return "gluon", hopper, dtype
