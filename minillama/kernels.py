@@ -742,7 +742,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     grid = (triton.cdiv(M, block_m), N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n), split_k)
     if split_k > 1:
         partial = torch.empty((split_k, M, N_w), dtype=torch.float32, device=x.device)
-        arrivals = _split_arrivals(x.device, grid[0] * grid[1])
+        arrivals = _split_arrivals(x.device, grid[0] * triton.cdiv(N, block_n))  # the kernel's tile index
     else:
         partial = arrivals = out  # not read
     w_arg = weight if loads == "pointers" else TensorDescriptor.from_tensor(weight, [block_n, block_k])
