@@ -53,7 +53,7 @@ MATMUL_8BIT = ("triton", "dequantize", "scaled_mm")
 FUSED_8BIT_ROWS = 64
 FUSED_8BIT_ROWS_TMA = 512
 # Rows up to which the Triton backend multiplies by weights of the model's dtype (bfloat16, float16)
-# in the same Triton matmul, on a GPU with TMA, SiLU x up in its epilogue; more rows (or no TMA) run
+# in the same Triton matmul, on a GPU with TMA, RoPE or SiLU x up in its epilogue; more rows (or no TMA) run
 # cuBLAS. At 16 rows the matmul streams Llama-3.1-8B's matrices as fast as cuBLAS or faster (H200:
 # 115 against 119 us per layer, ``kernels.matmul_config``), and its epilogue saves the SiLU x up
 # kernel: batch-16 decode 3130 -> 3385 tok/s (H200, BENCHMARKS.md).
