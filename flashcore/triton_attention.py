@@ -426,20 +426,26 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> Kerne
 
 def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_heads: int,
                    s_max: int, num_sms: int) -> KernelConfig:
-    """Tiles by shape only (never seq_lens). Many (row, kv head) pairs: 64-key tiles 3 deep up to
-    2048 cache slots, 128-key tiles beyond (H200, 2026-12-01, Llama shapes: at B=16-64 with caches
-    of 640-1537 slots 64-key tiles took 13-30% less time; at B=64 with 8258 slots the whole decode
-    step ran 11% slower with them).
-    Few pairs: 64-key tiles, pipelined 4 deep where the splits are long."""
+    """Tiles by shape only (never seq_lens), measured on the H200 (2026-12-02, Llama shapes, bf16;
+    ``.carry``-style lab of every candidate against the others in one process, BENCHMARKS.md).
+
+    Many (row, kv head) pairs (one program each): 128-key tiles past 2048 cache slots (at B=64 with
+    8258 slots 64-key tiles made the whole decode step 11% slower); up to 2048, 32-key tiles where
+    there are two pairs per SM or more (B=64, fill 512: 38.2 us against 43.5 with 64-key tiles:
+    their smaller buffers keep more programs on an SM) and 64-key tiles below (B=16, fill 512: 14.3
+    us against 16.3). Few pairs (split): 64-key tiles, pipelined 2 deep where a split holds at most
+    two tiles, 4 deep from 16 (B=1, 32768 slots: 38.8 us against 39.7 at 3), else 3."""
     if interpret:
         return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=2)
     if 2 * batch_kv_heads >= num_sms:
-        return KernelConfig(block_m=0, block_n=64 if s_max <= 2048 else 128, num_warps=4, num_stages=3)
+        block_n = 128 if s_max > 2048 else 32 if batch_kv_heads >= 2 * num_sms else 64
+        return KernelConfig(block_m=0, block_n=block_n, num_warps=4, num_stages=3)
     splits = _num_splits(batch_kv_heads, s_max, 64, num_sms)
     tiles_per_split = triton.cdiv(triton.cdiv(s_max, 64), splits)
-    return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=4 if tiles_per_split >= 8 else 3)
+    stages = 2 if tiles_per_split <= 2 else 4 if tiles_per_split >= 16 else 3
+    return KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=stages)
 
 
 _SM_COUNTS = {}
@@ -455,12 +461,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, num_sms: int) -> int:
-    """KV splits per (row, kv head): about two programs per SM, at least 4 tiles per split when full.
+    """KV splits per (row, kv head): about one program per SM, at least one tile per split.
 
-    Depends on shapes only, never on seq_lens, so a captured CUDA graph stays valid.
+    H200, 2026-12-02, Llama shapes: at B=1 16 splits (128 programs) took 7.3 us at 1024 cache slots
+    (4 splits, the former rule of two programs per SM and four tiles per split: 9.9), 16.3 at 8192
+    (32 splits: 17.0); at B=16 one split, without the reduce launch, 14.3 us at fill 512 (two: 16.5)
+    and 126.9 at 8192 (130.3). Depends on shapes only, never on seq_lens, so a captured CUDA graph
+    stays valid.
     """
-    by_occupancy = (2 * num_sms) // batch_kv_heads
-    by_length = triton.cdiv(s_max, 4 * block_n)
+    by_occupancy = num_sms // batch_kv_heads
+    by_length = triton.cdiv(s_max, block_n)
     return max(1, min(by_occupancy, by_length))
 
 

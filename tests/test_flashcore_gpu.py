@@ -86,6 +86,8 @@ def check_against_torch(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype=torch.bfloa
     pytest.param(2, 1, [131071, 70000], 131072, id="decode-cache-131072"),
     pytest.param(4, 1, [0, 1, 4000, 8191], 8192, id="decode-ragged-with-0"),
     pytest.param(2, 4, [100, 32760], 32768, id="decode-4-new-tokens"),
+    # one program per (row, kv head), 32-key tiles (two pairs per SM or more, 2048 slots at most)
+    pytest.param(40, 1, [0, 1, 31, 32, 33, 511, 512, 600] * 5, 640, id="decode-40-rows-ragged"),
     pytest.param(1, 2048, [0], 2048, id="prefill-2048"),
     pytest.param(2, 777, [3000, 0], 4096, id="prefill-chunk-ragged"),
     pytest.param(1, 16, [100000], 131072, id="chunk-16-after-100000"),
@@ -164,7 +166,7 @@ def test_cuda_graph_decode_replay():
 
 @pytest.mark.parametrize("B,S_q,seq_lens,S_max", [
     (1, 512, [3000], 8704), (4, 128, [0, 77, 1000, 4000], 8704), (16, 1, [8000] * 16, 8704),
-    (1, 1, [8191], 8192),  # decode: 33 programs per kv head write partials that a second kernel combines
+    (1, 1, [8191], 8192),  # decode: split programs per kv head write partials that a second kernel combines
 ])
 def test_prefill_and_decode_repeat_bit_for_bit(B, S_q, seq_lens, S_max):
     """Fixed inputs give the same bits call after call: a race in compiled code (as Triton 3.6 had in
