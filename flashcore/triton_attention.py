@@ -426,8 +426,8 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> Kerne
 
 def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_heads: int,
                    s_max: int, num_sms: int) -> KernelConfig:
-    """Tiles by shape only (never seq_lens), measured on the H200 (2026-12-02, Llama shapes, bf16;
-    ``.carry``-style lab of every candidate against the others in one process, BENCHMARKS.md).
+    """Tiles by shape only (never seq_lens), measured on the H200 (2026-12-02, Llama shapes, bf16, the
+    candidates against each other in one process: BENCHMARKS.md, "flashcore decode: one program per SM").
 
     Many (row, kv head) pairs (one program each): 128-key tiles past 2048 cache slots (at B=64 with
     8258 slots 64-key tiles made the whole decode step 11% slower); up to 2048, 32-key tiles where
@@ -466,8 +466,9 @@ def _num_splits(batch_kv_heads: int, s_max: int, block_n: int, num_sms: int) -> 
     H200, 2026-12-02, Llama shapes: at B=1 16 splits (128 programs) took 7.3 us at 1024 cache slots
     (4 splits, the former rule of two programs per SM and four tiles per split: 9.9), 16.3 at 8192
     (32 splits: 17.0); at B=16 one split, without the reduce launch, 14.3 us at fill 512 (two: 16.5)
-    and 126.9 at 8192 (130.3). Depends on shapes only, never on seq_lens, so a captured CUDA graph
-    stays valid.
+    and 126.9 at 8192 (130.3). Where the pairs fill only part of the SMs it can lose: B=9 at 8192
+    slots 89.1 us in one split against 82.4 in three (B=10 and B=12 were faster in one). Depends on
+    shapes only, never on seq_lens, so a captured CUDA graph stays valid.
     """
     by_occupancy = num_sms // batch_kv_heads
     by_length = triton.cdiv(s_max, block_n)
