@@ -429,19 +429,23 @@ def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_
     """Tiles by shape only (never seq_lens), measured on the H200 (2026-12-02, Llama shapes, bf16, the
     candidates against each other in one process: BENCHMARKS.md, "flashcore decode: one program per SM").
 
-    Many (row, kv head) pairs (one program each): 128-key tiles past 2048 cache slots (at B=64 with
-    8258 slots 64-key tiles made the whole decode step 11% slower); up to 2048, 32-key tiles where
-    there are two pairs per SM or more (B=64, fill 512: 38.2 us against 43.5 with 64-key tiles:
-    their smaller buffers keep more programs on an SM) and 64-key tiles below (B=16, fill 512: 14.3
-    us against 16.3). Few pairs (split): 64-key tiles, pipelined 2 deep where a split holds at most
-    two tiles, 4 deep from 16 (B=1, 32768 slots: 38.8 us against 39.7 at 3), else 3."""
+    Many (row, kv head) pairs (one program each). Up to one pair per SM: 4 warps, 64-key tiles, or
+    128-key past 2048 cache slots (B=16, fill 512: 13.9 us; 8192 slots: 125.4). More pairs than SMs:
+    2 warps and tiles small enough for every program to be on an SM at once, 64 keys up to two pairs
+    per SM, 32 past that; 128-key tiles (one program per SM) took two waves there (B=20, 2114 slots:
+    59.9 us against 46.1; B=64, 2114: 135.9 against 127.5; B=64 fill 512: 37.1 against 37.5 with 4
+    warps; 8192 slots: within 0.5% of the best of 18 tilings at B=32 and 64). Few pairs (split):
+    64-key tiles, pipelined 2 deep where a split holds at most two tiles, 4 deep from 16 (B=1, 32768
+    slots: 38.8 us against 39.7 at 3), else 3."""
     if interpret:
         return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=2)
+    if batch_kv_heads > num_sms:
+        block_n = 64 if batch_kv_heads <= 2 * num_sms else 32
+        return KernelConfig(block_m=0, block_n=block_n, num_warps=2, num_stages=3)
     if 2 * batch_kv_heads >= num_sms:
-        block_n = 128 if s_max > 2048 else 32 if batch_kv_heads >= 2 * num_sms else 64
-        return KernelConfig(block_m=0, block_n=block_n, num_warps=4, num_stages=3)
+        return KernelConfig(block_m=0, block_n=128 if s_max > 2048 else 64, num_warps=4, num_stages=3)
     splits = _num_splits(batch_kv_heads, s_max, 64, num_sms)
     tiles_per_split = triton.cdiv(triton.cdiv(s_max, 64), splits)
     stages = 2 if tiles_per_split <= 2 else 4 if tiles_per_split >= 16 else 3

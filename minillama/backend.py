@@ -7,8 +7,10 @@ it; nothing is chosen per call and no environment variable is read on the hot pa
   readable statement of each op's contract, and differentiable (the demo model trains with it).
 * :class:`TritonBackend`: Triton kernels (``minillama.kernels``) and flashcore's Triton attention.
   Single-token steps run each projection as one GEMV launch with the residual add and RMSNorm
-  before it folded into its prologue and SiLU x up into its epilogue; larger steps run cuBLAS for
-  the matrices and Triton kernels for residual add + RMSNorm (one launch), RoPE and SiLU x up.
+  before it folded into its prologue and SiLU x up into its epilogue; steps of a few rows run a
+  Triton matmul (8-bit weights up to a few hundred rows; the model's dtype up to 16 rows, 64 for
+  gate/up and down), larger steps cuBLAS, with Triton kernels for residual add + RMSNorm (one
+  launch), and for RoPE and SiLU x up where the matmul's epilogue does not do them.
 
 The ops (shapes: T tokens, K in, N out, D head_dim):
 
@@ -58,6 +60,19 @@ FUSED_8BIT_ROWS_TMA = 512
 # 115 against 119 us per layer, ``kernels.matmul_config``), and its epilogue saves the SiLU x up
 # kernel: batch-16 decode 3130 -> 3385 tok/s (H200, BENCHMARKS.md).
 MODEL_DTYPE_ROWS = 16
+# Rows up to which the two largest matrices of a layer, gate/up (SiLU x up fused) and down (rows at
+# least twice as long as its columns), run the Triton matmul still; qkv and o take cuBLAS past
+# ``MODEL_DTYPE_ROWS``. H200, Llama-3.1-8B at 64 rows, us per layer (``kernels.matmul_config``):
+# gate/up 60.7 against 65.1 for cuBLAS + ``silu_mul``, down 33.7 against 36.4; 1-1.7 us less
+# each at 17-32 rows. Batch-64 decode 10569 -> 11047 tok/s, batch 48 8334 -> 8612 (BENCHMARKS.md).
+MODEL_DTYPE_LARGE_ROWS = 64
+
+
+def runs_model_dtype_matmul(rows: int, n: int, k: int, swiglu: bool) -> bool:
+    """Whether a product of ``rows`` rows by a weight of the model's dtype, (n, k), runs the Triton
+    matmul (on a GPU with TMA) rather than cuBLAS."""
+    large = swiglu or k >= 2 * n
+    return rows <= (MODEL_DTYPE_LARGE_ROWS if large else MODEL_DTYPE_ROWS)
 
 
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -231,7 +246,8 @@ class TritonBackend(TorchBackend):
                 or rows <= FUSED_8BIT_ROWS_TMA and self.kernels.tma_ready(x2, weight)):
             y = self.kernels.matmul(x2.contiguous(), weight, weight_scale, swiglu=swiglu, rope=rope)
             epilogue_applied = True
-        elif (weight_scale is None and bias is None and rows <= MODEL_DTYPE_ROWS and weight.dtype == x.dtype
+        elif (weight_scale is None and bias is None and runs_model_dtype_matmul(rows, *weight.shape, swiglu)
+              and weight.dtype == x.dtype
               and weight.dtype in (torch.bfloat16, torch.float16) and self.kernels.tma_ready(x2, weight)):
             y = self.kernels.matmul(x2.contiguous(), weight, swiglu=swiglu, rope=rope)
             epilogue_applied = True

@@ -578,10 +578,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
 INTERPRET_MATMUL = (16, 64, 64, 4, 1, 1, "pointers")
 # Rows up to which :func:`matmul` fuses SiLU x up or RoPE into its epilogue (``matmul_config``'s
 # tilings for them); more rows run ``silu_mul`` or ``rope_`` after it. At 64 rows fused SiLU x up
-# was slower in every tiling timed (H200, Llama-3.1-8B's gate/up, us per layer: int8 54.8 unfused,
-# 57.2 fused at best; fp8 45.1, 54.0): two weight tiles per program halve the programs that fit on
-# the GPU at once.
+# was slower for 8-bit weights in every tiling timed (H200, Llama-3.1-8B's gate/up, us per layer:
+# int8 54.8 unfused, 57.2 fused at best; fp8 45.1, 54.0): two weight tiles per program halve the
+# programs that fit on the GPU at once. Weights of the model's dtype keep SiLU x up fused up to
+# ``MODEL_DTYPE_SWIGLU_ROWS``: at 64 rows 60.7 us against 63.4 for the same tiling unfused and
+# 65.1 for cuBLAS + ``silu_mul`` (H200, 2026-12-02; ``matmul_config``).
 FUSED_EPILOGUE_ROWS = 16
+MODEL_DTYPE_SWIGLU_ROWS = 64
+
+
+def fused_epilogue_rows(weight_dtype: torch.dtype, swiglu: bool) -> int:
+    """Rows up to which :func:`matmul` runs SiLU x up (``swiglu``) or else RoPE in its epilogue for
+    weights of ``weight_dtype``."""
+    if swiglu and weight_dtype not in (torch.int8, torch.float8_e4m3fn):
+        return MODEL_DTYPE_SWIGLU_ROWS
+    return FUSED_EPILOGUE_ROWS
 MATMUL_LOADS = ("pointers", "tma", "tma_swapped", "tma_swapped_persistent")
 
 
@@ -600,10 +611,16 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     sums both halves' partials, then rotates): fp8 12.2 / 13.0 -> 11.0 / 11.2, int8 12.7 / 13.1 ->
     11.1 / 11.3 (K whole: 15.3-15.7; splits of 2 or 8, 256-deep or TMA tiles: 11.3-14.2).
 
-    Weights of the model's dtype (the backend runs them here at M <= ``MODEL_DTYPE_ROWS``, else
-    cuBLAS): the swapped form, us per matrix at 16 rows (one CUDA graph over 32 layers' copies)
-    against cuBLAS: qkv 15.0 vs 15.3, o 11.3 vs 13.3, gate/up 57.4 vs 57.3, down 31.7 vs 32.9 (K
-    split in 4).
+    Weights of the model's dtype (the backend runs them here at M <= ``MODEL_DTYPE_ROWS``, gate/up
+    and down up to ``MODEL_DTYPE_LARGE_ROWS``, else cuBLAS): the swapped form, us per matrix at 16
+    rows (one CUDA graph over 32 layers' copies) against cuBLAS: qkv 15.0 vs 15.3, o 11.3 vs 13.3,
+    gate/up 57.4 vs 57.3, down 31.7 vs 32.9 (K split in 4). At 17-64 rows, tiles of 32 rows up to
+    32, else 64 (a 64-row tile of 17-32 rows took 39-43 us for down): gate/up with SiLU x up in
+    128 columns, 64 deep, 4 stages: 59.6-60.0 against 60.1-61.3 for cuBLAS + ``silu_mul`` at 17-32
+    rows, 60.6-61.0 against 64.3-65.8 at 40-64; down in 64 columns, 256 deep, K split in 2:
+    32.0-32.3 against 33.1-34.0 at 17-32 rows, 35.1 against 35.1 at 40, 33.4-33.7 against 34.8-36.5
+    at 48-64. qkv (19.3 against 18.5) and o (13.1 against 12.2) stay on cuBLAS (64 rows; H200,
+    2026-12-02, best of 10-24 tilings).
 
     8-bit weights: batched decode (M <= 64) is bound by the weight stream. At M <= 16: 64-column tiles
     with K split in 4 (more programs than SMs; qkv 12.5 -> 11.3 us), and the wide gate/up matrix loaded
@@ -629,11 +646,15 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     run the Gluon kernel of ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
     eight_bit = weight_dtype in (torch.int8, torch.float8_e4m3fn)
     if swiglu or rope:
-        assert M <= FUSED_EPILOGUE_ROWS and not (swiglu and rope), (M, swiglu, rope)
+        assert M <= fused_epilogue_rows(weight_dtype, swiglu) and not (swiglu and rope), (M, swiglu, rope)
+        if M > FUSED_EPILOGUE_ROWS:  # SiLU x up, weights of the model's dtype
+            return 32 if M <= 32 else 64, 128, 64, 4, 4, 1, "tma_swapped"
         if rope:  # 8-bit: the plain product's tiles and K split, each program a head's two half-blocks
             return (16, 32, 128, 4, 4, 4, "pointers") if eight_bit else (16, 32, 256, 4, 4, 1, "pointers")
         return (16, 64, 256, 4, 3, 1, "pointers") if eight_bit else (16, 64, 128, 4, 3, 1, "tma_swapped")
     if not eight_bit:
+        if M > 16:  # the down projection (the backend's only plain product of 17-64 rows here)
+            return 32 if M <= 32 else 64, 64, 256, 4, 3, 2, "tma_swapped"
         if N >= 16384:
             return 16, 128, 128, 4, 3, 1, "tma_swapped"
         return (16, 64, 128, 4, 4, 4, "tma_swapped") if K >= 8192 else (16, 64, 256, 4, 4, 1, "tma_swapped")
@@ -694,15 +715,15 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     x @ (weight * scale[:, None])^T. swiglu: weight holds [gate; up] and the result is
     ``silu_mul`` of the product, (M, N_w / 2). rope: (cos, sin, n_heads, head_dim), cos and sin
     (M, head_dim): the product's first n_heads heads rotated as :func:`rope_` rotates them. Both in
-    the matmul's epilogue up to ``FUSED_EPILOGUE_ROWS`` rows (and heads of 32 dims or more), by
-    their own kernel after it past that.
+    the matmul's epilogue up to :func:`fused_epilogue_rows` rows (RoPE for heads of 32 dims or more),
+    by their own kernel after it past that.
     config: the tiling of the Triton kernel (default :func:`matmul_config`). Without one, an 8-bit
     prefill chunk of 65-512 rows on a Hopper GPU runs ``minillama.hopper_matmul``'s Gluon kernel
     where its :func:`~minillama.hopper_matmul.tiling` says it is faster."""
     M, K = x.shape
     N_w = weight.shape[0]
     assert not (swiglu and rope is not None)
-    if swiglu and M > FUSED_EPILOGUE_ROWS:
+    if swiglu and M > fused_epilogue_rows(weight.dtype, swiglu):
         return silu_mul(matmul(x, weight, scale, config=config))
     if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32):
         y = matmul(x, weight, scale, config=config)

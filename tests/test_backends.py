@@ -186,31 +186,38 @@ def test_triton_backend_without_gemv_matches_torch_float32():
 @interpreted
 def test_bfloat16_rows_run_the_triton_matmul_up_to_its_row_count(monkeypatch):
     """A bfloat16 model's projections of up to ``MODEL_DTYPE_ROWS`` rows (batched decode, short
-    prompts) run ``kernels.matmul``, SiLU x up fused in gate/up's and RoPE in qkv's; more rows run
-    cuBLAS. The logits are the float32 model's within bfloat16's error (Triton's interpreter rounds
-    to bfloat16 by truncation: a 5e-2 bound, as for other bfloat16 checks)."""
+    prompts) run ``kernels.matmul``, SiLU x up fused in gate/up's and RoPE in qkv's; gate/up (SiLU x
+    up fused) and down run it up to ``MODEL_DTYPE_LARGE_ROWS`` rows, qkv and o cuBLAS past 16; more
+    rows run cuBLAS. The logits are the float32 model's within bfloat16's error (Triton's interpreter
+    rounds to bfloat16 by truncation: a 5e-2 bound, as for other bfloat16 checks)."""
     from minillama import kernels
-    from minillama.backend import MODEL_DTYPE_ROWS
+    from minillama.backend import MODEL_DTYPE_LARGE_ROWS, MODEL_DTYPE_ROWS
 
     model = tiny_model(15, head_dim=32)  # heads of 32 dims or more: RoPE in the matmul's epilogue
+    assert model.config.intermediate_size >= 2 * model.config.hidden_size  # down: a large matrix
     prompts = prompts_for(16, [5, 3], model.config.vocab_size)
     cont = torch.tensor(prompts_for(17, [3, 3], model.config.vocab_size))
     long_prompts = prompts_for(18, [9, 9], model.config.vocab_size)  # an 18-row prefill
-    ref = teacher_forced_logits(Runner(model), prompts, cont)
-    ref_long = teacher_forced_logits(Runner(model), long_prompts, cont)
+    longer_prompts = prompts_for(19, [35, 35], model.config.vocab_size)  # a 70-row prefill
+    refs = [teacher_forced_logits(Runner(model), p, cont) for p in (prompts, long_prompts, longer_prompts)]
     calls = []
     matmul = kernels.matmul
     monkeypatch.setattr(kernels, "matmul", lambda x, w, scale=None, **kw: calls.append(
         (x.shape[0], w.dtype, kw.get("swiglu", False), kw.get("rope") is not None)) or matmul(x, w, scale, **kw))
     fast = with_backend(model.to(torch.bfloat16), "triton")
-    assert rel_err(teacher_forced_logits(Runner(fast), prompts, cont), ref) < 5e-2
-    assert rel_err(teacher_forced_logits(Runner(fast), long_prompts, cont), ref_long) < 5e-2
-    assert all(w == torch.bfloat16 and rows <= MODEL_DTYPE_ROWS for rows, w, _, _ in calls), calls
+    for p, ref in zip((prompts, long_prompts, longer_prompts), refs):
+        assert rel_err(teacher_forced_logits(Runner(fast), p, cont), ref) < 5e-2
+    assert all(w == torch.bfloat16 and rows <= MODEL_DTYPE_LARGE_ROWS for rows, w, _, _ in calls), calls
+    assert all(not rope for rows, _, _, rope in calls if rows > MODEL_DTYPE_ROWS), calls
     layers = model.config.num_hidden_layers
     for swiglu, rope in ((True, False), (False, True)):  # gate/up, qkv
         assert calls.count((10, torch.bfloat16, swiglu, rope)) == layers  # the first prefill: 2 rows of 5 tokens
-        assert calls.count((2, torch.bfloat16, swiglu, rope)) == 2 * 2 * layers  # two decode steps of 2 rows, twice
-    assert not any(rows == 18 for rows, _, _, _ in calls)  # the longer prefill: cuBLAS
+        assert calls.count((2, torch.bfloat16, swiglu, rope)) == 3 * 2 * layers  # two decode steps of 2 rows, 3 times
+    # the 18-row prefill: gate/up, down, and o (128 -> 64 here: rows twice its columns, as down's);
+    # qkv: cuBLAS. The 70-row one: cuBLAS only
+    assert calls.count((18, torch.bfloat16, True, False)) == layers
+    assert calls.count((18, torch.bfloat16, False, False)) == 2 * layers
+    assert not any(rows == 70 for rows, _, _, _ in calls)
 
 
 @pytest.mark.triton

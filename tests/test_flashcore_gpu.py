@@ -86,8 +86,9 @@ def check_against_torch(B, S_q, H_q, H_kv, D, seq_lens, S_max, dtype=torch.bfloa
     pytest.param(2, 1, [131071, 70000], 131072, id="decode-cache-131072"),
     pytest.param(4, 1, [0, 1, 4000, 8191], 8192, id="decode-ragged-with-0"),
     pytest.param(2, 4, [100, 32760], 32768, id="decode-4-new-tokens"),
-    # one program per (row, kv head), 32-key tiles (two pairs per SM or more, 2048 slots at most)
+    # one program per (row, kv head), 2 warps: 32-key tiles (more than two pairs per SM), 64-key (one to two)
     pytest.param(40, 1, [0, 1, 31, 32, 33, 511, 512, 600] * 5, 640, id="decode-40-rows-ragged"),
+    pytest.param(20, 1, [0, 1, 63, 64, 65, 2047, 2048, 3000, 4095, 1234] * 2, 4096, id="decode-20-rows-ragged"),
     pytest.param(1, 2048, [0], 2048, id="prefill-2048"),
     pytest.param(2, 777, [3000, 0], 4096, id="prefill-chunk-ragged"),
     pytest.param(1, 16, [100000], 131072, id="chunk-16-after-100000"),

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import flashcore
 from minillama import Llama
-from minillama.backend import MODEL_DTYPE_ROWS, TritonBackend
+from minillama.backend import MODEL_DTYPE_LARGE_ROWS, TritonBackend, runs_model_dtype_matmul
 from minillama.hub import DEMO_MODEL_DIR
 from minillama.quantization import QuantizedLinear, dequantize, quantize_per_channel
 from tests import reference_llama as ref
@@ -650,9 +650,10 @@ MULTIROW_CASES = [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28
                   (512, 4096, 14336), (512, 28672, 4096), (512, 4096, 4096), (200, 28672, 4096),
                   (300, 4096, 14336), (77, 6144, 4096), (100, 4096, 4096), (130, 4096, 14336),
                   (384, 4096, 4096), (128, 4096, 14336), (256, 4096, 14336), (128, 4096, 4096),
-                  (256, 4096, 4096), (128, 6144, 4096), (300, 6144, 4096), (100, 28672, 4096), (300, 3072, 4096)]
+                  (256, 4096, 4096), (128, 6144, 4096), (300, 6144, 4096), (100, 28672, 4096), (300, 3072, 4096),
+                  (24, 28672, 4096), (24, 4096, 14336)]
 MULTIROW_GPU_CASES = [(dtype, M, N, K) for M, N, K in MULTIROW_CASES
-                      for dtype in (torch.int8, FP8) + ((torch.bfloat16,) if M <= MODEL_DTYPE_ROWS else ())]
+                      for dtype in (torch.int8, FP8) + ((torch.bfloat16,) if M <= MODEL_DTYPE_LARGE_ROWS else ())]
 
 
 @pytest.mark.gpu
@@ -726,7 +727,7 @@ def _tiling(M, N, K, dtype, epilogue):
     None, "swiglu" or "rope" (heads of 128)."""
     from minillama import hopper_matmul, kernels
 
-    if M > kernels.FUSED_EPILOGUE_ROWS:  # silu_mul or rope_ after the plain product
+    if M > kernels.fused_epilogue_rows(dtype, epilogue == "swiglu"):  # silu_mul or rope_ after the plain product
         epilogue = None
     hopper = hopper_matmul.tiling(M, N, K) if dtype != torch.bfloat16 and epilogue is None else None
     if hopper is not None:
@@ -737,9 +738,9 @@ def _tiling(M, N, K, dtype, epilogue):
 
 def test_every_matmul_tiling_picked_is_one_the_gpu_test_runs():
     """Each (tiling, weight dtype, EVEN_K, fused epilogue) that the matmul picks for Llama-3.1's
-    matrices, 8B and 70B, whole or split over 2 ranks: 8-bit at 2-512 rows, bfloat16 at
-    2-``MODEL_DTYPE_ROWS`` (SiLU x up fused in gate/up's, RoPE in qkv's), compiles a kernel that
-    test_gpu_multirow_paths_agree checks on the GPU."""
+    matrices, 8B and 70B, whole or split over 2 ranks: 8-bit at 2-512 rows, bfloat16 at the rows the
+    backend runs it (``runs_model_dtype_matmul``; SiLU x up fused in gate/up's, RoPE in qkv's),
+    compiles a kernel that test_gpu_multirow_paths_agree checks on the GPU."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from llama31_shapes import LLAMA31_8B, LLAMA31_70B
 
@@ -754,8 +755,9 @@ def test_every_matmul_tiling_picked_is_one_the_gpu_test_runs():
                        (hidden, ffn // tp, None)]
     untested = {(M, N, K, str(dtype), epilogue) for N, K, epilogue in shapes
                 for dtype in (torch.int8, FP8, torch.bfloat16)
-                for M in range(2, (MODEL_DTYPE_ROWS if dtype == torch.bfloat16 else 512) + 1)
-                if _tiling(M, N, K, dtype, epilogue) not in tested}
+                for M in range(2, 513)
+                if (dtype != torch.bfloat16 or runs_model_dtype_matmul(M, N, K, epilogue == "swiglu"))
+                and _tiling(M, N, K, dtype, epilogue) not in tested}
     assert not untested, sorted(untested)[:5]
 
 
