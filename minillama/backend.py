@@ -63,7 +63,7 @@ MODEL_DTYPE_ROWS = 16
 # Rows up to which the two largest matrices of a layer, gate/up (SiLU x up fused) and down (rows at
 # least twice as long as its columns), run the Triton matmul still; qkv and o take cuBLAS past
 # ``MODEL_DTYPE_ROWS``. H200, Llama-3.1-8B at 64 rows, us per layer (``kernels.matmul_config``):
-# gate/up 60.7 against 65.1 for cuBLAS + ``silu_mul``, down 33.7 against 36.4; 1-1.7 us less
+# gate/up 60.7 against 65.1 for cuBLAS + ``silu_mul``, down 33.7 against 36.4; 0.1-1.7 us less
 # each at 17-32 rows. Batch-64 decode 10569 -> 11047 tok/s, batch 48 8334 -> 8612 (BENCHMARKS.md).
 MODEL_DTYPE_LARGE_ROWS = 64
 
