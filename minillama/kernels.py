@@ -576,23 +576,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
 
 
 INTERPRET_MATMUL = (16, 64, 64, 4, 1, 1, "pointers")
-# Rows up to which :func:`matmul` fuses SiLU x up or RoPE into its epilogue (``matmul_config``'s
-# tilings for them); more rows run ``silu_mul`` or ``rope_`` after it. At 64 rows fused SiLU x up
-# was slower for 8-bit weights in every tiling timed (H200, Llama-3.1-8B's gate/up, us per layer:
-# int8 54.8 unfused, 57.2 fused at best; fp8 45.1, 54.0): two weight tiles per program halve the
-# programs that fit on the GPU at once. Weights of the model's dtype keep SiLU x up fused up to
-# ``MODEL_DTYPE_SWIGLU_ROWS``: at 64 rows 60.7 us against 63.4 for the same tiling unfused and
-# 65.1 for cuBLAS + ``silu_mul`` (H200, 2026-12-02; ``matmul_config``).
+# Rows up to which :func:`matmul` fuses RoPE (``FUSED_EPILOGUE_ROWS``) or SiLU x up
+# (``FUSED_SWIGLU_ROWS``) into its epilogue (``matmul_config``'s tilings for them); more rows run
+# ``rope_`` or ``silu_mul`` after it. At 17-64 rows SiLU x up fused costs the same time as the
+# product alone and saves ``silu_mul``'s launch (H200, 2026-12-02, Llama-3.1-8B's gate/up, us at
+# 64 / 32 rows, product + ``silu_mul`` -> fused: int8 54.7 / 46.4 -> 54.8 / 46.4, fp8 44.3 / 38.1 ->
+# 44.3 / 38.1; bf16 at 64 rows 63.4 -> 60.7).
 FUSED_EPILOGUE_ROWS = 16
-MODEL_DTYPE_SWIGLU_ROWS = 64
+FUSED_SWIGLU_ROWS = 64
 
 
-def fused_epilogue_rows(weight_dtype: torch.dtype, swiglu: bool) -> int:
-    """Rows up to which :func:`matmul` runs SiLU x up (``swiglu``) or else RoPE in its epilogue for
-    weights of ``weight_dtype``."""
-    if swiglu and weight_dtype not in (torch.int8, torch.float8_e4m3fn):
-        return MODEL_DTYPE_SWIGLU_ROWS
-    return FUSED_EPILOGUE_ROWS
+def fused_epilogue_rows(swiglu: bool) -> int:
+    """Rows up to which :func:`matmul` runs SiLU x up (``swiglu``) or else RoPE in its epilogue."""
+    return FUSED_SWIGLU_ROWS if swiglu else FUSED_EPILOGUE_ROWS
 MATMUL_LOADS = ("pointers", "tma", "tma_swapped", "tma_swapped_persistent")
 
 
@@ -602,8 +598,8 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     (M, K) x (N, K)^T product; loads is one of ``MATMUL_LOADS`` (see ``_matmul_fwd``; the TMA
     forms need a Hopper GPU: :func:`matmul` falls back to "pointers" elsewhere).
 
-    swiglu: SiLU x up fused (M <= ``FUSED_EPILOGUE_ROWS``): two weight tiles per step, K not split.
-    Llama-3.1-8B's gate/up at 16 rows, us per layer, matmul + ``silu_mul`` -> fused in these
+    swiglu: SiLU x up fused (M <= ``FUSED_SWIGLU_ROWS``): two weight tiles per step, K not split;
+    at 17-64 rows in the plain product's tiles. Llama-3.1-8B's gate/up at 16 rows, us per layer, matmul + ``silu_mul`` -> fused in these
     tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8 34.4 -> 32.8. rope: RoPE fused, a program
     taking blocks of a head's two halves (BLOCK_N divides head_dim / 2; the caller halves it further
     for smaller heads). Llama-3.1-8B's qkv at 4 / 16 rows, us, matmul + ``rope_`` -> fused: bf16
@@ -624,9 +620,13 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
 
     8-bit weights: batched decode (M <= 64) is bound by the weight stream. At M <= 16: 64-column tiles
     with K split in 4 (more programs than SMs; qkv 12.5 -> 11.3 us), and the wide gate/up matrix loaded
-    by TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows: the swapped form (qkv 30 -> 15-17 us, fp8
-    gate/up 62 -> 43), but int8 keeps the unswapped TMA form where its wider conversion made the swap
-    slower (gate/up, down). At 65-256 rows (batched decode past 64 rows, short prefill chunks), and for
+    by TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows, tiles of 32 rows up to 32, else 64; the
+    swapped form but for int8's gate/up; K split for down (2 / 4), o (2 / 4) and int8's qkv (4). us per
+    matrix at 64 / 32 rows against the former pick (64-row tiles, K whole; SiLU x up apart): int8 qkv
+    18.0 / 18.3 -> 17.3 / 14.7, o 17.5 / 17.5 -> 13.0 / 11.4, gate/up 55.6 / 56.8 -> 54.8 / 46.4, down
+    45.1 / 47.1 -> 30.3 / 25.4; fp8 qkv 15.4 / 17.8 -> 13.8 / 13.1, o 14.6 / 14.8 -> 10.9 / 10.0,
+    gate/up 44.9 / 49.2 -> 44.3 / 38.1, down 41.3 / 43.7 -> 23.2 / 20.8 (H200, 2026-12-02; each the
+    best of 27-60 tilings or within 1.3 us of it). At 65-256 rows (batched decode past 64 rows, short prefill chunks), and for
     fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split in 4 with 4 warps for down
     and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows), else one split with 8
     warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37
@@ -646,15 +646,15 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     run the Gluon kernel of ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
     eight_bit = weight_dtype in (torch.int8, torch.float8_e4m3fn)
     if swiglu or rope:
-        assert M <= fused_epilogue_rows(weight_dtype, swiglu) and not (swiglu and rope), (M, swiglu, rope)
-        if M > FUSED_EPILOGUE_ROWS:  # SiLU x up, weights of the model's dtype
-            return 32 if M <= 32 else 64, 128, 64, 4, 4, 1, "tma_swapped"
+        assert M <= fused_epilogue_rows(swiglu) and not (swiglu and rope), (M, swiglu, rope)
+        if M > FUSED_EPILOGUE_ROWS:  # SiLU x up at 17-64 rows: gate/up's tiles, whatever its size
+            return _gate_up_tiles(M, weight_dtype)
         if rope:  # 8-bit: the plain product's tiles and K split, each program a head's two half-blocks
             return (16, 32, 128, 4, 4, 4, "pointers") if eight_bit else (16, 32, 256, 4, 4, 1, "pointers")
         return (16, 64, 256, 4, 3, 1, "pointers") if eight_bit else (16, 64, 128, 4, 3, 1, "tma_swapped")
     if not eight_bit:
-        if M > 16:  # the down projection (the backend's only plain product of 17-64 rows here)
-            return 32 if M <= 32 else 64, 64, 256, 4, 3, 2, "tma_swapped"
+        if M > 16:  # gate/up (SiLU x up fused) and down: the backend's products of 17-64 rows here
+            return _gate_up_tiles(M, weight_dtype) if N >= 16384 else (_block_m(M), 64, 256, 4, 3, 2, "tma_swapped")
         if N >= 16384:
             return 16, 128, 128, 4, 3, 1, "tma_swapped"
         return (16, 64, 128, 4, 4, 4, "tma_swapped") if K >= 8192 else (16, 64, 256, 4, 4, 1, "tma_swapped")
@@ -662,12 +662,16 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
         if N >= 16384:
             return 16, 128, 256, 4, 3, 1, "tma"
         return (16, 64, 256, 4, 4, 4, "pointers") if K >= 8192 else (16, 64, 128, 4, 4, 4, "pointers")
-    if M <= 64:
-        if weight_dtype == torch.float8_e4m3fn:
-            return (64, 128, 128, 8, 3, 1, "tma_swapped") if N >= 16384 else (64, 64, 256, 4, 3, 1, "tma_swapped")
-        if N >= 16384:
-            return 64, 128, 128, 4, 3, 1, "tma"
-        return (64, 32, 256, 4, 4, 1, "tma") if K >= 8192 else (64, 64, 256, 4, 3, 1, "tma_swapped")
+    if M <= 64:  # tiles of 32 rows up to 32, else 64
+        block_m = _block_m(M)
+        fp8 = weight_dtype == torch.float8_e4m3fn
+        if N >= 16384:  # gate/up
+            return _gate_up_tiles(M, weight_dtype)
+        if K >= 8192:  # down
+            return block_m, 64, 256, 4, 4, 2 if block_m == 64 else 4, "tma_swapped"
+        if N > K:  # qkv
+            return (block_m, 64, 256, 4, 4, 1, "tma_swapped") if fp8 else (block_m, 64, 128, 4, 3, 4, "tma_swapped")
+        return (64, 64, 256, 4, 4, 2, "tma_swapped") if block_m == 64 else (32, 64, 128, 4, 4, 4, "tma_swapped")
     down = N < K and K >= 8192  # few output columns, long rows: a K split fills the SMs
     fp8_down = down and weight_dtype == torch.float8_e4m3fn
     if M <= 256 or (fp8_down and M <= 384):  # K split in 4 (4 warps) where the (128, 128) tiles are few
@@ -679,6 +683,21 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     if N > K:  # qkv, gate/up
         return 256, 128, 128, 8, 3, 1, "tma_swapped_persistent"
     return (256, 128, 64, 8, 4, 2, "tma_swapped") if down else (256, 64, 64, 8, 4, 1, "tma_swapped")
+
+
+def _block_m(M: int) -> int:
+    """Rows of a tile of a 17-64-row product."""
+    return 32 if M <= 32 else 64
+
+
+def _gate_up_tiles(M: int, weight_dtype: torch.dtype) -> tuple:
+    """``matmul_config`` of gate/up at 17-64 rows, SiLU x up fused or not (any matrix with it fused:
+    its two weight tiles per stage fit shared memory in these tiles, not in the other shapes')."""
+    if weight_dtype == torch.float8_e4m3fn:
+        return _block_m(M), 128, 128, 8, 4, 1, "tma_swapped"
+    if weight_dtype == torch.int8:
+        return _block_m(M), 128, 128, 4, 3, 1, "tma"
+    return _block_m(M), 128, 64, 4, 4, 1, "tma_swapped"
 
 
 @functools.lru_cache(maxsize=None)
@@ -723,7 +742,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     M, K = x.shape
     N_w = weight.shape[0]
     assert not (swiglu and rope is not None)
-    if swiglu and M > fused_epilogue_rows(weight.dtype, swiglu):
+    if swiglu and M > fused_epilogue_rows(swiglu):
         return silu_mul(matmul(x, weight, scale, config=config))
     if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32):
         y = matmul(x, weight, scale, config=config)

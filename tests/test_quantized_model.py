@@ -651,7 +651,7 @@ MULTIROW_CASES = [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28
                   (300, 4096, 14336), (77, 6144, 4096), (100, 4096, 4096), (130, 4096, 14336),
                   (384, 4096, 4096), (128, 4096, 14336), (256, 4096, 14336), (128, 4096, 4096),
                   (256, 4096, 4096), (128, 6144, 4096), (300, 6144, 4096), (100, 28672, 4096), (300, 3072, 4096),
-                  (24, 28672, 4096), (24, 4096, 14336)]
+                  (24, 28672, 4096), (24, 4096, 14336), (24, 6144, 4096), (24, 4096, 4096), (64, 4096, 4096)]
 MULTIROW_GPU_CASES = [(dtype, M, N, K) for M, N, K in MULTIROW_CASES
                       for dtype in (torch.int8, FP8) + ((torch.bfloat16,) if M <= MODEL_DTYPE_LARGE_ROWS else ())]
 
@@ -727,7 +727,7 @@ def _tiling(M, N, K, dtype, epilogue):
     None, "swiglu" or "rope" (heads of 128)."""
     from minillama import hopper_matmul, kernels
 
-    if M > kernels.fused_epilogue_rows(dtype, epilogue == "swiglu"):  # silu_mul or rope_ after the plain product
+    if M > kernels.fused_epilogue_rows(epilogue == "swiglu"):  # silu_mul or rope_ after the plain product
         epilogue = None
     hopper = hopper_matmul.tiling(M, N, K) if dtype != torch.bfloat16 and epilogue is None else None
     if hopper is not None:
