@@ -626,7 +626,8 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     18.0 / 18.3 -> 17.3 / 14.7, o 17.5 / 17.5 -> 13.0 / 11.4, gate/up 55.6 / 56.8 -> 54.8 / 46.4, down
     45.1 / 47.1 -> 30.3 / 25.4; fp8 qkv 15.4 / 17.8 -> 13.8 / 13.1, o 14.6 / 14.8 -> 10.9 / 10.0,
     gate/up 44.9 / 49.2 -> 44.3 / 38.1, down 41.3 / 43.7 -> 23.2 / 20.8 (H200, 2026-12-02; each the
-    best of 27-60 tilings or within 1.3 us of it). At 65-256 rows (batched decode past 64 rows, short prefill chunks), and for
+    best of 27-60 tilings or within 0.3 us of it). At 65-256 rows (batched decode past 64 rows, short
+    prefill chunks), and for
     fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split in 4 with 4 warps for down
     and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows), else one split with 8
     warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37
