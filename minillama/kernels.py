@@ -589,6 +589,8 @@ FUSED_SWIGLU_ROWS = 64
 def fused_epilogue_rows(swiglu: bool) -> int:
     """Rows up to which :func:`matmul` runs SiLU x up (``swiglu``) or else RoPE in its epilogue."""
     return FUSED_SWIGLU_ROWS if swiglu else FUSED_EPILOGUE_ROWS
+
+
 MATMUL_LOADS = ("pointers", "tma", "tma_swapped", "tma_swapped_persistent")
 
 
@@ -599,8 +601,9 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     forms need a Hopper GPU: :func:`matmul` falls back to "pointers" elsewhere).
 
     swiglu: SiLU x up fused (M <= ``FUSED_SWIGLU_ROWS``): two weight tiles per step, K not split;
-    at 17-64 rows in the plain product's tiles. Llama-3.1-8B's gate/up at 16 rows, us per layer, matmul + ``silu_mul`` -> fused in these
-    tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8 34.4 -> 32.8. rope: RoPE fused, a program
+    at 17-64 rows in gate/up's tiles whatever the shape. Llama-3.1-8B's gate/up at 16 rows, us per
+    layer, matmul + ``silu_mul`` -> fused in these tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8
+    34.4 -> 32.8. rope: RoPE fused, a program
     taking blocks of a head's two halves (BLOCK_N divides head_dim / 2; the caller halves it further
     for smaller heads). Llama-3.1-8B's qkv at 4 / 16 rows, us, matmul + ``rope_`` -> fused: bf16
     16.9 / 16.7 -> 16.4 / 16.6 (K whole); 8-bit with the plain product's K split in 4 (the last split
@@ -743,7 +746,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     M, K = x.shape
     N_w = weight.shape[0]
     assert not (swiglu and rope is not None)
-    if swiglu and M > fused_epilogue_rows(swiglu):
+    if swiglu and M > FUSED_SWIGLU_ROWS:
         return silu_mul(matmul(x, weight, scale, config=config))
     if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32):
         y = matmul(x, weight, scale, config=config)
