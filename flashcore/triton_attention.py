@@ -427,7 +427,8 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> Kerne
 def _decode_config(head_dim: int, dtype: torch.dtype, interpret: bool, batch_kv_heads: int,
                    s_max: int, num_sms: int) -> KernelConfig:
     """Tiles by shape only (never seq_lens), measured on the H200 (2026-12-02, Llama shapes, bf16, the
-    candidates against each other in one process: BENCHMARKS.md, "flashcore decode: one program per SM").
+    candidates against each other in one process: BENCHMARKS.md, "flashcore decode: one program per SM"
+    and, for more pairs than SMs, "Batched decode at 17-64 rows").
 
     Many (row, kv head) pairs (one program each). Up to one pair per SM: 4 warps, 64-key tiles, or
     128-key past 2048 cache slots (B=16, fill 512: 13.9 us; 8192 slots: 125.4). More pairs than SMs:
