@@ -431,8 +431,15 @@ def _dequantize_fwd(W, Scale, Out, N, K, stride_wn, stride_on, BLOCK_N: tl.const
 # Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps, ROW_ACC). On CUDA each matrix kind (qkv, o, gate/up,
 # down, head) takes the fastest, timed once at the first single-token step in a CUDA graph over
 # every layer's matrix (so the weights stream from HBM, not L2, and launch gaps are the graph's).
+# The last eight were added after sweeps of 31 more (H200, 2026-12-02, Llama-3.1-8B, us per layer):
+# qkv in (2, 512, 2) for every format (bf16 17.4 -> 16.2, fp8 12.4 -> 12.0), gate/up in short K
+# steps summed per row (fp8 (8, 256, 4) 34.9 -> 32.5, int8 (8, 256, 2) 36.8 -> 33.6, bf16
+# (16, 256, 4) 59.0 -> 56.2), bf16 o and down in (16, 1024, 8) (10.9 -> 10.5, 29.7 -> 29.1):
+# batch-1 decode bf16 235.9 -> 244.4 tok/s, int8 346.2 -> 357.8, fp8 357.9 -> 370.9 (BENCHMARKS.md).
 GEMV_CONFIGS = [(4, 1024, 4, False), (8, 512, 4, False), (2, 2048, 4, False), (4, 2048, 8, False),
-                (8, 1024, 8, False), (16, 256, 4, False), (8, 512, 4, True), (16, 512, 4, True)]
+                (8, 1024, 8, False), (16, 256, 4, False), (8, 512, 4, True), (16, 512, 4, True),
+                (4, 512, 2, False), (2, 1024, 2, False), (16, 1024, 8, False), (16, 256, 4, True),
+                (8, 256, 4, True), (8, 256, 2, True), (4, 512, 2, True), (2, 512, 2, False)]
 INTERPRET_GEMV = (1024, 64, 4, False)  # few, large programs and loop steps: the interpreter pays per step
 
 
