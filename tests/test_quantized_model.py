@@ -322,6 +322,23 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
         assert not kernels._split_arrivals(x.device, 1).any()
 
 
+def exact_sum_operands(g, M: int, K: int, N: int, dtype):
+    """x (M, K) and a weight (N, K) of ``dtype`` (with per-row scales where 8-bit) holding small
+    integers and quarters, so that every partial sum of x @ weight^T is exact in float32: a product's
+    bits then do not depend on the order in which a tile is summed. Triton's interpreter runs tl.dot
+    as numpy's matmul, whose float32 sums depend on a column's place in the tile (numpy 2.4.6's
+    OpenBLAS 0.3.31: ``A @ B`` and ``A @ B[:, :40]`` differ in the last bit), so a fused epilogue and
+    the same product run apart could differ for reasons that are not the kernel's."""
+    x = torch.randint(-1, 2, (M, K), generator=g).float()
+    scale = (torch.rand(N, generator=g) + 0.5) / 128  # products of order 1-10, where SiLU bends
+    if dtype == torch.int8:
+        return x, torch.randint(-127, 128, (N, K), generator=g).to(torch.int8), scale
+    quarters = torch.randint(-16, 17, (N, K), generator=g).float() / 4  # exact in e4m3, bf16, fp16
+    if dtype == FP8:
+        return x, quarters.to(FP8), scale
+    return x.to(dtype), quarters.to(dtype), None
+
+
 @pytest.mark.triton
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.int8, FP8, torch.float32, torch.float16, torch.bfloat16])
@@ -329,9 +346,10 @@ def test_matmul_reads_8bit_weights(dtype, loads, M, split_k):
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_matmul_swiglu_epilogue(dtype, loads, split_k):
     """The matmul's SiLU x up epilogue, over 8-bit weights and weights of x's dtype: silu(gate) * up
-    of the (M, 2N) product, bit for bit what the matmul then ``silu_mul`` give. N = 40 with
-    64-column tiles: the gate tile's last rows are up rows (masked), the up tile's reach past the
-    weight (zeros by TMA). With K split in 2, the last split sums gate and up partials first."""
+    of the (M, 2N) product, bit for bit what the matmul then ``silu_mul`` give (on operands whose
+    sums are exact: :func:`exact_sum_operands`), and close to the float64 product's for random ones.
+    N = 40 with 64-column tiles: the gate tile's last rows are up rows (masked), the up tile's reach
+    past the weight (zeros by TMA). With K split in 2, the last split sums gate and up partials first."""
     from minillama import kernels
 
     g = torch.Generator().manual_seed(6)
@@ -344,9 +362,11 @@ def test_matmul_swiglu_epilogue(dtype, loads, split_k):
         x, w, scale = x.to(dtype), (torch.randn(2 * N, K, generator=g) / 4).to(dtype), None
         w64 = w.double()
     config = kernels.INTERPRET_MATMUL[:5] + (split_k, loads)
+    xe, we, se = exact_sum_operands(g, M, K, 2 * N, dtype)
+    assert torch.equal(kernels.matmul(xe, we, se, swiglu=True, config=config),
+                       kernels.silu_mul(kernels.matmul(xe, we, se, config=config)))
     got = kernels.matmul(x, w, scale, swiglu=True, config=config)
     assert got.shape == (M, N) and got.dtype == x.dtype
-    assert torch.equal(got, kernels.silu_mul(kernels.matmul(x, w, scale, config=config)))
     gate, up = (x.double() @ w64.T).chunk(2, dim=1)
     want = torch.nn.functional.silu(gate) * up
     if x.dtype == torch.float32:
@@ -363,9 +383,9 @@ def test_matmul_swiglu_epilogue(dtype, loads, split_k):
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_matmul_rope_epilogue(dtype, loads, split_k):
     """The matmul's RoPE epilogue: the product's first two heads of three (q, k; then v, untouched)
-    rotated with each token row's cos / sin, bit for bit what the matmul then ``rope_`` give, and
-    for float32 the float64 rotation of the float64 product. With K split in 2, the last split sums
-    both halves' partials first."""
+    rotated with each token row's cos / sin, bit for bit what the matmul then ``rope_`` give (on
+    operands whose sums are exact: :func:`exact_sum_operands`), and for float32 the float64 rotation
+    of the float64 product. With K split in 2, the last split sums both halves' partials first."""
     from minillama import kernels
     from minillama.backend import rotate_half_rope
 
@@ -381,10 +401,11 @@ def test_matmul_rope_epilogue(dtype, loads, split_k):
         cos, sin = cos.to(dtype), sin.to(dtype)
         w64 = w.double()
     config = kernels.INTERPRET_MATMUL[:5] + (split_k, loads)
-    got = kernels.matmul(x, w, scale, rope=(cos, sin, 2, D), config=config)
-    want = kernels.matmul(x, w, scale, config=config)
+    xe, we, se = exact_sum_operands(g, M, K, 3 * D, dtype)
+    want = kernels.matmul(xe, we, se, config=config)
     kernels.rope_(want, cos, sin, 2, D)
-    assert torch.equal(got, want)
+    assert torch.equal(kernels.matmul(xe, we, se, rope=(cos, sin, 2, D), config=config), want)
+    got = kernels.matmul(x, w, scale, rope=(cos, sin, 2, D), config=config)
     if x.dtype == torch.float32:
         y = x.double() @ w64.T
         rotated = rotate_half_rope(y[:, : 2 * D].view(M, 2, D), cos.double()[:, None], sin.double()[:, None])
