@@ -611,10 +611,11 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     at 17-64 rows in gate/up's tiles whatever the shape. Llama-3.1-8B's gate/up at 16 rows, us per
     layer, matmul + ``silu_mul`` -> fused in these tilings: bf16 58.7 -> 57.0, int8 35.0 -> 33.4, fp8
     34.4 -> 32.8. rope: RoPE fused, a program taking blocks of a head's two halves (BLOCK_N divides
-    head_dim / 2; the caller halves it further for smaller heads). Llama-3.1-8B's qkv at 4 / 16 rows, us, matmul + ``rope_`` -> fused: bf16
-    16.9 / 16.7 -> 16.4 / 16.6 (K whole); 8-bit with the plain product's K split in 4 (the last split
-    sums both halves' partials, then rotates): fp8 12.2 / 13.0 -> 11.0 / 11.2, int8 12.7 / 13.1 ->
-    11.1 / 11.3 (K whole: 15.3-15.7; splits of 2 or 8, 256-deep or TMA tiles: 11.3-14.2).
+    head_dim / 2; the caller halves it further for smaller heads). Llama-3.1-8B's qkv at 4 / 16
+    rows, us, matmul + ``rope_`` -> fused: bf16 16.9 / 16.7 -> 16.4 / 16.6 (K whole); 8-bit with the
+    plain product's K split in 4 (the last split sums both halves' partials, then rotates): fp8
+    12.2 / 13.0 -> 11.0 / 11.2, int8 12.7 / 13.1 -> 11.1 / 11.3 (K whole: 15.3-15.7; splits of 2 or
+    8, 256-deep or TMA tiles: 11.3-14.2).
 
     Weights of the model's dtype (the backend runs them here at M <= ``MODEL_DTYPE_ROWS``, gate/up
     and down up to ``MODEL_DTYPE_LARGE_ROWS``, else cuBLAS): the swapped form, us per matrix at 16
@@ -636,8 +637,8 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     45.1 / 47.1 -> 30.3 / 25.4; fp8 qkv 15.4 / 17.8 -> 13.8 / 13.1, o 14.6 / 14.8 -> 10.9 / 10.0,
     gate/up 44.9 / 49.2 -> 44.3 / 38.1, down 41.3 / 43.7 -> 23.2 / 20.8 (H200, 2026-12-02; each the
     best of 27-60 tilings or within 0.3 us of it). At 65-256 rows (batched decode past 64 rows, short
-    prefill chunks), and for fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split in 4 with 4 warps for down
-    and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows), else one split with 8
+    prefill chunks), and for fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split
+    in 4 with 4 warps for down and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows), else one split with 8
     warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37
     -> 17 / 16, down 129 / 76 -> 38 / 35 (a split in 2 was faster for some but once gave fp8 o a 4%
     error). With 8 warps the split tiles race in Triton 3.6's code: fp8 got wrong sums for part of a
