@@ -638,8 +638,8 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     gate/up 44.9 / 49.2 -> 44.3 / 38.1, down 41.3 / 43.7 -> 23.2 / 20.8 (H200, 2026-12-02; each the
     best of 27-60 tilings or within 0.3 us of it). At 65-256 rows (batched decode past 64 rows, short
     prefill chunks), and for fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split
-    in 4 with 4 warps for down and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows), else one split with 8
-    warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37
+    in 4 with 4 warps for down and wherever there are 64 output tiles or fewer (o; qkv up to 128
+    rows), else one split with 8 warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37
     -> 17 / 16, down 129 / 76 -> 38 / 35 (a split in 2 was faster for some but once gave fp8 o a 4%
     error). With 8 warps the split tiles race in Triton 3.6's code: fp8 got wrong sums for part of a
     tile in ~2% of calls (1.6-4.7% max error, gone on a rerun of the same inputs); none in 1400 calls

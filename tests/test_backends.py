@@ -188,8 +188,9 @@ def test_bfloat16_rows_run_the_triton_matmul_up_to_its_row_count(monkeypatch):
     """A bfloat16 model's projections of up to ``MODEL_DTYPE_ROWS`` rows (batched decode, short
     prompts) run ``kernels.matmul``, SiLU x up fused in gate/up's and RoPE in qkv's; gate/up (SiLU x
     up fused) and the matrices with rows at least twice as long as their columns (down; here o too)
-    run it up to ``MODEL_DTYPE_LARGE_ROWS`` rows, qkv cuBLAS past 16; more rows run cuBLAS. The logits are the float32 model's within bfloat16's error (Triton's interpreter
-    rounds to bfloat16 by truncation: a 5e-2 bound, as for other bfloat16 checks)."""
+    run it up to ``MODEL_DTYPE_LARGE_ROWS`` rows, qkv cuBLAS past 16; more rows run cuBLAS. The
+    logits are the float32 model's within bfloat16's error (Triton's interpreter rounds to bfloat16
+    by truncation: a 5e-2 bound, as for other bfloat16 checks)."""
     from minillama import kernels
     from minillama.backend import MODEL_DTYPE_LARGE_ROWS, MODEL_DTYPE_ROWS
 
