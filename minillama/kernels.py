@@ -635,18 +635,18 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     matrix at 64 / 32 rows against the former pick (64-row tiles, K whole; SiLU x up apart): int8 qkv
     18.0 / 18.3 -> 17.3 / 14.7, o 17.5 / 17.5 -> 13.0 / 11.4, gate/up 55.6 / 56.8 -> 54.8 / 46.4, down
     45.1 / 47.1 -> 30.3 / 25.4; fp8 qkv 15.4 / 17.8 -> 13.8 / 13.1, o 14.6 / 14.8 -> 10.9 / 10.0,
-    gate/up 44.9 / 49.2 -> 44.3 / 38.1, down 41.3 / 43.7 -> 23.2 / 20.8 (H200, 2026-12-02; each the
-    best of 27-60 tilings or within 0.3 us of it). At 65-256 rows (batched decode past 64 rows, short
-    prefill chunks), and for fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split
-    in 4 with 4 warps for down and wherever there are 64 output tiles or fewer (o; qkv up to 128
-    rows), else one split with 8 warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv 40 / 37 -> 30 / 27, o 40 / 37
-    -> 17 / 16, down 129 / 76 -> 38 / 35 (a split in 2 was faster for some but once gave fp8 o a 4%
-    error). With 8 warps the split tiles race in Triton 3.6's code: fp8 got wrong sums for part of a
-    tile in ~2% of calls (1.6-4.7% max error, gone on a rerun of the same inputs); none in 1400 calls
-    with 4 warps, as fast to within 1 us. fp8 down at 320 / 384 rows: 91 / 96 us against 97 / 101 in the
-    (128, 128, 64) tiles split in 2 used past that (70B's down 349 / 361 against 395 / 413); slower at
-    512 (127 against 112). Prefill chunks (257-512 rows) are bound by tl.dot: the swapped form in
-    256-token tiles, K split in 2 for the long rows of down; at 512 rows, us per matrix fp8 / int8
+    gate/up 44.9 / 49.2 -> 44.3 / 38.1, down 41.3 / 43.7 -> 23.2 / 20.8 (H200, 2026-12-02; each the best
+    of 27-60 tilings or within 0.3 us of it). At 65-256 rows (batched decode past 64 rows, short prefill
+    chunks), and for fp8 down to 384 rows, the swapped form in (128, 128, 128) tiles: K split in 4 with
+    4 warps for down and wherever there are 64 output tiles or fewer (o; qkv up to 128 rows), else one
+    split with 8 warps. us per matrix at 128 rows, int8 / fp8, one split -> four: qkv 40 / 37 -> 30 /
+    27, o 40 / 37 -> 17 / 16, down 129 / 76 -> 38 / 35 (a split in 2 was faster for some but once gave
+    fp8 o a 4% error). With 8 warps the split tiles race in Triton 3.6's code: fp8 got wrong sums for
+    part of a tile in ~2% of calls (1.6-4.7% max error, gone on a rerun of the same inputs); none in
+    1400 calls with 4 warps, as fast to within 1 us. fp8 down at 320 / 384 rows: 91 / 96 us against 97 /
+    101 in the (128, 128, 64) tiles split in 2 used past that (70B's down 349 / 361 against 395 / 413);
+    slower at 512 (127 against 112). Prefill chunks (257-512 rows) are bound by tl.dot: the swapped form
+    in 256-token tiles, K split in 2 for the long rows of down; at 512 rows, us per matrix fp8 / int8
     against a model-dtype copy + cuBLAS: gate/up 208 / 226 vs 244, qkv 53 / 57 vs 55, o 33 / 39 vs 38,
     down 101 / 109 vs 120, and with one program per SM walking the tiles (persistent) fp8 gate/up 198,
     qkv 50 (this needs TMA: without it prefill takes the copy, see ``minillama.backend``). Some tilings
