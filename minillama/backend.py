@@ -22,18 +22,21 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
   sqrt(mean(new_residual^2) + eps) over the last dim, computed in float32 and rounded to x's dtype
   before the gain. The Triton backend returns a single-token ``normed`` as a :class:`NormedInput`,
   computed by the next projection's GEMV in its prologue (or, where that linear's ``fuse_norm`` is
-  False, by its own kernel just before the GEMV).
+  False, by its own kernel just before the GEMV). Given a :class:`PendingGemv` x, the GEMV that
+  makes x adds the residual and norms, in its last program.
 * ``rope_(qk, cos, sin, n_heads, head_dim)``: rotate the first n_heads heads of each row of
   qk (T, >= n_heads * D) in place; rotate-half layout, cos/sin (T, D).
 * ``silu_mul(gate_up)``: ``silu(gate) * up`` for gate_up (..., 2F) = [gate | up] -> (..., F).
 * ``linear(x, weight, bias=None, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True,
-  rope=None)``: ``x @ weight.T + bias``, then silu_mul when ``swiglu``, then ``rope_`` of the
+  rope=None, norm_next=False)``: ``x @ weight.T + bias``, then silu_mul when ``swiglu``, then ``rope_`` of the
   output with a :class:`Rope` (the Triton backend's GEMV does it in its epilogue); x is a tensor
   (T, K) (or (..., K) without rope) or a :class:`NormedInput`. With ``weight_scale`` (N,)
   float32, weight is 8-bit (int8 or float8_e4m3fn) and stands for ``weight * weight_scale[:, None]``
   (``minillama.quantization``).
-  gemv_config and fuse_norm choose how the Triton backend runs a single-token product (the GEMV's
-  tiling; the norm in its prologue or not): the same function, rounded differently.
+  gemv_config, fuse_norm and norm_next choose how the Triton backend runs a single-token product
+  (the GEMV's tiling; the norm before it in its prologue or not; with norm_next, the output as a
+  :class:`PendingGemv`, so that the norm after it runs in its launch): the same function, rounded
+  differently.
 """
 from typing import NamedTuple, Optional
 
@@ -96,6 +99,25 @@ class NormedInput(NamedTuple):
         return self.x.shape
 
 
+class PendingGemv:
+    """A single-token GEMV's output (1, 1, N), not computed yet, so that the residual add + RMSNorm
+    after it can run in its launch: ``TritonBackend.rms_norm`` launches it with them (its last
+    program norms the row). Anything else that takes it gets the plain product: ``materialize()``
+    (``TritonBackend.materialize`` and indexing call it)."""
+
+    __slots__ = ("launch", "shape")
+
+    def __init__(self, launch, shape: torch.Size):
+        self.launch = launch  # launch(norm_next=None) -> out (N,), or (normed, out + residual)
+        self.shape = shape
+
+    def materialize(self) -> torch.Tensor:
+        return self.launch().view(self.shape)
+
+    def __getitem__(self, index):
+        return self.materialize()[index]
+
+
 class Rope(NamedTuple):
     """RoPE for a linear layer's output (T, N): rotate its first ``n_heads`` heads of ``head_dim``
     values, as ``rope_(output, cos, sin, n_heads, head_dim)`` does."""
@@ -147,7 +169,7 @@ class TorchBackend:
 
     def linear(self, x, weight, bias=None, *, swiglu: bool = False, gemv_config=None,
                weight_scale: Optional[torch.Tensor] = None, fuse_norm: bool = True,
-               rope: Optional[Rope] = None) -> torch.Tensor:
+               rope: Optional[Rope] = None, norm_next: bool = False) -> torch.Tensor:
         if weight_scale is not None:  # 8-bit weight: dequantize to the activations' dtype
             weight = dequantize(weight, weight_scale, x.dtype)
         y = F.linear(x, weight, bias)
@@ -198,13 +220,23 @@ class TritonBackend(TorchBackend):
         self.matmul_8bit = matmul_8bit
 
     def rms_norm(self, x, weight, eps, residual=None):
+        if isinstance(x, PendingGemv):
+            if residual is None:
+                x = x.materialize()
+            else:  # the GEMV that makes x adds the residual and norms, in its last program
+                K = x.shape[-1]
+                normed, h = x.launch(norm_next=(residual.reshape(K), weight, eps))
+                return normed.view(x.shape), h.view(x.shape)
         if self.gemv and x.numel() == x.shape[-1]:  # one token: the next projection's GEMV does it
             new_residual = x if residual is None else torch.empty_like(x)
             return NormedInput(x, residual, weight, eps, new_residual), new_residual
         return self.kernels.add_rms_norm(x, residual, weight, eps)
 
     def materialize(self, x):
-        """A tensor for x: a :class:`NormedInput` is computed now (for a consumer other than the GEMV)."""
+        """A tensor for x: a :class:`NormedInput` or :class:`PendingGemv` is computed now (for a
+        consumer other than the GEMV, or than the norm)."""
+        if isinstance(x, PendingGemv):
+            return x.materialize()
         if not isinstance(x, NormedInput):
             return x
         normed, _ = self.kernels.add_rms_norm(x.x, x.residual, x.weight, x.eps,
@@ -219,7 +251,9 @@ class TritonBackend(TorchBackend):
         return self.kernels.silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*lead, -1)
 
     def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True,
-               rope=None):
+               rope=None, norm_next=False):
+        """norm_next: at a single-token step without a norm before it, return a :class:`PendingGemv`
+        so that the residual add + RMSNorm after it run in the GEMV's launch."""
         if isinstance(x, NormedInput) and bias is None and fuse_norm:
             K = x.x.shape[-1]
             out = self.kernels.gemv(
@@ -231,9 +265,16 @@ class TritonBackend(TorchBackend):
             return out.view(*x.shape[:-1], -1)
         x = self.materialize(x)
         if bias is None and self.gemv and x.numel() == x.shape[-1]:  # one token, no norm before it
-            out = self.kernels.gemv(x.reshape(-1).contiguous(), weight, swiglu=swiglu, rope=rope, config=gemv_config,
-                                    scale=weight_scale)
-            return out.view(*x.shape[:-1], -1)
+            x1 = x.reshape(-1).contiguous()
+
+            def launch(norm_next=None):
+                return self.kernels.gemv(x1, weight, swiglu=swiglu, rope=rope, config=gemv_config, scale=weight_scale,
+                                         norm_next=norm_next)
+
+            shape = torch.Size((*x.shape[:-1], weight.shape[0] // 2 if swiglu else weight.shape[0]))
+            if norm_next and not swiglu and rope is None:
+                return PendingGemv(launch, shape)
+            return launch().view(shape)
         x2 = x.reshape(-1, x.shape[-1])
         eight_bit = weight_scale is not None and bias is None
         rows = x2.shape[0]

@@ -146,9 +146,10 @@ def _accumulate(acc, w, x, ROW_ACC: tl.constexpr, INT8_PTX: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, N, K, stride_wn, eps, n_rotated,
+def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Normed, Arrival,
+              N, K, stride_wn, eps, n_rotated, next_eps,
               ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
-              HALF: tl.constexpr, SCALE: tl.constexpr,
+              HALF: tl.constexpr, SCALE: tl.constexpr, NORM_NEXT: tl.constexpr, NEXT_BLOCK: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROW_ACC: tl.constexpr,
               INT8_PTX: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for one row x (K,), BLOCK_N outputs per program.
@@ -163,6 +164,11 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, N, K, stride_wn, ep
     registers (int8 by PRMT with INT8_PTX); row n's dot product is multiplied by Scale[n] before
     the epilogue. ROW_ACC: reduce the products to one sum per row at every step (fewer registers,
     so more programs in flight) instead of once at the end.
+    NORM_NEXT (without SWIGLU, ROPE): the next residual add + RMSNorm runs here. Out receives
+    h = out + Res (rounded to Out's dtype: the new residual stream); the program that arrives last
+    on the int32 counter Arrival (zero before the launch, zero again after it) computes
+    Normed = NextNormW * RMSNorm(h) over all N values (NEXT_BLOCK >= N) with next_eps, rounded as
+    ``_add_rmsnorm_fwd`` rounds it. No kernel of its own and no prologue in the next GEMV.
     """
     pid = tl.program_id(0)
     if ROPE:  # head pid // (HALF // BLOCK_N), rows i0 .. i0 + BLOCK_N of its first half
@@ -244,7 +250,21 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, N, K, stride_wn, ep
         y = tl.where(rotated, o1, x1)
         y_u = tl.where(rotated, o2, x2)
         tl.store(Out + pair_offset + offs_n, y_u.to(ty), mask=n_mask)
+    if NORM_NEXT:  # the residual add here; the last program to arrive norms the whole row
+        r = tl.load(Res + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y.to(ty).to(tl.float32) + r
     tl.store(Out + offs_n, y.to(ty), mask=n_mask)
+    if NORM_NEXT:
+        tl.debug_barrier()  # every thread's h is written before the arrival is counted
+        if tl.atomic_add(Arrival, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            offs = tl.arange(0, NEXT_BLOCK)
+            mask = offs < N
+            h = tl.load(Out + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            scale = _inverse_rms(tl.sum(h * h, 0) / N, next_eps)
+            normed = (h * scale).to(ty).to(tl.float32)  # rounded before the gain, as _add_rmsnorm_fwd
+            g = tl.load(NextNormW + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Normed + offs, (g * normed).to(ty), mask=mask)
+            tl.store(Arrival, 0)  # zero again for the next launch
 
 
 @triton.jit
@@ -537,7 +557,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] = None,
          h_out: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
          eps: float = 0.0, swiglu: bool = False, rope=None, config=None,
-         scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+         scale: Optional[torch.Tensor] = None, norm_next=None):
     """One row x (K,) times weight (N_w, K)^T, with the optional fusions of ``_gemv_fwd``.
 
     add, h_out: h = x + add is the input (and is written to h_out); norm_weight, eps: the input is
@@ -546,7 +566,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     (BLOCK_N, BLOCK_K, num_warps, ROW_ACC); default the first of ``GEMV_CONFIGS`` (with rope,
     BLOCK_N is halved until it divides head_dim / 2). scale: (N_w,) float32 per-row scales of an
     8-bit weight (int8 or float8_e4m3fn), or None. Returns (N,) with N = N_w, or N_w / 2 with
-    ``swiglu``.
+    ``swiglu``. norm_next: (residual (N,), norm_weight (N,), eps): the residual add and RMSNorm that
+    follow run in this launch (its last program norms): returns (normed, h) with h = out + residual.
     """
     K = x.shape[-1]
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
@@ -571,15 +592,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
         while half % block_n:
             block_n //= 2
     grid = N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n)
+    res, next_weight, normed, arrival, next_eps, next_block = x, x, x, x, 0.0, 1
+    if norm_next is not None:
+        res, next_weight, next_eps = norm_next
+        assert not swiglu and rope is None and res.shape == next_weight.shape == (N,)
+        res, next_weight = res.contiguous(), next_weight.contiguous()
+        normed = torch.empty_like(out)
+        arrival = _split_arrivals(x.device, 1)
+        next_block = triton.next_power_of_2(N)
     _gemv_fwd[(grid,)](
         x, add if add is not None else x, h_out if h_out is not None else x, weight, out,
         norm_weight if norm_weight is not None else x, scale if scale is not None else x, cos, sin,
-        N, K, weight.stride(0), eps, n_rotated,
+        res, next_weight, normed, arrival,
+        N, K, weight.stride(0), eps, n_rotated, next_eps,
         ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
-        SCALE=scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc,
+        SCALE=scale is not None, NORM_NEXT=norm_next is not None, NEXT_BLOCK=next_block,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc,
         INT8_PTX=weight.dtype == torch.int8 and not INTERPRET, num_warps=num_warps,
     )
-    return out
+    return out if norm_next is None else (normed, out)
 
 
 INTERPRET_MATMUL = (16, 64, 64, 4, 1, 1, "pointers")

@@ -51,7 +51,9 @@ class Linear(nn.Module):
         parts: the row blocks as this rank holds them. gemv_config: the GEMV tiling for this
             matrix (set by the runner's tuning; None: default). fuse_norm: at single-token steps,
             the residual add + RMSNorm before this matrix runs inside its GEMV (True, the default)
-            or as its own kernel first (False); set by the runner's tuning.
+            or as its own kernel first (False); set by the runner's tuning. norm_next: at
+            single-token steps, the residual add + RMSNorm after this matrix run in its GEMV's
+            last program (``backend.PendingGemv``; replicated layers only); set by the runner's tuning.
     """
 
     swiglu = False  # output silu(first half) * second half: see GateUpLinear
@@ -78,6 +80,7 @@ class Linear(nn.Module):
         self.backend = backend
         self.gemv_config = None
         self.fuse_norm = True
+        self.norm_next = False
 
     @property
     def shard_dim(self) -> Optional[int]:
@@ -90,7 +93,8 @@ class Linear(nn.Module):
         reduce = self.parallel == "row"
         assert rope is None or self.parallel in (None, "column"), self.parallel
         y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
-                                gemv_config=self.gemv_config, fuse_norm=self.fuse_norm, rope=rope)
+                                gemv_config=self.gemv_config, fuse_norm=self.fuse_norm, rope=rope,
+                                norm_next=self.norm_next and self.parallel is None)
         return self.combine(y)
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:

@@ -329,6 +329,13 @@ class Runner:
             return lambda: linear(x, rope=rope)
         return lambda: linear(norm(x, residual)[0], rope=rope)
 
+    def norm_next_call(self, linear, norm):
+        """A single-token call of ``linear`` with ``norm`` (residual add + RMSNorm) after it, for
+        timing: with ``linear.norm_next`` set, the norm runs in the GEMV's last program."""
+        x = torch.randn(1, 1, linear.in_features, dtype=self.dtype, device=self.device)
+        residual = torch.randn(1, 1, linear.out_features, dtype=self.dtype, device=self.device)
+        return lambda: norm(linear(x), residual)
+
     def tune_gemv(self) -> None:
         """Give each matrix kind its fastest GEMV tiling on this GPU, timed in CUDA graphs; once.
 
@@ -338,7 +345,11 @@ class Runner:
         kernel before it (``Linear.fuse_norm``): every program of the fused GEMV reloads the
         input and the norm's gain, which costs more than the extra launch where a weight row is
         short and 8-bit (H200, 2026-12-01: Llama-3.1-70B's fp8 gate/up 128.9 us fused, 119.5
-        separate; the 8B's bf16 gate/up and qkv are faster fused). Only for the Triton backend on CUDA.
+        separate; the 8B's bf16 gate/up and qkv are faster fused). Then, for o and down of a
+        model without tensor parallelism, the norm after them in their GEMV's last program
+        (``Linear.norm_next``) and a plain GEMV next, where that pair takes less time (the 8B's
+        fp8 and int8 on the H200, 2026-12-02: 1.2 us less per layer for each pair together).
+        Only for the Triton backend on CUDA.
         """
         backend = self.model.backend
         if self.gemv_timings is not None or not getattr(backend, "gemv", False) or self.device.type != "cuda":
@@ -347,24 +358,46 @@ class Runner:
             raise RuntimeError("Runner.tune_gemv must run before a CUDA graph capture")
         kernels = backend.kernels
         self.gemv_timings = {}
+
+        def fastest(name, lins, steps, settings):
+            """Time steps (one per layer) under each setting applied to lins; keep the fastest."""
+            times = {}
+            for setting in settings:
+                for lin in lins:
+                    lin.gemv_config, lin.fuse_norm, lin.norm_next = setting
+                times[setting] = kernels.time_in_graph(lambda: [step() for step in steps]) / len(steps)
+            best = min(times, key=times.get)
+            for lin in lins:
+                lin.gemv_config, lin.fuse_norm, lin.norm_next = best
+            self.gemv_timings[name] = {
+                f"{c}{'' if fused else ' norm apart'}{' + next norm' if norm_next else ''}": ms
+                for (c, fused, norm_next), ms in times.items()}
+            return best, times[best]
+
         with torch.inference_mode():
-            for role, calls in self.gemv_roles().items():
+            roles = self.gemv_roles()
+            best = {}
+            for role, calls in roles.items():
+                lins = [lin for lin, _ in calls]
                 steps = [self.gemv_call(role, lin, norm) for lin, norm in calls]
-
-                def run_all():
-                    for step in steps:
-                        step()
-
-                times = {}
-                for fuse_norm in (True, False) if calls[0][1] is not None else (True,):
-                    for config in kernels.GEMV_CONFIGS:
-                        for lin, _ in calls:
-                            lin.gemv_config, lin.fuse_norm = config, fuse_norm
-                        times[config, fuse_norm] = kernels.time_in_graph(run_all) / len(calls)
-                best = min(times, key=times.get)
-                for lin, _ in calls:
-                    lin.gemv_config, lin.fuse_norm = best
-                self.gemv_timings[role] = {f"{c}{'' if fused else ' norm apart'}": ms for (c, fused), ms in times.items()}
+                fuse = (True, False) if calls[0][1] is not None else (True,)
+                best[role] = fastest(role, lins, steps, [(c, f, False) for f in fuse for c in kernels.GEMV_CONFIGS])
+            for producer, consumer in (("o", "gate_up"), ("down", "qkv")):
+                producers = [lin for lin, _ in roles[producer]]
+                if any(lin.parallel is not None for lin in producers):
+                    continue  # a row-parallel product is all-reduced before the residual add
+                consumers = [lin for lin, _ in roles[consumer]]
+                kept = {lin: (lin.gemv_config, lin.fuse_norm, lin.norm_next) for lin in producers + consumers}
+                # the consumer's norms stand for the ones after the producer: same size, same work
+                tail_steps = [self.norm_next_call(lin, norm) for lin, (_, norm) in zip(producers, roles[consumer])]
+                _, tail_ms = fastest(f"{producer} + next norm", producers, tail_steps,
+                                     [(c, True, True) for c in kernels.GEMV_CONFIGS])
+                _, plain_ms = fastest(f"{consumer} after {producer}'s norm", consumers,
+                                      [self.gemv_call(consumer, lin, None) for lin in consumers],
+                                      [(c, True, False) for c in kernels.GEMV_CONFIGS])
+                if tail_ms + plain_ms >= best[producer][1] + best[consumer][1]:
+                    for lin, setting in kept.items():
+                        lin.gemv_config, lin.fuse_norm, lin.norm_next = setting
 
 
 def _packed_key(size: int, cache: KVCache, scored: bool = False) -> tuple:

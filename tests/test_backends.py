@@ -168,6 +168,40 @@ def test_triton_backend_with_norms_apart_matches_torch_float32():
     assert rel_err(teacher_forced_logits(Runner(apart), prompts, cont), ref) < 1e-5
 
 
+def set_norm_next(model: Transformer, norm_next: bool) -> int:
+    """Set ``norm_next`` on o and down of every layer (what the runner's tuning may pick); returns how many."""
+    linears = [m for layer in model.layers for m in (layer.attention.wo, layer.feed_forward.w2)]
+    for lin in linears:
+        lin.norm_next = norm_next
+    return len(linears)
+
+
+@pytest.mark.triton
+@interpreted
+def test_norms_in_the_producing_gemv_match_torch_float32():
+    """Single-token steps with the residual add + RMSNorm after o and down run in that GEMV's last
+    program (``norm_next``), the next GEMV plain, give the torch backend's logits; a packed step of
+    one token that asks for its logits row (the product indexed before the final norm) too."""
+    model = tiny_model(15)
+    vocab = model.config.vocab_size
+    prompts = prompts_for(16, [5], vocab)
+    cont = torch.tensor(prompts_for(17, [4], vocab))
+    ref = teacher_forced_logits(Runner(model), prompts, cont)
+    fast = with_backend(model, "triton")
+    assert set_norm_next(fast, True) == 2 * model.config.num_hidden_layers
+    assert rel_err(teacher_forced_logits(Runner(fast), prompts, cont), ref) < 1e-5
+
+    want_runner, got_runner = Runner(model), Runner(fast)
+    logits = []
+    for runner in (want_runner, got_runner):
+        cache = runner.new_cache(1, 8)
+        runner(torch.tensor([prompts[0]]), cache)
+        cache.advance(5)
+        logits.append(runner.forward_packed(cont[0, :1], [(0, 1)], cache, [0]))
+    assert logits[1].shape == (1, vocab)
+    assert rel_err(logits[1], logits[0]) < 1e-5
+
+
 @pytest.mark.triton
 @interpreted
 def test_triton_backend_without_gemv_matches_torch_float32():
@@ -407,8 +441,12 @@ def test_norms_apart_match_fused_on_gpu(quantize):
     check_agreement(tuned, plain, 1e-2)
     for fuse_norm in (True, False):
         set_fuse_norm(fast_model, fuse_norm)
+        set_norm_next(fast_model, False)
         runner.clear()  # recapture the decode graphs with the norms placed this way
         check_agreement(teacher_forced_logits(runner, prompts, cont), plain, 1e-2)
+    set_norm_next(fast_model, True)  # the norms in the GEMV before them
+    runner.clear()
+    check_agreement(teacher_forced_logits(runner, prompts, cont), plain, 1e-2)
 
 
 @pytest.mark.gpu

@@ -418,6 +418,31 @@ def test_matmul_rope_epilogue(dtype, loads, split_k):
 
 @pytest.mark.triton
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, FP8])
+def test_gemv_runs_the_next_norm_in_its_last_program(dtype, monkeypatch):
+    """``norm_next``: the GEMV adds the residual to its output and its last program norms the row:
+    the same bits as the GEMV, then ``add_rms_norm``; the arrival counter is zero again after."""
+    from minillama import kernels
+
+    g = torch.Generator().manual_seed(7)
+    K, N = 96, 80  # N not a power of two: the norm's masked lanes
+    act = torch.float16 if dtype == torch.float16 else torch.float32
+    x = torch.randn(K, generator=g).to(act)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    q, scale = (w.to(dtype), None) if dtype in (torch.float32, torch.float16) else quantize_per_channel(w, dtype)
+    residual = (4 * torch.randn(N, generator=g)).to(act)
+    gain = (1 + 0.2 * torch.randn(N, generator=g)).to(act)
+    for config in ((1, 32, 4, False), (16, 64, 4, True)):  # several programs: one arrives last
+        monkeypatch.setattr(kernels, "INTERPRET_GEMV", config)  # the interpreter's tiling, else fixed
+        y = kernels.gemv(x, q, scale=scale, config=config)
+        want_normed, want_h = kernels.add_rms_norm(y[None], residual[None], gain, 1e-5)
+        normed, h = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain, 1e-5))
+        assert torch.equal(h, want_h[0]) and torch.equal(normed, want_normed[0]), config
+        assert not kernels._split_arrivals(x.device, 1).any()
+
+
+@pytest.mark.triton
+@interpreted
 def test_gemv_reads_strided_vectors():
     """The residual, the norm's gain and RoPE's cos/sin as strided views (every other value): the
     GEMV read them at consecutive addresses and gave other numbers (max error ~6)."""
@@ -626,6 +651,35 @@ def test_gpu_gemv_repeats_bit_for_bit(dtype):
         differ = sum(not torch.equal(kernels.gemv(x, q, swiglu=True, scale=scale, config=config), first)
                      for _ in range(30))
         assert differ == 0, (config, differ)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
+def test_gpu_gemv_next_norm_llama_shapes(dtype):
+    """``norm_next`` on Llama-3.1-8B's o and down, every GEMV tiling, fresh inputs: the residual sum
+    bit for bit and the normed row as ``add_rms_norm`` gives it (within a bfloat16 rounding: the
+    mean's sum order may differ), the same bits over 20 calls, the arrival counter zero after."""
+    from minillama import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    N = 4096
+    gain = (1 + 0.2 * torch.randn(N, device="cuda", generator=g)).to(torch.bfloat16)
+    for K in (4096, 14336):
+        w = torch.randn(N, K, device="cuda", generator=g) / K ** 0.5
+        q, scale = (w.to(dtype), None) if dtype == torch.bfloat16 else quantize_per_channel(w, dtype)
+        for config in kernels.GEMV_CONFIGS:
+            x = torch.randn(K, device="cuda", generator=g, dtype=torch.bfloat16)
+            residual = 4 * torch.randn(N, device="cuda", generator=g, dtype=torch.bfloat16)
+            want_normed, want_h = kernels.add_rms_norm(kernels.gemv(x, q, scale=scale, config=config)[None],
+                                                       residual[None], gain, 1e-5)
+            first = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain, 1e-5))
+            assert torch.equal(first[1], want_h[0]), (K, config)
+            err = (first[0].float() - want_normed[0].float()).abs() / want_normed[0].float().abs().clamp(min=1e-3)
+            assert err.max().item() <= 2 ** -7, (K, config, err.max().item())
+            for _ in range(20):
+                again = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain, 1e-5))
+                assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1]), (K, config)
+            assert not kernels._split_arrivals(x.device, 1).any()
 
 
 @pytest.mark.gpu
