@@ -317,7 +317,8 @@ class Runner:
 
     def gemv_call(self, role: str, linear, norm):
         """A single-token call of ``linear`` as the forward makes it, for timing: its input's residual
-        add + norm deferred into the GEMV where a norm precedes it; RoPE of q and k for "qkv"."""
+        add + norm deferred into the GEMV where a norm precedes it; the norm after it where
+        ``linear.norm_next`` is set (the final norm stands for it); RoPE of q and k for "qkv"."""
         x = torch.randn(1, 1, linear.in_features, dtype=self.dtype, device=self.device)
         residual = torch.randn_like(x)
         rope = None
@@ -326,6 +327,8 @@ class Runner:
             cos, sin = (torch.randn(1, D, dtype=self.dtype, device=self.device) for _ in range(2))
             rope = Rope(cos, sin, (linear.parts[0] + linear.parts[1]) // D, D)  # this rank's q and k heads
         if norm is None:
+            if linear.norm_next:  # the forward runs the norm after it in its GEMV: time that
+                return self.norm_next_call(linear, self.model.norm)
             return lambda: linear(x, rope=rope)
         return lambda: linear(norm(x, residual)[0], rope=rope)
 

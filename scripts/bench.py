@@ -180,7 +180,8 @@ def gemv_vs_cublas(runner: Runner):
             ms_gemv = time_in_graph(lambda: [step() for step in steps]) / len(calls)
             ms_cublas = time_in_graph(lambda: [F.linear(x, lin.weight) for lin, _ in calls]) / len(calls)
             nbytes = lin0.weight.numel() * lin0.weight.element_size()
-            out[role] = dict(MB=nbytes / 1e6, config=str(lin0.gemv_config), fuse_norm=lin0.fuse_norm, gemv_us=ms_gemv * 1e3,
+            out[role] = dict(MB=nbytes / 1e6, config=str(lin0.gemv_config), fuse_norm=lin0.fuse_norm,
+                             norm_next=lin0.norm_next, gemv_us=ms_gemv * 1e3,
                              cublas_us=ms_cublas * 1e3, gemv_GBps=nbytes / ms_gemv / 1e6,
                              cublas_GBps=nbytes / ms_cublas / 1e6,
                              all_configs_us={k: v * 1e3 for k, v in (runner.gemv_timings or {}).get(role, {}).items()})
