@@ -42,11 +42,17 @@ def _add_rmsnorm_fwd(X, Res, H_out, Normed, W, stride_x, stride_r, stride_h, str
         r = tl.load(Res + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(H_out + row * stride_h + offs, x, mask=mask)
-    x32 = x.to(tl.float32)
-    scale = _inverse_rms(tl.sum(x32 * x32, 0) / N, eps)
-    n = (x32 * scale).to(X.dtype.element_ty).to(tl.float32)  # the torch backend rounds before the gain
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Normed + row * stride_n + offs, (w * n).to(Normed.dtype.element_ty), mask=mask)
+    normed = _rms_normed(x.to(tl.float32), w, N, eps, X.dtype.element_ty)
+    tl.store(Normed + row * stride_n + offs, normed.to(Normed.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_normed(h, w, N, eps, ty: tl.constexpr):
+    """w * RMSNorm(h) in float32 for a row h (float32 values of dtype ty; zero past N) and its gain w:
+    the normalized row is rounded to ty before the gain, as the torch backend rounds it."""
+    scale = _inverse_rms(tl.sum(h * h, 0) / N, eps)
+    return w * (h * scale).to(ty).to(tl.float32)
 
 
 @triton.jit
@@ -167,8 +173,8 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
     NORM_NEXT (without SWIGLU, ROPE): the next residual add + RMSNorm runs here. Out receives
     h = out + Res (rounded to Out's dtype: the new residual stream); the program that arrives last
     on the int32 counter Arrival (zero before the launch, zero again after it) computes
-    Normed = NextNormW * RMSNorm(h) over all N values (NEXT_BLOCK >= N) with next_eps, rounded as
-    ``_add_rmsnorm_fwd`` rounds it. No kernel of its own and no prologue in the next GEMV.
+    Normed = NextNormW * RMSNorm(h) over all N values (NEXT_BLOCK >= N) with next_eps, by
+    ``_rms_normed`` as ``_add_rmsnorm_fwd`` does. No kernel of its own, no prologue in the next GEMV.
     """
     pid = tl.program_id(0)
     if ROPE:  # head pid // (HALF // BLOCK_N), rows i0 .. i0 + BLOCK_N of its first half
@@ -260,10 +266,8 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
             offs = tl.arange(0, NEXT_BLOCK)
             mask = offs < N
             h = tl.load(Out + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            scale = _inverse_rms(tl.sum(h * h, 0) / N, next_eps)
-            normed = (h * scale).to(ty).to(tl.float32)  # rounded before the gain, as _add_rmsnorm_fwd
             g = tl.load(NextNormW + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(Normed + offs, (g * normed).to(ty), mask=mask)
+            tl.store(Normed + offs, _rms_normed(h, g, N, next_eps, ty).to(ty), mask=mask)
             tl.store(Arrival, 0)  # zero again for the next launch
 
 
