@@ -12,7 +12,7 @@ from minillama.generate import GenerationResult, TextGeneration, TextStream, Tok
 from minillama.hub import resolve_checkpoint
 from minillama.kv_cache import KVCache
 from minillama.parallel import check_degree, join_from_environment
-from minillama.quantization import QUANTIZE_DTYPES
+from minillama.quantization import QUANTIZE_DTYPES, check_quantize_lm_head
 from minillama.runner import Runner
 from minillama.sampling import DecodableIds, SamplingParams
 from minillama.streaming import StopStrings
@@ -94,7 +94,7 @@ class Llama:
     @classmethod
     def from_pretrained(cls, path_or_repo_id, device=None, dtype=None, backend: str = "auto",
                         tp: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
-                        quantize: Optional[str] = None) -> "Llama":
+                        quantize: Optional[str] = None, quantize_lm_head: bool = False) -> "Llama":
         """Load a Hugging Face LLaMA checkpoint (local folder or hub repo id).
 
         Args:
@@ -114,9 +114,14 @@ class Llama:
                 tensor while loading; embedding and lm_head stay in ``dtype``. A checkpoint in the
                 compressed-tensors format (e.g. the Llama 3.1 ``-FP8`` models) loads its 8-bit
                 weights as they are, with quantize=None. See ``minillama.quantization``.
+            quantize_lm_head: with ``quantize``, store lm_head in 8 bits too, the same way (the
+                8B's 1.05 GB bf16 head is an eighth of what a batch-1 step reads with 8-bit
+                projections); a model whose lm_head is its embedding table (tied) refuses it.
         """
         if quantize is not None and (not isinstance(quantize, str) or quantize not in QUANTIZE_DTYPES):
             raise ValueError(f"quantize must be None or one of {sorted(QUANTIZE_DTYPES)}, got {quantize!r}")
+        if not isinstance(quantize_lm_head, bool):
+            raise TypeError(f"quantize_lm_head must be True or False, got {quantize_lm_head!r}")
         if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
             raise ValueError(f"tp must be None or an integer >= 1, got {tp!r}")
         if progress is not None and not callable(progress):
@@ -134,6 +139,7 @@ class Llama:
         kernels = make_backend(backend, device)  # a bad choice fails before anything is read
         folder = resolve_checkpoint(path_or_repo_id)
         config = LlamaConfig.from_file(folder / "config.json")
+        check_quantize_lm_head(config, quantize, quantize_lm_head)  # before any weight is read
         if parallel is not None:
             check_degree(config, world)  # before any weight is read
         gen_path = checkpoint_file(folder, "generation_config.json")
@@ -141,7 +147,8 @@ class Llama:
         tokenizer = Tokenizer.from_dir(folder)
         check_vocabulary(config, generation_config, tokenizer)
         dtype = _resolve_dtype(dtype, config, device)
-        model = load_model(folder, config, device, dtype, kernels, tp=parallel, progress=progress, quantize=quantize)
+        model = load_model(folder, config, device, dtype, kernels, tp=parallel, progress=progress, quantize=quantize,
+                           quantize_lm_head=quantize_lm_head)
         return cls(Runner(model), tokenizer, config, generation_config, folder)
 
     def new_cache(self, batch: int = 1, max_len: Optional[int] = None) -> KVCache:

@@ -58,9 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
-    p.add_argument("--quantize", default=None, choices=("int8", "fp8"),
-                   help="8-bit projection weights (one scale per output channel), quantized while loading")
+    cli.add_quantize_arguments(p)
     args = p.parse_args(argv)
+    cli.check_quantize_arguments(p, args)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.system is not None:
@@ -199,7 +199,8 @@ def _main(argv) -> int:
 
     start = time.perf_counter()
     llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
-                                progress=cli.load_progress(), quantize=args.quantize)
+                                progress=cli.load_progress(), quantize=args.quantize,
+                                quantize_lm_head=args.quantize_lm_head)
     group = llm.model.tp  # under tensor parallelism rank 0 reads the input and every rank runs it
     conv = Conversation(llm, system=args.system, max_context=args.max_context, on_overflow=args.on_overflow)
     if args.max_new_tokens is None:

@@ -65,9 +65,9 @@ def parse_args(argv):
                         "under torchrun, the number of processes")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: the checkpoint's on the GPU, float32 on the CPU")
-    p.add_argument("--quantize", default=None, choices=("int8", "fp8"),
-                   help="8-bit projection weights (one scale per output channel), quantized while loading")
+    cli.add_quantize_arguments(p)
     args = p.parse_args(argv)
+    cli.check_quantize_arguments(p, args)
     args.prompts = [cli.text_arg(t) for t in args.prompts]  # bytes that are not UTF-8 become U+FFFD
     args.stop = [cli.text_arg(t) for t in args.stop]
     return args
@@ -152,7 +152,8 @@ def run(args) -> None:
     from minillama import Llama  # after argument checks: importing torch takes a while
 
     llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
-                                progress=cli.load_progress(), quantize=args.quantize)
+                                progress=cli.load_progress(), quantize=args.quantize,
+                                quantize_lm_head=args.quantize_lm_head)
     if args.stream:
         stream = llm.stream(prompts[0], **sampling_kwargs(args), skip_special_tokens=args.skip_special_tokens)
         cli.write(prompts[0], flush=True)

@@ -5,7 +5,10 @@ Two ways in, one representation out:
 * ``quantize="int8" | "fp8"`` at load: each projection weight W (N, K) is quantized on its own,
   as it is read, symmetric per output channel: ``scale[n] = max_k |W[n, k]| / QMAX`` and
   ``Wq[n, k] = round(W[n, k] / scale[n])`` (int8: round to nearest, QMAX 127; fp8 e4m3: the
-  cast's round-to-nearest-even, QMAX 448). Embedding and lm_head stay in the model dtype.
+  cast's round-to-nearest-even, QMAX 448). The embedding stays in the model dtype, and so does
+  lm_head unless ``quantize_lm_head=True`` (as torchao's and gpt-fast's weight-only modes do: with
+  8-bit projections, the 8B's bf16 head is 1.05 GB of the 8.0 GB a batch-1 step reads). A tied
+  head is the embedding table, which is never quantized.
 * A checkpoint whose ``config.json`` carries a compressed-tensors ``quantization_config``
   (what llm-compressor writes, e.g. the Llama 3.1 ``-FP8`` and ``-FP8-dynamic`` models): formats
   ``float-quantized`` (``*.weight`` in float8_e4m3fn) and ``int-quantized`` (int8), weights
@@ -136,12 +139,13 @@ class QuantizationConfig:
     compressed: bool = True
 
     @classmethod
-    def at_load(cls, quantize: str) -> "QuantizationConfig":
-        """Weight-only per-channel quantization of every projection; embedding and lm_head kept."""
+    def at_load(cls, quantize: str, lm_head: bool = False) -> "QuantizationConfig":
+        """Weight-only per-channel quantization of every projection; the embedding kept, and lm_head
+        unless ``lm_head``."""
         if quantize not in QUANTIZE_DTYPES:
             raise ValueError(f"quantize={quantize!r} is not supported; use one of {sorted(QUANTIZE_DTYPES)} or None")
-        return cls(groups=(((LINEAR,), QuantScheme(QUANTIZE_DTYPES[quantize])),), ignore=("lm_head",),
-                   compressed=False)
+        return cls(groups=(((LINEAR,), QuantScheme(QUANTIZE_DTYPES[quantize])),),
+                   ignore=() if lm_head else ("lm_head",), compressed=False)
 
     def scheme_for(self, module: str, module_class: str) -> Optional[QuantScheme]:
         """The scheme of an HF module (e.g. "model.layers.0.self_attn.q_proj", class "Linear"), or None.
@@ -539,14 +543,33 @@ class LoadPlan:
             linear.weight_scale[rows]), dim=None)
 
 
-def load_plan(config, quantize: Optional[str], names, model, weight_shape) -> Optional[LoadPlan]:
+def check_quantize_lm_head(config, quantize: Optional[str], quantize_lm_head: bool) -> None:
+    """``quantize_lm_head=True`` needs ``quantize=``, a full-precision checkpoint and an lm_head of its
+    own (not the embedding's)."""
+    if not quantize_lm_head:
+        return
+    if config.quantization is not None:
+        raise ValueError("quantize_lm_head=True, but the checkpoint is already quantized: its quantization_config's "
+                         "'ignore' list says whether lm_head is 8-bit; drop quantize_lm_head (scripts/quantize.py "
+                         "--lm-head writes a checkpoint with an 8-bit lm_head)")
+    if quantize is None:
+        raise ValueError("quantize_lm_head=True quantizes lm_head along with the projections: pass quantize='int8' "
+                         "or 'fp8' too")
+    if config.tie_word_embeddings:
+        raise ValueError("quantize_lm_head=True, but this model's lm_head is its embedding table "
+                         "(tie_word_embeddings), which stays in the model dtype; drop quantize_lm_head")
+
+
+def load_plan(config, quantize: Optional[str], names, model, weight_shape,
+              quantize_lm_head: bool = False) -> Optional[LoadPlan]:
     """The plan for a checkpoint's own quantization_config or for ``quantize=`` (None: neither)."""
     checkpoint = config.quantization
     if quantize is not None and checkpoint is not None:
         raise ValueError(f"quantize={quantize!r}, but the checkpoint is already quantized (its config.json has a "
                          f"compressed-tensors quantization_config); load it with quantize=None")
+    check_quantize_lm_head(config, quantize, quantize_lm_head)
     qconfig = checkpoint if checkpoint is not None else (
-        QuantizationConfig.at_load(quantize) if quantize is not None else None)
+        QuantizationConfig.at_load(quantize, quantize_lm_head) if quantize is not None else None)
     return None if qconfig is None else LoadPlan(qconfig, config, names, model, weight_shape)
 
 
@@ -556,20 +579,24 @@ def whole_row_amax(linear) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     return linear.tp.all_reduce_max_ if linear.parallel == "row" else None
 
 
-def quantize_model(model, quantize: str) -> None:
+def quantize_model(model, quantize: str, lm_head: bool = False) -> None:
     """Quantize a built model's projections in place, one matrix at a time, as loading with
-    ``quantize=`` does (embedding and lm_head kept): for benchmarks on random weights and for
+    ``quantize=`` (and ``quantize_lm_head=lm_head``) does: for benchmarks on random weights and for
     models made in memory. Checkpoints should load with ``Llama.from_pretrained(quantize=...)``."""
     if quantize not in QUANTIZE_DTYPES:
         raise ValueError(f"quantize must be one of {sorted(QUANTIZE_DTYPES)}, got {quantize!r}")
+    check_quantize_lm_head(model.config, quantize, lm_head)
     dtype = QUANTIZE_DTYPES[quantize]
-    for layer in model.layers:
-        for holder, attr in ((layer.attention, "wqkv"), (layer.attention, "wo"),
-                             (layer.feed_forward, "w13"), (layer.feed_forward, "w2")):
-            linear = getattr(holder, attr)
-            quantized = QuantizedLinear(linear, dtype)
-            with torch.no_grad():
-                _, scale = quantize_per_channel(linear.weight, dtype, out=quantized.weight,
-                                                reduce_amax=whole_row_amax(linear))
-                quantized.weight_scale.copy_(scale)
-            setattr(holder, attr, quantized)
+    matrices = [(holder, attr) for layer in model.layers
+                for holder, attr in ((layer.attention, "wqkv"), (layer.attention, "wo"),
+                                     (layer.feed_forward, "w13"), (layer.feed_forward, "w2"))]
+    if lm_head:
+        matrices.append((model, "output"))
+    for holder, attr in matrices:
+        linear = getattr(holder, attr)
+        quantized = QuantizedLinear(linear, dtype)
+        with torch.no_grad():
+            _, scale = quantize_per_channel(linear.weight, dtype, out=quantized.weight,
+                                            reduce_amax=whole_row_amax(linear))
+            quantized.weight_scale.copy_(scale)
+        setattr(holder, attr, quantized)

@@ -615,13 +615,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel degree: N processes (one per GPU) through torch's launcher; rank 0 "
                         "serves HTTP and schedules, the others follow its steps")
-    p.add_argument("--quantize", default=None, choices=("int8", "fp8"),
-                   help="8-bit projection weights (one scale per output channel), quantized while loading")
+    cli.add_quantize_arguments(p)
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                    help="the kernels that run the model (default: Triton on CUDA, torch elsewhere)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug", "trace"),
                    help="uvicorn's log level")
     args = p.parse_args(argv)
+    cli.check_quantize_arguments(p, args)
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {args.port}")
     for name in ("max_batch", "prefill_chunk", "max_body_bytes"):
@@ -733,7 +733,8 @@ def _main(argv) -> int:
     sock = None if is_follower() else _listen(args.host, args.port)  # rank 0 serves HTTP
     start = time.perf_counter()
     llm = Llama.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, tp=args.tp,
-                                quantize=args.quantize)
+                                quantize=args.quantize,
+                                quantize_lm_head=args.quantize_lm_head)
     max_seq_len = args.max_seq_len if args.max_seq_len is not None else min(llm.config.max_position_embeddings, 8192)
     scheduler = Scheduler(llm, max_batch=args.max_batch, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk)

@@ -172,7 +172,8 @@ def copy_tensors_from_file(path: Path, targets: Dict[str, Slice], on_copy: Calla
 
 
 def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.dtype, backend=None, tp=None,
-               progress: Optional[Callable[[int, int], None]] = None, quantize: Optional[str] = None) -> Transformer:
+               progress: Optional[Callable[[int, int], None]] = None, quantize: Optional[str] = None,
+               quantize_lm_head: bool = False) -> Transformer:
     """Build the model on the meta device and fill it from the folder's safetensors, strictly.
 
     Args:
@@ -183,6 +184,7 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
         quantize: None, "int8" or "fp8": quantize each projection per output channel as it is read
             (``minillama.quantization``). A checkpoint with a quantization_config loads its 8-bit
             tensors and scales as they are.
+        quantize_lm_head: with ``quantize``, lm_head too (an untied one); else it stays in ``dtype``.
     """
     folder = Path(folder)
     files = safetensors_files(folder)
@@ -193,7 +195,7 @@ def load_model(folder, config: LlamaConfig, device: torch.device, dtype: torch.d
         model = Transformer(config, backend, tp).to(dtype)
     meta = dict(model.named_parameters(remove_duplicate=False))
     plan = load_plan(config, quantize, names, model,  # swaps in the 8-bit Linear modules
-                     lambda ours, part: tensor_slice(model, ours, part, meta).full_shape)
+                     lambda ours, part: tensor_slice(model, ours, part, meta).full_shape, quantize_lm_head)
     if plan is not None:
         names = {**names, **plan.names}  # + their scales
 

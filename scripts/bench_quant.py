@@ -4,8 +4,10 @@
     PYTHONPATH=. python3 scripts/bench_quant.py --shape 70b --formats fp8,int8    # 70B on one GPU
     PYTHONPATH=. python3 scripts/bench_quant.py --model /path/to/Llama-3.1-8B-Instruct --formats bf16,fp8
     PYTHONPATH=. python3 scripts/bench_quant.py --matmul-8bit triton,dequantize,scaled_mm
+    PYTHONPATH=. python3 scripts/bench_quant.py --formats bf16,fp8,fp8+head --batches 1  # lm_head in 8 bits too
 
-For each weight format (bf16; int8 and fp8, one scale per output channel) and each multi-row
+For each weight format (bf16; int8 and fp8, one scale per output channel; "int8+head" and
+"fp8+head" quantize lm_head too, as ``quantize_lm_head=True`` does) and each multi-row
 8-bit matmul (``TritonBackend(matmul_8bit=...)``), on the Triton backend:
 
   * decode: seconds per step at batch 1 and 16 (cache fill 512) through the Runner's CUDA graphs,
@@ -40,6 +42,9 @@ from minillama.quantization import quantize_model  # noqa: E402
 from minillama.runner import Runner  # noqa: E402
 from llama31_shapes import LLAMA31_70B, LLAMA31_8B  # noqa: E402
 
+# weight format -> (quantize, quantize_lm_head)
+FORMATS = {"bf16": (None, False), "int8": ("int8", False), "fp8": ("fp8", False),
+           "int8+head": ("int8", True), "fp8+head": ("fp8", True)}
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=512)
 
@@ -49,7 +54,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder (default: random weights, Llama-3.1-8B shapes)")
     p.add_argument("--shape", default="8b", choices=("8b", "70b"), help="random weights of Llama-3.1-8B or -70B")
-    p.add_argument("--formats", default="bf16,int8,fp8", help="70b on one GPU: int8,fp8 (bf16 does not fit)")
+    p.add_argument("--formats", default="bf16,int8,fp8",
+                   help="of bf16, int8, fp8, int8+head, fp8+head (lm_head in 8 bits too); "
+                        "70b on one GPU: 8-bit only (bf16 does not fit)")
     p.add_argument("--matmul-8bit", default="triton,dequantize,scaled_mm",
                    help=f"multi-row 8-bit matmuls to compare, of {MATMUL_8BIT}")
     p.add_argument("--batches", default="1,16")
@@ -64,21 +71,23 @@ def parse_args(argv):
 
 
 def build(args, fmt: str) -> Transformer:
-    """The model in weight format ``fmt`` ("bf16", "int8", "fp8"): a checkpoint (quantized while
-    loading), or random weights made directly in that format (a 70B model in 8 bits fits one H200;
-    its bf16 weights would not)."""
-    quantize = None if fmt == "bf16" else fmt
+    """The model in weight format ``fmt`` ("bf16", "int8", "fp8"; "+head": lm_head too): a checkpoint
+    (quantized while loading), or random weights made directly in that format (a 70B model in 8 bits
+    fits one H200; its bf16 weights would not)."""
+    if fmt not in FORMATS:
+        raise SystemExit(f"--formats: unknown format {fmt!r}; use some of {', '.join(FORMATS)}")
+    quantize, lm_head = FORMATS[fmt]
     if args.model:
         from minillama import Llama
 
         return Llama.from_pretrained(args.model, device=args.device, dtype=torch.bfloat16, backend="triton",
-                                     quantize=quantize).model
+                                     quantize=quantize, quantize_lm_head=lm_head).model
     config = LlamaConfig(**(TINY if args.tiny else LLAMA31_70B if args.shape == "70b" else LLAMA31_8B))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # the interpreter needs float32
     with torch.device("meta"):
         model = Transformer(config, TritonBackend()).to(dtype)
         if quantize:
-            quantize_model(model, quantize)  # on the meta device: swaps the 8-bit layers in, allocates nothing
+            quantize_model(model, quantize, lm_head)  # on the meta device: swaps the 8-bit layers in, allocates nothing
     model.to_empty(device=args.device)
     model.tie_weights()
     gen = torch.Generator(device=args.device).manual_seed(0)

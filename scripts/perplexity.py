@@ -2,6 +2,7 @@
 
     python scripts/perplexity.py                                   # the bundled demo model
     python scripts/perplexity.py --model ../shared/fixtures/stories260K-hf --quantize none int8 fp8
+    python scripts/perplexity.py --quantize none int8+head fp8+head   # lm_head in 8 bits too
     python scripts/perplexity.py --model A --model B --json ppl.json
 
 Each paragraph of the text (blank-line separated) is one document: BOS + its tokens, scored in
@@ -36,7 +37,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help=f"folder or hub repo id, repeatable (default: {DEMO_MODEL_DIR})")
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text; paragraphs are documents")
-    p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "fp8"],
+    p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "fp8", "int8+head", "fp8+head"],
                    help="weight formats to measure (none: the checkpoint as it is)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -93,7 +94,8 @@ def _main(argv) -> int:
     for model in args.model or [str(DEMO_MODEL_DIR)]:
         base = None
         for q in args.quantize:
-            kwargs = {} if q == "none" else {"quantize": q}
+            kwargs = {} if q == "none" else {"quantize": q.removesuffix("+head"),
+                                             "quantize_lm_head": q.endswith("+head")}
             llm = Llama.from_pretrained(model, device=args.device, dtype=args.dtype, **kwargs)
             r = perplexity(llm, docs)
             if q == "none":
@@ -102,10 +104,10 @@ def _main(argv) -> int:
                          "dtype": str(llm.dtype).removeprefix("torch."), **r,
                          "delta_pct": None if base is None else 100 * (r["ppl"] / base - 1)})
     width = max(len(Path(r["model"]).name) for r in rows)
-    print(f"{'model':<{width}}  quantize  device  dtype     tokens  nll/token  perplexity  vs none")
+    print(f"{'model':<{width}}  quantize   device  dtype     tokens  nll/token  perplexity  vs none")
     for r in rows:
         delta = "" if r["delta_pct"] is None else f"{r['delta_pct']:+.3f}%"
-        print(f"{Path(r['model']).name:<{width}}  {r['quantize']:<8}  {r['device']:<6}  {r['dtype']:<8}  "
+        print(f"{Path(r['model']).name:<{width}}  {r['quantize']:<9}  {r['device']:<6}  {r['dtype']:<8}  "
               f"{r['tokens']:>6}  {r['nll']:>9.5f}  {r['ppl']:>10.4f}  {delta}")
     if args.json:
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,

@@ -2,12 +2,14 @@
 
     python scripts/quantize.py meta-llama/Llama-3.1-8B-Instruct Llama-3.1-8B-Instruct-FP8 --kind fp8
     python scripts/quantize.py ./my-llama ./my-llama-int8 --kind int8 --device cuda
+    python scripts/quantize.py ./my-llama ./my-llama-fp8-head --kind fp8 --lm-head   # lm_head in fp8 too
 
 The output is what llm-compressor writes for its FP8_DYNAMIC (``--kind fp8``) and W8A8 INT8
 (``--kind int8``) presets with a min-max observer: every q/k/v/o/gate/up/down projection
 stored as ``<module>.weight`` (float8_e4m3fn or int8, symmetric, one scale per output channel)
 plus ``<module>.weight_scale`` (N, 1) float32; embedding, norms and lm_head unchanged (``ignore:
-["lm_head"]``); ``config.json`` gains the ``quantization_config``. Input activations are declared
+["lm_head"]``), or with ``--lm-head`` lm_head quantized the same way (``ignore: []``; not for a model
+whose lm_head is its embedding table); ``config.json`` gains the ``quantization_config``. Input activations are declared
 dynamic per-token (``--activations none`` declares weight-only); minillama computes weight-only
 either way, vLLM runs W8A8 on the dynamic ones. Load it with ``Llama.from_pretrained(out)``.
 
@@ -43,11 +45,12 @@ def parse_args(argv):
     p.add_argument("--activations", default="dynamic", choices=["dynamic", "none"],
                    help="input activation scheme declared in the config (default: dynamic per-token)")
     p.add_argument("--device", default="cpu", help="where to quantize (cuda is much faster for large models)")
+    p.add_argument("--lm-head", action="store_true", help="quantize lm_head too (an untied one)")
     return p.parse_args(argv)
 
 
 def quantize_checkpoint(source, output, kind: str, activations: str = "dynamic", device="cpu",
-                        progress=None) -> dict:
+                        progress=None, lm_head: bool = False) -> dict:
     """Write the compressed-tensors checkpoint; returns its quantization_config.
 
     progress: optional callable(tensor_name) called after each quantized tensor.
@@ -62,8 +65,11 @@ def quantize_checkpoint(source, output, kind: str, activations: str = "dynamic",
     if output.exists():
         raise ValueError(f"{output} exists; choose a new folder")
     config = LlamaConfig.from_dict(raw)
+    if lm_head and config.tie_word_embeddings:
+        raise ValueError(f"{source}'s lm_head is its embedding table (tie_word_embeddings), which stays in the "
+                         f"model dtype; drop --lm-head")
     scheme = QuantScheme(QUANTIZE_DTYPES[kind], "channel", None if activations == "none" else activations)
-    qconfig = QuantizationConfig(groups=((("Linear",), scheme),), ignore=("lm_head",))
+    qconfig = QuantizationConfig(groups=((("Linear",), scheme),), ignore=() if lm_head else ("lm_head",))
     schemes = module_schemes(qconfig, config.num_hidden_layers, config.tie_word_embeddings)
     quantized = {f"{m}.weight" for m, s in schemes.items() if s is not None}
 
@@ -125,8 +131,9 @@ def _main(argv) -> int:
         count[0] += 1
         print(f"\rquantized {count[0]} tensors ({name})", end="", file=sys.stderr, flush=True)
 
-    quantize_checkpoint(source, args.output, args.kind, args.activations, args.device, progress)
-    print(f"\nwrote {args.output}: {count[0]} projection weights in {args.kind}, per-channel scales", file=sys.stderr)
+    quantize_checkpoint(source, args.output, args.kind, args.activations, args.device, progress, args.lm_head)
+    what = "weights (the projections and lm_head)" if args.lm_head else "projection weights"
+    print(f"\nwrote {args.output}: {count[0]} {what} in {args.kind}, per-channel scales", file=sys.stderr)
     return 0
 
 

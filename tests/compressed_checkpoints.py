@@ -14,7 +14,8 @@ compressed-tensors library does it, independently of minillama:
   ``<module>.input_zero_point`` with static activations), all zeros, shaped like the scale and in
   the 8-bit dtype, as the library creates them (``lifecycle/initialize.py``, ``zp_dtype``) and
   some checkpoints keep them for symmetric schemes;
-* nothing for ignored modules (``lm_head`` by default).
+* nothing for ignored modules (``lm_head`` by default; with ``ignore=[]`` an untied lm_head is
+  quantized too).
 
 ``config.json`` gains the ``quantization_config`` written by compressed-tensors 0.1x. Nothing here
 imports minillama. ``dequantized_state_dict(dst)`` gives the float64 weights the checkpoint encodes.
@@ -104,7 +105,8 @@ def write_compressed_checkpoint(src, dst, kind: str = "float", weight_strategy: 
         out = {}
         for name, t in tensors.items():
             module = name.removesuffix(".weight")
-            if name.endswith(".weight") and module.endswith(PROJECTIONS) and not _ignored(module, ignore):
+            quantizable = module.endswith(PROJECTIONS) or module == "lm_head"  # what targets "Linear" match
+            if name.endswith(".weight") and quantizable and not _ignored(module, ignore):
                 q, scale = quantize_like_compressed_tensors(t, kind, weight_strategy)
                 out[name], out[f"{module}.weight_scale"] = q, scale
                 if activations == "static":

@@ -116,3 +116,34 @@ def test_a_failure_while_writing_removes_the_partial_output(tmp_path, quantize_s
     with pytest.raises(OSError, match="No space left"):
         quantize_script.quantize_checkpoint(tmp_path / "src", tmp_path / "out", "int8")
     assert not (tmp_path / "out").exists()
+
+
+def test_lm_head_flag_writes_the_head_that_quantize_lm_head_computes(tmp_path):
+    """--lm-head: lm_head is quantized like the projections (``ignore: []``), and the checkpoint
+    loads to the model that ``quantize="fp8", quantize_lm_head=True`` makes from the source."""
+    from minillama import Llama
+
+    write_checkpoint(tmp_path / "src", **SMALL)
+    proc = run_script(tmp_path / "src", tmp_path / "out", "--kind", "fp8", "--lm-head")
+    assert proc.returncode == 0, proc.stderr
+    assert "15 weights (the projections and lm_head) in fp8" in proc.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == []
+    out = read_all(tmp_path / "out")
+    q, scale = quantize_per_channel(read_all(tmp_path / "src")["lm_head.weight"], torch.float8_e4m3fn)
+    assert torch.equal(out["lm_head.weight"].view(torch.int8), q.view(torch.int8))
+    assert torch.equal(out["lm_head.weight_scale"], scale[:, None])
+    ids = [1, 17, 300, 42, 9, 250]
+    loaded = Llama.from_pretrained(tmp_path / "out", device="cpu").logits(ids)
+    at_load = Llama.from_pretrained(tmp_path / "src", device="cpu", quantize="fp8", quantize_lm_head=True).logits(ids)
+    assert torch.equal(loaded, at_load)
+
+
+def test_lm_head_flag_on_a_tied_model_is_a_one_line_error(tmp_path):
+    write_checkpoint(tmp_path / "src", tied=True, **SMALL)
+    proc = run_script(tmp_path / "src", tmp_path / "out", "--kind", "int8", "--lm-head")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "lm_head is its embedding table (tie_word_embeddings), which stays in the model dtype; drop --lm-head" \
+        in proc.stderr
+    assert not (tmp_path / "out").exists()

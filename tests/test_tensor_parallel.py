@@ -77,17 +77,19 @@ def mixed_step_logits(llm, ids):
 
 
 def run_8bit(folder, out_path, device="cpu", dtype=None):
-    """Logits (on the CPU) and greedy tokens with weights quantized at load, int8 and fp8, and with
-    the loaded model quantized in memory (quantize_model), int8."""
+    """Logits (on the CPU) and greedy tokens with weights quantized at load, int8 and fp8 (and fp8
+    with lm_head: each rank quantizes its vocabulary rows), and with the loaded model quantized in
+    memory (quantize_model), int8."""
     from minillama.quantization import quantize_model
 
     out = {}
-    for quantize in ("int8", "fp8", "int8 in memory"):
+    for quantize in ("int8", "fp8", "fp8 lm_head", "int8 in memory"):
         if quantize == "int8 in memory":
             llm = Llama.from_pretrained(folder, device=device, dtype=dtype)
             quantize_model(llm.model, "int8")
         else:
-            llm = Llama.from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
+            llm = Llama.from_pretrained(folder, device=device, dtype=dtype, quantize=quantize.split()[0],
+                                        quantize_lm_head=quantize.endswith("lm_head"))
         ids = llm.tokenizer.encode("the cat sat on the mat and then it", bos=True)
         out[quantize] = (llm.logits(ids).cpu(), [r.token_ids for r in llm.generate(PROMPTS, max_new_tokens=12)])
     torch.save(out, out_path)
