@@ -177,15 +177,25 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     A row with a NaN, a +inf or no finite logit at all gets :data:`NON_FINITE` (-1), decided on
     the device (-inf alone is a token that is never chosen, e.g. an undecodable id).
     """
-    finite = torch.isfinite(logits.amax(dim=-1))  # (B,); amax propagates NaN
-    if params.greedy:
-        ids = logits.argmax(dim=-1)
-    else:
+    top, ids = max_argmax(logits)
+    finite = torch.isfinite(top)  # (B,); the max propagates NaN
+    if not params.greedy:
         probs = filtered_probs(logits, params)
         race = torch.empty_like(probs).exponential_(1.0, generator=generator)
         race.clamp_min_(torch.finfo(race.dtype).tiny)  # a draw of exactly 0 would make 0 / 0 = nan win
-        ids = (probs / race).argmax(dim=-1)
+        ids = max_argmax(probs / race)[1]
     return torch.where(finite, ids, NON_FINITE)
+
+
+def max_argmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x.amax(-1), x.argmax(-1))`` of x (B, V), the max as float32: on CUDA one Triton launch
+    (``minillama.kernels.max_argmax``, the same numbers; torch reduces a row of Llama 3's 128256
+    logits in one block), elsewhere torch's."""
+    if x.is_cuda and x.shape[0] > 0:
+        from minillama import kernels  # Triton: imported where it runs
+
+        return kernels.max_argmax(x)
+    return x.amax(dim=-1).float(), x.argmax(dim=-1)
 
 
 class DecodableIds:

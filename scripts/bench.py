@@ -71,9 +71,11 @@ from minillama.model import Transformer, rope_inv_freq  # noqa: E402
 from minillama.parallel import join_from_environment  # noqa: E402
 from minillama.quantization import quantize_model  # noqa: E402
 from minillama.runner import Runner  # noqa: E402
+from minillama.sampling import SamplingParams, sample  # noqa: E402
 from llama31_shapes import LLAMA31_70B, LLAMA31_8B  # noqa: E402  (scripts/, beside this file)
 
 GiB = 1024**3
+GREEDY = SamplingParams()  # temperature 0
 RESULTS = {"config": {}, "ours": {}, "ablations": {}, "hf": {}, "skipped": []}
 TP = join_from_environment("cuda")  # None unless launched by torchrun
 WORLD = TP.world_size if TP is not None else 1
@@ -157,7 +159,7 @@ def decode_rate(runner, config, batch, length, steps, sync_each):
             for _ in range(steps if rep else 2):
                 logits = runner(tokens, cache)
                 cache.advance(1)
-                tokens = logits[:, -1].argmax(-1, keepdim=True)
+                tokens = sample(logits[:, -1], GREEDY)[:, None]  # as generate picks greedily
                 if sync_each:
                     tokens.tolist()
             torch.cuda.synchronize()
@@ -204,7 +206,7 @@ def kernel_profile(runner, config, batch, length):
             for _ in range(steps):
                 logits = runner(tokens, cache)
                 cache.advance(1)
-                tokens = logits[:, -1].argmax(-1, keepdim=True)
+                tokens = sample(logits[:, -1], GREEDY)[:, None]  # as generate picks greedily
             torch.cuda.synchronize()
     rows = {}
     for evt in prof.key_averages():

@@ -10,7 +10,8 @@ For each weight format (bf16; int8 and fp8, one scale per output channel; "int8+
 "fp8+head" quantize lm_head too, as ``quantize_lm_head=True`` does) and each multi-row
 8-bit matmul (``TritonBackend(matmul_8bit=...)``), on the Triton backend:
 
-  * decode: seconds per step at batch 1 and 16 (cache fill 512) through the Runner's CUDA graphs,
+  * decode: seconds per step at batch 1 and 16 (cache fill 512) through the Runner's CUDA graphs
+    and the generate loop's greedy pick (``sampling.sample``),
     tok/s, and the achieved weight bandwidth (bytes of every matrix but the embedding table,
     8-bit weights + their float32 scales, per step / step time);
   * TTFT: a 512- and a 2048-token prefill (median of --reps after an eager one and a capture,
@@ -40,8 +41,10 @@ from minillama.config import LlamaConfig  # noqa: E402
 from minillama.model import Transformer, rope_inv_freq  # noqa: E402
 from minillama.quantization import quantize_model  # noqa: E402
 from minillama.runner import Runner  # noqa: E402
+from minillama.sampling import SamplingParams, sample  # noqa: E402
 from llama31_shapes import LLAMA31_70B, LLAMA31_8B  # noqa: E402
 
+GREEDY = SamplingParams()  # temperature 0
 # weight format -> (quantize, quantize_lm_head)
 FORMATS = {"bf16": (None, False), "int8": ("int8", False), "fp8": ("fp8", False),
            "int8+head": ("int8", True), "fp8+head": ("fp8", True)}
@@ -135,7 +138,7 @@ def decode_step_s(runner: Runner, batch: int, fill: int, steps: int) -> float:
         for _ in range(steps if rep else 2):
             logits = runner(tokens, cache)
             cache.advance(1)
-            tokens = logits[:, -1].argmax(-1, keepdim=True)
+            tokens = sample(logits[:, -1], GREEDY)[:, None]  # as generate picks greedily
         sync(runner.device)
         if rep:
             per_step.append((time.perf_counter() - start) / steps)

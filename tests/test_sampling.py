@@ -255,3 +255,56 @@ def test_logit_bias_is_kept_sorted_and_hashable():
                                                               dict(repetition_penalty=1.1), dict(logit_bias={0: 0})))
     with pytest.raises(ValueError, match=r"\[30\].*\[0, 30\)"):
         SamplingParams(logit_bias={30: 1.0, 29: 1.0}).check_vocabulary(30)
+
+
+def hard_logits(B, V, dtype, device="cpu", seed=0):
+    """Logits (B, V) with the cases a max / argmax must get right: ties (the first index wins), a
+    row with NaNs and +inf (the first NaN is the argmax, the max is NaN), a row of -inf only."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, generator=g).to(dtype)
+    x[0, V // 3] = x[0, V // 2] = x[0, V - 1] = 30.0
+    if B > 2:
+        x[1, 3] = float("inf")
+        x[1, 7] = x[1, V - 5] = float("nan")
+        x[2] = float("-inf")
+    return x.to(device)
+
+
+def assert_max_argmax_equal(got, x):
+    top, first = got
+    assert top.dtype == torch.float32 and first.dtype == torch.int64
+    assert torch.equal(first, x.argmax(-1))
+    expected = x.amax(-1).float()
+    assert torch.equal(top.isnan(), expected.isnan())
+    assert torch.equal(top[~top.isnan()], expected[~expected.isnan()])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,V,block", [(1, 1000, 64), (4, 257, 16), (3, 64, 64), (2, 1, 64)])
+def test_max_argmax_kernel_equals_torch(dtype, B, V, block):
+    """``kernels.max_argmax`` (the greedy pick on CUDA) gives torch's amax / argmax: ties, NaN, +inf,
+    -inf rows, rows split over several programs, strided rows."""
+    import flashcore
+
+    if not flashcore.INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on the CPU)")
+    from minillama import kernels
+
+    x = hard_logits(B, V, dtype)
+    assert_max_argmax_equal(kernels.max_argmax(x, block), x)
+    wide = hard_logits(B, V + 9, dtype, seed=1)[:, :V]  # rows V + 9 apart
+    assert_max_argmax_equal(kernels.max_argmax(wide, block), wide)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_max_argmax_llama_vocab(dtype):
+    """Llama 3's vocabulary, 1-64 rows, on the GPU: the kernel equals torch's amax / argmax, and a
+    greedy sample() on the GPU picks what it picks on the CPU."""
+    from minillama import kernels
+
+    for B in (1, 3, 16, 64):
+        x = hard_logits(B, 128256, dtype, "cuda", seed=B)
+        assert_max_argmax_equal(kernels.max_argmax(x), x)
+        assert torch.equal(sample(x, SamplingParams()).cpu(), sample(x.cpu(), SamplingParams()))
