@@ -111,9 +111,10 @@ class Llama:
             progress: ``progress(bytes_loaded, bytes_total)`` after each tensor is on the device.
             quantize: None, "int8" or "fp8" (float8_e4m3fn): store every q/k/v/o/gate/up/down
                 weight in 8 bits with one float32 scale per output channel, quantized tensor by
-                tensor while loading; embedding and lm_head stay in ``dtype``. A checkpoint in the
-                compressed-tensors format (e.g. the Llama 3.1 ``-FP8`` models) loads its 8-bit
-                weights as they are, with quantize=None. See ``minillama.quantization``.
+                tensor while loading; the embedding stays in ``dtype``, and lm_head unless
+                ``quantize_lm_head``. A checkpoint in the compressed-tensors format (e.g. the
+                Llama 3.1 ``-FP8`` models) loads its 8-bit weights as they are, with
+                quantize=None. See ``minillama.quantization``.
             quantize_lm_head: with ``quantize``, store lm_head in 8 bits too, the same way (the
                 8B's 1.05 GB bf16 head is an eighth of what a batch-1 step reads with 8-bit
                 projections); a model whose lm_head is its embedding table (tied) refuses it.

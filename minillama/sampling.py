@@ -190,8 +190,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
 def max_argmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x.amax(-1), x.argmax(-1))`` of x (B, V), the max as float32: on CUDA one Triton launch
     (``minillama.kernels.max_argmax``, the same numbers; torch reduces a row of Llama 3's 128256
-    logits in one block), elsewhere torch's."""
-    if x.is_cuda and x.shape[0] > 0:
+    logits in one block), elsewhere (and for other dtypes than the model's) torch's."""
+    if x.is_cuda and x.shape[0] > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         from minillama import kernels  # Triton: imported where it runs
 
         return kernels.max_argmax(x)

@@ -50,12 +50,15 @@ def parse_args():
     p.add_argument("--skip-ablations", action="store_true")
     p.add_argument("--quantize", choices=("int8", "fp8"),
                    help="8-bit projection weights, per-channel scales (skips the ablations, which time bf16 cuBLAS)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head in 8 bits too")
     p.add_argument("--warm-triton-cache", action="store_true",
                    help="keep the user's Triton cache (default: a fresh one, so 'ready' includes compilation)")
     return p.parse_args()
 
 
 ARGS = parse_args()
+if ARGS.quantize_lm_head and ARGS.quantize is None:
+    raise SystemExit("--quantize-lm-head quantizes lm_head along with the projections: add --quantize int8 or fp8")
 ARGS.skip_ablations = ARGS.skip_ablations or ARGS.quantize is not None
 if not ARGS.warm_triton_cache:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")  # before triton is imported
@@ -458,7 +461,7 @@ def main():
         device=props.name, memory_GiB=props.total_memory / GiB, torch=torch.__version__, triton=triton.__version__,
         python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=sys.argv,
         model=ARGS.model or f"random Llama-3.1-{ARGS.shape.upper()} shapes, bf16", tensor_parallel=WORLD,
-        quantize=ARGS.quantize,
+        quantize=ARGS.quantize, quantize_lm_head=ARGS.quantize_lm_head,
     )
     if TP is not None:
         ARGS.skip_ablations, ARGS.hf = True, "none"  # the ablations and HF baselines are single-GPU
@@ -466,13 +469,13 @@ def main():
         from minillama import Llama
 
         llm = Llama.from_pretrained(ARGS.model, device="cuda", dtype=torch.bfloat16, backend="triton",
-                                    quantize=ARGS.quantize)
+                                    quantize=ARGS.quantize, quantize_lm_head=ARGS.quantize_lm_head)
         model, config = llm.model, llm.config
     else:
         config = LlamaConfig(**(LLAMA31_70B if ARGS.shape == "70b" else LLAMA31_8B))
         model = random_model(config, device)
         if ARGS.quantize:
-            quantize_model(model, ARGS.quantize)  # one matrix at a time, in place
+            quantize_model(model, ARGS.quantize, ARGS.quantize_lm_head)  # one matrix at a time, in place
     bench_ours(model, config)
     del model
     gc.collect()
