@@ -24,6 +24,9 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
   computed by the next projection's GEMV in its prologue (or, where that linear's ``fuse_norm`` is
   False, by its own kernel just before the GEMV). Given a :class:`PendingGemv` x, the GEMV that
   makes x adds the residual and norms, in its last program.
+* ``rope_cos_sin(positions, inv_freq, dtype) -> (cos, sin)``: RoPE's tables (T, D) for integer
+  positions (T,) (int32 or int64): the angles ``position * inv_freq`` in float32, their cosines and
+  sines rounded to dtype, each half of D the same (rotate-half layout).
 * ``rope_(qk, cos, sin, n_heads, head_dim)``: rotate the first n_heads heads of each row of
   qk (T, >= n_heads * D) in place; rotate-half layout, cos/sin (T, D).
 * ``silu_mul(gate_up)``: ``silu(gate) * up`` for gate_up (..., 2F) = [gate | up] -> (..., F).
@@ -82,6 +85,13 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """x * cos + rotate_half(x) * sin for x (..., D): dims i and i + D/2 form a pair (HF layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (T, D) for integer positions (T,), computed in float32."""
+    freqs = positions[:, None].float() * inv_freq  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 class NormedInput(NamedTuple):
@@ -157,6 +167,9 @@ class TorchBackend:
         # NaN check) instead of turning the row into zeros
         inverse_rms = torch.where(torch.isinf(mean_sq), torch.nan, torch.rsqrt(mean_sq + eps))
         return weight * (x32 * inverse_rms).to(x.dtype), x
+
+    def rope_cos_sin(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+        return rope_cos_sin(positions, inv_freq, dtype)
 
     def rope_(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, head_dim: int) -> None:
         T = qk.shape[0]
@@ -242,6 +255,9 @@ class TritonBackend(TorchBackend):
         normed, _ = self.kernels.add_rms_norm(x.x, x.residual, x.weight, x.eps,
                                               h_out=None if x.residual is None else x.new_residual)
         return normed
+
+    def rope_cos_sin(self, positions, inv_freq, dtype):
+        return self.kernels.rope_cos_sin(positions, inv_freq, dtype)
 
     def rope_(self, qk, cos, sin, n_heads, head_dim):
         self.kernels.rope_(qk, cos, sin, n_heads, head_dim)

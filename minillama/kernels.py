@@ -1,6 +1,6 @@
-"""Triton kernels behind :class:`minillama.backend.TritonBackend`: residual add + RMSNorm, RoPE in
-place, SiLU x mul, the single-token GEMV with a residual add + RMSNorm prologue and a SiLU x up
-epilogue, and for 8-bit weights (int8, float8_e4m3fn; ``minillama.quantization``) the same GEMV
+"""Triton kernels behind :class:`minillama.backend.TritonBackend`: residual add + RMSNorm, RoPE's
+cos / sin tables, RoPE in place, SiLU x mul, the single-token GEMV with a residual add + RMSNorm
+prologue and a SiLU x up epilogue, and for 8-bit weights (int8, float8_e4m3fn; ``minillama.quantization``) the same GEMV
 reading them (SCALE) and a matmul for several rows.
 
 Rounding: the elementwise kernels round to the model dtype wherever the torch backend does
@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
@@ -53,6 +54,32 @@ def _rms_normed(h, w, N, eps, ty: tl.constexpr):
     the normalized row is rounded to ty before the gain, as the torch backend rounds it."""
     scale = _inverse_rms(tl.sum(h * h, 0) / N, eps)
     return w * (h * scale).to(ty).to(tl.float32)
+
+
+@triton.jit
+def _rope_cos_sin_fwd(Positions, InvFreq, Cos, Sin, T, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr, LIBDEVICE: tl.constexpr):
+    # BLOCK_T tokens a program: angle = float32(position) * inv_freq, written twice per row (dims i
+    # and i + HALF). LIBDEVICE: CUDA's cosf / sinf, as torch's cos / sin run them (tl.cos / tl.sin
+    # may lower to the approximate instructions, which lose accuracy at RoPE's large angles); the
+    # interpreter has no libdevice and computes tl.cos / tl.sin exactly in float32.
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_i = tl.arange(0, BLOCK_HALF)
+    positions = tl.load(Positions + offs_t, mask=offs_t < T, other=0).to(tl.float32)
+    inv_freq = tl.load(InvFreq + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)
+    angle = positions[:, None] * inv_freq[None, :]
+    if LIBDEVICE:
+        cos, sin = libdevice.cos(angle), libdevice.sin(angle)
+    else:
+        cos, sin = tl.cos(angle), tl.sin(angle)
+    mask = (offs_t[:, None] < T) & (offs_i[None, :] < HALF)
+    first = offs_t.to(tl.int64)[:, None] * (2 * HALF) + offs_i[None, :]
+    ty = Cos.dtype.element_ty
+    cos, sin = cos.to(ty), sin.to(ty)
+    tl.store(Cos + first, cos, mask=mask)
+    tl.store(Cos + first + HALF, cos, mask=mask)
+    tl.store(Sin + first, sin, mask=mask)
+    tl.store(Sin + first + HALF, sin, mask=mask)
 
 
 @triton.jit
@@ -569,6 +596,26 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
             (x2.stride(0), r.stride(0), h.stride(0), normed.stride(0), N, eps), num_warps=8 if N >= 2048 else 4,
             ADD=residual is not None, BLOCK=triton.next_power_of_2(N))
     return normed.view(x.shape), h.view(x.shape)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """RoPE's cos, sin (T, D) in ``dtype`` for integer positions (T,) and inv_freq (D/2,) (float32 in
+    a loaded model; widened to float32 where a cast model holds it in its dtype), in one launch: the
+    values of ``minillama.backend.rope_cos_sin``'s float32 ops (ten small kernels in torch, ~13 us
+    of a batch-1 decode step on the H200, 2026-12-03)."""
+    assert positions.dim() == 1 and not positions.dtype.is_floating_point and inv_freq.dtype.is_floating_point
+    T, half = positions.shape[0], inv_freq.shape[0]
+    # the interpreter rounds float32 to bfloat16 by truncation: there torch rounds the float32 tables
+    rounded_here = not (INTERPRET and dtype == torch.bfloat16)
+    tables = torch.empty((2, T, 2 * half), dtype=dtype if rounded_here else torch.float32, device=positions.device)
+    block_t = 16
+    _launch(_rope_cos_sin_fwd, (triton.cdiv(T, block_t),), (positions.contiguous(), inv_freq.contiguous(),
+                                                            tables[0], tables[1]),
+            (T,), num_warps=4, HALF=half, BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half),
+            LIBDEVICE=not INTERPRET)
+    if not rounded_here:
+        tables = tables.to(dtype)
+    return tables[0], tables[1]
 
 
 def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, head_dim: int) -> None:

@@ -51,13 +51,6 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (T, D) for integer positions (T,), computed in float32."""
-    freqs = positions[:, None].float() * inv_freq  # (T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): rotate-half layout
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 class Rows(NamedTuple):
     """Layout of :meth:`Transformer.forward`: S new tokens on each of B cache rows, at each row's
     fill, flattened (B, S) row-major. Attention runs flashcore's (K, V, seq_lens) kernel."""
@@ -197,7 +190,10 @@ class Transformer(nn.Module):
         rows = None
         if logits_at is not None and S > 1:
             rows = torch.arange(B, device=tokens.device) * S + logits_at.to(tokens.device)  # (B,) into B * S tokens
-        positions = (cache.seq_lens[:, None].long() + torch.arange(S, device=tokens.device)).view(-1)  # (B S,)
+        if S == 1:  # each row's one new token sits at its fill
+            positions = cache.seq_lens  # (B,) int32
+        else:
+            positions = (cache.seq_lens[:, None].long() + torch.arange(S, device=tokens.device)).view(-1)  # (B S,)
         logits = self._forward(tokens.reshape(-1), positions, Rows(B, S, cache), rows)
         return logits.view(B, -1, logits.shape[-1])  # (B, S or 1, V)
 
@@ -223,7 +219,7 @@ class Transformer(nn.Module):
     def _forward(self, tokens, positions, layout, logits_rows) -> torch.Tensor:
         """The one forward: embeddings, the blocks (attention through ``layout``), norm and head."""
         x = self.tok_embeddings(tokens)  # (T, hidden)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
+        cos, sin = self.backend.rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, layout, i)

@@ -319,6 +319,52 @@ def test_elementwise_kernels_read_strided_rows():
     torch.testing.assert_close(triton_backend.silu_mul(gate_up), torch_backend.silu_mul(gate_up), rtol=1e-6, atol=1e-6)
 
 
+def _rope_tables_cases(device):
+    """(positions, inv_freq, dtype) with positions up to Llama 3.1's 131072 (angles up to ~1.3e5
+    rad, where approximate sin / cos would be off) and its scaled frequencies, fresh each call."""
+    config = LlamaConfig(hidden_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=1, vocab_size=8, rope_theta=500000.0, max_position_embeddings=131072,
+                         rope_scaling={**LLAMA31_ROPE, "original_max_position_embeddings": 8192})
+    from minillama.model import rope_inv_freq
+
+    inv_freq = rope_inv_freq(config).to(device)  # 64 frequencies: head_dim 128
+    for T, index_dtype in ((1, torch.int32), (37, torch.int64), (300, torch.int32)):
+        positions = torch.randint(0, 131072, (T,), dtype=index_dtype).to(device)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            yield positions, inv_freq, dtype
+
+
+@pytest.mark.triton
+@interpreted
+def test_rope_tables_match_torch():
+    """kernels.rope_cos_sin (one launch) gives the torch backend's cos / sin tables: float32 angles,
+    both halves of each row equal. Under the interpreter numpy's cos / sin may differ from torch's
+    in the last float32 bit, so there within one unit in the last place of the dtype."""
+    from minillama import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for positions, inv_freq, dtype in _rope_tables_cases(device):
+        cos, sin = kernels.rope_cos_sin(positions, inv_freq, dtype)
+        want_cos, want_sin = TorchBackend().rope_cos_sin(positions, inv_freq, dtype)
+        for got, want in ((cos, want_cos), (sin, want_sin)):
+            assert got.dtype == dtype and got.shape == (positions.shape[0], 128) and got.is_contiguous()
+            assert torch.equal(got[:, :64], got[:, 64:])
+            ulp = torch.finfo(dtype).eps
+            assert (got.float() - want.float()).abs().max().item() <= ulp, (dtype, positions.dtype)
+
+
+@pytest.mark.gpu
+def test_rope_tables_equal_torch_on_gpu():
+    """On CUDA the kernel computes cos / sin with CUDA's cosf / sinf, as torch does: the tables are
+    torch's bit for bit, in every dtype, at positions up to 131072."""
+    from minillama import kernels
+
+    for positions, inv_freq, dtype in _rope_tables_cases("cuda"):
+        cos, sin = kernels.rope_cos_sin(positions, inv_freq, dtype)
+        want_cos, want_sin = TorchBackend().rope_cos_sin(positions, inv_freq, dtype)
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin), (dtype, positions.shape)
+
+
 @pytest.mark.triton
 @interpreted
 def test_elementwise_launches_are_kept_per_specialization():

@@ -283,7 +283,7 @@ def test_quantize_on_a_quantized_checkpoint_is_an_error(tmp_path):
 
 def rope_inputs(g, head_dim, device="cpu", dtype=torch.float32):
     """cos, sin (1, head_dim) of a random position, as the model makes them."""
-    from minillama.model import rope_cos_sin
+    from minillama.backend import rope_cos_sin
 
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     position = torch.randint(0, 4096, (1,), generator=g, device=device)
