@@ -311,10 +311,11 @@ def _first_max(x, index, none):
 
 @triton.jit
 def _max_argmax_fwd(X, Part_max, Part_index, Arrival, Max, Index, V, stride_x,
-                    BLOCK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
+                    BLOCK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, NON_FINITE: tl.constexpr):
     """One program per (chunk of BLOCK values, row): the chunk's max and its first index go to the
     row's partials; the row's last program to arrive on its int32 counter (zero before, zero again
-    after) reduces the CHUNKS partials in chunk order, so ties keep the first index."""
+    after) reduces the CHUNKS partials in chunk order, so ties keep the first index. NON_FINITE (an
+    int, or None): the index written for a row whose max is NaN, +inf or -inf."""
     chunk = tl.program_id(0)
     row = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -329,6 +330,8 @@ def _max_argmax_fwd(X, Part_max, Part_index, Arrival, Max, Index, V, stride_x,
         tops = tl.load(Part_max + row * CHUNKS + parts, mask=valid, other=float("-inf"), cache_modifier=".cg")
         firsts = tl.load(Part_index + row * CHUNKS + parts, mask=valid, other=V, cache_modifier=".cg")
         top, first = _first_max(tops, firsts, V)
+        if NON_FINITE is not None:
+            first = tl.where((top == top) & (tl.abs(top) != float("inf")), first, NON_FINITE)
         tl.store(Max + row, top)
         tl.store(Index + row, first)
         tl.store(Arrival + row, 0)  # zero again for the next launch
@@ -965,10 +968,11 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return out
 
 
-def max_argmax(x: torch.Tensor, block: Optional[int] = None):
+def max_argmax(x: torch.Tensor, block: Optional[int] = None, non_finite: Optional[int] = None):
     """``(x.amax(-1), x.argmax(-1))`` of logits x (B, V) in one launch: the max as float32 (NaN
     where a row holds one), the first index of it as int64 (of the first NaN where a row holds one),
-    as torch's amax / argmax give them. Each row is split into chunks of ``block`` values (default
+    as torch's amax / argmax give them; with ``non_finite`` (an int), that index instead where a
+    row's max is not finite (NaN, +inf, or a row of -inf). Each row is split into chunks of ``block`` values (default
     2048), so a row of Llama 3's 128256 logits is reduced by 63 programs at once (torch's argmax
     reduced it in one block: 36 us a row on the H200, 2026-12-03)."""
     B, V = x.shape
@@ -980,5 +984,6 @@ def max_argmax(x: torch.Tensor, block: Optional[int] = None):
     parts = torch.empty(B, chunks, dtype=torch.float32, device=x.device)
     part_index = torch.empty(B, chunks, dtype=torch.int32, device=x.device)
     _launch(_max_argmax_fwd, (chunks, B), (x, parts, part_index, _split_arrivals(x.device, B), top, first),
-            (V, x.stride(0)), num_warps=4, BLOCK=block, CHUNKS=chunks, BLOCK_CHUNKS=triton.next_power_of_2(chunks))
+            (V, x.stride(0)), num_warps=4, BLOCK=block, CHUNKS=chunks, BLOCK_CHUNKS=triton.next_power_of_2(chunks),
+            NON_FINITE=non_finite)
     return top, first

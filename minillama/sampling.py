@@ -177,25 +177,31 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     A row with a NaN, a +inf or no finite logit at all gets :data:`NON_FINITE` (-1), decided on
     the device (-inf alone is a token that is never chosen, e.g. an undecodable id).
     """
-    top, ids = max_argmax(logits)
+    top, ids = max_argmax(logits, NON_FINITE)  # the greedy ids, NON_FINITE where the max is not finite
+    if params.greedy:
+        return ids
     finite = torch.isfinite(top)  # (B,); the max propagates NaN
-    if not params.greedy:
-        probs = filtered_probs(logits, params)
-        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-        race.clamp_min_(torch.finfo(race.dtype).tiny)  # a draw of exactly 0 would make 0 / 0 = nan win
-        ids = max_argmax(probs / race)[1]
+    probs = filtered_probs(logits, params)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race.clamp_min_(torch.finfo(race.dtype).tiny)  # a draw of exactly 0 would make 0 / 0 = nan win
+    ids = max_argmax(probs / race)[1]
     return torch.where(finite, ids, NON_FINITE)
 
 
-def max_argmax(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(x.amax(-1), x.argmax(-1))`` of x (B, V), the max as float32: on CUDA one Triton launch
-    (``minillama.kernels.max_argmax``, the same numbers; torch reduces a row of Llama 3's 128256
-    logits in one block), elsewhere (and for other dtypes than the model's) torch's."""
+def max_argmax(x: torch.Tensor, non_finite: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x.amax(-1), x.argmax(-1))`` of x (B, V), the max as float32; with ``non_finite``, that id
+    where a row's max is NaN or infinite. On CUDA one Triton launch (``minillama.kernels.max_argmax``,
+    the same numbers; torch reduces a row of Llama 3's 128256 logits in one block, and its finite
+    check and ``where`` took six more small kernels), elsewhere (and for other dtypes than the
+    model's) torch's."""
     if x.is_cuda and x.shape[0] > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         from minillama import kernels  # Triton: imported where it runs
 
-        return kernels.max_argmax(x)
-    return x.amax(dim=-1).float(), x.argmax(dim=-1)
+        return kernels.max_argmax(x, non_finite=non_finite)
+    top, ids = x.amax(dim=-1).float(), x.argmax(dim=-1)
+    if non_finite is not None:
+        ids = torch.where(torch.isfinite(top), ids, non_finite)
+    return top, ids
 
 
 class DecodableIds:

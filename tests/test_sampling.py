@@ -295,6 +295,12 @@ def test_max_argmax_kernel_equals_torch(dtype, B, V, block):
     assert_max_argmax_equal(kernels.max_argmax(x, block), x)
     wide = hard_logits(B, V + 9, dtype, seed=1)[:, :V]  # rows V + 9 apart
     assert_max_argmax_equal(kernels.max_argmax(wide, block), wide)
+    if B > 3:
+        x[3, 5] = float("inf")  # +inf alone: not finite either
+    top, ids = kernels.max_argmax(x, block, non_finite=NON_FINITE)  # what a greedy sample() runs
+    assert torch.equal(ids, torch.where(torch.isfinite(x.amax(-1)), x.argmax(-1), NON_FINITE))
+    assert torch.equal(top.isnan(), x.amax(-1).isnan())
+    assert (ids == NON_FINITE).sum().item() == {1: 0, 4: 3, 3: 2, 2: 0}[B]
 
 
 @pytest.mark.gpu
