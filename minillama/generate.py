@@ -124,6 +124,7 @@ class TokenLoop:
         self.times = StepTimes()
         self._step = 0  # the step whose tokens were yielded last
         self._step_lock = step_lock(runner)  # one step (forward + sample) at a time per model
+        self._ids_host: Optional[torch.Tensor] = None  # pinned: a step's ids, copied while the next step runs
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """End ``row`` now (at the current step); a row already done keeps its first reason."""
@@ -175,6 +176,40 @@ class TokenLoop:
             self.processor.add(ids)
         return ids
 
+    def _read_ids(self, ids: torch.Tensor, step: int) -> Tuple[List[int], Optional[torch.Tensor]]:
+        """Step ``step``'s ids on the host, and the next step's ids when that step was launched
+        (else None). On CUDA, from the second step on, while a row may still need it, the next step
+        is launched after the ids' copy to the host is queued and before the host waits for the
+        copy: the GPU runs it while the host handles these ids (the host's time per step no longer
+        leaves the GPU idle). Where every row turns out to be done, :meth:`_undo_step` takes it
+        back. The first step's ids are read first: the next step may capture a CUDA graph."""
+        produced = step + 1  # tokens per row once these ids are read
+        if not (self._overlaps(ids) and step > 0 and produced < self.max_new_tokens and not all(self.done)):
+            return ids.tolist(), None
+        if ids.is_cuda:
+            if self._ids_host is None or self._ids_host.shape != ids.shape:
+                self._ids_host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._ids_host.copy_(ids, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        with self._step_lock, torch.inference_mode():
+            launched = self._sample(self._decode(ids))
+        if not ids.is_cuda:
+            return ids.tolist(), launched
+        copied.synchronize()
+        return self._ids_host.tolist(), launched
+
+    @staticmethod
+    def _overlaps(ids: torch.Tensor) -> bool:
+        """Whether the next step runs while the host reads ``ids``: on CUDA (elsewhere the step would
+        run before the host reads them, with nothing to gain)."""
+        return ids.is_cuda
+
+    def _undo_step(self) -> None:
+        """Take back a launched step that no row needs: its token's slot in each row is dropped (the
+        keys written there lie past the fill, overwritten by the next tokens)."""
+        self.cache.advance(-1)
+
     def __iter__(self) -> Iterator[List[Optional[int]]]:
         if all(self.done):
             return
@@ -187,33 +222,40 @@ class TokenLoop:
                                      [self.min_tokens_ids] * len(self.prompts))
             next_ids = self._sample(logits)
         step = 0
-        while True:
-            ids = next_ids.tolist()  # the one host sync per step: the chosen ids
-            self.times.step_s.append(time.perf_counter() - start)
-            if step == 0:
-                self.times.prefill_s = self.times.step_s[0]
-            self._step = step
-            step += 1
-            out: List[Optional[int]] = []
-            for b, t in enumerate(ids):
-                if self.done[b]:
-                    out.append(None)
-                elif t == NON_FINITE:  # the sampler's mark for NaN/Inf logits
-                    raise NonFiniteLogitsError.from_model(self.runner.model, b, self._step)
-                elif t in self.stop_ids:
-                    self.stop_token[b] = t
-                    self.finish(b, "stop")
-                    out.append(None)
-                else:
-                    self.new_tokens[b].append(t)
-                    out.append(t)
-                    if len(self.new_tokens[b]) >= self.max_new_tokens:
-                        self.finish(b, "length")
-            yield out
-            if all(self.done):
-                break
-            with self._step_lock, torch.inference_mode():
-                next_ids = self._sample(self._decode(next_ids))
+        launched = None  # the next step's ids, when it was launched before this step's ids were read
+        try:
+            while True:
+                ids, launched = self._read_ids(next_ids, step)  # the one host sync per step
+                self.times.step_s.append(time.perf_counter() - start)
+                if step == 0:
+                    self.times.prefill_s = self.times.step_s[0]
+                self._step = step
+                step += 1
+                out: List[Optional[int]] = []
+                for b, t in enumerate(ids):
+                    if self.done[b]:
+                        out.append(None)
+                    elif t == NON_FINITE:  # the sampler's mark for NaN/Inf logits
+                        raise NonFiniteLogitsError.from_model(self.runner.model, b, self._step)
+                    elif t in self.stop_ids:
+                        self.stop_token[b] = t
+                        self.finish(b, "stop")
+                        out.append(None)
+                    else:
+                        self.new_tokens[b].append(t)
+                        out.append(t)
+                        if len(self.new_tokens[b]) >= self.max_new_tokens:
+                            self.finish(b, "length")
+                yield out
+                if all(self.done):
+                    break
+                if launched is None:
+                    with self._step_lock, torch.inference_mode():
+                        launched = self._sample(self._decode(next_ids))
+                next_ids, launched = launched, None
+        finally:
+            if launched is not None:  # every row ended (or the caller stopped) with a step in flight
+                self._undo_step()
         self.times.decode_s = self.times.step_s[-1] - self.times.step_s[0]
         self.times.decode_steps = step - 1
 

@@ -149,6 +149,67 @@ def test_finished_row_changes_nothing_and_loop_stops_when_all_done(sp):
     assert [r.decode_steps for r in done] == [0] * 4
 
 
+def test_next_step_launched_before_the_ids_are_read_changes_nothing(monkeypatch, sp):
+    """On CUDA the loop launches step n + 1 before the host reads step n's ids, and takes it back
+    when every row turns out to be done. Forced here on the CPU: the same tokens, finish reasons and
+    steps as the plain loop, and the cache left as the plain loop leaves it (fills, and every cached
+    key / value), whether rows end by stop ids at different steps, by length, by the caller's
+    finish() (a stop string), by a caller that stops iterating, or by sampling with penalties; and a
+    second turn on that cache continues alike."""
+    assert_overlapped_loop_equals_plain(monkeypatch, sp)
+
+
+@pytest.mark.gpu
+def test_next_step_launched_before_the_ids_are_read_changes_nothing_on_gpu(monkeypatch, sp_folder):
+    """The same on CUDA, where the ids reach the host by a pinned copy while the next step runs."""
+    assert_overlapped_loop_equals_plain(monkeypatch, Llama.from_pretrained(sp_folder, device="cuda"))
+
+
+def assert_overlapped_loop_equals_plain(monkeypatch, sp):
+    from minillama.generate import TokenLoop
+    from minillama.sampling import SamplingParams
+
+    prompts = random_prompts(sp, (1, 7, 30), seed=7)
+    solo = [sp.generate([p], max_new_tokens=12)[0].token_ids for p in prompts]
+    stop = solo[1][3]  # row 1 ends at its fourth token, the others where they produce it, if they do
+    penalized = SamplingParams(temperature=1.0, top_p=0.9, seed=3, frequency_penalty=1.0)
+
+    def run(overlap, make_loop, finish_at=None, close_at=None):
+        monkeypatch.setattr(TokenLoop, "_overlaps", staticmethod(lambda ids: overlap))
+        sp.runner.clear()  # both runs meet eager steps, captures and replays (other kernels) alike
+        cache = sp.new_cache(len(prompts), 100)
+        turns = []
+        for turn in range(2):
+            loop = make_loop(cache, turn)
+            for step, out in enumerate(loop):
+                if step == finish_at:
+                    loop.finish(0)
+                    loop.finish(2)
+                if step == close_at:
+                    break
+            fills = list(cache.seq_lens_cpu)
+            assert cache.seq_lens.tolist() == fills
+            keys = [(cache.k[:, b, :n].clone(), cache.v[:, b, :n].clone()) for b, n in enumerate(fills)]
+            turns.append((loop.new_tokens, loop.finish_reason, loop.stop_token, loop.finish_step, fills, keys))
+        return turns
+
+    cases = {
+        "stop ids": (lambda cache, turn: TokenLoop(sp.runner, prompts, 12, stop_ids=[stop], cache=cache), {}),
+        "length": (lambda cache, turn: TokenLoop(sp.runner, prompts, 5 + turn, cache=cache), {}),
+        "finish()": (lambda cache, turn: TokenLoop(sp.runner, prompts, 9, stop_ids=[stop], cache=cache),
+                     dict(finish_at=4)),
+        "caller stops": (lambda cache, turn: TokenLoop(sp.runner, prompts, 12, cache=cache), dict(close_at=3)),
+        "penalties": (lambda cache, turn: TokenLoop(sp.runner, prompts, 8, penalized, cache=cache), {}),
+    }
+    for name, (make_loop, stops) in cases.items():
+        plain, overlapped = run(False, make_loop, **stops), run(True, make_loop, **stops)
+        for (*outcome_a, keys_a), (*outcome_b, keys_b) in zip(plain, overlapped):
+            assert outcome_a == outcome_b, name
+            for (k_a, v_a), (k_b, v_b) in zip(keys_a, keys_b):
+                assert torch.equal(k_a, k_b) and torch.equal(v_a, v_b), name
+    assert any(len(t) < 12 for t in run(True, cases["stop ids"][0])[0][0])  # a stop id did end a row
+
+
 def test_sampling_in_a_batch_is_seeded(sp):
     prompts = random_prompts(sp, (3, 9))
     kwargs = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5)
