@@ -194,10 +194,14 @@ class TokenLoop:
             copied.record()
         with self._step_lock, torch.inference_mode():
             launched = self._sample(self._decode(ids))
-        if not ids.is_cuda:
-            return ids.tolist(), launched
-        copied.synchronize()
-        return self._ids_host.tolist(), launched
+        try:  # the host waits here: a Ctrl-C lands here, with the next step launched
+            if not ids.is_cuda:
+                return ids.tolist(), launched
+            copied.synchronize()
+            return self._ids_host.tolist(), launched
+        except BaseException:
+            self._undo_step()
+            raise
 
     @staticmethod
     def _overlaps(ids: torch.Tensor) -> bool:

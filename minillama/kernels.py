@@ -1,7 +1,7 @@
 """Triton kernels behind :class:`minillama.backend.TritonBackend`: residual add + RMSNorm, RoPE's
 cos / sin tables, RoPE in place, SiLU x mul, the single-token GEMV with a residual add + RMSNorm
-prologue and a SiLU x up epilogue, and for 8-bit weights (int8, float8_e4m3fn; ``minillama.quantization``) the same GEMV
-reading them (SCALE) and a matmul for several rows.
+prologue and a SiLU x up epilogue, and for 8-bit weights (int8, float8_e4m3fn;
+``minillama.quantization``) the same GEMV reading them (SCALE) and a matmul for several rows.
 
 Rounding: the elementwise kernels round to the model dtype wherever the torch backend does
 (``bf16(w * bf16(x * r))``, ``bf16(bf16(x cos) + bf16(rot(x) sin))``, ...), so the two backends agree
@@ -62,7 +62,7 @@ def _rope_cos_sin_fwd(Positions, InvFreq, Cos, Sin, T, HALF: tl.constexpr, BLOCK
     # BLOCK_T tokens a program: angle = float32(position) * inv_freq, written twice per row (dims i
     # and i + HALF). LIBDEVICE: CUDA's cosf / sinf, as torch's cos / sin run them (tl.cos / tl.sin
     # may lower to the approximate instructions, which lose accuracy at RoPE's large angles); the
-    # interpreter has no libdevice and computes tl.cos / tl.sin exactly in float32.
+    # interpreter has no libdevice: there tl.cos / tl.sin are numpy's float32 ones.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_i = tl.arange(0, BLOCK_HALF)
     positions = tl.load(Positions + offs_t, mask=offs_t < T, other=0).to(tl.float32)
@@ -972,9 +972,9 @@ def max_argmax(x: torch.Tensor, block: Optional[int] = None, non_finite: Optiona
     """``(x.amax(-1), x.argmax(-1))`` of logits x (B, V) in one launch: the max as float32 (NaN
     where a row holds one), the first index of it as int64 (of the first NaN where a row holds one),
     as torch's amax / argmax give them; with ``non_finite`` (an int), that index instead where a
-    row's max is not finite (NaN, +inf, or a row of -inf). Each row is split into chunks of ``block`` values (default
-    2048), so a row of Llama 3's 128256 logits is reduced by 63 programs at once (torch's argmax
-    reduced it in one block: 36 us a row on the H200, 2026-12-03)."""
+    row's max is not finite (NaN, +inf, or a row of -inf). Each row is split into chunks of
+    ``block`` values (default 2048), so a row of Llama 3's 128256 logits is reduced by 63 programs
+    at once (torch's argmax reduced it in one block: 36 us a row on the H200, 2026-12-03)."""
     B, V = x.shape
     x = _unit_stride_rows(x)
     block = block or (64 if INTERPRET else 2048)

@@ -177,9 +177,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     A row with a NaN, a +inf or no finite logit at all gets :data:`NON_FINITE` (-1), decided on
     the device (-inf alone is a token that is never chosen, e.g. an undecodable id).
     """
-    top, ids = max_argmax(logits, NON_FINITE)  # the greedy ids, NON_FINITE where the max is not finite
     if params.greedy:
-        return ids
+        return max_argmax(logits, NON_FINITE)[1]  # NON_FINITE where a row's max is not finite
+    top, _ = max_argmax(logits)
     finite = torch.isfinite(top)  # (B,); the max propagates NaN
     probs = filtered_probs(logits, params)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)

@@ -209,6 +209,28 @@ def assert_overlapped_loop_equals_plain(monkeypatch, sp):
                 assert torch.equal(k_a, k_b) and torch.equal(v_a, v_b), name
     assert any(len(t) < 12 for t in run(True, cases["stop ids"][0])[0][0])  # a stop id did end a row
 
+    # a Ctrl-C while the host waits for step 2's ids (step 3 launched in the overlapped loop)
+    fills = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(TokenLoop, "_overlaps", staticmethod(lambda ids: overlap))
+        cache = sp.new_cache(len(prompts), 100)
+        loop = TokenLoop(sp.runner, prompts, 12, cache=cache)
+        steps = iter(loop)
+        next(steps), next(steps)
+        reads, tolist = [], torch.Tensor.tolist
+
+        def interrupted(t):
+            reads.append(t)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(torch.Tensor, "tolist", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            next(steps)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        assert len(reads) == 1
+        fills[overlap] = (list(cache.seq_lens_cpu), cache.seq_lens.tolist())
+    assert fills[True] == fills[False] and fills[True][0] == fills[True][1]
+
 
 def test_sampling_in_a_batch_is_seeded(sp):
     prompts = random_prompts(sp, (3, 9))
