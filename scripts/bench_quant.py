@@ -11,9 +11,10 @@ For each weight format (bf16; int8 and fp8, one scale per output channel; "int8+
 8-bit matmul (``TritonBackend(matmul_8bit=...)``), on the Triton backend:
 
   * decode: seconds per step at batch 1 and 16 (cache fill 512) through the Runner's CUDA graphs
-    and the generate loop's greedy pick (``sampling.sample``),
+    and the generate loop's greedy pick (``sampling.sample``), steps back to back,
     tok/s, and the achieved weight bandwidth (bytes of every matrix but the embedding table,
-    8-bit weights + their float32 scales, per step / step time);
+    8-bit weights + their float32 scales, per step / step time); and the tok/s of the generate
+    loop itself (``TokenLoop``: prompts of the fill's length, the host reading each step's ids);
   * TTFT: a 512- and a 2048-token prefill (median of --reps after an eager one and a capture,
     both untimed; the eager one's time is reported too);
   * weight memory (GB).
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 
 from minillama.backend import MATMUL_8BIT, TritonBackend  # noqa: E402
 from minillama.config import LlamaConfig  # noqa: E402
+from minillama.generate import TokenLoop  # noqa: E402
 from minillama.model import Transformer, rope_inv_freq  # noqa: E402
 from minillama.quantization import quantize_model  # noqa: E402
 from minillama.runner import Runner  # noqa: E402
@@ -145,6 +147,25 @@ def decode_step_s(runner: Runner, batch: int, fill: int, steps: int) -> float:
     return statistics.median(per_step)
 
 
+def loop_step_s(runner: Runner, batch: int, fill: int, steps: int) -> float:
+    """Seconds per decode step of the generate loop (``TokenLoop``, greedy, no stop ids): prompts of
+    ``fill`` random tokens, ``steps`` new tokens (at least 2), median of 3 runs after one that
+    captures the graphs of its cache."""
+    steps = max(steps, 2)
+    cache = runner.new_cache(batch, fill + steps)
+    prompts = [torch.randint(0, runner.config.vocab_size, (fill,), generator=torch.Generator().manual_seed(b)).tolist()
+               for b in range(batch)]
+    per_step = []
+    for rep in range(4):
+        cache.set_lengths([0] * batch)
+        loop = TokenLoop(runner, prompts, steps, cache=cache)
+        for _ in loop:
+            pass
+        if rep:
+            per_step.append(loop.times.decode_s / loop.times.decode_steps)
+    return statistics.median(per_step)
+
+
 def prefill_s(runner: Runner, length: int, reps: int):
     """(median seconds of ``reps`` prefills of ``length`` tokens, seconds of the first, eager one).
 
@@ -188,6 +209,7 @@ def main(argv=None) -> int:
                     s = decode_step_s(runner, b, args.cache_len, args.steps)
                     row[f"decode_b{b}_tok_s"] = b / s
                     row[f"decode_b{b}_weight_gb_s"] = weight_bytes / s / 1e9
+                    row[f"decode_b{b}_loop_tok_s"] = b / loop_step_s(runner, b, args.cache_len, args.steps)
                 for n in prompt_lens:
                     replayed, eager = prefill_s(runner, n, args.reps)
                     row[f"ttft_{n}_ms"] = 1000 * replayed

@@ -1012,7 +1012,7 @@ def test_bench_quant_smoke(tmp_path):
                         "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["format"], r["matmul_8bit"]) for r in rows] == [("int8", "triton")]
-    assert rows[0]["decode_b2_tok_s"] > 0 and rows[0]["ttft_8_ms"] > 0
+    assert rows[0]["decode_b2_tok_s"] > 0 and rows[0]["decode_b2_loop_tok_s"] > 0 and rows[0]["ttft_8_ms"] > 0
 
 
 def test_nan_in_8bit_weights_or_scales_is_named(tmp_path):
