@@ -24,7 +24,7 @@ from minillama.concurrency import step_lock
 from minillama.errors import NonFiniteLogitsError
 from minillama.kv_cache import KVCache
 from minillama.runner import Runner
-from minillama.sampling import NON_FINITE, LogitsProcessor, SamplingParams, sample
+from minillama.sampling import NON_FINITE, LogitsProcessor, SamplingParams, record_event, sample, to_host
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 
@@ -124,7 +124,6 @@ class TokenLoop:
         self.times = StepTimes()
         self._step = 0  # the step whose tokens were yielded last
         self._step_lock = step_lock(runner)  # one step (forward + sample) at a time per model
-        self._ids_host: Optional[torch.Tensor] = None  # pinned: a step's ids, copied while the next step runs
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """End ``row`` now (at the current step); a row already done keeps its first reason."""
@@ -186,22 +185,20 @@ class TokenLoop:
         produced = step + 1  # tokens per row once these ids are read
         if not (self._overlaps(ids) and step > 0 and produced < self.max_new_tokens and not all(self.done)):
             return ids.tolist(), None
-        if ids.is_cuda:
-            if self._ids_host is None or self._ids_host.shape != ids.shape:
-                self._ids_host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            self._ids_host.copy_(ids, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        with self._step_lock, torch.inference_mode():
-            launched = self._sample(self._decode(ids))
+        host, copied = to_host(ids), record_event(ids.device)
+        launched = self._launch_step(ids)
         try:  # the host waits here: a Ctrl-C lands here, with the next step launched
-            if not ids.is_cuda:
-                return ids.tolist(), launched
-            copied.synchronize()
-            return self._ids_host.tolist(), launched
+            if copied is not None:
+                copied.synchronize()
+            return host.tolist(), launched
         except BaseException:
             self._undo_step()
             raise
+
+    def _launch_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Launch the decode step that feeds ``ids``: its sampled ids (B,), on the device."""
+        with self._step_lock, torch.inference_mode():
+            return self._sample(self._decode(ids))
 
     @staticmethod
     def _overlaps(ids: torch.Tensor) -> bool:
@@ -253,10 +250,8 @@ class TokenLoop:
                 yield out
                 if all(self.done):
                     break
-                if launched is None:
-                    with self._step_lock, torch.inference_mode():
-                        launched = self._sample(self._decode(next_ids))
-                next_ids, launched = launched, None
+                next_ids = launched if launched is not None else self._launch_step(next_ids)
+                launched = None
         finally:
             if launched is not None:  # every row ended (or the caller stopped) with a step in flight
                 self._undo_step()

@@ -238,6 +238,25 @@ def to_device(values: Sequence, dtype: torch.dtype, device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """x's copy on the host, queued into pinned memory from a CUDA tensor (valid once the stream
+    reaches it: :func:`record_event` after it, then wait on the event); a CPU tensor itself."""
+    if x.device.type != "cuda":
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return out.copy_(x, non_blocking=True)
+
+
+def record_event(device) -> Optional["torch.cuda.Event"]:
+    """An event recorded on the current CUDA stream now (None off CUDA): wait on it for what was
+    queued before it, such as :func:`to_host`'s copies, and nothing after."""
+    if torch.device(device).type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def apply_penalties(logits: torch.Tensor, prompt: torch.Tensor, counts: torch.Tensor, repetition: torch.Tensor,
                     presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """The logits (n, V) float32 after the repetition penalty, then the frequency and presence penalties.

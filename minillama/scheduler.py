@@ -75,7 +75,7 @@ import torch
 from minillama.concurrency import step_lock
 from minillama.errors import NonFiniteLogitsError
 from minillama.runner import bucket, packed_bucket
-from minillama.sampling import NON_FINITE, LogitsProcessor, SamplingParams, sample, to_device
+from minillama.sampling import NON_FINITE, LogitsProcessor, SamplingParams, record_event, sample, to_device, to_host
 from minillama.streaming import IncrementalDecoder, StopStrings
 
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
@@ -595,15 +595,15 @@ class Scheduler:
             index = self._to_device(with_lp)
             k = max(seqs[i].request.logprobs for i in with_lp)
             lp = (with_lp, *_logprobs(raw[index], ids[index], k))  # NON_FINITE: its row fails, unread
-        return _Step(seqs, _to_host(ids), lp and tuple(_to_host(x) if torch.is_tensor(x) else x for x in lp),
-                     _record_event(self.llm.device))
+        return _Step(seqs, to_host(ids), lp and tuple(to_host(x) if torch.is_tensor(x) else x for x in lp),
+                     record_event(self.llm.device))
 
     def _score(self, scored: List[Tuple[_Sequence, List[int]]], logits: torch.Tensor) -> tuple:
         """The log-probabilities of the prompt tokens of ``scored``, one per row of ``logits``, as
         :meth:`_sample`'s of a sampled token, on the device; start their copy to the host."""
         targets = self._to_device([t for _, tokens in scored for t in tokens])
         k = max(seq.request.logprobs for seq, _ in scored)
-        return (scored, *(x if x is None else _to_host(x) for x in _logprobs(logits, targets, k)))
+        return (scored, *(x if x is None else to_host(x) for x in _logprobs(logits, targets, k)))
 
     def _resolve(self, step: "_Step") -> None:
         """Wait for a step's tokens on the host; emit events; finish what is done."""
@@ -739,21 +739,6 @@ def _listed(chosen: torch.Tensor, top_values: Optional[torch.Tensor], top_ids: O
     top_values = top_values.tolist() if top_values is not None else [[] for _ in chosen]
     top_ids = top_ids.tolist() if top_ids is not None else [[] for _ in chosen]
     return [(c, list(zip(i[:k], v[:k]))) for c, v, i, k in zip(chosen, top_values, top_ids, ks)]
-
-
-def _to_host(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cuda":
-        return x
-    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    return out.copy_(x, non_blocking=True)
-
-
-def _record_event(device) -> Optional["torch.cuda.Event"]:
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record()
-    return event
 
 
 def _is_int(x) -> bool:
