@@ -315,7 +315,9 @@ class Llama:
                 print(delta, end="", flush=True)
             print(stream.result.finish_reason)
 
-        Arguments are checked here, before the first token; the model runs while iterating.
+        Arguments are checked here, before the first token; the model runs while iterating. With
+        ``cache``, a stream iterated to its end leaves it as :meth:`generate` does; one left early
+        may have the last token it yielded cached too (``cache.seq_lens_cpu`` says).
         """
         if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and any(
                 isinstance(t, (str, bytes, Sequence)) for t in prompt):

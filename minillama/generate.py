@@ -69,7 +69,10 @@ class TokenLoop:
             one before, so a step's activations stay bounded whatever the prompt's length.
     After the loop: ``new_tokens[row]``, ``finish_reason[row]`` ("stop" or "length"),
     ``stop_token[row]``, ``finish_step[row]`` (the step that ended the row; 0 is the prefill's) and
-    ``times``.
+    ``times``. The cache then holds each row's prompt and every new token but the last one sampled.
+    A caller that stops iterating early may find the last yielded token cached too (on CUDA the
+    step that feeds it runs while the caller handles it); ``cache.seq_lens_cpu`` always says
+    what is cached.
     """
 
     def __init__(
@@ -224,6 +227,11 @@ class TokenLoop:
             next_ids = self._sample(logits)
         step = 0
         launched = None  # the next step's ids, when it was launched before this step's ids were read
+        # The launched step is taken back where the loop ends itself (every row done, or an error
+        # here) and kept where the caller stops iterating: the generator is closed whenever its
+        # last reference goes, perhaps after the caller used the cache again, so closing it must
+        # not change the cache. What the kept step cached (the last yielded token) is counted in
+        # the fills: a consistent cache either way.
         try:
             while True:
                 ids, launched = self._read_ids(next_ids, step)  # the one host sync per step
@@ -252,8 +260,11 @@ class TokenLoop:
                     break
                 next_ids = launched if launched is not None else self._launch_step(next_ids)
                 launched = None
+        except GeneratorExit:  # the caller stopped iterating: the launched step stays
+            launched = None
+            raise
         finally:
-            if launched is not None:  # every row ended (or the caller stopped) with a step in flight
+            if launched is not None:  # every row ended with a step in flight, or an error stopped the loop
                 self._undo_step()
         self.times.decode_s = self.times.step_s[-1] - self.times.step_s[0]
         self.times.decode_steps = step - 1

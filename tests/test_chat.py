@@ -1,5 +1,6 @@
 """Conversation and chat CLI: the cache across turns equals a fresh prefill, overflow, /save and /load,
 piped standard input, and Ctrl-C in a terminal."""
+import gc
 import json
 import os
 import pty
@@ -125,6 +126,31 @@ def test_interrupted_reply_is_kept(llm, scripted):
         conv.send("More.", max_new_tokens=64, on_text=ctrl_c)
     assert conv.messages[-2]["content"] == "More."
     assert conv.cache.seq_lens_cpu == [len(conv.cached_ids)]
+    assert conv.cached_ids == conv.encode(conv.messages, add_generation_prompt=False)[: len(conv.cached_ids)]
+    next_logits_match_fresh_prefill(llm, conv, "Go on.")
+
+
+def test_ctrl_c_with_the_next_step_launched_keeps_cache_and_ids_in_step(monkeypatch, llm, scripted):
+    """On CUDA the generate loop launches the next step before the caller sees a token (forced
+    here on the CPU). A Ctrl-C in ``on_text`` suspends the loop with that step cached, and closing
+    the loop later (whenever it is collected) leaves the cache alone: the conversation's ids and its
+    cache agree before and after, and the next turn reads as a fresh prefill of the history."""
+    monkeypatch.setattr(minillama.generate.TokenLoop, "_overlaps", staticmethod(lambda ids: True))
+    conv = Conversation(llm)
+    scripted("Lily ran to the park and saw a big red ball under a tall tree.", "Yes.")
+    pieces = []
+
+    def ctrl_c_at_the_third_piece(text):
+        pieces.append(text)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        conv.send("Tell me.", max_new_tokens=64, on_text=ctrl_c_at_the_third_piece)
+    assert conv.cache.seq_lens_cpu == [len(conv.cached_ids)]
+    gc.collect()
+    held = [len(conv.cached_ids)]
+    assert conv.cache.seq_lens_cpu == held and conv.cache.seq_lens.tolist() == held
     assert conv.cached_ids == conv.encode(conv.messages, add_generation_prompt=False)[: len(conv.cached_ids)]
     next_logits_match_fresh_prefill(llm, conv, "Go on.")
 

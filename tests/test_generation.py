@@ -154,8 +154,9 @@ def test_next_step_launched_before_the_ids_are_read_changes_nothing(monkeypatch,
     when every row turns out to be done. Forced here on the CPU: the same tokens, finish reasons and
     steps as the plain loop, and the cache left as the plain loop leaves it (fills, and every cached
     key / value), whether rows end by stop ids at different steps, by length, by the caller's
-    finish() (a stop string), by a caller that stops iterating, or by sampling with penalties; and a
-    second turn on that cache continues alike."""
+    finish() (a stop string), or by sampling with penalties, and a second turn on that cache
+    continues alike; a Ctrl-C while the host waits takes the step back too. A caller that stops
+    iterating keeps the launched step: its cache is the plain loop's one step later."""
     assert_overlapped_loop_equals_plain(monkeypatch, sp)
 
 
@@ -174,7 +175,7 @@ def assert_overlapped_loop_equals_plain(monkeypatch, sp):
     stop = solo[1][3]  # row 1 ends at its fourth token, the others where they produce it, if they do
     penalized = SamplingParams(temperature=1.0, top_p=0.9, seed=3, frequency_penalty=1.0)
 
-    def run(overlap, make_loop, finish_at=None, close_at=None):
+    def run(overlap, make_loop, finish_at=None, close_at=(None, None)):
         monkeypatch.setattr(TokenLoop, "_overlaps", staticmethod(lambda ids: overlap))
         sp.runner.clear()  # both runs meet eager steps, captures and replays (other kernels) alike
         cache = sp.new_cache(len(prompts), 100)
@@ -185,7 +186,7 @@ def assert_overlapped_loop_equals_plain(monkeypatch, sp):
                 if step == finish_at:
                     loop.finish(0)
                     loop.finish(2)
-                if step == close_at:
+                if step == close_at[turn]:
                     break
             fills = list(cache.seq_lens_cpu)
             assert cache.seq_lens.tolist() == fills
@@ -198,7 +199,6 @@ def assert_overlapped_loop_equals_plain(monkeypatch, sp):
         "length": (lambda cache, turn: TokenLoop(sp.runner, prompts, 5 + turn, cache=cache), {}),
         "finish()": (lambda cache, turn: TokenLoop(sp.runner, prompts, 9, stop_ids=[stop], cache=cache),
                      dict(finish_at=4)),
-        "caller stops": (lambda cache, turn: TokenLoop(sp.runner, prompts, 12, cache=cache), dict(close_at=3)),
         "penalties": (lambda cache, turn: TokenLoop(sp.runner, prompts, 8, penalized, cache=cache), {}),
     }
     for name, (make_loop, stops) in cases.items():
@@ -208,6 +208,20 @@ def assert_overlapped_loop_equals_plain(monkeypatch, sp):
             for (k_a, v_a), (k_b, v_b) in zip(keys_a, keys_b):
                 assert torch.equal(k_a, k_b) and torch.equal(v_a, v_b), name
     assert any(len(t) < 12 for t in run(True, cases["stop ids"][0])[0][0])  # a stop id did end a row
+
+    # the caller stops at step 3 of the first turn: the overlapped loop had launched step 4 (which
+    # feeds the last yielded token) and keeps it, so its cache is the plain loop's after step 4;
+    # the second turn, run to its end, continues alike from both
+    def stop_early(cache, turn):
+        return TokenLoop(sp.runner, prompts, 12, cache=cache)
+
+    plain, overlapped = run(False, stop_early, close_at=(4, None)), run(True, stop_early, close_at=(3, None))
+    assert [t[:4] for t in plain[0][0]] == overlapped[0][0] and all(len(t) == 4 for t in overlapped[0][0])
+    assert plain[0][4] == overlapped[0][4] == [len(p) + 4 for p in prompts]
+    assert plain[1][:5] == overlapped[1][:5]
+    for turn in range(2):
+        for (k_a, v_a), (k_b, v_b) in zip(plain[turn][5], overlapped[turn][5]):
+            assert torch.equal(k_a, k_b) and torch.equal(v_a, v_b)
 
     # a Ctrl-C while the host waits for step 2's ids (step 3 launched in the overlapped loop)
     fills = {}
