@@ -11,7 +11,8 @@ plus ``<module>.weight_scale`` (N, 1) float32; embedding, norms and lm_head unch
 ["lm_head"]``), or with ``--lm-head`` lm_head quantized the same way (``ignore: []``; not for a
 model whose lm_head is its embedding table); ``config.json`` gains the ``quantization_config``.
 Input activations are declared dynamic per-token (``--activations none`` declares weight-only);
-minillama computes weight-only either way, vLLM runs W8A8 on the dynamic ones. Load it with ``Llama.from_pretrained(out)``.
+minillama computes weight-only either way, vLLM runs W8A8 on the dynamic ones. Load it with
+``Llama.from_pretrained(out)``.
 
 Tensors stream one at a time from the memory-mapped source shards (on ``--device``, then back to
 the host); one output shard is held at a time, written with the source's shard layout.
