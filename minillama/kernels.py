@@ -184,7 +184,7 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
               ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
               HALF: tl.constexpr, SCALE: tl.constexpr, NORM_NEXT: tl.constexpr, NEXT_BLOCK: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROW_ACC: tl.constexpr,
-              INT8_PTX: tl.constexpr):
+              INT8_PTX: tl.constexpr, DEPENDENT: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for one row x (K,), BLOCK_N outputs per program.
 
     ADD: x is replaced by h = x + Add (rounded to x's dtype); program 0 writes h to H_out (the new
@@ -202,7 +202,12 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
     on the int32 counter Arrival (zero before the launch, zero again after it) computes
     Normed = NextNormW * RMSNorm(h) over all N values (NEXT_BLOCK >= N) with next_eps, by
     ``_rms_normed`` as ``_add_rmsnorm_fwd`` does. No kernel of its own, no prologue in the next GEMV.
+    DEPENDENT: launched as a programmatic dependent (PDL) of the kernel before it on the stream. The
+    next kernel may launch at once (if it is one too, it waits in turn); this one waits for the
+    previous grid to finish, its writes visible, before it reads or writes any memory.
     """
+    if DEPENDENT:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if ROPE:  # head pid // (HALF // BLOCK_N), rows i0 .. i0 + BLOCK_N of its first half
         HALF_BLOCKS: tl.constexpr = HALF // BLOCK_N
@@ -223,6 +228,8 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
         acc_u = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
     if NORM:
         sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if DEPENDENT:
+        tl.extra.cuda.gdc_wait()
     # -- stream the weight rows once; products accumulate elementwise or per row (ROW_ACC) --
     for k0 in tl.range(0, K, BLOCK_K):
         kk = k0 + offs_k
@@ -644,10 +651,20 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gemv_dependent_launch(weight_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`gemv` launches as a programmatic dependent by default: on Hopper or later
+    (compiled, not interpreted), for bfloat16 / float16 / fp8 weights, not int8. Whole batch-1 decode
+    steps, same tilings, interleaved (H200, 2026-12-03): fp8 383.1 -> 388.3 tok/s, bf16 246.9 ->
+    250.4; int8 369.1 -> 359-364, slower, so int8 launches plainly. Launching every kernel of a step
+    this way (attention, norms, matmuls too) was slower (BENCHMARKS.md, 2026-12-01)."""
+    return (not INTERPRET and device.type == "cuda" and weight_dtype != torch.int8
+            and compute_capability(device)[0] >= 9)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] = None,
          h_out: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
          eps: float = 0.0, swiglu: bool = False, rope=None, config=None,
-         scale: Optional[torch.Tensor] = None, norm_next=None):
+         scale: Optional[torch.Tensor] = None, norm_next=None, dependent: Optional[bool] = None):
     """One row x (K,) times weight (N_w, K)^T, with the optional fusions of ``_gemv_fwd``.
 
     add, h_out: h = x + add is the input (and is written to h_out); norm_weight, eps: the input is
@@ -658,6 +675,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     8-bit weight (int8 or float8_e4m3fn), or None. Returns (N,) with N = N_w, or N_w / 2 with
     ``swiglu``. norm_next: (residual (N,), norm_weight (N,), eps): the residual add and RMSNorm that
     follow run in this launch (its last program norms): returns (normed, h) with h = out + residual.
+    dependent: launch as a programmatic dependent of the previous kernel (``_gemv_fwd``'s DEPENDENT);
+    default :func:`gemv_dependent_launch`'s choice.
     """
     K = x.shape[-1]
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
@@ -670,6 +689,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     add = add.contiguous() if add is not None else None
     norm_weight = norm_weight.contiguous() if norm_weight is not None else None
     out = torch.empty(N, dtype=x.dtype, device=x.device)
+    if dependent is None:
+        dependent = gemv_dependent_launch(weight.dtype, x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
     block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
@@ -699,6 +720,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
         SCALE=scale is not None, NORM_NEXT=norm_next is not None, NEXT_BLOCK=next_block,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc,
         INT8_PTX=weight.dtype == torch.int8 and not INTERPRET, num_warps=num_warps,
+        DEPENDENT=dependent, launch_pdl=dependent,
     )
     return out if norm_next is None else (normed, out)
 

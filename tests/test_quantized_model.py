@@ -742,6 +742,54 @@ def test_gpu_gemv_repeats_bit_for_bit(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
+def test_gpu_dependent_gemv_chain_equals_plain_launches(dtype):
+    """Layers' o, gate/up and down GEMVs, each reading what the one before wrote (normed rows, the
+    residual), launched as programmatic dependents (PDL: the next may start before this one ends)
+    and plainly, eagerly and replayed in a CUDA graph, fresh inputs each round: the same bits. A
+    dependent that read before its wait would see the previous round's values."""
+    from minillama import kernels
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    g = torch.Generator(device="cuda").manual_seed(11)
+    D, F, layers = 4096, 14336, 3
+
+    def weight(n, k):
+        w = torch.randn(n, k, device="cuda", generator=g) / k ** 0.5
+        return (w.to(dtype), None) if dtype == torch.bfloat16 else quantize_per_channel(w, dtype)
+
+    (wo, so), (wgu, sgu), (wd, sd) = weight(D, D), weight(2 * F, D), weight(D, F)
+    gain = (1 + 0.2 * torch.randn(D, device="cuda", generator=g)).to(torch.bfloat16)
+    x = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+    h = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+
+    def chain(dependent):
+        normed, res = x, h
+        for _ in range(layers):
+            normed, res = kernels.gemv(normed, wo, scale=so, norm_next=(res, gain, 1e-5), dependent=dependent)
+            act = kernels.gemv(normed, wgu, scale=sgu, swiglu=True, dependent=dependent)
+            normed, res = kernels.gemv(act, wd, scale=sd, norm_next=(res, gain, 1e-5), dependent=dependent)
+        return normed, res
+
+    graphs, outputs = {}, {}
+    for dependent in (False, True):
+        chain(dependent)  # compiles outside the capture
+        graphs[dependent] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[dependent]):
+            outputs[dependent] = chain(dependent)
+    for _ in range(3):
+        x.copy_(torch.randn(D, device="cuda", generator=g))
+        h.copy_(4 * torch.randn(D, device="cuda", generator=g))
+        want = chain(False)
+        assert all(torch.equal(a, b) for a, b in zip(chain(True), want))
+        for dependent in (False, True):
+            graphs[dependent].replay()
+            assert all(torch.equal(a, b) for a, b in zip(outputs[dependent], want)), dependent
+    assert not kernels._split_arrivals(x.device, 1).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
 def test_gpu_gemv_next_norm_llama_shapes(dtype):
     """``norm_next`` on Llama-3.1-8B's o and down, every GEMV tiling, fresh inputs: the residual sum
     bit for bit and the normed row as ``add_rms_norm`` gives it (within a bfloat16 rounding: the
