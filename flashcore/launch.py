@@ -33,9 +33,10 @@ def _no_launch_hooks() -> bool:
 
 
 class Launch:
-    """``Launch(kernel, num_warps=..., num_stages=..., maxnreg=..., **constexprs)(grid, *args)`` runs
-    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., maxnreg=...)`` (the options
-    given); grid is (x, y, z). A
+    """``Launch(kernel, num_warps=..., num_stages=..., maxnreg=..., launch_pdl=..., **constexprs)(grid, *args)``
+    runs ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., maxnreg=..., launch_pdl=...)``
+    (the options given; ``launch_pdl=True``: a programmatic dependent launch, for a kernel that
+    waits for the grid before it, ``gdc_wait``, before it touches memory); grid is (x, y, z). A
     caller that launches several kernels may pass ``stream=current_stream()``, looked up once.
     A caller that has read the leading tensor arguments' ``data_ptr()`` passes them as
     ``pointers``: launches of the compiled kernel pass those integers in the tensors' place, which
@@ -50,7 +51,7 @@ class Launch:
     __slots__ = ("kernel", "constexprs", "options", "compiled", "constexpr_values")
 
     def __init__(self, kernel, *, num_warps: int, num_stages: Optional[int] = None, maxnreg: Optional[int] = None,
-                 **constexprs):
+                 launch_pdl: bool = False, **constexprs):
         self.kernel = kernel
         self.constexprs = constexprs
         self.options = {"num_warps": num_warps}
@@ -58,6 +59,8 @@ class Launch:
             self.options["num_stages"] = num_stages
         if maxnreg is not None:  # registers per thread at launch (warp-specialized kernels move them)
             self.options["maxnreg"] = maxnreg
+        if launch_pdl:
+            self.options["launch_pdl"] = True
         self.compiled = None
         self.constexpr_values: Tuple = ()
 

@@ -651,14 +651,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gemv_dependent_launch(weight_dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether :func:`gemv` launches as a programmatic dependent by default: on Hopper or later
-    (compiled, not interpreted), for bfloat16 / float16 / fp8 weights, not int8. Whole batch-1 decode
-    steps, same tilings, interleaved (H200, 2026-12-03): fp8 383.1 -> 388.3 tok/s, bf16 246.9 ->
-    250.4; int8 369.1 -> 359-364, slower, so int8 launches plainly. Launching every kernel of a step
+def gemv_dependent_launch(device: torch.device) -> bool:
+    """Whether :func:`gemv` launches as a programmatic dependent by default: on Hopper or later,
+    compiled (not interpreted). Whole batch-1 decode steps, interleaved (H200, 2026-12-03): fp8
+    383.1 -> 388.3 tok/s and bf16 246.9 -> 250.4 with the same tilings; int8 368.3 -> 369.6 with
+    each launch kind's own tuned tilings (with the plain launches' tilings int8 was slower, 359-364;
+    ``Runner.tune_gemv`` times the launches it will make). Launching every kernel of a step
     this way (attention, norms, matmuls too) was slower (BENCHMARKS.md, 2026-12-01)."""
-    return (not INTERPRET and device.type == "cuda" and weight_dtype != torch.int8
-            and compute_capability(device)[0] >= 9)
+    return not INTERPRET and device.type == "cuda" and compute_capability(device)[0] >= 9
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] = None,
@@ -690,7 +690,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     norm_weight = norm_weight.contiguous() if norm_weight is not None else None
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     if dependent is None:
-        dependent = gemv_dependent_launch(weight.dtype, x.device)
+        dependent = gemv_dependent_launch(x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
     block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]

@@ -789,6 +789,71 @@ def test_gpu_dependent_gemv_chain_equals_plain_launches(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
+def test_gpu_dependent_attention_reduce_equals_plain_launches(dtype, monkeypatch):
+    """Batch-1 decode layers of Llama-3.1-8B's shapes (qkv GEMV, flashcore's split attention over
+    512 cached keys, o GEMV reading its output): with the attention reduce and the GEMVs launched
+    as programmatic dependents and with every launch plain, eagerly and replayed in CUDA graphs,
+    fresh inputs each round: the same outputs and the same appended cache entries, bit for bit."""
+    import flashcore
+    from flashcore import triton_attention
+    from minillama import kernels
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    g = torch.Generator(device="cuda").manual_seed(12)
+    D, H_q, H_kv, hd, fill, layers = 4096, 32, 8, 128, 512, 3
+
+    def weight(n, k):
+        w = torch.randn(n, k, device="cuda", generator=g) / k ** 0.5
+        return (w.to(dtype), None) if dtype == torch.bfloat16 else quantize_per_channel(w, dtype)
+
+    (wqkv, sqkv), (wo, so) = weight((H_q + 2 * H_kv) * hd, D), weight(D, D)
+    gain = (1 + 0.2 * torch.randn(D, device="cuda", generator=g)).to(torch.bfloat16)
+    x = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+    h = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((1,), fill, dtype=torch.int32, device="cuda")
+    caches = {dependent: [torch.randn(1, 1024, H_kv, hd, device="cuda", generator=g).to(torch.bfloat16)
+                          for _ in range(2 * layers)] for dependent in (False, True)}
+    caches[False] = [c.clone() for c in caches[True]]
+
+    def layers_of(dependent):
+        normed, res = x, h
+        for layer in range(layers):
+            qkv = kernels.gemv(normed, wqkv, scale=sqkv, dependent=dependent).view(1, 1, H_q + 2 * H_kv, hd)
+            q, k, v = qkv.split([H_q, H_kv, H_kv], dim=2)
+            k_cache, v_cache = caches[dependent][2 * layer:2 * layer + 2]
+            attn = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
+            normed, res = kernels.gemv(attn.view(D), wo, scale=so, norm_next=(res, gain, 1e-5), dependent=dependent)
+        return normed, res
+
+    graphs, outputs, plans = {}, {}, {}
+    for dependent in (True, False):  # each variant's flashcore plans, made with its launches
+        monkeypatch.setattr(triton_attention, "_dependent_launch", lambda device, dependent=dependent: dependent)
+        triton_attention._PLANS.clear()
+        layers_of(dependent)  # compiles outside the capture
+        graphs[dependent] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[dependent]):
+            outputs[dependent] = layers_of(dependent)
+        plans[dependent] = dict(triton_attention._PLANS)
+        assert any(not plan.direct for plan in plans[dependent].values()
+                   if isinstance(plan, triton_attention._DecodePlan))  # the reduce runs
+    for _ in range(3):
+        x.copy_(torch.randn(D, device="cuda", generator=g))
+        h.copy_(4 * torch.randn(D, device="cuda", generator=g))
+        results = {}
+        for dependent in (False, True):
+            triton_attention._PLANS.clear()
+            triton_attention._PLANS.update(plans[dependent])
+            results[dependent] = layers_of(dependent)
+        assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
+        for dependent in (False, True):
+            graphs[dependent].replay()
+            assert all(torch.equal(a, b) for a, b in zip(outputs[dependent], results[False])), dependent
+        assert all(torch.equal(a, b) for a, b in zip(caches[True], caches[False]))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
 def test_gpu_gemv_next_norm_llama_shapes(dtype):
     """``norm_next`` on Llama-3.1-8B's o and down, every GEMV tiling, fresh inputs: the residual sum
