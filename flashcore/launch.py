@@ -9,8 +9,10 @@ flashcore keys its plans on exactly these). Its first call goes through Triton a
 compiled kernel that Triton returns; later calls launch that kernel directly, as the last step of
 Triton's own launch does (``CompiledKernel[grid](*every_argument)``).
 """
+import functools
 from typing import Optional, Tuple
 
+import torch
 from triton import knobs
 from triton.runtime import driver
 
@@ -22,6 +24,17 @@ def current_stream() -> Optional[int]:
     if INTERPRET:
         return None
     return driver.active.get_current_stream(driver.active.get_current_device())
+
+
+def dependent_launch_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can launch as programmatic dependents (``launch_pdl``): a CUDA
+    GPU of compute capability 9.0 (Hopper) or later, compiled, not under Triton's interpreter."""
+    return not INTERPRET and device.type == "cuda" and _capability_major(device) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]  # asked once per device: eager GEMVs ask every call
 
 
 def _no_launch_hooks() -> bool:

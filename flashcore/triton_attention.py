@@ -41,7 +41,7 @@ import triton.language as tl
 
 from flashcore import INTERPRET, hopper_attention  # INTERPRET: Triton's interpreter switch, read once at import
 from flashcore.checks import check_attention_inputs, check_capacity, check_varlen_inputs
-from flashcore.launch import Launch, current_stream
+from flashcore.launch import Launch, current_stream, dependent_launch_supported
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 DECODE_MAX_ROWS = 64  # S_q * group up to this many rows runs the split-KV decode kernel
@@ -466,7 +466,7 @@ def _dependent_launch(device: torch.device) -> bool:
     Whole batch-1 decode steps of Llama-3.1-8B at cache 512 (H200, 2026-12-03, interleaved, the
     GEMVs dependents too): fp8 388.0 -> 391.3 tok/s, bf16 250.4 -> 251.5, batch 16 unchanged,
     logits the same bits. The split kernel as a dependent was slower (fp8 384.8), so it is not one."""
-    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+    return dependent_launch_supported(device)
 
 
 def _num_sms(device: torch.device) -> int:

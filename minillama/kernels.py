@@ -21,7 +21,7 @@ from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
-from flashcore.launch import Launch
+from flashcore.launch import Launch, dependent_launch_supported
 
 
 @triton.jit
@@ -658,7 +658,7 @@ def gemv_dependent_launch(device: torch.device) -> bool:
     each launch kind's own tuned tilings (with the plain launches' tilings int8 was slower, 359-364;
     ``Runner.tune_gemv`` times the launches it will make). Launching every kernel of a step
     this way (attention, norms, matmuls too) was slower (BENCHMARKS.md, 2026-12-01)."""
-    return not INTERPRET and device.type == "cuda" and compute_capability(device)[0] >= 9
+    return dependent_launch_supported(device)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] = None,
