@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 
-from flashcore.launch import Launch
+from flashcore.launch import Launch, compute_capability
 
 try:
     from triton.experimental import gluon
@@ -284,7 +284,7 @@ def supports(q, k, v, k_cache, v_cache, causal: bool) -> bool:
     than one warpgroup's block, TMA-ready views of q/k/v and of the caches' rows."""
     return (AVAILABLE and causal and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[-1] == HEAD_DIM and q.shape[1] > BLOCK_M
-            and torch.cuda.get_device_capability(q.device)[0] == 9
+            and compute_capability(q.device)[0] == 9
             and all(_rows_view_ok(t) for t in (q, k, v)) and all(_cache_view_ok(c) for c in (k_cache, v_cache)))
 
 

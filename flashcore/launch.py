@@ -29,12 +29,14 @@ def current_stream() -> Optional[int]:
 def dependent_launch_supported(device: torch.device) -> bool:
     """Whether kernels on ``device`` can launch as programmatic dependents (``launch_pdl``): a CUDA
     GPU of compute capability 9.0 (Hopper) or later, compiled, not under Triton's interpreter."""
-    return not INTERPRET and device.type == "cuda" and _capability_major(device) >= 9
+    return not INTERPRET and device.type == "cuda" and compute_capability(device)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)
-def _capability_major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]  # asked once per device: eager GEMVs ask every call
+def compute_capability(device: torch.device) -> tuple:
+    """A CUDA device's (major, minor), asked once per device: eager GEMVs and each 8-bit matmul of a
+    prefill ask."""
+    return torch.cuda.get_device_capability(device)
 
 
 def _no_launch_hooks() -> bool:

@@ -30,8 +30,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from flashcore.launch import Launch
-from minillama.kernels import compute_capability
+from flashcore.launch import Launch, compute_capability
 
 try:
     from triton.experimental import gluon

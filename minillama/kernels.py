@@ -21,7 +21,7 @@ from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashcore import INTERPRET  # Triton's interpreter switch, read once at import
-from flashcore.launch import Launch, dependent_launch_supported
+from flashcore.launch import Launch, compute_capability, dependent_launch_supported
 
 
 @triton.jit
@@ -856,12 +856,6 @@ def _gate_up_tiles(M: int, weight_dtype: torch.dtype) -> tuple:
 @functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def compute_capability(device: torch.device) -> tuple:
-    """A CUDA device's (major, minor), asked once per device: each 8-bit matmul of a prefill asks."""
-    return torch.cuda.get_device_capability(device)
 
 
 def tma_ready(*tensors) -> bool:
