@@ -186,8 +186,15 @@ def test_ctrl_c_while_loading_exits_130_quietly(sp_folder, tmp_path, cmd):
     shutil.copytree(sp_folder, folder)
     (folder / "config.json").unlink()
     os.mkfifo(folder / "config.json")
-    proc = subprocess.Popen([*cmd, "--model", str(folder), *(["Lily"] if cmd is GENERATE else [])],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+    # A Ctrl-C in a terminal reaches a command whose SIGINT is at its default. A suite started as a
+    # background job has SIGINT ignored, which a child inherits across exec (and Python then installs
+    # no KeyboardInterrupt handler): a handler set here for the launch is reset to the default by exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([*cmd, "--model", str(folder), *(["Lily"] if cmd is GENERATE else [])],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     fd = None
     try:
         deadline = time.monotonic() + 60
