@@ -172,7 +172,9 @@ def test_greedy_goldens(checkpoint_factory, path, backend):
     texts = [c for c in cases if "prompt_text" in c]
     for case in texts:
         assert llm.tokenizer.encode(case["prompt_text"], bos=True) == case["prompt_ids"]
-    if texts:
+    # text prompts differ from id prompts only before the forward: checked once per golden (under
+    # the Triton interpreter a third generate cost 5-15 s a golden and ran no other kernel path)
+    if texts and backend == "torch":
         results = llm.generate([c["prompt_text"] for c in texts], max_new_tokens=n_new, temperature=0.0)
         assert [r.token_ids for r in results] == [c["token_ids"] for c in texts]
 
