@@ -744,9 +744,10 @@ def test_gpu_gemv_repeats_bit_for_bit(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
 def test_gpu_dependent_gemv_chain_equals_plain_launches(dtype):
     """Layers' o, gate/up and down GEMVs, each reading what the one before wrote (normed rows, the
-    residual), launched as programmatic dependents (PDL: the next may start before this one ends)
-    and plainly, eagerly and replayed in a CUDA graph, fresh inputs each round: the same bits. A
-    dependent that read before its wait would see the previous round's values."""
+    residual; after down a norm in a launch of its own that lets the next GEMV launch at its start),
+    launched as programmatic dependents (PDL: the next may start before this one ends) and plainly,
+    eagerly and replayed in a CUDA graph, fresh inputs each round: the same bits. A dependent that
+    read before its wait would see the previous round's values."""
     from minillama import kernels
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -768,7 +769,8 @@ def test_gpu_dependent_gemv_chain_equals_plain_launches(dtype):
         for _ in range(layers):
             normed, res = kernels.gemv(normed, wo, scale=so, norm_next=(res, gain, 1e-5), dependent=dependent)
             act = kernels.gemv(normed, wgu, scale=sgu, swiglu=True, dependent=dependent)
-            normed, res = kernels.gemv(act, wd, scale=sd, norm_next=(res, gain, 1e-5), dependent=dependent)
+            out = kernels.gemv(act, wd, scale=sd, dependent=dependent)
+            normed, res = kernels.add_rms_norm(out, res, gain, 1e-5, launch_dependents=dependent)
         return normed, res
 
     graphs, outputs = {}, {}
