@@ -465,10 +465,10 @@ def _dependent_launch(device: torch.device) -> bool:
     """Whether the decode reduce launches as a programmatic dependent: on Hopper or later, compiled.
     Whole batch-1 decode steps of Llama-3.1-8B at cache 512 (H200, 2026-12-03, interleaved, the
     GEMVs dependents too): fp8 388.0 -> 391.3 tok/s, bf16 250.4 -> 251.5, batch 16 unchanged,
-    logits the same bits. Not kept (same machine, later that day): the split kernel as a dependent
+    logits the same bits. Not kept (later that day, BENCHMARKS.md): the split kernel as a dependent
     (fp8 384.8; with its first cached tile loaded before its wait, 391.1 against 392.6, batch 16
-    -1.6%); the split letting the reduce launch at its start (fp8 +0.5% at cache 512, -1.2% at
-    8192; flashcore's own decode at B=1 / 8192 2000 against 2180 GB/s)."""
+    -1.2 to -1.8%); the split letting the reduce launch at its start (fp8 +0.5% at cache 512, -1.2%
+    at 8192; flashcore's own decode at B=1 / 8192 1988-2008 against 2147-2193 GB/s)."""
     return dependent_launch_supported(device)
 
 
