@@ -359,11 +359,20 @@ def _widen(w, ty: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om,
-                 stride_cs, n_rotated, pid_m, pid_n, pid_k,
+def _normed_tile(x, inv_rms, Gain, kk, K, ty: tl.constexpr):
+    """Rows x (BLOCK_M, BLOCK_K) of h, columns kk, as RMSNorm * gain in ``ty``: each row times its
+    1 / rms, rounded to ty, times the gain, rounded (as ``_rms_normed`` and the stored row)."""
+    gain = tl.load(Gain + kk, mask=kk < K, other=0.0).to(tl.float32)
+    return (gain[None, :] * (x.to(tl.float32) * inv_rms[:, None]).to(ty).to(tl.float32)).to(ty)
+
+
+@triton.jit
+def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M, N, K, K_split, stride_xm,
+                 stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps, pid_m, pid_n, pid_k,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, SCALE: tl.constexpr,
-                 SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr):
+                 SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+                 NORM_NEXT: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
     """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_fwd``. UPCAST: x is
     bfloat16 under Triton's interpreter, which keeps bfloat16 as raw uint16 bits (its int8 ->
     bfloat16 cast and its bfloat16 tl.dot work on those bits): multiply in float32 there."""
@@ -386,11 +395,19 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, s
     u_cols = w_cols + pair * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+    ty = Out.dtype.element_ty
+    if NORM:  # each row's 1 / rms from its pieces' sums of squares, summed in piece order
+        offs_t = tl.arange(0, BLOCK_T)
+        sumsq = tl.load(Sumsq + offs_t[:, None] * M + offs_m[None, :],
+                        mask=(offs_t < sumsq_tiles)[:, None] & m_mask[None, :], other=0.0)
+        inv_rms = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
     k_lo = pid_k * K_split
     for k0 in tl.range(k_lo, tl.minimum(k_lo + K_split, K), BLOCK_K):
         kk = k0 + offs_k
         if SWAP:
             x = X.load([pid_m * BLOCK_M, k0])
+            if NORM:
+                x = _normed_tile(x, inv_rms, Gain, kk, K, ty)
             if UPCAST:
                 x = x.to(tl.float32)
             w = W.load([n0, k0])
@@ -403,6 +420,8 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, s
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
             else:
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            if NORM:
+                x = _normed_tile(x, inv_rms, Gain, kk, K, ty)
             if UPCAST:
                 x = x.to(tl.float32)
             if W_TMA:
@@ -449,10 +468,13 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, s
             tl.store(arrival, 0)  # zero again for the next product
     else:
         last = True
-    if last:  # -- epilogue: the per-column scale, SwiGLU or RoPE --
-        ty = Out.dtype.element_ty
+    if last:  # -- epilogue: the per-column scale, SwiGLU, RoPE or the residual add --
         if SCALE:
             y = y * tl.load(Scale + cols, mask=cols < N, other=0.0)
+        if NORM_NEXT:  # out = h = product + residual, rounded as add_rms_norm rounds; its rows' squares summed
+            r = tl.load(Res + rows * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (y.to(ty).to(tl.float32) + r).to(ty).to(tl.float32)
+            tl.store(Sumsq + pid_n * M + offs_m, tl.sum(tl.where(mask, y * y, 0.0), 0 if SWAP else 1), mask=m_mask)
         if PAIRED and SCALE:
             y_u = y_u * tl.load(Scale + pair + cols, mask=cols < N, other=0.0)
         if SWIGLU:
@@ -474,12 +496,12 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, s
 
 
 @triton.jit
-def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn, stride_om,
-                stride_cs, n_rotated,
+def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M, N, K, K_split, stride_xm,
+                stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
                 SCALE: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-                UPCAST: tl.constexpr):
+                NORM: tl.constexpr, NORM_NEXT: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
     """out (M, N) = x (M, K) @ W (N, K)^T with float32 accumulation, for a few rows of x (batched
     decode, short prefill chunks).
 
@@ -501,6 +523,12 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, st
     split that arrives last reads the tile's partials in split order (so the sum is the same
     whichever arrives last), runs the epilogue on the whole sums and sets the counter back to zero:
     no second launch to reduce the splits.
+    NORM: x holds rows h of the residual stream and the product is of RMSNorm(h) * Gain (K,) with
+    ``eps``: Sumsq (sumsq_tiles, M) float32 holds the sums of squares of pieces of h's rows (as a
+    product with NORM_NEXT wrote them); each program sums a row's pieces in order for its 1 / rms,
+    then norms each x tile as it loads it. NORM_NEXT (no SwiGLU, RoPE): out = product + Res (M, N),
+    rounded as ``add_rms_norm`` rounds h, and tile n's sums of squares of its rows' values go to
+    Sumsq[n]: the residual add before a norm, and the sums the next product's NORM reads.
     PERSISTENT: a 1-D grid of programs (one per SM) walks the tiles, m fastest (the tiles that share
     a weight tile run together); otherwise program (m, n, s) computes tile (m, n, s).
     """
@@ -508,13 +536,17 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, st
         num_m = tl.cdiv(M, BLOCK_M)
         num_mn = num_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
-            _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn,
-                         stride_om, stride_cs, n_rotated, tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
-                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF, UPCAST)
+            _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M, N, K, K_split, stride_xm,
+                         stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
+                         tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
+                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF,
+                         NORM, NORM_NEXT, BLOCK_T, UPCAST)
     else:
-        _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, M, N, K, K_split, stride_xm, stride_wn,
-                     stride_om, stride_cs, n_rotated, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF, UPCAST)
+        _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M, N, K, K_split, stride_xm,
+                     stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
+                     tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF,
+                     NORM, NORM_NEXT, BLOCK_T, UPCAST)
 
 
 @triton.jit
@@ -887,7 +919,7 @@ def _hopper_matmul():
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, *, swiglu: bool = False,
-           rope=None, config=None) -> torch.Tensor:
+           rope=None, config=None, norm=None, norm_next: Optional[torch.Tensor] = None):
     """x (M, K) @ weight (N_w, K)^T for a few rows x, in x's dtype: weight has x's dtype (scale
     None), or is 8-bit (int8 / float8_e4m3fn) with per-row float32 scales (N_w,):
     x @ (weight * scale[:, None])^T. swiglu: weight holds [gate; up] and the result is
@@ -897,14 +929,23 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     by their own kernel after it past that.
     config: the tiling of the Triton kernel (default :func:`matmul_config`). Without one, an 8-bit
     prefill chunk of 65-512 rows on a Hopper GPU runs ``minillama.hopper_matmul``'s Gluon kernel
-    where its :func:`~minillama.hopper_matmul.tiling` says it is faster."""
+    where its :func:`~minillama.hopper_matmul.tiling` says it is faster (not with a norm).
+
+    The residual add + RMSNorm between two products, in their launches (no kernel of its own):
+    norm_next: a residual (M, N) of x's dtype: returns (h, sumsq), h = product + residual rounded
+    as :func:`add_rms_norm` rounds it, and sumsq (tiles, M) float32, the sums of squares of pieces
+    of h's rows. norm: (sumsq, gain, eps): x is such an h, and the product is of
+    ``add_rms_norm(h, None, gain, eps)[0]``, each row's 1 / rms from its pieces' sums (summed in
+    order: the same bits every run; within one rounding of the norm kernel's, whose sum runs in
+    another order)."""
     M, K = x.shape
     N_w = weight.shape[0]
     assert not (swiglu and rope is not None)
+    assert norm_next is None or not (swiglu or rope is not None or norm is not None)
     if swiglu and M > FUSED_SWIGLU_ROWS:
-        return silu_mul(matmul(x, weight, scale, config=config))
+        return silu_mul(matmul(x, weight, scale, config=config, norm=norm))
     if rope is not None and (M > FUSED_EPILOGUE_ROWS or rope[3] < 32):
-        y = matmul(x, weight, scale, config=config)
+        y = matmul(x, weight, scale, config=config, norm=norm)
         rope_(y, *rope)
         return y
     N = N_w // 2 if swiglu else N_w
@@ -913,7 +954,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     assert scale is None or (scale.dtype == torch.float32 and scale.shape == (N_w,))
     assert scale is not None or weight.dtype == x.dtype, (weight.dtype, x.dtype)
     # 8-bit prefill chunks on Hopper: the Gluon kernel, where it was measured faster
-    if config is None and scale is not None and not INTERPRET and M > 64 and tma_ready(x, weight):
+    if (config is None and scale is not None and not INTERPRET and M > 64 and norm is None and norm_next is None
+            and tma_ready(x, weight)):
         hopper = _hopper_matmul()
         hopper_tiling = hopper.tiling(M, N_w, K) if hopper.usable(x) else None
         if hopper_tiling is not None:
@@ -950,17 +992,29 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     if persistent:  # one program per SM (two in the interpreter, so that its loop is tested)
         grid = (min(grid[0] * grid[1] * split_k, 2 if INTERPRET else num_sms(x.device)),)
     scale_arg = scale if scale is not None else x
+    residual, sumsq, gain, eps, sumsq_tiles = x, x, x, 0.0, 0
+    if norm is not None:
+        sumsq, gain, eps = norm
+        sumsq_tiles = sumsq.shape[0]
+        assert sumsq.dtype == torch.float32 and sumsq.shape[1] == M and sumsq.is_contiguous(), sumsq.shape
+        assert gain.shape == (K,) and gain.stride(0) == 1, gain.shape
+    if norm_next is not None:
+        residual = norm_next
+        assert residual.shape == (M, N) and residual.dtype == x.dtype and residual.stride(1) == 1, residual.shape
+        sumsq_tiles = triton.cdiv(N, block_n)  # the kernel's pid_n
+        sumsq = torch.empty((sumsq_tiles, M), dtype=torch.float32, device=x.device)
     _matmul_fwd[grid](
-        x_arg, w_arg, scale_arg, out, partial, arrivals, cos, sin, M, N, K, k_split, x.stride(0), weight.stride(0),
-        out.stride(0),
-        cos.stride(0), n_rotated,
+        x_arg, w_arg, scale_arg, out, partial, arrivals, cos, sin, residual, sumsq, gain, M, N, K, k_split,
+        x.stride(0), weight.stride(0), out.stride(0), cos.stride(0), n_rotated, residual.stride(0), sumsq_tiles, eps,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
         SCALE=scale is not None, SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
+        NORM=norm is not None, NORM_NEXT=norm_next is not None,
+        BLOCK_T=triton.next_power_of_2(max(sumsq_tiles, 1)),
         UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
+    return out if norm_next is None else (out, sumsq)
 
 
 _ARRIVALS: dict = {}

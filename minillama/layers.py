@@ -53,13 +53,18 @@ class Linear(nn.Module):
             the residual add + RMSNorm before this matrix runs inside its GEMV (True, the default)
             or as its own kernel first (False); set by the runner's tuning. norm_next: at
             single-token steps, the residual add + RMSNorm after this matrix run in its GEMV's
-            last program (``backend.PendingGemv``; replicated layers only); set by the runner's tuning.
+            last program (``backend.PendingProduct``; replicated layers only); set by the runner's tuning.
+        feeds_norm: the output goes into the residual add + RMSNorm (o and down): under the Triton
+            backend a product of a few rows by a weight of the model's dtype adds the residual and
+            sums the rows' squares in its epilogue, and the next product norms its input
+            (replicated layers only); set by the model.
     """
 
     swiglu = False  # output silu(first half) * second half: see GateUpLinear
 
     def __init__(self, in_features: int, out_features: int, bias: bool, backend,
-                 parts: Optional[Sequence[int]] = None, parallel: Optional[str] = None, tp=None):
+                 parts: Optional[Sequence[int]] = None, parallel: Optional[str] = None, tp=None,
+                 feeds_norm: bool = False):
         super().__init__()
         assert parallel in (None, "column", "row", "vocab"), parallel
         n = tp.world_size if tp is not None and parallel is not None else 1
@@ -81,6 +86,7 @@ class Linear(nn.Module):
         self.gemv_config = None
         self.fuse_norm = True
         self.norm_next = False
+        self.feeds_norm = feeds_norm
 
     @property
     def shard_dim(self) -> Optional[int]:
@@ -94,7 +100,8 @@ class Linear(nn.Module):
         assert rope is None or self.parallel in (None, "column"), self.parallel
         y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
                                 gemv_config=self.gemv_config, fuse_norm=self.fuse_norm, rope=rope,
-                                norm_next=self.norm_next and self.parallel is None)
+                                norm_next=self.norm_next and self.parallel is None,
+                                feeds_norm=self.feeds_norm and self.parallel is None)
         return self.combine(y)
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:

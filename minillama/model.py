@@ -87,7 +87,7 @@ class Attention(nn.Module):
         q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
         self.wqkv = Linear(config.hidden_size, q + 2 * kv, config.attention_bias, backend, parts=(q, kv, kv),
                            parallel="column", tp=tp)
-        self.wo = Linear(q, config.hidden_size, config.attention_bias, backend, parallel="row", tp=tp)
+        self.wo = Linear(q, config.hidden_size, config.attention_bias, backend, parallel="row", tp=tp, feeds_norm=True)
         self.backend = backend
 
     def forward(self, h, cos, sin, layout, layer: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ class FeedForward(nn.Module):
         F_dim = config.intermediate_size
         self.w13 = GateUpLinear(config.hidden_size, 2 * F_dim, config.mlp_bias, backend, parts=(F_dim, F_dim),
                                 parallel="column", tp=tp)
-        self.w2 = Linear(F_dim, config.hidden_size, config.mlp_bias, backend, parallel="row", tp=tp)
+        self.w2 = Linear(F_dim, config.hidden_size, config.mlp_bias, backend, parallel="row", tp=tp, feeds_norm=True)
 
     def forward(self, h) -> torch.Tensor:
         """w2(silu(w1 h) * w3 h) for the normed input h (T, hidden)."""
@@ -230,7 +230,7 @@ class Transformer(nn.Module):
             x, residual = layer(x, residual, cos, sin, layout, i)
         if logits_rows is not None:
             if logits_rows.numel() == 0:
-                return x.new_empty(0, self.config.vocab_size)
+                return residual.new_empty(0, self.config.vocab_size)
             x, residual = x[logits_rows], residual[logits_rows]  # (N, hidden)
         h, _ = self.norm(x, residual)
         return self.output(h)  # (T or N, V)

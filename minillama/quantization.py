@@ -432,6 +432,7 @@ class QuantizedLinear(Linear):
         self.gemv_config = linear.gemv_config
         self.fuse_norm = linear.fuse_norm
         self.norm_next = linear.norm_next
+        self.feeds_norm = linear.feeds_norm
         N, K = self.out_features, self.in_features
         self.weight = nn.Parameter(torch.empty(N, K, dtype=weight_dtype, device=device), requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(N, dtype=torch.float32, device=device), requires_grad=False)
@@ -445,7 +446,8 @@ class QuantizedLinear(Linear):
         assert rope is None or self.parallel in (None, "column"), self.parallel
         y = self.backend.linear(x, self.weight, None if reduce else self.bias, swiglu=self.swiglu,
                                 gemv_config=self.gemv_config, weight_scale=self.weight_scale,
-                                fuse_norm=self.fuse_norm, rope=rope, norm_next=self.norm_next and self.parallel is None)
+                                fuse_norm=self.fuse_norm, rope=rope, norm_next=self.norm_next and self.parallel is None,
+                                feeds_norm=self.feeds_norm and self.parallel is None)
         return self.combine(y)
 
     def extra_repr(self) -> str:

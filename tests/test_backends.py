@@ -261,6 +261,40 @@ def test_bfloat16_rows_run_the_triton_matmul_up_to_its_row_count(monkeypatch):
 
 @pytest.mark.triton
 @interpreted
+def test_bfloat16_steps_of_a_few_rows_run_the_norms_in_their_matmuls(monkeypatch):
+    """In a step of up to ``MODEL_DTYPE_ROWS`` rows of a bfloat16 model, o and down add the residual
+    in their matmul's epilogue and the next matmul (qkv, gate/up, the head) norms its input as it
+    loads it (``Linear.feeds_norm``): the norm's kernel runs on the first layer's input only (the
+    embedding is no product), and before the head where a prefill picks its last rows. The logits
+    are those of the norms as kernels within 1e-3 (each row's sum of squares is summed in another
+    order; the same bits here) and the float32 model's within bfloat16's error."""
+    from minillama import kernels
+    from minillama.layers import Linear
+
+    model = tiny_model(15, head_dim=32)
+    prompts = prompts_for(16, [5, 3], model.config.vocab_size)
+    cont = torch.tensor(prompts_for(17, [3, 3], model.config.vocab_size))
+    ref = teacher_forced_logits(Runner(model), prompts, cont)
+    fused = with_backend(model.to(torch.bfloat16), "triton")
+    apart = with_backend(model, "triton")
+    for module in apart.modules():
+        if isinstance(module, Linear):
+            module.feeds_norm = False
+    norms = []
+    add_rms_norm = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda x, *a, **kw: norms.append(x.shape) or add_rms_norm(x, *a, **kw))
+    got = teacher_forced_logits(Runner(fused), prompts, cont)
+    layers = model.config.num_hidden_layers
+    assert len(norms) == 2 + 2  # the prefill: the first layer's, the final norm; each of 2 decode steps: the first
+    norms.clear()
+    want = teacher_forced_logits(Runner(apart), prompts, cont)
+    assert len(norms) == 3 * (2 * layers + 1)
+    assert rel_err(got, want) < 1e-3
+    assert rel_err(got, ref) < 5e-2
+
+
+@pytest.mark.triton
+@interpreted
 def test_bias_model_runs_under_triton():
     """Projections with biases take the plain ops inside the Triton backend: same function."""
     model = tiny_model(6, bias=True)

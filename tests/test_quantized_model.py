@@ -456,6 +456,90 @@ def test_matmul_rope_epilogue(dtype, loads, split_k):
         assert ((got.double() - expected).norm() / expected.norm()).item() < bound
 
 
+def small_integer_operands(g, M: int, K: int, N: int, dtype):
+    """x (M, K) and a weight (N, K) of ``dtype`` (with per-row scales where 8-bit) whose product holds
+    integers of at most K: every value and square of it exact in float32 and bfloat16, and every sum
+    of up to a few hundred squares exact in float32, whatever the order it is summed in."""
+    x = torch.randint(-1, 2, (M, K), generator=g).float()
+    w = torch.randint(-1, 2, (N, K), generator=g).float()
+    if dtype == torch.int8:
+        return x, (2 * w).to(torch.int8), torch.full((N,), 0.5)
+    if dtype == FP8:
+        return x, w.to(FP8), torch.ones(N)
+    return x.to(dtype), w.to(dtype), None
+
+
+@pytest.mark.triton
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.int8, FP8, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma_swapped"])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_matmul_runs_the_norm_between_two_products(dtype, loads, split_k):
+    """The residual add + RMSNorm between two products, in their launches: the first (``norm_next``)
+    writes h = product + residual, the same bits as ``add_rms_norm``'s, and its tiles' sums of h's
+    squares; the next (``norm``) norms its input tiles with them: plain, SiLU x up and RoPE products,
+    bit for bit the products of ``add_rms_norm``'s normed rows where h's squares sum exactly in any
+    order (:func:`small_integer_operands`), and the float64 math's within rounding for random ones.
+    N = 80 with 64-column tiles: two tiles, the second partial."""
+    from minillama import kernels
+    from minillama.backend import rotate_half_rope
+
+    g = torch.Generator().manual_seed(11)
+    M, K, N, D, eps = 12, 96, 80, 32, 1e-5
+    config = kernels.INTERPRET_MATMUL[:5] + (split_k, loads)
+    act = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    gain = (1 + torch.randn(N, generator=g) / 4).to(act)
+    cos, sin = torch.randn(M, D, generator=g).to(act), torch.randn(M, D, generator=g).to(act)
+
+    def nexts():  # weights of the next products: plain, [gate; up], q k v heads (+ scales where 8-bit)
+        out = []
+        for n in (48, 2 * 40, 3 * D):
+            if dtype in (torch.int8, FP8):
+                out.append(quantize_per_channel(torch.randn(n, N, generator=g), dtype))
+            else:
+                out.append(((torch.randn(n, N, generator=g) / 4).to(dtype), None))
+        return out
+
+    # exact sums of squares: the fused products equal the norm kernel's, bit for bit
+    x, w, scale = small_integer_operands(g, M, K, N, dtype)
+    residual = torch.randint(-3, 4, (M, N), generator=g).to(act)
+    h, sumsq = kernels.matmul(x, w, scale, norm_next=residual, config=config)
+    normed, h_ref = kernels.add_rms_norm(kernels.matmul(x, w, scale, config=config), residual, gain, eps)
+    assert torch.equal(h, h_ref) and h.dtype == act
+    assert sumsq.shape == (2, M) and torch.equal(sumsq.sum(0), h.float().pow(2).sum(1))
+    if split_k > 1:
+        assert not kernels._split_arrivals(x.device, 1).any()
+    for (w2, s2), kw in zip(nexts(), ({}, {"swiglu": True}, {"rope": (cos, sin, 2, D)})):
+        got = kernels.matmul(h, w2, s2, norm=(sumsq, gain, eps), config=config, **kw)
+        assert torch.equal(got, kernels.matmul(normed, w2, s2, config=config, **kw)), kw
+
+    # random operands: against the float64 math
+    x = torch.randn(M, K, generator=g).to(act)
+    if dtype in (torch.int8, FP8):
+        w, scale = quantize_per_channel(torch.randn(N, K, generator=g), dtype)
+        w64 = dequantize(w, scale, torch.float64)
+    else:
+        w, scale = (torch.randn(N, K, generator=g) / 4).to(dtype), None
+        w64 = w.double()
+    residual = torch.randn(M, N, generator=g).to(act)
+    h, sumsq = kernels.matmul(x, w, scale, norm_next=residual, config=config)
+    h64 = x.double() @ w64.T + residual.double()
+    bound = 2e-2 if act == torch.bfloat16 else 1e-5  # the interpreter rounds to bfloat16 by truncation
+    assert ((h.double() - h64).norm() / h64.norm()).item() < bound
+    normed64 = gain.double() * h.double() * torch.rsqrt(h.double().pow(2).mean(1, keepdim=True) + eps)
+    bound = 5e-2 if act == torch.bfloat16 else 1e-5  # normed, its gain product and the output rounded too
+    for (w2, s2), kw in zip(nexts(), ({}, {"swiglu": True}, {"rope": (cos, sin, 2, D)})):
+        got = kernels.matmul(h, w2, s2, norm=(sumsq, gain, eps), config=config, **kw)
+        y = normed64 @ (dequantize(w2, s2, torch.float64) if s2 is not None else w2.double()).T
+        if kw.get("swiglu"):
+            gate, up = y.chunk(2, dim=1)
+            y = torch.nn.functional.silu(gate) * up
+        if "rope" in kw:
+            rotated = rotate_half_rope(y[:, : 2 * D].view(M, 2, D), cos.double()[:, None], sin.double()[:, None])
+            y = torch.cat([rotated.reshape(M, 2 * D), y[:, 2 * D:]], 1)
+        assert ((got.double() - y).norm() / y.norm()).item() < bound, kw
+
+
 @pytest.mark.triton
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, FP8])
@@ -882,6 +966,52 @@ def test_gpu_gemv_next_norm_llama_shapes(dtype):
                 again = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain, 1e-5))
                 assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1]), (K, config)
             assert not kernels._split_arrivals(x.device, 1).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
+@pytest.mark.parametrize("M", [2, 16, 40, 64])
+def test_gpu_matmul_norm_between_products_llama_shapes(dtype, M):
+    """The residual add + RMSNorm between Llama-3.1-8B's products at batched-decode rows, in the
+    tilings ``matmul_config`` picks: o and down (``norm_next``) give h bit for bit as
+    ``add_rms_norm``, the same bits over 10 calls; gate/up (SiLU x up) and qkv (RoPE) with ``norm``
+    give the products of ``add_rms_norm``'s normed rows within a bfloat16 rounding of each normed
+    value (the rows' sums of squares are summed in another order), fresh inputs."""
+    from minillama import kernels
+    from minillama.backend import runs_model_dtype_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    H, F, D, eps = 4096, 14336, 128, 1e-5
+    gain = (1 + 0.2 * torch.randn(H, device="cuda", generator=g)).to(torch.bfloat16)
+    positions = torch.arange(M, device="cuda") + 500
+    cos, sin = kernels.rope_cos_sin(positions, 1.0 / 500000 ** (torch.arange(0, D, 2, device="cuda") / D),
+                                    torch.bfloat16)
+
+    def weight(n, k):
+        w = torch.randn(n, k, device="cuda", generator=g) / k ** 0.5
+        return (w.to(dtype), None) if dtype == torch.bfloat16 else quantize_per_channel(w, dtype)
+
+    for (K, next_n, kw) in ((4096, 2 * F, {"swiglu": True}), (F, 6144, {"rope": (cos, sin, 40, D)})):
+        (q, scale), (q2, scale2) = weight(H, K), weight(next_n, H)
+        bf16 = dtype == torch.bfloat16
+        if bf16 and not runs_model_dtype_matmul(M, H, K, False):
+            continue  # this product runs cuBLAS: no fused norm
+        x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+        residual = 4 * torch.randn(M, H, device="cuda", generator=g).to(torch.bfloat16)
+        normed, want_h = kernels.add_rms_norm(kernels.matmul(x, q, scale), residual, gain, eps)
+        h, sumsq = kernels.matmul(x, q, scale, norm_next=residual)
+        assert torch.equal(h, want_h), (K, M)
+        assert torch.allclose(sumsq.sum(0), h.float().pow(2).sum(1), rtol=1e-5)
+        for _ in range(10):
+            again = kernels.matmul(x, q, scale, norm_next=residual)
+            assert torch.equal(again[0], h) and torch.equal(again[1], sumsq)
+        assert not kernels._split_arrivals(x.device, 1).any()
+        if bf16 and not runs_model_dtype_matmul(M, next_n, H, "swiglu" in kw):
+            continue  # the next product runs cuBLAS, after the norm's kernel
+        got = kernels.matmul(h, q2, scale2, norm=(sumsq, gain, eps), **kw).float()
+        want = kernels.matmul(normed, q2, scale2, **kw).float()
+        assert ((got - want).norm() / want.norm()).item() < 2e-3, (K, M)
+        assert (got - want).abs().max().item() <= 2 ** -6 * want.abs().max().item(), (K, M)
 
 
 @pytest.mark.gpu
