@@ -56,8 +56,14 @@ def _add_rmsnorm_fwd(X, Res, H_out, Normed, W, stride_x, stride_r, stride_h, str
 def _rms_normed(h, w, N, eps, ty: tl.constexpr):
     """w * RMSNorm(h) in float32 for a row h (float32 values of dtype ty; zero past N) and its gain w:
     the normalized row is rounded to ty before the gain, as the torch backend rounds it."""
-    scale = _inverse_rms(tl.sum(h * h, 0) / N, eps)
-    return w * (h * scale).to(ty).to(tl.float32)
+    return _gain_times_normed(h, _inverse_rms(tl.sum(h * h, 0) / N, eps), w, ty)
+
+
+@triton.jit
+def _gain_times_normed(h, inv_rms, w, ty: tl.constexpr):
+    """w * (h * inv_rms) in float32, the normalized values rounded to ty before the gain (as the
+    torch backend rounds them): every norm's rounding, in one place."""
+    return w * (h * inv_rms).to(ty).to(tl.float32)
 
 
 @triton.jit
@@ -361,9 +367,9 @@ def _widen(w, ty: tl.constexpr):
 @triton.jit
 def _normed_tile(x, inv_rms, Gain, kk, K, ty: tl.constexpr):
     """Rows x (BLOCK_M, BLOCK_K) of h, columns kk, as RMSNorm * gain in ``ty``: each row times its
-    1 / rms, rounded to ty, times the gain, rounded (as ``_rms_normed`` and the stored row)."""
+    1 / rms, rounded to ty, times the gain, rounded (as the norm kernel stores its rows)."""
     gain = tl.load(Gain + kk, mask=kk < K, other=0.0).to(tl.float32)
-    return (gain[None, :] * (x.to(tl.float32) * inv_rms[:, None]).to(ty).to(tl.float32)).to(ty)
+    return _gain_times_normed(x.to(tl.float32), inv_rms[:, None], gain[None, :], ty).to(ty)
 
 
 @triton.jit
