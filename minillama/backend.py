@@ -24,8 +24,9 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
   computed by the next projection's GEMV in its prologue (or, where that linear's ``fuse_norm`` is
   False, by its own kernel just before the GEMV). Given a :class:`PendingProduct` x, the launch
   that makes x adds the residual: a GEMV norms the row in its last program; a Triton matmul of a
-  few rows sums the rows' squares in its epilogue and returns ``normed`` as :class:`NormedRows`,
-  normed by the next matmul as it loads its input.
+  few rows writes h * gain and sums the rows' squares in its epilogue and returns ``normed`` as
+  :class:`NormedRows`: the next matmul multiplies h * gain and applies each row's 1 / rms in its
+  epilogue.
 * ``rope_cos_sin(positions, inv_freq, dtype) -> (cos, sin)``: RoPE's tables (T, D) for integer
   positions (T,) (int32 or int64): the angles ``position * inv_freq`` in float32, their cosines and
   sines rounded to dtype, each half of D the same (rotate-half layout).
@@ -42,8 +43,9 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
   (the GEMV's tiling; the norm before it in its prologue or not; with norm_next, the output as a
   :class:`PendingProduct`, so that the norm after it runs in its launch): the same function, rounded
   differently. feeds_norm: the output goes into a residual add + RMSNorm (o, down); the Triton
-  backend returns a product of a few rows by a weight of the model's dtype (its Triton matmul) as a
-  :class:`PendingProduct` too.
+  backend returns a product of a few rows in its Triton matmul as a :class:`PendingProduct` too
+  (:meth:`TritonBackend.norm_in_matmuls`), and the next matmul's product of the normed rows is the
+  same function, rounded differently.
 """
 from typing import NamedTuple, Optional
 
@@ -135,11 +137,13 @@ class PendingProduct:
 
 class NormedRows(NamedTuple):
     """RMSNorm(h) * weight of rows h (T, K), not applied yet: the Triton matmul that takes it as its
-    input norms each tile of h as it loads it, each row's 1 / rms from ``sumsq`` (pieces, T), the
-    sums of squares of pieces of h's rows that the product making h wrote (``kernels.matmul``'s
-    norm_next). Any other consumer gets the norm's kernel: ``TritonBackend.materialize``."""
+    input multiplies ``gained`` (h * weight) and each row's dot products by its 1 / rms, from
+    ``sumsq`` (pieces, T), the sums of squares of pieces of h's rows; the product making h wrote
+    both (``kernels.matmul``'s norm_next). Any other consumer gets the norm's kernel:
+    ``TritonBackend.materialize``."""
 
     h: torch.Tensor  # (T, K), the new residual stream
+    gained: torch.Tensor  # (T, K), h * weight rounded to h's dtype
     sumsq: torch.Tensor  # (pieces, T) float32
     weight: torch.Tensor  # (K,) the norm's gain
     eps: float
@@ -298,18 +302,25 @@ class TritonBackend(TorchBackend):
         return (runs_model_dtype_matmul(rows, *weight.shape, swiglu) and weight.dtype == x2.dtype
                 and weight.dtype in (torch.bfloat16, torch.float16) and self.kernels.tma_ready(x2, weight))
 
+    def norm_in_matmuls(self, rows: int, weight_scale) -> bool:
+        """Whether a product of ``rows`` rows in the Triton matmul that feeds a residual add + RMSNorm
+        (``feeds_norm``) runs that add in its epilogue, for the next matmul to apply the norm in its
+        own (:class:`NormedRows`): no norm kernel between them. H200, 2026-12-03, random
+        Llama-3.1-8B, fill 512, tok/s, norms as kernels -> in the matmuls: bf16 batch 16 3502 ->
+        3559 (+1.6%), batch 64 11102 -> 11069 (-0.3%: its qkv and o run cuBLAS, so the norm's kernel
+        stays); fp8 batch 16 4968 -> 5141 (+3.5%), batch 64 12499 -> 12692 (+1.5%); int8 batch 16
+        4947 -> 5075 (+2.6%), batch 64 11039 -> 11187 (+1.3%) (BENCHMARKS.md). Hence weights of the
+        model's dtype up to ``MODEL_DTYPE_ROWS`` rows and 8-bit weights up to ``FUSED_8BIT_ROWS``."""
+        return rows <= (MODEL_DTYPE_ROWS if weight_scale is None else FUSED_8BIT_ROWS)
+
     def linear(self, x, weight, bias=None, *, swiglu=False, gemv_config=None, weight_scale=None, fuse_norm=True,
                rope=None, norm_next=False, feeds_norm=False):
         """norm_next: at a single-token step without a norm before it, return a :class:`PendingProduct`
         so that the residual add + RMSNorm after it run in the GEMV's launch. feeds_norm: the same for
-        a product of up to ``MODEL_DTYPE_ROWS`` rows by a weight of the model's dtype in the Triton
-        matmul: its epilogue adds the residual and sums the rows' squares, and the next such matmul
-        norms its input tiles as it loads them (:class:`NormedRows`), so the norm's kernel goes.
-        H200, 2026-12-03, random Llama-3.1-8B, fill 512, interleaved: bf16 batch 16 3503 -> 3537
-        tok/s (+1.0%); batch 64 -0.3% (only down and gate/up run the Triton matmul there), and
-        8-bit weights -6% (fp8) and -9% (int8) at batch 16: their matmuls at 16 rows are bound by
-        the weight conversions, and norming x's tiles in every program adds to that. So only
-        there."""
+        a product in the Triton matmul where :meth:`norm_in_matmuls` says so: its epilogue adds the
+        residual, writes h * the norm's gain and sums the rows' squares, and the next matmul
+        multiplies h * gain and applies each row's 1 / rms in its epilogue (:class:`NormedRows`), so
+        the norm's kernel goes."""
         if isinstance(x, NormedInput) and bias is None and fuse_norm:
             K = x.x.shape[-1]
             out = self.kernels.gemv(
@@ -319,10 +330,8 @@ class TritonBackend(TorchBackend):
                 norm_weight=x.weight, eps=x.eps, swiglu=swiglu, rope=rope, config=gemv_config, scale=weight_scale,
             )
             return out.view(*x.shape[:-1], -1)
-        if (isinstance(x, NormedRows) and bias is None and weight_scale is None
-                and self._runs_triton_matmul(x.h, weight, weight_scale, swiglu)):
-            return self.kernels.matmul(x.h, weight, weight_scale, swiglu=swiglu, rope=rope,
-                                       norm=(x.sumsq, x.weight, x.eps))
+        if isinstance(x, NormedRows) and bias is None and self._runs_triton_matmul(x.h, weight, weight_scale, swiglu):
+            return self.kernels.matmul(x.gained, weight, weight_scale, swiglu=swiglu, rope=rope, norm=(x.sumsq, x.eps))
         x = self.materialize(x)
         if bias is None and self.gemv and x.numel() == x.shape[-1]:  # one token, no norm before it
             x1 = x.reshape(-1).contiguous()
@@ -348,14 +357,15 @@ class TritonBackend(TorchBackend):
             y = scaled_mm_w8a8(x2, weight, weight_scale)
         elif bias is None and self._runs_triton_matmul(x2, weight, weight_scale, swiglu):
             x2 = x2.contiguous()  # kernels.matmul runs SiLU x up and RoPE in its epilogue
-            if feeds_norm and weight_scale is None and rows <= MODEL_DTYPE_ROWS and not swiglu and rope is None:
+            if feeds_norm and self.norm_in_matmuls(rows, weight_scale) and not swiglu and rope is None:
 
                 def launch(norm_next=None):
                     if norm_next is None:
                         return self.kernels.matmul(x2, weight, weight_scale).view(shape)
                     residual, gain, eps = norm_next
-                    h, sumsq = self.kernels.matmul(x2, weight, weight_scale, norm_next=residual.reshape(rows, -1))
-                    return NormedRows(h, sumsq, gain, eps), h.view(shape)
+                    h, gained, sumsq = self.kernels.matmul(x2, weight, weight_scale,
+                                                           norm_next=(residual.reshape(rows, -1), gain))
+                    return NormedRows(h, gained, sumsq, gain, eps), h.view(shape)
 
                 return PendingProduct(launch, shape)
             return self.kernels.matmul(x2, weight, weight_scale, swiglu=swiglu, rope=rope).view(shape)

@@ -56,14 +56,7 @@ def _add_rmsnorm_fwd(X, Res, H_out, Normed, W, stride_x, stride_r, stride_h, str
 def _rms_normed(h, w, N, eps, ty: tl.constexpr):
     """w * RMSNorm(h) in float32 for a row h (float32 values of dtype ty; zero past N) and its gain w:
     the normalized row is rounded to ty before the gain, as the torch backend rounds it."""
-    return _gain_times_normed(h, _inverse_rms(tl.sum(h * h, 0) / N, eps), w, ty)
-
-
-@triton.jit
-def _gain_times_normed(h, inv_rms, w, ty: tl.constexpr):
-    """w * (h * inv_rms) in float32, the normalized values rounded to ty before the gain (as the
-    torch backend rounds them): every norm's rounding, in one place."""
-    return w * (h * inv_rms).to(ty).to(tl.float32)
+    return w * (h * _inverse_rms(tl.sum(h * h, 0) / N, eps)).to(ty).to(tl.float32)
 
 
 @triton.jit
@@ -365,15 +358,7 @@ def _widen(w, ty: tl.constexpr):
 
 
 @triton.jit
-def _normed_tile(x, inv_rms, Gain, kk, K, ty: tl.constexpr):
-    """Rows x (BLOCK_M, BLOCK_K) of h, columns kk, as RMSNorm * gain in ``ty``: each row times its
-    1 / rms, rounded to ty, times the gain, rounded (as the norm kernel stores its rows)."""
-    gain = tl.load(Gain + kk, mask=kk < K, other=0.0).to(tl.float32)
-    return _gain_times_normed(x.to(tl.float32), inv_rms[:, None], gain[None, :], ty).to(ty)
-
-
-@triton.jit
-def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M, N, K, K_split, stride_xm,
+def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Gained, M, N, K, K_split, stride_xm,
                  stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps, pid_m, pid_n, pid_k,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, SCALE: tl.constexpr,
@@ -402,18 +387,11 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M
     acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     ty = Out.dtype.element_ty
-    if NORM:  # each row's 1 / rms from its pieces' sums of squares, summed in piece order
-        offs_t = tl.arange(0, BLOCK_T)
-        sumsq = tl.load(Sumsq + offs_t[:, None] * M + offs_m[None, :],
-                        mask=(offs_t < sumsq_tiles)[:, None] & m_mask[None, :], other=0.0)
-        inv_rms = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
     k_lo = pid_k * K_split
     for k0 in tl.range(k_lo, tl.minimum(k_lo + K_split, K), BLOCK_K):
         kk = k0 + offs_k
         if SWAP:
             x = X.load([pid_m * BLOCK_M, k0])
-            if NORM:
-                x = _normed_tile(x, inv_rms, Gain, kk, K, ty)
             if UPCAST:
                 x = x.to(tl.float32)
             w = W.load([n0, k0])
@@ -426,8 +404,6 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
             else:
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-            if NORM:
-                x = _normed_tile(x, inv_rms, Gain, kk, K, ty)
             if UPCAST:
                 x = x.to(tl.float32)
             if W_TMA:
@@ -474,15 +450,30 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M
             tl.store(arrival, 0)  # zero again for the next product
     else:
         last = True
-    if last:  # -- epilogue: the per-column scale, SwiGLU, RoPE or the residual add --
+    if last:  # -- epilogue: the per-column scale, the rows' 1 / rms, SwiGLU, RoPE or the residual add --
         if SCALE:
             y = y * tl.load(Scale + cols, mask=cols < N, other=0.0)
-        if NORM_NEXT:  # out = h = product + residual, rounded as add_rms_norm rounds; its rows' squares summed
-            r = tl.load(Res + rows * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
-            y = (y.to(ty).to(tl.float32) + r).to(ty).to(tl.float32)
-            tl.store(Sumsq + pid_n * M + offs_m, tl.sum(tl.where(mask, y * y, 0.0), 0 if SWAP else 1), mask=m_mask)
         if PAIRED and SCALE:
             y_u = y_u * tl.load(Scale + pair + cols, mask=cols < N, other=0.0)
+        if NORM:  # each row's 1 / rms from its pieces' sums of squares, summed in piece order
+            offs_t = tl.arange(0, BLOCK_T)
+            sumsq = tl.load(Sumsq + offs_t[:, None] * M + offs_m[None, :],
+                            mask=(offs_t < sumsq_tiles)[:, None] & m_mask[None, :], other=0.0)
+            inv_rms = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
+            if SWAP:  # acc[n, m]
+                inv_rms = inv_rms[None, :]
+            else:
+                inv_rms = inv_rms[:, None]
+            y = y * inv_rms
+            if PAIRED:
+                y_u = y_u * inv_rms
+        if NORM_NEXT:  # out = h = product + residual, rounded as add_rms_norm rounds; h * the next gain;
+            # the sums of h's rows' squares
+            r = tl.load(Res + rows * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (y.to(ty).to(tl.float32) + r).to(ty).to(tl.float32)
+            gain = tl.load(Gain + cols, mask=cols < N, other=0.0).to(tl.float32)
+            tl.store(Gained + rows * stride_om + cols, (y * gain).to(ty), mask=mask)
+            tl.store(Sumsq + pid_n * M + offs_m, tl.sum(tl.where(mask, y * y, 0.0), 0 if SWAP else 1), mask=m_mask)
         if SWIGLU:
             y = _swiglu(y.to(ty).to(tl.float32), y_u.to(ty).to(tl.float32), ty)
         if ROPE:  # cos / sin of each token row m, dims i and i + HALF
@@ -502,7 +493,7 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M
 
 
 @triton.jit
-def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M, N, K, K_split, stride_xm,
+def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Gained, M, N, K, K_split, stride_xm,
                 stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
@@ -529,12 +520,15 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M,
     split that arrives last reads the tile's partials in split order (so the sum is the same
     whichever arrives last), runs the epilogue on the whole sums and sets the counter back to zero:
     no second launch to reduce the splits.
-    NORM: x holds rows h of the residual stream and the product is of RMSNorm(h) * Gain (K,) with
-    ``eps``: Sumsq (sumsq_tiles, M) float32 holds the sums of squares of pieces of h's rows (as a
-    product with NORM_NEXT wrote them); each program sums a row's pieces in order for its 1 / rms,
-    then norms each x tile as it loads it. NORM_NEXT (no SwiGLU, RoPE): out = product + Res (M, N),
-    rounded as ``add_rms_norm`` rounds h, and tile n's sums of squares of its rows' values go to
-    Sumsq[n]: the residual add before a norm, and the sums the next product's NORM reads.
+    NORM: x holds rows h * gain (each value rounded to x's dtype) of the residual stream h, and the
+    product is of RMSNorm(h) * gain with ``eps``: Sumsq (sumsq_tiles, M) float32 holds the sums of
+    squares of pieces of h's rows (as a product with NORM_NEXT wrote them); the epilogue sums a
+    row's pieces in order for its 1 / rms and multiplies the row's dot products by it (as the GEMV
+    applies its prologue's norm), so x's tiles go to the dot as they are loaded. NORM_NEXT (no
+    SwiGLU, RoPE): out = h = product + Res (M, N), rounded as ``add_rms_norm`` rounds h; Gained
+    (M, N, out's strides) = h * Gain (N,), rounded; tile n's sums of squares of its rows' values go
+    to Sumsq[n]: the residual add before a norm, and the input and sums the next product's NORM
+    reads.
     PERSISTENT: a 1-D grid of programs (one per SM) walks the tiles, m fastest (the tiles that share
     a weight tile run together); otherwise program (m, n, s) computes tile (m, n, s).
     """
@@ -542,13 +536,13 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M,
         num_m = tl.cdiv(M, BLOCK_M)
         num_mn = num_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_mn * SPLIT_K, tl.num_programs(0)):
-            _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M, N, K, K_split, stride_xm,
-                         stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
+            _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Gained, M, N, K, K_split,
+                         stride_xm, stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
                          tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF,
                          NORM, NORM_NEXT, BLOCK_T, UPCAST)
     else:
-        _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, M, N, K, K_split, stride_xm,
+        _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Gained, M, N, K, K_split, stride_xm,
                      stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
                      tl.program_id(0), tl.program_id(1), tl.program_id(2),
                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF,
@@ -925,7 +919,7 @@ def _hopper_matmul():
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None, *, swiglu: bool = False,
-           rope=None, config=None, norm=None, norm_next: Optional[torch.Tensor] = None):
+           rope=None, config=None, norm=None, norm_next=None):
     """x (M, K) @ weight (N_w, K)^T for a few rows x, in x's dtype: weight has x's dtype (scale
     None), or is 8-bit (int8 / float8_e4m3fn) with per-row float32 scales (N_w,):
     x @ (weight * scale[:, None])^T. swiglu: weight holds [gate; up] and the result is
@@ -938,12 +932,14 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     where its :func:`~minillama.hopper_matmul.tiling` says it is faster (not with a norm).
 
     The residual add + RMSNorm between two products, in their launches (no kernel of its own):
-    norm_next: a residual (M, N) of x's dtype: returns (h, sumsq), h = product + residual rounded
-    as :func:`add_rms_norm` rounds it, and sumsq (tiles, M) float32, the sums of squares of pieces
-    of h's rows. norm: (sumsq, gain, eps): x is such an h, and the product is of
-    ``add_rms_norm(h, None, gain, eps)[0]``, each row's 1 / rms from its pieces' sums (summed in
-    order: the same bits every run; within one rounding of the norm kernel's, whose sum runs in
-    another order)."""
+    norm_next: (residual (M, N) of x's dtype, gain (N,)): returns (h, gained, sumsq), h = product +
+    residual rounded as :func:`add_rms_norm` rounds it, gained = h * gain rounded to x's dtype, and
+    sumsq (tiles, M) float32, the sums of squares of pieces of h's rows. norm: (sumsq, eps): x is
+    such a gained, and the product is of RMSNorm(h) * gain: the product of x, each row's dot
+    products times its 1 / rms (from its pieces' sums, summed in order: the same bits every run).
+    The same function as the product of ``add_rms_norm(h, None, gain, eps)[0]``, rounded
+    differently: that rounds h * (1 / rms) and then its product with the gain, this rounds h * gain
+    only (as the GEMV, which applies its norm's 1 / rms to its dot products, rounds none)."""
     M, K = x.shape
     N_w = weight.shape[0]
     assert not (swiglu and rope is not None)
@@ -998,19 +994,20 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     if persistent:  # one program per SM (two in the interpreter, so that its loop is tested)
         grid = (min(grid[0] * grid[1] * split_k, 2 if INTERPRET else num_sms(x.device)),)
     scale_arg = scale if scale is not None else x
-    residual, sumsq, gain, eps, sumsq_tiles = x, x, x, 0.0, 0
+    residual, sumsq, gain, gained, eps, sumsq_tiles = x, x, x, x, 0.0, 0
     if norm is not None:
-        sumsq, gain, eps = norm
+        sumsq, eps = norm
         sumsq_tiles = sumsq.shape[0]
         assert sumsq.dtype == torch.float32 and sumsq.shape[1] == M and sumsq.is_contiguous(), sumsq.shape
-        assert gain.shape == (K,) and gain.stride(0) == 1, gain.shape
     if norm_next is not None:
-        residual = norm_next
+        residual, gain = norm_next
         assert residual.shape == (M, N) and residual.dtype == x.dtype and residual.stride(1) == 1, residual.shape
+        assert gain.shape == (N,) and gain.stride(0) == 1, gain.shape
+        gained = torch.empty_like(out)  # out's strides: the kernel writes both at out's offsets
         sumsq_tiles = triton.cdiv(N, block_n)  # the kernel's pid_n
         sumsq = torch.empty((sumsq_tiles, M), dtype=torch.float32, device=x.device)
     _matmul_fwd[grid](
-        x_arg, w_arg, scale_arg, out, partial, arrivals, cos, sin, residual, sumsq, gain, M, N, K, k_split,
+        x_arg, w_arg, scale_arg, out, partial, arrivals, cos, sin, residual, sumsq, gain, gained, M, N, K, k_split,
         x.stride(0), weight.stride(0), out.stride(0), cos.stride(0), n_rotated, residual.stride(0), sumsq_tiles, eps,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
         W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
@@ -1020,7 +1017,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
         UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out if norm_next is None else (out, sumsq)
+    return out if norm_next is None else (out, gained, sumsq)
 
 
 _ARRIVALS: dict = {}
