@@ -118,8 +118,8 @@ class NormedInput(NamedTuple):
 class PendingProduct:
     """A product's output (..., N), not computed yet, so that the residual add + RMSNorm after it can
     run in its launch: ``TritonBackend.rms_norm`` launches it with them (a single-token GEMV's last
-    program norms the row; a multi-row matmul adds the residual and sums the rows' squares in its
-    epilogue, for the next matmul's prologue: :class:`NormedRows`). Anything else that takes it gets
+    program norms the row; a multi-row matmul adds the residual, writes h * gain and sums the rows'
+    squares in its epilogue, for the next matmul's epilogue: :class:`NormedRows`). Anything else that takes it gets
     the plain product: ``materialize()`` (``TritonBackend.materialize`` and indexing call it)."""
 
     __slots__ = ("launch", "shape")

@@ -55,9 +55,9 @@ class Linear(nn.Module):
             single-token steps, the residual add + RMSNorm after this matrix run in its GEMV's
             last program (``backend.PendingProduct``; replicated layers only); set by the runner's tuning.
         feeds_norm: the output goes into the residual add + RMSNorm (o and down): under the Triton
-            backend a product of a few rows by a weight of the model's dtype adds the residual and
-            sums the rows' squares in its epilogue, and the next product norms its input
-            (replicated layers only); set by the model.
+            backend a product of a few rows (``TritonBackend.norm_in_matmuls``) adds the residual,
+            writes h * the norm's gain and sums the rows' squares in its epilogue, and the next
+            product applies each row's 1 / rms in its own (replicated layers only); set by the model.
     """
 
     swiglu = False  # output silu(first half) * second half: see GateUpLinear
