@@ -592,8 +592,8 @@ def _dequantize_fwd(W, Scale, Out, N, K, stride_wn, stride_on, BLOCK_N: tl.const
 # (16, 256, 4) 59.0 -> 56.2), bf16 o and down in (16, 1024, 8) (10.9 -> 10.5, 29.7 -> 29.1):
 # batch-1 decode bf16 235.9 -> 244.4 tok/s, int8 346.2 -> 357.8, fp8 357.9 -> 370.9 (BENCHMARKS.md).
 # The last two read x once per weight row (X_ROWS): bf16 gate/up in them 60.3 / 60.8 us per layer
-# against 64.4 for the best of the others in the same run; no other kind or format was faster
-# that way (H200, 2026-12-03, BENCHMARKS.md).
+# against 64.4 for the best of the others in the same run; for no other kind or format did X_ROWS
+# beat the best tiling without it (H200, 2026-12-03, BENCHMARKS.md).
 GEMV_CONFIGS = [(4, 1024, 4, False, False), (8, 512, 4, False, False), (2, 2048, 4, False, False),
                 (4, 2048, 8, False, False), (8, 1024, 8, False, False), (16, 256, 4, False, False),
                 (8, 512, 4, True, False), (16, 512, 4, True, False), (4, 512, 2, False, False),
