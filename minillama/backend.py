@@ -119,8 +119,9 @@ class PendingProduct:
     """A product's output (..., N), not computed yet, so that the residual add + RMSNorm after it can
     run in its launch: ``TritonBackend.rms_norm`` launches it with them (a single-token GEMV's last
     program norms the row; a multi-row matmul adds the residual, writes h * gain and sums the rows'
-    squares in its epilogue, for the next matmul's epilogue: :class:`NormedRows`). Anything else that takes it gets
-    the plain product: ``materialize()`` (``TritonBackend.materialize`` and indexing call it)."""
+    squares in its epilogue, for the next matmul's epilogue: :class:`NormedRows`). Anything else
+    that takes it gets the plain product: ``materialize()`` (``TritonBackend.materialize`` and
+    indexing call it)."""
 
     __slots__ = ("launch", "shape")
 
@@ -333,9 +334,9 @@ class TritonBackend(TorchBackend):
         if isinstance(x, NormedRows) and bias is None and self._runs_triton_matmul(x.h, weight, weight_scale, swiglu):
             return self.kernels.matmul(x.gained, weight, weight_scale, swiglu=swiglu, rope=rope, norm=(x.sumsq, x.eps))
         x = self.materialize(x)
+        shape = torch.Size((*x.shape[:-1], weight.shape[0] // 2 if swiglu else weight.shape[0]))
         if bias is None and self.gemv and x.numel() == x.shape[-1]:  # one token, no norm before it
             x1 = x.reshape(-1).contiguous()
-            shape = torch.Size((*x.shape[:-1], weight.shape[0] // 2 if swiglu else weight.shape[0]))
 
             def launch(norm_next=None):
                 if norm_next is None:
@@ -351,7 +352,6 @@ class TritonBackend(TorchBackend):
             return launch()
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        shape = torch.Size((*x.shape[:-1], weight.shape[0] // 2 if swiglu else weight.shape[0]))
         if (weight_scale is not None and bias is None and self.matmul_8bit == "scaled_mm" and rows > FUSED_8BIT_ROWS
                 and weight.dtype == torch.float8_e4m3fn and x.is_cuda):
             y = scaled_mm_w8a8(x2, weight, weight_scale)
