@@ -172,10 +172,9 @@ def _to_float32(w, INT8_PTX: tl.constexpr):
 
 @triton.jit
 def _accumulate(acc, w, x, ROW_ACC: tl.constexpr, INT8_PTX: tl.constexpr):
-    """acc + w * x for a weight tile w (BLOCK_N, BLOCK_K) and x float32, (BLOCK_N, BLOCK_K) or
-    (1, BLOCK_K): elementwise into acc (BLOCK_N, BLOCK_K), or with ROW_ACC summed per row into acc
-    (BLOCK_N, 1)."""
-    products = _to_float32(w, INT8_PTX) * x
+    """acc + w * x for a weight tile w (BLOCK_N, BLOCK_K) and x (BLOCK_K,) float32: elementwise into
+    acc (BLOCK_N, BLOCK_K), or with ROW_ACC summed per row into acc (BLOCK_N, 1)."""
+    products = _to_float32(w, INT8_PTX) * x[None, :]
     if ROW_ACC:
         return acc + tl.sum(products, 1)[:, None]
     else:
@@ -188,7 +187,7 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
               ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
               HALF: tl.constexpr, SCALE: tl.constexpr, NORM_NEXT: tl.constexpr, NEXT_BLOCK: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROW_ACC: tl.constexpr,
-              X_ROWS: tl.constexpr, INT8_PTX: tl.constexpr, DEPENDENT: tl.constexpr):
+              INT8_PTX: tl.constexpr, DEPENDENT: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for one row x (K,), BLOCK_N outputs per program.
 
     ADD: x is replaced by h = x + Add (rounded to x's dtype); program 0 writes h to H_out (the new
@@ -200,10 +199,7 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
     rounded outputs). SCALE: W is 8-bit (int8 or float8_e4m3fn), converted to float32 in
     registers (int8 by PRMT with INT8_PTX); row n's dot product is multiplied by Scale[n] before
     the epilogue. ROW_ACC: reduce the products to one sum per row at every step (fewer registers,
-    so more programs in flight) instead of once at the end. X_ROWS: read x's values (and the
-    prologue's) once per weight row, as a (BLOCK_N, BLOCK_K) tile in the weight tile's layout (L1
-    hits past the first), instead of once as a vector that then goes to the weight's layout through
-    shared memory, two barriers per loop step; the same sums.
+    so more programs in flight) instead of once at the end.
     NORM_NEXT (without SWIGLU, ROPE): the next residual add + RMSNorm runs here. Out receives
     h = out + Res (rounded to Out's dtype: the new residual stream); the program that arrives last
     on the int32 counter Arrival (zero before the launch, zero again after it) computes
@@ -234,64 +230,46 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
         u_rows = w_rows + pair_offset * stride_wn
         acc_u = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
     if NORM:
-        if X_ROWS:
-            sumsq = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        else:
-            sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
     if DEPENDENT:
         tl.extra.cuda.gdc_wait()
     # -- stream the weight rows once; products accumulate elementwise or per row (ROW_ACC) --
     for k0 in tl.range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        if X_ROWS:  # x's columns for every row of the weight tile
-            xk = kk[None, :] + 0 * offs_n[:, None]
-        else:
-            xk = kk
-        x_mask = xk < K
         if EVEN_K:
-            x = tl.load(X + xk)
+            x = tl.load(X + kk)
             w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None], other=0.0)
         else:
-            x = tl.load(X + xk, mask=x_mask, other=0.0)
+            x = tl.load(X + kk, mask=k_mask, other=0.0)
             w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if ADD:
             if EVEN_K:
-                a = tl.load(Add + xk)
+                a = tl.load(Add + kk)
             else:
-                a = tl.load(Add + xk, mask=x_mask, other=0.0)
+                a = tl.load(Add + kk, mask=k_mask, other=0.0)
             x = (x.to(tl.float32) + a.to(tl.float32)).to(X.dtype.element_ty)
             if pid == 0:
-                if X_ROWS:  # the tile's rows are copies: the first is stored
-                    tl.store(H_out + xk, x, mask=x_mask & (tl.arange(0, BLOCK_N) == 0)[:, None])
-                else:
-                    tl.store(H_out + xk, x, mask=x_mask)
+                tl.store(H_out + kk, x, mask=k_mask)
         x = x.to(tl.float32)
         if NORM:
             sumsq += x * x
             if EVEN_K:
-                x = x * tl.load(NormW + xk).to(tl.float32)
+                x = x * tl.load(NormW + kk).to(tl.float32)
             else:
-                x = x * tl.load(NormW + xk, mask=x_mask, other=0.0).to(tl.float32)
-        if X_ROWS:
-            x_tile = x
-        else:
-            x_tile = x[None, :]
-        acc = _accumulate(acc, w, x_tile, ROW_ACC, INT8_PTX)
+                x = x * tl.load(NormW + kk, mask=k_mask, other=0.0).to(tl.float32)
+        acc = _accumulate(acc, w, x, ROW_ACC, INT8_PTX)
         if PAIRED:
             if EVEN_K:
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None], other=0.0)
             else:
                 u = tl.load(u_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc_u = _accumulate(acc_u, u, x_tile, ROW_ACC, INT8_PTX)
+            acc_u = _accumulate(acc_u, u, x, ROW_ACC, INT8_PTX)
     y = tl.sum(acc, 1)
     if SCALE:
         y = y * tl.load(Scale + offs_n, mask=n_mask, other=0.0)
     if NORM:
-        if X_ROWS:
-            r = _inverse_rms(tl.sum(sumsq, 1) / K, eps)  # (BLOCK_N,): the same value in each
-        else:
-            r = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
+        r = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
         y = y * r
     if PAIRED:
         y_u = tl.sum(acc_u, 1)
@@ -583,7 +561,7 @@ def _dequantize_fwd(W, Scale, Out, N, K, stride_wn, stride_on, BLOCK_N: tl.const
     tl.store(Out + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
 
-# Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps, ROW_ACC, X_ROWS). On CUDA each matrix kind (qkv, o, gate/up,
+# Candidate GEMV tilings (BLOCK_N, BLOCK_K, num_warps, ROW_ACC). On CUDA each matrix kind (qkv, o, gate/up,
 # down, head) takes the fastest, timed once at the first single-token step in a CUDA graph over
 # every layer's matrix (so the weights stream from HBM, not L2, and launch gaps are the graph's).
 # The last eight were added after sweeps of 31 more (H200, 2026-12-02, Llama-3.1-8B, us per layer):
@@ -591,16 +569,11 @@ def _dequantize_fwd(W, Scale, Out, N, K, stride_wn, stride_on, BLOCK_N: tl.const
 # steps summed per row (fp8 (8, 256, 4) 34.9 -> 32.5, int8 (8, 256, 2) 36.8 -> 33.6, bf16
 # (16, 256, 4) 59.0 -> 56.2), bf16 o and down in (16, 1024, 8) (10.9 -> 10.5, 29.7 -> 29.1):
 # batch-1 decode bf16 235.9 -> 244.4 tok/s, int8 346.2 -> 357.8, fp8 357.9 -> 370.9 (BENCHMARKS.md).
-# The last two read x once per weight row (X_ROWS): bf16 gate/up in them 60.3 / 60.8 us per layer
-# against 64.4 for the best of the others in the same run; for no other kind or format did X_ROWS
-# beat the best tiling without it (H200, 2026-12-03, BENCHMARKS.md).
-GEMV_CONFIGS = [(4, 1024, 4, False, False), (8, 512, 4, False, False), (2, 2048, 4, False, False),
-                (4, 2048, 8, False, False), (8, 1024, 8, False, False), (16, 256, 4, False, False),
-                (8, 512, 4, True, False), (16, 512, 4, True, False), (4, 512, 2, False, False),
-                (2, 1024, 2, False, False), (16, 1024, 8, False, False), (16, 256, 4, True, False),
-                (8, 256, 4, True, False), (8, 256, 2, True, False), (4, 512, 2, True, False),
-                (2, 512, 2, False, False), (8, 256, 2, True, True), (16, 256, 4, True, True)]
-INTERPRET_GEMV = (1024, 64, 4, False, False)  # few, large programs and loop steps: the interpreter pays per step
+GEMV_CONFIGS = [(4, 1024, 4, False), (8, 512, 4, False), (2, 2048, 4, False), (4, 2048, 8, False),
+                (8, 1024, 8, False), (16, 256, 4, False), (8, 512, 4, True), (16, 512, 4, True),
+                (4, 512, 2, False), (2, 1024, 2, False), (16, 1024, 8, False), (16, 256, 4, True),
+                (8, 256, 4, True), (8, 256, 2, True), (4, 512, 2, True), (2, 512, 2, False)]
+INTERPRET_GEMV = (1024, 64, 4, False)  # few, large programs and loop steps: the interpreter pays per step
 
 
 def time_in_graph(fn, reps: int = 3) -> float:
@@ -741,7 +714,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     add, h_out: h = x + add is the input (and is written to h_out); norm_weight, eps: the input is
     RMSNorm(h) * norm_weight. rope: (cos, sin, n_heads, head_dim) rotates the first n_heads heads
     of the output as :func:`rope_` would (cos, sin: (1, head_dim) or (head_dim,)). config:
-    (BLOCK_N, BLOCK_K, num_warps, ROW_ACC, X_ROWS); default the first of ``GEMV_CONFIGS`` (with rope,
+    (BLOCK_N, BLOCK_K, num_warps, ROW_ACC); default the first of ``GEMV_CONFIGS`` (with rope,
     BLOCK_N is halved until it divides head_dim / 2). scale: (N_w,) float32 per-row scales of an
     8-bit weight (int8 or float8_e4m3fn), or None. Returns (N,) with N = N_w, or N_w / 2 with
     ``swiglu``. norm_next: (residual (N,), norm_weight (N,), eps): the residual add and RMSNorm that
@@ -764,7 +737,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
         dependent = gemv_dependent_launch(x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
-    block_n, block_k, num_warps, row_acc, x_rows = config or GEMV_CONFIGS[0]
+    block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
     half, n_rotated, cos, sin = 1, 0, x, x
     if rope is not None:
         cos, sin, n_heads, head_dim = rope
@@ -789,7 +762,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
         N, K, weight.stride(0), eps, n_rotated, next_eps,
         ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
         SCALE=scale is not None, NORM_NEXT=norm_next is not None, NEXT_BLOCK=next_block,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc, X_ROWS=x_rows,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc,
         INT8_PTX=weight.dtype == torch.int8 and not INTERPRET, num_warps=num_warps,
         DEPENDENT=dependent, launch_pdl=dependent,
     )
