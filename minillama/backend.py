@@ -237,8 +237,8 @@ class TritonBackend(TorchBackend):
             the separate kernels (False; a benchmark ablation).
         matmul_8bit: multi-row steps (prefill, batched decode) with 8-bit weights: "triton"
             (weight-only, the default: up to ``FUSED_8BIT_ROWS`` rows, or ``FUSED_8BIT_ROWS_TMA`` on
-            a GPU with TMA, a Triton matmul that converts the 8-bit tiles in registers, on Hopper mostly
-            its Gluon form, ``minillama.hopper_matmul``; more rows, a
+            a GPU with TMA, a Triton matmul that converts the 8-bit tiles in registers, on Hopper its
+            Gluon form, ``minillama.hopper_matmul``, for most prefill chunks; more rows, a
             model-dtype copy of the weight made by one Triton kernel, then cuBLAS), "dequantize"
             (that copy and cuBLAS at every size; an ablation) or "scaled_mm" (as "triton", but an
             fp8 step of more than ``FUSED_8BIT_ROWS`` rows

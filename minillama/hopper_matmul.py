@@ -1,5 +1,6 @@
-"""The 8-bit-weight matmul of prefill chunks on Hopper GPUs, written in Gluon (Triton's lower-level
-language: layouts, shared memory, barriers and wgmma issued by hand).
+"""The 8-bit-weight matmul of prefill chunks, and of gate/up in batched decode steps of 17-64 rows,
+on Hopper GPUs, written in Gluon (Triton's lower-level language: layouts, shared memory, barriers
+and wgmma issued by hand).
 
 It computes what ``minillama.kernels.matmul`` computes for 8-bit weights, out (M, N) = x (M, K) @
 (W (N, K) * scale[:, None])^T with bf16 x and int8 / float8_e4m3fn W, in the same swapped form (out^T tiles
@@ -19,8 +20,12 @@ Triton kernel -> this one: fp8 qkv 48.8 -> 43.5, o 33.0 -> 27.3, gate/up 195.4 -
 101.9 -> 87.3; int8 qkv 54.6 -> 48.0, o 39.3 -> 30.7, gate/up 217.7 -> 186.0, down 109.3 -> 97.3
 (cuBLAS on bf16 weights: 35.7, 24.2, 159.9, 80.0). Time to first token for 512 tokens, same
 device call: int8 15.3 -> 13.5 ms, fp8 14.0 -> 13.1 (bf16 11.3); 128-row decode steps (B=128) 7-9%
-faster. :func:`tiling` picks it only where it was faster; elsewhere (down projections and square
-matrices at <= 128-384 rows, where the Triton kernel splits K) ``minillama.kernels`` keeps its own.
+faster. In batched decode its epilogue applies each row's 1 / rms from the sums of squares that
+the product before it wrote (``kernels.matmul``'s ``norm``), and SiLU x up runs after it: the 8B's
+gate/up at 64 rows in fp8 56.1 -> 41.3 us, whole batch-64 steps +5.8% (fp8), +2.2% (int8).
+:func:`tiling` picks it only where it was faster; elsewhere (down projections and square matrices
+at <= 128-384 rows, where the Triton kernel splits K; most products of <= 64 rows)
+``minillama.kernels`` keeps its own.
 
 Gluon is experimental: where it is missing or its API differs, :data:`AVAILABLE` is False (with
 :data:`UNAVAILABLE_REASON`) and the Triton kernel runs everywhere.
@@ -48,15 +53,29 @@ except (ImportError, AttributeError) as e:  # an older Triton, or another Gluon 
 Tiling = Tuple[int, int, int, int, int]  # (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, num_warps, num_stages)
 
 
-def tiling(M: int, N: int, K: int) -> Optional[Tiling]:
+def tiling(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8, swiglu: bool = False) -> Optional[Tiling]:
     """The tiling of this kernel for an (M, K) x (N, K)^T product, or None where the Triton kernel
     was faster or the shape does not fit (K a multiple of 128: whole pairs of 64-wide K tiles).
 
-    Measured over Llama-3.1-8B's and -70B's matrices at 128, 256, 384 and 512 rows, int8 and fp8
-    (BENCHMARKS.md). At 512 rows, 256-token tiles of 64 weight rows, 3 stages deep where there are
-    enough tiles for two programs per SM (qkv, gate/up, 70B), else 4 (8B o and down: 128 tiles)."""
-    if K % 128 or M <= 64 or M > 512:
+    Past 64 rows, measured over Llama-3.1-8B's and -70B's matrices at 128, 256, 384 and 512 rows,
+    int8 and fp8 (BENCHMARKS.md). At 512 rows, 256-token tiles of 64 weight rows, 3 stages deep
+    where there are enough tiles for two programs per SM (qkv, gate/up, 70B), else 4 (8B o and down:
+    128 tiles). At 17-64 rows only the 8B's gate/up with SiLU x up (``swiglu``: this kernel's
+    product, then ``kernels.silu_mul``, against the Triton kernel with SiLU x up in its epilogue; the
+    other matrices have too few weight-row tiles to fill the GPU without splitting K, which the Triton
+    kernel does). us per matrix (H200, 2026-12-03, BENCHMARKS.md): fp8 at 32 rows 45.9 -> 37.7, 48
+    rows 50.9 -> 51.0, 64 rows 56.1 -> 41.3; int8 at 64 rows 65.3 -> 57.5, at 48 57.0 -> 57.2 and at
+    32 48.9 -> 54.4 (the Triton kernel stays up to 48); at 16 rows both formats lose (fp8 32.8 ->
+    37.2). The 70B's fp8 gate/up (K 8192) at 64 rows: 158.4 -> 155.7, within 2%: the Triton kernel
+    stays for K past 4096."""
+    if K % 128 or M > 512:
         return None
+    if M <= 64:
+        if not swiglu or M <= 16 or N < 16384 or K > 4096:
+            return None
+        if weight_dtype == torch.float8_e4m3fn:
+            return (32, 64, 64, 4, 4) if M <= 32 else (64, 64, 64, 4, 4)
+        return (64, 128, 64, 8, 4) if M > 48 else None
     down, square, wide = N < K, N == K, N >= 16384
     if M <= 128:
         if down or square:
@@ -92,11 +111,14 @@ if AVAILABLE:
         _tma_load(x_desc, [off_m, k_tile * BLOCK_K], ready.index(slot), x_smem.index(slot), pred=pred)
 
     @gluon.jit
-    def _matmul_8bit_hopper_fwd(w_desc, x_desc, Scale, Out, M, N, K, stride_om, BLOCK_N: gl.constexpr,
-                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    def _matmul_8bit_hopper_fwd(w_desc, x_desc, Scale, Out, Sumsq, M, N, K, stride_om, sumsq_tiles, eps,
+                                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                                STAGES: gl.constexpr, NORM: gl.constexpr, BLOCK_T: gl.constexpr,
                                 num_warps: gl.constexpr):
         """Program (m, n) computes out^T's tile (n, m): W tile (BLOCK_N, K) @ x tile (BLOCK_M, K)^T,
-        times the per-row scale, stored transposed into out (M, N)."""
+        times the per-row scale, stored transposed into out (M, N). NORM: as ``kernels.matmul``'s, x
+        holds rows h * gain and Sumsq (sumsq_tiles, M) the sums of squares of pieces of h's rows; each
+        token's dot products are multiplied by its 1 / rms (its pieces summed in piece order)."""
         off_m = gl.program_id(0) * BLOCK_M  # the programs that share a weight tile run side by side
         off_n = gl.program_id(1) * BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -141,9 +163,18 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
 
-        # -- epilogue: the per-row (output column) scale, stored with threads along N --
+        # -- epilogue: the per-row (output column) scale, each token's 1 / rms, stored with threads along N --
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
-        y = (acc * gl.load(Scale + offs_n, mask=offs_n < N, other=0.0)[:, None]).to(Out.dtype.element_ty)
+        y = acc * gl.load(Scale + offs_n, mask=offs_n < N, other=0.0)[:, None]
+        if NORM:
+            offs_t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, mma_layout))
+            offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
+            sumsq = gl.load(Sumsq + offs_t[:, None] * M + offs_m[None, :],
+                            mask=(offs_t < sumsq_tiles)[:, None] & (offs_m < M)[None, :], other=0.0)
+            mean_sq = gl.sum(sumsq, 0) / K
+            # NaN where mean(h^2) overflowed, as kernels._inverse_rms: the overflow reaches the logits
+            y = y * gl.where(mean_sq == float("inf"), float("nan"), gl.rsqrt(mean_sq + eps))[None, :]
+        y = y.to(Out.dtype.element_ty)
         store_layout: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 256 // BLOCK_N], [1, num_warps], [0, 1])
         y = gl.convert_layout(y, store_layout)
         rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, store_layout))
@@ -162,9 +193,10 @@ class _Plan:
     """A launch of :func:`_matmul_8bit_hopper_fwd` for one layout: grid, shared-memory layouts and
     integer arguments computed once, and the compiled kernel launched without Triton binding its
     arguments again (``flashcore.launch``). H200 host, 2026-12-02: 25.7 us of host time a call at 512
-    rows, against 70.7 for Triton's own launch with two layouts built per call (BENCHMARKS.md)."""
+    rows, against 70.7 for Triton's own launch with two layouts built per call (BENCHMARKS.md).
+    ``sumsq_tiles``: the pieces of each row's sum of squares of a product with NORM, or 0 (no norm)."""
 
-    def __init__(self, M: int, N: int, K: int, weight_dtype: torch.dtype, config: Tiling):
+    def __init__(self, M: int, N: int, K: int, weight_dtype: torch.dtype, config: Tiling, sumsq_tiles: int):
         block_m, block_n, block_k, num_warps, num_stages = config
         w_type = gl.float8e4nv if weight_dtype == torch.float8_e4m3fn else gl.int8
         self.w_block, self.x_block = [block_n, block_k], [block_m, block_k]
@@ -172,14 +204,16 @@ class _Plan:
         self.x_layout = gl.NVMMASharedLayout.get_default_for(self.x_block, gl.bfloat16)
         self.grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), 1)
         self.shape = (M, N)
-        self.ints = (M, N, K, N)  # M, N, K, out's row stride
+        self.ints = (M, N, K, N, sumsq_tiles)  # M, N, K, out's row stride, the sums' pieces
         self.launch = Launch(_matmul_8bit_hopper_fwd, num_warps=num_warps, BLOCK_N=block_n, BLOCK_M=block_m,
-                             BLOCK_K=block_k, STAGES=num_stages)
+                             BLOCK_K=block_k, STAGES=num_stages, NORM=sumsq_tiles > 0,
+                             BLOCK_T=triton.next_power_of_2(max(sumsq_tiles, 1)))
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, sumsq: torch.Tensor,
+                 eps: float) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=x.dtype, device=x.device)
         self.launch(self.grid, TensorDescriptor.from_tensor(weight, self.w_block, self.w_layout),
-                    TensorDescriptor.from_tensor(x, self.x_block, self.x_layout), scale, out, *self.ints)
+                    TensorDescriptor.from_tensor(x, self.x_block, self.x_layout), scale, out, sumsq, *self.ints, eps)
         return out
 
 
@@ -187,18 +221,25 @@ _PLANS: dict = {}
 _MAX_PLANS = 4096  # bounded: a process that meets more shapes (prompt lengths) starts over
 
 
-def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: Tiling) -> torch.Tensor:
+def matmul_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: Tiling,
+                norm: Optional[Tuple[torch.Tensor, float]] = None) -> torch.Tensor:
     """x (M, K) bf16 @ (weight (N, K) * scale[:, None])^T, (M, N) bf16, in tiling ``config``
-    (:func:`tiling`); the caller checks ``kernels.tma_ready`` and :func:`usable`."""
+    (:func:`tiling`); the caller checks ``kernels.tma_ready`` and :func:`usable`. norm: (sumsq, eps)
+    as ``kernels.matmul``'s: x holds rows h * gain, and each row's product is multiplied by its
+    1 / rms from sumsq (pieces, M) float32."""
     M, K = x.shape
     N = weight.shape[0]
     assert K % (2 * config[2]) == 0 and config[1] == 16 * config[3], (K, config)
+    sumsq, eps = norm if norm is not None else (scale, 0.0)
+    sumsq_tiles = sumsq.shape[0] if norm is not None else 0
+    assert norm is None or (sumsq.dtype == torch.float32 and sumsq.shape[1] == M and sumsq.is_contiguous()), sumsq.shape
     # what Triton specializes a launch on: shapes and strides (the descriptors' and the integers'),
-    # dtypes, the scale's 16-byte alignment (x and weight are aligned: tma_ready), the device
-    key = (M, N, K, x.stride(0), weight.stride(0), weight.dtype, scale.data_ptr() % 16 == 0, x.device, config)
+    # dtypes, the scale's and the sums' 16-byte alignment (x and weight are aligned: tma_ready), the device
+    key = (M, N, K, x.stride(0), weight.stride(0), weight.dtype, scale.data_ptr() % 16 == 0,
+           sumsq.data_ptr() % 16 == 0, sumsq_tiles, x.device, config)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _Plan(M, N, K, weight.dtype, config)
-    return plan(x, weight, scale)
+        plan = _PLANS[key] = _Plan(M, N, K, weight.dtype, config, sumsq_tiles)
+    return plan(x, weight, scale, sumsq, eps)

@@ -927,9 +927,10 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     (M, head_dim): the product's first n_heads heads rotated as :func:`rope_` rotates them. Both in
     the matmul's epilogue up to :func:`fused_epilogue_rows` rows (RoPE for heads of 32 dims or more),
     by their own kernel after it past that.
-    config: the tiling of the Triton kernel (default :func:`matmul_config`). Without one, an 8-bit
-    prefill chunk of 65-512 rows on a Hopper GPU runs ``minillama.hopper_matmul``'s Gluon kernel
-    where its :func:`~minillama.hopper_matmul.tiling` says it is faster (not with a norm).
+    config: the tiling of the Triton kernel (default :func:`matmul_config`). Without one, 8-bit
+    weights on a Hopper GPU run ``minillama.hopper_matmul``'s Gluon kernel where its
+    :func:`~minillama.hopper_matmul.tiling` says it is faster (prefill chunks of 65-512 rows, gate/up
+    with SiLU x up at 17-64 rows; not with RoPE or norm_next in the epilogue).
 
     The residual add + RMSNorm between two products, in their launches (no kernel of its own):
     norm_next: (residual (M, N) of x's dtype, gain (N,)): returns (h, gained, sumsq), h = product +
@@ -955,13 +956,15 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     assert (scale is not None) == (weight.dtype in (torch.int8, torch.float8_e4m3fn)), (weight.dtype, scale is None)
     assert scale is None or (scale.dtype == torch.float32 and scale.shape == (N_w,))
     assert scale is not None or weight.dtype == x.dtype, (weight.dtype, x.dtype)
-    # 8-bit prefill chunks on Hopper: the Gluon kernel, where it was measured faster
-    if (config is None and scale is not None and not INTERPRET and M > 64 and norm is None and norm_next is None
+    # 8-bit weights on Hopper: the Gluon kernel where it was measured faster (prefill chunks; gate/up
+    # at 17-64 rows, then silu_mul)
+    if (config is None and scale is not None and not INTERPRET and rope is None and norm_next is None
             and tma_ready(x, weight)):
         hopper = _hopper_matmul()
-        hopper_tiling = hopper.tiling(M, N_w, K) if hopper.usable(x) else None
+        hopper_tiling = hopper.tiling(M, N_w, K, weight.dtype, swiglu) if hopper.usable(x) else None
         if hopper_tiling is not None:
-            return hopper.matmul_8bit(x, weight, scale, hopper_tiling)
+            y = hopper.matmul_8bit(x, weight, scale, hopper_tiling, norm=norm)
+            return silu_mul(y) if swiglu else y
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if config is None:
         config = INTERPRET_MATMUL if INTERPRET else matmul_config(M, N_w, K, weight.dtype, swiglu, rope is not None)

@@ -1143,7 +1143,8 @@ def test_gpu_hopper_prefill_chunks_run_the_gluon_kernel(monkeypatch):
     assert hopper_matmul.AVAILABLE, hopper_matmul.UNAVAILABLE_REASON
     calls = []
     gluon_matmul = hopper_matmul.matmul_8bit
-    monkeypatch.setattr(hopper_matmul, "matmul_8bit", lambda *args: calls.append(args[3]) or gluon_matmul(*args))
+    monkeypatch.setattr(hopper_matmul, "matmul_8bit",
+                        lambda *args, **kw: calls.append(args[3]) or gluon_matmul(*args, **kw))
     for dtype in (torch.int8, FP8):
         q, scale = quantize_per_channel(torch.randn(6144, 4096, device="cuda") / 64, dtype)
         x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
@@ -1158,9 +1159,10 @@ def _tiling(M, N, K, dtype, epilogue):
 
     if M > kernels.fused_epilogue_rows(epilogue == "swiglu"):  # silu_mul or rope_ after the plain product
         epilogue = None
-    hopper = hopper_matmul.tiling(M, N, K) if dtype != torch.bfloat16 and epilogue is None else None
-    if hopper is not None:
-        return "gluon", hopper, dtype
+    if dtype != torch.bfloat16 and epilogue != "rope":
+        hopper = hopper_matmul.tiling(M, N, K, dtype, epilogue == "swiglu")
+        if hopper is not None:
+            return "gluon", hopper, dtype
     config = kernels.matmul_config(M, N, K, dtype, epilogue == "swiglu", epilogue == "rope")
     return config, dtype, K % config[2] == 0, epilogue  # EVEN_K is a constexpr too
 
