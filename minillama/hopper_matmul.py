@@ -53,7 +53,7 @@ except (ImportError, AttributeError) as e:  # an older Triton, or another Gluon 
 Tiling = Tuple[int, int, int, int, int]  # (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, num_warps, num_stages)
 
 
-def tiling(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8, swiglu: bool = False) -> Optional[Tiling]:
+def tiling(M: int, N: int, K: int, weight_dtype: torch.dtype, swiglu: bool = False) -> Optional[Tiling]:
     """The tiling of this kernel for an (M, K) x (N, K)^T product, or None where the Triton kernel
     was faster or the shape does not fit (K a multiple of 128: whole pairs of 64-wide K tiles).
 

@@ -839,8 +839,9 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     qkv 50 (this needs TMA: without it prefill takes the copy, see ``minillama.backend``). Some tilings
     compile to wrong products in Triton 3.6 (the persistent form in (256, 128, 64) tiles 4 stages deep;
     (256, 64, 64) tiles 3 deep): the GPU tests run every tiling picked here. Measured on the H200 over
-    Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights). On a Hopper GPU most products past 64 rows
-    run the Gluon kernel of ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
+    Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights). On a Hopper GPU most products past 64 rows,
+    and the 8B's 8-bit gate/up at 17-64 rows (fp8; int8 past 48), run the Gluon kernel of
+    ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
     eight_bit = weight_dtype in (torch.int8, torch.float8_e4m3fn)
     if swiglu or rope:
         assert M <= fused_epilogue_rows(swiglu) and not (swiglu and rope), (M, swiglu, rope)

@@ -1149,7 +1149,7 @@ def test_gpu_hopper_prefill_chunks_run_the_gluon_kernel(monkeypatch):
         q, scale = quantize_per_channel(torch.randn(6144, 4096, device="cuda") / 64, dtype)
         x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(kernels.matmul(x, q, scale), gluon_matmul(x, q, scale, calls[-1]))
-    assert calls == [hopper_matmul.tiling(512, 6144, 4096)] * 2
+    assert calls == [hopper_matmul.tiling(512, 6144, 4096, dtype) for dtype in (torch.int8, FP8)]
 
 
 def _tiling(M, N, K, dtype, epilogue):
