@@ -22,7 +22,7 @@ Triton kernel -> this one: fp8 qkv 48.8 -> 43.5, o 33.0 -> 27.3, gate/up 195.4 -
 device call: int8 15.3 -> 13.5 ms, fp8 14.0 -> 13.1 (bf16 11.3); 128-row decode steps (B=128) 7-9%
 faster. In batched decode its epilogue applies each row's 1 / rms from the sums of squares that
 the product before it wrote (``kernels.matmul``'s ``norm``), and SiLU x up runs after it: the 8B's
-gate/up at 64 rows in fp8 56.1 -> 41.3 us, whole batch-64 steps +5.8% (fp8), +2.2% (int8).
+gate/up at 64 rows in fp8 56.1 -> 42.0 us, whole batch-64 steps +5.8% (fp8), +2.2% (int8).
 :func:`tiling` picks it only where it was faster; elsewhere (down projections and square matrices
 at <= 128-384 rows, where the Triton kernel splits K; most products of <= 64 rows)
 ``minillama.kernels`` keeps its own.
@@ -63,18 +63,19 @@ def tiling(M: int, N: int, K: int, weight_dtype: torch.dtype, swiglu: bool = Fal
     128 tiles). At 17-64 rows only the 8B's gate/up with SiLU x up (``swiglu``: this kernel's
     product, then ``kernels.silu_mul``, against the Triton kernel with SiLU x up in its epilogue; the
     other matrices have too few weight-row tiles to fill the GPU without splitting K, which the Triton
-    kernel does). us per matrix (H200, 2026-12-03, BENCHMARKS.md): fp8 at 32 rows 45.9 -> 37.7, 48
-    rows 50.9 -> 51.0, 64 rows 56.1 -> 41.3; int8 at 64 rows 65.3 -> 57.5, at 48 57.0 -> 57.2 and at
-    32 48.9 -> 54.4 (the Triton kernel stays up to 48); at 16 rows both formats lose (fp8 32.8 ->
-    37.2). The 70B's fp8 gate/up (K 8192) at 64 rows: 158.4 -> 155.7, within 2%: the Triton kernel
-    stays for K past 4096."""
+    kernel does). us per matrix (H200, 2026-12-03, BENCHMARKS.md): fp8 at 32 rows 45.9 -> 37.7 in
+    (32, 64, 64, 4, 4), at 48 rows 50.9 -> 41.7 and at 64 56.1 -> 42.0 in (64, 128, 64, 8, 4) (42.1-42.6
+    at 40-64 rows; (64, 64, 64, 4, 4) took 41.3-42.3 at 56-64 rows but 51-58 at 40-48); int8 at 64 rows
+    65.3 -> 57.5, at 48 57.0 -> 57.2 and at 32 48.9 -> 54.4 (the Triton kernel stays up to 48); at 16
+    rows both formats lose (fp8 32.8 -> 37.2). The 70B's fp8 gate/up (K 8192) at 64 rows: 158.4 ->
+    155.7 at best, within 2%: the Triton kernel stays for K past 4096."""
     if K % 128 or M > 512:
         return None
     if M <= 64:
         if not swiglu or M <= 16 or N < 16384 or K > 4096:
             return None
         if weight_dtype == torch.float8_e4m3fn:
-            return (32, 64, 64, 4, 4) if M <= 32 else (64, 64, 64, 4, 4)
+            return (32, 64, 64, 4, 4) if M <= 32 else (64, 128, 64, 8, 4)
         return (64, 128, 64, 8, 4) if M > 48 else None
     down, square, wide = N < K, N == K, N >= 16384
     if M <= 128:
