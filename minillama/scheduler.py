@@ -357,7 +357,10 @@ class Scheduler:
                 while (pending is None and not self._closed and not self._waiting
                        and all(r.seq is None for r in self.rows)):
                     self._wake.wait()
-                if self._closed:
+                # read once, under the lock: a close() after this point is seen by the next iteration,
+                # never between the cancelling and the return (which would leave requests without an end)
+                closing = self._closed
+                if closing:
                     for seq in list(self._waiting) + [r.seq for r in self.rows if r.seq is not None]:
                         seq.cancelled = True
                 for seq in [s for s in self._waiting if s.cancelled]:
@@ -366,10 +369,10 @@ class Scheduler:
                 for row in self.rows:
                     if row.seq is not None and row.seq.cancelled:
                         self._finish(row.seq, "cancelled", None)
-                if not self._closed:
+                if not closing:
                     self._admit()
             self._deliver()
-            if self._closed:
+            if closing:
                 return
             try:
                 launched = self._launch()

@@ -2,6 +2,7 @@
 run, however requests share rows, queue, reuse prefixes, stop, get cancelled or fail."""
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -608,11 +609,40 @@ def test_close_cancels_what_is_left(llm):
     for c in pending:
         scheduler.submit(Request(llm.tokenizer.encode("Once upon a time"), 300), c)
     scheduler.close()
-    assert all(c.done.is_set() and isinstance(c.end, Finished) for c in pending)
+    assert all(c.done.is_set() and isinstance(c.end, Finished) for c in pending), [c.end for c in pending]
     assert pending[-1].end.finish_reason == "cancelled"
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit(Request([1], 2), Collector())
     assert torch.is_tensor(scheduler.cache.seq_lens)
+
+
+def test_a_close_between_the_threads_check_and_its_return_still_ends_every_request(llm, monkeypatch):
+    """close() landing after the scheduler thread has read ``_closed`` under its lock and before it
+    decides whether to stop (here: while it delivers events) must not stop the thread with requests
+    left waiting or running: each one still gets its end. A race seen once in CI (a waiting request
+    never ended); forced here by closing from another thread during the first delivery."""
+    scheduler = Scheduler(llm, max_batch=1)
+    submitted, closers = threading.Event(), []
+    deliver = scheduler._deliver
+
+    def deliver_then_close():
+        deliver()
+        if not closers and submitted.wait(30):
+            closers.append(threading.Thread(target=scheduler.close))
+            closers[0].start()
+            while not scheduler._closed:
+                time.sleep(0.001)
+
+    monkeypatch.setattr(scheduler, "_deliver", deliver_then_close)
+    pending = [Collector() for _ in range(3)]
+    for c in pending:
+        scheduler.submit(Request(llm.tokenizer.encode("Once upon a time"), 300), c)
+    submitted.set()
+    for c in pending:
+        c.wait()
+    assert all(isinstance(c.end, Finished) for c in pending), [c.end for c in pending]
+    assert pending[-1].end.finish_reason == "cancelled"
+    closers[0].join()
 
 
 @pytest.mark.triton
