@@ -20,9 +20,12 @@ Triton kernel -> this one: fp8 qkv 48.8 -> 43.5, o 33.0 -> 27.3, gate/up 195.4 -
 101.9 -> 87.3; int8 qkv 54.6 -> 48.0, o 39.3 -> 30.7, gate/up 217.7 -> 186.0, down 109.3 -> 97.3
 (cuBLAS on bf16 weights: 35.7, 24.2, 159.9, 80.0). Time to first token for 512 tokens, same
 device call: int8 15.3 -> 13.5 ms, fp8 14.0 -> 13.1 (bf16 11.3); 128-row decode steps (B=128) 7-9%
-faster. In batched decode its epilogue applies each row's 1 / rms from the sums of squares that
-the product before it wrote (``kernels.matmul``'s ``norm``), and SiLU x up runs after it: the 8B's
-gate/up at 64 rows in fp8 56.1 -> 42.0 us, whole batch-64 steps +5.8% (fp8), +2.2% (int8).
+faster. int8 tiles are converted by pairs as the operand layout loads them
+(``kernels.INT8_PAIR_TO_BF16``; 2026-12-03: int8 at 512 rows qkv 45.7 -> 43.7, down 98.7 -> 90.5,
+as fast as fp8). In batched decode its epilogue applies each row's 1 / rms from the sums of
+squares that the product before it wrote (``kernels.matmul``'s ``norm``), and SiLU x up runs after
+it: the 8B's gate/up at 64 rows in fp8 56.1 -> 42.0 us, in int8 57.7 -> 45.6; whole batch-64 steps
++5.8% (fp8).
 :func:`tiling` picks it only where it was faster; elsewhere (down projections and square matrices
 at <= 128-384 rows, where the Triton kernel splits K; most products of <= 64 rows)
 ``minillama.kernels`` keeps its own.
@@ -36,6 +39,7 @@ import torch
 import triton
 
 from flashcore.launch import Launch, compute_capability
+from minillama.kernels import INT8_PAIR_TO_BF16
 
 try:
     from triton.experimental import gluon
@@ -53,9 +57,10 @@ except (ImportError, AttributeError) as e:  # an older Triton, or another Gluon 
 Tiling = Tuple[int, int, int, int, int]  # (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, num_warps, num_stages)
 
 
-def tiling(M: int, N: int, K: int, weight_dtype: torch.dtype, swiglu: bool = False) -> Optional[Tiling]:
-    """The tiling of this kernel for an (M, K) x (N, K)^T product, or None where the Triton kernel
-    was faster or the shape does not fit (K a multiple of 128: whole pairs of 64-wide K tiles).
+def tiling(M: int, N: int, K: int, swiglu: bool = False) -> Optional[Tiling]:
+    """The tiling of this kernel for an (M, K) x (N, K)^T product with 8-bit weights (int8 or
+    float8_e4m3fn: the same tilings), or None where the Triton kernel was faster or the shape does
+    not fit (K a multiple of 128: whole pairs of 64-wide K tiles).
 
     Past 64 rows, measured over Llama-3.1-8B's and -70B's matrices at 128, 256, 384 and 512 rows,
     int8 and fp8 (BENCHMARKS.md). At 512 rows, 256-token tiles of 64 weight rows, 3 stages deep
@@ -63,20 +68,19 @@ def tiling(M: int, N: int, K: int, weight_dtype: torch.dtype, swiglu: bool = Fal
     128 tiles). At 17-64 rows only the 8B's gate/up with SiLU x up (``swiglu``: this kernel's
     product, then ``kernels.silu_mul``, against the Triton kernel with SiLU x up in its epilogue; the
     other matrices have too few weight-row tiles to fill the GPU without splitting K, which the Triton
-    kernel does). us per matrix (H200, 2026-12-03, BENCHMARKS.md): fp8 at 32 rows 45.9 -> 37.7 in
-    (32, 64, 64, 4, 4), at 48 rows 50.9 -> 41.7 and at 64 56.1 -> 42.0 in (64, 128, 64, 8, 4) (42.1-42.6
-    at 40-64 rows; (64, 64, 64, 4, 4) took 41.3-42.3 at 56-64 rows but 51-58 at 40-48); int8 at 64 rows
-    65.3 -> 57.5, at 48 57.0 -> 57.2 and at 32 48.9 -> 54.4 (the Triton kernel stays up to 48); at 16
-    rows both formats lose (fp8 32.8 -> 37.2). The 70B's fp8 gate/up (K 8192) at 64 rows: 158.4 ->
-    155.7 at best, within 2%: the Triton kernel stays for K past 4096."""
+    kernel does), in (32, 64, 64, 4, 4) up to 32 rows, (64, 128, 64, 8, 4) past that. us per matrix
+    (H200, 2026-12-03, BENCHMARKS.md): fp8 at 32 rows 45.9 -> 37.7, at 48 50.9 -> 41.7, at 64
+    56.1 -> 42.0; int8 (its bytes converted in pairs, ``kernels.INT8_PAIR_TO_BF16``) at 24 rows 51.1
+    -> 39.9, at 32 48.5 -> 40.0, at 40 64.2 -> 44.5, at 48 63.6 -> 44.8, at 64 57.7 -> 45.6; (64, 64,
+    64, 4, 4) took 51-59 us at 40-48 rows in both formats. At 16 rows both formats lose (fp8 32.8 ->
+    37.2). The 70B's fp8 gate/up (K 8192) at 64 rows: 158.4 -> 155.7 at best, within 2%: the Triton
+    kernel stays for K past 4096."""
     if K % 128 or M > 512:
         return None
     if M <= 64:
         if not swiglu or M <= 16 or N < 16384 or K > 4096:
             return None
-        if weight_dtype == torch.float8_e4m3fn:
-            return (32, 64, 64, 4, 4) if M <= 32 else (64, 128, 64, 8, 4)
-        return (64, 128, 64, 8, 4) if M > 48 else None
+        return (32, 64, 64, 4, 4) if M <= 32 else (64, 128, 64, 8, 4)
     down, square, wide = N < K, N == K, N >= 16384
     if M <= 128:
         if down or square:
@@ -97,10 +101,11 @@ def tiling(M: int, N: int, K: int, weight_dtype: torch.dtype, swiglu: bool = Fal
 if AVAILABLE:
     @gluon.jit
     def _widen(w):
-        """An 8-bit weight tile as bfloat16, exactly (e4m3 through float16: one cvt per two values)."""
+        """An 8-bit weight tile as bfloat16, exactly (e4m3 through float16: one cvt per two values; int8
+        by pairs as the operand layout loads them, ``kernels.INT8_PAIR_TO_BF16``)."""
         if w.dtype == gl.float8e4nv:
             return w.to(gl.float16).to(gl.bfloat16)
-        return w.to(gl.bfloat16)
+        return gl.inline_asm_elementwise(INT8_PAIR_TO_BF16, "=r,h", [w], dtype=gl.bfloat16, is_pure=True, pack=2)
 
     @gluon.jit
     def _load_tiles(w_desc, x_desc, ready, w_smem, x_smem, slot, k_tile, off_n, off_m, num_k,

@@ -160,6 +160,29 @@ sub.f32 $3, $3, 0f4B000080;
 """)
 
 
+# int8 weights to bfloat16 in registers, two per 32-bit register (inline PTX, sm_90), for a weight
+# tile that is a tensor-core product's register operand (its layout loads the bytes in pairs): the
+# pair's bytes b placed by PRMT under the high byte 0x43 are the bfloat16 values 128 + (b & 0x7f)
+# once bit 7 of each byte is cleared, and 128 or 256 (bit 7 lands in the exponent) once the low
+# seven are; their difference is the signed byte, exactly. Four instructions a pair. Triton's own
+# conversion works on four bytes per register, so it unpacks and repacks the loaded pairs first:
+# sm_90 SASS of the Gluon kernel at 512 rows, 1768 -> 1496 instructions (353 -> 129 PRMT); of
+# this file's swapped product at 32 rows, qkv 1352 -> 1248. H200, 2026-12-03 (BENCHMARKS.md), us
+# per matrix: at 512 rows (Gluon) qkv 45.7 -> 43.7, o 30.3 -> 27.8, down 98.7 -> 90.5 (gate/up
+# 186 either way, as fp8); at 32 rows qkv 14.5 -> 12.4, down 25.2 -> 20.9; time to first token for
+# 512 tokens 14.9 -> 14.5 ms, batch-32 decode steps +12%, batch 64 +10%.
+INT8_PAIR_TO_BF16 = tl.constexpr("""
+{
+.reg .b32 w, m, s;
+cvt.u32.u16 w, $1;
+prmt.b32 w, w, 0x43, 0x4140;
+and.b32 m, w, 0xff7fff7f;
+and.b32 s, w, 0xff80ff80;
+sub.rn.bf16x2 $0, m, s;
+}
+""")
+
+
 @triton.jit
 def _to_float32(w, INT8_PTX: tl.constexpr):
     """w (int8, float8_e4m3fn or a float type) as float32; INT8_PTX: w is int8, converted by PRMT."""
@@ -348,12 +371,15 @@ def _max_argmax_fwd(X, Part_max, Part_index, Arrival, Max, Index, V, stride_x,
 
 
 @triton.jit
-def _widen(w, ty: tl.constexpr):
+def _widen(w, ty: tl.constexpr, INT8_PAIRS: tl.constexpr = False):
     """An 8-bit weight tile as ``ty``, exactly. float8_e4m3fn goes through float16 (one cvt per two
     values, then an exact one to bfloat16): ~20% less time per 8-bit matmul at 16 rows on the H200
-    than Triton's direct conversion (BENCHMARKS.md)."""
+    than Triton's direct conversion (BENCHMARKS.md). INT8_PAIRS (int8 w, bfloat16 ty): by pairs in
+    ``INT8_PAIR_TO_BF16``."""
     if w.dtype == tl.float8e4nv:
         return w.to(tl.float16).to(ty)
+    if INT8_PAIRS:
+        return tl.inline_asm_elementwise(INT8_PAIR_TO_BF16, "=r,h", [w], dtype=tl.bfloat16, is_pure=True, pack=2)
     return w.to(ty)
 
 
@@ -363,7 +389,7 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, G
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, SCALE: tl.constexpr,
                  SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
-                 NORM_NEXT: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
+                 NORM_NEXT: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr, INT8_PAIRS: tl.constexpr):
     """One output tile (pid_m, pid_n) over K split pid_k of ``_matmul_fwd``. UPCAST: x is
     bfloat16 under Triton's interpreter, which keeps bfloat16 as raw uint16 bits (its int8 ->
     bfloat16 cast and its bfloat16 tl.dot work on those bits): multiply in float32 there."""
@@ -395,10 +421,10 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, G
             if UPCAST:
                 x = x.to(tl.float32)
             w = W.load([n0, k0])
-            acc = tl.dot(_widen(w, x.dtype), tl.trans(x), acc)
+            acc = tl.dot(_widen(w, x.dtype, INT8_PAIRS), tl.trans(x), acc)
             if PAIRED:
                 u = W.load([n0 + pair, k0])
-                acc_u = tl.dot(_widen(u, x.dtype), tl.trans(x), acc_u)
+                acc_u = tl.dot(_widen(u, x.dtype, INT8_PAIRS), tl.trans(x), acc_u)
         else:
             if EVEN_K:
                 x = tl.load(X + x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
@@ -498,7 +524,8 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Ga
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, W_TMA: tl.constexpr, SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
                 SCALE: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-                NORM: tl.constexpr, NORM_NEXT: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
+                NORM: tl.constexpr, NORM_NEXT: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
+                INT8_PAIRS: tl.constexpr):
     """out (M, N) = x (M, K) @ W (N, K)^T with float32 accumulation, for a few rows of x (batched
     decode, short prefill chunks).
 
@@ -514,6 +541,8 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Ga
     N and K) instead of per-thread addresses. SWAP (with W_TMA): X is a descriptor of (BLOCK_M,
     BLOCK_K) tiles too and the program computes out^T's tile, W @ x^T, so the weight tile is the
     dot's first operand (Hopper's wgmma takes it from registers) and x^T the second.
+    INT8_PAIRS (SWAP, int8 W, bfloat16 x, BLOCK_N <= 16 * num_warps): W's tiles are converted by
+    pairs in ``INT8_PAIR_TO_BF16``, as the register operand's layout loads them.
     SPLIT_K > 1: the tile (m, n, s) takes K columns [s * K_split, (s + 1) * K_split) and writes its
     float32 partial sums to Part, a (SPLIT_K, M, rows of W) workspace (the partner rows' too, with
     SWIGLU or ROPE); then counts its arrival in Arrivals[tile] (int32, zero before the launch). The
@@ -540,13 +569,13 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Ga
                          stride_xm, stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
                          tile % num_m, (tile % num_mn) // num_m, tile // num_mn,
                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF,
-                         NORM, NORM_NEXT, BLOCK_T, UPCAST)
+                         NORM, NORM_NEXT, BLOCK_T, UPCAST, INT8_PAIRS)
     else:
         _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Gained, M, N, K, K_split, stride_xm,
                      stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps,
                      tl.program_id(0), tl.program_id(1), tl.program_id(2),
                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, W_TMA, SWAP, SCALE, SWIGLU, ROPE, HALF,
-                     NORM, NORM_NEXT, BLOCK_T, UPCAST)
+                     NORM, NORM_NEXT, BLOCK_T, UPCAST, INT8_PAIRS)
 
 
 @triton.jit
@@ -840,7 +869,7 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     compile to wrong products in Triton 3.6 (the persistent form in (256, 128, 64) tiles 4 stages deep;
     (256, 64, 64) tiles 3 deep): the GPU tests run every tiling picked here. Measured on the H200 over
     Llama-3.1-8B's matrices (BENCHMARKS.md, 8-bit weights). On a Hopper GPU most products past 64 rows,
-    and the 8B's 8-bit gate/up at 17-64 rows (fp8; int8 past 48), run the Gluon kernel of
+    and the 8B's 8-bit gate/up at 17-64 rows, run the Gluon kernel of
     ``minillama.hopper_matmul`` instead (see :func:`matmul`)."""
     eight_bit = weight_dtype in (torch.int8, torch.float8_e4m3fn)
     if swiglu or rope:
@@ -962,7 +991,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     if (config is None and scale is not None and not INTERPRET and rope is None and norm_next is None
             and tma_ready(x, weight)):
         hopper = _hopper_matmul()
-        hopper_tiling = hopper.tiling(M, N_w, K, weight.dtype, swiglu) if hopper.usable(x) else None
+        hopper_tiling = hopper.tiling(M, N_w, K, swiglu) if hopper.usable(x) else None
         if hopper_tiling is not None:
             y = hopper.matmul_8bit(x, weight, scale, hopper_tiling, norm=norm)
             return silu_mul(y) if swiglu else y
@@ -1010,6 +1039,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
         gained = torch.empty_like(out)  # out's strides: the kernel writes both at out's offsets
         sumsq_tiles = triton.cdiv(N, block_n)  # the kernel's pid_n
         sumsq = torch.empty((sumsq_tiles, M), dtype=torch.float32, device=x.device)
+    # int8 -> bfloat16 by pairs in the swapped form (H200, 2026-12-03, us per matrix at 32 rows: qkv
+    # 14.5 -> 12.4, down 25.2 -> 20.9; batch-32 decode steps +12%), where each warpgroup's register
+    # operand is 64 weight rows: tiles of 128 rows in one warpgroup (4 warps) computed wrong products
+    # with it at row counts that are not multiples of 16 (100, 130), so they keep Triton's conversion
+    int8_pairs = (weight.dtype == torch.int8 and x.dtype == torch.bfloat16 and loads.startswith("tma_swapped")
+                  and block_n <= 16 * num_warps and not INTERPRET)
     _matmul_fwd[grid](
         x_arg, w_arg, scale_arg, out, partial, arrivals, cos, sin, residual, sumsq, gain, gained, M, N, K, k_split,
         x.stride(0), weight.stride(0), out.stride(0), cos.stride(0), n_rotated, residual.stride(0), sumsq_tiles, eps,
@@ -1018,7 +1053,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
         SCALE=scale is not None, SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
         NORM=norm is not None, NORM_NEXT=norm_next is not None,
         BLOCK_T=triton.next_power_of_2(max(sumsq_tiles, 1)),
-        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16, INT8_PAIRS=int8_pairs,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out if norm_next is None else (out, gained, sumsq)

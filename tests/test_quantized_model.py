@@ -1055,6 +1055,39 @@ def test_gpu_gemv_converts_every_8bit_value_exactly(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("M", [16, 32, 64, 128, 512])
+def test_gpu_matmul_converts_every_8bit_value_exactly(dtype, M):
+    """As the GEMV check above, for the multi-row products at every row count's kernel (the Triton
+    kernel in both operand orders, the Gluon kernel; int8 by pairs in PTX where the weight tile is a
+    register operand): weight row n holds byte n % 256 (e4m3's NaN bytes as zero) in every column,
+    x holds ones and a few rows of zeros, so each output is K * value (exact in float32) * scale,
+    rounded once to bfloat16. N = K = 4096 (the 8B's o), and gate/up's shape, with SiLU x up at <= 64
+    rows: there the gate rows hold byte 0x64 (100, or 48 in e4m3), whose large products make
+    silu(gate) = gate exactly, and the up rows every byte."""
+    from minillama import kernels
+
+    b = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
+    if dtype == FP8:
+        b = torch.where((b == 0x7F) | (b == 0xFF), 0, b)
+    for N, K, swiglu in ((4096, 4096, False), (28672, 4096, M <= kernels.fused_epilogue_rows(True))):
+        q = b.repeat(N // 256)
+        if swiglu:
+            q[: N // 2] = 0x64
+        q = q[:, None].expand(-1, K).contiguous().view(dtype)
+        scale = torch.rand(N, device="cuda") + 0.5
+        x = torch.ones(M, K, device="cuda", dtype=torch.bfloat16)
+        x[1::7] = 0
+        exact = (K * q.float()[:, 0] * scale).to(torch.bfloat16).float()
+        expected = x[:, :1].float() * exact
+        if swiglu:
+            gate, up = expected.chunk(2, dim=1)
+            expected = (gate * up).to(torch.bfloat16).float()
+        got = kernels.matmul(x, q, scale, swiglu=swiglu)
+        assert torch.equal(got.float(), expected), (N, M, swiglu, (got.float() - expected).abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
 def test_gpu_dequantize_kernel_equals_the_torch_dequantize(dtype):
     """bfloat16 (which Triton's interpreter gets wrong), every byte value (e4m3's two NaN bytes left
     out), a Llama matrix shape."""
@@ -1149,7 +1182,7 @@ def test_gpu_hopper_prefill_chunks_run_the_gluon_kernel(monkeypatch):
         q, scale = quantize_per_channel(torch.randn(6144, 4096, device="cuda") / 64, dtype)
         x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
         assert torch.equal(kernels.matmul(x, q, scale), gluon_matmul(x, q, scale, calls[-1]))
-    assert calls == [hopper_matmul.tiling(512, 6144, 4096, dtype) for dtype in (torch.int8, FP8)]
+    assert calls == [hopper_matmul.tiling(512, 6144, 4096)] * 2
 
 
 def _tiling(M, N, K, dtype, epilogue):
@@ -1160,7 +1193,7 @@ def _tiling(M, N, K, dtype, epilogue):
     if M > kernels.fused_epilogue_rows(epilogue == "swiglu"):  # silu_mul or rope_ after the plain product
         epilogue = None
     if dtype != torch.bfloat16 and epilogue != "rope":
-        hopper = hopper_matmul.tiling(M, N, K, dtype, epilogue == "swiglu")
+        hopper = hopper_matmul.tiling(M, N, K, epilogue == "swiglu")
         if hopper is not None:
             return "gluon", hopper, dtype
     config = kernels.matmul_config(M, N, K, dtype, epilogue == "swiglu", epilogue == "rope")
