@@ -1022,7 +1022,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     else:
         partial = arrivals = out  # not read
     w_arg = weight if loads == "pointers" else TensorDescriptor.from_tensor(weight, [block_n, block_k])
-    x_arg = TensorDescriptor.from_tensor(x, [block_m, block_k]) if loads.startswith("tma_swapped") else x
+    swap = loads.startswith("tma_swapped")
+    x_arg = TensorDescriptor.from_tensor(x, [block_m, block_k]) if swap else x
     persistent = loads == "tma_swapped_persistent"
     if persistent:  # one program per SM (two in the interpreter, so that its loop is tested)
         grid = (min(grid[0] * grid[1] * split_k, 2 if INTERPRET else num_sms(x.device)),)
@@ -1043,13 +1044,13 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     # 14.5 -> 12.4, down 25.2 -> 20.9; batch-32 decode steps +12%), where each warpgroup's register
     # operand is 64 weight rows: tiles of 128 rows in one warpgroup (4 warps) computed wrong products
     # with it at row counts that are not multiples of 16 (100, 130), so they keep Triton's conversion
-    int8_pairs = (weight.dtype == torch.int8 and x.dtype == torch.bfloat16 and loads.startswith("tma_swapped")
-                  and block_n <= 16 * num_warps and not INTERPRET)
+    int8_pairs = (weight.dtype == torch.int8 and x.dtype == torch.bfloat16 and swap and block_n <= 16 * num_warps
+                  and not INTERPRET)
     _matmul_fwd[grid](
         x_arg, w_arg, scale_arg, out, partial, arrivals, cos, sin, residual, sumsq, gain, gained, M, N, K, k_split,
         x.stride(0), weight.stride(0), out.stride(0), cos.stride(0), n_rotated, residual.stride(0), sumsq_tiles, eps,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SPLIT_K=split_k,
-        W_TMA=loads != "pointers", SWAP=loads.startswith("tma_swapped"), PERSISTENT=persistent,
+        W_TMA=loads != "pointers", SWAP=swap, PERSISTENT=persistent,
         SCALE=scale is not None, SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
         NORM=norm is not None, NORM_NEXT=norm_next is not None,
         BLOCK_T=triton.next_power_of_2(max(sumsq_tiles, 1)),
