@@ -846,7 +846,11 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
 
     8-bit weights: batched decode (M <= 64) is bound by the weight stream. At M <= 16: 64-column tiles
     with K split in 4 (more programs than SMs; qkv 12.5 -> 11.3 us), and the wide gate/up matrix loaded
-    by TMA in 128-column tiles (35.6 -> 32.5). At 17-64 rows, tiles of 32 rows up to 32, else 64; the
+    by TMA in 128-column tiles (35.6 -> 32.5); down (K >= 8192) in the swapped form, int8 converted by
+    pairs there: us per matrix at 16 / 13 rows (norm_next in the epilogue, as the model runs it), int8
+    20.7 / 21.4 -> 20.0 / 19.9, fp8 20.1 / 19.8 -> 20.0 / 19.8; whole decode steps int8 B=16 / 8 +1.0% /
+    +2.0%, fp8 +0.2% / +0.3% (H200, 2026-12-03; qkv, o and gate/up were 0.5-7 us slower swapped in
+    each of 5-6 tilings). At 17-64 rows, tiles of 32 rows up to 32, else 64; the
     swapped form but for int8's gate/up; K split for down (2 / 4), o (2 / 4) and int8's qkv (4). us per
     matrix at 64 / 32 rows against the former pick (64-row tiles, K whole; SiLU x up apart): int8 qkv
     18.0 / 18.3 -> 17.3 / 14.7, o 17.5 / 17.5 -> 13.0 / 11.4, gate/up 55.6 / 56.8 -> 54.8 / 46.4, down
@@ -888,7 +892,7 @@ def matmul_config(M: int, N: int, K: int, weight_dtype: torch.dtype = torch.int8
     if M <= 16:
         if N >= 16384:
             return 16, 128, 256, 4, 3, 1, "tma"
-        return (16, 64, 256, 4, 4, 4, "pointers") if K >= 8192 else (16, 64, 128, 4, 4, 4, "pointers")
+        return (16, 64, 256, 4, 4, 4, "tma_swapped") if K >= 8192 else (16, 64, 128, 4, 4, 4, "pointers")
     if M <= 64:  # tiles of 32 rows up to 32, else 64
         block_m = _block_m(M)
         fp8 = weight_dtype == torch.float8_e4m3fn
