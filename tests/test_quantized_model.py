@@ -1104,7 +1104,8 @@ def test_gpu_dequantize_kernel_equals_the_torch_dequantize(dtype):
 
 
 # (M, N, K) of the multi-row GPU check: between them, every tiling that ``matmul_config`` and
-# ``hopper_matmul.tiling`` pick for Llama-3.1-8B / 70B matrices (and their TP=2 shares) at 2-512 rows
+# ``hopper_matmul.tiling`` pick for Llama-3.1-8B / 70B matrices (and their TP=2 shares) at 2-512 rows,
+# each where M is a multiple of 16 and where it is not
 # (some tilings compile to wrong products: test_every_matmul_tiling_picked_is_one_the_gpu_test_runs keeps
 # this list complete)
 MULTIROW_CASES = [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28672, 4096), (64, 6144, 4096),
@@ -1113,7 +1114,11 @@ MULTIROW_CASES = [(16, 6144, 4096), (16, 28672, 4096), (16, 4096, 14336), (5, 28
                   (300, 4096, 14336), (77, 6144, 4096), (100, 4096, 4096), (130, 4096, 14336),
                   (384, 4096, 4096), (128, 4096, 14336), (256, 4096, 14336), (128, 4096, 4096),
                   (256, 4096, 4096), (128, 6144, 4096), (300, 6144, 4096), (100, 28672, 4096), (300, 3072, 4096),
-                  (24, 28672, 4096), (24, 4096, 14336), (24, 6144, 4096), (24, 4096, 4096), (64, 4096, 4096)]
+                  (24, 28672, 4096), (24, 4096, 14336), (24, 6144, 4096), (24, 4096, 4096), (64, 4096, 4096),
+                  # each tiling with M a multiple of 16 and not (compiled apart)
+                  (32, 4096, 2048), (2, 4096, 2048), (2, 4096, 14336), (129, 4096, 2048), (272, 4096, 2048),
+                  (32, 3072, 4096), (33, 3072, 4096), (272, 3072, 4096), (32, 5120, 8192), (32, 28672, 4096),
+                  (80, 28672, 4096), (272, 5120, 8192)]
 MULTIROW_GPU_CASES = [(dtype, M, N, K) for M, N, K in MULTIROW_CASES
                       for dtype in (torch.int8, FP8) + ((torch.bfloat16,) if M <= MODEL_DTYPE_LARGE_ROWS else ())]
 
@@ -1186,8 +1191,10 @@ def test_gpu_hopper_prefill_chunks_run_the_gluon_kernel(monkeypatch):
 
 
 def _tiling(M, N, K, dtype, epilogue):
-    """The kernel and tiling that ``kernels.matmul`` runs on the H200 for (M, N, K) with epilogue
-    None, "swiglu" or "rope" (heads of 128)."""
+    """The compiled kernel that ``kernels.matmul`` runs on the H200 for (M, N, K) with epilogue None,
+    "swiglu" or "rope" (heads of 128): its tiling and constexprs, and whether M is a multiple of 16
+    (the JIT compiles each integer argument's two cases apart: a fault of the int8 pairs in one
+    tiling showed only where it was not, 2026-12-03)."""
     from minillama import hopper_matmul, kernels
 
     if M > kernels.fused_epilogue_rows(epilogue == "swiglu"):  # silu_mul or rope_ after the plain product
@@ -1195,15 +1202,15 @@ def _tiling(M, N, K, dtype, epilogue):
     if dtype != torch.bfloat16 and epilogue != "rope":
         hopper = hopper_matmul.tiling(M, N, K, epilogue == "swiglu")
         if hopper is not None:
-            return "gluon", hopper, dtype
+            return "gluon", hopper, dtype, M % 16 == 0
     config = kernels.matmul_config(M, N, K, dtype, epilogue == "swiglu", epilogue == "rope")
-    return config, dtype, K % config[2] == 0, epilogue  # EVEN_K is a constexpr too
+    return config, dtype, K % config[2] == 0, epilogue, M % 16 == 0  # EVEN_K is a constexpr too
 
 
 def test_every_matmul_tiling_picked_is_one_the_gpu_test_runs():
-    """Each (tiling, weight dtype, EVEN_K, fused epilogue) that the matmul picks for Llama-3.1's
-    matrices, 8B and 70B, whole or split over 2 ranks: 8-bit at 2-512 rows, bfloat16 at the rows the
-    backend runs it (``runs_model_dtype_matmul``; SiLU x up fused in gate/up's, RoPE in qkv's),
+    """Each (tiling, weight dtype, EVEN_K, fused epilogue, M a multiple of 16) that the matmul picks for
+    Llama-3.1's matrices, 8B and 70B, whole or split over 2 ranks: 8-bit at 2-512 rows, bfloat16 at the
+    rows the backend runs it (``runs_model_dtype_matmul``; SiLU x up fused in gate/up's, RoPE in qkv's),
     compiles a kernel that test_gpu_multirow_paths_agree checks on the GPU."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from llama31_shapes import LLAMA31_8B, LLAMA31_70B
