@@ -42,10 +42,11 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
   gemv_config, fuse_norm and norm_next choose how the Triton backend runs a single-token product
   (the GEMV's tiling; the norm before it in its prologue or not; with norm_next, the output as a
   :class:`PendingProduct`, so that the norm after it runs in its launch): the same function, rounded
-  differently. feeds_norm: the output goes into a residual add + RMSNorm (o, down); the Triton
-  backend returns a product of a few rows in its Triton matmul as a :class:`PendingProduct` too
-  (:meth:`TritonBackend.norm_in_matmuls`), and the next matmul's product of the normed rows is the
-  same function, rounded differently.
+  differently. A ``kernels.TensorCoreTiling`` (8-bit weights on the tensor cores) has neither norm in
+  its launch: the norm before it runs as its own kernel, the one after it too. feeds_norm: the
+  output goes into a residual add + RMSNorm (o, down); the Triton backend returns a product of a few
+  rows in its Triton matmul as a :class:`PendingProduct` too (:meth:`TritonBackend.norm_in_matmuls`),
+  and the next matmul's product of the normed rows is the same function, rounded differently.
 """
 from typing import NamedTuple, Optional
 
@@ -322,7 +323,8 @@ class TritonBackend(TorchBackend):
         residual, writes h * the norm's gain and sums the rows' squares, and the next matmul
         multiplies h * gain and applies each row's 1 / rms in its epilogue (:class:`NormedRows`), so
         the norm's kernel goes."""
-        if isinstance(x, NormedInput) and bias is None and fuse_norm:
+        if (isinstance(x, NormedInput) and bias is None and fuse_norm
+                and not isinstance(gemv_config, self.kernels.TensorCoreTiling)):  # it runs no norm
             K = x.x.shape[-1]
             out = self.kernels.gemv(
                 x.x.reshape(K), weight,
@@ -347,7 +349,8 @@ class TritonBackend(TorchBackend):
                                               norm_next=(residual.reshape(-1), gain, eps))
                 return normed.view(shape), h.view(shape)
 
-            if norm_next and not swiglu and rope is None:
+            tensor_core = isinstance(gemv_config, self.kernels.TensorCoreTiling)  # it runs no norm
+            if norm_next and not swiglu and rope is None and not tensor_core:
                 return PendingProduct(launch, shape)
             return launch()
         x2 = x.reshape(-1, x.shape[-1])

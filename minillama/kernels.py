@@ -12,7 +12,7 @@ Runs on CUDA, or on the CPU in Triton's interpreter when ``TRITON_INTERPRET=1`` 
 Triton was imported (the tests). Triton decides that once, at import; so does this module.
 """
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -605,6 +605,28 @@ GEMV_CONFIGS = [(4, 1024, 4, False), (8, 512, 4, False), (2, 2048, 4, False), (4
 INTERPRET_GEMV = (1024, 64, 4, False)  # few, large programs and loop steps: the interpreter pays per step
 
 
+class TensorCoreTiling(NamedTuple):
+    """A tiling of ``minillama.tensor_core_gemv``'s kernel (8-bit weights on the tensor cores), which
+    :func:`gemv` runs for a ``config`` of this type. tiles: mma tiles per warp (each 2 weight rows);
+    block_k: K values of a slice per loop step; num_warps; interleaved: the 8 slices of K are
+    consecutive block_k chunks of each 8 * block_k step (else K / 8 consecutive values each)."""
+    tiles: int
+    block_k: int
+    num_warps: int
+    interleaved: bool
+
+
+# The candidates ``Runner.tune_gemv`` times for 8-bit weights beside ``GEMV_CONFIGS``. H200,
+# 2026-12-04, Llama-3.1-8B's matrices alone: K in 8 slices of K / 8, (2, 256, 1) led qkv, o and
+# gate/up in fp8 and qkv in int8, (1, 256, 1) and (1, 128, 1-2) the rest; 4 tiles or 4 warps a
+# program, 64- and 512-wide steps and loads issued a step ahead were never faster. In the tuner's
+# chains of whole layers the interleaved slices led qkv and gate/up (BENCHMARKS.md).
+TENSOR_CORE_GEMV_TILINGS = [
+    TensorCoreTiling(2, 256, 1, False), TensorCoreTiling(1, 256, 1, False), TensorCoreTiling(1, 128, 1, False),
+    TensorCoreTiling(1, 128, 2, False), TensorCoreTiling(2, 256, 1, True), TensorCoreTiling(1, 256, 1, True),
+    TensorCoreTiling(1, 128, 1, True)]
+
+
 def time_in_graph(fn, reps: int = 3) -> float:
     """Milliseconds of one replay of a CUDA graph of ``fn`` (fastest of ``reps``)."""
     stream = torch.cuda.Stream()
@@ -744,10 +766,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     RMSNorm(h) * norm_weight. rope: (cos, sin, n_heads, head_dim) rotates the first n_heads heads
     of the output as :func:`rope_` would (cos, sin: (1, head_dim) or (head_dim,)). config:
     (BLOCK_N, BLOCK_K, num_warps, ROW_ACC); default the first of ``GEMV_CONFIGS`` (with rope,
-    BLOCK_N is halved until it divides head_dim / 2). scale: (N_w,) float32 per-row scales of an
-    8-bit weight (int8 or float8_e4m3fn), or None. Returns (N,) with N = N_w, or N_w / 2 with
-    ``swiglu``. norm_next: (residual (N,), norm_weight (N,), eps): the residual add and RMSNorm that
-    follow run in this launch (its last program norms): returns (normed, h) with h = out + residual.
+    BLOCK_N is halved until it divides head_dim / 2); or a :class:`TensorCoreTiling` for an 8-bit
+    weight without add, norm_weight or norm_next (``minillama.tensor_core_gemv``). scale: (N_w,)
+    float32 per-row scales of an 8-bit weight (int8 or float8_e4m3fn), or None. Returns (N,) with
+    N = N_w, or N_w / 2 with ``swiglu``. norm_next: (residual (N,), norm_weight (N,), eps): the
+    residual add and RMSNorm that follow run in this launch (its last program norms): returns
+    (normed, h) with h = out + residual.
     dependent: launch as a programmatic dependent of the previous kernel (``_gemv_fwd``'s DEPENDENT);
     default :func:`gemv_dependent_launch`'s choice.
     """
@@ -766,6 +790,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
         dependent = gemv_dependent_launch(x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
+    if isinstance(config, TensorCoreTiling):
+        assert add is None and norm_weight is None and norm_next is None, "the tensor-core GEMV runs no norm"
+        return _tensor_core_gemv().gemv(x, weight, scale, config, swiglu=swiglu, rope=rope, dependent=dependent)
     block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
     half, n_rotated, cos, sin = 1, 0, x, x
     if rope is not None:
@@ -943,6 +970,12 @@ def tma_ready(*tensors) -> bool:
         return False
     return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1
                for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_core_gemv():
+    from minillama import tensor_core_gemv  # imported where it may run: Gluon is experimental
+    return tensor_core_gemv
 
 
 @functools.lru_cache(maxsize=None)

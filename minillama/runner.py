@@ -339,6 +339,21 @@ class Runner:
         residual = torch.randn(1, 1, linear.out_features, dtype=self.dtype, device=self.device)
         return lambda: norm(linear(x), residual)
 
+    def tensor_core_tilings(self, role: str, lins) -> list:
+        """The tilings of the tensor-core GEMV (``kernels.TENSOR_CORE_GEMV_TILINGS``) that fit every
+        matrix of ``lins`` (each one's rows and K; with RoPE for "qkv", a head's half): none unless
+        their weights are 8-bit and this GPU and Triton run it (``tensor_core_gemv.usable``)."""
+        kernels = self.model.backend.kernels
+        if any(getattr(lin, "weight_scale", None) is None for lin in lins):
+            return []
+        from minillama import tensor_core_gemv  # imported where it may run: Gluon is experimental
+        x = torch.empty(1, dtype=self.dtype, device=self.device)
+        head_dim = self.config.head_dim if role == "qkv" else None
+        return [t for t in kernels.TENSOR_CORE_GEMV_TILINGS
+                if all(tensor_core_gemv.usable(x, lin.weight)
+                       and tensor_core_gemv.fits(t, lin.weight.shape[0], lin.weight.shape[1], head_dim)
+                       for lin in lins)]
+
     def tune_gemv(self) -> None:
         """Give each matrix kind its fastest GEMV tiling on this GPU, timed in CUDA graphs; once.
 
@@ -352,7 +367,8 @@ class Runner:
         model without tensor parallelism, the norm after them in their GEMV's last program
         (``Linear.norm_next``) and a plain GEMV next, where that pair takes less time (the 8B's
         fp8 and int8 on the H200, 2026-12-02: 1.2 us less per layer for each pair together).
-        Only for the Triton backend on CUDA.
+        8-bit weights also get the tensor-core GEMV's tilings (:meth:`tensor_core_tilings`), with
+        the norm before them as its own kernel. Only for the Triton backend on CUDA.
         """
         backend = self.model.backend
         if self.gemv_timings is not None or not getattr(backend, "gemv", False) or self.device.type != "cuda":
@@ -384,7 +400,9 @@ class Runner:
                 lins = [lin for lin, _ in calls]
                 steps = [self.gemv_call(role, lin, norm) for lin, norm in calls]
                 fuse = (True, False) if calls[0][1] is not None else (True,)
-                best[role] = fastest(role, lins, steps, [(c, f, False) for f in fuse for c in kernels.GEMV_CONFIGS])
+                # the tensor-core GEMV runs the norm before it as its own kernel (fuse_norm False)
+                best[role] = fastest(role, lins, steps, [(c, f, False) for f in fuse for c in kernels.GEMV_CONFIGS]
+                                     + [(t, fuse[-1], False) for t in self.tensor_core_tilings(role, lins)])
             for producer, consumer in (("o", "gate_up"), ("down", "qkv")):
                 producers = [lin for lin, _ in roles[producer]]
                 if any(lin.parallel is not None for lin in producers):
@@ -397,7 +415,8 @@ class Runner:
                                      [(c, True, True) for c in kernels.GEMV_CONFIGS])
                 _, plain_ms = fastest(f"{consumer} after {producer}'s norm", consumers,
                                       [self.gemv_call(consumer, lin, None) for lin in consumers],
-                                      [(c, True, False) for c in kernels.GEMV_CONFIGS])
+                                      [(c, True, False) for c in kernels.GEMV_CONFIGS]
+                                      + [(t, True, False) for t in self.tensor_core_tilings(consumer, consumers)])
                 if tail_ms + plain_ms >= best[producer][1] + best[consumer][1]:
                     for lin, setting in kept.items():
                         lin.gemv_config, lin.fuse_norm, lin.norm_next = setting

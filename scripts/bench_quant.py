@@ -214,14 +214,19 @@ def main(argv=None) -> int:
                     replayed, eager = prefill_s(runner, n, args.reps)
                     row[f"ttft_{n}_ms"] = 1000 * replayed
                     row[f"ttft_{n}_eager_ms"] = 1000 * eager
+            row["gemv_settings"] = {  # what Runner.tune_gemv picked for each matrix kind, and what it timed
+                role: dict(config=str(calls[0][0].gemv_config), fuse_norm=calls[0][0].fuse_norm,
+                           norm_next=calls[0][0].norm_next) for role, calls in runner.gemv_roles().items()}
+            row["gemv_timings_us"] = {name: {k: v * 1e3 for k, v in times.items()}
+                                      for name, times in (runner.gemv_timings or {}).items()}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "gemv_timings_us"}), flush=True)
             runner.clear()
         del model, runner
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    keys = [k for k in rows[0] if k not in ("format", "matmul_8bit")]
+    keys = [k for k in rows[0] if k not in ("format", "matmul_8bit", "gemv_settings", "gemv_timings_us")]
     print("format matmul_8bit " + " ".join(keys))
     for r in rows:
         print(f"{r['format']:<6} {r['matmul_8bit']:<10} " + " ".join(f"{r[k]:.1f}" for k in keys))
