@@ -120,6 +120,21 @@ def _rotate_pairs(x1, x2, c1, c2, s1, s2, ty: tl.constexpr):
 
 
 @triton.jit
+def _rope_epilogue(y, y_u, Cos, Sin, i, rotated, HALF: tl.constexpr, ty: tl.constexpr):
+    """A GEMV's RoPE epilogue: the float32 products y, y_u of dims i and i + HALF of their heads,
+    rotated where ``rotated`` (x * cos + rotate_half(x) * sin, rounded as ``_rope_fwd`` rounds it),
+    else as they are; float32 values of dtype ty."""
+    x1 = y.to(ty).to(tl.float32)
+    x2 = y_u.to(ty).to(tl.float32)
+    c1 = tl.load(Cos + i).to(tl.float32)
+    c2 = tl.load(Cos + HALF + i).to(tl.float32)
+    s1 = tl.load(Sin + i).to(tl.float32)
+    s2 = tl.load(Sin + HALF + i).to(tl.float32)
+    o1, o2 = _rotate_pairs(x1, x2, c1, c2, s1, s2, ty)
+    return tl.where(rotated, o1, x1), tl.where(rotated, o2, x2)
+
+
+@triton.jit
 def _silu_mul_fwd(GU, Out, stride_gu, stride_o, F_dim, BLOCK: tl.constexpr):
     # out = silu(gate) * up with gate = GU[:, :F], up = GU[:, F:]; rounded as the plain model does.
     row = tl.program_id(0).to(tl.int64)
@@ -304,17 +319,8 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
     # -- epilogue --
     if SWIGLU:
         y = _swiglu(y.to(ty).to(tl.float32), y_u.to(ty).to(tl.float32), ty)
-    if ROPE:  # x * cos + rotate_half(x) * sin, each product rounded as _rope_fwd does
-        x1 = y.to(ty).to(tl.float32)
-        x2 = y_u.to(ty).to(tl.float32)
-        c1 = tl.load(Cos + offs_i).to(tl.float32)
-        c2 = tl.load(Cos + HALF + offs_i).to(tl.float32)
-        s1 = tl.load(Sin + offs_i).to(tl.float32)
-        s2 = tl.load(Sin + HALF + offs_i).to(tl.float32)
-        rotated = offs_n < n_rotated
-        o1, o2 = _rotate_pairs(x1, x2, c1, c2, s1, s2, ty)
-        y = tl.where(rotated, o1, x1)
-        y_u = tl.where(rotated, o2, x2)
+    if ROPE:
+        y, y_u = _rope_epilogue(y, y_u, Cos, Sin, offs_i, offs_n < n_rotated, HALF, ty)
         tl.store(Out + pair_offset + offs_n, y_u.to(ty), mask=n_mask)
     if NORM_NEXT:  # the residual add here; the last program to arrive norms the whole row
         r = tl.load(Res + offs_n, mask=n_mask, other=0.0).to(tl.float32)

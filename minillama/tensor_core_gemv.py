@@ -47,7 +47,7 @@ import torch
 import triton
 
 from flashcore.launch import compute_capability
-from minillama.kernels import TensorCoreTiling, _rotate_pairs, _swiglu
+from minillama.kernels import TensorCoreTiling, _rope_epilogue, _swiglu
 
 try:
     from triton.experimental import gluon
@@ -162,18 +162,8 @@ if AVAILABLE:
         if SWIGLU:
             gl.store(Out + p, _swiglu(y.to(ty).to(gl.float32), y_u.to(ty).to(gl.float32), ty).to(ty))
         else:
-            if ROPE:  # x * cos + rotate_half(x) * sin, each product rounded as _rope_fwd does
-                i = p % HALF
-                x1 = y.to(ty).to(gl.float32)
-                x2 = y_u.to(ty).to(gl.float32)
-                c1 = gl.load(Cos + i).to(gl.float32)
-                c2 = gl.load(Cos + HALF + i).to(gl.float32)
-                s1 = gl.load(Sin + i).to(gl.float32)
-                s2 = gl.load(Sin + HALF + i).to(gl.float32)
-                o1, o2 = _rotate_pairs(x1, x2, c1, c2, s1, s2, ty)
-                rotated = first < n_rotated
-                y = gl.where(rotated, o1, x1)
-                y_u = gl.where(rotated, o2, x2)
+            if ROPE:
+                y, y_u = _rope_epilogue(y, y_u, Cos, Sin, p % HALF, first < n_rotated, HALF, ty)
             gl.store(Out + first, y.to(ty))
             gl.store(Out + first + offset, y_u.to(ty))
 

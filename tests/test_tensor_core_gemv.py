@@ -57,6 +57,16 @@ def test_the_cpu_runs_the_triton_gemv_for_a_tensor_core_tiling():
     assert torch.equal(new_residual[0], x + res)
 
 
+def test_the_tuner_offers_tensor_core_tilings_only_for_8bit_weights_on_a_gpu(tmp_path):
+    """On the CPU no matrix gets them; nor does a model-dtype weight anywhere."""
+    write_checkpoint(tmp_path, hidden_size=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                     tokenizer="sentencepiece")
+    for quantize in ("int8", None):
+        runner = Llama.from_pretrained(tmp_path, device="cpu", quantize=quantize, backend="triton").runner
+        for role, calls in runner.gemv_roles().items():
+            assert runner.tensor_core_tilings(role, [lin for lin, _ in calls]) == [], (quantize, role)
+
+
 def _x(g, K):
     """bf16 x with values across the range the kernel scales: most ~N(0, 1), some ~1e5 (past float16's
     65504 before the 2^-8 scale), some ~1e-4 (float16 subnormals after it)."""
