@@ -791,7 +791,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     # the kernel reads these vectors at consecutive addresses: a strided view is copied (no-op otherwise)
     add = add.contiguous() if add is not None else None
     norm_weight = norm_weight.contiguous() if norm_weight is not None else None
-    out = torch.empty(N, dtype=x.dtype, device=x.device)
     if dependent is None:
         dependent = gemv_dependent_launch(x.device)
     if INTERPRET:
@@ -799,6 +798,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
     if isinstance(config, TensorCoreTiling):
         assert add is None and norm_weight is None and norm_next is None, "the tensor-core GEMV runs no norm"
         return _tensor_core_gemv().gemv(x, weight, scale, config, swiglu=swiglu, rope=rope, dependent=dependent)
+    out = torch.empty(N, dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
     half, n_rotated, cos, sin = 1, 0, x, x
     if rope is not None:

@@ -29,7 +29,7 @@ def test_fits_needs_whole_steps_of_k_and_whole_programs_of_pairs():
     assert fits(t, 6144, 4096, head_dim=128) and not fits(TensorCoreTiling(2, 256, 4, True), 6144, 4096, 12)
 
 
-def test_every_tensor_core_tiling_fits_the_8b_matrices_or_names_why_not():
+def test_every_tensor_core_tiling_fits_the_8b_matrices():
     """Every candidate fits Llama-3.1-8B's qkv (with RoPE), o, gate/up, down and the LM head; a TP=2
     share of down (K 7168) only in 128-wide steps. The tuner offers the ones that fit."""
     for t in kernels.TENSOR_CORE_GEMV_TILINGS:
