@@ -795,17 +795,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
         dependent = gemv_dependent_launch(x.device)
     if INTERPRET:
         config = INTERPRET_GEMV
-    if isinstance(config, TensorCoreTiling):
-        assert add is None and norm_weight is None and norm_next is None, "the tensor-core GEMV runs no norm"
-        return _tensor_core_gemv().gemv(x, weight, scale, config, swiglu=swiglu, rope=rope, dependent=dependent)
-    out = torch.empty(N, dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
     half, n_rotated, cos, sin = 1, 0, x, x
     if rope is not None:
         cos, sin, n_heads, head_dim = rope
         half, n_rotated = head_dim // 2, n_heads * head_dim
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         assert head_dim % 2 == 0 and N % head_dim == 0 and n_rotated <= N and cos.shape == sin.shape == (head_dim,)
+    if isinstance(config, TensorCoreTiling):
+        assert add is None and norm_weight is None and norm_next is None, "the tensor-core GEMV runs no norm"
+        rotary = (cos, sin, half, n_rotated) if rope is not None else None
+        return _tensor_core_gemv().gemv(x, weight, scale, config, swiglu=swiglu, rotary=rotary, dependent=dependent)
+    out = torch.empty(N, dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
+    if rope is not None:
         while half % block_n:
             block_n //= 2
     grid = N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n)

@@ -188,28 +188,24 @@ def fits(tiling: TensorCoreTiling, n_rows: int, K: int, head_dim: Optional[int] 
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, tiling: TensorCoreTiling, *, swiglu: bool = False,
-         rope=None, dependent: bool = False) -> torch.Tensor:
+         rotary=None, dependent: bool = False) -> torch.Tensor:
     """One row x (K,) bf16 times an 8-bit weight (N_w, K)^T with per-row float32 ``scale``: (N_w,), or
-    silu(gate) * up (N_w / 2,) with ``swiglu``. rope: (cos, sin, n_heads, head_dim) as ``kernels.gemv``'s.
-    dependent: launch as a programmatic dependent of the previous kernel."""
+    silu(gate) * up (N_w / 2,) with ``swiglu``. rotary: RoPE of the output, as ``kernels.gemv`` prepares
+    it from its ``rope``: (cos, sin: head_dim contiguous values each, half = head_dim / 2, n_rotated: the
+    rows rotated). dependent: launch as a programmatic dependent of the previous kernel."""
     K = x.shape[-1]
     n_rows = weight.shape[0]
-    head_dim = rope[3] if rope is not None else None
-    assert fits(tiling, n_rows, K, head_dim), (tiling, weight.shape, head_dim)
+    cos, sin, half, n_rotated = rotary if rotary is not None else (x, x, 1, 0)
+    assert fits(tiling, n_rows, K, None if rotary is None else 2 * half), (tiling, weight.shape, half)
     assert x.dtype == torch.bfloat16 and weight.dtype in (torch.int8, torch.float8_e4m3fn), (x.dtype, weight.dtype)
     assert x.is_contiguous() and weight.stride(1) == 1 and weight.shape[1] == K and scale.shape == (n_rows,)
     N = n_rows // 2 if swiglu else n_rows
     out = torch.empty(N, dtype=x.dtype, device=x.device)
-    half, n_rotated, cos, sin = 1, 0, x, x
-    if rope is not None:
-        cos, sin, n_heads, head_dim = rope
-        half, n_rotated = head_dim // 2, n_heads * head_dim
-        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
     tiles, block_k, num_warps, interleaved = tiling
     slice_k, step, k_end = (block_k, 8 * block_k, K) if interleaved else (K // 8, block_k, K // 8)
     grid = (n_rows // 2) // (tiles * num_warps)
     _gemv_tensor_core_fwd[(grid,)](
         x, weight, scale, out, cos, sin, N, weight.stride(0), slice_k, k_end, n_rotated,
-        SWIGLU=swiglu, ROPE=rope is not None, HALF=half, TILES=tiles, BLOCK_K=block_k, STEP=step,
+        SWIGLU=swiglu, ROPE=rotary is not None, HALF=half, TILES=tiles, BLOCK_K=block_k, STEP=step,
         INT8=weight.dtype == torch.int8, DEPENDENT=dependent, num_warps=num_warps, launch_pdl=dependent)
     return out
