@@ -23,10 +23,10 @@ The ops (shapes: T tokens, K in, N out, D head_dim):
   before the gain. The Triton backend returns a single-token ``normed`` as a :class:`NormedInput`,
   computed by the next projection's GEMV in its prologue (or, where that linear's ``fuse_norm`` is
   False, by its own kernel just before the GEMV). Given a :class:`PendingProduct` x, the launch
-  that makes x adds the residual: a GEMV norms the row in its last program; a Triton matmul of a
-  few rows writes h * gain and sums the rows' squares in its epilogue and returns ``normed`` as
-  :class:`NormedRows`: the next matmul multiplies h * gain and applies each row's 1 / rms in its
-  epilogue.
+  that makes x (a single-token GEMV, or a Triton matmul of a few rows) adds the residual, writes
+  h * gain and sums the rows' squares in its epilogue, and returns ``normed`` as
+  :class:`NormedRows`: the next GEMV or matmul multiplies h * gain and applies each row's 1 / rms
+  in its epilogue.
 * ``rope_cos_sin(positions, inv_freq, dtype) -> (cos, sin)``: RoPE's tables (T, D) for integer
   positions (T,) (int32 or int64): the angles ``position * inv_freq`` in float32, their cosines and
   sines rounded to dtype, each half of D the same (rotate-half layout).
@@ -118,16 +118,15 @@ class NormedInput(NamedTuple):
 
 class PendingProduct:
     """A product's output (..., N), not computed yet, so that the residual add + RMSNorm after it can
-    run in its launch: ``TritonBackend.rms_norm`` launches it with them (a single-token GEMV's last
-    program norms the row; a multi-row matmul adds the residual, writes h * gain and sums the rows'
-    squares in its epilogue, for the next matmul's epilogue: :class:`NormedRows`). Anything else
-    that takes it gets the plain product: ``materialize()`` (``TritonBackend.materialize`` and
-    indexing call it)."""
+    run in its launch: ``TritonBackend.rms_norm`` launches it with them (a single-token GEMV or a
+    multi-row matmul adds the residual, writes h * gain and sums the rows' squares in its epilogue,
+    for the next product's epilogue: :class:`NormedRows`). Anything else that takes it gets the
+    plain product: ``materialize()`` (``TritonBackend.materialize`` and indexing call it)."""
 
     __slots__ = ("launch", "shape")
 
     def __init__(self, launch, shape: torch.Size):
-        self.launch = launch  # launch() -> out; launch(norm_next=(residual, weight, eps)) -> (normed, h)
+        self.launch = launch  # launch() -> out; launch(norm_next=(residual, weight, eps)) -> (NormedRows, h)
         self.shape = shape
 
     def materialize(self) -> torch.Tensor:
@@ -138,14 +137,14 @@ class PendingProduct:
 
 
 class NormedRows(NamedTuple):
-    """RMSNorm(h) * weight of rows h (T, K), not applied yet: the Triton matmul that takes it as its
-    input multiplies ``gained`` (h * weight) and each row's dot products by its 1 / rms, from
-    ``sumsq`` (pieces, T), the sums of squares of pieces of h's rows; the product making h wrote
-    both (``kernels.matmul``'s norm_next). Any other consumer gets the norm's kernel:
-    ``TritonBackend.materialize``."""
+    """RMSNorm(h) * weight of rows h (T, K), not applied yet: the Triton GEMV (one row) or matmul
+    that takes it as its input multiplies ``gained`` (h * weight) and each row's dot products by its
+    1 / rms, from ``sumsq`` (pieces, T), the sums of squares of pieces of h's rows; the product
+    making h wrote both (``kernels.gemv``'s or ``kernels.matmul``'s norm_next). Any other consumer
+    gets the norm's kernel: ``TritonBackend.materialize``."""
 
-    h: torch.Tensor  # (T, K), the new residual stream
-    gained: torch.Tensor  # (T, K), h * weight rounded to h's dtype
+    h: torch.Tensor  # (T, K) (a GEMV's: (1, 1, K)), the new residual stream
+    gained: torch.Tensor  # h's shape, h * weight rounded to h's dtype
     sumsq: torch.Tensor  # (pieces, T) float32
     weight: torch.Tensor  # (K,) the norm's gain
     eps: float
@@ -319,10 +318,10 @@ class TritonBackend(TorchBackend):
                rope=None, norm_next=False, feeds_norm=False):
         """norm_next: at a single-token step without a norm before it, return a :class:`PendingProduct`
         so that the residual add + RMSNorm after it run in the GEMV's launch. feeds_norm: the same for
-        a product in the Triton matmul where :meth:`norm_in_matmuls` says so: its epilogue adds the
-        residual, writes h * the norm's gain and sums the rows' squares, and the next matmul
-        multiplies h * gain and applies each row's 1 / rms in its epilogue (:class:`NormedRows`), so
-        the norm's kernel goes."""
+        a product in the Triton matmul where :meth:`norm_in_matmuls` says so. Either launch's epilogue
+        adds the residual, writes h * the norm's gain and sums the rows' squares, and the next GEMV or
+        matmul multiplies h * gain and applies each row's 1 / rms in its epilogue (:class:`NormedRows`),
+        so the norm's kernel goes."""
         if (isinstance(x, NormedInput) and bias is None and fuse_norm
                 and not isinstance(gemv_config, self.kernels.TensorCoreTiling)):  # it runs no norm
             K = x.x.shape[-1]
@@ -332,6 +331,11 @@ class TritonBackend(TorchBackend):
                 h_out=None if x.residual is None else x.new_residual.view(K),
                 norm_weight=x.weight, eps=x.eps, swiglu=swiglu, rope=rope, config=gemv_config, scale=weight_scale,
             )
+            return out.view(*x.shape[:-1], -1)
+        if isinstance(x, NormedRows) and bias is None and self.gemv and x.h.numel() == x.h.shape[-1]:
+            K = x.h.shape[-1]
+            out = self.kernels.gemv(x.gained.reshape(K), weight, norm=(x.sumsq, x.eps), swiglu=swiglu, rope=rope,
+                                    config=gemv_config, scale=weight_scale)
             return out.view(*x.shape[:-1], -1)
         if isinstance(x, NormedRows) and bias is None and self._runs_triton_matmul(x.h, weight, weight_scale, swiglu):
             return self.kernels.matmul(x.gained, weight, weight_scale, swiglu=swiglu, rope=rope, norm=(x.sumsq, x.eps))
@@ -345,9 +349,9 @@ class TritonBackend(TorchBackend):
                     return self.kernels.gemv(x1, weight, swiglu=swiglu, rope=rope, config=gemv_config,
                                              scale=weight_scale).view(shape)
                 residual, gain, eps = norm_next
-                normed, h = self.kernels.gemv(x1, weight, config=gemv_config, scale=weight_scale,
-                                              norm_next=(residual.reshape(-1), gain, eps))
-                return normed.view(shape), h.view(shape)
+                h, gained, sumsq = self.kernels.gemv(x1, weight, config=gemv_config, scale=weight_scale,
+                                                     norm_next=(residual.reshape(-1), gain))
+                return NormedRows(h.view(shape), gained.view(shape), sumsq, gain, eps), h.view(shape)
 
             tensor_core = isinstance(gemv_config, self.kernels.TensorCoreTiling)  # it runs no norm
             if norm_next and not swiglu and rope is None and not tensor_core:

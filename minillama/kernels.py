@@ -53,6 +53,14 @@ def _add_rmsnorm_fwd(X, Res, H_out, Normed, W, stride_x, stride_r, stride_h, str
 
 
 @triton.jit
+def _summed_inverse_rms(Sumsq, tiles, K, eps, BLOCK_T: tl.constexpr):
+    """rsqrt(mean(h^2) + eps) of a row h of K values from its pieces' sums of squares (``tiles``
+    float32 values at Sumsq, BLOCK_T >= tiles), summed in piece order."""
+    offs_t = tl.arange(0, BLOCK_T)
+    return _inverse_rms(tl.sum(tl.load(Sumsq + offs_t, mask=offs_t < tiles, other=0.0), 0) / K, eps)
+
+
+@triton.jit
 def _rms_normed(h, w, N, eps, ty: tl.constexpr):
     """w * RMSNorm(h) in float32 for a row h (float32 values of dtype ty; zero past N) and its gain w:
     the normalized row is rounded to ty before the gain, as the torch backend rounds it."""
@@ -220,10 +228,11 @@ def _accumulate(acc, w, x, ROW_ACC: tl.constexpr, INT8_PTX: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Normed, Arrival,
-              N, K, stride_wn, eps, n_rotated, next_eps,
-              ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
-              HALF: tl.constexpr, SCALE: tl.constexpr, NORM_NEXT: tl.constexpr, NEXT_BLOCK: tl.constexpr,
+def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Sumsq, Res, Gain, Gained, SumsqNext,
+              N, K, stride_wn, eps, n_rotated, sumsq_tiles,
+              ADD: tl.constexpr, NORM: tl.constexpr, NORM_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+              SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, SCALE: tl.constexpr,
+              NORM_NEXT: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROW_ACC: tl.constexpr,
               INT8_PTX: tl.constexpr, DEPENDENT: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for one row x (K,), BLOCK_N outputs per program.
@@ -238,11 +247,15 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
     registers (int8 by PRMT with INT8_PTX); row n's dot product is multiplied by Scale[n] before
     the epilogue. ROW_ACC: reduce the products to one sum per row at every step (fewer registers,
     so more programs in flight) instead of once at the end.
-    NORM_NEXT (without SWIGLU, ROPE): the next residual add + RMSNorm runs here. Out receives
-    h = out + Res (rounded to Out's dtype: the new residual stream); the program that arrives last
-    on the int32 counter Arrival (zero before the launch, zero again after it) computes
-    Normed = NextNormW * RMSNorm(h) over all N values (NEXT_BLOCK >= N) with next_eps, by
-    ``_rms_normed`` as ``_add_rmsnorm_fwd`` does. No kernel of its own, no prologue in the next GEMV.
+    NORM_ROWS: x is h * the norm's gain, made by the launch before (NORM_NEXT, or the matmul's);
+    the dot products are multiplied by h's rsqrt(mean(h^2) + eps), its sum of squares the sum of
+    the sumsq_tiles values at Sumsq (BLOCK_T >= sumsq_tiles), after the scale.
+    NORM_NEXT (without SWIGLU, ROPE): the next residual add + RMSNorm runs here, up to the 1 / rms
+    that the next product applies (NORM_ROWS). Out receives h = out + Res (rounded to Out's dtype:
+    the new residual stream), Gained h * Gain (rounded), SumsqNext[pid] the sum of the program's
+    h^2, which the next product adds up. No kernel of its own, no prologue in the next GEMV, and
+    no program waits for another (a last program to arrive, adding the sums or norming the whole
+    row, cost 1.4-1.5 us more per launch of o or down: BENCHMARKS.md, 2026-12-04).
     DEPENDENT: launched as a programmatic dependent (PDL) of the kernel before it on the stream. The
     next kernel may launch at once (if it is one too, it waits in turn); this one waits for the
     previous grid to finish, its writes visible, before it reads or writes any memory.
@@ -309,11 +322,14 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
     if NORM:
         r = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
         y = y * r
+    if NORM_ROWS:
+        r = _summed_inverse_rms(Sumsq, sumsq_tiles, K, eps, BLOCK_T)
+        y = y * r
     if PAIRED:
         y_u = tl.sum(acc_u, 1)
         if SCALE:
             y_u = y_u * tl.load(Scale + pair_offset + offs_n, mask=n_mask, other=0.0)
-        if NORM:
+        if NORM or NORM_ROWS:
             y_u = y_u * r
     ty = Out.dtype.element_ty
     # -- epilogue --
@@ -322,19 +338,13 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Res, NextNormW, Nor
     if ROPE:
         y, y_u = _rope_epilogue(y, y_u, Cos, Sin, offs_i, offs_n < n_rotated, HALF, ty)
         tl.store(Out + pair_offset + offs_n, y_u.to(ty), mask=n_mask)
-    if NORM_NEXT:  # the residual add here; the last program to arrive norms the whole row
-        r = tl.load(Res + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y = y.to(ty).to(tl.float32) + r
+    if NORM_NEXT:  # h = out + residual, rounded as add_rms_norm rounds it; h * the next gain; sum h^2
+        res = tl.load(Res + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = (y.to(ty).to(tl.float32) + res).to(ty).to(tl.float32)
+        gain = tl.load(Gain + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(Gained + offs_n, (y * gain).to(ty), mask=n_mask)
+        tl.store(SumsqNext + pid, tl.sum(tl.where(n_mask, y * y, 0.0), 0))
     tl.store(Out + offs_n, y.to(ty), mask=n_mask)
-    if NORM_NEXT:
-        tl.debug_barrier()  # every thread's h is written before the arrival is counted
-        if tl.atomic_add(Arrival, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-            offs = tl.arange(0, NEXT_BLOCK)
-            mask = offs < N
-            h = tl.load(Out + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            g = tl.load(NextNormW + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(Normed + offs, _rms_normed(h, g, N, next_eps, ty).to(ty), mask=mask)
-            tl.store(Arrival, 0)  # zero again for the next launch
 
 
 @triton.jit
@@ -764,20 +774,24 @@ def gemv_dependent_launch(device: torch.device) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] = None,
          h_out: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
-         eps: float = 0.0, swiglu: bool = False, rope=None, config=None,
+         eps: float = 0.0, norm=None, swiglu: bool = False, rope=None, config=None,
          scale: Optional[torch.Tensor] = None, norm_next=None, dependent: Optional[bool] = None):
     """One row x (K,) times weight (N_w, K)^T, with the optional fusions of ``_gemv_fwd``.
 
     add, h_out: h = x + add is the input (and is written to h_out); norm_weight, eps: the input is
-    RMSNorm(h) * norm_weight. rope: (cos, sin, n_heads, head_dim) rotates the first n_heads heads
-    of the output as :func:`rope_` would (cos, sin: (1, head_dim) or (head_dim,)). config:
+    RMSNorm(h) * norm_weight. norm: (sumsq (pieces, 1) float32, eps): x is h * the norm's gain,
+    and the output is multiplied by h's 1 / rms, from its pieces' sums of squares (what norm_next,
+    or :func:`matmul`'s, returns). rope: (cos, sin, n_heads, head_dim) rotates the first n_heads
+    heads of the output as :func:`rope_` would (cos, sin: (1, head_dim) or (head_dim,)). config:
     (BLOCK_N, BLOCK_K, num_warps, ROW_ACC); default the first of ``GEMV_CONFIGS`` (with rope,
     BLOCK_N is halved until it divides head_dim / 2); or a :class:`TensorCoreTiling` for an 8-bit
     weight without add, norm_weight or norm_next (``minillama.tensor_core_gemv``). scale: (N_w,)
     float32 per-row scales of an 8-bit weight (int8 or float8_e4m3fn), or None. Returns (N,) with
-    N = N_w, or N_w / 2 with ``swiglu``. norm_next: (residual (N,), norm_weight (N,), eps): the
-    residual add and RMSNorm that follow run in this launch (its last program norms): returns
-    (normed, h) with h = out + residual.
+    N = N_w, or N_w / 2 with ``swiglu``. norm_next: (residual (N,), gain (N,)): the residual add
+    and the RMSNorm that follow run in this launch, but for the 1 / rms, which the next product
+    applies: returns (h, gained, sumsq) with h = out + residual, gained = h * gain (both rounded
+    to x's dtype) and sumsq (programs, 1) float32, the sums of squares of the programs' pieces of
+    h: the next GEMV's (or matmul's) ``norm`` input, as :func:`matmul`'s norm_next.
     dependent: launch as a programmatic dependent of the previous kernel (``_gemv_fwd``'s DEPENDENT);
     default :func:`gemv_dependent_launch`'s choice.
     """
@@ -801,36 +815,43 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, add: Optional[torch.Tensor] =
         half, n_rotated = head_dim // 2, n_heads * head_dim
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         assert head_dim % 2 == 0 and N % head_dim == 0 and n_rotated <= N and cos.shape == sin.shape == (head_dim,)
+    sumsq, sumsq_tiles = x, 0
+    if norm is not None:
+        sumsq, eps = norm
+        sumsq_tiles = sumsq.shape[0]
+        assert norm_weight is None and sumsq.dtype == torch.float32 and sumsq.shape == (sumsq_tiles, 1), sumsq.shape
+        sumsq = sumsq.contiguous()
     if isinstance(config, TensorCoreTiling):
         assert add is None and norm_weight is None and norm_next is None, "the tensor-core GEMV runs no norm"
         rotary = (cos, sin, half, n_rotated) if rope is not None else None
-        return _tensor_core_gemv().gemv(x, weight, scale, config, swiglu=swiglu, rotary=rotary, dependent=dependent)
+        return _tensor_core_gemv().gemv(x, weight, scale, config, swiglu=swiglu, rotary=rotary,
+                                        norm=None if norm is None else (sumsq, eps), dependent=dependent)
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps, row_acc = config or GEMV_CONFIGS[0]
     if rope is not None:
         while half % block_n:
             block_n //= 2
     grid = N // (2 * block_n) if rope is not None else triton.cdiv(N, block_n)
-    res, next_weight, normed, arrival, next_eps, next_block = x, x, x, x, 0.0, 1
+    res, gain, gained, sumsq_next = x, x, x, x
     if norm_next is not None:
-        res, next_weight, next_eps = norm_next
-        assert not swiglu and rope is None and res.shape == next_weight.shape == (N,)
-        res, next_weight = res.contiguous(), next_weight.contiguous()
-        normed = torch.empty_like(out)
-        arrival = _split_arrivals(x.device, 1)
-        next_block = triton.next_power_of_2(N)
+        res, gain = norm_next
+        assert not swiglu and rope is None and res.shape == gain.shape == (N,)
+        res, gain = res.contiguous(), gain.contiguous()
+        gained = torch.empty_like(out)
+        sumsq_next = torch.empty((grid, 1), dtype=torch.float32, device=x.device)
     _gemv_fwd[(grid,)](
         x, add if add is not None else x, h_out if h_out is not None else x, weight, out,
         norm_weight if norm_weight is not None else x, scale if scale is not None else x, cos, sin,
-        res, next_weight, normed, arrival,
-        N, K, weight.stride(0), eps, n_rotated, next_eps,
-        ADD=add is not None, NORM=norm_weight is not None, SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
-        SCALE=scale is not None, NORM_NEXT=norm_next is not None, NEXT_BLOCK=next_block,
+        sumsq, res, gain, gained, sumsq_next,
+        N, K, weight.stride(0), eps, n_rotated, sumsq_tiles,
+        ADD=add is not None, NORM=norm_weight is not None, NORM_ROWS=norm is not None,
+        BLOCK_T=triton.next_power_of_2(max(sumsq_tiles, 1)), SWIGLU=swiglu, ROPE=rope is not None, HALF=half,
+        SCALE=scale is not None, NORM_NEXT=norm_next is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, ROW_ACC=row_acc,
         INT8_PTX=weight.dtype == torch.int8 and not INTERPRET, num_warps=num_warps,
         DEPENDENT=dependent, launch_pdl=dependent,
     )
-    return out if norm_next is None else (normed, out)
+    return out if norm_next is None else (out, gained, sumsq_next)
 
 
 INTERPRET_MATMUL = (16, 64, 64, 4, 1, 1, "pointers")

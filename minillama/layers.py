@@ -53,7 +53,8 @@ class Linear(nn.Module):
             the residual add + RMSNorm before this matrix runs inside its GEMV (True, the default)
             or as its own kernel first (False); set by the runner's tuning. norm_next: at
             single-token steps, the residual add + RMSNorm after this matrix run in its GEMV's
-            last program (``backend.PendingProduct``; replicated layers only); set by the runner's tuning.
+            epilogue, the next GEMV's applying the 1 / rms (``backend.PendingProduct``,
+            ``backend.NormedRows``; replicated layers only); set by the runner's tuning.
         feeds_norm: the output goes into the residual add + RMSNorm (o and down): under the Triton
             backend a product of a few rows (``TritonBackend.norm_in_matmuls``) adds the residual,
             writes h * the norm's gain and sums the rows' squares in its epilogue, and the next

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 import flashcore
-from minillama.backend import Rope
+from minillama.backend import NormedRows, Rope
 from minillama.kv_cache import KVCache
 from minillama.model import Transformer
 
@@ -315,10 +315,12 @@ class Runner:
             "head": [(model.output, model.norm)],
         }
 
-    def gemv_call(self, role: str, linear, norm):
+    def gemv_call(self, role: str, linear, norm, normed_rows: int = 0):
         """A single-token call of ``linear`` as the forward makes it, for timing: its input's residual
         add + norm deferred into the GEMV where a norm precedes it; the norm after it where
-        ``linear.norm_next`` is set (the final norm stands for it); RoPE of q and k for "qkv"."""
+        ``linear.norm_next`` is set (the final norm stands for it); RoPE of q and k for "qkv".
+        normed_rows: if not 0, the input is a :class:`NormedRows` whose sum of squares comes in that
+        many pieces (the norm before it ran in the previous GEMV's epilogue, but for the 1 / rms)."""
         x = torch.randn(1, 1, linear.in_features, dtype=self.dtype, device=self.device)
         residual = torch.randn_like(x)
         rope = None
@@ -326,6 +328,11 @@ class Runner:
             D = self.config.head_dim
             cos, sin = (torch.randn(1, D, dtype=self.dtype, device=self.device) for _ in range(2))
             rope = Rope(cos, sin, (linear.parts[0] + linear.parts[1]) // D, D)  # this rank's q and k heads
+        if normed_rows:
+            sumsq = (x.float().pow(2).sum() / normed_rows).repeat(normed_rows).view(normed_rows, 1)
+            x = NormedRows(residual, x, sumsq, torch.ones(linear.in_features, dtype=self.dtype, device=self.device),
+                           1e-5)
+            return lambda: linear(x, rope=rope)
         if norm is None:
             if linear.norm_next:  # the forward runs the norm after it in its GEMV: time that
                 return self.norm_next_call(linear, self.model.norm)
@@ -334,7 +341,7 @@ class Runner:
 
     def norm_next_call(self, linear, norm):
         """A single-token call of ``linear`` with ``norm`` (residual add + RMSNorm) after it, for
-        timing: with ``linear.norm_next`` set, the norm runs in the GEMV's last program."""
+        timing: with ``linear.norm_next`` set, the norm runs in the GEMV's epilogue."""
         x = torch.randn(1, 1, linear.in_features, dtype=self.dtype, device=self.device)
         residual = torch.randn(1, 1, linear.out_features, dtype=self.dtype, device=self.device)
         return lambda: norm(linear(x), residual)
@@ -364,9 +371,10 @@ class Runner:
         input and the norm's gain, which costs more than the extra launch where a weight row is
         short and 8-bit (H200, 2026-12-01: Llama-3.1-70B's fp8 gate/up 128.9 us fused, 119.5
         separate; the 8B's bf16 gate/up and qkv are faster fused). Then, for o and down of a
-        model without tensor parallelism, the norm after them in their GEMV's last program
-        (``Linear.norm_next``) and a plain GEMV next, where that pair takes less time (the 8B's
-        fp8 and int8 on the H200, 2026-12-02: 1.2 us less per layer for each pair together).
+        model without tensor parallelism, the norm after them in their GEMV's epilogue
+        (``Linear.norm_next``) and the next GEMV applying its 1 / rms, where that pair takes less
+        time (the 8B's fp8 and int8 on the H200, 2026-12-02: 1.2 us less per layer for each pair
+        together, when the last program normed the whole row).
         8-bit weights also get the tensor-core GEMV's tilings (:meth:`tensor_core_tilings`), with
         the norm before them as its own kernel. Only for the Triton backend on CUDA.
         """
@@ -411,10 +419,11 @@ class Runner:
                 kept = {lin: (lin.gemv_config, lin.fuse_norm, lin.norm_next) for lin in producers + consumers}
                 # the consumer's norms stand for the ones after the producer: same size, same work
                 tail_steps = [self.norm_next_call(lin, norm) for lin, (_, norm) in zip(producers, roles[consumer])]
-                _, tail_ms = fastest(f"{producer} + next norm", producers, tail_steps,
-                                     [(c, True, True) for c in kernels.GEMV_CONFIGS])
+                (config, _, _), tail_ms = fastest(f"{producer} + next norm", producers, tail_steps,
+                                                  [(c, True, True) for c in kernels.GEMV_CONFIGS])
+                pieces = -(-producers[0].out_features // config[0])  # its programs' sums of squares
                 _, plain_ms = fastest(f"{consumer} after {producer}'s norm", consumers,
-                                      [self.gemv_call(consumer, lin, None) for lin in consumers],
+                                      [self.gemv_call(consumer, lin, None, normed_rows=pieces) for lin in consumers],
                                       [(c, True, False) for c in kernels.GEMV_CONFIGS]
                                       + [(t, True, False) for t in self.tensor_core_tilings(consumer, consumers)])
                 if tail_ms + plain_ms >= best[producer][1] + best[consumer][1]:

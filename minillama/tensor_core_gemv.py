@@ -3,8 +3,10 @@ written in Gluon.
 
 It computes what ``minillama.kernels.gemv`` computes for an int8 or float8_e4m3fn weight with its
 per-row scales, out[n] = scale[n] * sum_k W[n, k] x[k] for one bf16 row x, in the forms
-``kernels.gemv`` calls without a norm around it: the plain product, SiLU x up (``swiglu``), RoPE of
-the output (``rope``), each as a programmatic dependent or not. The Triton GEMV converts each weight
+``kernels.gemv`` calls without a norm in its launch: the plain product, SiLU x up (``swiglu``), RoPE
+of the output (``rope``), each as a programmatic dependent or not, and of each the product of a row
+that the GEMV before normed but for the 1 / rms, which this one applies (``norm``: x is h * the
+norm's gain). The Triton GEMV converts each weight
 to float32 and multiplies it on the CUDA cores: ~4 instructions a weight for e4m3 (a conversion to
 float16 per two values, one to float32 and an FFMA each), ~4.8 for int8. Here a weight costs half a
 conversion (e4m3: one ``cvt`` per two values; int8: a byte permute and a float16 subtraction per two)
@@ -47,7 +49,7 @@ import torch
 import triton
 
 from flashcore.launch import compute_capability
-from minillama.kernels import TensorCoreTiling, _rope_epilogue, _swiglu
+from minillama.kernels import TensorCoreTiling, _inverse_rms, _rope_epilogue, _swiglu
 
 try:
     from triton.experimental import gluon
@@ -113,13 +115,16 @@ if AVAILABLE:
             return 2 * p, 1
 
     @gluon.jit
-    def _gemv_tensor_core_fwd(X, W, Scale, Out, Cos, Sin, N, stride_wn, slice_k, k_end, n_rotated,
-                              SWIGLU: gl.constexpr, ROPE: gl.constexpr, HALF: gl.constexpr, TILES: gl.constexpr,
+    def _gemv_tensor_core_fwd(X, W, Scale, Out, Cos, Sin, Sumsq, N, K, stride_wn, slice_k, k_end, n_rotated,
+                              sumsq_tiles, eps, SWIGLU: gl.constexpr, ROPE: gl.constexpr, HALF: gl.constexpr,
+                              NORM_ROWS: gl.constexpr, BLOCK_T: gl.constexpr, TILES: gl.constexpr,
                               BLOCK_K: gl.constexpr, STEP: gl.constexpr, INT8: gl.constexpr,
                               DEPENDENT: gl.constexpr):
         """Program pid computes output pairs pid * P ... pid * P + P - 1 (P = TILES * num_warps).
         Slice s of a row starts at s * slice_k; the loop steps STEP over [0, k_end). N: the output's
-        size with SWIGLU (gate's rows), else the weight's rows."""
+        size with SWIGLU (gate's rows), else the weight's rows. NORM_ROWS: x is h * a norm's gain; the
+        products are multiplied by h's 1 / rms, from the sumsq_tiles sums of squares at Sumsq (as
+        the Triton GEMV's NORM_ROWS)."""
         if DEPENDENT:
             _grid_dependency("griddepcontrol.launch_dependents")
         NW: gl.constexpr = gl.num_warps()
@@ -158,6 +163,11 @@ if AVAILABLE:
         first, offset = _pair_rows(p, N, SWIGLU, ROPE, HALF)
         y = y * 256.0 * gl.load(Scale + first)  # 256: x's 2^-8
         y_u = y_u * 256.0 * gl.load(Scale + first + offset)
+        if NORM_ROWS:  # the pieces' sums of squares in piece order, as kernels._summed_inverse_rms
+            offs_t = gl.arange(0, BLOCK_T, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+            r = _inverse_rms(gl.sum(gl.load(Sumsq + offs_t, mask=offs_t < sumsq_tiles, other=0.0), 0) / K, eps)
+            y = y * r
+            y_u = y_u * r
         ty: gl.constexpr = Out.dtype.element_ty
         if SWIGLU:
             gl.store(Out + p, _swiglu(y.to(ty).to(gl.float32), y_u.to(ty).to(gl.float32), ty).to(ty))
@@ -188,11 +198,12 @@ def fits(tiling: TensorCoreTiling, n_rows: int, K: int, head_dim: Optional[int] 
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, tiling: TensorCoreTiling, *, swiglu: bool = False,
-         rotary=None, dependent: bool = False) -> torch.Tensor:
+         rotary=None, norm=None, dependent: bool = False) -> torch.Tensor:
     """One row x (K,) bf16 times an 8-bit weight (N_w, K)^T with per-row float32 ``scale``: (N_w,), or
     silu(gate) * up (N_w / 2,) with ``swiglu``. rotary: RoPE of the output, as ``kernels.gemv`` prepares
     it from its ``rope``: (cos, sin: head_dim contiguous values each, half = head_dim / 2, n_rotated: the
-    rows rotated). dependent: launch as a programmatic dependent of the previous kernel."""
+    rows rotated). norm: ``kernels.gemv``'s (sumsq (pieces, 1) float32 contiguous, eps): x is h * a norm's
+    gain. dependent: launch as a programmatic dependent of the previous kernel."""
     K = x.shape[-1]
     n_rows = weight.shape[0]
     cos, sin, half, n_rotated = rotary if rotary is not None else (x, x, 1, 0)
@@ -204,8 +215,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, tiling: Ten
     tiles, block_k, num_warps, interleaved = tiling
     slice_k, step, k_end = (block_k, 8 * block_k, K) if interleaved else (K // 8, block_k, K // 8)
     grid = (n_rows // 2) // (tiles * num_warps)
+    sumsq, eps = norm if norm is not None else (x, 0.0)
+    sumsq_tiles = sumsq.shape[0] if norm is not None else 0
     _gemv_tensor_core_fwd[(grid,)](
-        x, weight, scale, out, cos, sin, N, weight.stride(0), slice_k, k_end, n_rotated,
-        SWIGLU=swiglu, ROPE=rotary is not None, HALF=half, TILES=tiles, BLOCK_K=block_k, STEP=step,
+        x, weight, scale, out, cos, sin, sumsq, N, K, weight.stride(0), slice_k, k_end, n_rotated, sumsq_tiles, eps,
+        SWIGLU=swiglu, ROPE=rotary is not None, HALF=half, NORM_ROWS=norm is not None,
+        BLOCK_T=triton.next_power_of_2(max(sumsq_tiles, 1)), TILES=tiles, BLOCK_K=block_k, STEP=step,
         INT8=weight.dtype == torch.int8, DEPENDENT=dependent, num_warps=num_warps, launch_pdl=dependent)
     return out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flashcore
-from minillama.backend import TorchBackend, TritonBackend, make_backend
+from minillama.backend import NormedRows, TorchBackend, TritonBackend, make_backend
 from minillama.config import LlamaConfig
 from minillama.generate import TokenLoop
 from minillama.kv_cache import KVCache
@@ -179,9 +179,10 @@ def set_norm_next(model: Transformer, norm_next: bool) -> int:
 @pytest.mark.triton
 @interpreted
 def test_norms_in_the_producing_gemv_match_torch_float32():
-    """Single-token steps with the residual add + RMSNorm after o and down run in that GEMV's last
-    program (``norm_next``), the next GEMV plain, give the torch backend's logits; a packed step of
-    one token that asks for its logits row (the product indexed before the final norm) too."""
+    """Single-token steps with the residual add + RMSNorm after o and down run in that GEMV's
+    epilogue (``norm_next``), the next GEMV applying the 1 / rms, give the torch backend's logits; a
+    packed step of one token that asks for its logits row (the product indexed before the final
+    norm) too."""
     model = tiny_model(15)
     vocab = model.config.vocab_size
     prompts = prompts_for(16, [5], vocab)
@@ -201,9 +202,12 @@ def test_norms_in_the_producing_gemv_match_torch_float32():
     assert logits[1].shape == (1, vocab)
     assert rel_err(logits[1], logits[0]) < 1e-5
 
-    # the tuner's and the benchmarks' timing call of o runs the norm after it, as the forward does
+    # the tuner's and the benchmarks' timing call of o runs the norm after it, as the forward does,
+    # and the call of gate/up after it takes what that norm gives
     normed, h = got_runner.gemv_call("o", fast.layers[0].attention.wo, None)()
-    assert isinstance(normed, torch.Tensor) and normed.shape == h.shape == (1, 1, model.config.hidden_size)
+    assert isinstance(normed, NormedRows) and normed.shape == h.shape == (1, 1, model.config.hidden_size)
+    w13 = fast.layers[0].feed_forward.w13
+    assert got_runner.gemv_call("gate_up", w13, None, normed_rows=3)().shape == (1, 1, w13.out_features // 2)
 
 
 @pytest.mark.triton

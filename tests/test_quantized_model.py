@@ -551,26 +551,56 @@ def test_matmul_runs_the_norm_between_two_products(dtype, loads, split_k):
 @pytest.mark.triton
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, FP8])
-def test_gemv_runs_the_next_norm_in_its_last_program(dtype, monkeypatch):
-    """``norm_next``: the GEMV adds the residual to its output and its last program norms the row:
-    the same bits as the GEMV, then ``add_rms_norm``; the arrival counter is zero again after."""
+def test_gemv_runs_the_norm_between_two_products(dtype, monkeypatch):
+    """``norm_next``: the GEMV adds the residual to its output (the same bits as the GEMV, then
+    ``add_rms_norm``), writes h * the norm's gain rounded and each program's sum of squares of its
+    piece of h. The next GEMV
+    (``norm``) multiplies h * gain and applies the 1 / rms: plain, SiLU x up and RoPE products,
+    within float32's rounding of that math in float64, and of the float64 math of the norm itself."""
     from minillama import kernels
+    from minillama.backend import rotate_half_rope
 
     g = torch.Generator().manual_seed(7)
-    K, N = 96, 80  # N not a power of two: the norm's masked lanes
+    K, N, D, eps = 96, 80, 16, 1e-5  # N not a power of two: masked lanes
     act = torch.float16 if dtype == torch.float16 else torch.float32
     x = torch.randn(K, generator=g).to(act)
     w = torch.randn(N, K, generator=g) / K ** 0.5
     q, scale = (w.to(dtype), None) if dtype in (torch.float32, torch.float16) else quantize_per_channel(w, dtype)
     residual = (4 * torch.randn(N, generator=g)).to(act)
     gain = (1 + 0.2 * torch.randn(N, generator=g)).to(act)
+    cos, sin = rope_inputs(g, D)
     for config in ((1, 32, 4, False), (16, 64, 4, True)):  # several programs: one arrives last
         monkeypatch.setattr(kernels, "INTERPRET_GEMV", config)  # the interpreter's tiling, else fixed
         y = kernels.gemv(x, q, scale=scale, config=config)
-        want_normed, want_h = kernels.add_rms_norm(y[None], residual[None], gain, 1e-5)
-        normed, h = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain, 1e-5))
-        assert torch.equal(h, want_h[0]) and torch.equal(normed, want_normed[0]), config
-        assert not kernels._split_arrivals(x.device, 1).any()
+        _, want_h = kernels.add_rms_norm(y[None], residual[None], gain, eps)
+        h, gained, sumsq = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain))
+        assert torch.equal(h, want_h[0]), config
+        assert torch.equal(gained, (h.float() * gain.float()).to(act)), config
+        assert sumsq.shape == (-(-N // config[0]), 1), config
+        assert torch.allclose(sumsq.sum(), h.float().pow(2).sum(), rtol=1e-6), config
+        inv_rms64 = torch.rsqrt(h.double().pow(2).mean() + eps)
+        for n_out, kw in ((48, {}), (2 * 40, {"swiglu": True}), (3 * D, {"rope": (cos.to(act), sin.to(act), 2, D)})):
+            w2 = torch.randn(n_out, N, generator=g) / N ** 0.5
+            q2, s2 = (w2.to(dtype), None) if scale is None else quantize_per_channel(w2, dtype)
+            got = kernels.gemv(gained, q2, scale=s2, norm=(sumsq, eps), config=config, **kw).double()
+            w64 = dequantize(q2, s2, torch.float64) if s2 is not None else q2.double()
+
+            def expected(normed64):
+                y = w64 @ normed64
+                if kw.get("swiglu"):
+                    gate, up = y.chunk(2)
+                    y = torch.nn.functional.silu(gate) * up
+                if "rope" in kw:
+                    heads = y[: 2 * D].view(1, 2, D)
+                    rotated = rotate_half_rope(heads, cos.double().view(1, 1, D), sin.double().view(1, 1, D))
+                    y = torch.cat([rotated.reshape(2 * D), y[2 * D:]])
+                return y
+
+            bound = 1e-2 if act == torch.float16 else 1e-6
+            want = expected(gained.double() * inv_rms64)  # what the kernel computes, in float64
+            assert ((got - want).norm() / want.norm()).item() < bound, (config, kw)
+            want = expected(gain.double() * h.double() * inv_rms64)  # the norm's math
+            assert ((got - want).norm() / want.norm()).item() < 5 * bound, (config, kw)
 
 
 @pytest.mark.triton
@@ -835,8 +865,9 @@ def test_gpu_gemv_repeats_bit_for_bit(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
 def test_gpu_dependent_gemv_chain_equals_plain_launches(dtype):
-    """Layers' o, gate/up and down GEMVs, each reading what the one before wrote (normed rows, the
-    residual; after down a norm in a launch of its own that lets the next GEMV launch at its start),
+    """Layers' o, gate/up and down GEMVs, each reading what the one before wrote (h * gain and its sum
+    of squares, the residual; after down a norm in a launch of its own that lets the next GEMV launch
+    at its start),
     launched as programmatic dependents (PDL: the next may start before this one ends) and plainly,
     eagerly and replayed in a CUDA graph, fresh inputs each round: the same bits. A dependent that
     read before its wait would see the previous round's values."""
@@ -859,8 +890,8 @@ def test_gpu_dependent_gemv_chain_equals_plain_launches(dtype):
     def chain(dependent):
         normed, res = x, h
         for _ in range(layers):
-            normed, res = kernels.gemv(normed, wo, scale=so, norm_next=(res, gain, 1e-5), dependent=dependent)
-            act = kernels.gemv(normed, wgu, scale=sgu, swiglu=True, dependent=dependent)
+            res, gained, sumsq = kernels.gemv(normed, wo, scale=so, norm_next=(res, gain), dependent=dependent)
+            act = kernels.gemv(gained, wgu, scale=sgu, swiglu=True, norm=(sumsq, 1e-5), dependent=dependent)
             out = kernels.gemv(act, wd, scale=sd, dependent=dependent)
             normed, res = kernels.add_rms_norm(out, res, gain, 1e-5, launch_dependents=dependent)
         return normed, res
@@ -879,7 +910,6 @@ def test_gpu_dependent_gemv_chain_equals_plain_launches(dtype):
         for dependent in (False, True):
             graphs[dependent].replay()
             assert all(torch.equal(a, b) for a, b in zip(outputs[dependent], want)), dependent
-    assert not kernels._split_arrivals(x.device, 1).any()
 
 
 @pytest.mark.gpu
@@ -912,14 +942,15 @@ def test_gpu_dependent_attention_reduce_equals_plain_launches(dtype, monkeypatch
     caches[False] = [c.clone() for c in caches[True]]
 
     def layers_of(dependent):
-        normed, res = x, h
+        normed, res, norm = x, h, None
         for layer in range(layers):
-            qkv = kernels.gemv(normed, wqkv, scale=sqkv, dependent=dependent).view(1, 1, H_q + 2 * H_kv, hd)
+            qkv = kernels.gemv(normed, wqkv, scale=sqkv, norm=norm, dependent=dependent).view(1, 1, H_q + 2 * H_kv, hd)
             q, k, v = qkv.split([H_q, H_kv, H_kv], dim=2)
             k_cache, v_cache = caches[dependent][2 * layer:2 * layer + 2]
             attn = flashcore.attention_with_kv_cache(q, k, v, k_cache, v_cache, lens)
-            normed, res = kernels.gemv(attn.view(D), wo, scale=so, norm_next=(res, gain, 1e-5), dependent=dependent)
-        return normed, res
+            res, normed, sumsq = kernels.gemv(attn.view(D), wo, scale=so, norm_next=(res, gain), dependent=dependent)
+            norm = (sumsq, 1e-5)
+        return normed, res, sumsq
 
     graphs, outputs, plans = {}, {}, {}
     for dependent in (True, False):  # each variant's flashcore plans, made with its launches
@@ -951,29 +982,59 @@ def test_gpu_dependent_attention_reduce_equals_plain_launches(dtype, monkeypatch
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, FP8])
 def test_gpu_gemv_next_norm_llama_shapes(dtype):
     """``norm_next`` on Llama-3.1-8B's o and down, every GEMV tiling, fresh inputs: the residual sum
-    bit for bit and the normed row as ``add_rms_norm`` gives it (within a bfloat16 rounding: the
-    mean's sum order may differ), the same bits over 20 calls, the arrival counter zero after."""
+    bit for bit as ``add_rms_norm`` gives it, h * gain rounded, the sums of squares of its pieces,
+    the same bits over 20 calls. The next product with ``norm`` (gate/up after o,
+    qkv with RoPE after down) in every GEMV tiling, the tensor-core GEMV's too for 8-bit weights:
+    the float32 math of the norm and the product within bfloat16's error, no further from it than
+    the product after the norm's kernel (one rounding of h * gain against two of the norm's)."""
     from minillama import kernels
+    from minillama.backend import rotate_half_rope
 
     g = torch.Generator(device="cuda").manual_seed(3)
-    N = 4096
+    N, F, D, eps = 4096, 14336, 128, 1e-5
     gain = (1 + 0.2 * torch.randn(N, device="cuda", generator=g)).to(torch.bfloat16)
-    for K in (4096, 14336):
-        w = torch.randn(N, K, device="cuda", generator=g) / K ** 0.5
-        q, scale = (w.to(dtype), None) if dtype == torch.bfloat16 else quantize_per_channel(w, dtype)
+    cos, sin = rope_inputs(g, D, "cuda", torch.bfloat16)
+
+    def weight(n, k):
+        w = torch.randn(n, k, device="cuda", generator=g) / k ** 0.5
+        return (w.to(dtype), None) if dtype == torch.bfloat16 else quantize_per_channel(w, dtype)
+
+    for K, next_n, kw in ((4096, 2 * F, {"swiglu": True}), (F, 6144, {"rope": (cos, sin, 40, D)})):
+        q, scale = weight(N, K)
         for config in kernels.GEMV_CONFIGS:
             x = torch.randn(K, device="cuda", generator=g, dtype=torch.bfloat16)
             residual = 4 * torch.randn(N, device="cuda", generator=g, dtype=torch.bfloat16)
-            want_normed, want_h = kernels.add_rms_norm(kernels.gemv(x, q, scale=scale, config=config)[None],
-                                                       residual[None], gain, 1e-5)
-            first = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain, 1e-5))
-            assert torch.equal(first[1], want_h[0]), (K, config)
-            err = (first[0].float() - want_normed[0].float()).abs() / want_normed[0].float().abs().clamp(min=1e-3)
-            assert err.max().item() <= 2 ** -7, (K, config, err.max().item())
+            _, want_h = kernels.add_rms_norm(kernels.gemv(x, q, scale=scale, config=config)[None], residual[None],
+                                             gain, eps)
+            first = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain))
+            h, gained, sumsq = first
+            assert torch.equal(h, want_h[0]), (K, config)
+            assert torch.equal(gained, (h.float() * gain.float()).to(torch.bfloat16)), (K, config)
+            assert torch.allclose(sumsq.sum(), h.float().pow(2).sum(), rtol=1e-5), (K, config)
             for _ in range(20):
-                again = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain, 1e-5))
-                assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1]), (K, config)
-            assert not kernels._split_arrivals(x.device, 1).any()
+                again = kernels.gemv(x, q, scale=scale, config=config, norm_next=(residual, gain))
+                assert all(torch.equal(a, b) for a, b in zip(again, first)), (K, config)
+        q2, scale2 = weight(next_n, N)
+        normed = kernels.add_rms_norm(h[None], None, gain, eps)[0][0]
+        normed32 = gain.float() * h.float() * torch.rsqrt(h.float().pow(2).mean() + eps)
+        y = (q2.float() if scale2 is None else q2.float() * scale2[:, None]) @ normed32
+        if "swiglu" in kw:
+            gate, up = y.chunk(2)
+            y = torch.nn.functional.silu(gate) * up
+        else:
+            heads = y[: 40 * D].view(1, 40, D)
+            heads.copy_(rotate_half_rope(heads, cos.float()[:, None], sin.float()[:, None]))
+        err = lambda a: ((a.float() - y).norm() / y.norm()).item()
+        tilings = list(kernels.GEMV_CONFIGS)
+        if scale2 is not None:
+            from minillama import tensor_core_gemv
+
+            tilings += [t for t in kernels.TENSOR_CORE_GEMV_TILINGS
+                        if tensor_core_gemv.usable(x, q2) and tensor_core_gemv.fits(t, next_n, N, D)]
+        for config in tilings:
+            got = kernels.gemv(gained, q2, scale=scale2, norm=(sumsq, eps), config=config, **kw)
+            apart = kernels.gemv(normed, q2, scale=scale2, config=config, **kw)  # after the norm's kernel
+            assert err(got) < 1e-2 and err(got) < 1.25 * err(apart) + 1e-3, (K, config, err(got), err(apart))
 
 
 @pytest.mark.gpu
