@@ -1131,8 +1131,8 @@ MAX_SPLIT_TILES = 1 << 16  # output tiles of one split-K product; the 8B / 70B's
 
 
 def _split_arrivals(device: torch.device, tiles: int) -> torch.Tensor:
-    """The per-tile arrival counters of split-K products on ``device`` (and of the GEMV's last-program
-    norm and ``max_argmax``'s rows): int32 zeros, allocated once and kept (CUDA graphs bake its
+    """The per-tile arrival counters of split-K products on ``device`` (and of ``max_argmax``'s
+    rows): int32 zeros, allocated once and kept (CUDA graphs bake its
     address in; the kernel sets each counter back to zero). Launches on one device share them, so
     they must not run concurrently on two streams."""
     if tiles > MAX_SPLIT_TILES:
