@@ -315,24 +315,21 @@ class Runner:
             "head": [(model.output, model.norm)],
         }
 
-    def gemv_call(self, role: str, linear, norm, normed_rows: int = 0):
+    def gemv_call(self, role: str, linear, norm, normed: Optional[NormedRows] = None):
         """A single-token call of ``linear`` as the forward makes it, for timing: its input's residual
         add + norm deferred into the GEMV where a norm precedes it; the norm after it where
         ``linear.norm_next`` is set (the final norm stands for it); RoPE of q and k for "qkv".
-        normed_rows: if not 0, the input is a :class:`NormedRows` whose sum of squares comes in that
-        many pieces (the norm before it ran in the previous GEMV's epilogue, but for the 1 / rms)."""
-        x = torch.randn(1, 1, linear.in_features, dtype=self.dtype, device=self.device)
-        residual = torch.randn_like(x)
+        normed: the input, a :class:`NormedRows` as the GEMV before returns it with the norm after it
+        (``norm_next_call``): the norm ran in that GEMV's epilogue, but for the 1 / rms."""
         rope = None
         if role == "qkv":
             D = self.config.head_dim
             cos, sin = (torch.randn(1, D, dtype=self.dtype, device=self.device) for _ in range(2))
             rope = Rope(cos, sin, (linear.parts[0] + linear.parts[1]) // D, D)  # this rank's q and k heads
-        if normed_rows:
-            sumsq = (x.float().pow(2).sum() / normed_rows).repeat(normed_rows).view(normed_rows, 1)
-            x = NormedRows(residual, x, sumsq, torch.ones(linear.in_features, dtype=self.dtype, device=self.device),
-                           1e-5)
-            return lambda: linear(x, rope=rope)
+        if normed is not None:
+            return lambda: linear(normed, rope=rope)
+        x = torch.randn(1, 1, linear.in_features, dtype=self.dtype, device=self.device)
+        residual = torch.randn_like(x)
         if norm is None:
             if linear.norm_next:  # the forward runs the norm after it in its GEMV: time that
                 return self.norm_next_call(linear, self.model.norm)
@@ -419,11 +416,12 @@ class Runner:
                 kept = {lin: (lin.gemv_config, lin.fuse_norm, lin.norm_next) for lin in producers + consumers}
                 # the consumer's norms stand for the ones after the producer: same size, same work
                 tail_steps = [self.norm_next_call(lin, norm) for lin, (_, norm) in zip(producers, roles[consumer])]
-                (config, _, _), tail_ms = fastest(f"{producer} + next norm", producers, tail_steps,
-                                                  [(c, True, True) for c in kernels.GEMV_CONFIGS])
-                pieces = -(-producers[0].out_features // config[0])  # its programs' sums of squares
+                _, tail_ms = fastest(f"{producer} + next norm", producers, tail_steps,
+                                     [(c, True, True) for c in kernels.GEMV_CONFIGS])
+                normed = [step()[0] for step in tail_steps]  # what the fastest producers hand on
                 _, plain_ms = fastest(f"{consumer} after {producer}'s norm", consumers,
-                                      [self.gemv_call(consumer, lin, None, normed_rows=pieces) for lin in consumers],
+                                      [self.gemv_call(consumer, lin, None, normed=n)
+                                       for lin, n in zip(consumers, normed)],
                                       [(c, True, False) for c in kernels.GEMV_CONFIGS]
                                       + [(t, True, False) for t in self.tensor_core_tilings(consumer, consumers)])
                 if tail_ms + plain_ms >= best[producer][1] + best[consumer][1]:

@@ -207,7 +207,7 @@ def test_norms_in_the_producing_gemv_match_torch_float32():
     normed, h = got_runner.gemv_call("o", fast.layers[0].attention.wo, None)()
     assert isinstance(normed, NormedRows) and normed.shape == h.shape == (1, 1, model.config.hidden_size)
     w13 = fast.layers[0].feed_forward.w13
-    assert got_runner.gemv_call("gate_up", w13, None, normed_rows=3)().shape == (1, 1, w13.out_features // 2)
+    assert got_runner.gemv_call("gate_up", w13, None, normed=normed)().shape == (1, 1, w13.out_features // 2)
 
 
 @pytest.mark.triton
