@@ -53,14 +53,6 @@ def _add_rmsnorm_fwd(X, Res, H_out, Normed, W, stride_x, stride_r, stride_h, str
 
 
 @triton.jit
-def _summed_inverse_rms(Sumsq, tiles, K, eps, BLOCK_T: tl.constexpr):
-    """rsqrt(mean(h^2) + eps) of a row h of K values from its pieces' sums of squares (``tiles``
-    float32 values at Sumsq, BLOCK_T >= tiles), summed in piece order."""
-    offs_t = tl.arange(0, BLOCK_T)
-    return _inverse_rms(tl.sum(tl.load(Sumsq + offs_t, mask=offs_t < tiles, other=0.0), 0) / K, eps)
-
-
-@triton.jit
 def _rms_normed(h, w, N, eps, ty: tl.constexpr):
     """w * RMSNorm(h) in float32 for a row h (float32 values of dtype ty; zero past N) and its gain w:
     the normalized row is rounded to ty before the gain, as the torch backend rounds it."""
@@ -249,7 +241,10 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Sumsq, Res, Gain, G
     so more programs in flight) instead of once at the end.
     NORM_ROWS: x is h * the norm's gain, made by the launch before (NORM_NEXT, or the matmul's);
     the dot products are multiplied by h's rsqrt(mean(h^2) + eps), its sum of squares the sum of
-    the sumsq_tiles values at Sumsq (BLOCK_T >= sumsq_tiles), after the scale.
+    the sumsq_tiles values at Sumsq (BLOCK_T >= sumsq_tiles), after the scale. They are loaded
+    before the weights stream and added after it: loaded after it, their L2 round trip ended each
+    launch (H200, 2026-12-04, whole batch-1 steps at the same tilings: int8 392 -> 401 tok/s, fp8
+    397 -> 411, the same bits).
     NORM_NEXT (without SWIGLU, ROPE): the next residual add + RMSNorm runs here, up to the 1 / rms
     that the next product applies (NORM_ROWS). Out receives h = out + Res (rounded to Out's dtype:
     the new residual stream), Gained h * Gain (rounded), SumsqNext[pid] the sum of the program's
@@ -284,6 +279,9 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Sumsq, Res, Gain, G
         sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
     if DEPENDENT:
         tl.extra.cuda.gdc_wait()
+    if NORM_ROWS:  # h's pieces' sums of squares: loaded before the weights stream, added after it
+        offs_t = tl.arange(0, BLOCK_T)
+        pieces = tl.load(Sumsq + offs_t, mask=offs_t < sumsq_tiles, other=0.0)
     # -- stream the weight rows once; products accumulate elementwise or per row (ROW_ACC) --
     for k0 in tl.range(0, K, BLOCK_K):
         kk = k0 + offs_k
@@ -323,7 +321,7 @@ def _gemv_fwd(X, Add, H_out, W, Out, NormW, Scale, Cos, Sin, Sumsq, Res, Gain, G
         r = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
         y = y * r
     if NORM_ROWS:
-        r = _summed_inverse_rms(Sumsq, sumsq_tiles, K, eps, BLOCK_T)
+        r = _inverse_rms(tl.sum(pieces, 0) / K, eps)  # in piece order
         y = y * r
     if PAIRED:
         y_u = tl.sum(acc_u, 1)
@@ -1033,7 +1031,9 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     residual rounded as :func:`add_rms_norm` rounds it, gained = h * gain rounded to x's dtype, and
     sumsq (tiles, M) float32, the sums of squares of pieces of h's rows. norm: (sumsq, eps): x is
     such a gained, and the product is of RMSNorm(h) * gain: the product of x, each row's dot
-    products times its 1 / rms (from its pieces' sums, summed in order: the same bits every run).
+    products times its 1 / rms (from its pieces' sums, summed in order: the same bits every run, but
+    for int8 qkv at 17-64 rows, whose K split with the norm gives other bits call to call on the
+    H200: BENCHMARKS.md, 2026-12-04 09:40, cause not found yet).
     The same function as the product of ``add_rms_norm(h, None, gain, eps)[0]``, rounded
     differently: that rounds h * (1 / rms) and then its product with the gain, this rounds h * gain
     only (as the GEMV, which applies its norm's 1 / rms to its dot products, rounds none)."""

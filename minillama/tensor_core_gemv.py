@@ -147,6 +147,9 @@ if AVAILABLE:
         w = gl.load(w_ptrs)
         if DEPENDENT:
             _grid_dependency("griddepcontrol.wait")
+        if NORM_ROWS:  # h's pieces' sums of squares: loaded before the weights stream, added after it
+            offs_t = gl.arange(0, BLOCK_T, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+            pieces = gl.load(Sumsq + offs_t, mask=offs_t < sumsq_tiles, other=0.0)
         acc = _product_step(w, x_ptrs, acc, INT8)
         for k0 in range(STEP, k_end, STEP):
             acc = _product_step(gl.load(w_ptrs + k0), x_ptrs + k0, acc, INT8)
@@ -163,9 +166,8 @@ if AVAILABLE:
         first, offset = _pair_rows(p, N, SWIGLU, ROPE, HALF)
         y = y * 256.0 * gl.load(Scale + first)  # 256: x's 2^-8
         y_u = y_u * 256.0 * gl.load(Scale + first + offset)
-        if NORM_ROWS:  # the pieces' sums of squares in piece order, as kernels._summed_inverse_rms
-            offs_t = gl.arange(0, BLOCK_T, layout=gl.BlockedLayout([1], [32], [NW], [0]))
-            r = _inverse_rms(gl.sum(gl.load(Sumsq + offs_t, mask=offs_t < sumsq_tiles, other=0.0), 0) / K, eps)
+        if NORM_ROWS:  # summed in piece order, as the Triton GEMV's NORM_ROWS
+            r = _inverse_rms(gl.sum(pieces, 0) / K, eps)
             y = y * r
             y_u = y_u * r
         ty: gl.constexpr = Out.dtype.element_ty

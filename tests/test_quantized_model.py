@@ -1044,9 +1044,9 @@ def test_gpu_matmul_norm_between_products_llama_shapes(dtype, M):
     """The residual add + RMSNorm between Llama-3.1-8B's products at batched-decode rows, in the
     tilings ``matmul_config`` picks: o and down (``norm_next``) give h bit for bit as
     ``add_rms_norm``, and h * gain rounded, the same bits over 10 calls; gate/up (SiLU x up) and qkv
-    (RoPE) with ``norm`` give the float32 math of the norm and the product within bfloat16's
-    error, no further from it than the products after the norm's kernel (one rounding of h * gain
-    against two of the norm's), fresh inputs."""
+    (RoPE) with ``norm`` give the same bits over 10 calls and the float32 math of the norm and the
+    product within bfloat16's error, no further from it than the products after the norm's kernel
+    (one rounding of h * gain against two of the norm's), fresh inputs."""
     from minillama import kernels
     from minillama.backend import rotate_half_rope, runs_model_dtype_matmul
 
@@ -1080,6 +1080,8 @@ def test_gpu_matmul_norm_between_products_llama_shapes(dtype, M):
         if bf16 and not runs_model_dtype_matmul(M, next_n, H, "swiglu" in kw):
             continue  # the next product runs cuBLAS, after the norm's kernel
         got = kernels.matmul(gained, q2, scale2, norm=(sumsq, eps), **kw).float()
+        for _ in range(10):  # the same bits every call
+            assert torch.equal(kernels.matmul(gained, q2, scale2, norm=(sumsq, eps), **kw).float(), got), (K, M)
         apart = kernels.matmul(normed, q2, scale2, **kw).float()  # after the norm's kernel
         # the float32 math of the norm and the product
         normed32 = gain.float() * h.float() * torch.rsqrt(h.float().pow(2).mean(1, keepdim=True) + eps)
