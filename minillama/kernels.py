@@ -398,6 +398,22 @@ def _widen(w, ty: tl.constexpr, INT8_PAIRS: tl.constexpr = False):
 
 
 @triton.jit
+def _norm_pieces(Sumsq, offs_m, m_mask, M, sumsq_tiles, BLOCK_T: tl.constexpr):
+    """The sums of squares of h's pieces (BLOCK_T, rows offs_m) for a NORM product, zero past them."""
+    offs_t = tl.arange(0, BLOCK_T)
+    return tl.load(Sumsq + offs_t[:, None] * M + offs_m[None, :],
+                   mask=(offs_t < sumsq_tiles)[:, None] & m_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _rows_inverse_rms(pieces, K, eps, SWAP: tl.constexpr):
+    """Each row's 1 / rms from its pieces' sums of squares (summed in piece order), shaped to
+    multiply the accumulator: [1, rows] in the swapped form (acc[n, m]), else [rows, 1]."""
+    inv_rms = _inverse_rms(tl.sum(pieces, 0) / K, eps)
+    return inv_rms[None, :] if SWAP else inv_rms[:, None]
+
+
+@triton.jit
 def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Gained, M, N, K, K_split, stride_xm,
                  stride_wn, stride_om, stride_cs, n_rotated, stride_rm, sumsq_tiles, eps, pid_m, pid_n, pid_k,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -427,6 +443,14 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, G
     acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     ty = Out.dtype.element_ty
+    # NORM: each row's dot products times its 1 / rms. In swapped tiles with K split, each split scales
+    # its partial (the sum of the partials needs no norm after it): with the norm in the last split's
+    # epilogue, Triton 3.6's code gave wrong sums for part of 64-row tiles (int8 qkv at 40-64 rows on
+    # the H200: other bits call to call, twice the error; 2026-12-04). Elsewhere the epilogue applies
+    # it once (in each split, the 2-16-row products took 0.3-1.0 us more: BENCHMARKS.md).
+    NORM_EACH_SPLIT: tl.constexpr = NORM and SWAP and SPLIT_K > 1
+    if NORM_EACH_SPLIT:  # loaded before the weights stream, added after it
+        pieces = _norm_pieces(Sumsq, offs_m, m_mask, M, sumsq_tiles, BLOCK_T)
     k_lo = pid_k * K_split
     for k0 in tl.range(k_lo, tl.minimum(k_lo + K_split, K), BLOCK_K):
         kk = k0 + offs_k
@@ -468,6 +492,11 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, G
         rows = offs_m.to(tl.int64)[:, None]
         cols = offs_n[None, :]
     mask = (rows < M) & (cols < N)
+    if NORM_EACH_SPLIT:
+        inv_rms = _rows_inverse_rms(pieces, K, eps, SWAP)
+        acc = acc * inv_rms
+        if PAIRED:
+            acc_u = acc_u * inv_rms
     y = acc
     y_u = acc_u
     if SPLIT_K > 1:  # -- the tile's last split to arrive sums the partials, in split order --
@@ -495,15 +524,8 @@ def _matmul_tile(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, G
             y = y * tl.load(Scale + cols, mask=cols < N, other=0.0)
         if PAIRED and SCALE:
             y_u = y_u * tl.load(Scale + pair + cols, mask=cols < N, other=0.0)
-        if NORM:  # each row's 1 / rms from its pieces' sums of squares, summed in piece order
-            offs_t = tl.arange(0, BLOCK_T)
-            sumsq = tl.load(Sumsq + offs_t[:, None] * M + offs_m[None, :],
-                            mask=(offs_t < sumsq_tiles)[:, None] & m_mask[None, :], other=0.0)
-            inv_rms = _inverse_rms(tl.sum(sumsq, 0) / K, eps)
-            if SWAP:  # acc[n, m]
-                inv_rms = inv_rms[None, :]
-            else:
-                inv_rms = inv_rms[:, None]
+        if NORM and not NORM_EACH_SPLIT:
+            inv_rms = _rows_inverse_rms(_norm_pieces(Sumsq, offs_m, m_mask, M, sumsq_tiles, BLOCK_T), K, eps, SWAP)
             y = y * inv_rms
             if PAIRED:
                 y_u = y_u * inv_rms
@@ -565,9 +587,10 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Ga
     no second launch to reduce the splits.
     NORM: x holds rows h * gain (each value rounded to x's dtype) of the residual stream h, and the
     product is of RMSNorm(h) * gain with ``eps``: Sumsq (sumsq_tiles, M) float32 holds the sums of
-    squares of pieces of h's rows (as a product with NORM_NEXT wrote them); the epilogue sums a
-    row's pieces in order for its 1 / rms and multiplies the row's dot products by it (as the GEMV
-    applies its prologue's norm), so x's tiles go to the dot as they are loaded. NORM_NEXT (no
+    squares of pieces of h's rows (as a product with NORM_NEXT wrote them); the epilogue (in swapped
+    tiles with K split, each split, on its partial) sums a row's pieces in order for its 1 / rms and
+    multiplies the row's dot products by it (as the GEMV applies its prologue's norm), so x's tiles
+    go to the dot as they are loaded. NORM_NEXT (no
     SwiGLU, RoPE): out = h = product + Res (M, N), rounded as ``add_rms_norm`` rounds h; Gained
     (M, N, out's strides) = h * Gain (N,), rounded; tile n's sums of squares of its rows' values go
     to Sumsq[n]: the residual add before a norm, and the input and sums the next product's NORM
@@ -1031,9 +1054,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] 
     residual rounded as :func:`add_rms_norm` rounds it, gained = h * gain rounded to x's dtype, and
     sumsq (tiles, M) float32, the sums of squares of pieces of h's rows. norm: (sumsq, eps): x is
     such a gained, and the product is of RMSNorm(h) * gain: the product of x, each row's dot
-    products times its 1 / rms (from its pieces' sums, summed in order: the same bits every run, but
-    for int8 qkv at 17-64 rows, whose K split with the norm gives other bits call to call on the
-    H200: BENCHMARKS.md, 2026-12-04 09:40, cause not found yet).
+    products times its 1 / rms (from its pieces' sums, summed in order: the same bits every run).
     The same function as the product of ``add_rms_norm(h, None, gain, eps)[0]``, rounded
     differently: that rounds h * (1 / rms) and then its product with the gain, this rounds h * gain
     only (as the GEMV, which applies its norm's 1 / rms to its dot products, rounds none)."""
