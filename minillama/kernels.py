@@ -590,11 +590,10 @@ def _matmul_fwd(X, W, Scale, Out, Part, Arrivals, Cos, Sin, Res, Sumsq, Gain, Ga
     squares of pieces of h's rows (as a product with NORM_NEXT wrote them); the epilogue (in swapped
     tiles with K split, each split, on its partial) sums a row's pieces in order for its 1 / rms and
     multiplies the row's dot products by it (as the GEMV applies its prologue's norm), so x's tiles
-    go to the dot as they are loaded. NORM_NEXT (no
-    SwiGLU, RoPE): out = h = product + Res (M, N), rounded as ``add_rms_norm`` rounds h; Gained
-    (M, N, out's strides) = h * Gain (N,), rounded; tile n's sums of squares of its rows' values go
-    to Sumsq[n]: the residual add before a norm, and the input and sums the next product's NORM
-    reads.
+    go to the dot as they are loaded. NORM_NEXT (no SwiGLU, RoPE): out = h = product + Res (M, N),
+    rounded as ``add_rms_norm`` rounds h; Gained (M, N, out's strides) = h * Gain (N,), rounded;
+    tile n's sums of squares of its rows' values go to Sumsq[n]: the residual add before a norm, and
+    the input and sums the next product's NORM reads.
     PERSISTENT: a 1-D grid of programs (one per SM) walks the tiles, m fastest (the tiles that share
     a weight tile run together); otherwise program (m, n, s) computes tile (m, n, s).
     """
