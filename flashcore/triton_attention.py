@@ -218,6 +218,8 @@ def _attn_fwd_decode_split(
     # New_split takes the S_q <= BLOCK_NEW new keys and appends them to the cache: the last split's
     # (New_split == Num_splits - 1) or a program of its own (New_split == Num_splits, no cached
     # tiles). DIRECT (one program per (row, kv head)): write the output itself, no partials.
+    # BLOCK_NEW == 1: one new key (S_q == 1), attended by elementwise products instead of a padded
+    # 16-key tl.dot (the plan picks it where a split holds 4 or more cached tiles: see _DecodePlan).
     # Part (float32) holds the partial outputs (B * H_kv, parts, S_q * GROUP, HEAD_DIM), then from
     # Lse_offset on their log2-sum-exps (B * H_kv, parts, S_q * GROUP).
     split = tl.program_id(0)
@@ -270,15 +272,24 @@ def _attn_fwd_decode_split(
                  mask=new_mask[:, None] & d_mask)
         tl.store(v_old + (seq_len + offs_new)[:, None] * stride_vcs + offs_d[None, :], v_n,
                  mask=new_mask[:, None] & d_mask)
-        if UPCAST:
-            k_n = k_n.to(tl.float32)
-            v_n = v_n.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k_n), input_precision=INPUT_PRECISION)
-        visible = new_mask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_new[None, :] <= offs_i[:, None])
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(visible, qk, float("-inf")), v_n, qk_scale,
-                                      INPUT_PRECISION)
+        if BLOCK_NEW == 1:  # one new key, seen by every query: its score and value by elementwise products
+            qk = tl.sum(q.to(tl.float32) * k_n.to(tl.float32), 1) * qk_scale
+            m_ij = tl.maximum(m_i, qk)
+            p = tl.math.exp2(qk - m_ij)
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_n.to(tl.float32)
+            m_i = m_ij
+        else:
+            if UPCAST:
+                k_n = k_n.to(tl.float32)
+                v_n = v_n.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k_n), input_precision=INPUT_PRECISION)
+            visible = new_mask[None, :]
+            if CAUSAL:
+                visible = visible & (offs_new[None, :] <= offs_i[:, None])
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(visible, qk, float("-inf")), v_n, qk_scale,
+                                          INPUT_PRECISION)
 
     # -- epilogue: the output, or a normalized partial output and its log2-sum-exp (an empty split
     # gives (0, -inf)) --
@@ -562,6 +573,15 @@ class _DecodePlan:
         new_split = num_splits if new_keys_apart else num_splits - 1
         num_parts = new_split + 1
         self.direct = num_parts == 1
+        # One new key (decode) with splits of 4 or more cached tiles: the split kernel attends it by
+        # elementwise products (BLOCK_NEW 1), not a tl.dot over a 16-key tile held through the loop.
+        # H200, 2026-12-04, bf16, us per call at B=1 (16 splits), tl.dot -> elementwise: 4096 slots 11.7
+        # -> 11.4, 8192 15.1-15.9 -> 15.2, 32768 40.2-40.8 -> 37.4-37.6; B=8, fill 512 (2 splits of 4
+        # tiles) 11.65 -> 11.45. Slower where splits are short or there are none: B=1, fill 512 (8
+        # splits of 1 tile) 6.03 -> 6.25, B=4 (2 tiles a split) 10.08 -> 10.29, one split (B=16, 1024
+        # slots) 21.35 -> 21.63, B=32 (2 warps) 21.02 -> 21.43.
+        tiles_per_split = triton.cdiv(triton.cdiv(S_max, config.block_n), num_splits)
+        block_new = 1 if S_q == 1 and not self.direct and tiles_per_split >= 4 else max(16, triton.next_power_of_2(S_q))
         lse_offset = B * H_kv * num_parts * num_rows * D  # Part: the partial outputs, then their lse
         self.part_numel = 0 if self.direct else lse_offset + B * H_kv * num_parts * num_rows
         # The partials of one call are read by its reduce launch, the next kernel on the same stream,
@@ -577,7 +597,7 @@ class _DecodePlan:
             _attn_fwd_decode_split, num_warps=config.num_warps, num_stages=config.num_stages,
             GROUP=group, HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=config.block_n,
-            BLOCK_NEW=max(16, triton.next_power_of_2(S_q)), CAUSAL=causal, DIRECT=self.direct,
+            BLOCK_NEW=block_new, CAUSAL=causal, DIRECT=self.direct,
             UPCAST=_interpreting(q.device) and q.dtype == torch.bfloat16, INPUT_PRECISION=_input_precision(q.dtype),
         )
         if not self.direct:

@@ -193,6 +193,27 @@ def test_decode_kernel_splits(num_splits, causal, new_keys_apart):
 
 @pytest.mark.triton
 @interpreted
+@pytest.mark.parametrize("num_splits,new_keys_apart,elementwise", [
+    (2, False, True), (3, False, True), (4, False, False), (1, False, False), (1, True, True), (4, True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_one_new_key_by_elementwise_products(num_splits, new_keys_apart, elementwise, dtype):
+    """One new key with splits of 4 or more cached tiles (10 tiles of 32 keys in 2 or 3 splits, or
+    one split and the new key in a program of its own) is attended by elementwise products, not a
+    tl.dot; the plan picks that form by shape alone (not with 3-tile splits, nor with one program).
+    Rows of 0, 1 and 290 cached tokens: the empty row's only key is the new one."""
+    from flashcore.triton_attention import KernelConfig, _DecodePlan
+
+    def planned(q, k, v, k_cache, v_cache, lens, softmax_scale, causal):
+        plan = _DecodePlan(q, k, v, k_cache, v_cache, softmax_scale, causal, KernelConfig(0, 32, 4, 1), num_splits,
+                           new_keys_apart)
+        assert (plan.split.constexprs["BLOCK_NEW"] == 1) == elementwise
+        return plan(q, k, v, k_cache, v_cache, lens)
+
+    run_and_check(planned, 3, 1, 8, 2, 16, [0, 1, 290], 300, dtype=dtype, softmax_scale=0.25)
+
+
+@pytest.mark.triton
+@interpreted
 def test_decode_workspace_is_one_per_stream(monkeypatch):
     """A decode plan's split kernel writes its partials to a workspace that the reduce launch right
     after it reads: calls on one stream reuse one workspace (fresh inputs, right answers every
